@@ -1,1 +1,104 @@
-pub fn x(){}
+//! coffer-kbs: the Key Broker Service.
+//!
+//! Speaks the KBS attestation protocol 0.4.0 ([`api`]), verifies evidence with
+//! `coffer-verifier`, appraises it with a Rego attestation policy ([`policy`]), issues EAR
+//! tokens ([`token`]) and releases resources encrypted to the TEE's key when the resource
+//! policy allows. State lives in a [`store::Store`]: embedded redb or PostgreSQL.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod token;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use coffer_verifier::{Trust, Verifiers};
+
+pub use config::Config;
+
+/// The running service's state, shared by every request.
+pub struct Kbs {
+    /// Effective configuration.
+    pub config: Config,
+    /// Persistent state.
+    pub store: store::Store,
+    /// Evidence verifiers.
+    pub verifiers: Verifiers,
+    /// Token keys.
+    pub tokens: token::TokenKeys,
+    /// Admin authentication.
+    pub admin: admin::AdminAuth,
+    /// Compiled policies.
+    pub policies: policy::PolicyCache,
+    /// Audit log.
+    pub audit: audit::AuditLog,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+}
+
+impl Kbs {
+    /// Opens the store and builds the service from `config`.
+    pub async fn new(config: Config) -> anyhow::Result<Arc<Self>> {
+        config.validate()?;
+        let store = match (&config.database_url, &config.data_dir) {
+            (Some(url), _) => store::Store::Postgres(
+                store::PgStore::connect(url, config.max_sessions)
+                    .await
+                    .context("cannot connect to PostgreSQL (--database-url)")?,
+            ),
+            (None, Some(dir)) => store::Store::Redb(
+                store::RedbStore::open(dir, config.max_sessions)
+                    .with_context(|| format!("cannot open the store in {}", dir.display()))?,
+            ),
+            (None, None) => anyhow::bail!("set --data-dir (embedded store) or --database-url"),
+        };
+        let tokens = token::TokenKeys::load(&store)
+            .await
+            .context("cannot load the token signing key")?;
+        let admin = admin::AdminAuth::load(&config.admin_public_key)?;
+        if !admin.enabled() {
+            tracing::warn!("no --admin-public-key: every admin request will be refused");
+        }
+        let audit_path = config
+            .audit_log
+            .clone()
+            .or_else(|| config.data_dir.as_ref().map(|d| d.join("audit.jsonl")));
+        let audit = audit::AuditLog::open(audit_path.as_deref())?;
+        let trust = Trust {
+            allow_sample: config.allow_sample,
+            allow_emulated: config.allow_emulated,
+        };
+        if trust.allow_sample {
+            tracing::warn!("--allow-sample: evidence of the sample TEE, which has NO security, is accepted");
+        }
+        if trust.allow_emulated {
+            tracing::warn!("--allow-emulated: evidence of the EMULATED TEE, which gives NO confidentiality, is accepted");
+        }
+        let kbs = Arc::new(Self {
+            verifiers: Verifiers::new(trust),
+            policies: policy::PolicyCache::default(),
+            metrics: metrics::Metrics::new(),
+            config,
+            store,
+            tokens,
+            admin,
+            audit,
+        });
+        // Fail at start, not at the first request, if a stored policy no longer compiles.
+        kbs.policies
+            .get(&kbs.store)
+            .await
+            .context("stored policies do not compile")?;
+        Ok(kbs)
+    }
+}

@@ -1,1 +1,142 @@
-pub fn x(){}
+//! Attestation verifiers.
+//!
+//! A [`Verifier`] takes the primary evidence a TEE sent, the report data it must carry (the
+//! runtime-data digest, see `coffer_wire::binding`), the initdata digest it must carry when the
+//! TEE presented initdata, and "now"; it returns a flat claims document or an error naming the
+//! check that failed. [`Verifiers`] holds one verifier per TEE type and the trust switches
+//! (`allow_sample`, `allow_emulated`) that an operator must turn on explicitly.
+//!
+//! This crate ships the upstream `sample` TEE, which has no security at all and is only for
+//! testing. Hardware TEEs (SNP, TDX, SGX, Azure vTPM, NVIDIA GPU) and the emulated SNP PSP plug
+//! in behind the same trait.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod sample;
+
+use std::{collections::HashMap, time::SystemTime};
+
+use coffer_wire::Tee;
+use serde_json::{Map, Value};
+
+pub use sample::SampleVerifier;
+
+/// Flat claims extracted from verified evidence.
+pub type Claims = Map<String, Value>;
+
+/// What a verifier checks the evidence against.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'a> {
+    /// The runtime-data digest the evidence must carry in its report-data field (unpadded; each
+    /// verifier fits it to its TEE's field size).
+    pub report_data: &'a [u8],
+    /// The initdata digest the evidence must carry, when the TEE presented initdata.
+    pub init_data_digest: Option<&'a [u8]>,
+    /// The time at which certificates and collateral must be valid.
+    pub now: SystemTime,
+}
+
+/// A failed verification. The message names the check that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The evidence is not in the TEE's format.
+    #[error("evidence is malformed: {0}")]
+    Malformed(String),
+    /// The evidence's report data does not bind this challenge and TEE key.
+    #[error("report data does not match the challenge nonce and TEE public key")]
+    ReportData,
+    /// The evidence's initdata digest does not match the initdata presented.
+    #[error("initdata digest in the evidence does not match the initdata presented")]
+    InitData,
+    /// The TEE cannot bind initdata but initdata was presented.
+    #[error("{0} evidence cannot bind initdata, but initdata was presented")]
+    InitDataUnbound(Tee),
+    /// The TEE type is known but not enabled on this server.
+    #[error("{tee} evidence is refused: {why}")]
+    NotAllowed {
+        /// The TEE type.
+        tee: Tee,
+        /// Why, and how to enable it.
+        why: &'static str,
+    },
+    /// No verifier exists for this TEE type.
+    #[error("TEE type {0} is not supported by this server")]
+    Unsupported(Tee),
+    /// A signature, certificate or collateral check failed.
+    #[error("{0}")]
+    Check(String),
+}
+
+/// A verifier for one TEE type.
+pub trait Verifier: Send + Sync {
+    /// The TEE type this verifier handles.
+    fn tee(&self) -> Tee;
+
+    /// Verifies `evidence` against `expected` and returns its claims.
+    fn verify(&self, evidence: &Value, expected: &Expected<'_>) -> Result<Claims, VerifyError>;
+}
+
+/// Which TEEs without hardware roots of trust an operator accepts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Trust {
+    /// Accept the upstream `sample` TEE (no security; testing only).
+    pub allow_sample: bool,
+    /// Accept evidence signed by the emulated PSP (no confidentiality; development only).
+    pub allow_emulated: bool,
+}
+
+/// The set of verifiers a server uses, keyed by TEE type.
+pub struct Verifiers {
+    trust: Trust,
+    by_tee: HashMap<Tee, Box<dyn Verifier>>,
+}
+
+impl Verifiers {
+    /// The built-in verifiers under the given trust switches.
+    pub fn new(trust: Trust) -> Self {
+        let mut v = Self {
+            trust,
+            by_tee: HashMap::new(),
+        };
+        v.register(Box::new(SampleVerifier));
+        v
+    }
+
+    /// Adds (or replaces) the verifier for its TEE type.
+    pub fn register(&mut self, verifier: Box<dyn Verifier>) {
+        self.by_tee.insert(verifier.tee(), verifier);
+    }
+
+    /// The trust switches.
+    pub fn trust(&self) -> Trust {
+        self.trust
+    }
+
+    /// True when evidence of `tee` can be verified at all (used to refuse `/auth` early).
+    pub fn check_enabled(&self, tee: Tee) -> Result<(), VerifyError> {
+        if tee == Tee::Sample && !self.trust.allow_sample {
+            return Err(VerifyError::NotAllowed {
+                tee,
+                why: "the sample TEE has no security; start the KBS with --allow-sample to accept it for testing",
+            });
+        }
+        if self.by_tee.contains_key(&tee) {
+            Ok(())
+        } else {
+            Err(VerifyError::Unsupported(tee))
+        }
+    }
+
+    /// Verifies evidence of `tee`.
+    pub fn verify(
+        &self,
+        tee: Tee,
+        evidence: &Value,
+        expected: &Expected<'_>,
+    ) -> Result<Claims, VerifyError> {
+        self.check_enabled(tee)?;
+        let verifier = self.by_tee.get(&tee).ok_or(VerifyError::Unsupported(tee))?;
+        verifier.verify(evidence, expected)
+    }
+}

@@ -1,5 +1,6 @@
 //! Claims of the attestation token: an EAT Attestation Result (EAR, draft-fv-rats-ear) carried in
-//! an ES256 JWT.
+//! an ES256 JWT, laid out as upstream Trustee lays it out so that upstream resource policies apply
+//! unchanged (`input["submods"]["cpu0"]["ear.status"]`).
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The EAR profile identifier.
-pub const EAR_PROFILE: &str = "tag:github.com,2023:veraison/ear";
+pub const EAR_PROFILE: &str = "tag:github.com,2024:confidential-containers/Trustee";
 
 /// Name of the submodule that holds the appraisal of the primary (CPU) TEE evidence.
 pub const PRIMARY_SUBMOD: &str = "cpu0";
@@ -59,13 +60,6 @@ pub struct VerifierId {
     pub build: String,
 }
 
-/// The key the attested TEE holds, as attested by its evidence.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct KeyAttestation {
-    /// The TEE public key (JWK).
-    pub akpub: TeePubKey,
-}
-
 /// The appraisal of one piece of evidence.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Appraisal {
@@ -82,16 +76,11 @@ pub struct Appraisal {
     /// Identifier (digest) of the appraisal policy that produced the status.
     #[serde(rename = "ear.appraisal-policy-id")]
     pub policy_id: String,
-    /// The claims the verifier extracted from the evidence.
+    /// The claims the verifier extracted from the evidence, in the upstream layout:
+    /// `{"<tee>": {claims}, "runtime_data_claims": {"tee-pubkey", "nonce", …},
+    /// "init_data": "<hex digest>", "init_data_claims": {…}}`.
     #[serde(rename = "ear.veraison.annotated-evidence")]
     pub evidence: Value,
-    /// The TEE public key bound into the evidence.
-    #[serde(
-        rename = "ear.veraison.key-attestation",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub key_attestation: Option<KeyAttestation>,
 }
 
 /// The claims of a Coffer attestation token.
@@ -115,11 +104,12 @@ pub struct EarClaims {
 
 impl EarClaims {
     /// The TEE public key bound into the primary evidence.
-    pub fn tee_pubkey(&self) -> Option<&TeePubKey> {
+    pub fn tee_pubkey(&self) -> Option<TeePubKey> {
         self.submods
             .get(PRIMARY_SUBMOD)
-            .and_then(|a| a.key_attestation.as_ref())
-            .map(|k| &k.akpub)
+            .and_then(|a| a.evidence.get("runtime_data_claims"))
+            .and_then(|r| r.get("tee-pubkey"))
+            .and_then(|k| serde_json::from_value(k.clone()).ok())
     }
 
     /// True when every submodule's status is affirming.

@@ -1,0 +1,651 @@
+//! HTTP handlers of the KBS protocol (`/kbs/v0/auth`, `/attest`, `/resource/…`), the admin API,
+//! `/metrics` and `/healthz`.
+
+use std::{sync::Arc, time::Instant};
+
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use base64::{
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    Engine,
+};
+use coffer_verifier::Expected;
+use coffer_wire::{
+    binding,
+    ear::{self, EarClaims, VerifierId},
+    error::ErrorKind,
+    initdata::{self, INITDATA_FORMAT},
+    reference, Attestation, Challenge, HashAlgorithm, Request as AuthRequest, Tee, BASE_PATH,
+    NONCE_LEN, PROTOCOL_VERSION, SESSION_COOKIE,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    error::KbsError,
+    policy,
+    store::{now_secs, NonceClaim, PolicyKind, Session},
+    Kbs,
+};
+
+/// Largest accepted body of a protocol request (`/auth`, `/attest`).
+pub const MAX_PROTOCOL_BODY: usize = 1 << 20;
+/// Largest accepted admin body (resources, policies, reference values).
+pub const MAX_ADMIN_BODY: usize = 8 << 20;
+
+type Shared = State<Arc<Kbs>>;
+
+/// The router of every endpoint.
+pub fn router(kbs: Arc<Kbs>) -> Router {
+    let api = Router::new()
+        .route("/auth", post(auth))
+        .route("/attest", post(attest))
+        .route(
+            "/resource/{*path}",
+            get(get_resource).post(set_resource).delete(delete_resource),
+        )
+        .route(
+            "/resource-policy",
+            post(set_resource_policy).get(get_resource_policy),
+        )
+        .route(
+            "/attestation-policy",
+            post(set_attestation_policy).get(get_attestation_policy),
+        )
+        .route(
+            "/reference-values",
+            post(set_reference_values).get(get_reference_values),
+        )
+        .route(
+            "/reference-values/{name}",
+            axum::routing::delete(delete_reference_value),
+        );
+    Router::new()
+        .nest(BASE_PATH, api)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async {
+            KbsError::new(ErrorKind::InvalidRequestPath, "no such endpoint")
+        })
+        .layer(middleware::from_fn_with_state(kbs.clone(), observe))
+        .with_state(kbs)
+}
+
+/// Counts and times every request by its route.
+async fn observe(State(kbs): Shared, req: Request, next: Next) -> Response {
+    let endpoint = endpoint_label(req.uri().path());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    kbs.metrics
+        .latency
+        .with_label_values(&[endpoint])
+        .observe(start.elapsed().as_secs_f64());
+    kbs.metrics
+        .requests
+        .with_label_values(&[endpoint, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+fn endpoint_label(path: &str) -> &'static str {
+    let rest = path.strip_prefix(BASE_PATH).unwrap_or(path);
+    match rest {
+        "/auth" => "auth",
+        "/attest" => "attest",
+        "/resource-policy" => "resource-policy",
+        "/attestation-policy" => "attestation-policy",
+        "/metrics" => "metrics",
+        "/healthz" => "healthz",
+        r if r.starts_with("/resource/") => "resource",
+        r if r.starts_with("/reference-values") => "reference-values",
+        _ => "other",
+    }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v)
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, KbsError> {
+    let too_large = || {
+        KbsError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body exceeds {limit} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(too_large());
+        }
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, KbsError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| KbsError::new(ErrorKind::InvalidRequest, format!("malformed {what}: {e}")))
+}
+
+fn attestation_error(detail: impl Into<String>) -> KbsError {
+    KbsError::new(ErrorKind::AttestationError, detail)
+}
+
+fn set_cookie(id: &str, ttl: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={id}; Path={BASE_PATH}; Max-Age={ttl}; HttpOnly"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The hash algorithm the TEE uses for its runtime-data binding (upstream: SHA-512 for IBM SE,
+/// SHA-384 otherwise).
+fn binding_hash(tee: Tee) -> HashAlgorithm {
+    if tee == Tee::Se {
+        HashAlgorithm::Sha512
+    } else {
+        HashAlgorithm::Sha384
+    }
+}
+
+async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Response, KbsError> {
+    let bytes = read_body(body, &headers, MAX_PROTOCOL_BODY).await?;
+    let req: AuthRequest = parse_json(&bytes, "auth request")?;
+    if req.version != PROTOCOL_VERSION {
+        return Err(KbsError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "protocol version {:?} is not supported; this KBS speaks {PROTOCOL_VERSION}",
+                req.version
+            ),
+        ));
+    }
+    kbs.verifiers
+        .check_enabled(req.tee)
+        .map_err(|e| attestation_error(e.to_string()))?;
+    let rng = SystemRandom::new();
+    let mut nonce = [0u8; NONCE_LEN];
+    let mut id = [0u8; 16];
+    rng.fill(&mut nonce)
+        .and_then(|_| rng.fill(&mut id))
+        .map_err(|_| attestation_error("random number generator failed"))?;
+    let id = hex::encode(id);
+    let nonce = STANDARD.encode(nonce);
+    let ttl = kbs.config.session_ttl_secs;
+    kbs.store
+        .insert_session(
+            &id,
+            &Session {
+                tee: req.tee,
+                nonce: nonce.clone(),
+                nonce_used: false,
+                expires_at: now_secs() + ttl,
+                token: None,
+            },
+        )
+        .await?;
+    let extra = if req.tee == Tee::Se {
+        json!({"selected-hash-algorithm": "sha512"})
+    } else {
+        json!("")
+    };
+    let mut resp = Json(Challenge {
+        nonce,
+        extra_params: extra,
+    })
+    .into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, set_cookie(&id, ttl));
+    Ok(resp)
+}
+
+async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Response, KbsError> {
+    let bytes = read_body(body, &headers, MAX_PROTOCOL_BODY).await?;
+    let att: Attestation = parse_json(&bytes, "attestation request")?;
+    let id = session_cookie(&headers)
+        .ok_or_else(|| {
+            attestation_error(format!(
+                "no {SESSION_COOKIE} cookie; call /auth first and send its cookie"
+            ))
+        })?
+        .to_string();
+    // Checks that change nothing come first: a wrong nonce or key does not burn the challenge.
+    let session = kbs
+        .store
+        .get_session(&id)
+        .await?
+        .ok_or_else(|| attestation_error("session not found or expired; call /auth again"))?;
+    if session.nonce_used {
+        return Err(attestation_error(
+            "the challenge nonce was already used; call /auth for a new one",
+        ));
+    }
+    if att.runtime_data.nonce != session.nonce {
+        return Err(attestation_error(
+            "runtime-data nonce does not match this session's challenge",
+        ));
+    }
+    coffer_jose::validate_public_key(&att.runtime_data.tee_pubkey)
+        .map_err(|e| attestation_error(format!("tee-pubkey: {e}")))?;
+    let init = match &att.init_data {
+        Some(d) => {
+            if d.format != INITDATA_FORMAT {
+                return Err(KbsError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("init-data format {:?} is not supported; use \"toml\"", d.format),
+                ));
+            }
+            let parsed = initdata::Initdata::parse(&d.body)
+                .map_err(|e| KbsError::new(ErrorKind::InvalidRequest, e.to_string()))?;
+            let digest = parsed.algorithm.digest(d.body.as_bytes());
+            Some((digest, parsed))
+        }
+        None => None,
+    };
+    let tee = session.tee;
+    let report_data = binding::runtime_data_digest(
+        &att.runtime_data.tee_pubkey,
+        &att.runtime_data.nonce,
+        &att.tee_evidence.additional_evidence,
+        binding_hash(tee),
+    )
+    .map_err(|e| attestation_error(e.to_string()))?;
+
+    // From here on the nonce is spent, whatever the outcome.
+    match kbs.store.claim_nonce(&id).await? {
+        NonceClaim::Claimed(_) => {}
+        NonceClaim::Replayed => {
+            return Err(attestation_error(
+                "the challenge nonce was already used; call /auth for a new one",
+            ))
+        }
+        NonceClaim::NoSession => {
+            return Err(attestation_error(
+                "session not found or expired; call /auth again",
+            ))
+        }
+    }
+    let tee_name = tee.to_string();
+    let fail = |kbs: &Kbs, e: String| {
+        kbs.metrics
+            .attestations
+            .with_label_values(&[tee_name.as_str(), "error"])
+            .inc();
+        tracing::info!(tee = %tee_name, error = %e, "attestation failed");
+        attestation_error(e)
+    };
+    if !att.tee_evidence.additional_evidence.is_empty()
+        && att.tee_evidence.additional_evidence != "{}"
+    {
+        return Err(fail(
+            &kbs,
+            "additional (device) evidence is not supported by this KBS yet".into(),
+        ));
+    }
+    let claims = kbs
+        .verifiers
+        .verify(
+            tee,
+            &att.tee_evidence.primary_evidence,
+            &Expected {
+                report_data: &report_data,
+                init_data_digest: init.as_ref().map(|(d, _)| d.as_slice()),
+                now: std::time::SystemTime::now(),
+            },
+        )
+        .map_err(|e| fail(&kbs, e.to_string()))?;
+
+    let mut evidence = json!({
+        tee_name.clone(): claims,
+        "report_data": hex::encode(&report_data),
+        "runtime_data_claims": att.runtime_data,
+    });
+    if let Some((digest, parsed)) = &init {
+        evidence["init_data"] = json!(hex::encode(digest));
+        evidence["init_data_claims"] = json!(parsed.data);
+    }
+    let policies = kbs.policies.get(&kbs.store).await?;
+    let mut input = evidence.clone();
+    input["tee"] = json!(tee_name);
+    let appraisal = policies.attestation.appraise(&input)?;
+
+    let now = now_secs();
+    let mut submods = std::collections::BTreeMap::new();
+    submods.insert(
+        ear::PRIMARY_SUBMOD.to_string(),
+        ear::Appraisal {
+            status: appraisal.status,
+            trust_vector: appraisal.trust_vector,
+            policy_id: policies.attestation.id.clone(),
+            evidence,
+        },
+    );
+    let claims = EarClaims {
+        eat_profile: ear::EAR_PROFILE.into(),
+        iat: now,
+        exp: now + kbs.config.token_ttl_secs,
+        verifier_id: VerifierId {
+            developer: "https://github.com/coffer".into(),
+            build: concat!("coffer-kbs ", env!("CARGO_PKG_VERSION")).into(),
+        },
+        tee: tee_name.clone(),
+        submods,
+    };
+    let token = kbs
+        .tokens
+        .issue(&claims)
+        .map_err(|e| KbsError::new(ErrorKind::AttestationError, e.to_string()))?;
+    kbs.store.set_session_token(&id, &token).await?;
+    kbs.metrics
+        .attestations
+        .with_label_values(&[tee_name.as_str(), appraisal.status.as_str()])
+        .inc();
+    kbs.audit.attestation(
+        &tee_name,
+        appraisal.status.as_str(),
+        appraisal.reason.as_deref(),
+        &claims_digest(&claims),
+    );
+    let mut resp = Json(json!({ "token": token })).into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        set_cookie(&id, kbs.config.session_ttl_secs),
+    );
+    Ok(resp)
+}
+
+fn claims_digest(claims: &EarClaims) -> String {
+    let bytes = serde_json::to_vec(claims).unwrap_or_default();
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A validated resource path: `repo/type/tag` (a two-part `type/tag` means repository
+/// `default`). Each part is ASCII letters, digits, `.`, `_` or `-`, and not `.` or `..`.
+pub fn resource_path(raw: &str) -> Result<(String, [String; 3]), KbsError> {
+    let bad = || {
+        KbsError::new(
+            ErrorKind::InvalidRequestPath,
+            format!("invalid resource path {raw:?}; use <repository>/<type>/<tag>"),
+        )
+    };
+    let parts: Vec<&str> = raw.split('/').collect();
+    let parts: [&str; 3] = match parts.as_slice() {
+        [r, t, g] => [r, t, g],
+        [t, g] => ["default", t, g],
+        _ => return Err(bad()),
+    };
+    for p in parts {
+        if p.is_empty()
+            || p == "."
+            || p == ".."
+            || p.len() > 255
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(bad());
+        }
+    }
+    Ok((
+        parts.join("/"),
+        [parts[0].into(), parts[1].into(), parts[2].into()],
+    ))
+}
+
+async fn get_resource(
+    State(kbs): Shared,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, KbsError> {
+    let (path, [repo, ty, tag]) = resource_path(&raw)?;
+    let token = match session_cookie(&headers) {
+        Some(id) => kbs.store.get_session(id).await?.and_then(|s| s.token),
+        None => None,
+    };
+    let token = match token.as_deref().or_else(|| bearer(&headers)) {
+        Some(t) => t.to_string(),
+        None => {
+            return Err(KbsError::new(
+                ErrorKind::TokenNotFound,
+                "no attestation token: attest first (session cookie) or send Authorization: Bearer",
+            ))
+        }
+    };
+    let claims = kbs
+        .tokens
+        .verify(&token)
+        .map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
+    let digest = claims_digest(&claims);
+    let tee_pubkey = claims.tee_pubkey().ok_or_else(|| {
+        KbsError::new(
+            ErrorKind::TokenVerifierError,
+            "attestation token carries no TEE public key",
+        )
+    })?;
+    let policies = kbs.policies.get(&kbs.store).await?;
+    let input = serde_json::to_value(&claims)
+        .map_err(|e| KbsError::new(ErrorKind::PolicyEngineError, e.to_string()))?;
+    let data_path = json!({
+        "plugin": "resource",
+        "resource-path": format!("/{path}"),
+        "repository": repo, "type": ty, "tag": tag,
+    });
+    let allowed = policies.resource.allow_with_data(&input, data_path)?;
+    if !allowed {
+        kbs.metrics.releases.with_label_values(&["denied"]).inc();
+        kbs.audit
+            .release(&claims.tee, &digest, &path, "deny", "resource policy denied");
+        return Err(KbsError::new(
+            ErrorKind::PolicyDeny,
+            format!("the resource policy denies access to {path}"),
+        ));
+    }
+    let Some(value) = kbs.store.get_resource(&path).await? else {
+        kbs.metrics.releases.with_label_values(&["not_found"]).inc();
+        kbs.audit
+            .release(&claims.tee, &digest, &path, "deny", "no such resource");
+        return Err(KbsError::new(
+            ErrorKind::ResourceNotFound,
+            format!("resource {path} does not exist"),
+        ));
+    };
+    let jwe = coffer_jose::encrypt(&tee_pubkey, &value)
+        .map_err(|e| KbsError::new(ErrorKind::JweError, e.to_string()))?;
+    kbs.metrics.releases.with_label_values(&["released"]).inc();
+    kbs.audit
+        .release(&claims.tee, &digest, &path, "release", "allowed by resource policy");
+    Ok(Json(jwe).into_response())
+}
+
+fn admin(kbs: &Kbs, headers: &HeaderMap) -> Result<String, KbsError> {
+    kbs.admin.check(headers)
+}
+
+async fn set_resource(
+    State(kbs): Shared,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, KbsError> {
+    let who = admin(&kbs, &headers)?;
+    let (path, _) = resource_path(&raw)?;
+    let bytes = read_body(body, &headers, MAX_ADMIN_BODY).await?;
+    kbs.store.put_resource(&path, &bytes).await?;
+    kbs.audit.admin(&who, "set-resource", &path, "ok");
+    Ok(StatusCode::OK)
+}
+
+async fn delete_resource(
+    State(kbs): Shared,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, KbsError> {
+    let who = admin(&kbs, &headers)?;
+    let (path, _) = resource_path(&raw)?;
+    if !kbs.store.delete_resource(&path).await? {
+        return Err(KbsError::new(
+            ErrorKind::ResourceNotFound,
+            format!("resource {path} does not exist"),
+        ));
+    }
+    kbs.audit.admin(&who, "delete-resource", &path, "ok");
+    Ok(StatusCode::OK)
+}
+
+/// Body of the policy endpoints (upstream shape): the policy text, base64url or base64.
+#[derive(Deserialize)]
+struct PolicyBody {
+    policy: String,
+}
+
+fn decode_policy(body: &[u8]) -> Result<String, KbsError> {
+    let p: PolicyBody = parse_json(body, "policy request (expected {\"policy\": \"<base64>\"})")?;
+    let raw = URL_SAFE_NO_PAD
+        .decode(p.policy.trim_end_matches('='))
+        .or_else(|_| STANDARD.decode(&p.policy))
+        .map_err(|_| KbsError::new(ErrorKind::InvalidRequest, "policy is not base64"))?;
+    String::from_utf8(raw)
+        .map_err(|_| KbsError::new(ErrorKind::InvalidRequest, "policy is not UTF-8 text"))
+}
+
+async fn set_policy(
+    kbs: &Kbs,
+    kind: PolicyKind,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<StatusCode, KbsError> {
+    let who = admin(kbs, headers)?;
+    let bytes = read_body(body, headers, MAX_ADMIN_BODY).await?;
+    let text = decode_policy(&bytes)?;
+    policy::validate(kind, &text).map_err(|e| {
+        kbs.audit
+            .admin(&who, &format!("set-{}-policy", kind.key()), "-", "rejected");
+        KbsError::new(ErrorKind::InvalidRequest, e.to_string())
+    })?;
+    kbs.store.put_policy(kind, &text).await?;
+    kbs.audit
+        .admin(&who, &format!("set-{}-policy", kind.key()), "-", "ok");
+    Ok(StatusCode::OK)
+}
+
+async fn get_policy(kbs: &Kbs, kind: PolicyKind, headers: &HeaderMap) -> Result<String, KbsError> {
+    admin(kbs, headers)?;
+    Ok(kbs.store.get_policy(kind).await?.unwrap_or_else(|| {
+        match kind {
+            PolicyKind::Resource => policy::DEFAULT_RESOURCE_POLICY,
+            PolicyKind::Attestation => policy::DEFAULT_ATTESTATION_POLICY,
+        }
+        .to_string()
+    }))
+}
+
+async fn set_resource_policy(
+    State(kbs): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, KbsError> {
+    set_policy(&kbs, PolicyKind::Resource, &headers, body).await
+}
+
+async fn set_attestation_policy(
+    State(kbs): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, KbsError> {
+    set_policy(&kbs, PolicyKind::Attestation, &headers, body).await
+}
+
+async fn get_resource_policy(State(kbs): Shared, headers: HeaderMap) -> Result<String, KbsError> {
+    get_policy(&kbs, PolicyKind::Resource, &headers).await
+}
+
+async fn get_attestation_policy(
+    State(kbs): Shared,
+    headers: HeaderMap,
+) -> Result<String, KbsError> {
+    get_policy(&kbs, PolicyKind::Attestation, &headers).await
+}
+
+async fn set_reference_values(
+    State(kbs): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, KbsError> {
+    let who = admin(&kbs, &headers)?;
+    let bytes = read_body(body, &headers, MAX_ADMIN_BODY).await?;
+    let values = reference::parse(&bytes)
+        .map_err(|e| KbsError::new(ErrorKind::InvalidRequest, e.to_string()))?;
+    kbs.store.set_reference_values(&values).await?;
+    let names: Vec<&str> = values.keys().map(String::as_str).collect();
+    kbs.audit
+        .admin(&who, "set-reference-values", &names.join(","), "ok");
+    Ok(StatusCode::OK)
+}
+
+async fn get_reference_values(
+    State(kbs): Shared,
+    headers: HeaderMap,
+) -> Result<Json<Value>, KbsError> {
+    admin(&kbs, &headers)?;
+    Ok(Json(json!(kbs.store.reference_values().await?)))
+}
+
+async fn delete_reference_value(
+    State(kbs): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, KbsError> {
+    let who = admin(&kbs, &headers)?;
+    if !kbs.store.delete_reference_value(&name).await? {
+        return Err(KbsError::new(
+            ErrorKind::InvalidRequestPath,
+            format!("no reference value named {name:?}"),
+        ));
+    }
+    kbs.audit
+        .admin(&who, "delete-reference-value", &name, "ok");
+    Ok(StatusCode::OK)
+}
+
+async fn metrics(State(kbs): Shared) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        kbs.metrics.render(),
+    )
+}
+
+async fn healthz(State(kbs): Shared) -> Result<&'static str, KbsError> {
+    kbs.store.generation().await?;
+    Ok("ok")
+}

@@ -1,0 +1,94 @@
+//! Configuration. Every command-line flag has a key of the same name in the TOML config file
+//! (`--config FILE`); flags given on the command line win.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+/// Default session lifetime (seconds), as upstream.
+pub const DEFAULT_SESSION_TTL: u64 = 300;
+/// Default token lifetime (seconds), as upstream.
+pub const DEFAULT_TOKEN_TTL: u64 = 300;
+/// Default bound on live sessions.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+
+/// Effective configuration of coffer-kbs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store (and default audit log).
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL; replaces the embedded store.
+    pub database_url: Option<String>,
+    /// Serve plain HTTP (development only).
+    pub insecure_http: bool,
+    /// TLS certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Ed25519 public keys (PEM) allowed to call the admin API.
+    pub admin_public_key: Vec<PathBuf>,
+    /// Accept the sample TEE (no security).
+    pub allow_sample: bool,
+    /// Accept the emulated TEE (no confidentiality).
+    pub allow_emulated: bool,
+    /// Session lifetime in seconds.
+    pub session_ttl_secs: u64,
+    /// Token lifetime in seconds.
+    pub token_ttl_secs: u64,
+    /// Bound on live sessions.
+    pub max_sessions: usize,
+    /// Audit log file (default: `<data-dir>/audit.jsonl`).
+    pub audit_log: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: None,
+            database_url: None,
+            insecure_http: false,
+            tls_cert: None,
+            tls_key: None,
+            admin_public_key: Vec::new(),
+            allow_sample: false,
+            allow_emulated: false,
+            session_ttl_secs: DEFAULT_SESSION_TTL,
+            token_ttl_secs: DEFAULT_TOKEN_TTL,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            audit_log: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+    }
+
+    /// Checks the combination of settings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match (&self.tls_cert, &self.tls_key, self.insecure_http) {
+            (Some(_), Some(_), false) => {}
+            (None, None, true) => {}
+            (Some(_), Some(_), true) => {
+                anyhow::bail!("--insecure-http and --tls-cert/--tls-key are exclusive")
+            }
+            (None, None, false) => anyhow::bail!(
+                "no TLS: pass --tls-cert and --tls-key (`coffer-kbs gen-tls` makes a development pair), or --insecure-http for plain HTTP"
+            ),
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+        if self.session_ttl_secs == 0 || self.token_ttl_secs == 0 {
+            anyhow::bail!("session and token lifetimes must be positive");
+        }
+        Ok(())
+    }
+}

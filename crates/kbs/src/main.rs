@@ -1,0 +1,132 @@
+//! coffer-kbs: the Key Broker Service binary.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use coffer_kbs::{server, Config, Kbs};
+
+/// Coffer Key Broker Service: releases secrets to TEEs after remote attestation.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a self-signed TLS certificate and key for development.
+    GenTls {
+        /// Certificate output (PEM).
+        #[arg(long, default_value = "kbs-cert.pem")]
+        cert: PathBuf,
+        /// Private key output (PEM, mode 0600).
+        #[arg(long, default_value = "kbs-key.pem")]
+        key: PathBuf,
+        /// Subject alternative names.
+        #[arg(long = "san", default_values = ["localhost", "127.0.0.1"])]
+        sans: Vec<String>,
+    },
+}
+
+/// Server flags; each has a same-named key in the TOML config file.
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file whose keys mirror these flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory of the embedded store.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// PostgreSQL URL (shared store for several replicas).
+    #[arg(long, env = "COFFER_KBS_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Serve plain HTTP instead of HTTPS (development only).
+    #[arg(long)]
+    insecure_http: bool,
+    /// TLS certificate chain (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Ed25519 admin public key (PEM); repeat for several admins.
+    #[arg(long)]
+    admin_public_key: Vec<PathBuf>,
+    /// Accept the sample TEE (NO security; testing only).
+    #[arg(long)]
+    allow_sample: bool,
+    /// Accept the emulated TEE (NO confidentiality; development only).
+    #[arg(long)]
+    allow_emulated: bool,
+    /// Session lifetime in seconds [default: 300].
+    #[arg(long)]
+    session_ttl_secs: Option<u64>,
+    /// Token lifetime in seconds [default: 300].
+    #[arg(long)]
+    token_ttl_secs: Option<u64>,
+    /// Bound on live sessions [default: 100000].
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// Audit log file [default: <data-dir>/audit.jsonl].
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        take!(listen, session_ttl_secs, token_ttl_secs, max_sessions);
+        macro_rules! take_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        take_opt!(data_dir, database_url, tls_cert, tls_key, audit_log);
+        c.insecure_http |= self.insecure_http;
+        c.allow_sample |= self.allow_sample;
+        c.allow_emulated |= self.allow_emulated;
+        c.admin_public_key.extend(self.admin_public_key);
+        Ok(c)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(Command::GenTls { cert, key, sans }) = cli.command {
+        server::generate_self_signed(sans, &cert, &key)?;
+        println!("wrote {} and {}", cert.display(), key.display());
+        return Ok(());
+    }
+    let config = cli.serve.into_config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listen = config.listen;
+        let kbs = Kbs::new(config).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "coffer-kbs ready");
+        server::serve(kbs, listener).await
+    })
+}

@@ -1,0 +1,74 @@
+//! Prometheus metrics served at `/metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// The KBS's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by endpoint and HTTP status.
+    pub requests: IntCounterVec,
+    /// Attestations by TEE and outcome (EAR status, or `error`).
+    pub attestations: IntCounterVec,
+    /// Resource release decisions by outcome.
+    pub releases: IntCounterVec,
+    /// Request latency by endpoint.
+    pub latency: HistogramVec,
+}
+
+impl Metrics {
+    /// Registers the metrics.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("kbs_http_requests_total", "HTTP requests by endpoint and status"),
+            &["endpoint", "status"],
+        )
+        .expect("valid metric");
+        let attestations = IntCounterVec::new(
+            Opts::new("kbs_attestations_total", "Attestations by TEE and outcome"),
+            &["tee", "outcome"],
+        )
+        .expect("valid metric");
+        let releases = IntCounterVec::new(
+            Opts::new("kbs_resource_releases_total", "Resource release decisions by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("kbs_request_duration_seconds", "Request latency by endpoint")
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+                ]),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        for c in [&requests, &attestations, &releases] {
+            registry.register(Box::new(c.clone())).expect("unique metric");
+        }
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
+        Self {
+            registry,
+            requests,
+            attestations,
+            releases,
+            latency,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,318 @@
+//! Rego policies (regorus): the attestation (appraisal) policy that sets each submodule's EAR
+//! status, and the resource policy that decides each release.
+//!
+//! Both use package `policy`.
+//! * Attestation policy: `input` = the annotated evidence (`{"tee": "<tee>", "<tee>": {claims},
+//!   "init_data": "<hex>", "init_data_claims": {…}, "runtime_data_claims": {…}}`),
+//!   `data.reference` = the reference values. Rule `status` must be one of `affirming`, `warning`,
+//!   `contraindicated`, `none`; optional rule `reason` (a string shown to the admin, never to
+//!   the client) and `trust_vector` (an object of AR4SI claims).
+//! * Resource policy: `input` = the token claims, `data` = `{"plugin": "resource",
+//!   "resource-path": "/<repo>/<type>/<tag>", "repository", "type", "tag"}`; rule `allow`.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use coffer_wire::{ear::Status, reference::ReferenceValues};
+use regorus::{Engine, Value as RegoValue};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::RwLock;
+
+use crate::store::{PolicyKind, Store, StoreError};
+
+/// The default attestation policy.
+pub const DEFAULT_ATTESTATION_POLICY: &str = include_str!("../policies/attestation.rego");
+/// The default resource policy: release only when every submodule is affirming.
+pub const DEFAULT_RESOURCE_POLICY: &str = include_str!("../policies/resource.rego");
+
+/// A policy failed to compile or evaluate.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The text is not a valid policy.
+    #[error("invalid {kind} policy: {detail}")]
+    Invalid {
+        /// Which policy.
+        kind: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Evaluation failed.
+    #[error("{kind} policy evaluation failed: {detail}")]
+    Eval {
+        /// Which policy.
+        kind: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// Loading policies from the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn kind_name(kind: PolicyKind) -> &'static str {
+    match kind {
+        PolicyKind::Resource => "resource",
+        PolicyKind::Attestation => "attestation",
+    }
+}
+
+/// A compiled policy with its data, ready to evaluate.
+pub struct Compiled {
+    kind: PolicyKind,
+    engine: Mutex<Engine>,
+    /// `sha256:<hex>` of the policy text.
+    pub id: String,
+}
+
+/// The result of an appraisal.
+#[derive(Clone, Debug)]
+pub struct Appraisal {
+    /// The EAR status.
+    pub status: Status,
+    /// Why (for the admin).
+    pub reason: Option<String>,
+    /// AR4SI trustworthiness vector, when the policy sets one.
+    pub trust_vector: BTreeMap<String, i64>,
+}
+
+impl Compiled {
+    /// Compiles `text` with `data`, and checks that its main rule evaluates on empty input.
+    pub fn new(kind: PolicyKind, text: &str, data: Value) -> Result<Self, PolicyError> {
+        let invalid = |detail: String| PolicyError::Invalid {
+            kind: kind_name(kind),
+            detail,
+        };
+        let mut engine = Engine::new();
+        let package = engine
+            .add_policy(format!("{}.rego", kind.key()), text.to_string())
+            .map_err(|e| invalid(e.to_string()))?;
+        if package != "data.policy" {
+            return Err(invalid(format!(
+                "package is {package:?}; it must be `package policy`"
+            )));
+        }
+        engine
+            .add_data(RegoValue::from(data))
+            .map_err(|e| invalid(e.to_string()))?;
+        let compiled = Self {
+            kind,
+            engine: Mutex::new(engine),
+            id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
+        };
+        // Trial evaluation: catches undefined references and conflicts early, and prepares
+        // the engine so that clones start warm.
+        match kind {
+            PolicyKind::Resource => compiled
+                .allow(&json!({}))
+                .map(|_| ())
+                .map_err(|e| invalid(e.to_string()))?,
+            PolicyKind::Attestation => {
+                compiled
+                    .eval_rule(&json!({}), "data.policy.status")
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
+        }
+        Ok(compiled)
+    }
+
+    fn eval_rule(&self, input: &Value, rule: &str) -> Result<RegoValue, PolicyError> {
+        self.eval_rule_with(input, None, rule)
+    }
+
+    fn eval_rule_with(
+        &self,
+        input: &Value,
+        data: Option<Value>,
+        rule: &str,
+    ) -> Result<RegoValue, PolicyError> {
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(data) = data {
+            engine
+                .add_data(RegoValue::from(data))
+                .map_err(|e| PolicyError::Eval {
+                    kind: kind_name(self.kind),
+                    detail: e.to_string(),
+                })?;
+        }
+        engine.set_input(RegoValue::from(input.clone()));
+        engine
+            .eval_rule(rule.to_string())
+            .map_err(|e| PolicyError::Eval {
+                kind: kind_name(self.kind),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Evaluates the resource policy's `allow`; anything but `true` denies.
+    pub fn allow(&self, input: &Value) -> Result<bool, PolicyError> {
+        Ok(self.eval_rule(input, "data.policy.allow")? == RegoValue::from(true))
+    }
+
+    /// Evaluates the resource policy's `allow` with per-request `data` (the resource path).
+    pub fn allow_with_data(&self, input: &Value, data: Value) -> Result<bool, PolicyError> {
+        Ok(self.eval_rule_with(input, Some(data), "data.policy.allow")? == RegoValue::from(true))
+    }
+
+    /// Evaluates the attestation policy.
+    pub fn appraise(&self, input: &Value) -> Result<Appraisal, PolicyError> {
+        let eval_err = |detail: String| PolicyError::Eval {
+            kind: "attestation",
+            detail,
+        };
+        let status = self.eval_rule(input, "data.policy.status")?;
+        let status = status
+            .as_string()
+            .ok()
+            .and_then(|s| Status::parse(s))
+            .ok_or_else(|| eval_err(format!("status is {status}, not an EAR status string")))?;
+        let reason = self
+            .eval_rule(input, "data.policy.reason")?
+            .as_string()
+            .ok()
+            .map(|s| s.to_string());
+        let tv = self.eval_rule(input, "data.policy.trust_vector")?;
+        let trust_vector = if tv == RegoValue::Undefined {
+            BTreeMap::new()
+        } else {
+            let json: Value = serde_json::from_str(
+                &tv.to_json_str().map_err(|e| eval_err(e.to_string()))?,
+            )
+            .map_err(|e| eval_err(e.to_string()))?;
+            serde_json::from_value(json)
+                .map_err(|e| eval_err(format!("trust_vector must map names to integers: {e}")))?
+        };
+        Ok(Appraisal {
+            status,
+            reason,
+            trust_vector,
+        })
+    }
+}
+
+/// Builds the `data` document of each policy.
+fn policy_data(kind: PolicyKind, refs: &ReferenceValues) -> Value {
+    match kind {
+        PolicyKind::Attestation => json!({ "reference": refs }),
+        PolicyKind::Resource => json!({}),
+    }
+}
+
+/// Compiles a policy text as it would be used, without storing it (admin validation).
+pub fn validate(kind: PolicyKind, text: &str) -> Result<(), PolicyError> {
+    Compiled::new(kind, text, policy_data(kind, &ReferenceValues::new())).map(|_| ())
+}
+
+/// The compiled policies of one store generation.
+#[derive(Clone)]
+pub struct Policies {
+    /// The resource policy.
+    pub resource: Arc<Compiled>,
+    /// The attestation policy.
+    pub attestation: Arc<Compiled>,
+}
+
+/// Compiled policies, rebuilt whenever the store's generation changes (on this replica or any
+/// other sharing the store).
+#[derive(Default)]
+pub struct PolicyCache {
+    current: RwLock<Option<(u64, Policies)>>,
+}
+
+impl PolicyCache {
+    /// The policies in force now.
+    pub async fn get(&self, store: &Store) -> Result<Policies, PolicyError> {
+        let generation = store.generation().await?;
+        if let Some((g, p)) = &*self.current.read().await {
+            if *g == generation {
+                return Ok(p.clone());
+            }
+        }
+        let mut slot = self.current.write().await;
+        if let Some((g, p)) = &*slot {
+            if *g == generation {
+                return Ok(p.clone());
+            }
+        }
+        let refs = store.reference_values().await?;
+        let load = |kind: PolicyKind, text: Option<String>, default: &str| {
+            let text = text.unwrap_or_else(|| default.to_string());
+            Compiled::new(kind, &text, policy_data(kind, &refs)).map(Arc::new)
+        };
+        let policies = Policies {
+            resource: load(
+                PolicyKind::Resource,
+                store.get_policy(PolicyKind::Resource).await?,
+                DEFAULT_RESOURCE_POLICY,
+            )?,
+            attestation: load(
+                PolicyKind::Attestation,
+                store.get_policy(PolicyKind::Attestation).await?,
+                DEFAULT_ATTESTATION_POLICY,
+            )?,
+        };
+        *slot = Some((generation, policies.clone()));
+        Ok(policies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attest(refs: Value, input: Value) -> Appraisal {
+        let refs: ReferenceValues = serde_json::from_value(refs).unwrap();
+        Compiled::new(
+            PolicyKind::Attestation,
+            DEFAULT_ATTESTATION_POLICY,
+            policy_data(PolicyKind::Attestation, &refs),
+        )
+        .unwrap()
+        .appraise(&input)
+        .unwrap()
+    }
+
+    #[test]
+    fn default_attestation_policy_for_sample() {
+        let a = attest(json!({}), json!({"tee": "sample", "sample": {"svn": "1"}}));
+        assert_eq!(a.status, Status::Affirming);
+        let a = attest(
+            json!({"sample_svn": ["2"]}),
+            json!({"tee": "sample", "sample": {"svn": "1"}}),
+        );
+        assert_eq!(a.status, Status::Contraindicated);
+        assert!(a.reason.unwrap().contains("sample_svn"));
+        let a = attest(
+            json!({"init_data": ["aa"]}),
+            json!({"tee": "sample", "sample": {"svn": "1"}}),
+        );
+        assert_eq!(a.status, Status::Contraindicated);
+        let a = attest(
+            json!({"init_data": ["aa"]}),
+            json!({"tee": "sample", "sample": {"svn": "1"}, "init_data": "aa"}),
+        );
+        assert_eq!(a.status, Status::Affirming);
+        let a = attest(json!({}), json!({"tee": "tdx", "tdx": {}}));
+        assert_eq!(a.status, Status::Contraindicated);
+    }
+
+    #[test]
+    fn default_resource_policy_needs_every_submodule_affirming() {
+        let p = Compiled::new(PolicyKind::Resource, DEFAULT_RESOURCE_POLICY, json!({})).unwrap();
+        let ok = json!({"submods": {"cpu0": {"ear.status": "affirming"}}});
+        assert!(p.allow(&ok).unwrap());
+        let warn = json!({"submods": {"cpu0": {"ear.status": "affirming"}, "gpu0": {"ear.status": "warning"}}});
+        assert!(!p.allow(&warn).unwrap());
+        assert!(!p.allow(&json!({"submods": {}})).unwrap());
+        assert!(!p.allow(&json!({})).unwrap());
+    }
+
+    #[test]
+    fn invalid_policies_are_refused() {
+        assert!(validate(PolicyKind::Resource, "package other\nallow := true").is_err());
+        assert!(validate(PolicyKind::Resource, "package policy\nallow if {").is_err());
+        assert!(validate(PolicyKind::Resource, "package policy\ndefault allow := false").is_ok());
+    }
+}

@@ -1,0 +1,245 @@
+//! Persistent state of the KBS: resources, policies, reference values, the token signing key,
+//! and (for PostgreSQL) sessions.
+//!
+//! Two backends: [`RedbStore`] (embedded, one process, every write an fsynced atomic commit) and
+//! [`PgStore`] (PostgreSQL, shared by several replicas). The [`Store`] enum dispatches between
+//! them. Every admin change bumps a generation counter so that replicas rebuild their compiled
+//! policies when any replica changes them.
+
+mod pg;
+mod redb_store;
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use coffer_wire::{reference::ReferenceValues, Tee};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use pg::PgStore;
+pub use redb_store::RedbStore;
+
+/// Which policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// The resource (release) policy.
+    Resource,
+    /// The attestation (appraisal) policy.
+    Attestation,
+}
+
+impl PolicyKind {
+    /// Storage key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Resource => "resource",
+            Self::Attestation => "attestation",
+        }
+    }
+}
+
+/// A store failure. Callers report it without the stored data.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The embedded database failed.
+    #[error("embedded store: {0}")]
+    Redb(String),
+    /// PostgreSQL failed.
+    #[error("PostgreSQL store: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// Stored data did not decode.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// Too many live sessions.
+    #[error("too many open sessions; retry later")]
+    Full,
+}
+
+/// One client's attestation session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Session {
+    /// The TEE type announced in `/auth`.
+    pub tee: Tee,
+    /// The challenge nonce.
+    pub nonce: String,
+    /// True once an `/attest` has been tried with this nonce (each nonce is single use).
+    pub nonce_used: bool,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+    /// The token issued when attestation succeeded.
+    pub token: Option<String>,
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Outcome of claiming a session's nonce for an `/attest`.
+#[derive(Debug)]
+pub enum NonceClaim {
+    /// The session exists, was unexpired, and its nonce was unused until now.
+    Claimed(Session),
+    /// No such session, or it expired.
+    NoSession,
+    /// The nonce was already used by an earlier `/attest`.
+    Replayed,
+}
+
+/// The KBS store.
+pub enum Store {
+    /// Embedded redb.
+    Redb(RedbStore),
+    /// PostgreSQL.
+    Postgres(PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Redb($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// A resource's bytes.
+    pub async fn get_resource(&self, path: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        dispatch!(self, s => s.get_resource(path).await)
+    }
+    /// Stores a resource (replacing any previous value).
+    pub async fn put_resource(&self, path: &str, value: &[u8]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_resource(path, value).await)
+    }
+    /// Deletes a resource; false when there was none.
+    pub async fn delete_resource(&self, path: &str) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.delete_resource(path).await)
+    }
+    /// The stored policy text, if one was set.
+    pub async fn get_policy(&self, kind: PolicyKind) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.get_policy(kind).await)
+    }
+    /// Replaces a policy.
+    pub async fn put_policy(&self, kind: PolicyKind, text: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_policy(kind, text).await)
+    }
+    /// All reference values.
+    pub async fn reference_values(&self) -> Result<ReferenceValues, StoreError> {
+        dispatch!(self, s => s.reference_values().await)
+    }
+    /// Sets the named lists in `values`, replacing those names' previous lists.
+    pub async fn set_reference_values(&self, values: &ReferenceValues) -> Result<(), StoreError> {
+        dispatch!(self, s => s.set_reference_values(values).await)
+    }
+    /// Deletes one named list; false when there was none.
+    pub async fn delete_reference_value(&self, name: &str) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.delete_reference_value(name).await)
+    }
+    /// The token signing key (PKCS#8), created with `generate` on first use. All replicas of a
+    /// shared store end up with the same key.
+    pub async fn token_key(
+        &self,
+        generate: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        dispatch!(self, s => s.token_key(generate).await)
+    }
+    /// A counter that changes whenever a policy or reference value changes.
+    pub async fn generation(&self) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.generation().await)
+    }
+    /// Saves a new session.
+    pub async fn insert_session(&self, id: &str, session: &Session) -> Result<(), StoreError> {
+        dispatch!(self, s => s.insert_session(id, session).await)
+    }
+    /// Atomically marks the session's nonce as used and returns the session as it was.
+    pub async fn claim_nonce(&self, id: &str) -> Result<NonceClaim, StoreError> {
+        dispatch!(self, s => s.claim_nonce(id).await)
+    }
+    /// Records the token issued to a session.
+    pub async fn set_session_token(&self, id: &str, token: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.set_session_token(id, token).await)
+    }
+    /// An unexpired session.
+    pub async fn get_session(&self, id: &str) -> Result<Option<Session>, StoreError> {
+        dispatch!(self, s => s.get_session(id).await)
+    }
+}
+
+/// In-memory sessions for the embedded store. Sessions live minutes; after a restart clients
+/// simply authenticate again, as with upstream.
+pub(crate) struct MemorySessions {
+    map: Mutex<HashMap<String, Session>>,
+    limit: usize,
+}
+
+impl MemorySessions {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn insert(&self, id: &str, session: &Session) -> Result<(), StoreError> {
+        let mut map = self.lock();
+        if map.len() >= self.limit {
+            let now = now_secs();
+            map.retain(|_, s| s.expires_at > now);
+            if map.len() >= self.limit {
+                return Err(StoreError::Full);
+            }
+        }
+        map.insert(id.to_string(), session.clone());
+        Ok(())
+    }
+
+    pub(crate) fn claim_nonce(&self, id: &str) -> NonceClaim {
+        let mut map = self.lock();
+        match map.get_mut(id) {
+            Some(s) if s.expires_at > now_secs() => {
+                if s.nonce_used {
+                    NonceClaim::Replayed
+                } else {
+                    let before = s.clone();
+                    s.nonce_used = true;
+                    NonceClaim::Claimed(before)
+                }
+            }
+            _ => NonceClaim::NoSession,
+        }
+    }
+
+    pub(crate) fn set_token(&self, id: &str, token: &str) {
+        if let Some(s) = self.lock().get_mut(id) {
+            s.token = Some(token.to_string());
+        }
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<Session> {
+        let map = self.lock();
+        map.get(id)
+            .filter(|s| s.expires_at > now_secs())
+            .cloned()
+    }
+}
+
+pub(crate) fn decode_refs(raw: Vec<(String, Vec<u8>)>) -> Result<ReferenceValues, StoreError> {
+    raw.into_iter()
+        .map(|(k, v)| {
+            let list: Vec<Value> =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((k, list))
+        })
+        .collect()
+}

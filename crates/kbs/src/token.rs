@@ -1,0 +1,90 @@
+//! Attestation tokens: EAR claims in an ES256 JWT signed by a P-256 key that is generated once
+//! and kept in the store (so every replica of a shared store signs and verifies with one key).
+
+use aws_lc_rs::{
+    rand::SystemRandom,
+    signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
+use coffer_wire::ear::EarClaims;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use sha2::{Digest, Sha256};
+
+use crate::store::{Store, StoreError};
+
+/// Token failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The stored key is unusable.
+    #[error("token signing key is invalid: {0}")]
+    Key(String),
+    /// Signing failed.
+    #[error("token signing failed: {0}")]
+    Sign(String),
+    /// The token is not valid (signature, expiry, format).
+    #[error("attestation token is invalid: {0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Signs and verifies attestation tokens.
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    kid: String,
+    validation: Validation,
+}
+
+fn generate_pkcs8() -> Vec<u8> {
+    EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .map(|d| d.as_ref().to_vec())
+        .unwrap_or_default()
+}
+
+impl TokenKeys {
+    /// Loads the store's token key, creating it on first start.
+    pub async fn load(store: &Store) -> Result<Self, TokenError> {
+        let pkcs8 = store.token_key(generate_pkcs8).await?;
+        Self::from_pkcs8(&pkcs8)
+    }
+
+    /// Builds the keys from a PKCS#8 P-256 private key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, TokenError> {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
+            .map_err(|e| TokenError::Key(e.to_string()))?;
+        let point = pair.public_key().as_ref();
+        if point.len() != 65 {
+            return Err(TokenError::Key("unexpected public key encoding".into()));
+        }
+        let decoding =
+            DecodingKey::from_ec_components(&B64.encode(&point[1..33]), &B64.encode(&point[33..]))
+                .map_err(|e| TokenError::Key(e.to_string()))?;
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_required_spec_claims(&["exp", "iat"]);
+        validation.leeway = 5;
+        validation.validate_aud = false;
+        Ok(Self {
+            encoding: EncodingKey::from_ec_der(pkcs8),
+            decoding,
+            kid: hex::encode(&Sha256::digest(point)[..8]),
+            validation,
+        })
+    }
+
+    /// Signs `claims`.
+    pub fn issue(&self, claims: &EarClaims) -> Result<String, TokenError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| TokenError::Sign(e.to_string()))
+    }
+
+    /// Verifies a token's signature and lifetime and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<EarClaims, TokenError> {
+        jsonwebtoken::decode::<EarClaims>(token, &self.decoding, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| TokenError::Invalid(e.to_string()))
+    }
+}
