@@ -1,1 +1,358 @@
-pub fn x(){}
+//! Client side of the KBS protocol, used by the `coffer` CLI and by the guest agent.
+//!
+//! * [`Attester`]: produces TEE evidence over given report data ([`SampleAttester`] here; the
+//!   guest's hardware and emulated attesters implement the same trait).
+//! * [`KbsClient`]: the RCAR handshake (`/auth` → `/attest`), a TEE key pair whose public half is
+//!   bound into the evidence, token reuse until expiry, and resource fetches decrypted from JWE.
+//! * [`AdminClient`]: the admin API, authenticated by short-lived Ed25519 JWTs.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod admin;
+mod attester;
+
+use std::{sync::Mutex, time::Duration};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use coffer_jose::{TeeKeyAlgorithm, TeeKeyPair};
+use coffer_wire::{
+    binding, error::ErrorKind, initdata, Attestation, Challenge, CompositeEvidence,
+    ErrorInformation, HashAlgorithm, InitData, JweResponse, Request, RuntimeData, Tee, BASE_PATH,
+    PROTOCOL_VERSION, SESSION_COOKIE,
+};
+use reqwest::{header, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+pub use admin::{generate_admin_key, AdminClient};
+pub use attester::{Attester, AttesterError, SampleAttester};
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The KBS could not be reached or the connection failed.
+    #[error("cannot reach the KBS at {url}: {source}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The KBS answered with an error.
+    #[error("KBS refused {op}: {detail} ({kind}, HTTP {status})")]
+    Refused {
+        /// What was asked.
+        op: String,
+        /// HTTP status.
+        status: u16,
+        /// The error kind name from the body.
+        kind: String,
+        /// The server's detail.
+        detail: String,
+    },
+    /// The KBS answered something that is not the protocol.
+    #[error("unexpected answer from the KBS to {op}: {detail}")]
+    Protocol {
+        /// What was asked.
+        op: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// JWE decryption or key generation failed.
+    #[error(transparent)]
+    Jose(#[from] coffer_jose::JoseError),
+    /// The attester failed.
+    #[error(transparent)]
+    Attester(#[from] AttesterError),
+    /// Local configuration problem (CA file, admin key, …).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The protocol error kind, when the KBS refused with a known one.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Refused { kind, .. } => {
+                ErrorKind::from_type(&format!("{}{kind}", coffer_wire::error::ERROR_TYPE_PREFIX))
+            }
+            _ => None,
+        }
+    }
+
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// Builds an HTTP client that trusts the system roots, or only `ca_pem` when given.
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("coffer-kbs-client/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::Config(format!("invalid CA certificate PEM: {e}")))?;
+        b = b.tls_certs_only(certs);
+    }
+    b.build()
+        .map_err(|e| ClientError::Config(format!("cannot build the HTTP client: {e}")))
+}
+
+async fn check(op: &str, resp: reqwest::Response) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    let (kind, detail) = match serde_json::from_slice::<ErrorInformation>(&body) {
+        Ok(info) => (
+            info.error_type
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            info.detail,
+        ),
+        Err(_) => (
+            "unknown".into(),
+            String::from_utf8_lossy(&body).chars().take(200).collect(),
+        ),
+    };
+    Err(ClientError::Refused {
+        op: op.to_string(),
+        status: status.as_u16(),
+        kind,
+        detail,
+    })
+}
+
+fn http_err(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
+    move |source| ClientError::Http {
+        url: url.to_string(),
+        source,
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct TokenTimes {
+    exp: u64,
+}
+
+struct CachedToken {
+    token: String,
+    exp: u64,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A TEE's client of one KBS.
+pub struct KbsClient {
+    http: reqwest::Client,
+    base: String,
+    attester: Box<dyn Attester>,
+    key: TeeKeyPair,
+    initdata: Option<String>,
+    token: Mutex<Option<CachedToken>>,
+}
+
+impl KbsClient {
+    /// A client of the KBS at `url` (e.g. `https://kbs.example:8080`), with a fresh TEE key.
+    pub fn new(
+        url: &str,
+        http: reqwest::Client,
+        attester: Box<dyn Attester>,
+        key_alg: TeeKeyAlgorithm,
+    ) -> Result<Self> {
+        Ok(Self {
+            http,
+            base: format!("{}{BASE_PATH}", url.trim_end_matches('/')),
+            attester,
+            key: TeeKeyPair::generate(key_alg)?,
+            initdata: None,
+            token: Mutex::new(None),
+        })
+    }
+
+    /// Sends this initdata (TOML text) with the evidence; the attester must bind its digest.
+    pub fn with_initdata(mut self, toml: String) -> Self {
+        self.initdata = Some(toml);
+        self
+    }
+
+    /// The TEE public key bound into this client's evidence.
+    pub fn tee_pubkey(&self) -> &coffer_wire::TeePubKey {
+        self.key.public_jwk()
+    }
+
+    /// Runs the RCAR handshake and returns the attestation token (also kept for reuse).
+    pub async fn attest(&self) -> Result<String> {
+        let url = format!("{}/auth", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .json(&Request {
+                version: PROTOCOL_VERSION.into(),
+                tee: self.attester.tee(),
+                extra_params: json!({}),
+            })
+            .send()
+            .await
+            .map_err(http_err(&url))?;
+        let resp = check("auth", resp).await?;
+        let cookie = resp
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| v.split(';').next())
+            .find(|kv| kv.trim_start().starts_with(&format!("{SESSION_COOKIE}=")))
+            .map(|s| s.trim().to_string())
+            .ok_or_else(|| ClientError::Protocol {
+                op: "auth".into(),
+                detail: format!("no {SESSION_COOKIE} cookie"),
+            })?;
+        let challenge: Challenge = resp.json().await.map_err(|e| ClientError::Protocol {
+            op: "auth".into(),
+            detail: e.to_string(),
+        })?;
+        let hash = match challenge
+            .extra_params
+            .get("selected-hash-algorithm")
+            .and_then(|v| v.as_str())
+        {
+            Some("sha512") => HashAlgorithm::Sha512,
+            Some("sha256") => HashAlgorithm::Sha256,
+            _ if self.attester.tee() == Tee::Se => HashAlgorithm::Sha512,
+            _ => HashAlgorithm::Sha384,
+        };
+        let additional = String::new();
+        let digest =
+            binding::runtime_data_digest(self.key.public_jwk(), &challenge.nonce, &additional, hash)
+                .map_err(|e| ClientError::Protocol {
+                    op: "attest".into(),
+                    detail: e.to_string(),
+                })?;
+        let init_digest = match &self.initdata {
+            Some(t) => Some(initdata::digest(t).map_err(|e| ClientError::Config(e.to_string()))?),
+            None => None,
+        };
+        let evidence = self.attester.evidence(&digest, init_digest.as_deref())?;
+        let body = Attestation {
+            init_data: self.initdata.as_ref().map(|t| InitData {
+                format: initdata::INITDATA_FORMAT.into(),
+                body: t.clone(),
+            }),
+            runtime_data: RuntimeData {
+                nonce: challenge.nonce,
+                tee_pubkey: self.key.public_jwk().clone(),
+            },
+            tee_evidence: CompositeEvidence {
+                primary_evidence: evidence,
+                additional_evidence: additional,
+            },
+        };
+        let url = format!("{}/attest", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .header(header::COOKIE, cookie)
+            .json(&body)
+            .send()
+            .await
+            .map_err(http_err(&url))?;
+        let resp = check("attest", resp).await?;
+        let TokenResponse { token } = resp.json().await.map_err(|e| ClientError::Protocol {
+            op: "attest".into(),
+            detail: e.to_string(),
+        })?;
+        let exp = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+            .and_then(|b| serde_json::from_slice::<TokenTimes>(&b).ok())
+            .map(|t| t.exp)
+            .unwrap_or(0);
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedToken {
+            token: token.clone(),
+            exp,
+        });
+        Ok(token)
+    }
+
+    fn cached_token(&self) -> Option<String> {
+        let guard = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .filter(|t| t.exp > now_secs() + 10)
+            .map(|t| t.token.clone())
+    }
+
+    /// Fetches and decrypts the resource at `repo/type/tag`, attesting first when no valid
+    /// token is held. A token the KBS no longer accepts is replaced once.
+    pub async fn get_resource(&self, path: &str) -> Result<Zeroizing<Vec<u8>>> {
+        let path = path.strip_prefix("kbs:///").unwrap_or(path);
+        let mut fresh = false;
+        let token = match self.cached_token() {
+            Some(t) => t,
+            None => {
+                fresh = true;
+                self.attest().await?
+            }
+        };
+        match self.fetch(path, &token).await {
+            Err(e) if !fresh && e.status() == Some(StatusCode::UNAUTHORIZED.as_u16()) => {
+                let token = self.attest().await?;
+                self.fetch(path, &token).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch(&self, path: &str, token: &str) -> Result<Zeroizing<Vec<u8>>> {
+        let url = format!("{}/resource/{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(http_err(&url))?;
+        let resp = check(&format!("resource {path}"), resp).await?;
+        let jwe: JweResponse = resp.json().await.map_err(|e| ClientError::Protocol {
+            op: format!("resource {path}"),
+            detail: format!("not a JWE: {e}"),
+        })?;
+        Ok(self.key.decrypt(&jwe)?)
+    }
+}
+
+impl KbsClient {
+    /// One full handshake without token reuse: `/auth`, `/attest`, then the resource. Used by
+    /// benchmarks and by callers that must prove freshness.
+    pub async fn handshake(&self, path: &str) -> Result<Zeroizing<Vec<u8>>> {
+        let token = self.attest().await?;
+        self.fetch(path.strip_prefix("kbs:///").unwrap_or(path), &token)
+            .await
+    }
+}

@@ -1,7 +1,7 @@
 //! Prometheus metrics served at `/metrics`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// The KBS's metrics.
@@ -15,6 +15,21 @@ pub struct Metrics {
     pub releases: IntCounterVec,
     /// Request latency by endpoint.
     pub latency: HistogramVec,
+    /// Resident set size of this process, refreshed at each scrape.
+    rss: IntGauge,
+}
+
+/// Resident set size from `/proc/self/status` (Linux), in bytes.
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: i64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 impl Metrics {
@@ -50,17 +65,27 @@ impl Metrics {
         registry
             .register(Box::new(latency.clone()))
             .expect("unique metric");
+        let rss = IntGauge::new(
+            "kbs_process_resident_memory_bytes",
+            "Resident memory of the KBS process",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(rss.clone())).expect("unique metric");
         Self {
             registry,
             requests,
             attestations,
             releases,
             latency,
+            rss,
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        if let Some(b) = resident_bytes() {
+            self.rss.set(b);
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

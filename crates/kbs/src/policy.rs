@@ -111,7 +111,7 @@ impl Compiled {
                 .map_err(|e| invalid(e.to_string()))?,
             PolicyKind::Attestation => {
                 compiled
-                    .eval_rule(&json!({}), "data.policy.status")
+                    .appraise(&json!({}))
                     .map_err(|e| invalid(e.to_string()))?;
             }
         }
@@ -156,33 +156,46 @@ impl Compiled {
         Ok(self.eval_rule_with(input, Some(data), "data.policy.allow")? == RegoValue::from(true))
     }
 
-    /// Evaluates the attestation policy.
+    /// Evaluates the attestation policy: the whole package at once, then reads `status`,
+    /// `reason` and `trust_vector` from it.
     pub fn appraise(&self, input: &Value) -> Result<Appraisal, PolicyError> {
         let eval_err = |detail: String| PolicyError::Eval {
             kind: "attestation",
             detail,
         };
-        let status = self.eval_rule(input, "data.policy.status")?;
-        let status = status
-            .as_string()
-            .ok()
-            .and_then(|s| Status::parse(s))
-            .ok_or_else(|| eval_err(format!("status is {status}, not an EAR status string")))?;
-        let reason = self
-            .eval_rule(input, "data.policy.reason")?
-            .as_string()
-            .ok()
-            .map(|s| s.to_string());
-        let tv = self.eval_rule(input, "data.policy.trust_vector")?;
-        let trust_vector = if tv == RegoValue::Undefined {
-            BTreeMap::new()
-        } else {
-            let json: Value = serde_json::from_str(
-                &tv.to_json_str().map_err(|e| eval_err(e.to_string()))?,
-            )
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        engine.set_input(RegoValue::from(input.clone()));
+        let results = engine
+            .eval_query("data.policy".to_string(), false)
             .map_err(|e| eval_err(e.to_string()))?;
-            serde_json::from_value(json)
-                .map_err(|e| eval_err(format!("trust_vector must map names to integers: {e}")))?
+        let package = results
+            .result
+            .first()
+            .and_then(|r| r.expressions.first())
+            .map(|e| e.value.clone())
+            .ok_or_else(|| eval_err("package policy produced nothing".into()))?;
+        let package: Value = serde_json::from_str(
+            &package.to_json_str().map_err(|e| eval_err(e.to_string()))?,
+        )
+        .map_err(|e| eval_err(e.to_string()))?;
+        let status = package
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(Status::parse)
+            .ok_or_else(|| {
+                eval_err(format!(
+                    "status is {}, not one of affirming, warning, contraindicated, none",
+                    package.get("status").unwrap_or(&Value::Null)
+                ))
+            })?;
+        let reason = package
+            .get("reason")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let trust_vector = match package.get("trust_vector") {
+            None => BTreeMap::new(),
+            Some(tv) => serde_json::from_value(tv.clone())
+                .map_err(|e| eval_err(format!("trust_vector must map names to integers: {e}")))?,
         };
         Ok(Appraisal {
             status,

@@ -1,0 +1,36 @@
+//! `coffer`: the user's command-line tool.
+
+mod kbs;
+
+use clap::{Parser, Subcommand};
+
+/// Coffer: confidential containers.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Talk to a Key Broker Service: admin changes, resource fetches as a TEE, benchmarks.
+    Kbs(kbs::KbsArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Kbs(args) => runtime.block_on(kbs::run(args)),
+    }
+}
