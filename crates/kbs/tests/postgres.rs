@@ -1,0 +1,165 @@
+//! Two coffer-kbs replicas on one real PostgreSQL server: they share resources, policies,
+//! reference values, sessions and the token key.
+//!
+//! Needs `COFFER_TEST_DATABASE_URL` (a role that may create databases); `scripts/test` starts a
+//! private PostgreSQL server and sets it.
+
+mod common;
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use coffer_jose::{TeeKeyAlgorithm, TeeKeyPair};
+use coffer_wire::error::ErrorKind;
+use common::TestKbs;
+use reqwest::header;
+use serde_json::json;
+use sha2::{Digest, Sha384};
+use sqlx::Connection;
+
+async fn fresh_database() -> String {
+    let admin_url = std::env::var("COFFER_TEST_DATABASE_URL").expect(
+        "COFFER_TEST_DATABASE_URL is not set: run the tests with scripts/test, which starts PostgreSQL",
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("coffer_test_{}_{nanos}", std::process::id());
+    let mut conn = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("cannot connect to COFFER_TEST_DATABASE_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut url = url_without_db(&admin_url);
+    url.push('/');
+    url.push_str(&name);
+    url
+}
+
+fn url_without_db(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let _ = query;
+    base[..path_start].to_string()
+}
+
+async fn replica(db: &str, admin_private: &[u8], admin_pub: &std::path::Path) -> TestKbs {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path(), Some(admin_pub.to_path_buf()));
+    cfg.data_dir = None;
+    cfg.database_url = Some(db.to_string());
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    cfg.audit_log = Some(dir.path().join("data/audit.jsonl"));
+    TestKbs::serve(cfg, dir, admin_private.to_vec()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_one_database() {
+    let db = fresh_database().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (admin_private, admin_pub) = common::admin_keypair(keys.path(), "admin");
+    let a = replica(&db, &admin_private, &admin_pub).await;
+    let b = replica(&db, &admin_private, &admin_pub).await;
+
+    // A resource written through one is served by the other.
+    a.admin()
+        .set_resource("default/test/key", b"shared secret".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        b.tee().get_resource("default/test/key").await.unwrap().as_slice(),
+        b"shared secret"
+    );
+
+    // A token issued by A is accepted by B (one signing key).
+    let token = a.tee().attest().await.unwrap();
+    let resp = reqwest::Client::new()
+        .get(format!("{}/kbs/v0/resource/default/test/key", b.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A session begun on A completes on B, and its cookie works on both.
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/kbs/v0/auth", a.url))
+        .json(&json!({"version": "0.4.0", "tee": "sample", "extra-params": {}}))
+        .send()
+        .await
+        .unwrap();
+    let cookie = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let nonce = resp.json::<serde_json::Value>().await.unwrap()["nonce"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
+    let rd = coffer_wire::binding::runtime_data_canonical(key.public_jwk(), &nonce, "").unwrap();
+    let body = json!({
+        "runtime-data": {"nonce": nonce, "tee-pubkey": key.public_jwk()},
+        "tee-evidence": {"primary_evidence": {"svn": "1", "report_data": STANDARD.encode(Sha384::digest(&rd))}, "additional_evidence": ""},
+    });
+    let resp = http
+        .post(format!("{}/kbs/v0/attest", b.url))
+        .header(header::COOKIE, &cookie)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The nonce is spent on every replica.
+    let resp = http
+        .post(format!("{}/kbs/v0/attest", a.url))
+        .header(header::COOKIE, &cookie)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    for replica in [&a, &b] {
+        let resp = http
+            .get(format!("{}/kbs/v0/resource/default/test/key", replica.url))
+            .header(header::COOKIE, &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let jwe: coffer_wire::JweResponse = resp.json().await.unwrap();
+        assert_eq!(key.decrypt(&jwe).unwrap().as_slice(), b"shared secret");
+    }
+
+    // A policy set through B applies on A at once.
+    b.admin()
+        .set_resource_policy("package policy\ndefault allow := false\n")
+        .await
+        .unwrap();
+    let err = a.tee().get_resource("default/test/key").await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
+    // Reference values too.
+    a.admin()
+        .set_reference_values(br#"{"sample_svn": ["7"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.admin().get_reference_values().await.unwrap()["sample_svn"],
+        vec![json!("7")]
+    );
+}
