@@ -151,10 +151,9 @@ impl KbsArgs {
 
     fn admin(&self) -> anyhow::Result<AdminClient> {
         let ctx = self.ctx()?;
-        let path = self
-            .admin_key
-            .as_ref()
-            .context("admin commands need --admin-key (the private key from `coffer kbs keygen`)")?;
+        let path = self.admin_key.as_ref().context(
+            "admin commands need --admin-key (the private key from `coffer kbs keygen`)",
+        )?;
         let pem = zeroize::Zeroizing::new(read(path, "admin key")?);
         Ok(AdminClient::new(&ctx.url, ctx.http, &pem)?)
     }
@@ -180,7 +179,11 @@ pub async fn run(args: KbsArgs) -> anyhow::Result<()> {
             write_private(out, private.as_bytes())?;
             std::fs::write(&pub_path, public)
                 .with_context(|| format!("cannot write {}", pub_path.display()))?;
-            eprintln!("wrote {} (private) and {}", out.display(), pub_path.display());
+            eprintln!(
+                "wrote {} (private) and {}",
+                out.display(),
+                pub_path.display()
+            );
         }
         KbsCommand::SetResource { path, file } => {
             let bytes = read(file, "resource file")?;

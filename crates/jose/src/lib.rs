@@ -255,12 +255,7 @@ impl TeeKeyPair {
                     .map_err(|_| JoseError::Crypto("RSA-OAEP key"))?;
                 let mut out = Zeroizing::new(vec![0u8; oaep.min_output_size()]);
                 let n = oaep
-                    .decrypt(
-                        &OAEP_SHA256_MGF1SHA256,
-                        &jwe.encrypted_key,
-                        &mut out,
-                        None,
-                    )
+                    .decrypt(&OAEP_SHA256_MGF1SHA256, &jwe.encrypted_key, &mut out, None)
                     .map_err(|_| JoseError::Decrypt)?
                     .len();
                 out.truncate(n);
@@ -271,7 +266,9 @@ impl TeeKeyPair {
             return Err(JoseError::Decrypt);
         }
         if jwe.iv.len() != aead::NONCE_LEN || jwe.tag.len() != aead::MAX_TAG_LEN {
-            return Err(JoseError::InvalidJwe("iv or tag has the wrong length".into()));
+            return Err(JoseError::InvalidJwe(
+                "iv or tag has the wrong length".into(),
+            ));
         }
         let aad = jwe
             .protected
@@ -339,13 +336,9 @@ pub fn validate_public_key(jwk: &TeePubKey) -> Result<()> {
             }
             let (curve, point) = ec_point(jwk)?;
             // Parsing the point as a peer key checks that it lies on the curve.
-            let probe = PrivateKey::generate(curve.alg).map_err(|_| JoseError::Crypto("probe"))?;
-            agreement::agree(
-                &probe,
-                UnparsedPublicKey::new(curve.alg, &point),
-                JoseError::InvalidKey("point is not on the curve".into()),
-                |_| Ok(()),
-            )
+            agreement::ParsedPublicKey::try_from(UnparsedPublicKey::new(curve.alg, &point))
+                .map(|_| ())
+                .map_err(|_| JoseError::InvalidKey("point is not on the curve".into()))
         }
         TeePubKey::RSA { .. } => rsa_public(jwk).map(|_| ()),
         TeePubKey::AKP { alg, .. } => Err(JoseError::Unsupported(format!("AKP key ({alg})"))),
@@ -392,7 +385,7 @@ pub fn concat_kdf(
     apv: &[u8],
     keydatalen_bits: u32,
 ) -> Zeroizing<Vec<u8>> {
-    debug_assert!(keydatalen_bits <= 256 && keydatalen_bits % 8 == 0);
+    debug_assert!(keydatalen_bits <= 256 && keydatalen_bits.is_multiple_of(8));
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(&1u32.to_be_bytes());
     ctx.update(z);
@@ -432,8 +425,7 @@ pub fn encrypt(to: &TeePubKey, plaintext: &[u8]) -> Result<JweResponse> {
                 JoseError::InvalidKey("point is not on the curve".into()),
                 |z| Ok(concat_kdf(z, ALG_ECDH_ES_A256KW, b"", b"", 256)),
             )?;
-            let kek =
-                AesKek::new(&AES_256, &kek).map_err(|_| JoseError::Crypto("AES-KW key"))?;
+            let kek = AesKek::new(&AES_256, &kek).map_err(|_| JoseError::Crypto("AES-KW key"))?;
             let mut wrapped = vec![0u8; cek.len() + 8];
             kek.wrap(cek.as_ref(), &mut wrapped)
                 .map_err(|_| JoseError::Crypto("AES key wrap"))?;

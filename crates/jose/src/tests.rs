@@ -27,7 +27,10 @@ fn wire_shape_is_flattened_jwe_without_padding() {
     let obj = v.as_object().unwrap();
     let mut keys: Vec<_> = obj.keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["ciphertext", "encrypted_key", "iv", "protected", "tag"]);
+    assert_eq!(
+        keys,
+        ["ciphertext", "encrypted_key", "iv", "protected", "tag"]
+    );
     for k in keys {
         let s = obj[&k].as_str().unwrap();
         assert!(!s.contains('=') && !s.contains('+') && !s.contains('/'));
@@ -39,7 +42,12 @@ fn wire_shape_is_flattened_jwe_without_padding() {
     assert_eq!(header["epk"]["crv"], "P-256");
     assert_eq!(header["epk"]["kty"], "EC");
     // CEK wrapped by AES-KW: 32 + 8 bytes.
-    assert_eq!(B64.decode(obj["encrypted_key"].as_str().unwrap()).unwrap().len(), 40);
+    assert_eq!(
+        B64.decode(obj["encrypted_key"].as_str().unwrap())
+            .unwrap()
+            .len(),
+        40
+    );
 }
 
 #[test]
@@ -92,7 +100,10 @@ fn rejects_malformed_public_keys() {
         x: B64.encode([1u8; 31]),
         y: y.clone(),
     };
-    assert!(matches!(encrypt(&short, MSG), Err(JoseError::InvalidKey(_))));
+    assert!(matches!(
+        encrypt(&short, MSG),
+        Err(JoseError::InvalidKey(_))
+    ));
     // A point that is not on the curve.
     let mut ybytes = B64.decode(&y).unwrap();
     ybytes[31] ^= 1;
@@ -111,20 +122,29 @@ fn rejects_malformed_public_keys() {
         x: x.clone(),
         y: y.clone(),
     };
-    assert!(matches!(validate_public_key(&secp), Err(JoseError::Unsupported(_))));
+    assert!(matches!(
+        validate_public_key(&secp),
+        Err(JoseError::Unsupported(_))
+    ));
     let wrong_alg = TeePubKey::EC {
         crv,
         alg: "ECDH-ES".into(),
         x,
         y,
     };
-    assert!(matches!(encrypt(&wrong_alg, MSG), Err(JoseError::Unsupported(_))));
+    assert!(matches!(
+        encrypt(&wrong_alg, MSG),
+        Err(JoseError::Unsupported(_))
+    ));
     let small_rsa = TeePubKey::RSA {
         alg: ALG_RSA_OAEP_256.into(),
         k_mod: B64.encode([0xc5u8; 64]),
         k_exp: B64.encode([1, 0, 1]),
     };
-    assert!(matches!(encrypt(&small_rsa, MSG), Err(JoseError::InvalidKey(_))));
+    assert!(matches!(
+        encrypt(&small_rsa, MSG),
+        Err(JoseError::InvalidKey(_))
+    ));
 }
 
 /// RFC 7518 Appendix C: ECDH-ES key agreement between Alice's ephemeral key and Bob's static key,

@@ -66,7 +66,12 @@ impl AdminClient {
         .map_err(|e| ClientError::Config(format!("cannot sign the admin token: {e}")))
     }
 
-    async fn send(&self, op: &str, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response> {
+    async fn send(
+        &self,
+        op: &str,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response> {
         let resp = req
             .bearer_auth(self.token()?)
             .send()
@@ -99,7 +104,9 @@ impl AdminClient {
             .http
             .post(&url)
             .json(&json!({"policy": URL_SAFE_NO_PAD.encode(text)}));
-        self.send(&format!("set-{which}"), req, &url).await.map(|_| ())
+        self.send(&format!("set-{which}"), req, &url)
+            .await
+            .map(|_| ())
     }
 
     /// Replaces the resource policy (Rego, package `policy`, rule `allow`).
@@ -122,8 +129,8 @@ impl AdminClient {
 
     /// Sets reference values from a JSON document (names → arrays).
     pub async fn set_reference_values(&self, doc: &[u8]) -> Result<()> {
-        let values = coffer_wire::reference::parse(doc)
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let values =
+            coffer_wire::reference::parse(doc).map_err(|e| ClientError::Config(e.to_string()))?;
         let url = format!("{}/reference-values", self.base);
         let req = self.http.post(&url).json(&values);
         self.send("set-reference-values", req, &url)

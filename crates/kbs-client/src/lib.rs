@@ -247,12 +247,16 @@ impl KbsClient {
             _ => HashAlgorithm::Sha384,
         };
         let additional = String::new();
-        let digest =
-            binding::runtime_data_digest(self.key.public_jwk(), &challenge.nonce, &additional, hash)
-                .map_err(|e| ClientError::Protocol {
-                    op: "attest".into(),
-                    detail: e.to_string(),
-                })?;
+        let digest = binding::runtime_data_digest(
+            self.key.public_jwk(),
+            &challenge.nonce,
+            &additional,
+            hash,
+        )
+        .map_err(|e| ClientError::Protocol {
+            op: "attest".into(),
+            detail: e.to_string(),
+        })?;
         let init_digest = match &self.initdata {
             Some(t) => Some(initdata::digest(t).map_err(|e| ClientError::Config(e.to_string()))?),
             None => None,

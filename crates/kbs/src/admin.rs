@@ -32,8 +32,9 @@ impl AdminAuth {
         let mut keys = Vec::new();
         for p in paths {
             let p = p.as_ref();
-            let pem = std::fs::read(p)
-                .map_err(|e| anyhow::anyhow!("cannot read admin public key {}: {e}", p.display()))?;
+            let pem = std::fs::read(p).map_err(|e| {
+                anyhow::anyhow!("cannot read admin public key {}: {e}", p.display())
+            })?;
             let key = DecodingKey::from_ed_pem(&pem).map_err(|e| {
                 anyhow::anyhow!(
                     "admin public key {} is not an Ed25519 public key in PEM: {e}",

@@ -73,9 +73,7 @@ pub fn router(kbs: Arc<Kbs>) -> Router {
         .nest(BASE_PATH, api)
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .fallback(|| async {
-            KbsError::new(ErrorKind::InvalidRequestPath, "no such endpoint")
-        })
+        .fallback(|| async { KbsError::new(ErrorKind::InvalidRequestPath, "no such endpoint") })
         .layer(middleware::from_fn_with_state(kbs.clone(), observe))
         .with_state(kbs)
 }
@@ -263,7 +261,10 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
             if d.format != INITDATA_FORMAT {
                 return Err(KbsError::new(
                     ErrorKind::InvalidRequest,
-                    format!("init-data format {:?} is not supported; use \"toml\"", d.format),
+                    format!(
+                        "init-data format {:?} is not supported; use \"toml\"",
+                        d.format
+                    ),
                 ));
             }
             let parsed = initdata::Initdata::parse(&d.body)
@@ -433,15 +434,14 @@ async fn get_resource(
         Some(id) => kbs.store.get_session(id).await?.and_then(|s| s.token),
         None => None,
     };
-    let token = match token.as_deref().or_else(|| bearer(&headers)) {
-        Some(t) => t.to_string(),
-        None => {
-            return Err(KbsError::new(
+    let token =
+        match token.as_deref().or_else(|| bearer(&headers)) {
+            Some(t) => t.to_string(),
+            None => return Err(KbsError::new(
                 ErrorKind::TokenNotFound,
                 "no attestation token: attest first (session cookie) or send Authorization: Bearer",
-            ))
-        }
-    };
+            )),
+        };
     let claims = kbs
         .tokens
         .verify(&token)
@@ -456,16 +456,18 @@ async fn get_resource(
     let policies = kbs.policies.get(&kbs.store).await?;
     let input = serde_json::to_value(&claims)
         .map_err(|e| KbsError::new(ErrorKind::PolicyEngineError, e.to_string()))?;
-    let data_path = json!({
-        "plugin": "resource",
-        "resource-path": format!("/{path}"),
-        "repository": repo, "type": ty, "tag": tag,
-    });
-    let allowed = policies.resource.allow_with_data(&input, data_path)?;
+    let allowed = policies
+        .resource
+        .allow_resource(&input, [repo.as_str(), ty.as_str(), tag.as_str()])?;
     if !allowed {
         kbs.metrics.releases.with_label_values(&["denied"]).inc();
-        kbs.audit
-            .release(&claims.tee, &digest, &path, "deny", "resource policy denied");
+        kbs.audit.release(
+            &claims.tee,
+            &digest,
+            &path,
+            "deny",
+            "resource policy denied",
+        );
         return Err(KbsError::new(
             ErrorKind::PolicyDeny,
             format!("the resource policy denies access to {path}"),
@@ -483,8 +485,13 @@ async fn get_resource(
     let jwe = coffer_jose::encrypt(&tee_pubkey, &value)
         .map_err(|e| KbsError::new(ErrorKind::JweError, e.to_string()))?;
     kbs.metrics.releases.with_label_values(&["released"]).inc();
-    kbs.audit
-        .release(&claims.tee, &digest, &path, "release", "allowed by resource policy");
+    kbs.audit.release(
+        &claims.tee,
+        &digest,
+        &path,
+        "release",
+        "allowed by resource policy",
+    );
     Ok(Json(jwe).into_response())
 }
 
@@ -633,8 +640,7 @@ async fn delete_reference_value(
             format!("no reference value named {name:?}"),
         ));
     }
-    kbs.audit
-        .admin(&who, "delete-reference-value", &name, "ok");
+    kbs.audit.admin(&who, "delete-reference-value", &name, "ok");
     Ok(StatusCode::OK)
 }
 

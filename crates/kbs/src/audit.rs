@@ -44,7 +44,9 @@ impl AuditLog {
             let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
             let mut buf = line.into_bytes();
             buf.push(b'\n');
-            let res = f.write_all(&buf).and_then(|_| if sync { f.sync_data() } else { Ok(()) });
+            let res = f
+                .write_all(&buf)
+                .and_then(|_| if sync { f.sync_data() } else { Ok(()) });
             if let Err(e) = res {
                 tracing::error!(error = %e, "audit log write failed");
             }
@@ -68,7 +70,14 @@ impl AuditLog {
     }
 
     /// Records a resource release decision.
-    pub fn release(&self, tee: &str, claims_digest: &str, path: &str, decision: &str, reason: &str) {
+    pub fn release(
+        &self,
+        tee: &str,
+        claims_digest: &str,
+        path: &str,
+        decision: &str,
+        reason: &str,
+    ) {
         self.write(
             json!({"event": "release", "tee": tee, "claims_digest": claims_digest, "path": path, "decision": decision, "reason": reason}),
             false,

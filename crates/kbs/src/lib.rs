@@ -79,7 +79,9 @@ impl Kbs {
             allow_emulated: config.allow_emulated,
         };
         if trust.allow_sample {
-            tracing::warn!("--allow-sample: evidence of the sample TEE, which has NO security, is accepted");
+            tracing::warn!(
+                "--allow-sample: evidence of the sample TEE, which has NO security, is accepted"
+            );
         }
         if trust.allow_emulated {
             tracing::warn!("--allow-emulated: evidence of the EMULATED TEE, which gives NO confidentiality, is accepted");

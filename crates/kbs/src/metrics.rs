@@ -37,7 +37,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("kbs_http_requests_total", "HTTP requests by endpoint and status"),
+            Opts::new(
+                "kbs_http_requests_total",
+                "HTTP requests by endpoint and status",
+            ),
             &["endpoint", "status"],
         )
         .expect("valid metric");
@@ -47,20 +50,28 @@ impl Metrics {
         )
         .expect("valid metric");
         let releases = IntCounterVec::new(
-            Opts::new("kbs_resource_releases_total", "Resource release decisions by outcome"),
+            Opts::new(
+                "kbs_resource_releases_total",
+                "Resource release decisions by outcome",
+            ),
             &["outcome"],
         )
         .expect("valid metric");
         let latency = HistogramVec::new(
-            HistogramOpts::new("kbs_request_duration_seconds", "Request latency by endpoint")
-                .buckets(vec![
-                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
-                ]),
+            HistogramOpts::new(
+                "kbs_request_duration_seconds",
+                "Request latency by endpoint",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
             &["endpoint"],
         )
         .expect("valid metric");
         for c in [&requests, &attestations, &releases] {
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
         }
         registry
             .register(Box::new(latency.clone()))
@@ -70,7 +81,9 @@ impl Metrics {
             "Resident memory of the KBS process",
         )
         .expect("valid metric");
-        registry.register(Box::new(rss.clone())).expect("unique metric");
+        registry
+            .register(Box::new(rss.clone()))
+            .expect("unique metric");
         Self {
             registry,
             requests,

@@ -128,7 +128,11 @@ impl Compiled {
         data: Option<Value>,
         rule: &str,
     ) -> Result<RegoValue, PolicyError> {
-        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut engine = self
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(data) = data {
             engine
                 .add_data(RegoValue::from(data))
@@ -151,9 +155,35 @@ impl Compiled {
         Ok(self.eval_rule(input, "data.policy.allow")? == RegoValue::from(true))
     }
 
-    /// Evaluates the resource policy's `allow` with per-request `data` (the resource path).
-    pub fn allow_with_data(&self, input: &Value, data: Value) -> Result<bool, PolicyError> {
-        Ok(self.eval_rule_with(input, Some(data), "data.policy.allow")? == RegoValue::from(true))
+    /// Evaluates the resource policy's `allow` for a resource, with `data` carrying the
+    /// resource: `plugin`, `resource-path` (`/<repo>/<type>/<tag>`), `repository`, `type` and
+    /// `tag`. The values are bound with `with` modifiers on the query, which keeps the
+    /// compiled engine prepared (adding data would force a full re-analysis per request).
+    /// `parts` must be validated resource-path components (ASCII letters, digits, `._-`).
+    pub fn allow_resource(&self, input: &Value, parts: [&str; 3]) -> Result<bool, PolicyError> {
+        debug_assert!(parts.iter().all(|p| p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))));
+        let [repo, ty, tag] = parts;
+        let query = format!(
+            "data.policy.allow with data.plugin as \"resource\" \
+             with data[\"resource-path\"] as \"/{repo}/{ty}/{tag}\" \
+             with data.repository as \"{repo}\" with data.type as \"{ty}\" \
+             with data.tag as \"{tag}\""
+        );
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        engine.set_input(RegoValue::from(input.clone()));
+        let results = engine
+            .eval_query(query, false)
+            .map_err(|e| PolicyError::Eval {
+                kind: "resource",
+                detail: e.to_string(),
+            })?;
+        Ok(results
+            .result
+            .first()
+            .and_then(|r| r.expressions.first())
+            .is_some_and(|e| e.value == RegoValue::from(true)))
     }
 
     /// Evaluates the attestation policy: the whole package at once, then reads `status`,
@@ -163,7 +193,11 @@ impl Compiled {
             kind: "attestation",
             detail,
         };
-        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut engine = self
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         engine.set_input(RegoValue::from(input.clone()));
         let results = engine
             .eval_query("data.policy".to_string(), false)
@@ -174,10 +208,9 @@ impl Compiled {
             .and_then(|r| r.expressions.first())
             .map(|e| e.value.clone())
             .ok_or_else(|| eval_err("package policy produced nothing".into()))?;
-        let package: Value = serde_json::from_str(
-            &package.to_json_str().map_err(|e| eval_err(e.to_string()))?,
-        )
-        .map_err(|e| eval_err(e.to_string()))?;
+        let package: Value =
+            serde_json::from_str(&package.to_json_str().map_err(|e| eval_err(e.to_string()))?)
+                .map_err(|e| eval_err(e.to_string()))?;
         let status = package
             .get("status")
             .and_then(Value::as_str)
@@ -314,6 +347,14 @@ mod tests {
     #[test]
     fn default_resource_policy_needs_every_submodule_affirming() {
         let p = Compiled::new(PolicyKind::Resource, DEFAULT_RESOURCE_POLICY, json!({})).unwrap();
+        let path_policy = Compiled::new(
+            PolicyKind::Resource,
+            "package policy\nimport rego.v1\ndefault allow := false\nallow if {\n data.plugin == \"resource\"\n data[\"resource-path\"] == \"/default/test/key\"\n data.repository == \"default\"\n data.type == \"test\"\n data.tag == \"key\"\n}\n",
+            json!({}),
+        )
+        .unwrap();
+        assert!(path_policy.allow_resource(&json!({}), ["default", "test", "key"]).unwrap());
+        assert!(!path_policy.allow_resource(&json!({}), ["default", "test", "other"]).unwrap());
         let ok = json!({"submods": {"cpu0": {"ear.status": "affirming"}}});
         assert!(p.allow(&ok).unwrap());
         let warn = json!({"submods": {"cpu0": {"ear.status": "affirming"}, "gpu0": {"ear.status": "warning"}}});
@@ -326,6 +367,10 @@ mod tests {
     fn invalid_policies_are_refused() {
         assert!(validate(PolicyKind::Resource, "package other\nallow := true").is_err());
         assert!(validate(PolicyKind::Resource, "package policy\nallow if {").is_err());
-        assert!(validate(PolicyKind::Resource, "package policy\ndefault allow := false").is_ok());
+        assert!(validate(
+            PolicyKind::Resource,
+            "package policy\ndefault allow := false"
+        )
+        .is_ok());
     }
 }

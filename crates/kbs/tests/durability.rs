@@ -23,7 +23,12 @@ fn free_port() -> u16 {
 
 fn spawn(dir: &Path, port: u16, admin_pub: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_coffer-kbs"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure-http", "--allow-sample"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--insecure-http",
+            "--allow-sample",
+        ])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--admin-public-key")
@@ -82,7 +87,10 @@ async fn state_survives_kill_9() {
     let mut child = spawn(dir.path(), port, &admin_pub);
     wait_ready(&url).await;
     assert_eq!(
-        tee.get_resource("default/test/key").await.unwrap().as_slice(),
+        tee.get_resource("default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
         secret.as_slice(),
         "the resource and the token signing key survive"
     );
@@ -117,8 +125,12 @@ async fn https_with_generated_development_certificate() {
     assert!(kbs.url.starts_with("https://"));
 
     let ca = std::fs::read(&cert).unwrap();
-    let admin = AdminClient::new(&kbs.url, http_client(Some(&ca)).unwrap(), &kbs.admin_private)
-        .unwrap();
+    let admin = AdminClient::new(
+        &kbs.url,
+        http_client(Some(&ca)).unwrap(),
+        &kbs.admin_private,
+    )
+    .unwrap();
     admin
         .set_resource("default/test/key", b"over tls".to_vec())
         .await
@@ -130,7 +142,13 @@ async fn https_with_generated_development_certificate() {
         TeeKeyAlgorithm::EcP256,
     )
     .unwrap();
-    assert_eq!(tee.get_resource("default/test/key").await.unwrap().as_slice(), b"over tls");
+    assert_eq!(
+        tee.get_resource("default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
+        b"over tls"
+    );
 
     // A client that does not trust the certificate cannot talk to it.
     let untrusting = KbsClient::new(
@@ -140,6 +158,12 @@ async fn https_with_generated_development_certificate() {
         TeeKeyAlgorithm::EcP256,
     )
     .unwrap();
-    let err = untrusting.get_resource("default/test/key").await.unwrap_err();
-    assert!(matches!(err, coffer_kbs_client::ClientError::Http { .. }), "{err}");
+    let err = untrusting
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, coffer_kbs_client::ClientError::Http { .. }),
+        "{err}"
+    );
 }

@@ -75,7 +75,11 @@ async fn two_replicas_share_one_database() {
         .await
         .unwrap();
     assert_eq!(
-        b.tee().get_resource("default/test/key").await.unwrap().as_slice(),
+        b.tee()
+            .get_resource("default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
         b"shared secret"
     );
 

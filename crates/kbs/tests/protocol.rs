@@ -23,26 +23,44 @@ async fn round_trip_returns_exact_bytes_for_every_key_type() {
         TeeKeyAlgorithm::EcP521,
         TeeKeyAlgorithm::Rsa2048,
     ] {
-        let got = kbs.tee_with(alg).get_resource("default/test/key").await.unwrap();
+        let got = kbs
+            .tee_with(alg)
+            .get_resource("default/test/key")
+            .await
+            .unwrap();
         assert_eq!(got.as_slice(), SECRET, "{alg:?}");
     }
     // kbs:/// URIs and the two-part form (repository "default") name the same resource.
     let client = kbs.tee();
     assert_eq!(
-        client.get_resource("kbs:///default/test/key").await.unwrap().as_slice(),
+        client
+            .get_resource("kbs:///default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
         SECRET
     );
-    assert_eq!(client.get_resource("test/key").await.unwrap().as_slice(), SECRET);
+    assert_eq!(
+        client.get_resource("test/key").await.unwrap().as_slice(),
+        SECRET
+    );
     let audit = kbs.audit();
     assert!(audit.contains(r#""event":"release""#), "{audit}");
     assert!(audit.contains(r#""decision":"release""#));
-    assert!(!audit.contains("demo secret"), "audit log must not contain resource bytes");
+    assert!(
+        !audit.contains("demo secret"),
+        "audit log must not contain resource bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sample_tee_is_refused_unless_allowed() {
     let kbs = TestKbs::start_with(|c| c.allow_sample = false).await;
-    let err = kbs.tee().get_resource("default/test/key").await.unwrap_err();
+    let err = kbs
+        .tee()
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::AttestationError));
     assert!(err.to_string().contains("--allow-sample"), "{err}");
 }
@@ -68,7 +86,14 @@ async fn admin_calls_need_a_configured_key() {
         .unwrap();
     assert_eq!(resp.status(), 401);
     // Nothing was stored.
-    assert_eq!(kbs.kbs.store.get_resource("default/test/key").await.unwrap(), None);
+    assert_eq!(
+        kbs.kbs
+            .store
+            .get_resource("default/test/key")
+            .await
+            .unwrap(),
+        None
+    );
     let audit = kbs.audit();
     assert!(!audit.contains("set-resource"), "{audit}");
 
@@ -80,7 +105,14 @@ async fn admin_calls_need_a_configured_key() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("--admin-public-key"), "{err}");
-    assert_eq!(bare.kbs.store.get_resource("default/test/key").await.unwrap(), None);
+    assert_eq!(
+        bare.kbs
+            .store
+            .get_resource("default/test/key")
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +127,11 @@ async fn deny_all_resource_policy_releases_nothing() {
         .set_resource_policy("package policy\n\ndefault allow := false\n")
         .await
         .unwrap();
-    let err = kbs.tee().get_resource("default/test/key").await.unwrap_err();
+    let err = kbs
+        .tee()
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
     assert_eq!(err.status(), Some(403));
     assert!(kbs.audit().contains(r#""decision":"deny""#));
@@ -116,7 +152,11 @@ async fn deny_all_resource_policy_releases_nothing() {
         .await
         .unwrap()
         .contains("default allow := false"));
-    let err = kbs.tee().get_resource("default/test/key").await.unwrap_err();
+    let err = kbs
+        .tee()
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
 
     // A policy that looks at the path: only default/test/* is released.
@@ -126,9 +166,19 @@ async fn deny_all_resource_policy_releases_nothing() {
         )
         .await
         .unwrap();
-    admin.set_resource("default/other/key", b"x".to_vec()).await.unwrap();
+    admin
+        .set_resource("default/other/key", b"x".to_vec())
+        .await
+        .unwrap();
     let client = kbs.tee();
-    assert_eq!(client.get_resource("default/test/key").await.unwrap().as_slice(), SECRET);
+    assert_eq!(
+        client
+            .get_resource("default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
+        SECRET
+    );
     let err = client.get_resource("default/other/key").await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
 }
@@ -137,17 +187,26 @@ async fn deny_all_resource_policy_releases_nothing() {
 async fn attestation_policy_and_reference_values_decide_the_status() {
     let kbs = TestKbs::start().await;
     let admin = kbs.admin();
-    admin.set_resource("default/test/key", SECRET.to_vec()).await.unwrap();
+    admin
+        .set_resource("default/test/key", SECRET.to_vec())
+        .await
+        .unwrap();
     // The sample attester reports svn "1"; require "2".
     admin
         .set_reference_values(br#"{"sample_svn": ["2"]}"#)
         .await
         .unwrap();
-    let err = kbs.tee().get_resource("default/test/key").await.unwrap_err();
+    let err = kbs
+        .tee()
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
     // The reason reaches the admin's audit log, not the client.
     assert!(!err.to_string().contains("sample_svn"), "{err}");
-    assert!(kbs.audit().contains("sample svn is not in reference value sample_svn"));
+    assert!(kbs
+        .audit()
+        .contains("sample svn is not in reference value sample_svn"));
     let refs = admin.get_reference_values().await.unwrap();
     assert_eq!(refs["sample_svn"], vec![json!("2")]);
 
@@ -155,10 +214,20 @@ async fn attestation_policy_and_reference_values_decide_the_status() {
         .set_reference_values(br#"{"sample_svn": ["1", "2"]}"#)
         .await
         .unwrap();
-    assert_eq!(kbs.tee().get_resource("default/test/key").await.unwrap().as_slice(), SECRET);
+    assert_eq!(
+        kbs.tee()
+            .get_resource("default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
+        SECRET
+    );
     admin.delete_reference_value("sample_svn").await.unwrap();
     assert!(admin.get_reference_values().await.unwrap().is_empty());
-    let err = admin.delete_reference_value("sample_svn").await.unwrap_err();
+    let err = admin
+        .delete_reference_value("sample_svn")
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(404));
     // A malformed document is refused and changes nothing.
     let err = admin
@@ -169,10 +238,16 @@ async fn attestation_policy_and_reference_values_decide_the_status() {
 
     // A custom attestation policy that contraindicates everything.
     admin
-        .set_attestation_policy("package policy\nstatus := \"contraindicated\"\nreason := \"maintenance\"\n")
+        .set_attestation_policy(
+            "package policy\nstatus := \"contraindicated\"\nreason := \"maintenance\"\n",
+        )
         .await
         .unwrap();
-    let err = kbs.tee().get_resource("default/test/key").await.unwrap_err();
+    let err = kbs
+        .tee()
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
     let err = admin
         .set_attestation_policy("package policy\nstatus := \"great\"\n")
@@ -185,7 +260,10 @@ async fn attestation_policy_and_reference_values_decide_the_status() {
 async fn initdata_is_bound_and_checked_against_reference_values() {
     let kbs = TestKbs::start().await;
     let admin = kbs.admin();
-    admin.set_resource("default/test/key", SECRET.to_vec()).await.unwrap();
+    admin
+        .set_resource("default/test/key", SECRET.to_vec())
+        .await
+        .unwrap();
     let initdata = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
     let digest = hex(&coffer_wire::initdata::digest(initdata).unwrap());
     admin
@@ -193,11 +271,22 @@ async fn initdata_is_bound_and_checked_against_reference_values() {
         .await
         .unwrap();
     // Without initdata the policy contraindicates.
-    let err = kbs.tee().get_resource("default/test/key").await.unwrap_err();
+    let err = kbs
+        .tee()
+        .get_resource("default/test/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny));
     // With the registered initdata it releases.
     let client = kbs.tee().with_initdata(initdata.to_string());
-    assert_eq!(client.get_resource("default/test/key").await.unwrap().as_slice(), SECRET);
+    assert_eq!(
+        client
+            .get_resource("default/test/key")
+            .await
+            .unwrap()
+            .as_slice(),
+        SECRET
+    );
     // Other initdata: a different digest, not registered.
     let other = initdata.replace("agent_policy", "other");
     let err = kbs
@@ -225,7 +314,10 @@ fn hex(b: &[u8]) -> String {
 async fn unknown_resource_and_bad_paths() {
     let kbs = TestKbs::start().await;
     let client = kbs.tee();
-    let err = client.get_resource("default/test/missing").await.unwrap_err();
+    let err = client
+        .get_resource("default/test/missing")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::ResourceNotFound));
     assert_eq!(err.status(), Some(404));
     for bad in ["a/b/c/d", "default/../key", "default/te st/key", "x"] {
@@ -243,10 +335,17 @@ async fn unknown_resource_and_bad_paths() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_health() {
     let kbs = TestKbs::start().await;
-    kbs.admin().set_resource("default/test/key", SECRET.to_vec()).await.unwrap();
+    kbs.admin()
+        .set_resource("default/test/key", SECRET.to_vec())
+        .await
+        .unwrap();
     kbs.tee().get_resource("default/test/key").await.unwrap();
     let http = reqwest::Client::new();
-    let health = http.get(format!("{}/healthz", kbs.url)).send().await.unwrap();
+    let health = http
+        .get(format!("{}/healthz", kbs.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     let text: String = http
         .get(format!("{}/metrics", kbs.url))
@@ -256,14 +355,24 @@ async fn metrics_and_health() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains(r#"kbs_attestations_total{outcome="affirming",tee="sample"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"kbs_attestations_total{outcome="affirming",tee="sample"} 1"#),
+        "{text}"
+    );
     assert!(text.contains(r#"kbs_resource_releases_total{outcome="released"} 1"#));
     assert!(text.contains(r#"kbs_http_requests_total{endpoint="auth",status="200"} 1"#));
     assert!(text.contains("kbs_request_duration_seconds_bucket"));
     assert!(text.contains("kbs_process_resident_memory_bytes"));
     // Unknown endpoints answer in the protocol's error shape.
-    let resp = http.get(format!("{}/kbs/v0/nope", kbs.url)).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/kbs/v0/nope", kbs.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["type"].as_str().unwrap().ends_with("/InvalidRequestPath"));
+    assert!(body["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("/InvalidRequestPath"));
 }

@@ -105,7 +105,11 @@ async fn upstream_guest_flow_with_cookie_session() {
     let http = Client::new();
     let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
     let (cookie, nonce) = auth(&http, &kbs.url).await;
-    let body = attest_body(key.public_jwk(), &nonce, sample_evidence(key.public_jwk(), &nonce));
+    let body = attest_body(
+        key.public_jwk(),
+        &nonce,
+        sample_evidence(key.public_jwk(), &nonce),
+    );
     let resp = post_attest(&http, &kbs.url, Some(&cookie), &body).await;
     assert_eq!(resp.status(), 200);
     let token = resp.json::<Value>().await.unwrap()["token"]
@@ -126,7 +130,10 @@ async fn upstream_guest_flow_with_cookie_session() {
         cpu0["ear.veraison.annotated-evidence"]["runtime_data_claims"]["tee-pubkey"],
         serde_json::to_value(key.public_jwk()).unwrap()
     );
-    assert_eq!(cpu0["ear.veraison.annotated-evidence"]["sample"]["svn"], "1");
+    assert_eq!(
+        cpu0["ear.veraison.annotated-evidence"]["sample"]["svn"],
+        "1"
+    );
     assert!(claims["exp"].as_u64().unwrap() > claims["iat"].as_u64().unwrap());
 
     // The resource, with only the session cookie (as upstream's RCAR client does).
@@ -138,9 +145,12 @@ async fn upstream_guest_flow_with_cookie_session() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let jwe: Value = resp.json().await.unwrap();
-    let protected: Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwe["protected"].as_str().unwrap()).unwrap())
-            .unwrap();
+    let protected: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(jwe["protected"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(protected["alg"], "ECDH-ES+A256KW");
     assert_eq!(protected["enc"], "A256GCM");
     let jwe: JweResponse = serde_json::from_value(jwe).unwrap();
@@ -181,12 +191,7 @@ async fn auth_refuses_bad_requests() {
             "AttestationError",
             "not supported",
         ),
-        (
-            vec![b' '; 2 << 20],
-            413,
-            "PayloadTooLarge",
-            "exceeds",
-        ),
+        (vec![b' '; 2 << 20], 413, "PayloadTooLarge", "exceeds"),
     ];
     for (body, status, kind, needle) in cases {
         let resp = http
@@ -209,16 +214,18 @@ async fn attest_refuses_bad_requests_and_keeps_the_challenge_usable() {
     let http = Client::new();
     let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
     let (cookie, nonce) = auth(&http, &kbs.url).await;
-    let good = attest_body(key.public_jwk(), &nonce, sample_evidence(key.public_jwk(), &nonce));
+    let good = attest_body(
+        key.public_jwk(),
+        &nonce,
+        sample_evidence(key.public_jwk(), &nonce),
+    );
 
     // No cookie.
     let (s, k, _) = error_of(post_attest(&http, &kbs.url, None, &good).await).await;
     assert_eq!((s, k.as_str()), (401, "AttestationError"));
     // Unknown session.
-    let (_, _, d) = error_of(
-        post_attest(&http, &kbs.url, Some("kbs-session-id=00112233"), &good).await,
-    )
-    .await;
+    let (_, _, d) =
+        error_of(post_attest(&http, &kbs.url, Some("kbs-session-id=00112233"), &good).await).await;
     assert!(d.contains("session"), "{d}");
     // Malformed JSON.
     let resp = http
@@ -263,12 +270,20 @@ async fn evidence_for_another_key_is_refused_and_burns_the_nonce() {
     let thief = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
     let (cookie, nonce) = auth(&http, &kbs.url).await;
     // Evidence bound to `key`, but the request asks for resources encrypted to `thief`.
-    let body = attest_body(thief.public_jwk(), &nonce, sample_evidence(key.public_jwk(), &nonce));
+    let body = attest_body(
+        thief.public_jwk(),
+        &nonce,
+        sample_evidence(key.public_jwk(), &nonce),
+    );
     let (s, k, d) = error_of(post_attest(&http, &kbs.url, Some(&cookie), &body).await).await;
     assert_eq!((s, k.as_str()), (401, "AttestationError"));
     assert!(d.contains("report data"), "{d}");
     // The evidence was examined, so the nonce is spent.
-    let good = attest_body(key.public_jwk(), &nonce, sample_evidence(key.public_jwk(), &nonce));
+    let good = attest_body(
+        key.public_jwk(),
+        &nonce,
+        sample_evidence(key.public_jwk(), &nonce),
+    );
     let (_, _, d) = error_of(post_attest(&http, &kbs.url, Some(&cookie), &good).await).await;
     assert!(d.contains("already used"), "{d}");
     // And the failed session holds no token.
@@ -289,7 +304,11 @@ async fn expired_session_is_refused() {
     let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
     let (cookie, nonce) = auth(&http, &kbs.url).await;
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    let body = attest_body(key.public_jwk(), &nonce, sample_evidence(key.public_jwk(), &nonce));
+    let body = attest_body(
+        key.public_jwk(),
+        &nonce,
+        sample_evidence(key.public_jwk(), &nonce),
+    );
     let (s, _, d) = error_of(post_attest(&http, &kbs.url, Some(&cookie), &body).await).await;
     assert_eq!(s, 401);
     assert!(d.contains("expired"), "{d}");
@@ -322,5 +341,13 @@ async fn resource_requests_need_a_valid_token() {
     let (s, k, _) = error_of(http.get(&url).bearer_auth(&forged).send().await.unwrap()).await;
     assert_eq!((s, k.as_str()), (401, "TokenVerifierError"));
     // The genuine one works.
-    assert_eq!(http.get(&url).bearer_auth(&token).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -113,6 +113,9 @@ mod tests {
             assert!(info.error_type.starts_with(ERROR_TYPE_PREFIX));
             assert_eq!(ErrorKind::from_type(&info.error_type), Some(k));
         }
-        assert_eq!(ErrorKind::from_type("https://example/errors/PolicyDeny"), None);
+        assert_eq!(
+            ErrorKind::from_type("https://example/errors/PolicyDeny"),
+            None
+        );
     }
 }

@@ -88,7 +88,10 @@ mod tests {
     #[test]
     fn digest_is_over_raw_bytes() {
         use sha2::{Digest, Sha256};
-        assert_eq!(digest(DOC).unwrap(), Sha256::digest(DOC.as_bytes()).to_vec());
+        assert_eq!(
+            digest(DOC).unwrap(),
+            Sha256::digest(DOC.as_bytes()).to_vec()
+        );
         let parsed = Initdata::parse(DOC).unwrap();
         assert_eq!(parsed.data["policy.rego"], "package agent_policy");
     }

@@ -228,9 +228,7 @@ impl MemorySessions {
 
     pub(crate) fn get(&self, id: &str) -> Option<Session> {
         let map = self.lock();
-        map.get(id)
-            .filter(|s| s.expires_at > now_secs())
-            .cloned()
+        map.get(id).filter(|s| s.expires_at > now_secs()).cloned()
     }
 }
 

@@ -35,7 +35,10 @@ fn corrupt(err: impl std::fmt::Display) -> StoreError {
 impl PgStore {
     /// Connects and creates the schema if needed.
     pub async fn connect(url: &str, session_limit: usize) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new().max_connections(16).connect(url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(url)
+            .await?;
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(SCHEMA_LOCK)
@@ -257,11 +260,12 @@ impl PgStore {
     }
 
     pub(super) async fn get_session(&self, id: &str) -> Result<Option<Session>, StoreError> {
-        let row = sqlx::query("SELECT session FROM coffer_sessions WHERE id = $1 AND expires_at > $2")
-            .bind(id)
-            .bind(now_secs() as i64)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT session FROM coffer_sessions WHERE id = $1 AND expires_at > $2")
+                .bind(id)
+                .bind(now_secs() as i64)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| Self::decode(r.get(0))).transpose()
     }
 }

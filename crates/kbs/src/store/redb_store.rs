@@ -114,7 +114,10 @@ impl RedbStore {
     pub(super) async fn get_policy(&self, kind: PolicyKind) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_read().map_err(e)?;
         let table = txn.open_table(POLICIES).map_err(e)?;
-        Ok(table.get(kind.key()).map_err(e)?.map(|v| v.value().to_string()))
+        Ok(table
+            .get(kind.key())
+            .map_err(e)?
+            .map(|v| v.value().to_string()))
     }
 
     pub(super) async fn put_policy(&self, kind: PolicyKind, text: &str) -> Result<(), StoreError> {
