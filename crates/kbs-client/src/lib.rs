@@ -154,8 +154,11 @@ struct TokenTimes {
     exp: u64,
 }
 
+#[derive(Clone)]
 struct CachedToken {
     token: String,
+    /// The session cookie of the attestation that produced the token.
+    cookie: String,
     exp: u64,
 }
 
@@ -207,6 +210,10 @@ impl KbsClient {
 
     /// Runs the RCAR handshake and returns the attestation token (also kept for reuse).
     pub async fn attest(&self) -> Result<String> {
+        Ok(self.attest_session().await?.token)
+    }
+
+    async fn attest_session(&self) -> Result<CachedToken> {
         let url = format!("{}/auth", self.base);
         let resp = self
             .http
@@ -280,7 +287,7 @@ impl KbsClient {
         let resp = self
             .http
             .post(&url)
-            .header(header::COOKIE, cookie)
+            .header(header::COOKIE, &cookie)
             .json(&body)
             .send()
             .await
@@ -297,19 +304,14 @@ impl KbsClient {
             .and_then(|b| serde_json::from_slice::<TokenTimes>(&b).ok())
             .map(|t| t.exp)
             .unwrap_or(0);
-        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedToken {
-            token: token.clone(),
-            exp,
-        });
-        Ok(token)
+        let cached = CachedToken { token, cookie, exp };
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached.clone());
+        Ok(cached)
     }
 
-    fn cached_token(&self) -> Option<String> {
+    fn cached_token(&self) -> Option<CachedToken> {
         let guard = self.token.lock().unwrap_or_else(|p| p.into_inner());
-        guard
-            .as_ref()
-            .filter(|t| t.exp > now_secs() + 10)
-            .map(|t| t.token.clone())
+        guard.as_ref().filter(|t| t.exp > now_secs() + 10).cloned()
     }
 
     /// Fetches and decrypts the resource at `repo/type/tag`, attesting first when no valid
@@ -321,24 +323,27 @@ impl KbsClient {
             Some(t) => t,
             None => {
                 fresh = true;
-                self.attest().await?
+                self.attest_session().await?
             }
         };
         match self.fetch(path, &token).await {
             Err(e) if !fresh && e.status() == Some(StatusCode::UNAUTHORIZED.as_u16()) => {
-                let token = self.attest().await?;
+                let token = self.attest_session().await?;
                 self.fetch(path, &token).await
             }
             other => other,
         }
     }
 
-    async fn fetch(&self, path: &str, token: &str) -> Result<Zeroizing<Vec<u8>>> {
+    /// Sends the session cookie (the KBS uses the session's token while the session lives) and
+    /// the token as a bearer token (used once the session has expired).
+    async fn fetch(&self, path: &str, token: &CachedToken) -> Result<Zeroizing<Vec<u8>>> {
         let url = format!("{}/resource/{path}", self.base);
         let resp = self
             .http
             .get(&url)
-            .bearer_auth(token)
+            .header(header::COOKIE, &token.cookie)
+            .bearer_auth(&token.token)
             .send()
             .await
             .map_err(http_err(&url))?;
@@ -355,7 +360,7 @@ impl KbsClient {
     /// One full handshake without token reuse: `/auth`, `/attest`, then the resource. Used by
     /// benchmarks and by callers that must prove freshness.
     pub async fn handshake(&self, path: &str) -> Result<Zeroizing<Vec<u8>>> {
-        let token = self.attest().await?;
+        let token = self.attest_session().await?;
         self.fetch(path.strip_prefix("kbs:///").unwrap_or(path), &token)
             .await
     }

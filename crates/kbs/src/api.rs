@@ -430,22 +430,21 @@ async fn get_resource(
     headers: HeaderMap,
 ) -> Result<Response, KbsError> {
     let (path, [repo, ty, tag]) = resource_path(&raw)?;
-    let token = match session_cookie(&headers) {
+    let stored = match session_cookie(&headers) {
         Some(id) => kbs.store.get_session(id).await?.and_then(|s| s.token),
         None => None,
     };
-    let token =
-        match token.as_deref().or_else(|| bearer(&headers)) {
-            Some(t) => t.to_string(),
-            None => return Err(KbsError::new(
+    let claims = match (stored, bearer(&headers)) {
+        (Some(token), _) => kbs.tokens.claims_of_stored(&token),
+        (None, Some(token)) => kbs.tokens.verify(token),
+        (None, None) => {
+            return Err(KbsError::new(
                 ErrorKind::TokenNotFound,
                 "no attestation token: attest first (session cookie) or send Authorization: Bearer",
-            )),
-        };
-    let claims = kbs
-        .tokens
-        .verify(&token)
-        .map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
+            ))
+        }
+    }
+    .map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
     let digest = claims_digest(&claims);
     let tee_pubkey = claims.tee_pubkey().ok_or_else(|| {
         KbsError::new(

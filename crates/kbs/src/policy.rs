@@ -61,7 +61,6 @@ fn kind_name(kind: PolicyKind) -> &'static str {
 
 /// A compiled policy with its data, ready to evaluate.
 pub struct Compiled {
-    kind: PolicyKind,
     engine: Mutex<Engine>,
     /// `sha256:<hex>` of the policy text.
     pub id: String,
@@ -97,62 +96,39 @@ impl Compiled {
         engine
             .add_data(RegoValue::from(data))
             .map_err(|e| invalid(e.to_string()))?;
+        // Trial evaluation on the template itself: catches undefined references and conflicts
+        // early, and leaves the template prepared so that each per-request clone starts warm
+        // instead of re-analysing the policy.
+        let trial = match kind {
+            PolicyKind::Resource => engine
+                .eval_rule("data.policy.allow".to_string())
+                .map(|_| ()),
+            PolicyKind::Attestation => engine
+                .eval_query("data.policy".to_string(), false)
+                .map(|_| ()),
+        };
+        trial.map_err(|e| invalid(e.to_string()))?;
         let compiled = Self {
-            kind,
             engine: Mutex::new(engine),
             id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
         };
-        // Trial evaluation: catches undefined references and conflicts early, and prepares
-        // the engine so that clones start warm.
-        match kind {
-            PolicyKind::Resource => compiled
-                .allow(&json!({}))
-                .map(|_| ())
-                .map_err(|e| invalid(e.to_string()))?,
-            PolicyKind::Attestation => {
-                compiled
-                    .appraise(&json!({}))
-                    .map_err(|e| invalid(e.to_string()))?;
-            }
+        if kind == PolicyKind::Attestation {
+            compiled
+                .appraise(&json!({}))
+                .map_err(|e| invalid(e.to_string()))?;
         }
         Ok(compiled)
     }
 
-    fn eval_rule(&self, input: &Value, rule: &str) -> Result<RegoValue, PolicyError> {
-        self.eval_rule_with(input, None, rule)
-    }
-
-    fn eval_rule_with(
-        &self,
-        input: &Value,
-        data: Option<Value>,
-        rule: &str,
-    ) -> Result<RegoValue, PolicyError> {
+    /// A clone of the prepared template with `input` set.
+    fn engine_with(&self, input: &Value) -> Engine {
         let mut engine = self
             .engine
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(data) = data {
-            engine
-                .add_data(RegoValue::from(data))
-                .map_err(|e| PolicyError::Eval {
-                    kind: kind_name(self.kind),
-                    detail: e.to_string(),
-                })?;
-        }
         engine.set_input(RegoValue::from(input.clone()));
         engine
-            .eval_rule(rule.to_string())
-            .map_err(|e| PolicyError::Eval {
-                kind: kind_name(self.kind),
-                detail: e.to_string(),
-            })
-    }
-
-    /// Evaluates the resource policy's `allow`; anything but `true` denies.
-    pub fn allow(&self, input: &Value) -> Result<bool, PolicyError> {
-        Ok(self.eval_rule(input, "data.policy.allow")? == RegoValue::from(true))
     }
 
     /// Evaluates the resource policy's `allow` for a resource, with `data` carrying the
@@ -171,9 +147,8 @@ impl Compiled {
              with data.repository as \"{repo}\" with data.type as \"{ty}\" \
              with data.tag as \"{tag}\""
         );
-        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        engine.set_input(RegoValue::from(input.clone()));
-        let results = engine
+        let results = self
+            .engine_with(input)
             .eval_query(query, false)
             .map_err(|e| PolicyError::Eval {
                 kind: "resource",
@@ -193,13 +168,8 @@ impl Compiled {
             kind: "attestation",
             detail,
         };
-        let mut engine = self
-            .engine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        engine.set_input(RegoValue::from(input.clone()));
-        let results = engine
+        let results = self
+            .engine_with(input)
             .eval_query("data.policy".to_string(), false)
             .map_err(|e| eval_err(e.to_string()))?;
         let package = results
@@ -353,14 +323,19 @@ mod tests {
             json!({}),
         )
         .unwrap();
-        assert!(path_policy.allow_resource(&json!({}), ["default", "test", "key"]).unwrap());
-        assert!(!path_policy.allow_resource(&json!({}), ["default", "test", "other"]).unwrap());
+        assert!(path_policy
+            .allow_resource(&json!({}), ["default", "test", "key"])
+            .unwrap());
+        assert!(!path_policy
+            .allow_resource(&json!({}), ["default", "test", "other"])
+            .unwrap());
+        let path = ["default", "test", "key"];
         let ok = json!({"submods": {"cpu0": {"ear.status": "affirming"}}});
-        assert!(p.allow(&ok).unwrap());
+        assert!(p.allow_resource(&ok, path).unwrap());
         let warn = json!({"submods": {"cpu0": {"ear.status": "affirming"}, "gpu0": {"ear.status": "warning"}}});
-        assert!(!p.allow(&warn).unwrap());
-        assert!(!p.allow(&json!({"submods": {}})).unwrap());
-        assert!(!p.allow(&json!({})).unwrap());
+        assert!(!p.allow_resource(&warn, path).unwrap());
+        assert!(!p.allow_resource(&json!({"submods": {}}), path).unwrap());
+        assert!(!p.allow_resource(&json!({}), path).unwrap());
     }
 
     #[test]
