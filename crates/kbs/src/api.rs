@@ -28,12 +28,12 @@ use coffer_wire::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::{
     error::KbsError,
     policy,
     store::{now_secs, NonceClaim, PolicyKind, Session},
+    token::TokenKeys,
     Kbs,
 };
 
@@ -376,7 +376,7 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         &tee_name,
         appraisal.status.as_str(),
         appraisal.reason.as_deref(),
-        &claims_digest(&claims),
+        &TokenKeys::claims_digest(&token),
     );
     let mut resp = Json(json!({ "token": token })).into_response();
     resp.headers_mut().insert(
@@ -384,11 +384,6 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         set_cookie(&id, kbs.config.session_ttl_secs),
     );
     Ok(resp)
-}
-
-fn claims_digest(claims: &EarClaims) -> String {
-    let bytes = serde_json::to_vec(claims).unwrap_or_default();
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// A validated resource path: `repo/type/tag` (a two-part `type/tag` means repository
@@ -434,18 +429,17 @@ async fn get_resource(
         Some(id) => kbs.store.get_session(id).await?.and_then(|s| s.token),
         None => None,
     };
-    let claims = match (stored, bearer(&headers)) {
-        (Some(token), _) => kbs.tokens.claims_of_stored(&token),
-        (None, Some(token)) => kbs.tokens.verify(token),
-        (None, None) => {
-            return Err(KbsError::new(
+    let (claims, token) =
+        match (stored, bearer(&headers)) {
+            (Some(token), _) => (kbs.tokens.claims_of_stored(&token), token),
+            (None, Some(token)) => (kbs.tokens.verify(token), token.to_string()),
+            (None, None) => return Err(KbsError::new(
                 ErrorKind::TokenNotFound,
                 "no attestation token: attest first (session cookie) or send Authorization: Bearer",
-            ))
-        }
-    }
-    .map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
-    let digest = claims_digest(&claims);
+            )),
+        };
+    let claims = claims.map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
+    let digest = TokenKeys::claims_digest(&token);
     let tee_pubkey = claims.tee_pubkey().ok_or_else(|| {
         KbsError::new(
             ErrorKind::TokenVerifierError,

@@ -62,6 +62,8 @@ fn kind_name(kind: PolicyKind) -> &'static str {
 /// A compiled policy with its data, ready to evaluate.
 pub struct Compiled {
     engine: Mutex<Engine>,
+    /// Optional attestation rules (`reason`, `trust_vector`) the policy defines.
+    optional_rules: Vec<&'static str>,
     /// `sha256:<hex>` of the policy text.
     pub id: String,
 }
@@ -99,17 +101,26 @@ impl Compiled {
         // Trial evaluation on the template itself: catches undefined references and conflicts
         // early, and leaves the template prepared so that each per-request clone starts warm
         // instead of re-analysing the policy.
-        let trial = match kind {
-            PolicyKind::Resource => engine
-                .eval_rule("data.policy.allow".to_string())
-                .map(|_| ()),
-            PolicyKind::Attestation => engine
-                .eval_query("data.policy".to_string(), false)
-                .map(|_| ()),
+        let main = match kind {
+            PolicyKind::Resource => "data.policy.allow",
+            PolicyKind::Attestation => "data.policy.status",
         };
-        trial.map_err(|e| invalid(e.to_string()))?;
+        engine
+            .eval_rule(main.to_string())
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut optional_rules = Vec::new();
+        if kind == PolicyKind::Attestation {
+            for rule in ["reason", "trust_vector"] {
+                match engine.eval_rule(format!("data.policy.{rule}")) {
+                    Ok(_) => optional_rules.push(rule),
+                    Err(e) if e.to_string().contains("not a valid rule path") => {}
+                    Err(e) => return Err(invalid(e.to_string())),
+                }
+            }
+        }
         let compiled = Self {
             engine: Mutex::new(engine),
+            optional_rules,
             id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
         };
         if kind == PolicyKind::Attestation {
@@ -161,45 +172,47 @@ impl Compiled {
             .is_some_and(|e| e.value == RegoValue::from(true)))
     }
 
-    /// Evaluates the attestation policy: the whole package at once, then reads `status`,
-    /// `reason` and `trust_vector` from it.
+    /// Evaluates the attestation policy: `status`, then the optional `reason` and
+    /// `trust_vector` when the policy defines them.
     pub fn appraise(&self, input: &Value) -> Result<Appraisal, PolicyError> {
         let eval_err = |detail: String| PolicyError::Eval {
             kind: "attestation",
             detail,
         };
-        let results = self
-            .engine_with(input)
-            .eval_query("data.policy".to_string(), false)
-            .map_err(|e| eval_err(e.to_string()))?;
-        let package = results
-            .result
-            .first()
-            .and_then(|r| r.expressions.first())
-            .map(|e| e.value.clone())
-            .ok_or_else(|| eval_err("package policy produced nothing".into()))?;
-        let package: Value =
-            serde_json::from_str(&package.to_json_str().map_err(|e| eval_err(e.to_string()))?)
+        let mut engine = self.engine_with(input);
+        let mut eval = |rule: &str| -> Result<Value, PolicyError> {
+            let v = engine
+                .eval_rule(format!("data.policy.{rule}"))
                 .map_err(|e| eval_err(e.to_string()))?;
-        let status = package
-            .get("status")
-            .and_then(Value::as_str)
+            if v == RegoValue::Undefined {
+                return Ok(Value::Null);
+            }
+            serde_json::from_str(&v.to_json_str().map_err(|e| eval_err(e.to_string()))?)
+                .map_err(|e| eval_err(e.to_string()))
+        };
+        let status_value = eval("status")?;
+        let status = status_value
+            .as_str()
             .and_then(Status::parse)
             .ok_or_else(|| {
                 eval_err(format!(
-                    "status is {}, not one of affirming, warning, contraindicated, none",
-                    package.get("status").unwrap_or(&Value::Null)
+                    "status is {status_value}, not one of affirming, warning, contraindicated, none"
                 ))
             })?;
-        let reason = package
-            .get("reason")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let trust_vector = match package.get("trust_vector") {
-            None => BTreeMap::new(),
-            Some(tv) => serde_json::from_value(tv.clone())
-                .map_err(|e| eval_err(format!("trust_vector must map names to integers: {e}")))?,
-        };
+        let mut reason = None;
+        let mut trust_vector = BTreeMap::new();
+        for rule in &self.optional_rules {
+            let v = eval(rule)?;
+            match *rule {
+                "reason" => reason = v.as_str().map(str::to_string),
+                _ if !v.is_null() => {
+                    trust_vector = serde_json::from_value(v).map_err(|e| {
+                        eval_err(format!("trust_vector must map names to integers: {e}"))
+                    })?
+                }
+                _ => {}
+            }
+        }
         Ok(Appraisal {
             status,
             reason,
@@ -336,6 +349,19 @@ mod tests {
         assert!(!p.allow_resource(&warn, path).unwrap());
         assert!(!p.allow_resource(&json!({"submods": {}}), path).unwrap());
         assert!(!p.allow_resource(&json!({}), path).unwrap());
+    }
+
+    #[test]
+    fn custom_policy_sets_reason_and_trust_vector() {
+        let text = "package policy\nimport rego.v1\ndefault status := \"warning\"\nstatus := \"affirming\" if input.ok\ntrust_vector := {\"hardware\": 2, \"executables\": 3}\n";
+        let p = Compiled::new(PolicyKind::Attestation, text, json!({})).unwrap();
+        let a = p.appraise(&json!({"ok": true})).unwrap();
+        assert_eq!(a.status, Status::Affirming);
+        assert_eq!(a.reason, None);
+        assert_eq!(a.trust_vector["hardware"], 2);
+        assert_eq!(p.appraise(&json!({})).unwrap().status, Status::Warning);
+        let bad = "package policy\nstatus := \"affirming\"\ntrust_vector := \"high\"\n";
+        assert!(validate(PolicyKind::Attestation, bad).is_err());
     }
 
     #[test]

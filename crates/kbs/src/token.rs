@@ -7,7 +7,7 @@ use aws_lc_rs::{
 };
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
 use coffer_wire::ear::EarClaims;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use sha2::{Digest, Sha256};
 
 use crate::store::{Store, StoreError};
@@ -31,7 +31,7 @@ pub enum TokenError {
 
 /// Signs and verifies attestation tokens.
 pub struct TokenKeys {
-    encoding: EncodingKey,
+    signer: EcdsaKeyPair,
     decoding: DecodingKey,
     kid: String,
     validation: Validation,
@@ -54,7 +54,7 @@ impl TokenKeys {
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, TokenError> {
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
             .map_err(|e| TokenError::Key(e.to_string()))?;
-        let point = pair.public_key().as_ref();
+        let point = pair.public_key().as_ref().to_vec();
         if point.len() != 65 {
             return Err(TokenError::Key("unexpected public key encoding".into()));
         }
@@ -66,19 +66,30 @@ impl TokenKeys {
         validation.leeway = 5;
         validation.validate_aud = false;
         Ok(Self {
-            encoding: EncodingKey::from_ec_der(pkcs8),
+            signer: pair,
             decoding,
-            kid: hex::encode(&Sha256::digest(point)[..8]),
+            kid: hex::encode(&Sha256::digest(&point)[..8]),
             validation,
         })
     }
 
-    /// Signs `claims`.
+    /// Signs `claims` as a compact JWS (RFC 7515) with ES256: the signature is the fixed-size
+    /// `R ‖ S` that RFC 7518 §3.4 prescribes. The key pair stays parsed between tokens.
     pub fn issue(&self, claims: &EarClaims) -> Result<String, TokenError> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
-            .map_err(|e| TokenError::Sign(e.to_string()))
+        let header = serde_json::to_vec(&header).map_err(|e| TokenError::Sign(e.to_string()))?;
+        let payload = serde_json::to_vec(claims).map_err(|e| TokenError::Sign(e.to_string()))?;
+        let mut jws = B64.encode(header);
+        jws.push('.');
+        jws.push_str(&B64.encode(payload));
+        let sig = self
+            .signer
+            .sign(&SystemRandom::new(), jws.as_bytes())
+            .map_err(|_| TokenError::Sign("ECDSA signing failed".into()))?;
+        jws.push('.');
+        jws.push_str(&B64.encode(sig.as_ref()));
+        Ok(jws)
     }
 
     /// The claims of a token this KBS issued and kept in its own session store, checking only
@@ -96,6 +107,16 @@ impl TokenKeys {
             return Err(TokenError::Invalid("token expired; attest again".into()));
         }
         Ok(claims)
+    }
+
+    /// `sha256:<hex>` of a token's claims (the JSON bytes of its payload), for the audit log.
+    pub fn claims_digest(token: &str) -> String {
+        let payload = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| B64.decode(p).ok())
+            .unwrap_or_default();
+        format!("sha256:{}", hex::encode(Sha256::digest(payload)))
     }
 
     /// Verifies a token's signature and lifetime and returns its claims.
