@@ -31,7 +31,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // One worker thread: the CLI is a client; under `coffer kbs bench` this leaves the other
+    // core to the server on a 2-core machine instead of time-slicing four busy threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     match cli.command {
