@@ -91,3 +91,57 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_has_a_config_key() {
+        let text = r#"
+listen = "127.0.0.1:9999"
+data-dir = "/var/lib/coffer-kbs"
+database-url = "postgres://kbs@db/kbs"
+insecure-http = false
+tls-cert = "cert.pem"
+tls-key = "key.pem"
+admin-public-key = ["a.pub", "b.pub"]
+allow-sample = true
+allow-emulated = true
+session-ttl-secs = 60
+token-ttl-secs = 120
+max-sessions = 10
+audit-log = "/var/log/kbs-audit.jsonl"
+"#;
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.admin_public_key.len(), 2);
+        assert!(c.allow_sample && c.allow_emulated);
+        assert_eq!(
+            (c.session_ttl_secs, c.token_ttl_secs, c.max_sessions),
+            (60, 120, 10)
+        );
+        assert_eq!(c.database_url.as_deref(), Some("postgres://kbs@db/kbs"));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_unsafe_combinations_are_refused() {
+        assert!(toml::from_str::<Config>("allow-everything = true").is_err());
+        let plain = Config::default();
+        let err = plain.validate().unwrap_err().to_string();
+        assert!(err.contains("--insecure-http"), "{err}");
+        let both = Config {
+            insecure_http: true,
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            ..Config::default()
+        };
+        assert!(both.validate().is_err());
+        let half = Config {
+            tls_cert: Some("c".into()),
+            ..Config::default()
+        };
+        assert!(half.validate().is_err());
+    }
+}

@@ -3,57 +3,27 @@
 
 mod common;
 
-use std::{
-    net::TcpListener,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use common::{free_port, spawn_kbs, wait_ready};
 
 use coffer_jose::TeeKeyAlgorithm;
 use coffer_kbs_client::{http_client, AdminClient, KbsClient, SampleAttester};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(dir: &Path, port: u16, admin_pub: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_coffer-kbs"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--insecure-http",
-            "--allow-sample",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--admin-public-key")
-        .arg(admin_pub)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(r) = reqwest::get(format!("{url}/healthz")).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("coffer-kbs did not become ready at {url}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn state_survives_kill_9() {
+    fn spawn(dir: &std::path::Path, port: u16, admin_pub: &std::path::Path) -> std::process::Child {
+        let listen = format!("127.0.0.1:{port}");
+        let data = dir.join("data");
+        spawn_kbs(&[
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--insecure-http".as_ref(),
+            "--allow-sample".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--admin-public-key".as_ref(),
+            admin_pub.as_os_str(),
+        ])
+    }
     let dir = tempfile::tempdir().unwrap();
     let (admin_private, admin_pub) = common::admin_keypair(dir.path(), "admin");
     let port = free_port();

@@ -1,4 +1,4 @@
-//! Two coffer-kbs replicas on one real PostgreSQL server: they share resources, policies,
+//! Two coffer-kbs processes on one real PostgreSQL server: they share resources, policies,
 //! reference values, sessions and the token key.
 //!
 //! Needs `COFFER_TEST_DATABASE_URL` (a role that may create databases); `scripts/test` starts a
@@ -8,8 +8,8 @@ mod common;
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 use coffer_jose::{TeeKeyAlgorithm, TeeKeyPair};
+use coffer_kbs_client::{http_client, AdminClient, KbsClient, SampleAttester};
 use coffer_wire::error::ErrorKind;
-use common::TestKbs;
 use reqwest::header;
 use serde_json::json;
 use sha2::{Digest, Sha384};
@@ -51,23 +51,85 @@ fn url_without_db(url: &str) -> String {
     base[..path_start].to_string()
 }
 
-async fn replica(db: &str, admin_private: &[u8], admin_pub: &std::path::Path) -> TestKbs {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::config(dir.path(), Some(admin_pub.to_path_buf()));
-    cfg.data_dir = None;
-    cfg.database_url = Some(db.to_string());
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    cfg.audit_log = Some(dir.path().join("data/audit.jsonl"));
-    TestKbs::serve(cfg, dir, admin_private.to_vec()).await
+struct Replica {
+    url: String,
+    child: std::process::Child,
+    admin_private: Vec<u8>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Replica {
+    fn admin(&self) -> AdminClient {
+        AdminClient::new(&self.url, http_client(None).unwrap(), &self.admin_private).unwrap()
+    }
+
+    fn tee(&self) -> KbsClient {
+        KbsClient::new(
+            &self.url,
+            http_client(None).unwrap(),
+            Box::new(SampleAttester::default()),
+            TeeKeyAlgorithm::EcP256,
+        )
+        .unwrap()
+    }
+}
+
+/// Replica A is configured by flags, replica B by a TOML config file with the same keys.
+async fn replicas(db: &str, dir: &std::path::Path) -> (Replica, Replica) {
+    let (admin_private, admin_pub) = common::admin_keypair(dir, "admin");
+    let (port_a, port_b) = (common::free_port(), common::free_port());
+    let listen_a = format!("127.0.0.1:{port_a}");
+    let audit_a = dir.join("audit-a.jsonl");
+    let a = common::spawn_kbs(&[
+        "--listen".as_ref(),
+        listen_a.as_ref(),
+        "--insecure-http".as_ref(),
+        "--allow-sample".as_ref(),
+        "--database-url".as_ref(),
+        db.as_ref(),
+        "--audit-log".as_ref(),
+        audit_a.as_os_str(),
+        "--admin-public-key".as_ref(),
+        admin_pub.as_os_str(),
+    ]);
+    let config = dir.join("kbs-b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port_b}\"\ninsecure-http = true\nallow-sample = true\n\
+             database-url = \"{db}\"\naudit-log = \"{}\"\nadmin-public-key = [\"{}\"]\n",
+            dir.join("audit-b.jsonl").display(),
+            admin_pub.display()
+        ),
+    )
+    .unwrap();
+    let b = common::spawn_kbs(&["--config".as_ref(), config.as_os_str()]);
+    let a = Replica {
+        url: format!("http://{listen_a}"),
+        child: a,
+        admin_private: admin_private.clone(),
+    };
+    let b = Replica {
+        url: format!("http://127.0.0.1:{port_b}"),
+        child: b,
+        admin_private,
+    };
+    common::wait_ready(&a.url).await;
+    common::wait_ready(&b.url).await;
+    (a, b)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_share_one_database() {
     let db = fresh_database().await;
-    let keys = tempfile::tempdir().unwrap();
-    let (admin_private, admin_pub) = common::admin_keypair(keys.path(), "admin");
-    let a = replica(&db, &admin_private, &admin_pub).await;
-    let b = replica(&db, &admin_private, &admin_pub).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = replicas(&db, dir.path()).await;
 
     // A resource written through one is served by the other.
     a.admin()
