@@ -320,7 +320,7 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
             tee,
             &att.tee_evidence.primary_evidence,
             &Expected {
-                report_data: &report_data,
+                report_data: Some(&report_data),
                 init_data_digest: init.as_ref().map(|(d, _)| d.as_slice()),
                 now: std::time::SystemTime::now(),
             },

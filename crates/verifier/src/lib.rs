@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod sample;
+pub mod snp;
 
 use std::{collections::HashMap, time::SystemTime};
 
@@ -29,8 +30,10 @@ pub type Claims = Map<String, Value>;
 #[derive(Clone, Copy, Debug)]
 pub struct Expected<'a> {
     /// The runtime-data digest the evidence must carry in its report-data field (unpadded; each
-    /// verifier fits it to its TEE's field size).
-    pub report_data: &'a [u8],
+    /// verifier fits it to its TEE's field size). `None` skips only the binding check, for
+    /// offline inspection of evidence (`coffer attest verify` without `--report-data`); the KBS
+    /// always sets it.
+    pub report_data: Option<&'a [u8]>,
     /// The initdata digest the evidence must carry, when the TEE presented initdata.
     pub init_data_digest: Option<&'a [u8]>,
     /// The time at which certificates and collateral must be valid.
