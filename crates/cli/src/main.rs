@@ -1,5 +1,6 @@
 //! `coffer`: the user's command-line tool.
 
+mod attest;
 mod kbs;
 
 use clap::{Parser, Subcommand};
@@ -21,9 +22,22 @@ struct Cli {
 enum Command {
     /// Talk to a Key Broker Service: admin changes, resource fetches as a TEE, benchmarks.
     Kbs(kbs::KbsArgs),
+    /// Verify TEE evidence offline.
+    Attest(attest::AttestArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, never a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -39,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Kbs(args) => runtime.block_on(kbs::run(args)),
+        Command::Attest(args) => attest::run(args),
     }
 }

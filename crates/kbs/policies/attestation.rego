@@ -43,3 +43,52 @@ svn_ok if input.sample.svn in data.reference.sample_svn
 init_data_ok if not data.reference.init_data
 
 init_data_ok if input.init_data in data.reference.init_data
+
+# AMD SEV-SNP (hardware roots; the evidence was already verified to AMD's roots). Affirming only
+# when every check passes; otherwise `reason` lists the failed checks.
+#   data.reference.measurement   accepted launch measurements (hex)
+#   data.reference.init_data     accepted initdata digests (hex)
+#   data.reference.snp_tcb_min   minimum TCBs: [{"bootloader": n, "tee": n, "snp": n, "microcode": n}]
+status := "affirming" if {
+	input.tee == "snp"
+	count(snp_failures) == 0
+}
+
+reason := "all SEV-SNP checks passed" if {
+	input.tee == "snp"
+	count(snp_failures) == 0
+}
+
+reason := concat("; ", sort(snp_failures)) if {
+	input.tee == "snp"
+	count(snp_failures) > 0
+}
+
+snp_failures contains "measurement is not in reference value measurement" if {
+	input.tee == "snp"
+	not input.snp.measurement in object.get(data.reference, "measurement", [])
+}
+
+snp_failures contains "the guest policy allows debugging" if {
+	input.tee == "snp"
+	input.snp.policy_debug_allowed
+}
+
+snp_failures contains "initdata digest is not in reference value init_data" if {
+	input.tee == "snp"
+	not input.init_data in object.get(data.reference, "init_data", [])
+}
+
+snp_failures contains "reported TCB is below every entry of reference value snp_tcb_min (or none is registered)" if {
+	input.tee == "snp"
+	not snp_tcb_ok
+}
+
+snp_tcb_ok if {
+	some min in data.reference.snp_tcb_min
+	tcb := input.snp.reported_tcb
+	tcb.bootloader >= min.bootloader
+	tcb.tee >= min.tee
+	tcb.snp >= min.snp
+	tcb.microcode >= min.microcode
+}

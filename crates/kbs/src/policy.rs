@@ -328,6 +328,41 @@ mod tests {
     }
 
     #[test]
+    fn default_attestation_policy_for_snp() {
+        let refs = json!({
+            "measurement": ["aa"],
+            "init_data": ["bb"],
+            "snp_tcb_min": [{"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}],
+        });
+        let good = json!({"tee": "snp", "init_data": "bb", "snp": {
+            "measurement": "aa", "policy_debug_allowed": false,
+            "reported_tcb": {"bootloader": 3, "tee": 0, "snp": 9, "microcode": 115}}});
+        let a = attest(refs.clone(), good.clone());
+        assert_eq!(a.status, Status::Affirming, "{:?}", a.reason);
+        let mut debug = good.clone();
+        debug["snp"]["policy_debug_allowed"] = json!(true);
+        let a = attest(refs.clone(), debug);
+        assert_eq!(a.status, Status::Contraindicated);
+        assert!(a.reason.unwrap().contains("debugging"));
+        let mut old = good.clone();
+        old["snp"]["reported_tcb"]["microcode"] = json!(114);
+        let a = attest(refs.clone(), old);
+        assert!(a.reason.unwrap().contains("TCB"));
+        let mut no_init = good.clone();
+        no_init.as_object_mut().unwrap().remove("init_data");
+        let a = attest(refs.clone(), no_init);
+        assert_eq!(a.status, Status::Contraindicated);
+        assert!(a.reason.unwrap().contains("init_data"));
+        let mut other = good.clone();
+        other["snp"]["measurement"] = json!("cc");
+        let a = attest(refs, other);
+        assert!(a.reason.unwrap().contains("measurement"));
+        // Nothing registered: nothing is affirming.
+        let a = attest(json!({}), good);
+        assert_eq!(a.status, Status::Contraindicated);
+    }
+
+    #[test]
     fn default_resource_policy_needs_every_submodule_affirming() {
         let p = Compiled::new(PolicyKind::Resource, DEFAULT_RESOURCE_POLICY, json!({})).unwrap();
         let path_policy = Compiled::new(

@@ -351,3 +351,55 @@ async fn resource_requests_need_a_valid_token() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_snp_evidence_from_another_session_is_refused_on_its_binding() {
+    let kbs = start().await;
+    let http = Client::new();
+    let resp = http
+        .post(format!("{}/kbs/v0/auth", kbs.url))
+        .json(&json!({"version": "0.4.0", "tee": "snp", "extra-params": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "snp is a supported TEE");
+    let cookie = cookie_of(&resp);
+    let nonce = resp.json::<Value>().await.unwrap()["nonce"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Genuine Genoa evidence (it verifies against AMD's roots) but bound to someone else's
+    // challenge: the KBS must refuse it on the report data.
+    let evidence: Value = serde_json::from_str(include_str!(
+        "../../verifier/testdata/snp/genoa-evidence.json"
+    ))
+    .unwrap();
+    let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
+    let body = attest_body(key.public_jwk(), &nonce, evidence.clone());
+    let (s, k, d) = error_of(post_attest(&http, &kbs.url, Some(&cookie), &body).await).await;
+    assert_eq!((s, k.as_str()), (401, "AttestationError"));
+    assert!(d.contains("report data"), "{d}");
+
+    // The same evidence with a flipped measurement fails earlier, on the signature.
+    let (cookie, nonce) = {
+        let resp = http
+            .post(format!("{}/kbs/v0/auth", kbs.url))
+            .json(&json!({"version": "0.4.0", "tee": "snp", "extra-params": {}}))
+            .send()
+            .await
+            .unwrap();
+        let c = cookie_of(&resp);
+        (
+            c,
+            resp.json::<Value>().await.unwrap()["nonce"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let mut forged = evidence;
+    forged["attestation_report"]["measurement"][0] = json!(1);
+    let body = attest_body(key.public_jwk(), &nonce, forged);
+    let (_, _, d) = error_of(post_attest(&http, &kbs.url, Some(&cookie), &body).await).await;
+    assert!(d.contains("signature"), "{d}");
+}

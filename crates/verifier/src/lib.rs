@@ -6,9 +6,8 @@
 //! check that failed. [`Verifiers`] holds one verifier per TEE type and the trust switches
 //! (`allow_sample`, `allow_emulated`) that an operator must turn on explicitly.
 //!
-//! This crate ships the upstream `sample` TEE, which has no security at all and is only for
-//! testing. Hardware TEEs (SNP, TDX, SGX, Azure vTPM, NVIDIA GPU) and the emulated SNP PSP plug
-//! in behind the same trait.
+//! Verifiers: AMD SEV-SNP ([`snp`], real AMD roots) and the upstream `sample` TEE, which has no
+//! security at all and is only for testing. Further TEEs plug in behind the same trait.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -103,6 +102,7 @@ impl Verifiers {
             by_tee: HashMap::new(),
         };
         v.register(Box::new(SampleVerifier));
+        v.register(Box::new(snp::SnpVerifier::default()));
         v
     }
 

@@ -10,10 +10,8 @@
 use std::time::SystemTime;
 
 use aws_lc_rs::signature::{UnparsedPublicKey, RSA_PSS_2048_8192_SHA384};
-use x509_cert::{
-    der::{asn1::OctetString, Decode, DecodePem, Encode},
-    Certificate,
-};
+use x509_cert::der::{asn1::OctetString, Decode, DecodePem, Encode};
+pub use x509_cert::Certificate;
 
 /// OID of RSASSA-PSS.
 const RSA_PSS: &str = "1.2.840.113549.1.1.10";
@@ -307,6 +305,14 @@ fn spl(cert: &Certificate, oid: &str, name: &str) -> Result<Option<u8>, CertErro
 pub fn parse_der(der: &[u8], what: &'static str) -> Result<Certificate, CertError> {
     Certificate::from_der(der).map_err(|e| CertError::Parse {
         what,
+        detail: e.to_string(),
+    })
+}
+
+/// DER encoding of a certificate.
+pub fn to_der(cert: &Certificate) -> Result<Vec<u8>, CertError> {
+    cert.to_der().map_err(|e| CertError::Parse {
+        what: "certificate",
         detail: e.to_string(),
     })
 }

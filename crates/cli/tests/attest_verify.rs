@@ -1,0 +1,95 @@
+//! `coffer attest verify` as acceptance scripts run it, on real SNP evidence.
+
+use std::{path::PathBuf, process::Command};
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../verifier/testdata/snp")
+        .join(name)
+}
+
+fn coffer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn valid_report_prints_claims() {
+    let report = data("test-report.bin");
+    let cert = data("test-vcek.der");
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "snp",
+        "--report",
+        report.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--report-data",
+        "ec6c52d7533cc2c4f45be7849cf112ab82b2009fe7bd43e71ed08c14400ad7e2",
+        "--now",
+        "2026-01-01T00:00:00Z",
+    ]);
+    assert!(ok, "{stderr}");
+    let claims: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(claims["reported_tcb"]["microcode"], 115);
+    assert_eq!(claims["generation"], "milan");
+}
+
+#[test]
+fn failures_exit_non_zero_with_one_line_naming_the_check() {
+    let report = data("test-report.bin");
+    let cert = data("test-vcek.der");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--report-data", "00"], "report data"),
+        (&["--init-data-digest", "01"], "initdata"),
+        (&["--now", "2031-01-01T00:00:00Z"], "not valid"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec![
+            "attest",
+            "verify",
+            "--tee",
+            "snp",
+            "--report",
+            report.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+        ];
+        if !extra.contains(&"--now") {
+            args.extend(["--now", "2026-01-01T00:00:00Z"]);
+        }
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = coffer(&args);
+        assert!(!ok);
+        assert!(stdout.is_empty());
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr} should name {needle}");
+    }
+}
+
+#[test]
+fn upstream_evidence_json_verifies() {
+    let ev = data("genoa-evidence.json");
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "snp",
+        "--evidence",
+        ev.to_str().unwrap(),
+        "--now",
+        "2026-01-01T00:00:00Z",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"genoa\""));
+}

@@ -1,0 +1,42 @@
+//! Verifications per second on one core (this thread), endorsement certificates cached.
+//! Run: `cargo bench -p coffer-verifier`.
+
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use coffer_verifier::{snp::SnpVerifier, Expected, Verifier};
+
+fn rate(name: &str, mut f: impl FnMut()) {
+    f(); // warm: fills the certificate cache
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        f();
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("{name}: {:.0} verifications/s ({n} in {secs:.2} s)", n as f64 / secs);
+}
+
+fn main() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+    let expected = Expected {
+        report_data: None,
+        init_data_digest: None,
+        now,
+    };
+    let report = include_bytes!("../testdata/snp/test-report.bin");
+    let vcek = include_bytes!("../testdata/snp/test-vcek.der");
+    let v = SnpVerifier::default();
+    rate("snp raw report (Milan, VCEK cached)", || {
+        v.verify_report(report, vcek, &expected).expect("verifies");
+    });
+    let ev: serde_json::Value =
+        serde_json::from_str(include_str!("../testdata/snp/genoa-evidence.json")).unwrap();
+    rate("snp evidence JSON (Genoa, VCEK cached)", || {
+        v.verify(&ev, &expected).expect("verifies");
+    });
+    rate("snp cold (roots loaded, chain and report verified each time)", || {
+        let fresh = SnpVerifier::default();
+        fresh.verify_report(report, vcek, &expected).expect("verifies");
+    });
+}
