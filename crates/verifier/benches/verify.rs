@@ -14,7 +14,10 @@ fn rate(name: &str, mut f: impl FnMut()) {
         n += 1;
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("{name}: {:.0} verifications/s ({n} in {secs:.2} s)", n as f64 / secs);
+    println!(
+        "{name}: {:.0} verifications/s ({n} in {secs:.2} s)",
+        n as f64 / secs
+    );
 }
 
 fn main() {
@@ -35,8 +38,13 @@ fn main() {
     rate("snp evidence JSON (Genoa, VCEK cached)", || {
         v.verify(&ev, &expected).expect("verifies");
     });
-    rate("snp cold (roots loaded, chain and report verified each time)", || {
-        let fresh = SnpVerifier::default();
-        fresh.verify_report(report, vcek, &expected).expect("verifies");
-    });
+    rate(
+        "snp cold (roots loaded, chain and report verified each time)",
+        || {
+            let fresh = SnpVerifier::default();
+            fresh
+                .verify_report(report, vcek, &expected)
+                .expect("verifies");
+        },
+    );
 }

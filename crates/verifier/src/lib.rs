@@ -111,6 +111,22 @@ impl Verifiers {
         self.by_tee.insert(verifier.tee(), verifier);
     }
 
+    /// Trusts the emulated PSP whose roots (ARK and ASK, PEM) are given, for SNP evidence.
+    /// Refused unless the trust switches allow emulation.
+    pub fn trust_emulated_roots(&mut self, pem: &str) -> Result<(), VerifyError> {
+        if !self.trust.allow_emulated {
+            return Err(VerifyError::NotAllowed {
+                tee: Tee::Snp,
+                why: "emulated PSP roots given without allowing emulation (--allow-emulated)",
+            });
+        }
+        tracing::warn!(
+            "trusting the EMULATED PSP's roots: its evidence proves nothing about confidentiality"
+        );
+        self.register(Box::new(snp::SnpVerifier::with_emulated_roots(pem)?));
+        Ok(())
+    }
+
     /// The trust switches.
     pub fn trust(&self) -> Trust {
         self.trust

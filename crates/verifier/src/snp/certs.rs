@@ -65,6 +65,8 @@ pub enum Generation {
     Genoa,
     /// EPYC 9005.
     Turin,
+    /// The emulated PSP (no hardware; trusted only when the operator allows emulation).
+    Emulated,
 }
 
 impl Generation {
@@ -74,6 +76,7 @@ impl Generation {
             Self::Milan => "milan",
             Self::Genoa => "genoa",
             Self::Turin => "turin",
+            Self::Emulated => "emulated",
         }
     }
 }
@@ -93,7 +96,7 @@ pub struct GenerationRoots {
     pub generation: Generation,
     ark: Certificate,
     ask: Certificate,
-    asvk: Certificate,
+    asvk: Option<Certificate>,
 }
 
 /// The built-in AMD roots (public certificates from AMD's key distribution service).
@@ -177,8 +180,8 @@ pub fn check_validity(cert: &Certificate, what: &str, now: SystemTime) -> Result
 }
 
 impl GenerationRoots {
-    /// Loads a PEM bundle holding an ARK, an ASK and an ASVK (identified by common name), and
-    /// verifies ARK self-signature and ARK → ASK, ARK → ASVK.
+    /// Loads a PEM bundle holding an ARK, an ASK and optionally an ASVK (identified by common
+    /// name), and verifies ARK self-signature and ARK → ASK, ARK → ASVK.
     pub fn from_pem(generation: Generation, pem: &str) -> Result<Self, CertError> {
         let certs = Certificate::load_pem_chain(pem.as_bytes()).map_err(|e| CertError::Parse {
             what: "AMD root bundle",
@@ -202,10 +205,12 @@ impl GenerationRoots {
             })
             .cloned()
             .ok_or_else(|| CertError::Content("root bundle has no ASK certificate".into()))?;
-        let asvk = find("SEV-VLEK-")?;
+        let asvk = find("SEV-VLEK-").ok();
         verify_rsa_pss(&ark, &ark, "ARK self-signature")?;
         verify_rsa_pss(&ark, &ask, "ARK -> ASK")?;
-        verify_rsa_pss(&ark, &asvk, "ARK -> ASVK")?;
+        if let Some(asvk) = &asvk {
+            verify_rsa_pss(&ark, asvk, "ARK -> ASVK")?;
+        }
         Ok(Self {
             generation,
             ark,
@@ -222,10 +227,10 @@ impl GenerationRoots {
             .collect()
     }
 
-    fn issuer(&self, key: EndorsementKey) -> (&Certificate, &'static str) {
+    fn issuer(&self, key: EndorsementKey) -> Option<(&Certificate, &'static str)> {
         match key {
-            EndorsementKey::Vcek => (&self.ask, "ASK"),
-            EndorsementKey::Vlek => (&self.asvk, "ASVK"),
+            EndorsementKey::Vcek => Some((&self.ask, "ASK")),
+            EndorsementKey::Vlek => self.asvk.as_ref().map(|c| (c, "ASVK")),
         }
     }
 }
@@ -339,7 +344,9 @@ pub fn verify_endorsement(
     };
     let mut last = None;
     let gen = roots.iter().find(|r| {
-        let (issuer, iname) = r.issuer(kind);
+        let Some((issuer, iname)) = r.issuer(kind) else {
+            return false;
+        };
         match verify_rsa_pss(
             issuer,
             cert,
@@ -354,14 +361,21 @@ pub fn verify_endorsement(
     });
     let Some(roots) = gen else {
         return Err(CertError::Chain(format!(
-            "{name} is not signed by the {} of any AMD generation (Milan, Genoa, Turin)",
+            "{name} is not signed by the {} of any trusted generation (Milan, Genoa, Turin{})",
             match kind {
                 EndorsementKey::Vcek => "ASK",
                 EndorsementKey::Vlek => "ASVK",
+            },
+            if roots.iter().any(|r| r.generation == Generation::Emulated) {
+                ", emulated"
+            } else {
+                ""
             }
         )));
     };
-    let (issuer, iname) = roots.issuer(kind);
+    let (issuer, iname) = roots
+        .issuer(kind)
+        .ok_or_else(|| CertError::Chain(format!("no issuer for the {name}")))?;
     check_validity(&roots.ark, "ARK", now)?;
     check_validity(issuer, iname, now)?;
     check_validity(cert, name, now)?;

@@ -96,6 +96,17 @@ impl Default for SnpVerifier {
 }
 
 impl SnpVerifier {
+    /// The built-in AMD roots plus the emulated PSP's roots (a PEM bundle with its ARK and
+    /// ASK). Only for operators who explicitly allow emulation: its claims say `emulated`.
+    pub fn with_emulated_roots(pem: &str) -> Result<Self, VerifyError> {
+        let mut roots = GenerationRoots::builtin();
+        roots.push(
+            GenerationRoots::from_pem(Generation::Emulated, pem)
+                .map_err(|e| check(format!("emulated PSP roots: {e}")))?,
+        );
+        Ok(Self::new(roots))
+    }
+
     /// A verifier trusting `roots`.
     pub fn new(roots: Vec<GenerationRoots>) -> Self {
         Self {
@@ -243,7 +254,7 @@ fn claims(r: &AttestationReport, key: &EndorsedKey) -> Claims {
         "launch_tcb": tcb(&r.launch_tcb),
         "signing_key": match key.kind { EndorsementKey::Vcek => "vcek", EndorsementKey::Vlek => "vlek" },
         "generation": key.generation.name(),
-        "emulated": false,
+        "emulated": key.generation == Generation::Emulated,
     });
     match v {
         Value::Object(m) => m,
