@@ -56,3 +56,52 @@ impl Attester for SampleAttester {
         .map_err(|e| AttesterError(e.to_string()))
     }
 }
+
+/// The emulated SEV-SNP attester, in process: it plays both the launcher (which sets HOST_DATA
+/// to the initdata digest on the emulated PSP) and the guest (which asks for a report over the
+/// runtime-data digest). Development only: a KBS accepts it only with `--allow-emulated` and the
+/// PSP's roots.
+pub struct EmulatedSnpAttester {
+    psp: std::sync::Mutex<coffer_psp::EmulatedPsp>,
+    measurement: [u8; 48],
+}
+
+impl EmulatedSnpAttester {
+    /// An attester over `psp`, reporting `measurement` as the launch measurement.
+    pub fn new(psp: coffer_psp::EmulatedPsp, measurement: [u8; 48]) -> Self {
+        Self {
+            psp: std::sync::Mutex::new(psp),
+            measurement,
+        }
+    }
+}
+
+impl Attester for EmulatedSnpAttester {
+    fn tee(&self) -> Tee {
+        Tee::Snp
+    }
+
+    fn evidence(
+        &self,
+        report_data: &[u8],
+        init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, AttesterError> {
+        if report_data.len() > 64 {
+            return Err(AttesterError("report data longer than 64 bytes".into()));
+        }
+        let mut rd = [0u8; 64];
+        rd[..report_data.len()].copy_from_slice(report_data);
+        let mut host_data = [0u8; 32];
+        if let Some(d) = init_data_digest {
+            let n = d.len().min(32);
+            host_data[..n].copy_from_slice(&d[..n]);
+        }
+        let mut psp = self.psp.lock().unwrap_or_else(|p| p.into_inner());
+        psp.set_launch(coffer_psp::Launch {
+            measurement: self.measurement,
+            host_data,
+            ..coffer_psp::Launch::default()
+        });
+        psp.evidence(&rd).map_err(|e| AttesterError(e.to_string()))
+    }
+}

@@ -34,6 +34,8 @@ pub struct Config {
     pub allow_sample: bool,
     /// Accept the emulated TEE (no confidentiality).
     pub allow_emulated: bool,
+    /// The emulated PSP's roots (PEM: its ARK and ASK; `roots.pem` of the PSP's directory).
+    pub emulated_root: Option<PathBuf>,
     /// Session lifetime in seconds.
     pub session_ttl_secs: u64,
     /// Token lifetime in seconds.
@@ -56,6 +58,7 @@ impl Default for Config {
             admin_public_key: Vec::new(),
             allow_sample: false,
             allow_emulated: false,
+            emulated_root: None,
             session_ttl_secs: DEFAULT_SESSION_TTL,
             token_ttl_secs: DEFAULT_TOKEN_TTL,
             max_sessions: DEFAULT_MAX_SESSIONS,
@@ -85,6 +88,15 @@ impl Config {
             ),
             _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         }
+        match (self.allow_emulated, &self.emulated_root) {
+            (true, None) => anyhow::bail!(
+                "--allow-emulated needs --emulated-root (the emulated PSP's roots.pem)"
+            ),
+            (false, Some(_)) => anyhow::bail!(
+                "--emulated-root is only used with --allow-emulated; refusing to trust an emulated root silently"
+            ),
+            _ => {}
+        }
         if self.session_ttl_secs == 0 || self.token_ttl_secs == 0 {
             anyhow::bail!("session and token lifetimes must be positive");
         }
@@ -108,6 +120,7 @@ tls-key = "key.pem"
 admin-public-key = ["a.pub", "b.pub"]
 allow-sample = true
 allow-emulated = true
+emulated-root = "/var/lib/coffer/psp/roots.pem"
 session-ttl-secs = 60
 token-ttl-secs = 120
 max-sessions = 10

@@ -83,11 +83,18 @@ impl Kbs {
                 "--allow-sample: evidence of the sample TEE, which has NO security, is accepted"
             );
         }
-        if trust.allow_emulated {
-            tracing::warn!("--allow-emulated: evidence of the EMULATED TEE, which gives NO confidentiality, is accepted");
+        let mut verifiers = Verifiers::new(trust);
+        if let Some(path) = &config.emulated_root {
+            let pem = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the emulated PSP roots {}", path.display())
+            })?;
+            verifiers
+                .trust_emulated_roots(&pem)
+                .context("invalid --emulated-root")?;
+            tracing::warn!(root = %path.display(), "--allow-emulated: SNP evidence from the EMULATED PSP, which gives NO confidentiality, is accepted (claims say emulated)");
         }
         let kbs = Arc::new(Self {
-            verifiers: Verifiers::new(trust),
+            verifiers,
             policies: policy::PolicyCache::default(),
             metrics: metrics::Metrics::new(),
             config,

@@ -70,6 +70,9 @@ struct ServeArgs {
     /// Accept the emulated TEE (NO confidentiality; development only).
     #[arg(long)]
     allow_emulated: bool,
+    /// The emulated PSP's roots (PEM), trusted with --allow-emulated.
+    #[arg(long)]
+    emulated_root: Option<PathBuf>,
     /// Session lifetime in seconds [default: 300].
     #[arg(long)]
     session_ttl_secs: Option<u64>,
@@ -97,7 +100,14 @@ impl ServeArgs {
         macro_rules! take_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
-        take_opt!(data_dir, database_url, tls_cert, tls_key, audit_log);
+        take_opt!(
+            data_dir,
+            database_url,
+            tls_cert,
+            tls_key,
+            audit_log,
+            emulated_root
+        );
         c.insecure_http |= self.insecure_http;
         c.allow_sample |= self.allow_sample;
         c.allow_emulated |= self.allow_emulated;
