@@ -42,6 +42,9 @@ struct VerifyArgs {
     /// Verification time (RFC 3339), default now.
     #[arg(long)]
     now: Option<String>,
+    /// Also trust this emulated PSP's roots (PEM) — evidence from it proves no confidentiality.
+    #[arg(long)]
+    emulated_root: Option<PathBuf>,
 }
 
 fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -72,7 +75,14 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
     };
     let claims = match v.tee.as_str() {
         "snp" => {
-            let verifier = SnpVerifier::default();
+            let verifier = match &v.emulated_root {
+                Some(p) => {
+                    let pem = String::from_utf8(read(p, "emulated root")?)
+                        .context("emulated root is not PEM")?;
+                    SnpVerifier::with_emulated_roots(&pem).map_err(anyhow::Error::msg)?
+                }
+                None => SnpVerifier::default(),
+            };
             match (&v.report, &v.evidence) {
                 (Some(report), None) => {
                     let cert_path = v

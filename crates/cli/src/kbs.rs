@@ -11,7 +11,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use coffer_jose::TeeKeyAlgorithm;
 use coffer_kbs_client::{
-    generate_admin_key, http_client, AdminClient, Attester, KbsClient, SampleAttester,
+    generate_admin_key, http_client, AdminClient, Attester, EmulatedSnpAttester, KbsClient,
+    SampleAttester,
 };
 
 /// `coffer kbs` arguments.
@@ -106,9 +107,17 @@ enum KbsCommand {
 
 #[derive(Args, Clone)]
 struct TeeArgs {
-    /// Attester: `sample` (unsigned; the KBS must run with --allow-sample).
+    /// Attester: `sample` (unsigned; the KBS must run with --allow-sample) or `emulated`
+    /// (SEV-SNP reports from the emulated PSP in --psp-dir; the KBS must run with
+    /// --allow-emulated --emulated-root DIR/roots.pem).
     #[arg(long, default_value = "sample")]
     attester: String,
+    /// The emulated PSP's state directory (created on first use).
+    #[arg(long, default_value = "coffer-psp")]
+    psp_dir: PathBuf,
+    /// Launch measurement the emulated PSP reports (hex, 48 bytes) [default: zeros].
+    #[arg(long)]
+    measurement: Option<String>,
     /// TEE key type: ec-p256, ec-p521 or rsa2048.
     #[arg(long, default_value = "ec-p256")]
     key_type: String,
@@ -117,10 +126,23 @@ struct TeeArgs {
     initdata: Option<PathBuf>,
 }
 
-fn attester(name: &str) -> anyhow::Result<Box<dyn Attester>> {
-    match name {
+fn attester(tee: &TeeArgs) -> anyhow::Result<Box<dyn Attester>> {
+    match tee.attester.as_str() {
         "sample" => Ok(Box::new(SampleAttester::default())),
-        other => bail!("attester {other:?} is not available; supported: sample"),
+        "emulated" => {
+            eprintln!("coffer: EMULATED TEE: the emulated PSP gives no confidentiality (development only)");
+            let psp = coffer_psp::EmulatedPsp::load_or_generate(&tee.psp_dir)?;
+            let mut measurement = [0u8; 48];
+            if let Some(h) = &tee.measurement {
+                let bytes = hex::decode(h).context("--measurement is not hex")?;
+                if bytes.len() != 48 {
+                    bail!("--measurement must be 48 bytes (96 hex digits)");
+                }
+                measurement.copy_from_slice(&bytes);
+            }
+            Ok(Box::new(EmulatedSnpAttester::new(psp, measurement)))
+        }
+        other => bail!("attester {other:?} is not available; supported: sample, emulated"),
     }
 }
 
@@ -161,7 +183,7 @@ impl KbsArgs {
     fn tee_client(&self, tee: &TeeArgs) -> anyhow::Result<KbsClient> {
         let ctx = self.ctx()?;
         let alg: TeeKeyAlgorithm = tee.key_type.parse()?;
-        let mut client = KbsClient::new(&ctx.url, ctx.http, attester(&tee.attester)?, alg)?;
+        let mut client = KbsClient::new(&ctx.url, ctx.http, attester(tee)?, alg)?;
         if let Some(p) = &tee.initdata {
             let text = String::from_utf8(read(p, "initdata")?).context("initdata is not UTF-8")?;
             client = client.with_initdata(text);

@@ -24,6 +24,21 @@ enum Command {
     Kbs(kbs::KbsArgs),
     /// Verify TEE evidence offline.
     Attest(attest::AttestArgs),
+    /// The emulated PSP (development machines without TEE hardware).
+    Psp {
+        #[command(subcommand)]
+        command: PspCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PspCommand {
+    /// Create the emulated PSP's state in DIR (if absent) and print the roots a KBS trusts.
+    Init {
+        /// State directory.
+        #[arg(long, default_value = "coffer-psp")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,5 +69,13 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Kbs(args) => runtime.block_on(kbs::run(args)),
         Command::Attest(args) => attest::run(args),
+        Command::Psp {
+            command: PspCommand::Init { dir },
+        } => {
+            coffer_psp::EmulatedPsp::load_or_generate(&dir)?;
+            eprintln!("coffer: EMULATED PSP: no confidentiality (development only)");
+            println!("{}", dir.join("roots.pem").display());
+            Ok(())
+        }
     }
 }

@@ -164,9 +164,10 @@ impl EmulatedPsp {
             .private_key()
             .as_der()
             .map_err(|_| PspError::Crypto("VCEK key export"))?;
-        let platform = json!({"chip_id": hex(&self.chip_id), "bootloader": self.tcb.bootloader,
+        let platform =
+            json!({"chip_id": hex::encode(self.chip_id), "bootloader": self.tcb.bootloader,
             "tee": self.tcb.tee, "snp": self.tcb.snp, "microcode": self.tcb.microcode})
-        .to_string();
+            .to_string();
         let roots = self.roots_pem();
         let files: [(&str, &[u8], bool); 6] = [
             ("roots.pem", roots.as_bytes(), false),
@@ -210,7 +211,7 @@ impl EmulatedPsp {
         };
         let chip = platform["chip_id"]
             .as_str()
-            .and_then(unhex)
+            .and_then(|h| hex::decode(h).ok())
             .filter(|v| v.len() == 64)
             .ok_or_else(|| bad("platform.json", "chip_id must be 64 bytes of hex"))?;
         let mut chip_id = [0u8; 64];
@@ -323,20 +324,6 @@ impl EmulatedPsp {
     pub fn vcek_public(&self) -> &[u8] {
         self.vcek_key.public_key().as_ref()
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {

@@ -8,7 +8,6 @@ use std::{
 };
 
 use aws_lc_rs::{
-    encoding::AsDer,
     rand::SystemRandom,
     rsa::KeySize,
     signature::{
@@ -219,7 +218,6 @@ pub(crate) fn issue_chain(
         c.to_pem(x509_cert::der::pem::LineEnding::LF)
             .map_err(cert_err)
     };
-    let _ = vcek_key.private_key().as_der();
     Ok(Chain {
         ark_pem: pem(&ark)?,
         ask_pem: pem(&ask)?,
