@@ -4,7 +4,8 @@ use std::{path::PathBuf, time::SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use coffer_verifier::{snp::SnpVerifier, Expected, Verifier};
+use coffer_verifier::{dcap, snp::SnpVerifier, Expected, Verifier};
+use coffer_wire::Tee;
 
 /// `coffer attest` arguments.
 #[derive(Args)]
@@ -21,7 +22,7 @@ enum AttestCommand {
 
 #[derive(Args)]
 struct VerifyArgs {
-    /// TEE type: snp.
+    /// TEE type: snp, tdx or sgx.
     #[arg(long)]
     tee: String,
     /// Raw attestation report (SNP: 1184 bytes).
@@ -33,6 +34,12 @@ struct VerifyArgs {
     /// Evidence JSON as upstream attestation agents send it.
     #[arg(long)]
     evidence: Option<PathBuf>,
+    /// Raw DCAP quote (TDX or SGX).
+    #[arg(long, requires = "collateral")]
+    quote: Option<PathBuf>,
+    /// DCAP collateral JSON (TCB info, QE identity, CRLs, issuer chains) for the quote's platform.
+    #[arg(long)]
+    collateral: Option<PathBuf>,
     /// Expected report data (hex); omitted, only the binding check is skipped.
     #[arg(long)]
     report_data: Option<String>,
@@ -106,7 +113,25 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
                 _ => bail!("give --report with --cert, or --evidence"),
             }
         }
-        other => bail!("TEE {other:?} is not supported by this build; supported: snp"),
+        tee @ ("tdx" | "sgx") => {
+            let quote = v
+                .quote
+                .as_ref()
+                .context("--tee tdx|sgx needs --quote and --collateral")?;
+            let coll_path = v
+                .collateral
+                .as_ref()
+                .context("--quote needs --collateral")?;
+            let collateral = dcap::parse_collateral(&read(coll_path, "collateral")?)
+                .map_err(anyhow::Error::msg)?;
+            let kind = if tee == "tdx" { Tee::Tdx } else { Tee::Sgx };
+            dcap::DcapVerifier::new(kind, Vec::new()).verify_quote(
+                &read(quote, "quote")?,
+                &collateral,
+                &expected,
+            )
+        }
+        other => bail!("TEE {other:?} is not supported by this build; supported: snp, tdx, sgx"),
     }
     .map_err(|e| anyhow::anyhow!("verification failed: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&claims)?);

@@ -93,3 +93,55 @@ fn upstream_evidence_json_verifies() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("\"genoa\""));
 }
+
+#[test]
+fn tdx_and_sgx_quotes_verify_with_collateral() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../verifier/testdata");
+    let tdx = dir.join("tdx/dcapqvl_tdx_quote");
+    let tdx_coll = dir.join("tdx/dcapqvl_tdx_quote_collateral.json");
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "tdx",
+        "--quote",
+        tdx.to_str().unwrap(),
+        "--collateral",
+        tdx_coll.to_str().unwrap(),
+        "--now",
+        "2025-07-01T00:00:00Z",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"mr_td\""));
+    // Outside the collateral's validity: one line naming the failure.
+    let (ok, _, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "tdx",
+        "--quote",
+        tdx.to_str().unwrap(),
+        "--collateral",
+        tdx_coll.to_str().unwrap(),
+        "--now",
+        "2026-11-01T00:00:00Z",
+    ]);
+    assert!(!ok);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let sgx = dir.join("sgx/dcapqvl_sgx_quote");
+    let sgx_coll = dir.join("sgx/dcapqvl_sgx_quote_collateral.json");
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "sgx",
+        "--quote",
+        sgx.to_str().unwrap(),
+        "--collateral",
+        sgx_coll.to_str().unwrap(),
+        "--now",
+        "2025-07-01T00:00:00Z",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ConfigurationAndSWHardeningNeeded"));
+}

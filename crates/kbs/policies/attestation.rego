@@ -92,3 +92,42 @@ snp_tcb_ok if {
 	tcb.snp >= min.snp
 	tcb.microcode >= min.microcode
 }
+
+# Intel TDX (DCAP quote verified to Intel's root with the configured collateral).
+#   data.reference.mr_td            accepted MRTD values (hex)
+#   data.reference.init_data        accepted initdata digests (hex), bound through MRCONFIGID
+#   data.reference.tdx_tcb_status   accepted TCB statuses (default: ["UpToDate"])
+status := "affirming" if {
+	input.tee == "tdx"
+	count(tdx_failures) == 0
+}
+
+reason := "all TDX checks passed" if {
+	input.tee == "tdx"
+	count(tdx_failures) == 0
+}
+
+reason := concat("; ", sort(tdx_failures)) if {
+	input.tee == "tdx"
+	count(tdx_failures) > 0
+}
+
+tdx_failures contains "MRTD is not in reference value mr_td" if {
+	input.tee == "tdx"
+	not input.tdx.mr_td in object.get(data.reference, "mr_td", [])
+}
+
+tdx_failures contains "the TD is debuggable" if {
+	input.tee == "tdx"
+	input.tdx.debug
+}
+
+tdx_failures contains "initdata digest is not in reference value init_data" if {
+	input.tee == "tdx"
+	not input.init_data in object.get(data.reference, "init_data", [])
+}
+
+tdx_failures contains "TCB status is not in reference value tdx_tcb_status" if {
+	input.tee == "tdx"
+	not input.tdx.tcb_status in object.get(data.reference, "tdx_tcb_status", ["UpToDate"])
+}

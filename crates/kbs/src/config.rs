@@ -36,6 +36,8 @@ pub struct Config {
     pub allow_emulated: bool,
     /// The emulated PSP's roots (PEM: its ARK and ASK; `roots.pem` of the PSP's directory).
     pub emulated_root: Option<PathBuf>,
+    /// DCAP collateral files (JSON, one per platform FMSPC) for TDX and SGX quotes.
+    pub dcap_collateral: Vec<PathBuf>,
     /// Session lifetime in seconds.
     pub session_ttl_secs: u64,
     /// Token lifetime in seconds.
@@ -59,6 +61,7 @@ impl Default for Config {
             allow_sample: false,
             allow_emulated: false,
             emulated_root: None,
+            dcap_collateral: Vec::new(),
             session_ttl_secs: DEFAULT_SESSION_TTL,
             token_ttl_secs: DEFAULT_TOKEN_TTL,
             max_sessions: DEFAULT_MAX_SESSIONS,
@@ -121,6 +124,7 @@ admin-public-key = ["a.pub", "b.pub"]
 allow-sample = true
 allow-emulated = true
 emulated-root = "/var/lib/coffer/psp/roots.pem"
+dcap-collateral = ["/etc/coffer/collateral-00806f050000.json"]
 session-ttl-secs = 60
 token-ttl-secs = 120
 max-sessions = 10

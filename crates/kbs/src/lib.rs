@@ -93,6 +93,18 @@ impl Kbs {
                 .context("invalid --emulated-root")?;
             tracing::warn!(root = %path.display(), "--allow-emulated: SNP evidence from the EMULATED PSP, which gives NO confidentiality, is accepted (claims say emulated)");
         }
+        if !config.dcap_collateral.is_empty() {
+            let mut all = Vec::new();
+            for path in &config.dcap_collateral {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read DCAP collateral {}", path.display()))?;
+                all.push(
+                    coffer_verifier::dcap::parse_collateral(&bytes)
+                        .with_context(|| format!("invalid DCAP collateral {}", path.display()))?,
+                );
+            }
+            verifiers.set_dcap_collateral(all);
+        }
         let kbs = Arc::new(Self {
             verifiers,
             policies: policy::PolicyCache::default(),

@@ -73,6 +73,9 @@ struct ServeArgs {
     /// The emulated PSP's roots (PEM), trusted with --allow-emulated.
     #[arg(long)]
     emulated_root: Option<PathBuf>,
+    /// DCAP collateral (JSON) for TDX/SGX quotes; repeat for several platforms.
+    #[arg(long)]
+    dcap_collateral: Vec<PathBuf>,
     /// Session lifetime in seconds [default: 300].
     #[arg(long)]
     session_ttl_secs: Option<u64>,
@@ -112,6 +115,7 @@ impl ServeArgs {
         c.allow_sample |= self.allow_sample;
         c.allow_emulated |= self.allow_emulated;
         c.admin_public_key.extend(self.admin_public_key);
+        c.dcap_collateral.extend(self.dcap_collateral);
         Ok(c)
     }
 }

@@ -363,6 +363,23 @@ mod tests {
     }
 
     #[test]
+    fn default_attestation_policy_for_tdx() {
+        let refs = json!({"mr_td": ["aa"], "init_data": ["bb"]});
+        let good = json!({"tee": "tdx", "init_data": "bb",
+            "tdx": {"mr_td": "aa", "debug": false, "tcb_status": "UpToDate"}});
+        assert_eq!(attest(refs.clone(), good.clone()).status, Status::Affirming);
+        let mut old = good.clone();
+        old["tdx"]["tcb_status"] = json!("OutOfDate");
+        let a = attest(refs.clone(), old.clone());
+        assert!(a.reason.unwrap().contains("tdx_tcb_status"));
+        let tolerant = json!({"mr_td": ["aa"], "init_data": ["bb"], "tdx_tcb_status": ["UpToDate", "OutOfDate"]});
+        assert_eq!(attest(tolerant, old).status, Status::Affirming);
+        let mut debug = good;
+        debug["tdx"]["debug"] = json!(true);
+        assert!(attest(refs, debug).reason.unwrap().contains("debuggable"));
+    }
+
+    #[test]
     fn default_resource_policy_needs_every_submodule_affirming() {
         let p = Compiled::new(PolicyKind::Resource, DEFAULT_RESOURCE_POLICY, json!({})).unwrap();
         let path_policy = Compiled::new(

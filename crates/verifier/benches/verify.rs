@@ -38,6 +38,24 @@ fn main() {
     rate("snp evidence JSON (Genoa, VCEK cached)", || {
         v.verify(&ev, &expected).expect("verifies");
     });
+    let tdx_quote = include_bytes!("../testdata/tdx/dcapqvl_tdx_quote");
+    let tdx_coll = coffer_verifier::dcap::parse_collateral(include_bytes!(
+        "../testdata/tdx/dcapqvl_tdx_quote_collateral.json"
+    ))
+    .unwrap();
+    let july_2025 = Expected {
+        report_data: None,
+        init_data_digest: None,
+        now: UNIX_EPOCH + Duration::from_secs(1_751_328_000),
+    };
+    let tdx = coffer_verifier::dcap::DcapVerifier::new(coffer_wire::Tee::Tdx, Vec::new());
+    rate(
+        "tdx quote v4 (full DCAP: chains, CRLs, TCB info, QE identity)",
+        || {
+            tdx.verify_quote(tdx_quote, &tdx_coll, &july_2025)
+                .expect("verifies");
+        },
+    );
     rate(
         "snp cold (roots loaded, chain and report verified each time)",
         || {

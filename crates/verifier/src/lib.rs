@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod dcap;
 mod sample;
 pub mod snp;
 
@@ -103,6 +104,7 @@ impl Verifiers {
         };
         v.register(Box::new(SampleVerifier));
         v.register(Box::new(snp::SnpVerifier::default()));
+        v.set_dcap_collateral(Vec::new());
         v
     }
 
@@ -125,6 +127,16 @@ impl Verifiers {
         );
         self.register(Box::new(snp::SnpVerifier::with_emulated_roots(pem)?));
         Ok(())
+    }
+
+    /// The DCAP collateral (one per platform FMSPC) that TDX and SGX quotes are verified with.
+    /// Without any, TDX and SGX evidence is refused with a message saying so.
+    pub fn set_dcap_collateral(&mut self, collateral: Vec<dcap_qvl::QuoteCollateralV3>) {
+        self.register(Box::new(dcap::DcapVerifier::new(
+            Tee::Tdx,
+            collateral.clone(),
+        )));
+        self.register(Box::new(dcap::DcapVerifier::new(Tee::Sgx, collateral)));
     }
 
     /// The trust switches.

@@ -130,8 +130,8 @@ mod tests {
         });
         on.verify(Tee::Sample, &ev, &expected(&rd, None)).unwrap();
         assert!(matches!(
-            on.check_enabled(Tee::Tdx),
-            Err(VerifyError::Unsupported(Tee::Tdx))
+            on.check_enabled(Tee::Csv),
+            Err(VerifyError::Unsupported(Tee::Csv))
         ));
     }
 }
