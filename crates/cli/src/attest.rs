@@ -22,7 +22,7 @@ enum AttestCommand {
 
 #[derive(Args)]
 struct VerifyArgs {
-    /// TEE type: snp, tdx or sgx.
+    /// TEE type: snp, az-snp-vtpm, tdx or sgx.
     #[arg(long)]
     tee: String,
     /// Raw attestation report (SNP: 1184 bytes).
@@ -113,6 +113,15 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
                 _ => bail!("give --report with --cert, or --evidence"),
             }
         }
+        "az-snp-vtpm" => {
+            let evidence = v
+                .evidence
+                .as_ref()
+                .context("--tee az-snp-vtpm needs --evidence")?;
+            let ev: serde_json::Value = serde_json::from_slice(&read(evidence, "evidence")?)
+                .context("evidence is not JSON")?;
+            coffer_verifier::az_snp::AzSnpVtpmVerifier::default().verify(&ev, &expected)
+        }
         tee @ ("tdx" | "sgx") => {
             let quote = v
                 .quote
@@ -131,7 +140,9 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
                 &expected,
             )
         }
-        other => bail!("TEE {other:?} is not supported by this build; supported: snp, tdx, sgx"),
+        other => bail!(
+            "TEE {other:?} is not supported by this build; supported: snp, az-snp-vtpm, tdx, sgx"
+        ),
     }
     .map_err(|e| anyhow::anyhow!("verification failed: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&claims)?);

@@ -145,3 +145,37 @@ fn tdx_and_sgx_quotes_verify_with_collateral() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ConfigurationAndSWHardeningNeeded"));
 }
+
+#[test]
+fn azure_snp_vtpm_evidence_verifies_with_the_challenge() {
+    let ev = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../verifier/testdata/az-snp-vtpm/evidence-v1.json");
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "az-snp-vtpm",
+        "--evidence",
+        ev.to_str().unwrap(),
+        "--report-data",
+        "6368616c6c656e6765",
+        "--now",
+        "2026-01-01T00:00:00Z",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("e15c44796beabf46abcec7c57e590942041e47497e4ec27571c8b7664f48dced"));
+    let (ok, _, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "az-snp-vtpm",
+        "--evidence",
+        ev.to_str().unwrap(),
+        "--report-data",
+        "00",
+        "--now",
+        "2026-01-01T00:00:00Z",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("report data"), "{stderr}");
+}

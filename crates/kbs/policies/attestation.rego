@@ -131,3 +131,49 @@ tdx_failures contains "TCB status is not in reference value tdx_tcb_status" if {
 	input.tee == "tdx"
 	not input.tdx.tcb_status in object.get(data.reference, "tdx_tcb_status", ["UpToDate"])
 }
+
+# Azure confidential VMs on SEV-SNP with a vTPM: the SNP report (bound to the vTPM key) is judged
+# like bare SNP, and initdata is bound through PCR8.
+status := "affirming" if {
+	input.tee == "az-snp-vtpm"
+	count(az_snp_failures) == 0
+}
+
+reason := "all Azure SNP vTPM checks passed" if {
+	input.tee == "az-snp-vtpm"
+	count(az_snp_failures) == 0
+}
+
+reason := concat("; ", sort(az_snp_failures)) if {
+	input.tee == "az-snp-vtpm"
+	count(az_snp_failures) > 0
+}
+
+az_snp_failures contains "measurement is not in reference value measurement" if {
+	input.tee == "az-snp-vtpm"
+	not input["az-snp-vtpm"].snp.measurement in object.get(data.reference, "measurement", [])
+}
+
+az_snp_failures contains "the guest policy allows debugging" if {
+	input.tee == "az-snp-vtpm"
+	input["az-snp-vtpm"].snp.policy_debug_allowed
+}
+
+az_snp_failures contains "initdata digest is not in reference value init_data" if {
+	input.tee == "az-snp-vtpm"
+	not input.init_data in object.get(data.reference, "init_data", [])
+}
+
+az_snp_failures contains "reported TCB is below every entry of reference value snp_tcb_min (or none is registered)" if {
+	input.tee == "az-snp-vtpm"
+	not az_snp_tcb_ok
+}
+
+az_snp_tcb_ok if {
+	some min in data.reference.snp_tcb_min
+	tcb := input["az-snp-vtpm"].snp.reported_tcb
+	tcb.bootloader >= min.bootloader
+	tcb.tee >= min.tee
+	tcb.snp >= min.snp
+	tcb.microcode >= min.microcode
+}

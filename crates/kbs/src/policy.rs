@@ -363,6 +363,19 @@ mod tests {
     }
 
     #[test]
+    fn default_attestation_policy_for_azure_snp() {
+        let refs = json!({"measurement": ["aa"], "init_data": ["bb"],
+            "snp_tcb_min": [{"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}]});
+        let good = json!({"tee": "az-snp-vtpm", "init_data": "bb", "az-snp-vtpm": {"snp": {
+            "measurement": "aa", "policy_debug_allowed": false,
+            "reported_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}}}});
+        assert_eq!(attest(refs.clone(), good.clone()).status, Status::Affirming);
+        let mut other = good;
+        other["az-snp-vtpm"]["snp"]["measurement"] = json!("cc");
+        assert!(attest(refs, other).reason.unwrap().contains("measurement"));
+    }
+
+    #[test]
     fn default_attestation_policy_for_tdx() {
         let refs = json!({"mr_td": ["aa"], "init_data": ["bb"]});
         let good = json!({"tee": "tdx", "init_data": "bb",

@@ -12,9 +12,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod az_snp;
 pub mod dcap;
 mod sample;
 pub mod snp;
+pub mod tpm;
 
 use std::{collections::HashMap, time::SystemTime};
 
@@ -104,6 +106,7 @@ impl Verifiers {
         };
         v.register(Box::new(SampleVerifier));
         v.register(Box::new(snp::SnpVerifier::default()));
+        v.register(Box::new(az_snp::AzSnpVtpmVerifier::default()));
         v.set_dcap_collateral(Vec::new());
         v
     }

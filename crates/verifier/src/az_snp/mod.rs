@@ -1,0 +1,292 @@
+//! Azure confidential VMs on SEV-SNP with a paravisor vTPM (`az-snp-vtpm`).
+//!
+//! Evidence: an HCL report (Azure's IGVM attestation report: a 32-byte header, the 1184-byte SNP
+//! report at 0x20, then request data with the report type (2 = SNP), the hash type (1 = SHA-256)
+//! and the variable data — JSON holding the vTPM attestation key `HCLAkPub`), the VCEK, and a TPM
+//! quote. Checks: the SNP report as in [`crate::snp`], with REPORT_DATA = SHA-256 of the variable
+//! data (so the AK is bound to the hardware); the quote signed by that AK, its nonce = the
+//! runtime-data digest, its PCR digest over the given PCR values; initdata through PCR8 =
+//! SHA-256(32 zero bytes ‖ digest).
+//!
+//! Formats: v0 `{"quote": {"message","pcrs","signature"} (byte arrays), "report": [bytes],
+//! "vcek": PEM}` and v1/v2 `{"version", "tpm_quote": {…} (hex), "hcl_report": base64url,
+//! "vcek": base64 DER}`.
+
+use base64::{
+    engine::general_purpose::{STANDARD, URL_SAFE},
+    Engine,
+};
+use coffer_wire::Tee;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{snp::SnpVerifier, tpm, Claims, Expected, Verifier, VerifyError};
+
+const HCL_MAGIC: &[u8] = b"HCLA";
+const SNP_REPORT: std::ops::Range<usize> = 0x20..0x20 + 0x4A0;
+const REQUEST_DATA: usize = 0x4C0;
+const HCL_REPORT_TYPE_SNP: u32 = 2;
+const HCL_HASH_SHA256: u32 = 1;
+
+fn bad(msg: impl Into<String>) -> VerifyError {
+    VerifyError::Malformed(msg.into())
+}
+
+/// A parsed HCL report.
+pub struct HclReport<'a> {
+    /// The hardware report (SNP: 1184 bytes).
+    pub hw_report: &'a [u8],
+    /// The variable data (JSON with the AK).
+    pub var_data: &'a [u8],
+    /// Report type (2 = SNP, 4 = TDX).
+    pub report_type: u32,
+}
+
+fn le32(b: &[u8], at: usize) -> Result<u32, VerifyError> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+        .ok_or_else(|| bad("HCL report truncated"))
+}
+
+/// Parses an HCL report.
+pub fn parse_hcl(b: &[u8]) -> Result<HclReport<'_>, VerifyError> {
+    if !b.starts_with(HCL_MAGIC) {
+        return Err(bad("not an HCL report (magic)"));
+    }
+    let report_type = le32(b, REQUEST_DATA + 8)?;
+    let hash_type = le32(b, REQUEST_DATA + 12)?;
+    let var_len = le32(b, REQUEST_DATA + 16)? as usize;
+    if hash_type != HCL_HASH_SHA256 {
+        return Err(bad(format!(
+            "HCL report hash type {hash_type} is not SHA-256"
+        )));
+    }
+    let start = REQUEST_DATA + 20;
+    let var_data = b
+        .get(start..start.saturating_add(var_len))
+        .ok_or_else(|| bad("HCL variable data truncated"))?;
+    let hw_report = match report_type {
+        HCL_REPORT_TYPE_SNP => b
+            .get(SNP_REPORT)
+            .ok_or_else(|| bad("HCL report truncated"))?,
+        other => return Err(bad(format!("HCL report type {other} is not SNP"))),
+    };
+    Ok(HclReport {
+        hw_report,
+        var_data,
+        report_type,
+    })
+}
+
+#[derive(Deserialize)]
+struct VarData {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    kid: Option<String>,
+    kty: String,
+    n: Option<String>,
+    e: Option<String>,
+}
+
+fn ak_pub(var_data: &[u8]) -> Result<(Vec<u8>, Vec<u8>), VerifyError> {
+    let vd: VarData =
+        serde_json::from_slice(var_data).map_err(|e| bad(format!("HCL variable data: {e}")))?;
+    let ak = vd
+        .keys
+        .into_iter()
+        .find(|k| k.kid.as_deref() == Some("HCLAkPub") && k.kty == "RSA")
+        .ok_or_else(|| bad("HCL variable data has no RSA HCLAkPub"))?;
+    let dec = |s: Option<String>| {
+        s.and_then(|s| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s.trim_end_matches('='))
+                .ok()
+        })
+        .ok_or_else(|| bad("HCLAkPub n/e are not base64url"))
+    };
+    Ok((dec(ak.n)?, dec(ak.e)?))
+}
+
+/// The evidence normalized from either format.
+struct Normalized {
+    hcl: Vec<u8>,
+    vcek_der: Vec<u8>,
+    message: Vec<u8>,
+    signature: Vec<u8>,
+    pcrs: Vec<Vec<u8>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Bytes {
+    Hex(String),
+    Raw(Vec<u8>),
+}
+
+impl Bytes {
+    fn get(self, what: &str) -> Result<Vec<u8>, VerifyError> {
+        match self {
+            Bytes::Raw(v) => Ok(v),
+            Bytes::Hex(h) => hex::decode(h).map_err(|_| bad(format!("{what} is not hex"))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Quote {
+    message: Bytes,
+    signature: Bytes,
+    pcrs: Vec<Bytes>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Evidence {
+    V1 {
+        /// `1` or `"2"`: the field is only a marker of the format.
+        #[allow(dead_code)]
+        version: Value,
+        tpm_quote: Quote,
+        hcl_report: String,
+        vcek: String,
+    },
+    V0 {
+        quote: Quote,
+        report: Vec<u8>,
+        vcek: String,
+    },
+}
+
+fn vcek_der(s: &str) -> Result<Vec<u8>, VerifyError> {
+    if s.trim_start().starts_with("-----BEGIN") {
+        let cert =
+            crate::snp::certs::parse_pem(s.as_bytes(), "VCEK").map_err(|e| bad(e.to_string()))?;
+        crate::snp::certs::to_der(&cert).map_err(|e| bad(e.to_string()))
+    } else {
+        URL_SAFE
+            .decode(s.trim())
+            .or_else(|_| STANDARD.decode(s.trim()))
+            .map_err(|_| bad("vcek is neither PEM nor base64 DER"))
+    }
+}
+
+fn normalize(v: &Value) -> Result<Normalized, VerifyError> {
+    let ev: Evidence = serde_json::from_value(v.clone())
+        .map_err(|_| bad("az-snp-vtpm evidence is neither the v0 nor the v1/v2 format"))?;
+    let (quote, hcl, vcek) = match ev {
+        Evidence::V1 {
+            tpm_quote,
+            hcl_report,
+            vcek,
+            ..
+        } => (
+            tpm_quote,
+            URL_SAFE
+                .decode(hcl_report.trim())
+                .or_else(|_| STANDARD.decode(hcl_report.trim()))
+                .map_err(|_| bad("hcl_report is not base64"))?,
+            vcek,
+        ),
+        Evidence::V0 {
+            quote,
+            report,
+            vcek,
+        } => (quote, report, vcek),
+    };
+    Ok(Normalized {
+        hcl,
+        vcek_der: vcek_der(&vcek)?,
+        message: quote.message.get("quote message")?,
+        signature: quote.signature.get("quote signature")?,
+        pcrs: quote
+            .pcrs
+            .into_iter()
+            .map(|p| p.get("PCR value"))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Verifier of Azure SNP vTPM evidence.
+#[derive(Default)]
+pub struct AzSnpVtpmVerifier {
+    snp: SnpVerifier,
+}
+
+impl AzSnpVtpmVerifier {
+    /// Verifies normalized evidence.
+    fn verify_parts(
+        &self,
+        ev: &Normalized,
+        expected: &Expected<'_>,
+    ) -> Result<Claims, VerifyError> {
+        let hcl = parse_hcl(&ev.hcl)?;
+        let var_digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, hcl.var_data);
+        let snp = self.snp.verify_report(
+            hcl.hw_report,
+            &ev.vcek_der,
+            &Expected {
+                report_data: Some(var_digest.as_ref()),
+                init_data_digest: None,
+                now: expected.now,
+            },
+        )
+        .map_err(|e| match e {
+            VerifyError::ReportData => VerifyError::Check(
+                "SNP REPORT_DATA is not the SHA-256 of the HCL variable data (the vTPM key is not bound)".into(),
+            ),
+            other => other,
+        })?;
+        let (n, e) = ak_pub(hcl.var_data)?;
+        let pcrs = tpm::verify_quote(
+            &ev.message,
+            &ev.signature,
+            &ev.pcrs,
+            &n,
+            &e,
+            expected.report_data,
+        )?;
+        if let Some(init) = expected.init_data_digest {
+            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            ctx.update(&[0u8; 32]);
+            ctx.update(init);
+            let want = ctx.finish();
+            match pcrs.iter().find(|(i, _)| *i == 8) {
+                Some((_, v)) if v.as_slice() == want.as_ref() => {}
+                Some(_) => return Err(VerifyError::InitData),
+                None => {
+                    return Err(bad(
+                        "the TPM quote does not cover PCR8, which binds initdata",
+                    ))
+                }
+            }
+        }
+        let mut tpm_claims = serde_json::Map::new();
+        for (i, v) in &pcrs {
+            tpm_claims.insert(format!("pcr{i:02}"), json!(hex::encode(v)));
+        }
+        let mut c = Claims::new();
+        c.insert("tpm".into(), Value::Object(tpm_claims));
+        c.insert("snp".into(), Value::Object(snp));
+        c.insert(
+            "hcl_var_data_sha256".into(),
+            json!(hex::encode(var_digest.as_ref())),
+        );
+        Ok(c)
+    }
+}
+
+impl Verifier for AzSnpVtpmVerifier {
+    fn tee(&self) -> Tee {
+        Tee::AzSnpVtpm
+    }
+
+    fn verify(&self, evidence: &Value, expected: &Expected<'_>) -> Result<Claims, VerifyError> {
+        self.verify_parts(&normalize(evidence)?, expected)
+    }
+}
+
+#[cfg(test)]
+mod tests;
