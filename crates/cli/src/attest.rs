@@ -22,7 +22,7 @@ enum AttestCommand {
 
 #[derive(Args)]
 struct VerifyArgs {
-    /// TEE type: snp, az-snp-vtpm, tdx or sgx.
+    /// TEE type: snp, az-snp-vtpm, az-tdx-vtpm, tdx or sgx.
     #[arg(long)]
     tee: String,
     /// Raw attestation report (SNP: 1184 bytes).
@@ -121,6 +121,21 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
             let ev: serde_json::Value = serde_json::from_slice(&read(evidence, "evidence")?)
                 .context("evidence is not JSON")?;
             coffer_verifier::az_snp::AzSnpVtpmVerifier::default().verify(&ev, &expected)
+        }
+        "az-tdx-vtpm" => {
+            let evidence = v
+                .evidence
+                .as_ref()
+                .context("--tee az-tdx-vtpm needs --evidence and --collateral")?;
+            let coll_path = v
+                .collateral
+                .as_ref()
+                .context("--tee az-tdx-vtpm needs --collateral for the TD quote")?;
+            let collateral = dcap::parse_collateral(&read(coll_path, "collateral")?)
+                .map_err(anyhow::Error::msg)?;
+            let ev: serde_json::Value = serde_json::from_slice(&read(evidence, "evidence")?)
+                .context("evidence is not JSON")?;
+            coffer_verifier::az_tdx::AzTdxVtpmVerifier::new(vec![collateral]).verify(&ev, &expected)
         }
         tee @ ("tdx" | "sgx") => {
             let quote = v

@@ -177,3 +177,40 @@ az_snp_tcb_ok if {
 	tcb.snp >= min.snp
 	tcb.microcode >= min.microcode
 }
+
+# Azure confidential VMs on TDX with a vTPM: the TD quote is judged like bare TDX, and initdata is
+# bound through PCR8.
+status := "affirming" if {
+	input.tee == "az-tdx-vtpm"
+	count(az_tdx_failures) == 0
+}
+
+reason := "all Azure TDX vTPM checks passed" if {
+	input.tee == "az-tdx-vtpm"
+	count(az_tdx_failures) == 0
+}
+
+reason := concat("; ", sort(az_tdx_failures)) if {
+	input.tee == "az-tdx-vtpm"
+	count(az_tdx_failures) > 0
+}
+
+az_tdx_failures contains "MRTD is not in reference value mr_td" if {
+	input.tee == "az-tdx-vtpm"
+	not input["az-tdx-vtpm"].tdx.mr_td in object.get(data.reference, "mr_td", [])
+}
+
+az_tdx_failures contains "the TD is debuggable" if {
+	input.tee == "az-tdx-vtpm"
+	input["az-tdx-vtpm"].tdx.debug
+}
+
+az_tdx_failures contains "initdata digest is not in reference value init_data" if {
+	input.tee == "az-tdx-vtpm"
+	not input.init_data in object.get(data.reference, "init_data", [])
+}
+
+az_tdx_failures contains "TCB status is not in reference value tdx_tcb_status" if {
+	input.tee == "az-tdx-vtpm"
+	not input["az-tdx-vtpm"].tdx.tcb_status in object.get(data.reference, "tdx_tcb_status", ["UpToDate"])
+}

@@ -376,6 +376,17 @@ mod tests {
     }
 
     #[test]
+    fn default_attestation_policy_for_azure_tdx() {
+        let refs = json!({"mr_td": ["aa"], "init_data": ["bb"]});
+        let good = json!({"tee": "az-tdx-vtpm", "init_data": "bb", "az-tdx-vtpm": {"tdx": {
+            "mr_td": "aa", "debug": false, "tcb_status": "UpToDate"}}});
+        assert_eq!(attest(refs.clone(), good.clone()).status, Status::Affirming);
+        let mut debug = good;
+        debug["az-tdx-vtpm"]["tdx"]["debug"] = json!(true);
+        assert!(attest(refs, debug).reason.unwrap().contains("debuggable"));
+    }
+
+    #[test]
     fn default_attestation_policy_for_tdx() {
         let refs = json!({"mr_td": ["aa"], "init_data": ["bb"]});
         let good = json!({"tee": "tdx", "init_data": "bb",

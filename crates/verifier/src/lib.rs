@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod az_snp;
+pub mod az_tdx;
 pub mod dcap;
 mod sample;
 pub mod snp;
@@ -139,7 +140,11 @@ impl Verifiers {
             Tee::Tdx,
             collateral.clone(),
         )));
-        self.register(Box::new(dcap::DcapVerifier::new(Tee::Sgx, collateral)));
+        self.register(Box::new(dcap::DcapVerifier::new(
+            Tee::Sgx,
+            collateral.clone(),
+        )));
+        self.register(Box::new(az_tdx::AzTdxVtpmVerifier::new(collateral)));
     }
 
     /// The trust switches.

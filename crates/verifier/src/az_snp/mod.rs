@@ -24,8 +24,12 @@ use crate::{snp::SnpVerifier, tpm, Claims, Expected, Verifier, VerifyError};
 
 const HCL_MAGIC: &[u8] = b"HCLA";
 const SNP_REPORT: std::ops::Range<usize> = 0x20..0x20 + 0x4A0;
+const TD_REPORT: std::ops::Range<usize> = 0x20..0x20 + 0x400;
 const REQUEST_DATA: usize = 0x4C0;
-const HCL_REPORT_TYPE_SNP: u32 = 2;
+/// HCL report type of an SNP report.
+pub const HCL_REPORT_TYPE_SNP: u32 = 2;
+/// HCL report type of a TDX TD report.
+pub const HCL_REPORT_TYPE_TDX: u32 = 4;
 const HCL_HASH_SHA256: u32 = 1;
 
 fn bad(msg: impl Into<String>) -> VerifyError {
@@ -65,12 +69,16 @@ pub fn parse_hcl(b: &[u8]) -> Result<HclReport<'_>, VerifyError> {
     let var_data = b
         .get(start..start.saturating_add(var_len))
         .ok_or_else(|| bad("HCL variable data truncated"))?;
-    let hw_report = match report_type {
-        HCL_REPORT_TYPE_SNP => b
-            .get(SNP_REPORT)
-            .ok_or_else(|| bad("HCL report truncated"))?,
-        other => return Err(bad(format!("HCL report type {other} is not SNP"))),
+    let range = match report_type {
+        HCL_REPORT_TYPE_SNP => SNP_REPORT,
+        HCL_REPORT_TYPE_TDX => TD_REPORT,
+        other => {
+            return Err(bad(format!(
+                "HCL report type {other} is neither SNP nor TDX"
+            )))
+        }
     };
+    let hw_report = b.get(range).ok_or_else(|| bad("HCL report truncated"))?;
     Ok(HclReport {
         hw_report,
         var_data,
@@ -91,7 +99,7 @@ struct Jwk {
     e: Option<String>,
 }
 
-fn ak_pub(var_data: &[u8]) -> Result<(Vec<u8>, Vec<u8>), VerifyError> {
+pub(crate) fn ak_pub(var_data: &[u8]) -> Result<(Vec<u8>, Vec<u8>), VerifyError> {
     let vd: VarData =
         serde_json::from_slice(var_data).map_err(|e| bad(format!("HCL variable data: {e}")))?;
     let ak = vd
@@ -110,8 +118,44 @@ fn ak_pub(var_data: &[u8]) -> Result<(Vec<u8>, Vec<u8>), VerifyError> {
     Ok((dec(ak.n)?, dec(ak.e)?))
 }
 
+/// The vTPM checks shared by the Azure SNP and TDX verifiers: the AK from the HCL variable data
+/// signed the quote; the quote's nonce and PCR digest; initdata through PCR8. Returns the claims
+/// with `tpm.pcrNN`.
+pub(crate) fn vtpm_claims(
+    var_data: &[u8],
+    message: &[u8],
+    signature: &[u8],
+    pcrs: &[Vec<u8>],
+    expected: &Expected<'_>,
+) -> Result<Claims, VerifyError> {
+    let (n, e) = ak_pub(var_data)?;
+    let pcrs = tpm::verify_quote(message, signature, pcrs, &n, &e, expected.report_data)?;
+    if let Some(init) = expected.init_data_digest {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(&[0u8; 32]);
+        ctx.update(init);
+        let want = ctx.finish();
+        match pcrs.iter().find(|(i, _)| *i == 8) {
+            Some((_, v)) if v.as_slice() == want.as_ref() => {}
+            Some(_) => return Err(VerifyError::InitData),
+            None => {
+                return Err(bad(
+                    "the TPM quote does not cover PCR8, which binds initdata",
+                ))
+            }
+        }
+    }
+    let mut tpm_claims = serde_json::Map::new();
+    for (i, v) in &pcrs {
+        tpm_claims.insert(format!("pcr{i:02}"), json!(hex::encode(v)));
+    }
+    let mut c = Claims::new();
+    c.insert("tpm".into(), Value::Object(tpm_claims));
+    Ok(c)
+}
+
 /// The evidence normalized from either format.
-struct Normalized {
+pub(crate) struct Normalized {
     hcl: Vec<u8>,
     vcek_der: Vec<u8>,
     message: Vec<u8>,
@@ -121,13 +165,13 @@ struct Normalized {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Bytes {
+pub(crate) enum Bytes {
     Hex(String),
     Raw(Vec<u8>),
 }
 
 impl Bytes {
-    fn get(self, what: &str) -> Result<Vec<u8>, VerifyError> {
+    pub(crate) fn get(self, what: &str) -> Result<Vec<u8>, VerifyError> {
         match self {
             Bytes::Raw(v) => Ok(v),
             Bytes::Hex(h) => hex::decode(h).map_err(|_| bad(format!("{what} is not hex"))),
@@ -136,10 +180,10 @@ impl Bytes {
 }
 
 #[derive(Deserialize)]
-struct Quote {
-    message: Bytes,
-    signature: Bytes,
-    pcrs: Vec<Bytes>,
+pub(crate) struct Quote {
+    pub(crate) message: Bytes,
+    pub(crate) signature: Bytes,
+    pub(crate) pcrs: Vec<Bytes>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +267,9 @@ impl AzSnpVtpmVerifier {
         expected: &Expected<'_>,
     ) -> Result<Claims, VerifyError> {
         let hcl = parse_hcl(&ev.hcl)?;
+        if hcl.report_type != HCL_REPORT_TYPE_SNP {
+            return Err(bad("HCL report does not hold an SNP report"));
+        }
         let var_digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, hcl.var_data);
         let snp = self.snp.verify_report(
             hcl.hw_report,
