@@ -22,15 +22,18 @@ enum AttestCommand {
 
 #[derive(Args)]
 struct VerifyArgs {
-    /// TEE type: snp, az-snp-vtpm, az-tdx-vtpm, tdx or sgx.
+    /// TEE type: snp, az-snp-vtpm, az-tdx-vtpm, tdx, sgx or nvidia.
     #[arg(long)]
     tee: String,
-    /// Raw attestation report (SNP: 1184 bytes).
+    /// Raw attestation report (SNP: 1184 bytes; NVIDIA: the SPDM report as hex text).
     #[arg(long, conflicts_with = "evidence")]
     report: Option<PathBuf>,
     /// Endorsement key certificate for --report (SNP: VCEK or VLEK, DER or PEM).
     #[arg(long, requires = "report")]
     cert: Option<PathBuf>,
+    /// Device certificate chain for --report (NVIDIA: PEM, leaf first).
+    #[arg(long, requires = "report")]
+    cert_chain: Option<PathBuf>,
     /// Evidence JSON as upstream attestation agents send it.
     #[arg(long)]
     evidence: Option<PathBuf>,
@@ -121,6 +124,25 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
             let ev: serde_json::Value = serde_json::from_slice(&read(evidence, "evidence")?)
                 .context("evidence is not JSON")?;
             coffer_verifier::az_snp::AzSnpVtpmVerifier::default().verify(&ev, &expected)
+        }
+        "nvidia" => {
+            let report = v
+                .report
+                .as_ref()
+                .context("--tee nvidia needs --report and --cert-chain")?;
+            let chain = v
+                .cert_chain
+                .as_ref()
+                .context("--tee nvidia needs --cert-chain")?;
+            let text =
+                String::from_utf8(read(report, "report")?).context("report is not hex text")?;
+            let raw = hex::decode(text.trim()).context("report is not hex")?;
+            coffer_verifier::nvidia::verify_gpu(
+                &raw,
+                &read(chain, "certificate chain")?,
+                coffer_verifier::nvidia::NVIDIA_DEVICE_ROOT,
+                &expected,
+            )
         }
         "az-tdx-vtpm" => {
             let evidence = v

@@ -179,3 +179,36 @@ fn azure_snp_vtpm_evidence_verifies_with_the_challenge() {
     assert!(!ok);
     assert!(stderr.contains("report data"), "{stderr}");
 }
+
+#[test]
+fn nvidia_gpu_report_verifies_and_bad_chains_fail() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../verifier/testdata/nvidia");
+    let report = dir.join("hopperAttestationReport.txt");
+    let nonce = "931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb";
+    let run = |chain: &str| {
+        coffer(&[
+            "attest",
+            "verify",
+            "--tee",
+            "nvidia",
+            "--report",
+            report.to_str().unwrap(),
+            "--cert-chain",
+            dir.join(chain).to_str().unwrap(),
+            "--report-data",
+            nonce,
+        ])
+    };
+    let (ok, stdout, stderr) = run("hopper_cert_chain_case1.txt");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("550.90.07"));
+    for chain in [
+        "hopper_cert_chain_case2.txt",
+        "hopper_cert_chain_case3.txt",
+        "hopper_cert_chain_case4.txt",
+    ] {
+        let (ok, _, stderr) = run(chain);
+        assert!(!ok, "{chain}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+}
