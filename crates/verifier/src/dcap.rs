@@ -33,6 +33,38 @@ pub struct DcapVerifier {
 #[derive(Deserialize)]
 struct DcapEvidence {
     quote: String,
+    #[serde(default)]
+    cc_eventlog: Option<String>,
+}
+
+/// Replays a CCEL event log against the RTMR claims; adds the events as `uefi_event_logs`.
+fn apply_eventlog(claims: &mut Claims, log_b64: &str) -> Result<(), VerifyError> {
+    let log = STANDARD
+        .decode(log_b64.trim())
+        .map_err(|_| VerifyError::Malformed("cc_eventlog is not base64".into()))?;
+    let events = crate::eventlog::parse(&log)?;
+    let rtmrs = crate::eventlog::replay(&events);
+    for (i, r) in rtmrs.iter().enumerate() {
+        let key = format!("rtmr{i}");
+        if claims.get(&key).and_then(Value::as_str) != Some(hex::encode(r).as_str()) {
+            return Err(VerifyError::Check(format!(
+                "the event log does not replay to the quote's RTMR{i}"
+            )));
+        }
+    }
+    let list: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            json!({
+                "index": e.index,
+                "type": e.event_type,
+                "type_name": crate::eventlog::type_name(e.event_type),
+                "digest": hex::encode(&e.digest),
+            })
+        })
+        .collect();
+    claims.insert("uefi_event_logs".into(), Value::Array(list));
+    Ok(())
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -181,7 +213,13 @@ impl Verifier for DcapVerifier {
         for c in &self.collateral {
             match self.verify_quote(&quote, c, expected) {
                 Err(VerifyError::Check(e)) => last = Some(e),
-                other => return other,
+                Ok(mut claims) => {
+                    if let (Tee::Tdx, Some(log)) = (self.tee, ev.cc_eventlog.as_deref()) {
+                        apply_eventlog(&mut claims, log)?;
+                    }
+                    return Ok(claims);
+                }
+                Err(other) => return Err(other),
             }
         }
         Err(VerifyError::Check(last.unwrap_or_default()))
@@ -282,6 +320,21 @@ mod tests {
         assert!(tdx()
             .verify_quote(SGX_QUOTE, &coll, &at(july_2025()))
             .is_err());
+    }
+
+    #[test]
+    fn an_event_log_that_does_not_replay_to_the_rtmrs_is_refused() {
+        let v = DcapVerifier::new(Tee::Tdx, vec![parse_collateral(TDX_COLL).unwrap()]);
+        let log = include_bytes!("../testdata/eventlog/CCEL_data_ovmf");
+        let ev = json!({"quote": STANDARD.encode(TDX_QUOTE), "cc_eventlog": STANDARD.encode(log)});
+        let err = v.verify(&ev, &at(july_2025())).unwrap_err();
+        assert!(err.to_string().contains("RTMR"), "{err}");
+        let garbage =
+            json!({"quote": STANDARD.encode(TDX_QUOTE), "cc_eventlog": STANDARD.encode([1u8; 64])});
+        assert!(matches!(
+            v.verify(&garbage, &at(july_2025())),
+            Err(VerifyError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod az_snp;
 pub mod az_tdx;
 pub mod dcap;
+pub mod eventlog;
 pub mod nvidia;
 mod sample;
 pub mod snp;
