@@ -36,6 +36,9 @@ pub struct Config {
     pub allow_emulated: bool,
     /// The emulated PSP's roots (PEM: its ARK and ASK; `roots.pem` of the PSP's directory).
     pub emulated_root: Option<PathBuf>,
+    /// Offline cache of VCEKs for SNP evidence that carries none
+    /// (`vcek-<chip id hex>-<bl>-<tee>-<snp>-<ucode>.der`).
+    pub snp_vcek_dir: Option<PathBuf>,
     /// DCAP collateral files (JSON, one per platform FMSPC) for TDX and SGX quotes.
     pub dcap_collateral: Vec<PathBuf>,
     /// Session lifetime in seconds.
@@ -62,6 +65,7 @@ impl Default for Config {
             allow_emulated: false,
             emulated_root: None,
             dcap_collateral: Vec::new(),
+            snp_vcek_dir: None,
             session_ttl_secs: DEFAULT_SESSION_TTL,
             token_ttl_secs: DEFAULT_TOKEN_TTL,
             max_sessions: DEFAULT_MAX_SESSIONS,
@@ -125,6 +129,7 @@ allow-sample = true
 allow-emulated = true
 emulated-root = "/var/lib/coffer/psp/roots.pem"
 dcap-collateral = ["/etc/coffer/collateral-00806f050000.json"]
+snp-vcek-dir = "/var/cache/coffer/vcek"
 session-ttl-secs = 60
 token-ttl-secs = 120
 max-sessions = 10

@@ -84,14 +84,22 @@ impl Kbs {
             );
         }
         let mut verifiers = Verifiers::new(trust);
-        if let Some(path) = &config.emulated_root {
-            let pem = std::fs::read_to_string(path).with_context(|| {
+        let emulated_pem = match &config.emulated_root {
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
                 format!("cannot read the emulated PSP roots {}", path.display())
-            })?;
+            })?),
+            None => None,
+        };
+        if let Some(pem) = &emulated_pem {
             verifiers
-                .trust_emulated_roots(&pem)
+                .trust_emulated_roots(pem)
                 .context("invalid --emulated-root")?;
-            tracing::warn!(root = %path.display(), "--allow-emulated: SNP evidence from the EMULATED PSP, which gives NO confidentiality, is accepted (claims say emulated)");
+            tracing::warn!("--allow-emulated: SNP evidence from the EMULATED PSP, which gives NO confidentiality, is accepted (claims say emulated)");
+        }
+        if let Some(dir) = &config.snp_vcek_dir {
+            verifiers
+                .set_snp_vcek_dir(dir.clone(), emulated_pem.as_deref())
+                .context("invalid --emulated-root")?;
         }
         if !config.dcap_collateral.is_empty() {
             let mut all = Vec::new();

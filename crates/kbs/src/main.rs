@@ -73,6 +73,9 @@ struct ServeArgs {
     /// The emulated PSP's roots (PEM), trusted with --allow-emulated.
     #[arg(long)]
     emulated_root: Option<PathBuf>,
+    /// Offline VCEK cache directory for SNP evidence without a certificate table.
+    #[arg(long)]
+    snp_vcek_dir: Option<PathBuf>,
     /// DCAP collateral (JSON) for TDX/SGX quotes; repeat for several platforms.
     #[arg(long)]
     dcap_collateral: Vec<PathBuf>,

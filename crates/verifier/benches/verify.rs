@@ -56,6 +56,28 @@ fn main() {
                 .expect("verifies");
         },
     );
+    let az: serde_json::Value =
+        serde_json::from_str(include_str!("../testdata/az-snp-vtpm/evidence-v1.json")).unwrap();
+    let az_v = coffer_verifier::az_snp::AzSnpVtpmVerifier::default();
+    let challenge = Expected {
+        report_data: Some(b"challenge"),
+        ..expected
+    };
+    rate("az-snp-vtpm evidence (VCEK cached)", || {
+        az_v.verify(&az, &challenge).expect("verifies");
+    });
+    let gpu =
+        hex::decode(include_str!("../testdata/nvidia/hopperAttestationReport.txt").trim()).unwrap();
+    let chain = include_bytes!("../testdata/nvidia/hopper_cert_chain_case1.txt");
+    rate("nvidia hopper report (chain verified each time)", || {
+        coffer_verifier::nvidia::verify_gpu(
+            &gpu,
+            chain,
+            coffer_verifier::nvidia::NVIDIA_DEVICE_ROOT,
+            &expected,
+        )
+        .expect("verifies");
+    });
     rate(
         "snp cold (roots loaded, chain and report verified each time)",
         || {

@@ -135,6 +135,21 @@ impl Verifiers {
         Ok(())
     }
 
+    /// Uses `dir` as the offline VCEK cache for SNP evidence without a certificate table (and for
+    /// the emulated roots, when trusted, the same way).
+    pub fn set_snp_vcek_dir(
+        &mut self,
+        dir: std::path::PathBuf,
+        emulated_pem: Option<&str>,
+    ) -> Result<(), VerifyError> {
+        let base = match emulated_pem {
+            Some(pem) => snp::SnpVerifier::with_emulated_roots(pem)?,
+            None => snp::SnpVerifier::default(),
+        };
+        self.register(Box::new(base.with_vcek_dir(dir)));
+        Ok(())
+    }
+
     /// The DCAP collateral (one per platform FMSPC) that TDX and SGX quotes are verified with.
     /// Without any, TDX and SGX evidence is refused with a message saying so.
     pub fn set_dcap_collateral(&mut self, collateral: Vec<dcap_qvl::QuoteCollateralV3>) {

@@ -87,6 +87,7 @@ struct CertTableEntry {
 pub struct SnpVerifier {
     roots: Vec<GenerationRoots>,
     cache: RwLock<HashMap<Vec<u8>, Arc<EndorsedKey>>>,
+    vcek_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SnpVerifier {
@@ -112,7 +113,29 @@ impl SnpVerifier {
         Self {
             roots,
             cache: RwLock::new(HashMap::new()),
+            vcek_dir: None,
         }
+    }
+
+    /// Looks up VCEKs that the evidence does not carry in `dir`, an offline cache holding
+    /// `vcek-<chip id hex>-<bootloader>-<tee>-<snp>-<microcode>.der` files (what AMD's key
+    /// distribution service returns for that chip and reported TCB).
+    pub fn with_vcek_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.vcek_dir = Some(dir);
+        self
+    }
+
+    /// The cache file name of the VCEK for a report.
+    pub fn vcek_file_name(report: &AttestationReport) -> String {
+        let t = &report.reported_tcb;
+        format!(
+            "vcek-{}-{}-{}-{}-{}.der",
+            hex::encode(report.chip_id),
+            t.bootloader,
+            t.tee,
+            t.snp,
+            t.microcode
+        )
     }
 
     /// Verifies the endorsement certificate (cached by digest, re-checking validity at `now`).
@@ -280,18 +303,31 @@ impl Verifier for SnpVerifier {
             EndorsementKey::Vcek => "VCEK",
             EndorsementKey::Vlek => "VLEK",
         };
-        let cert = ev
+        let carried = ev
             .cert_chain
             .as_deref()
             .unwrap_or_default()
             .iter()
             .find(|c| c.cert_type.eq_ignore_ascii_case(wanted))
-            .ok_or_else(|| {
-                check(format!(
-                    "evidence carries no {wanted} certificate (cert_chain); supply one"
-                ))
-            })?;
-        self.verify_report(raw, &cert.data, expected)
+            .map(|c| c.data.clone());
+        let cert = match (carried, &self.vcek_dir, kind) {
+            (Some(c), _, _) => c,
+            (None, Some(dir), EndorsementKey::Vcek) => {
+                let path = dir.join(Self::vcek_file_name(&ev.attestation_report));
+                std::fs::read(&path).map_err(|e| {
+                    check(format!(
+                        "evidence carries no VCEK and the offline cache has none ({}: {e})",
+                        path.display()
+                    ))
+                })?
+            }
+            _ => {
+                return Err(check(format!(
+                    "evidence carries no {wanted} certificate (cert_chain) and no offline VCEK cache is configured"
+                )))
+            }
+        };
+        self.verify_report(raw, &cert, expected)
     }
 }
 

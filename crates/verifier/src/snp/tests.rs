@@ -220,3 +220,21 @@ fn raw_report_round_trips_through_the_json_form() {
     let back: AttestationReport = serde_json::from_value(json).unwrap();
     assert_eq!(back.to_bytes().unwrap().as_ref(), REPORT);
 }
+
+#[test]
+fn vcek_comes_from_the_offline_cache_when_the_evidence_has_none() {
+    let mut ev: Value = serde_json::from_str(GENOA).unwrap();
+    let vcek: Vec<u8> = serde_json::from_value(ev["cert_chain"][0]["data"].clone()).unwrap();
+    ev["cert_chain"] = Value::Null;
+    let dir = std::env::temp_dir().join(format!("coffer-vcek-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let v = SnpVerifier::default().with_vcek_dir(dir.clone());
+    let err = v.verify(&ev, &at(now())).unwrap_err();
+    assert!(err.to_string().contains("offline cache"), "{err}");
+    let report: AttestationReport =
+        serde_json::from_value(ev["attestation_report"].clone()).unwrap();
+    std::fs::write(dir.join(SnpVerifier::vcek_file_name(&report)), &vcek).unwrap();
+    let c = v.verify(&ev, &at(now())).unwrap();
+    assert_eq!(c["generation"], "genoa");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
