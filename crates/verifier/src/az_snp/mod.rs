@@ -286,36 +286,7 @@ impl AzSnpVtpmVerifier {
             ),
             other => other,
         })?;
-        let (n, e) = ak_pub(hcl.var_data)?;
-        let pcrs = tpm::verify_quote(
-            &ev.message,
-            &ev.signature,
-            &ev.pcrs,
-            &n,
-            &e,
-            expected.report_data,
-        )?;
-        if let Some(init) = expected.init_data_digest {
-            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-            ctx.update(&[0u8; 32]);
-            ctx.update(init);
-            let want = ctx.finish();
-            match pcrs.iter().find(|(i, _)| *i == 8) {
-                Some((_, v)) if v.as_slice() == want.as_ref() => {}
-                Some(_) => return Err(VerifyError::InitData),
-                None => {
-                    return Err(bad(
-                        "the TPM quote does not cover PCR8, which binds initdata",
-                    ))
-                }
-            }
-        }
-        let mut tpm_claims = serde_json::Map::new();
-        for (i, v) in &pcrs {
-            tpm_claims.insert(format!("pcr{i:02}"), json!(hex::encode(v)));
-        }
-        let mut c = Claims::new();
-        c.insert("tpm".into(), Value::Object(tpm_claims));
+        let mut c = vtpm_claims(hcl.var_data, &ev.message, &ev.signature, &ev.pcrs, expected)?;
         c.insert("snp".into(), Value::Object(snp));
         c.insert(
             "hcl_var_data_sha256".into(),
