@@ -212,3 +212,23 @@ fn nvidia_gpu_report_verifies_and_bad_chains_fail() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
 }
+
+#[test]
+fn azure_tdx_evidence_without_collateral_is_inspected_loudly() {
+    let ev = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../verifier/testdata/az-tdx-vtpm/evidence-v1.json");
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "az-tdx-vtpm",
+        "--evidence",
+        ev.to_str().unwrap(),
+        "--report-data",
+        "6368616c6c656e6765",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("NOT verified"), "{stderr}");
+    let claims: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(claims["tdx"]["dcap_verified"], false);
+}

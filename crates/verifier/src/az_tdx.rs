@@ -94,24 +94,72 @@ pub fn verify_vtpm_binding(
     Ok(c)
 }
 
+struct Parts {
+    hcl: Vec<u8>,
+    td_quote: Vec<u8>,
+    message: Vec<u8>,
+    signature: Vec<u8>,
+    pcrs: Vec<Vec<u8>>,
+}
+
+fn parts(evidence: &Value) -> Result<Parts, VerifyError> {
+    let ev: Evidence = serde_json::from_value(evidence.clone())
+        .map_err(|e| bad(format!("az-tdx-vtpm evidence: {e}")))?;
+    Ok(Parts {
+        hcl: ev.hcl_report.bytes("hcl_report")?,
+        td_quote: ev.td_quote.bytes("td_quote")?,
+        message: ev.tpm_quote.message.get("quote message")?,
+        signature: ev.tpm_quote.signature.get("quote signature")?,
+        pcrs: ev
+            .tpm_quote
+            .pcrs
+            .into_iter()
+            .map(|p| p.get("PCR value"))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Offline inspection without DCAP collateral: every check except the TD quote's DCAP
+/// signature chain (the TD report is only parsed). The claims say `tdx.dcap_verified: false`.
+/// Never used by the KBS, which fails closed without collateral.
+pub fn inspect_without_dcap(
+    evidence: &Value,
+    expected: &Expected<'_>,
+) -> Result<Claims, VerifyError> {
+    let p = parts(evidence)?;
+    let quote =
+        dcap_qvl::quote::Quote::parse(&p.td_quote).map_err(|e| bad(format!("TD quote: {e}")))?;
+    let td = quote
+        .report
+        .as_td10()
+        .ok_or_else(|| bad("TD quote has no TD report"))?;
+    let mut c = verify_vtpm_binding(
+        &p.hcl,
+        &td.report_data,
+        &p.message,
+        &p.signature,
+        &p.pcrs,
+        expected,
+    )?;
+    let mut fields = crate::dcap::td_report_fields(td);
+    fields.insert("dcap_verified".into(), json!(false));
+    c.insert("tdx".into(), Value::Object(fields));
+    Ok(c)
+}
+
 impl Verifier for AzTdxVtpmVerifier {
     fn tee(&self) -> Tee {
         Tee::AzTdxVtpm
     }
 
     fn verify(&self, evidence: &Value, expected: &Expected<'_>) -> Result<Claims, VerifyError> {
-        let ev: Evidence = serde_json::from_value(evidence.clone())
-            .map_err(|e| bad(format!("az-tdx-vtpm evidence: {e}")))?;
-        let hcl = ev.hcl_report.bytes("hcl_report")?;
-        let td_quote = ev.td_quote.bytes("td_quote")?;
-        let message = ev.tpm_quote.message.get("quote message")?;
-        let signature = ev.tpm_quote.signature.get("quote signature")?;
-        let pcrs: Vec<Vec<u8>> = ev
-            .tpm_quote
-            .pcrs
-            .into_iter()
-            .map(|p| p.get("PCR value"))
-            .collect::<Result<_, _>>()?;
+        let Parts {
+            hcl,
+            td_quote,
+            message,
+            signature,
+            pcrs,
+        } = parts(evidence)?;
         // The TD quote: DCAP, without the runtime binding (REPORT_DATA binds the HCL data here).
         let td = self.dcap.verify(
             &json!({"quote": STANDARD.encode(&td_quote)}),
@@ -127,6 +175,8 @@ impl Verifier for AzTdxVtpmVerifier {
             .and_then(|h| hex::decode(h).ok())
             .ok_or_else(|| bad("TD quote claims lack report_data"))?;
         let mut c = verify_vtpm_binding(&hcl, &rd, &message, &signature, &pcrs, expected)?;
+        let mut td = td;
+        td.insert("dcap_verified".into(), json!(true));
         c.insert("tdx".into(), Value::Object(td));
         Ok(c)
     }
@@ -190,6 +240,20 @@ mod tests {
         let mut hcl = HCL.to_vec();
         hcl[0x4D4 + 20] ^= 1;
         assert!(verify_vtpm_binding(&hcl, &quote_report_data(), &m, &s, &p, &at(None)).is_err());
+    }
+
+    #[test]
+    fn inspection_without_collateral_checks_everything_but_dcap() {
+        for doc in [V0, V1] {
+            let ev: Value = serde_json::from_str(doc).unwrap();
+            let c = inspect_without_dcap(&ev, &at(Some(b"challenge"))).unwrap();
+            assert_eq!(c["tdx"]["dcap_verified"], false);
+            assert!(c["tpm"]["pcr00"].is_string());
+            assert!(matches!(
+                inspect_without_dcap(&ev, &at(Some(b"nope"))),
+                Err(VerifyError::ReportData)
+            ));
+        }
     }
 
     #[test]

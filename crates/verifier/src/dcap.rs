@@ -140,6 +140,13 @@ fn td_claims(
         }
     }
     let mut c = common(v);
+    c.extend(td_report_fields(td));
+    Ok(c)
+}
+
+/// The fields of a TD report as claims (hex), with `debug` from TDATTRIBUTES bit 0.
+pub fn td_report_fields(td: &TDReport10) -> Claims {
+    let mut c = Claims::new();
     let h = |b: &[u8]| json!(hex::encode(b));
     for (k, val) in [
         ("tee_tcb_svn", h(&td.tee_tcb_svn)),
@@ -162,7 +169,7 @@ fn td_claims(
     ] {
         c.insert(k.into(), val);
     }
-    Ok(c)
+    c
 }
 
 fn sgx_claims(
