@@ -18,6 +18,28 @@ pub struct AttestArgs {
 enum AttestCommand {
     /// Verify evidence against the vendor's roots; print its claims as JSON.
     Verify(VerifyArgs),
+    /// Fetch the VCEK for an SNP report from AMD's key distribution service into an offline
+    /// cache directory (the one coffer-kbs reads with --snp-vcek-dir).
+    FetchVcek(FetchVcekArgs),
+}
+
+#[derive(Args)]
+struct FetchVcekArgs {
+    /// SNP evidence JSON (or use --report).
+    #[arg(long, conflicts_with = "report")]
+    evidence: Option<PathBuf>,
+    /// Raw SNP report.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Cache directory.
+    #[arg(long)]
+    vcek_dir: PathBuf,
+    /// Processor generation when the report does not say (milan, genoa, turin).
+    #[arg(long)]
+    product: Option<String>,
+    /// KDS base URL.
+    #[arg(long, default_value = "https://kdsintf.amd.com")]
+    kds_url: String,
 }
 
 #[derive(Args)]
@@ -69,8 +91,11 @@ fn hex_arg(value: &Option<String>, what: &str) -> anyhow::Result<Option<Vec<u8>>
 }
 
 /// Runs `coffer attest …`; the claims go to stdout.
-pub fn run(args: AttestArgs) -> anyhow::Result<()> {
-    let AttestCommand::Verify(v) = args.command;
+pub async fn run(args: AttestArgs) -> anyhow::Result<()> {
+    let v = match args.command {
+        AttestCommand::Verify(v) => v,
+        AttestCommand::FetchVcek(f) => return fetch_vcek(f).await,
+    };
     let now = match &v.now {
         Some(t) => humantime::parse_rfc3339(t)
             .with_context(|| format!("--now {t:?} is not an RFC 3339 time"))?,
@@ -193,4 +218,53 @@ pub fn run(args: AttestArgs) -> anyhow::Result<()> {
 
 fn x509_der(cert: &coffer_verifier::snp::certs::Certificate) -> anyhow::Result<Vec<u8>> {
     coffer_verifier::snp::certs::to_der(cert).map_err(anyhow::Error::msg)
+}
+
+async fn fetch_vcek(f: FetchVcekArgs) -> anyhow::Result<()> {
+    use coffer_verifier::snp::{Generation, SnpVerifier};
+    use sev::{firmware::guest::AttestationReport, parser::ByteParser};
+    let report: AttestationReport = match (&f.evidence, &f.report) {
+        (Some(e), _) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(&read(e, "evidence")?).context("evidence is not JSON")?;
+            serde_json::from_value(v["attestation_report"].clone())
+                .context("evidence has no SNP attestation_report")?
+        }
+        (None, Some(r)) => AttestationReport::from_bytes(&read(r, "report")?)
+            .map_err(|e| anyhow::anyhow!("not an SNP report: {e}"))?,
+        (None, None) => bail!("give --evidence or --report"),
+    };
+    let product = match f.product.as_deref() {
+        None => None,
+        Some("milan") => Some(Generation::Milan),
+        Some("genoa") => Some(Generation::Genoa),
+        Some("turin") => Some(Generation::Turin),
+        Some(other) => bail!("unknown product {other:?}; use milan, genoa or turin"),
+    };
+    let path = SnpVerifier::kds_vcek_path(&report, product).map_err(anyhow::Error::msg)?;
+    let url = format!("{}{path}", f.kds_url.trim_end_matches('/'));
+    let resp = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot fetch the VCEK from AMD KDS at {url} (no network?)"))?;
+    if !resp.status().is_success() {
+        bail!("AMD KDS answered HTTP {} for {url}", resp.status());
+    }
+    let der = resp
+        .bytes()
+        .await
+        .context("reading the VCEK from AMD KDS")?;
+    coffer_verifier::snp::certs::parse_der(&der, "VCEK from AMD KDS")
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&f.vcek_dir)
+        .with_context(|| format!("cannot create {}", f.vcek_dir.display()))?;
+    let file = f.vcek_dir.join(SnpVerifier::vcek_file_name(&report));
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, &der).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &file).with_context(|| format!("cannot write {}", file.display()))?;
+    println!("{}", file.display());
+    Ok(())
 }

@@ -68,7 +68,7 @@ fn run() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Kbs(args) => runtime.block_on(kbs::run(args)),
-        Command::Attest(args) => attest::run(args),
+        Command::Attest(args) => runtime.block_on(attest::run(args)),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

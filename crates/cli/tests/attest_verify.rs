@@ -232,3 +232,85 @@ fn azure_tdx_evidence_without_collateral_is_inspected_loudly() {
     let claims: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(claims["tdx"]["dcap_verified"], false);
 }
+
+#[test]
+fn fetch_vcek_fills_the_offline_cache_or_fails_clearly() {
+    let ev_path = data("genoa-evidence.json");
+    let ev: serde_json::Value = serde_json::from_slice(&std::fs::read(&ev_path).unwrap()).unwrap();
+    let vcek: Vec<u8> = serde_json::from_value(ev["cert_chain"][0]["data"].clone()).unwrap();
+    let chip: Vec<u8> =
+        serde_json::from_value(ev["attestation_report"]["chip_id"].clone()).unwrap();
+    let chip_hex: String = chip.iter().map(|b| format!("{b:02x}")).collect();
+    // A KDS stand-in: a real HTTP server on loopback serving the VCEK at the KDS path.
+    let site = tempfile::tempdir().unwrap();
+    let dir = site.path().join("vcek/v1/Genoa");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&chip_hex), &vcek).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(site.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let cache = tempfile::tempdir().unwrap();
+    let mut result = None;
+    for _ in 0..50 {
+        let r = coffer(&[
+            "attest",
+            "fetch-vcek",
+            "--evidence",
+            ev_path.to_str().unwrap(),
+            "--vcek-dir",
+            cache.path().to_str().unwrap(),
+            "--kds-url",
+            &url,
+        ]);
+        if r.0 {
+            result = Some(r);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let (_, stdout, _) = result.expect("fetch-vcek succeeds against the local KDS");
+    let file = PathBuf::from(stdout.trim());
+    assert_eq!(std::fs::read(&file).unwrap(), vcek);
+    assert!(file
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains(&chip_hex));
+
+    // No KDS reachable: one line naming the URL.
+    let (ok, _, stderr) = coffer(&[
+        "attest",
+        "fetch-vcek",
+        "--evidence",
+        ev_path.to_str().unwrap(),
+        "--vcek-dir",
+        cache.path().to_str().unwrap(),
+        "--kds-url",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(!ok);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot fetch the VCEK from AMD KDS"),
+        "{stderr}"
+    );
+}

@@ -125,6 +125,54 @@ impl SnpVerifier {
         self
     }
 
+    /// The AMD key distribution service path of the VCEK for a report:
+    /// `/vcek/v1/<Milan|Genoa|Turin>/<hwid hex>?blSPL=…&teeSPL=…&snpSPL=…&ucodeSPL=…` (Turin: an
+    /// 8-byte hardware id and `fmcSPL`). The product comes from the report's CPUID fields
+    /// (version 3 and later) or `product`.
+    pub fn kds_vcek_path(
+        report: &AttestationReport,
+        product: Option<Generation>,
+    ) -> Result<String, VerifyError> {
+        let product = match (product, report.cpuid_fam_id, report.cpuid_mod_id) {
+            (Some(p), _, _) => p,
+            (None, Some(0x19), Some(0x00..=0x0F)) => Generation::Milan,
+            (None, Some(0x19), Some(_)) => Generation::Genoa,
+            (None, Some(0x1A), _) => Generation::Turin,
+            _ => {
+                return Err(check(
+                    "cannot tell the processor generation from the report; name it (milan, genoa, turin)",
+                ))
+            }
+        };
+        let t = &report.reported_tcb;
+        Ok(match product {
+            Generation::Turin => format!(
+                "/vcek/v1/Turin/{}?fmcSPL={}&blSPL={}&teeSPL={}&snpSPL={}&ucodeSPL={}",
+                hex::encode(&report.chip_id[..8]),
+                t.fmc.unwrap_or(0),
+                t.bootloader,
+                t.tee,
+                t.snp,
+                t.microcode
+            ),
+            Generation::Emulated => {
+                return Err(check("the emulated PSP's VCEK is not at AMD's KDS"))
+            }
+            g => format!(
+                "/vcek/v1/{}/{}?blSPL={}&teeSPL={}&snpSPL={}&ucodeSPL={}",
+                match g {
+                    Generation::Milan => "Milan",
+                    _ => "Genoa",
+                },
+                hex::encode(report.chip_id),
+                t.bootloader,
+                t.tee,
+                t.snp,
+                t.microcode
+            ),
+        })
+    }
+
     /// The cache file name of the VCEK for a report.
     pub fn vcek_file_name(report: &AttestationReport) -> String {
         let t = &report.reported_tcb;
