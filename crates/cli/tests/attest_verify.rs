@@ -286,6 +286,7 @@ fn fetch_vcek_fills_the_offline_cache_or_fails_clearly() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let _ = server.kill();
+    let _ = server.wait();
     let (_, stdout, _) = result.expect("fetch-vcek succeeds against the local KDS");
     let file = PathBuf::from(stdout.trim());
     assert_eq!(std::fs::read(&file).unwrap(), vcek);
