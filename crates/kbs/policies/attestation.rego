@@ -214,3 +214,32 @@ az_tdx_failures contains "TCB status is not in reference value tdx_tcb_status" i
 	input.tee == "az-tdx-vtpm"
 	not input["az-tdx-vtpm"].tdx.tcb_status in object.get(data.reference, "tdx_tcb_status", ["UpToDate"])
 }
+
+# NVIDIA GPUs (additional evidence, submodules gpu0, gpu1, …): affirming only when the GPU's
+# firmware id and driver version are registered.
+#   data.reference.nvidia_fwid             accepted FWIDs (hex)
+#   data.reference.nvidia_driver_version   accepted driver versions
+status := "affirming" if {
+	input.tee == "nvidia"
+	count(nvidia_failures) == 0
+}
+
+reason := "all NVIDIA GPU checks passed" if {
+	input.tee == "nvidia"
+	count(nvidia_failures) == 0
+}
+
+reason := concat("; ", sort(nvidia_failures)) if {
+	input.tee == "nvidia"
+	count(nvidia_failures) > 0
+}
+
+nvidia_failures contains "GPU FWID is not in reference value nvidia_fwid" if {
+	input.tee == "nvidia"
+	not input.nvidia.fwid in object.get(data.reference, "nvidia_fwid", [])
+}
+
+nvidia_failures contains "GPU driver version is not in reference value nvidia_driver_version" if {
+	input.tee == "nvidia"
+	not input.nvidia.driver_version in object.get(data.reference, "nvidia_driver_version", [])
+}

@@ -306,14 +306,10 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         tracing::info!(tee = %tee_name, error = %e, "attestation failed");
         attestation_error(e)
     };
-    if !att.tee_evidence.additional_evidence.is_empty()
-        && att.tee_evidence.additional_evidence != "{}"
-    {
-        return Err(fail(
-            &kbs,
-            "additional (device) evidence is not supported by this KBS yet".into(),
-        ));
-    }
+    let devices = match verify_additional(&att, std::time::SystemTime::now()) {
+        Ok(d) => d,
+        Err(e) => return Err(fail(&kbs, e)),
+    };
     let claims = kbs
         .verifiers
         .verify(
@@ -343,6 +339,23 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
 
     let now = now_secs();
     let mut submods = std::collections::BTreeMap::new();
+    for (name, tee_name, claims) in devices {
+        let mut input = json!({ tee_name: claims.clone() });
+        input["tee"] = json!(tee_name);
+        let a = policies.attestation.appraise(&input)?;
+        kbs.audit
+            .attestation(tee_name, a.status.as_str(), a.reason.as_deref(), &name);
+        submods.insert(
+            name,
+            ear::Appraisal {
+                status: a.status,
+                trust_vector: a.trust_vector,
+                policy_id: policies.attestation.id.clone(),
+                evidence: json!({ tee_name: claims }),
+            },
+        );
+    }
+
     submods.insert(
         ear::PRIMARY_SUBMOD.to_string(),
         ear::Appraisal {
@@ -647,4 +660,52 @@ async fn metrics(State(kbs): Shared) -> impl IntoResponse {
 async fn healthz(State(kbs): Shared) -> Result<&'static str, KbsError> {
     kbs.store.generation().await?;
     Ok("ok")
+}
+
+/// A verified device: its submodule name, TEE type and claims.
+type DeviceClaims = (String, &'static str, serde_json::Map<String, Value>);
+
+/// Verifies the protocol's additional (device) evidence: a JSON object mapping a TEE name to
+/// `[class, evidence]`. Supported: `nvidia` (class `gpu`), bound to the SHA-256 of the RFC 8785
+/// JSON of `{"nonce", "tee-pubkey"}`. Returns `(submodule, tee, claims)` per device.
+fn verify_additional(
+    att: &Attestation,
+    now: std::time::SystemTime,
+) -> Result<Vec<DeviceClaims>, String> {
+    let raw = att.tee_evidence.additional_evidence.trim();
+    if raw.is_empty() || raw == "{}" {
+        return Ok(Vec::new());
+    }
+    let map: serde_json::Map<String, Value> = serde_json::from_str(raw)
+        .map_err(|e| format!("additional evidence is not a JSON object: {e}"))?;
+    let binding =
+        binding::device_binding_digest(&att.runtime_data.tee_pubkey, &att.runtime_data.nonce)
+            .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (tee, entry) in map {
+        let evidence = match &entry {
+            Value::Array(pair) if pair.len() == 2 => &pair[1],
+            _ => {
+                return Err(format!(
+                    "additional evidence for {tee} must be [class, evidence]"
+                ))
+            }
+        };
+        match tee.as_str() {
+            "nvidia" => {
+                let devices =
+                    coffer_verifier::nvidia::verify_device_evidence(evidence, &binding, now)
+                        .map_err(|e| format!("nvidia device evidence: {e}"))?;
+                for (i, claims) in devices.into_iter().enumerate() {
+                    out.push((format!("gpu{i}"), "nvidia", claims));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "additional evidence of TEE {other:?} is not supported"
+                ))
+            }
+        }
+    }
+    Ok(out)
 }

@@ -387,6 +387,17 @@ mod tests {
     }
 
     #[test]
+    fn default_attestation_policy_for_nvidia_gpus() {
+        let refs = json!({"nvidia_fwid": ["ff"], "nvidia_driver_version": ["550.90.07"]});
+        let good =
+            json!({"tee": "nvidia", "nvidia": {"fwid": "ff", "driver_version": "550.90.07"}});
+        assert_eq!(attest(refs.clone(), good.clone()).status, Status::Affirming);
+        let a = attest(json!({}), good);
+        assert_eq!(a.status, Status::Contraindicated);
+        assert!(a.reason.unwrap().contains("nvidia_fwid"));
+    }
+
+    #[test]
     fn default_attestation_policy_for_tdx() {
         let refs = json!({"mr_td": ["aa"], "init_data": ["bb"]});
         let good = json!({"tee": "tdx", "init_data": "bb",

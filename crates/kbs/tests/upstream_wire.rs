@@ -403,3 +403,46 @@ async fn real_snp_evidence_from_another_session_is_refused_on_its_binding() {
     let (_, _, d) = error_of(post_attest(&http, &kbs.url, Some(&cookie), &body).await).await;
     assert!(d.contains("signature"), "{d}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_evidence_is_verified_and_bound_or_refused() {
+    let kbs = start().await;
+    let http = Client::new();
+    let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
+    let attest_with = |additional: String| {
+        let http = http.clone();
+        let url = kbs.url.clone();
+        let pk = key.public_jwk().clone();
+        async move {
+            let (cookie, nonce) = auth(&http, &url).await;
+            // Sample evidence bound to the runtime data *including* this additional evidence.
+            let rd =
+                coffer_wire::binding::runtime_data_canonical(&pk, &nonce, &additional).unwrap();
+            let body = json!({
+                "runtime-data": {"nonce": nonce, "tee-pubkey": pk},
+                "tee-evidence": {
+                    "primary_evidence": {"svn": "1", "report_data": STANDARD.encode(Sha384::digest(&rd))},
+                    "additional_evidence": additional,
+                },
+            });
+            error_of(post_attest(&http, &url, Some(&cookie), &body).await).await
+        }
+    };
+    // A real Hopper report, but signed for another nonce: refused on the binding.
+    let report = hex::decode(
+        include_str!("../../verifier/testdata/nvidia/hopperAttestationReport.txt").trim(),
+    )
+    .unwrap();
+    let chain = include_bytes!("../../verifier/testdata/nvidia/hopper_cert_chain_case1.txt");
+    let gpu = json!({"nvidia": ["gpu", {"device_evidence_list": [
+        {"evidence": STANDARD.encode(&report), "certificate": STANDARD.encode(chain), "arch": "HOPPER"}
+    ]}]});
+    let (s, k, d) = attest_with(gpu.to_string()).await;
+    assert_eq!((s, k.as_str()), (401, "AttestationError"));
+    assert!(d.contains("nvidia") && d.contains("report data"), "{d}");
+    // Unknown device types and malformed entries are refused.
+    let (_, _, d) = attest_with(json!({"quantum": ["qpu", {}]}).to_string()).await;
+    assert!(d.contains("not supported"), "{d}");
+    let (_, _, d) = attest_with("[1,2]".into()).await;
+    assert!(d.contains("JSON object"), "{d}");
+}

@@ -42,6 +42,15 @@ pub fn runtime_data_digest(
     Ok(alg.digest(&canonical))
 }
 
+/// What device (additional) evidence binds: SHA-256 of the RFC 8785 JSON of
+/// `{"nonce": …, "tee-pubkey": …}` (32 bytes, the size of an SPDM nonce).
+pub fn device_binding_digest(tee_pubkey: &TeePubKey, nonce: &str) -> Result<Vec<u8>, BindingError> {
+    let value = json!({ "tee-pubkey": tee_pubkey, "nonce": nonce });
+    let bytes = serde_json_canonicalizer::to_vec(&value)
+        .map_err(|e| BindingError::Canonicalize(e.to_string()))?;
+    Ok(HashAlgorithm::Sha256.digest(&bytes))
+}
+
 /// Fits `digest` to a report-data field of `len` bytes: zero-padded when shorter, truncated when
 /// longer.
 pub fn fit_report_data(digest: &[u8], len: usize) -> Vec<u8> {
@@ -94,6 +103,15 @@ mod tests {
         assert_eq!(&got[..48], want.as_slice());
         assert_eq!(&got[48..], &[0u8; 16]);
         assert_eq!(fit_report_data(&[1, 2, 3], 2), vec![1, 2]);
+    }
+
+    #[test]
+    fn device_binding_is_sha256_of_nonce_and_key_only() {
+        use sha2::{Digest, Sha256};
+        let want = Sha256::digest(
+            br#"{"nonce":"n0","tee-pubkey":{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC","x":"xx","y":"yy"}}"#,
+        );
+        assert_eq!(device_binding_digest(&key(), "n0").unwrap(), want.to_vec());
     }
 
     #[test]
