@@ -293,6 +293,46 @@ pub fn verify_gpu(
     Ok(c)
 }
 
+/// Device evidence as upstream NVIDIA attesters send it (inside the KBS protocol's
+/// `additional_evidence`): `{"device_evidence_list": [{"evidence": "<base64 SPDM report>",
+/// "certificate": "<base64 of the PEM chain>", "arch"?, "uuid"?}]}`. Returns one claims set per
+/// device, in order (submodules `gpu0`, `gpu1`, …).
+pub fn verify_device_evidence(
+    evidence: &Value,
+    nonce: &[u8],
+    now: SystemTime,
+) -> Result<Vec<Claims>, VerifyError> {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    let list = evidence
+        .get("device_evidence_list")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("device evidence has no device_evidence_list"))?;
+    if list.is_empty() || list.len() > 16 {
+        return Err(bad("device_evidence_list must hold 1 to 16 devices"));
+    }
+    let expected = Expected {
+        report_data: Some(nonce),
+        init_data_digest: None,
+        now,
+    };
+    list.iter()
+        .map(|d| {
+            let field = |k: &str| {
+                d.get(k)
+                    .and_then(Value::as_str)
+                    .and_then(|s| STANDARD.decode(s.trim()).ok())
+                    .ok_or_else(|| bad(format!("device evidence {k} is missing or not base64")))
+            };
+            verify_gpu(
+                &field("evidence")?,
+                &field("certificate")?,
+                NVIDIA_DEVICE_ROOT,
+                &expected,
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
@@ -364,44 +404,4 @@ mod tests {
             assert!(parse_report(&r[..cut]).is_err(), "cut {cut}");
         }
     }
-}
-
-/// Device evidence as upstream NVIDIA attesters send it (inside the KBS protocol's
-/// `additional_evidence`): `{"device_evidence_list": [{"evidence": "<base64 SPDM report>",
-/// "certificate": "<base64 of the PEM chain>", "arch"?, "uuid"?}]}`. Returns one claims set per
-/// device, in order (submodules `gpu0`, `gpu1`, …).
-pub fn verify_device_evidence(
-    evidence: &Value,
-    nonce: &[u8],
-    now: SystemTime,
-) -> Result<Vec<Claims>, VerifyError> {
-    use base64::{engine::general_purpose::STANDARD, Engine};
-    let list = evidence
-        .get("device_evidence_list")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("device evidence has no device_evidence_list"))?;
-    if list.is_empty() || list.len() > 16 {
-        return Err(bad("device_evidence_list must hold 1 to 16 devices"));
-    }
-    let expected = Expected {
-        report_data: Some(nonce),
-        init_data_digest: None,
-        now,
-    };
-    list.iter()
-        .map(|d| {
-            let field = |k: &str| {
-                d.get(k)
-                    .and_then(Value::as_str)
-                    .and_then(|s| STANDARD.decode(s.trim()).ok())
-                    .ok_or_else(|| bad(format!("device evidence {k} is missing or not base64")))
-            };
-            verify_gpu(
-                &field("evidence")?,
-                &field("certificate")?,
-                NVIDIA_DEVICE_ROOT,
-                &expected,
-            )
-        })
-        .collect()
 }
