@@ -243,3 +243,36 @@ nvidia_failures contains "GPU driver version is not in reference value nvidia_dr
 	input.tee == "nvidia"
 	not input.nvidia.driver_version in object.get(data.reference, "nvidia_driver_version", [])
 }
+
+# Intel SGX enclaves (DCAP quote verified with the configured collateral).
+#   data.reference.mr_enclave        accepted MRENCLAVE values (hex)
+#   data.reference.sgx_tcb_status    accepted TCB statuses (default: ["UpToDate"])
+status := "affirming" if {
+	input.tee == "sgx"
+	count(sgx_failures) == 0
+}
+
+reason := "all SGX checks passed" if {
+	input.tee == "sgx"
+	count(sgx_failures) == 0
+}
+
+reason := concat("; ", sort(sgx_failures)) if {
+	input.tee == "sgx"
+	count(sgx_failures) > 0
+}
+
+sgx_failures contains "MRENCLAVE is not in reference value mr_enclave" if {
+	input.tee == "sgx"
+	not input.sgx.mr_enclave in object.get(data.reference, "mr_enclave", [])
+}
+
+sgx_failures contains "the enclave is debuggable" if {
+	input.tee == "sgx"
+	input.sgx.debug
+}
+
+sgx_failures contains "TCB status is not in reference value sgx_tcb_status" if {
+	input.tee == "sgx"
+	not input.sgx.tcb_status in object.get(data.reference, "sgx_tcb_status", ["UpToDate"])
+}

@@ -398,6 +398,17 @@ mod tests {
     }
 
     #[test]
+    fn default_attestation_policy_for_sgx() {
+        let refs =
+            json!({"mr_enclave": ["aa"], "sgx_tcb_status": ["ConfigurationAndSWHardeningNeeded"]});
+        let good = json!({"tee": "sgx", "sgx": {"mr_enclave": "aa", "debug": false,
+            "tcb_status": "ConfigurationAndSWHardeningNeeded"}});
+        assert_eq!(attest(refs.clone(), good.clone()).status, Status::Affirming);
+        let a = attest(json!({"mr_enclave": ["aa"]}), good);
+        assert!(a.reason.unwrap().contains("sgx_tcb_status"));
+    }
+
+    #[test]
     fn default_attestation_policy_for_tdx() {
         let refs = json!({"mr_td": ["aa"], "init_data": ["bb"]});
         let good = json!({"tee": "tdx", "init_data": "bb",
