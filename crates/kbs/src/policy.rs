@@ -64,6 +64,8 @@ pub struct Compiled {
     engine: Mutex<Engine>,
     /// Optional attestation rules (`reason`, `trust_vector`) the policy defines.
     optional_rules: Vec<&'static str>,
+    /// The appraisal query: `[data.policy.status, [x | x := data.policy.<optional>]…]`.
+    appraisal_query: String,
     /// `sha256:<hex>` of the policy text.
     pub id: String,
 }
@@ -118,9 +120,18 @@ impl Compiled {
                 }
             }
         }
+        // Optional rules in comprehensions: undefined gives `[]` instead of an undefined query.
+        let appraisal_query = format!(
+            "[data.policy.status{}]",
+            optional_rules
+                .iter()
+                .map(|r| format!(", [x | x := data.policy.{r}]"))
+                .collect::<String>()
+        );
         let compiled = Self {
             engine: Mutex::new(engine),
             optional_rules,
+            appraisal_query,
             id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
         };
         if kind == PolicyKind::Attestation {
@@ -179,18 +190,25 @@ impl Compiled {
             kind: "attestation",
             detail,
         };
-        let mut engine = self.engine_with(input);
-        let mut eval = |rule: &str| -> Result<Value, PolicyError> {
-            let v = engine
-                .eval_rule(format!("data.policy.{rule}"))
-                .map_err(|e| eval_err(e.to_string()))?;
-            if v == RegoValue::Undefined {
-                return Ok(Value::Null);
-            }
-            serde_json::from_str(&v.to_json_str().map_err(|e| eval_err(e.to_string()))?)
-                .map_err(|e| eval_err(e.to_string()))
+        // One query for every rule the policy defines, so that rules they share are evaluated
+        // once: `[status, reason?, trust_vector?]`.
+        let results = self
+            .engine_with(input)
+            .eval_query(self.appraisal_query.clone(), false)
+            .map_err(|e| eval_err(e.to_string()))?;
+        let values = match results
+            .result
+            .first()
+            .and_then(|r| r.expressions.first())
+            .map(|e| &e.value)
+        {
+            Some(v) => serde_json::from_str::<Vec<Value>>(
+                &v.to_json_str().map_err(|e| eval_err(e.to_string()))?,
+            )
+            .map_err(|e| eval_err(e.to_string()))?,
+            None => return Err(eval_err("status is undefined".into())),
         };
-        let status_value = eval("status")?;
+        let status_value = values.first().cloned().unwrap_or(Value::Null);
         let status = status_value
             .as_str()
             .and_then(Status::parse)
@@ -201,16 +219,17 @@ impl Compiled {
             })?;
         let mut reason = None;
         let mut trust_vector = BTreeMap::new();
-        for rule in &self.optional_rules {
-            let v = eval(rule)?;
+        for (rule, v) in self.optional_rules.iter().zip(values.into_iter().skip(1)) {
+            let Some(v) = v.as_array().and_then(|a| a.first()).cloned() else {
+                continue;
+            };
             match *rule {
                 "reason" => reason = v.as_str().map(str::to_string),
-                _ if !v.is_null() => {
+                _ => {
                     trust_vector = serde_json::from_value(v).map_err(|e| {
                         eval_err(format!("trust_vector must map names to integers: {e}"))
                     })?
                 }
-                _ => {}
             }
         }
         Ok(Appraisal {
@@ -460,6 +479,17 @@ mod tests {
         assert_eq!(p.appraise(&json!({})).unwrap().status, Status::Warning);
         let bad = "package policy\nstatus := \"affirming\"\ntrust_vector := \"high\"\n";
         assert!(validate(PolicyKind::Attestation, bad).is_err());
+    }
+
+    #[test]
+    fn optional_rules_may_be_undefined_for_some_inputs() {
+        let text = "package policy\nimport rego.v1\ndefault status := \"affirming\"\nreason := \"odd\" if input.odd\n";
+        let p = Compiled::new(PolicyKind::Attestation, text, json!({})).unwrap();
+        assert_eq!(p.appraise(&json!({})).unwrap().reason, None);
+        assert_eq!(
+            p.appraise(&json!({"odd": true})).unwrap().reason.as_deref(),
+            Some("odd")
+        );
     }
 
     #[test]
