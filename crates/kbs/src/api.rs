@@ -339,12 +339,12 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
 
     let now = now_secs();
     let mut submods = std::collections::BTreeMap::new();
+    let mut device_outcomes = Vec::new();
     for (name, tee_name, claims) in devices {
         let mut input = json!({ tee_name: claims.clone() });
         input["tee"] = json!(tee_name);
         let a = policies.attestation.appraise(&input)?;
-        kbs.audit
-            .attestation(tee_name, a.status.as_str(), a.reason.as_deref(), &name);
+        device_outcomes.push((name.clone(), tee_name, a.status, a.reason.clone()));
         submods.insert(
             name,
             ear::Appraisal {
@@ -385,12 +385,18 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         .attestations
         .with_label_values(&[tee_name.as_str(), appraisal.status.as_str()])
         .inc();
+    let digest = TokenKeys::claims_digest(&token);
     kbs.audit.attestation(
+        ear::PRIMARY_SUBMOD,
         &tee_name,
         appraisal.status.as_str(),
         appraisal.reason.as_deref(),
-        &TokenKeys::claims_digest(&token),
+        &digest,
     );
+    for (name, tee, status, reason) in &device_outcomes {
+        kbs.audit
+            .attestation(name, tee, status.as_str(), reason.as_deref(), &digest);
+    }
     let mut resp = Json(json!({ "token": token })).into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,

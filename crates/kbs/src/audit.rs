@@ -61,10 +61,19 @@ impl AuditLog {
         );
     }
 
-    /// Records an attestation outcome (with the policy's reason, which the client never sees).
-    pub fn attestation(&self, tee: &str, status: &str, reason: Option<&str>, claims_digest: &str) {
+    /// Records the appraisal of one token submodule (`cpu0`, `gpu0`, …), with the policy's
+    /// reason, which the client never sees.
+    pub fn attestation(
+        &self,
+        submodule: &str,
+        tee: &str,
+        status: &str,
+        reason: Option<&str>,
+        claims_digest: &str,
+    ) {
         self.write(
-            json!({"event": "attestation", "tee": tee, "status": status, "reason": reason, "claims_digest": claims_digest}),
+            json!({"event": "attestation", "submodule": submodule, "tee": tee, "status": status,
+                "reason": reason, "claims_digest": claims_digest}),
             false,
         );
     }
