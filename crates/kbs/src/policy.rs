@@ -52,13 +52,6 @@ pub enum PolicyError {
     Store(#[from] StoreError),
 }
 
-fn kind_name(kind: PolicyKind) -> &'static str {
-    match kind {
-        PolicyKind::Resource => "resource",
-        PolicyKind::Attestation => "attestation",
-    }
-}
-
 /// A compiled policy with its data, ready to evaluate.
 pub struct Compiled {
     engine: Mutex<Engine>,
@@ -85,7 +78,7 @@ impl Compiled {
     /// Compiles `text` with `data`, and checks that its main rule evaluates on empty input.
     pub fn new(kind: PolicyKind, text: &str, data: Value) -> Result<Self, PolicyError> {
         let invalid = |detail: String| PolicyError::Invalid {
-            kind: kind_name(kind),
+            kind: kind.key(),
             detail,
         };
         let mut engine = Engine::new();
