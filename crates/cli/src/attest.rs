@@ -60,11 +60,14 @@ struct VerifyArgs {
     #[arg(long)]
     evidence: Option<PathBuf>,
     /// Raw DCAP quote (TDX or SGX).
-    #[arg(long, requires = "collateral")]
+    #[arg(long)]
     quote: Option<PathBuf>,
     /// DCAP collateral JSON (TCB info, QE identity, CRLs, issuer chains) for the quote's platform.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pccs_url")]
     collateral: Option<PathBuf>,
+    /// Fetch the DCAP collateral for the quote's platform from this PCCS (or Intel PCS) URL.
+    #[arg(long)]
+    pccs_url: Option<String>,
     /// Expected report data (hex); omitted, only the binding check is skipped.
     #[arg(long)]
     report_data: Option<String>,
@@ -77,6 +80,30 @@ struct VerifyArgs {
     /// Also trust this emulated PSP's roots (PEM) — evidence from it proves no confidentiality.
     #[arg(long)]
     emulated_root: Option<PathBuf>,
+}
+
+/// The DCAP collateral for `quote` from `--collateral` or `--pccs-url` (fetched now); `None`
+/// when neither was given.
+async fn collateral_source(
+    v: &VerifyArgs,
+    quote: &[u8],
+) -> anyhow::Result<Option<std::sync::Arc<dcap::CollateralSource>>> {
+    let source = match (&v.collateral, &v.pccs_url) {
+        (Some(path), _) => dcap::CollateralSource::new(
+            vec![dcap::parse_collateral(&read(path, "collateral")?).map_err(anyhow::Error::msg)?],
+            None,
+        ),
+        (None, Some(url)) => {
+            let client = coffer_verifier::pccs::PccsClient::new(
+                url,
+                coffer_verifier::pccs::DEFAULT_REFRESH,
+            )?;
+            dcap::CollateralSource::new(Vec::new(), Some(std::sync::Arc::new(client)))
+        }
+        (None, None) => return Ok(None),
+    };
+    source.prefetch(quote).await.map_err(anyhow::Error::msg)?;
+    Ok(Some(std::sync::Arc::new(source)))
 }
 
 fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -176,15 +203,12 @@ pub async fn run(args: AttestArgs) -> anyhow::Result<()> {
                 .context("--tee az-tdx-vtpm needs --evidence")?;
             let ev: serde_json::Value = serde_json::from_slice(&read(evidence, "evidence")?)
                 .context("evidence is not JSON")?;
-            match &v.collateral {
-                Some(coll_path) => {
-                    let collateral = dcap::parse_collateral(&read(coll_path, "collateral")?)
-                        .map_err(anyhow::Error::msg)?;
-                    coffer_verifier::az_tdx::AzTdxVtpmVerifier::new(vec![collateral])
-                        .verify(&ev, &expected)
-                }
+            let quote = coffer_verifier::az_tdx::evidence_td_quote(&ev).map_err(anyhow::Error::msg)?;
+            match collateral_source(&v, &quote).await? {
+                Some(source) => coffer_verifier::az_tdx::AzTdxVtpmVerifier::with_source(source)
+                    .verify(&ev, &expected),
                 None => {
-                    eprintln!("warning: no --collateral: the TD quote's DCAP signature chain is NOT verified (claims say tdx.dcap_verified: false)");
+                    eprintln!("warning: no --collateral or --pccs-url: the TD quote's DCAP signature chain is NOT verified (claims say tdx.dcap_verified: false)");
                     coffer_verifier::az_tdx::inspect_without_dcap(&ev, &expected)
                 }
             }
@@ -193,19 +217,13 @@ pub async fn run(args: AttestArgs) -> anyhow::Result<()> {
             let quote = v
                 .quote
                 .as_ref()
-                .context("--tee tdx|sgx needs --quote and --collateral")?;
-            let coll_path = v
-                .collateral
-                .as_ref()
-                .context("--quote needs --collateral")?;
-            let collateral = dcap::parse_collateral(&read(coll_path, "collateral")?)
-                .map_err(anyhow::Error::msg)?;
+                .context("--tee tdx|sgx needs --quote and --collateral or --pccs-url")?;
+            let quote = read(quote, "quote")?;
+            let source = collateral_source(&v, &quote)
+                .await?
+                .context("--quote needs --collateral or --pccs-url")?;
             let kind = if tee == "tdx" { Tee::Tdx } else { Tee::Sgx };
-            dcap::DcapVerifier::new(kind, Vec::new()).verify_quote(
-                &read(quote, "quote")?,
-                &collateral,
-                &expected,
-            )
+            dcap::DcapVerifier::with_source(kind, source).verify_raw(&quote, &expected)
         }
         other => bail!(
             "TEE {other:?} is not supported by this build; supported: snp, az-snp-vtpm, tdx, sgx"

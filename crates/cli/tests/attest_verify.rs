@@ -144,6 +144,28 @@ fn tdx_and_sgx_quotes_verify_with_collateral() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ConfigurationAndSWHardeningNeeded"));
+
+    // A PCCS that cannot be reached: one line naming it, no claims.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (ok, stdout, stderr) = coffer(&[
+        "attest",
+        "verify",
+        "--tee",
+        "tdx",
+        "--quote",
+        tdx.to_str().unwrap(),
+        "--pccs-url",
+        &format!("http://{dead}"),
+    ]);
+    assert!(!ok && stdout.is_empty());
+    assert!(
+        stderr.contains(&format!("cannot reach the PCCS at http://{dead}")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
 #[test]

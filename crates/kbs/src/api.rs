@@ -310,6 +310,13 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         Ok(d) => d,
         Err(e) => return Err(fail(&kbs, e)),
     };
+    if let Err(e) = kbs
+        .verifiers
+        .prepare(tee, &att.tee_evidence.primary_evidence)
+        .await
+    {
+        return Err(fail(&kbs, e.to_string()));
+    }
     let claims = kbs
         .verifiers
         .verify(

@@ -41,6 +41,9 @@ pub struct Config {
     pub snp_vcek_dir: Option<PathBuf>,
     /// DCAP collateral files (JSON, one per platform FMSPC) for TDX and SGX quotes.
     pub dcap_collateral: Vec<PathBuf>,
+    /// PCCS (or Intel PCS) URL that DCAP collateral is fetched from, per platform, when no
+    /// collateral file matches.
+    pub pccs_url: Option<String>,
     /// Session lifetime in seconds.
     pub session_ttl_secs: u64,
     /// Token lifetime in seconds.
@@ -65,6 +68,7 @@ impl Default for Config {
             allow_emulated: false,
             emulated_root: None,
             dcap_collateral: Vec::new(),
+            pccs_url: None,
             snp_vcek_dir: None,
             session_ttl_secs: DEFAULT_SESSION_TTL,
             token_ttl_secs: DEFAULT_TOKEN_TTL,
@@ -130,6 +134,7 @@ allow-emulated = true
 emulated-root = "/var/lib/coffer/psp/roots.pem"
 dcap-collateral = ["/etc/coffer/collateral-00806f050000.json"]
 snp-vcek-dir = "/var/cache/coffer/vcek"
+pccs-url = "https://pccs.example:8081"
 session-ttl-secs = 60
 token-ttl-secs = 120
 max-sessions = 10
@@ -144,6 +149,8 @@ audit-log = "/var/log/kbs-audit.jsonl"
             (60, 120, 10)
         );
         assert_eq!(c.database_url.as_deref(), Some("postgres://kbs@db/kbs"));
+        assert_eq!(c.pccs_url.as_deref(), Some("https://pccs.example:8081"));
+        assert!(c.snp_vcek_dir.is_some());
         c.validate().unwrap();
     }
 

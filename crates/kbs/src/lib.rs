@@ -113,6 +113,12 @@ impl Kbs {
             }
             verifiers.set_dcap_collateral(all);
         }
+        if let Some(url) = &config.pccs_url {
+            verifiers.set_pccs(
+                coffer_verifier::pccs::PccsClient::new(url, coffer_verifier::pccs::DEFAULT_REFRESH)
+                    .context("invalid --pccs-url")?,
+            );
+        }
         let kbs = Arc::new(Self {
             verifiers,
             policies: policy::PolicyCache::default(),

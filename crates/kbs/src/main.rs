@@ -79,6 +79,10 @@ struct ServeArgs {
     /// DCAP collateral (JSON) for TDX/SGX quotes; repeat for several platforms.
     #[arg(long)]
     dcap_collateral: Vec<PathBuf>,
+    /// PCCS (or Intel PCS) URL to fetch DCAP collateral from for TDX/SGX quotes, cached per
+    /// platform for an hour.
+    #[arg(long)]
+    pccs_url: Option<String>,
     /// Session lifetime in seconds [default: 300].
     #[arg(long)]
     session_ttl_secs: Option<u64>,
@@ -112,7 +116,9 @@ impl ServeArgs {
             tls_cert,
             tls_key,
             audit_log,
-            emulated_root
+            emulated_root,
+            snp_vcek_dir,
+            pccs_url
         );
         c.insecure_http |= self.insecure_http;
         c.allow_sample |= self.allow_sample;

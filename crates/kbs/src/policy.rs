@@ -28,6 +28,10 @@ pub const DEFAULT_ATTESTATION_POLICY: &str = include_str!("../policies/attestati
 /// The default resource policy: release only when every submodule is affirming.
 pub const DEFAULT_RESOURCE_POLICY: &str = include_str!("../policies/resource.rego");
 
+/// The package of the helper module added beside an attestation policy: its one rule gathers
+/// `status` and the optional rules the policy defines.
+const APPRAISAL_PACKAGE: &str = "coffer_appraisal";
+
 /// A policy failed to compile or evaluate.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -57,8 +61,8 @@ pub struct Compiled {
     engine: Mutex<Engine>,
     /// Optional attestation rules (`reason`, `trust_vector`) the policy defines.
     optional_rules: Vec<&'static str>,
-    /// The appraisal query: `[data.policy.status, [x | x := data.policy.<optional>]…]`.
-    appraisal_query: String,
+    /// The rule evaluated for an appraisal (see [`APPRAISAL_PACKAGE`]).
+    appraisal_rule: String,
     /// `sha256:<hex>` of the policy text.
     pub id: String,
 }
@@ -113,18 +117,30 @@ impl Compiled {
                 }
             }
         }
-        // Optional rules in comprehensions: undefined gives `[]` instead of an undefined query.
-        let appraisal_query = format!(
-            "[data.policy.status{}]",
-            optional_rules
-                .iter()
-                .map(|r| format!(", [x | x := data.policy.{r}]"))
-                .collect::<String>()
-        );
+        // One rule gathering every rule the policy defines, so that rules they share are
+        // evaluated once and nothing is parsed per request. Optional rules sit in comprehensions:
+        // undefined gives `[]` instead of an undefined result.
+        let mut appraisal_rule = String::new();
+        if kind == PolicyKind::Attestation {
+            let helper = format!(
+                "package {APPRAISAL_PACKAGE}\nimport rego.v1\nappraisal := [data.policy.status{}]\n",
+                optional_rules
+                    .iter()
+                    .map(|r| format!(", [x | x := data.policy.{r}]"))
+                    .collect::<String>()
+            );
+            engine
+                .add_policy(format!("{APPRAISAL_PACKAGE}.rego"), helper)
+                .map_err(|e| invalid(e.to_string()))?;
+            appraisal_rule = format!("data.{APPRAISAL_PACKAGE}.appraisal");
+            engine
+                .eval_rule(appraisal_rule.clone())
+                .map_err(|e| invalid(e.to_string()))?;
+        }
         let compiled = Self {
             engine: Mutex::new(engine),
             optional_rules,
-            appraisal_query,
+            appraisal_rule,
             id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
         };
         if kind == PolicyKind::Attestation {
@@ -183,24 +199,18 @@ impl Compiled {
             kind: "attestation",
             detail,
         };
-        // One query for every rule the policy defines, so that rules they share are evaluated
-        // once: `[status, reason?, trust_vector?]`.
-        let results = self
+        // `[status, [reason]?, [trust_vector]?]`, from the helper rule.
+        let result = self
             .engine_with(input)
-            .eval_query(self.appraisal_query.clone(), false)
+            .eval_rule(self.appraisal_rule.clone())
             .map_err(|e| eval_err(e.to_string()))?;
-        let values = match results
-            .result
-            .first()
-            .and_then(|r| r.expressions.first())
-            .map(|e| &e.value)
-        {
-            Some(v) => serde_json::from_str::<Vec<Value>>(
-                &v.to_json_str().map_err(|e| eval_err(e.to_string()))?,
-            )
-            .map_err(|e| eval_err(e.to_string()))?,
-            None => return Err(eval_err("status is undefined".into())),
-        };
+        if result == RegoValue::Undefined {
+            return Err(eval_err("status is undefined".into()));
+        }
+        let values = serde_json::from_str::<Vec<Value>>(
+            &result.to_json_str().map_err(|e| eval_err(e.to_string()))?,
+        )
+        .map_err(|e| eval_err(e.to_string()))?;
         let status_value = values.first().cloned().unwrap_or(Value::Null);
         let status = status_value
             .as_str()

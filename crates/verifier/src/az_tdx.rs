@@ -59,8 +59,15 @@ pub struct AzTdxVtpmVerifier {
 impl AzTdxVtpmVerifier {
     /// A verifier using `collateral` for the TD quotes.
     pub fn new(collateral: Vec<QuoteCollateralV3>) -> Self {
+        Self::with_source(std::sync::Arc::new(crate::dcap::CollateralSource::new(
+            collateral, None,
+        )))
+    }
+
+    /// A verifier taking the TD quotes' collateral from `source`.
+    pub fn with_source(source: std::sync::Arc<crate::dcap::CollateralSource>) -> Self {
         Self {
-            dcap: DcapVerifier::new(Tee::Tdx, collateral),
+            dcap: DcapVerifier::with_source(Tee::Tdx, source),
         }
     }
 }
@@ -117,6 +124,11 @@ fn parts(evidence: &Value) -> Result<Parts, VerifyError> {
             .map(|p| p.get("PCR value"))
             .collect::<Result<_, _>>()?,
     })
+}
+
+/// The TD quote inside Azure TDX vTPM evidence.
+pub fn evidence_td_quote(evidence: &Value) -> Result<Vec<u8>, VerifyError> {
+    Ok(parts(evidence)?.td_quote)
 }
 
 /// Offline inspection without DCAP collateral: every check except the TD quote's DCAP

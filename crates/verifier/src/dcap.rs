@@ -4,7 +4,10 @@
 //!
 //! Evidence JSON (upstream attesters): `{"quote": "<standard base64>", "cc_eventlog": …}`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 use coffer_wire::{binding::fit_report_data, Tee};
@@ -24,10 +27,105 @@ pub fn parse_collateral(json: &[u8]) -> Result<QuoteCollateralV3, VerifyError> {
         .map_err(|e| VerifyError::Malformed(format!("DCAP collateral: {e}")))
 }
 
+/// The platform a quote's collateral is for: TDX or SGX, the FMSPC and the PCK CA, all read
+/// from the quote's PCK leaf certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CollateralKey {
+    /// An SGX quote (else TDX).
+    pub sgx: bool,
+    /// The platform's FMSPC, lowercase hex.
+    pub fmspc: String,
+    /// `processor` or `platform`.
+    pub ca: String,
+}
+
+impl CollateralKey {
+    /// The key of a raw quote. Only quotes carrying their PCK chain (certification data type 5)
+    /// name their platform; others are refused with a message saying so.
+    pub fn of_quote(quote: &[u8]) -> Result<Self, VerifyError> {
+        let q = dcap_qvl::quote::Quote::parse(quote)
+            .map_err(|e| VerifyError::Malformed(format!("DCAP quote: {e}")))?;
+        let fmspc = dcap_qvl::intel::quote_fmspc(&q).map_err(|e| {
+            VerifyError::Malformed(format!(
+                "DCAP quote: cannot read the FMSPC from its PCK certificate chain \
+                 (only quotes carrying the chain, certification data type 5, are supported): {e}"
+            ))
+        })?;
+        let ca = dcap_qvl::intel::quote_ca(&q)
+            .map_err(|e| VerifyError::Malformed(format!("DCAP quote: PCK CA: {e}")))?;
+        Ok(Self {
+            sgx: q.header.is_sgx(),
+            fmspc: hex::encode(fmspc),
+            ca: ca.as_id_str().to_string(),
+        })
+    }
+}
+
+/// Where collateral comes from: files given at start (one per platform), and a PCCS whose
+/// fetched collateral is cached per platform.
+#[derive(Default)]
+pub struct CollateralSource {
+    files: Vec<Arc<QuoteCollateralV3>>,
+    pccs: Option<Arc<crate::pccs::PccsClient>>,
+}
+
+impl CollateralSource {
+    /// Collateral from `files` and, when given, `pccs`.
+    pub fn new(files: Vec<QuoteCollateralV3>, pccs: Option<Arc<crate::pccs::PccsClient>>) -> Self {
+        Self {
+            files: files.into_iter().map(Arc::new).collect(),
+            pccs,
+        }
+    }
+
+    /// The PCCS client, when one is configured.
+    pub fn pccs(&self) -> Option<&Arc<crate::pccs::PccsClient>> {
+        self.pccs.as_ref()
+    }
+
+    /// The collateral to try for `quote`: what the PCCS gave for its platform, then the files.
+    fn candidates(&self, quote: &[u8]) -> Vec<Arc<QuoteCollateralV3>> {
+        let mut out = Vec::new();
+        if let Some(pccs) = &self.pccs {
+            if let Some(c) = CollateralKey::of_quote(quote)
+                .ok()
+                .and_then(|k| pccs.cached(&k))
+            {
+                out.push(c);
+            }
+        }
+        out.extend(self.files.iter().cloned());
+        out
+    }
+
+    /// Makes sure collateral for `quote`'s platform is in the PCCS cache (no-op without a PCCS).
+    pub async fn prefetch(&self, quote: &[u8]) -> Result<(), VerifyError> {
+        let Some(pccs) = &self.pccs else {
+            return Ok(());
+        };
+        let key = CollateralKey::of_quote(quote)?;
+        pccs.collateral(&key)
+            .await
+            .map(|_| ())
+            .map_err(|e| VerifyError::Check(format!("DCAP collateral: {e}")))
+    }
+}
+
 /// Verifier of TDX or SGX quotes with configured collateral.
 pub struct DcapVerifier {
     tee: Tee,
-    collateral: Vec<QuoteCollateralV3>,
+    collateral: Arc<CollateralSource>,
+}
+
+/// The raw quote in TDX or SGX evidence.
+pub fn evidence_quote(evidence: &Value) -> Result<Vec<u8>, VerifyError> {
+    let quote = evidence
+        .get("quote")
+        .and_then(Value::as_str)
+        .ok_or_else(|| VerifyError::Malformed("DCAP evidence has no quote".into()))?;
+    STANDARD
+        .decode(quote.trim())
+        .map_err(|_| VerifyError::Malformed("quote is not base64".into()))
 }
 
 #[derive(Deserialize)]
@@ -76,7 +174,38 @@ fn secs(t: SystemTime) -> u64 {
 impl DcapVerifier {
     /// A verifier for `tee` (TDX or SGX) trying each of `collateral` (one per platform FMSPC).
     pub fn new(tee: Tee, collateral: Vec<QuoteCollateralV3>) -> Self {
-        Self { tee, collateral }
+        Self::with_source(tee, Arc::new(CollateralSource::new(collateral, None)))
+    }
+
+    /// A verifier for `tee` (TDX or SGX) with collateral from `source`.
+    pub fn with_source(tee: Tee, source: Arc<CollateralSource>) -> Self {
+        Self {
+            tee,
+            collateral: source,
+        }
+    }
+
+    /// Verifies a raw quote with the collateral of this verifier's source: what the PCCS gave
+    /// for the quote's platform, then each file.
+    pub fn verify_raw(&self, quote: &[u8], expected: &Expected<'_>) -> Result<Claims, VerifyError> {
+        let candidates = self.collateral.candidates(quote);
+        if candidates.is_empty() {
+            return Err(VerifyError::Check(match self.collateral.pccs() {
+                Some(p) => format!(
+                    "no DCAP collateral for this quote's platform (none fetched from the PCCS at {})",
+                    p.url()
+                ),
+                None => "no DCAP collateral is configured for this server (give collateral files or a PCCS URL)".into(),
+            }));
+        }
+        let mut last = None;
+        for c in &candidates {
+            match self.verify_quote(quote, c, expected) {
+                Err(VerifyError::Check(e)) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(VerifyError::Check(last.unwrap_or_default()))
     }
 
     /// Verifies a raw quote with `collateral`.
@@ -211,25 +340,11 @@ impl Verifier for DcapVerifier {
         let quote = STANDARD
             .decode(ev.quote.trim())
             .map_err(|_| VerifyError::Malformed("quote is not base64".into()))?;
-        if self.collateral.is_empty() {
-            return Err(VerifyError::Check(
-                "no DCAP collateral is configured for this server".into(),
-            ));
+        let mut claims = self.verify_raw(&quote, expected)?;
+        if let (Tee::Tdx, Some(log)) = (self.tee, ev.cc_eventlog.as_deref()) {
+            apply_eventlog(&mut claims, log)?;
         }
-        let mut last = None;
-        for c in &self.collateral {
-            match self.verify_quote(&quote, c, expected) {
-                Err(VerifyError::Check(e)) => last = Some(e),
-                Ok(mut claims) => {
-                    if let (Tee::Tdx, Some(log)) = (self.tee, ev.cc_eventlog.as_deref()) {
-                        apply_eventlog(&mut claims, log)?;
-                    }
-                    return Ok(claims);
-                }
-                Err(other) => return Err(other),
-            }
-        }
-        Err(VerifyError::Check(last.unwrap_or_default()))
+        Ok(claims)
     }
 }
 

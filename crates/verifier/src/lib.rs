@@ -17,6 +17,7 @@ pub mod az_tdx;
 pub mod dcap;
 pub mod eventlog;
 pub mod nvidia;
+pub mod pccs;
 mod sample;
 pub mod snp;
 pub mod tpm;
@@ -98,6 +99,9 @@ pub struct Trust {
 pub struct Verifiers {
     trust: Trust,
     by_tee: HashMap<Tee, Box<dyn Verifier>>,
+    dcap: std::sync::Arc<dcap::CollateralSource>,
+    dcap_files: Vec<dcap_qvl::QuoteCollateralV3>,
+    pccs: Option<std::sync::Arc<pccs::PccsClient>>,
 }
 
 impl Verifiers {
@@ -106,11 +110,14 @@ impl Verifiers {
         let mut v = Self {
             trust,
             by_tee: HashMap::new(),
+            dcap: Default::default(),
+            dcap_files: Vec::new(),
+            pccs: None,
         };
         v.register(Box::new(SampleVerifier));
         v.register(Box::new(snp::SnpVerifier::default()));
         v.register(Box::new(az_snp::AzSnpVtpmVerifier::default()));
-        v.set_dcap_collateral(Vec::new());
+        v.rebuild_dcap();
         v
     }
 
@@ -153,15 +160,47 @@ impl Verifiers {
     /// The DCAP collateral (one per platform FMSPC) that TDX and SGX quotes are verified with.
     /// Without any, TDX and SGX evidence is refused with a message saying so.
     pub fn set_dcap_collateral(&mut self, collateral: Vec<dcap_qvl::QuoteCollateralV3>) {
-        self.register(Box::new(dcap::DcapVerifier::new(
-            Tee::Tdx,
-            collateral.clone(),
+        self.dcap_files = collateral;
+        self.rebuild_dcap();
+    }
+
+    /// Fetches DCAP collateral for TDX and SGX quotes (and Azure TD quotes) from this PCCS,
+    /// beside any collateral files. Call [`Verifiers::prepare`] before [`Verifiers::verify`] so
+    /// that the quote's platform is fetched.
+    pub fn set_pccs(&mut self, client: pccs::PccsClient) {
+        self.pccs = Some(std::sync::Arc::new(client));
+        self.rebuild_dcap();
+    }
+
+    fn rebuild_dcap(&mut self) {
+        self.dcap = std::sync::Arc::new(dcap::CollateralSource::new(
+            self.dcap_files.clone(),
+            self.pccs.clone(),
+        ));
+        for tee in [Tee::Tdx, Tee::Sgx] {
+            self.register(Box::new(dcap::DcapVerifier::with_source(
+                tee,
+                self.dcap.clone(),
+            )));
+        }
+        self.register(Box::new(az_tdx::AzTdxVtpmVerifier::with_source(
+            self.dcap.clone(),
         )));
-        self.register(Box::new(dcap::DcapVerifier::new(
-            Tee::Sgx,
-            collateral.clone(),
-        )));
-        self.register(Box::new(az_tdx::AzTdxVtpmVerifier::new(collateral)));
+    }
+
+    /// Fetches what verifying `evidence` of `tee` needs from the network before
+    /// [`Verifiers::verify`] runs: today the DCAP collateral for a TDX, SGX or Azure TDX quote's
+    /// platform when a PCCS is configured. A no-op for other TEEs or without a PCCS.
+    pub async fn prepare(&self, tee: Tee, evidence: &Value) -> Result<(), VerifyError> {
+        if self.dcap.pccs().is_none() {
+            return Ok(());
+        }
+        let quote = match tee {
+            Tee::Tdx | Tee::Sgx => dcap::evidence_quote(evidence)?,
+            Tee::AzTdxVtpm => az_tdx::evidence_td_quote(evidence)?,
+            _ => return Ok(()),
+        };
+        self.dcap.prefetch(&quote).await
     }
 
     /// The trust switches.
