@@ -1,0 +1,494 @@
+//! A whole pull: resolve the manifest (picking the platform from an index), fetch and verify the
+//! config, fetch the layers concurrently, and apply them in order into a temporary directory
+//! that becomes the rootfs only when everything succeeded.
+
+use std::{
+    fs,
+    io::{BufReader, Read},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use oci_client::manifest::{OciDescriptor, OciImageIndex, OciImageManifest};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{
+    cache::BlobCache,
+    digest::{self, HashingReader, LimitedReader},
+    source::{Fetched, Source, SourceOptions},
+    unpack::{LayerUnpacker, Limits, Totals},
+    Error, ImageRef,
+};
+
+/// The platform to pick from an image index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// `linux`.
+    pub os: String,
+    /// `amd64`, `arm64`, …
+    pub architecture: String,
+    /// `v8`, … (matched only when set).
+    pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Self {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Platform {
+    type Err = Error;
+
+    /// `os/arch[/variant]`, e.g. `linux/arm64/v8`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] => Ok(Self {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] => Ok(Self {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(Error::Unsupported(format!(
+                "platform {s:?}; use OS/ARCH[/VARIANT], e.g. linux/amd64"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a pull, reported as it happens (the CLI draws bars from it).
+pub trait Progress: Send + Sync {
+    /// The layers are known (digest and compressed size of each).
+    fn layers(&self, _layers: &[(String, u64)]) {}
+    /// A layer's blob is local (downloaded, or found in the cache).
+    fn fetched(&self, _index: usize, _from_cache: bool) {}
+    /// A layer has been applied.
+    fn applied(&self, _index: usize) {}
+}
+
+/// How to pull.
+#[derive(Clone, Default)]
+pub struct PullOptions {
+    /// Registry access.
+    pub source: SourceOptions,
+    /// The platform to pick from an index.
+    pub platform: Platform,
+    /// A blob cache directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Unpacking limits.
+    pub limits: Limits,
+    /// Layers fetched at once (0 means 3).
+    pub concurrency: usize,
+    /// Progress reports.
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+/// What a pull did.
+#[derive(Clone, Debug)]
+pub struct PullReport {
+    /// The digest of the image manifest applied.
+    pub manifest_digest: String,
+    /// The digest of the index it was picked from, when the reference named an index.
+    pub index_digest: Option<String>,
+    /// The image config's digest.
+    pub config_digest: String,
+    /// The image config (`config` section of the OCI image configuration: Env, Cmd, …).
+    pub config: Value,
+    /// Layers applied.
+    pub layers: usize,
+    /// Blobs found in the cache.
+    pub cached_layers: usize,
+    /// Entries and bytes unpacked.
+    pub totals: Totals,
+}
+
+#[derive(Deserialize)]
+struct ConfigDoc {
+    rootfs: RootFs,
+    #[serde(default)]
+    config: Value,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    #[serde(rename = "type")]
+    kind: String,
+    diff_ids: Vec<String>,
+}
+
+/// How a layer is compressed, from its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+/// The compression of a layer media type; encrypted, foreign and unknown types are refused.
+pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
+    if media_type.ends_with("+encrypted") {
+        return Err(Error::Unsupported(format!(
+            "layer media type {media_type}: encrypted layers need a decryption key"
+        )));
+    }
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
+        other => Err(Error::Unsupported(format!("layer media type {other}"))),
+    }
+}
+
+/// The image manifest for `platform`, resolving an index; returns (manifest, index digest).
+async fn resolve(
+    source: &Source,
+    platform: &Platform,
+) -> Result<(Fetched, OciImageManifest, Option<String>), Error> {
+    let root = source.root_manifest().await?;
+    let kind: Value = serde_json::from_slice(&root.bytes)
+        .map_err(|e| Error::Manifest(format!("manifest {} is not JSON: {e}", root.digest)))?;
+    if kind.get("manifests").is_some() {
+        let index: OciImageIndex = serde_json::from_value(kind)
+            .map_err(|e| Error::Manifest(format!("image index {}: {e}", root.digest)))?;
+        let entry = index
+            .manifests
+            .iter()
+            .find(|m| {
+                m.platform.as_ref().is_some_and(|p| {
+                    p.os.to_string() == platform.os
+                        && p.architecture.to_string() == platform.architecture
+                        && (platform.variant.is_none() || p.variant == platform.variant)
+                })
+            })
+            .ok_or_else(|| Error::Platform(platform.to_string()))?;
+        let fetched = source.manifest(&entry.digest).await?;
+        let manifest = parse_manifest(&fetched)?;
+        return Ok((fetched, manifest, Some(root.digest)));
+    }
+    if kind.get("fsLayers").is_some() {
+        return Err(Error::Unsupported(
+            "Docker image manifest schema 1; push the image again with a current tool".into(),
+        ));
+    }
+    let manifest = parse_manifest(&root)?;
+    Ok((root, manifest, None))
+}
+
+fn parse_manifest(f: &Fetched) -> Result<OciImageManifest, Error> {
+    serde_json::from_slice(&f.bytes)
+        .map_err(|e| Error::Manifest(format!("image manifest {}: {e}", f.digest)))
+}
+
+/// A layer blob on local disk, with what to do with it once applied.
+struct LocalBlob {
+    path: PathBuf,
+    /// A downloaded temporary file to move into the cache after it verified.
+    commit: Option<tempfile::TempPath>,
+    from_cache: bool,
+}
+
+async fn fetch_layer(
+    source: &Source,
+    cache: Option<&BlobCache>,
+    scratch: &Path,
+    index: usize,
+    desc: &OciDescriptor,
+) -> Result<LocalBlob, Error> {
+    if let Some(path) = source.local_blob(&desc.digest) {
+        return Ok(LocalBlob {
+            path,
+            commit: None,
+            from_cache: false,
+        });
+    }
+    if let Some(cache) = cache {
+        if cache.has(&desc.digest) {
+            return Ok(LocalBlob {
+                path: cache.path(&desc.digest)?,
+                commit: None,
+                from_cache: true,
+            });
+        }
+        let tmp = cache.temp_file()?;
+        source.blob_to_file(desc, &tmp).await?;
+        return Ok(LocalBlob {
+            path: tmp.to_path_buf(),
+            commit: Some(tmp),
+            from_cache: false,
+        });
+    }
+    let path = scratch.join(format!("layer-{index}"));
+    source.blob_to_file(desc, &path).await?;
+    Ok(LocalBlob {
+        path,
+        commit: None,
+        from_cache: false,
+    })
+}
+
+/// Applies one layer blob: digest of the blob, decompression, `diff_id`, unpack — one pass.
+fn apply_layer(
+    blob: &Path,
+    desc: &OciDescriptor,
+    diff_id: &str,
+    root: &Path,
+    limits: Limits,
+    totals: &mut Totals,
+) -> Result<(), Error> {
+    let compression = layer_compression(&desc.media_type)?;
+    let file =
+        fs::File::open(blob).map_err(Error::io(format!("cannot open {}", blob.display())))?;
+    let mut compressed = HashingReader::new(BufReader::with_capacity(1 << 20, file));
+    // The whole layer may expand to the byte limit plus tar's per-entry overhead.
+    let expand_limit = limits
+        .max_bytes
+        .saturating_add(limits.max_entries.saturating_mul(1536));
+    {
+        let decoder: Box<dyn Read> = match compression {
+            Compression::None => Box::new(&mut compressed),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(&mut compressed)
+                    .map_err(Error::io("cannot start zstd decompression"))?,
+            ),
+        };
+        let mut tar = HashingReader::new(LimitedReader::new(decoder, expand_limit));
+        LayerUnpacker::new(root, limits, totals).apply(&mut tar)?;
+        let (actual, _) = tar.finish().map_err(|e| Error::Unpack {
+            path: desc.digest.clone(),
+            reason: format!("cannot decompress: {e}"),
+        })?;
+        if actual != diff_id {
+            return Err(Error::Digest {
+                what: "layer diff_id",
+                expected: diff_id.to_string(),
+                actual,
+            });
+        }
+    }
+    let (actual, size) = compressed
+        .finish()
+        .map_err(Error::io(format!("cannot read {}", blob.display())))?;
+    if actual != desc.digest {
+        return Err(Error::Digest {
+            what: "blob",
+            expected: desc.digest.clone(),
+            actual,
+        });
+    }
+    if desc.size >= 0 && size != desc.size as u64 {
+        return Err(Error::Manifest(format!(
+            "blob {} is {size} bytes, the manifest says {}",
+            desc.digest, desc.size
+        )));
+    }
+    Ok(())
+}
+
+/// Aborts the spawned downloads when a pull ends early.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<Result<LocalBlob, Error>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Checks the target: absent, or an empty directory.
+fn check_target(rootfs: &Path) -> Result<(), Error> {
+    let err = |reason: &str| Error::Rootfs {
+        path: rootfs.display().to_string(),
+        reason: reason.to_string(),
+    };
+    match fs::symlink_metadata(rootfs) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => {
+            let mut entries =
+                fs::read_dir(rootfs).map_err(|e| err(&format!("cannot read: {e}")))?;
+            if entries.next().is_some() {
+                Err(err("exists and is not empty; give a new directory"))
+            } else {
+                Ok(())
+            }
+        }
+        Ok(_) => Err(err("exists and is not a directory")),
+    }
+}
+
+/// Pulls `image` into the new directory `rootfs` (which must not exist or be empty).
+pub async fn pull(
+    image: &ImageRef,
+    rootfs: &Path,
+    opts: &PullOptions,
+) -> Result<PullReport, Error> {
+    check_target(rootfs)?;
+    let parent = match rootfs.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent)
+        .map_err(Error::io(format!("cannot create {}", parent.display())))?;
+    // Everything lands here first; dropped (removed) unless the pull succeeds.
+    let work = tempfile::Builder::new()
+        .prefix(".coffer-pull-")
+        .tempdir_in(&parent)
+        .map_err(Error::io(format!(
+            "cannot create a directory in {}",
+            parent.display()
+        )))?;
+    let staged = work.path().join("rootfs");
+    let scratch = work.path().join("blobs");
+    fs::create_dir(&staged).map_err(Error::io("cannot create the staging rootfs"))?;
+    fs::create_dir(&scratch).map_err(Error::io("cannot create the staging blob directory"))?;
+
+    let source = Arc::new(Source::new(image, &opts.source)?);
+    let (manifest_fetched, manifest, index_digest) = resolve(&source, &opts.platform).await?;
+    tracing::info!(image = %image, manifest = %manifest_fetched.digest, "manifest resolved");
+
+    let config_bytes = source.small_blob(&manifest.config).await?;
+    let config: ConfigDoc = serde_json::from_slice(&config_bytes)
+        .map_err(|e| Error::Manifest(format!("image config {}: {e}", manifest.config.digest)))?;
+    if config.rootfs.kind != "layers" {
+        return Err(Error::Manifest(format!(
+            "image config rootfs type is {:?}, not \"layers\"",
+            config.rootfs.kind
+        )));
+    }
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(Error::Manifest(format!(
+            "the manifest has {} layers but the config lists {} diff_ids",
+            manifest.layers.len(),
+            config.rootfs.diff_ids.len()
+        )));
+    }
+    for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+        layer_compression(&layer.media_type)?;
+        digest::sha256_hex(&layer.digest)?;
+        digest::sha256_hex(diff_id)?;
+    }
+    if let Some(p) = &opts.progress {
+        p.layers(
+            &manifest
+                .layers
+                .iter()
+                .map(|l| (l.digest.clone(), l.size.max(0) as u64))
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    let cache = opts.cache_dir.as_deref().map(BlobCache::open).transpose()?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(if opts.concurrency == 0 {
+        3
+    } else {
+        opts.concurrency
+    }));
+    let mut downloads = AbortOnDrop(Vec::new());
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let (source, cache, scratch, layer, permits, progress) = (
+            source.clone(),
+            cache.clone(),
+            scratch.clone(),
+            layer.clone(),
+            permits.clone(),
+            opts.progress.clone(),
+        );
+        downloads.0.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let blob = fetch_layer(&source, cache.as_ref(), &scratch, i, &layer).await?;
+            if let Some(p) = &progress {
+                p.fetched(i, blob.from_cache);
+            }
+            Ok(blob)
+        }));
+    }
+
+    let mut totals = Totals::default();
+    let mut cached_layers = 0;
+    for i in 0..manifest.layers.len() {
+        let blob = (&mut downloads.0[i])
+            .await
+            .map_err(|e| Error::Registry(format!("layer download task failed: {e}")))??;
+        cached_layers += usize::from(blob.from_cache);
+        let (desc, diff_id) = (
+            manifest.layers[i].clone(),
+            config.rootfs.diff_ids[i].clone(),
+        );
+        let (root, limits, path) = (staged.clone(), opts.limits, blob.path.clone());
+        let (result, t) = tokio::task::spawn_blocking(move || {
+            let mut t = totals;
+            let r = apply_layer(&path, &desc, &diff_id, &root, limits, &mut t);
+            (r, t)
+        })
+        .await
+        .map_err(|e| Error::Unpack {
+            path: manifest.layers[i].digest.clone(),
+            reason: format!("unpack task failed: {e}"),
+        })?;
+        if let Err(e) = result {
+            if blob.from_cache {
+                if let (Some(c), Error::Digest { .. }) = (&cache, &e) {
+                    c.remove(&manifest.layers[i].digest);
+                }
+            }
+            return Err(e);
+        }
+        totals = t;
+        if let (Some(c), Some(tmp)) = (&cache, blob.commit) {
+            c.commit(tmp, &manifest.layers[i].digest)?;
+        }
+        if let Some(p) = &opts.progress {
+            p.applied(i);
+        }
+        tracing::debug!(layer = %manifest.layers[i].digest, "layer applied");
+    }
+
+    // Into place: an empty target directory is replaced.
+    if rootfs.exists() {
+        fs::remove_dir(rootfs)
+            .map_err(Error::io(format!("cannot replace {}", rootfs.display())))?;
+    }
+    fs::rename(&staged, rootfs).map_err(Error::io(format!(
+        "cannot move the rootfs to {}",
+        rootfs.display()
+    )))?;
+    if let Ok(d) = fs::File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(PullReport {
+        manifest_digest: manifest_fetched.digest,
+        index_digest,
+        config_digest: manifest.config.digest.clone(),
+        config: config.config,
+        layers: manifest.layers.len(),
+        cached_layers,
+        totals,
+    })
+}

@@ -1,0 +1,378 @@
+//! Where manifests and blobs come from: a registry (OCI distribution API, through `oci-client`)
+//! or an OCI image layout directory. Every manifest and blob is checked against its digest here.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use oci_client::{
+    client::{ClientConfig, ClientProtocol},
+    manifest::{
+        OciDescriptor, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
+        OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
+    },
+    secrets::RegistryAuth,
+    Client, Reference,
+};
+use serde::Deserialize;
+
+use crate::{digest, Error, ImageRef};
+
+/// The manifest media types a pull accepts.
+pub const MANIFEST_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// The largest manifest or config accepted (bytes).
+pub const MAX_JSON: usize = 4 << 20;
+
+/// A manifest as fetched: its bytes and the digest they hash to.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    /// The raw bytes (what signatures cover).
+    pub bytes: Vec<u8>,
+    /// `sha256:<hex>` of the bytes.
+    pub digest: String,
+}
+
+/// Registry credentials in the containers `auth.json` format
+/// (`{"auths": {"registry[/repo]": {"auth": "<base64 user:password>"}}}`).
+#[derive(Clone, Default, Deserialize)]
+pub struct AuthFile {
+    #[serde(default)]
+    auths: BTreeMap<String, AuthEntry>,
+}
+
+#[derive(Clone, Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+}
+
+impl std::fmt::Debug for AuthFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credentials themselves.
+        f.debug_struct("AuthFile")
+            .field("registries", &self.auths.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl AuthFile {
+    /// Parses `auth.json` text.
+    pub fn parse(json: &[u8]) -> Result<Self, Error> {
+        serde_json::from_slice(json)
+            .map_err(|e| Error::Manifest(format!("auth.json is not valid: {e}")))
+    }
+
+    /// The credentials for `reference`: the most specific key among `registry/repo/…`,
+    /// `registry/repo`, `registry` (with or without scheme or a `/v1/` suffix); anonymous when
+    /// none matches.
+    pub fn auth_for(&self, reference: &Reference) -> Result<RegistryAuth, Error> {
+        let normalize = |k: &str| {
+            k.trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .trim_end_matches("/v1")
+                .to_string()
+        };
+        let wanted = format!("{}/{}", reference.registry(), reference.repository());
+        let best = self
+            .auths
+            .iter()
+            .map(|(k, v)| (normalize(k), v))
+            .filter(|(k, _)| wanted == *k || wanted.starts_with(&format!("{k}/")))
+            .max_by_key(|(k, _)| k.len());
+        let Some((key, entry)) = best else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let Some(auth) = &entry.auth else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let decoded = STANDARD
+            .decode(auth.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| {
+                Error::Manifest(format!(
+                    "auth.json: entry {key:?} is not base64 of user:password"
+                ))
+            })?;
+        let (user, pass) = decoded.split_once(':').ok_or_else(|| {
+            Error::Manifest(format!(
+                "auth.json: entry {key:?} is not base64 of user:password"
+            ))
+        })?;
+        Ok(RegistryAuth::Basic(user.to_string(), pass.to_string()))
+    }
+}
+
+/// How to reach a registry.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    /// Plain HTTP instead of HTTPS (only when asked for).
+    pub plain_http: bool,
+    /// Credentials.
+    pub auth: AuthFile,
+}
+
+/// A source of manifests and blobs.
+pub enum Source {
+    /// A registry.
+    Registry {
+        /// The client.
+        client: Client,
+        /// The image.
+        reference: Reference,
+        /// Its credentials.
+        auth: RegistryAuth,
+    },
+    /// An OCI image layout directory.
+    Layout {
+        /// The directory.
+        dir: PathBuf,
+        /// Tag or digest in it.
+        name: Option<String>,
+    },
+}
+
+#[derive(Deserialize)]
+struct LayoutIndex {
+    manifests: Vec<OciDescriptor>,
+}
+
+fn registry_err(e: oci_client::errors::OciDistributionError) -> Error {
+    Error::Registry(e.to_string())
+}
+
+impl Source {
+    /// The source for `image`.
+    pub fn new(image: &ImageRef, opts: &SourceOptions) -> Result<Self, Error> {
+        Ok(match image {
+            ImageRef::Docker(reference) => {
+                let config = ClientConfig {
+                    protocol: if opts.plain_http {
+                        ClientProtocol::Http
+                    } else {
+                        ClientProtocol::Https
+                    },
+                    ..Default::default()
+                };
+                Self::Registry {
+                    client: Client::new(config),
+                    reference: reference.clone(),
+                    auth: opts.auth.auth_for(reference)?,
+                }
+            }
+            ImageRef::Layout { dir, name } => Self::Layout {
+                dir: dir.clone(),
+                name: name.clone(),
+            },
+        })
+    }
+
+    fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, Error> {
+        Ok(dir.join("blobs/sha256").join(digest::sha256_hex(digest)?))
+    }
+
+    /// The manifest (or index) the reference names.
+    pub async fn root_manifest(&self) -> Result<Fetched, Error> {
+        match self {
+            Self::Registry {
+                client,
+                reference,
+                auth,
+            } => {
+                let (bytes, _) = client
+                    .pull_manifest_raw(reference, auth, MANIFEST_TYPES)
+                    .await
+                    .map_err(registry_err)?;
+                let fetched = Fetched {
+                    digest: digest::of(&bytes),
+                    bytes: bytes.to_vec(),
+                };
+                if let Some(d) = reference.digest() {
+                    digest::verify("manifest", d, &fetched.bytes)?;
+                }
+                Ok(fetched)
+            }
+            Self::Layout { dir, name } => {
+                let index_path = dir.join("index.json");
+                let index: LayoutIndex = serde_json::from_slice(
+                    &tokio::fs::read(&index_path)
+                        .await
+                        .map_err(Error::io(format!("cannot read {}", index_path.display())))?,
+                )
+                .map_err(|e| Error::Manifest(format!("{}: {e}", index_path.display())))?;
+                let pick: Vec<&OciDescriptor> = match name {
+                    Some(n) if n.starts_with("sha256:") => {
+                        index.manifests.iter().filter(|m| &m.digest == n).collect()
+                    }
+                    Some(n) => index
+                        .manifests
+                        .iter()
+                        .filter(|m| {
+                            m.annotations
+                                .as_ref()
+                                .and_then(|a| a.get("org.opencontainers.image.ref.name"))
+                                == Some(n)
+                        })
+                        .collect(),
+                    None => index.manifests.iter().collect(),
+                };
+                match pick.as_slice() {
+                    [one] => self.manifest(&one.digest).await,
+                    [] => Err(Error::Manifest(format!(
+                        "{} has no manifest named {}",
+                        dir.display(),
+                        name.as_deref().unwrap_or("(any)")
+                    ))),
+                    _ => Err(Error::Manifest(format!(
+                        "{} holds several manifests; name one with oci:DIR:TAG",
+                        dir.display()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The manifest with `digest` (from an index), verified.
+    pub async fn manifest(&self, digest_str: &str) -> Result<Fetched, Error> {
+        let bytes = match self {
+            Self::Registry {
+                client,
+                reference,
+                auth,
+            } => {
+                let r = Reference::with_digest(
+                    reference.registry().to_string(),
+                    reference.repository().to_string(),
+                    digest_str.to_string(),
+                );
+                client
+                    .pull_manifest_raw(&r, auth, MANIFEST_TYPES)
+                    .await
+                    .map_err(registry_err)?
+                    .0
+                    .to_vec()
+            }
+            Self::Layout { dir, .. } => {
+                let p = Self::blob_path(dir, digest_str)?;
+                tokio::fs::read(&p)
+                    .await
+                    .map_err(Error::io(format!("cannot read {}", p.display())))?
+            }
+        };
+        if bytes.len() > MAX_JSON {
+            return Err(Error::Limit(format!(
+                "manifest {digest_str} is over {MAX_JSON} bytes"
+            )));
+        }
+        digest::verify("manifest", digest_str, &bytes)?;
+        Ok(Fetched {
+            bytes,
+            digest: digest_str.to_string(),
+        })
+    }
+
+    /// A small blob (the image config), verified.
+    pub async fn small_blob(&self, desc: &OciDescriptor) -> Result<Vec<u8>, Error> {
+        if desc.size < 0 || desc.size as usize > MAX_JSON {
+            return Err(Error::Limit(format!(
+                "blob {} is {} bytes; at most {MAX_JSON} accepted here",
+                desc.digest, desc.size
+            )));
+        }
+        let bytes = match self {
+            Self::Registry {
+                client, reference, ..
+            } => {
+                let mut out = Vec::new();
+                client
+                    .pull_blob(reference, desc, &mut out)
+                    .await
+                    .map_err(registry_err)?;
+                out
+            }
+            Self::Layout { dir, .. } => {
+                let p = Self::blob_path(dir, &desc.digest)?;
+                tokio::fs::read(&p)
+                    .await
+                    .map_err(Error::io(format!("cannot read {}", p.display())))?
+            }
+        };
+        digest::verify("blob", &desc.digest, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Writes a blob to `file` (its digest is checked by the reader that consumes the file).
+    pub async fn blob_to_file(&self, desc: &OciDescriptor, file: &Path) -> Result<(), Error> {
+        let ctx = || format!("cannot write {}", file.display());
+        match self {
+            Self::Registry {
+                client, reference, ..
+            } => {
+                let out = tokio::fs::File::create(file)
+                    .await
+                    .map_err(Error::io(ctx()))?;
+                let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
+                client
+                    .pull_blob(reference, desc, &mut out)
+                    .await
+                    .map_err(registry_err)?;
+                use tokio::io::AsyncWriteExt;
+                out.flush().await.map_err(Error::io(ctx()))?;
+                out.into_inner()
+                    .sync_all()
+                    .await
+                    .map_err(Error::io(ctx()))?;
+            }
+            Self::Layout { dir, .. } => {
+                let p = Self::blob_path(dir, &desc.digest)?;
+                tokio::fs::copy(&p, file)
+                    .await
+                    .map_err(Error::io(format!("cannot copy {}", p.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The local path of a blob when the source is a layout (no copy needed).
+    pub fn local_blob(&self, digest_str: &str) -> Option<PathBuf> {
+        match self {
+            Self::Layout { dir, .. } => Self::blob_path(dir, digest_str).ok(),
+            Self::Registry { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_json_picks_the_most_specific_entry() {
+        let user = STANDARD.encode("u:p");
+        let repo = STANDARD.encode("ru:rp");
+        let a = AuthFile::parse(
+            format!(
+                r#"{{"auths": {{"https://reg.example:5000/v1/": {{"auth": "{user}"}},
+                "reg.example:5000/team/app": {{"auth": "{repo}"}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let r: Reference = "reg.example:5000/team/app:v1".parse().unwrap();
+        assert!(matches!(a.auth_for(&r).unwrap(), RegistryAuth::Basic(u, _) if u == "ru"));
+        let r: Reference = "reg.example:5000/other:v1".parse().unwrap();
+        assert!(matches!(a.auth_for(&r).unwrap(), RegistryAuth::Basic(u, _) if u == "u"));
+        let r: Reference = "elsewhere.example/x:v1".parse().unwrap();
+        assert!(matches!(a.auth_for(&r).unwrap(), RegistryAuth::Anonymous));
+        assert!(!format!("{a:?}").contains(&user));
+    }
+}
