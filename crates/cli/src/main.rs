@@ -1,6 +1,7 @@
 //! `coffer`: the user's command-line tool.
 
 mod attest;
+mod image;
 mod kbs;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Kbs(kbs::KbsArgs),
     /// Verify TEE evidence offline.
     Attest(attest::AttestArgs),
+    /// Pull images into root filesystems.
+    Image(image::ImageArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -69,6 +72,7 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Kbs(args) => runtime.block_on(kbs::run(args)),
         Command::Attest(args) => runtime.block_on(attest::run(args)),
+        Command::Image(args) => runtime.block_on(image::run(args)),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

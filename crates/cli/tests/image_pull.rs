@@ -1,0 +1,491 @@
+//! `coffer image pull` against the real Debian `docker-registry` on loopback, with images pushed
+//! by the real `skopeo` from OCI layouts this test writes.
+
+use std::{
+    fs,
+    io::Write,
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn coffer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A `docker-registry` process on a free loopback port, killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("registry.log");
+        let child = Command::new("docker-registry")
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("docker-registry must be installed (scripts/test installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Blob requests (GET) the registry served, from its access log.
+    fn blob_gets(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// An OCI image layout being written.
+struct Layout {
+    dir: PathBuf,
+    manifests: Vec<Value>,
+}
+
+impl Layout {
+    fn new(dir: &Path) -> Self {
+        fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            manifests: Vec::new(),
+        }
+    }
+
+    fn blob(&self, bytes: &[u8]) -> String {
+        let d = sha(bytes);
+        fs::write(
+            self.dir
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+            bytes,
+        )
+        .unwrap();
+        d
+    }
+
+    /// Adds an image of gzip layers (each a list of tar entries); returns the manifest descriptor.
+    fn image(&mut self, layers: &[Vec<u8>], arch: &str, diff_id_override: Option<&str>) -> Value {
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for tar in layers {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(tar).unwrap();
+            let gz = gz.finish().unwrap();
+            diff_ids.push(diff_id_override.map(str::to_string).unwrap_or(sha(tar)));
+            descs.push(json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": self.blob(&gz), "size": gz.len()
+            }));
+        }
+        let config = serde_json::to_vec(&json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/hello"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": self.blob(&config), "size": config.len()},
+            "layers": descs
+        }))
+        .unwrap();
+        json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": self.blob(&manifest), "size": manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"}
+        })
+    }
+
+    fn tag(&mut self, desc: Value, tag: &str) {
+        let mut d = desc;
+        d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+        self.manifests.push(d);
+        self.write_index();
+    }
+
+    /// Tags an index of the given manifests.
+    fn tag_index(&mut self, manifests: &[Value], tag: &str) {
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests
+        }))
+        .unwrap();
+        let desc = json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": self.blob(&index), "size": index.len()
+        });
+        self.tag(desc, tag);
+    }
+
+    fn write_index(&self) {
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": self.manifests})).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+/// A tar of (path, content or symlink target, kind).
+fn tar(entries: &[(&str, &str, char)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content, kind) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        match kind {
+            'd' => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+            'l' => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, path, content).unwrap();
+            }
+            _ => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(if *kind == 'x' { 0o755 } else { 0o644 });
+                h.set_size(content.len() as u64);
+                b.append_data(&mut h, path, content.as_bytes()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+fn skopeo_push(src: &str, dest: &str, all: bool) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if all {
+        cmd.arg("--all");
+    }
+    let out = cmd
+        .args([src, dest])
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo must be installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn images_pushed_by_skopeo_pull_into_a_correct_rootfs() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let base = tar(&[
+        ("bin", "", 'd'),
+        ("bin/hello", "#!/bin/sh\necho hello\n", 'x'),
+        ("bin/hi", "hello", 'l'),
+        ("etc/motd", "welcome", 'f'),
+        ("tmp/junk", "junk", 'f'),
+    ]);
+    let top = tar(&[("tmp/.wh.junk", "", 'f'), ("etc/motd", "updated", 'f')]);
+    let amd = layout.image(&[base.clone(), top], "amd64", None);
+    let arm = layout.image(&[tar(&[("arch", "arm64", 'f')])], "arm64", None);
+    layout.tag(amd.clone(), "v1");
+    layout.tag_index(&[amd, arm], "multi");
+    let src = format!("oci:{}", layout.dir.display());
+    skopeo_push(
+        &format!("{src}:v1"),
+        &format!("docker://{}/test/app:v1", reg.addr),
+        false,
+    );
+    skopeo_push(
+        &format!("{src}:multi"),
+        &format!("docker://{}/test/app:multi", reg.addr),
+        true,
+    );
+
+    let rootfs = work.path().join("rootfs");
+    let cache = work.path().join("cache");
+    let image = format!("docker://{}/test/app:v1", reg.addr);
+    let (ok, stdout, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        &image,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["layers"], 2);
+    assert_eq!(report["cached_layers"], 0);
+    assert_eq!(
+        fs::read_to_string(rootfs.join("bin/hello")).unwrap(),
+        "#!/bin/sh\necho hello\n"
+    );
+    assert_eq!(
+        fs::metadata(rootfs.join("bin/hello"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    assert_eq!(
+        fs::read_link(rootfs.join("bin/hi")).unwrap(),
+        Path::new("hello")
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("etc/motd")).unwrap(),
+        "updated"
+    );
+    assert!(!rootfs.join("tmp/junk").exists());
+    assert!(rootfs.join("tmp").is_dir());
+
+    // Again from the cache: no layer blob is requested a second time.
+    let gets = reg.blob_gets().len();
+    let rootfs2 = work.path().join("rootfs2");
+    let (ok, stdout, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        &image,
+        "--rootfs",
+        rootfs2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["cached_layers"], 2);
+    assert_eq!(
+        reg.blob_gets().len(),
+        gets + 1,
+        "only the config blob again"
+    );
+
+    // An index: amd64 by default, arm64 on request, no s390x.
+    let multi = format!("docker://{}/test/app:multi", reg.addr);
+    let r3 = work.path().join("r3");
+    let (ok, stdout, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        &multi,
+        "--rootfs",
+        r3.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(r3.join("bin/hello").exists());
+    assert!(serde_json::from_str::<Value>(&stdout).unwrap()["index_digest"].is_string());
+    let r4 = work.path().join("r4");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        "--platform",
+        "linux/arm64",
+        &multi,
+        "--rootfs",
+        r4.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(fs::read_to_string(r4.join("arch")).unwrap(), "arm64");
+    let r5 = work.path().join("r5");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        "--platform",
+        "linux/s390x",
+        &multi,
+        "--rootfs",
+        r5.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("no manifest for platform linux/s390x"),
+        "{stderr}"
+    );
+    assert!(!r5.exists());
+
+    // HTTPS is the default: a plain-HTTP registry is not silently accepted.
+    let r6 = work.path().join("r6");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        &image,
+        "--rootfs",
+        r6.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+
+    // A non-empty target is refused and left alone.
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        &image,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("not empty"), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("etc/motd")).unwrap(),
+        "updated"
+    );
+}
+
+#[test]
+fn a_failed_pull_leaves_no_rootfs() {
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let good = tar(&[("a", "a", 'f')]);
+    // The second layer's diff_id is wrong: the first layer is applied, then the pull fails.
+    let bad = layout.image(
+        &[good.clone(), tar(&[("b", "b", 'f')])],
+        "amd64",
+        Some(&sha(b"something else")),
+    );
+    layout.tag(bad, "bad");
+    let ok_img = layout.image(&[good], "amd64", None);
+    layout.tag(ok_img, "good");
+    let parent = work.path().join("out");
+    fs::create_dir(&parent).unwrap();
+    let rootfs = parent.join("rootfs");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        &format!("oci:{}:bad", layout.dir.display()),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("diff_id"), "{stderr}");
+    assert_eq!(
+        fs::read_dir(&parent).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+
+    // A corrupted blob in the layout: decompression fails half-way, nothing is left.
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        &format!("oci:{}:good", layout.dir.display()),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    fs::remove_dir_all(&rootfs).unwrap();
+    let idx: Value =
+        serde_json::from_slice(&fs::read(layout.dir.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = idx["manifests"][1]["digest"].as_str().unwrap();
+    let manifest: Value = serde_json::from_slice(
+        &fs::read(
+            layout
+                .dir
+                .join("blobs/sha256")
+                .join(manifest_digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = layout.dir.join("blobs/sha256").join(
+        manifest["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:"),
+    );
+    let mut bytes = fs::read(&layer).unwrap();
+    let n = bytes.len();
+    bytes[n - 9] ^= 0xff; // the end of the deflate stream
+    fs::write(&layer, bytes).unwrap();
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        &format!("oci:{}:good", layout.dir.display()),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("cannot decompress"), "{stderr}");
+    assert_eq!(
+        fs::read_dir(&parent).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+}
