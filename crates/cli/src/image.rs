@@ -5,7 +5,8 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use coffer_image::{
-    pull::Progress,
+    crypt::Keyring,
+    pull::{KeyBroker, Progress},
     source::{AuthFile, SourceOptions},
     unpack::Limits,
     ImageRef, PullOptions,
@@ -23,6 +24,35 @@ pub struct ImageArgs {
 enum ImageCommand {
     /// Pull an image (docker://REG/REPO:TAG or oci:DIR[:TAG]) into a new root filesystem.
     Pull(PullArgs),
+    /// Copy an image, encrypting its layers (ocicrypt) for JWE recipients and/or a KBS key.
+    Encrypt(EncryptArgs),
+}
+
+#[derive(Args)]
+struct EncryptArgs {
+    /// Source image (docker://… or oci:DIR[:TAG]).
+    src: String,
+    /// Destination image (docker://… or oci:DIR[:TAG]).
+    dst: String,
+    /// Talk to registries over plain HTTP instead of HTTPS.
+    #[arg(long)]
+    plain_http: bool,
+    /// Registry credentials in the containers auth.json format.
+    #[arg(long)]
+    authfile: Option<PathBuf>,
+    /// A JWE recipient: jwe:PUBLIC_KEY.pem (EC P-256/P-384/P-521 or RSA); repeatable.
+    #[arg(long = "recipient")]
+    recipients: Vec<String>,
+    /// Wrap the layer keys with the key-encryption key the KBS holds at this resource
+    /// (kbs:///repo/type/tag); the same key must be given with --kek-file.
+    #[arg(long, requires = "kek_file")]
+    kbs_kek: Option<String>,
+    /// The 32-byte key-encryption key (raw bytes), to be stored in the KBS at --kbs-kek.
+    #[arg(long, requires = "kbs_kek")]
+    kek_file: Option<PathBuf>,
+    /// Platform to pick from an image index.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
 }
 
 #[derive(Args)]
@@ -50,9 +80,35 @@ struct PullArgs {
     /// Most bytes of file content in all layers.
     #[arg(long, default_value_t = Limits::default().max_bytes)]
     max_bytes: u64,
+    /// A private key (PEM: PKCS#8, SEC 1 or PKCS#1; EC or RSA) for JWE-wrapped layer keys;
+    /// repeatable.
+    #[arg(long = "decryption-key")]
+    decryption_keys: Vec<PathBuf>,
+    /// A KBS to fetch keys from after attesting: layers' key-encryption keys (by the `kid` in
+    /// their annotation) and each --key.
+    #[arg(long)]
+    kbs: Option<String>,
+    /// CA certificate of the KBS (PEM).
+    #[arg(long, requires = "kbs")]
+    kbs_cacert: Option<PathBuf>,
+    /// A KBS resource holding a decryption key (PEM private key, or a 32-byte key-encryption
+    /// key for layers naming it): kbs:///repo/type/tag; repeatable.
+    #[arg(long = "key", requires = "kbs")]
+    kbs_keys: Vec<String>,
+    #[command(flatten)]
+    tee: crate::kbs::TeeArgs,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+}
+
+/// Layer keys from the KBS, fetched with the CLI's TEE client.
+struct KbsBroker(coffer_kbs_client::KbsClient);
+
+impl KeyBroker for KbsBroker {
+    fn get<'a>(&'a self, uri: &'a str) -> coffer_image::pull::KeyFuture<'a> {
+        Box::pin(async move { self.0.get_resource(uri).await.map_err(|e| e.to_string()) })
+    }
 }
 
 /// Progress bars: one per layer, on stderr.
@@ -104,17 +160,72 @@ impl Progress for Bars {
 pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
     match args.command {
         ImageCommand::Pull(a) => pull(a).await,
+        ImageCommand::Encrypt(a) => encrypt(a).await,
     }
 }
 
-async fn pull(a: PullArgs) -> anyhow::Result<()> {
-    let image = ImageRef::parse(&a.image)?;
-    let auth = match &a.authfile {
+fn auth_file(path: &Option<PathBuf>) -> anyhow::Result<AuthFile> {
+    Ok(match path {
         Some(p) => AuthFile::parse(
             &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
         )?,
         None => AuthFile::default(),
+    })
+}
+
+async fn encrypt(a: EncryptArgs) -> anyhow::Result<()> {
+    let src = ImageRef::parse(&a.src)?;
+    let dst = ImageRef::parse(&a.dst)?;
+    let mut recipients = Vec::new();
+    for r in &a.recipients {
+        let path = r
+            .strip_prefix("jwe:")
+            .with_context(|| format!("--recipient {r}: use jwe:PUBLIC_KEY.pem"))?;
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
+        recipients.push(
+            coffer_jose::json::RecipientPublicKey::from_pem(&pem)
+                .with_context(|| format!("--recipient {r}"))?,
+        );
+    }
+    let kek = match &a.kek_file {
+        Some(p) => {
+            let k = zeroize::Zeroizing::new(
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+            );
+            if k.len() != 32 {
+                anyhow::bail!("--kek-file {} must hold exactly 32 bytes", p.display());
+            }
+            Some(k)
+        }
+        None => None,
     };
+    if let Some(kid) = &a.kbs_kek {
+        if !kid.starts_with("kbs:///") {
+            anyhow::bail!("--kbs-kek {kid}: use kbs:///REPOSITORY/TYPE/TAG");
+        }
+    }
+    if recipients.is_empty() && kek.is_none() {
+        anyhow::bail!("give at least one --recipient jwe:PUB.pem or --kbs-kek with --kek-file");
+    }
+    let wrap = coffer_image::crypt::WrapWith {
+        recipients: &recipients,
+        kbs: a.kbs_kek.as_deref().zip(kek.as_deref().map(|k| &k[..])),
+    };
+    let opts = SourceOptions {
+        plain_http: a.plain_http,
+        auth: auth_file(&a.authfile)?,
+    };
+    let digest =
+        coffer_image::encrypt::encrypt_image(&src, &dst, &opts, &a.platform.parse()?, &wrap)
+            .await
+            .with_context(|| format!("cannot encrypt {src} to {dst}"))?;
+    println!("{digest}");
+    Ok(())
+}
+
+async fn pull(a: PullArgs) -> anyhow::Result<()> {
+    let image = ImageRef::parse(&a.image)?;
+    let auth = auth_file(&a.authfile)?;
     let progress: Option<Arc<dyn Progress>> = if a.quiet {
         None
     } else {
@@ -123,7 +234,39 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
             bars: Default::default(),
         }))
     };
+    let mut keys = Keyring::default();
+    for p in &a.decryption_keys {
+        let pem = zeroize::Zeroizing::new(
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        );
+        keys.private_keys.push(
+            coffer_jose::json::RecipientKey::from_pem(&pem)
+                .with_context(|| format!("--decryption-key {}", p.display()))?,
+        );
+    }
+    let mut key_broker: Option<Arc<dyn KeyBroker>> = None;
+    if let Some(url) = &a.kbs {
+        let client = crate::kbs::tee_client_for(url, a.kbs_cacert.as_deref(), &a.tee)?;
+        for uri in &a.kbs_keys {
+            if !uri.starts_with("kbs:///") {
+                anyhow::bail!("--key {uri}: use kbs:///REPOSITORY/TYPE/TAG");
+            }
+            let bytes = client
+                .get_resource(uri)
+                .await
+                .with_context(|| format!("cannot get {uri} from the KBS"))?;
+            match coffer_jose::json::RecipientKey::from_pem(&bytes) {
+                Ok(k) => keys.private_keys.push(k),
+                Err(_) => {
+                    keys.kbs_keks.insert(uri.clone(), bytes);
+                }
+            }
+        }
+        key_broker = Some(Arc::new(KbsBroker(client)));
+    }
     let opts = PullOptions {
+        keys: Arc::new(keys),
+        key_broker,
         source: SourceOptions {
             plain_http: a.plain_http,
             auth,

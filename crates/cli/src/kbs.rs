@@ -105,8 +105,9 @@ enum KbsCommand {
     },
 }
 
+/// How the CLI acts as a TEE towards a KBS.
 #[derive(Args, Clone)]
-struct TeeArgs {
+pub(crate) struct TeeArgs {
     /// Attester: `sample` (unsigned; the KBS must run with --allow-sample) or `emulated`
     /// (SEV-SNP reports from the emulated PSP in --psp-dir; the KBS must run with
     /// --allow-emulated --emulated-root DIR/roots.pem).
@@ -190,6 +191,25 @@ impl KbsArgs {
         }
         Ok(client)
     }
+}
+
+/// A TEE client of the KBS at `url` (`cacert`: its CA, for a self-signed certificate).
+pub(crate) fn tee_client_for(
+    url: &str,
+    cacert: Option<&Path>,
+    tee: &TeeArgs,
+) -> anyhow::Result<KbsClient> {
+    let ca = match cacert {
+        Some(p) => Some(read(p, "CA certificate")?),
+        None => None,
+    };
+    let alg: TeeKeyAlgorithm = tee.key_type.parse()?;
+    let mut client = KbsClient::new(url, http_client(ca.as_deref())?, attester(tee)?, alg)?;
+    if let Some(p) = &tee.initdata {
+        let text = String::from_utf8(read(p, "initdata")?).context("initdata is not UTF-8")?;
+        client = client.with_initdata(text);
+    }
+    Ok(client)
 }
 
 /// Runs `coffer kbs …`.

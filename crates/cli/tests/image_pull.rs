@@ -489,3 +489,225 @@ fn a_failed_pull_leaves_no_rootfs() {
         "nothing left behind"
     );
 }
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let ok = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl {args:?}");
+}
+
+#[test]
+fn encrypted_images_from_skopeo_and_coffer_decrypt_with_the_right_key_only() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    openssl(w, &["genrsa", "-out", "rsa.pem", "2048"]);
+    openssl(w, &["rsa", "-in", "rsa.pem", "-pubout", "-out", "rsa.pub"]);
+    openssl(
+        w,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.pem",
+        ],
+    );
+    openssl(w, &["ec", "-in", "ec.pem", "-pubout", "-out", "ec.pub"]);
+    // skopeo 1.9 reads EC private keys only as PKCS#8; coffer reads SEC 1 and PKCS#8.
+    openssl(
+        w,
+        &[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "ec.pem", "-out", "ec8.pem",
+        ],
+    );
+    openssl(
+        w,
+        &[
+            "ecparam",
+            "-name",
+            "secp384r1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "other.pem",
+        ],
+    );
+    let mut layout = Layout::new(&w.join("layout"));
+    let img = layout.image(
+        &[
+            tar(&[("secret/data", "confidential", 'f')]),
+            tar(&[("bin/app", "#!/bin/sh\n", 'x')]),
+        ],
+        "amd64",
+        None,
+    );
+    layout.tag(img, "v1");
+    let src = format!("oci:{}:v1", layout.dir.display());
+    let pull = |image: &str, rootfs: &str, keys: &[&str]| {
+        let mut args = vec!["image", "pull", "--quiet", "--plain-http"];
+        for k in keys {
+            args.extend(["--decryption-key", k]);
+        }
+        let rootfs = w.join(rootfs);
+        let rootfs = rootfs.to_str().unwrap().to_string();
+        let (ok, _, stderr) = coffer(&[&args[..], &[image, "--rootfs", &rootfs]].concat());
+        (ok, stderr)
+    };
+    let key = |n: &str| w.join(n).to_str().unwrap().to_string();
+
+    // skopeo encrypts for an RSA and an EC recipient.
+    let skopeo_img = format!("docker://{}/enc/skopeo:v1", reg.addr);
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .args(["--encryption-key", &format!("jwe:{}", key("rsa.pub"))])
+        .args(["--encryption-key", &format!("jwe:{}", key("ec.pub"))])
+        .args([&src, &skopeo_img])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let before = reg.blob_gets().len();
+    let (ok, stderr) = pull(&skopeo_img, "none", &[]);
+    assert!(
+        !ok && stderr.contains("no configured key unwraps layer"),
+        "{stderr}"
+    );
+    let (ok, stderr) = pull(&skopeo_img, "wrong", &[&key("other.pem")]);
+    assert!(
+        !ok && stderr.contains("no configured key unwraps layer"),
+        "{stderr}"
+    );
+    assert!(!w.join("none").exists() && !w.join("wrong").exists());
+    assert_eq!(
+        reg.blob_gets().len(),
+        before + 2,
+        "only the config blob was fetched, twice; no layer without a key"
+    );
+    for (k, dir) in [
+        ("rsa.pem", "by-rsa"),
+        ("ec.pem", "by-ec"),
+        ("ec8.pem", "by-ec8"),
+    ] {
+        let (ok, stderr) = pull(&skopeo_img, dir, &[&key("other.pem"), &key(k)]);
+        assert!(ok, "{stderr}");
+        assert_eq!(
+            fs::read_to_string(w.join(dir).join("secret/data")).unwrap(),
+            "confidential"
+        );
+    }
+
+    // coffer encrypts; skopeo decrypts it.
+    let coffer_img = format!("docker://{}/enc/coffer:v1", reg.addr);
+    let (ok, stdout, stderr) = coffer(&[
+        "image",
+        "encrypt",
+        "--plain-http",
+        "--recipient",
+        &format!("jwe:{}", key("ec.pub")),
+        &src,
+        &coffer_img,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.trim().starts_with("sha256:"));
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .args(["--decryption-key", &key("ec8.pem")])
+        .args([
+            &coffer_img,
+            &format!("oci:{}:plain", w.join("decrypted").display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // skopeo without the key cannot.
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .args(["--decryption-key", &key("other.pem")])
+        .args([
+            &coffer_img,
+            &format!("oci:{}:plain", w.join("nope").display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // The layout skopeo decrypted into holds the original layers: pull it without keys.
+    let (ok, stderr) = pull(
+        &format!("oci:{}:plain", w.join("decrypted").display()),
+        "from-skopeo",
+        &[],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        fs::read_to_string(w.join("from-skopeo/secret/data")).unwrap(),
+        "confidential"
+    );
+    let (ok, stderr) = pull(&coffer_img, "by-coffer", &[&key("ec.pem")]);
+    assert!(ok, "{stderr}");
+
+    // An altered encrypted layer in a layout: the HMAC (or digest) check fails, nothing remains.
+    let enc_layout = w.join("enc-layout");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "encrypt",
+        "--recipient",
+        &format!("jwe:{}", key("rsa.pub")),
+        &src,
+        &format!("oci:{}:v1", enc_layout.display()),
+    ]);
+    assert!(ok, "{stderr}");
+    let idx: Value =
+        serde_json::from_slice(&fs::read(enc_layout.join("index.json")).unwrap()).unwrap();
+    let m: Value = serde_json::from_slice(
+        &fs::read(
+            enc_layout.join("blobs/sha256").join(
+                idx["manifests"][0]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:"),
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(m["layers"][0]["mediaType"]
+        .as_str()
+        .unwrap()
+        .ends_with("+gzip+encrypted"));
+    let blob = enc_layout.join("blobs/sha256").join(
+        m["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:"),
+    );
+    let mut bytes = fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&blob, bytes).unwrap();
+    let (ok, stderr) = pull(
+        &format!("oci:{}:v1", enc_layout.display()),
+        "altered",
+        &[&key("rsa.pem")],
+    );
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("HMAC mismatch") || stderr.contains("hashes to"),
+        "{stderr}"
+    );
+    assert!(!w.join("altered").exists());
+}

@@ -59,11 +59,17 @@ impl<R: Read> HashingReader<R> {
 
     /// Reads what is left (so that the digest covers the whole stream), then returns
     /// `sha256:<hex>` and the byte count.
-    pub fn finish(mut self) -> io::Result<(String, u64)> {
+    pub fn finish(self) -> io::Result<(String, u64)> {
+        self.finish_into_inner().map(|(d, n, _)| (d, n))
+    }
+
+    /// [`HashingReader::finish`], also giving back the inner reader.
+    pub fn finish_into_inner(mut self) -> io::Result<(String, u64, R)> {
         io::copy(&mut self, &mut io::sink())?;
         Ok((
             format!("sha256:{}", hex::encode(self.hasher.finalize())),
             self.count,
+            self.inner,
         ))
     }
 }

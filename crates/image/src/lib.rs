@@ -11,7 +11,9 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod crypt;
 pub mod digest;
+pub mod encrypt;
 pub mod pull;
 pub mod reference;
 pub mod source;
@@ -61,6 +63,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// An encrypted layer cannot be decrypted (no key fits, wrong key, altered layer).
+    #[error("decryption: {0}")]
+    Decrypt(String),
     /// A configured limit was reached.
     #[error("limit reached: {0}")]
     Limit(String),

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::{
     cache::BlobCache,
+    crypt::{DecryptReader, Keyring, LayerKey},
     digest::{self, HashingReader, LimitedReader},
     source::{Fetched, Source, SourceOptions},
     unpack::{LayerUnpacker, Limits, Totals},
@@ -86,9 +87,25 @@ pub trait Progress: Send + Sync {
     fn applied(&self, _index: usize) {}
 }
 
+/// A KBS (or other key broker) from which layer key-encryption keys are fetched by `kid`
+/// (`kbs:///repo/type/tag`), after attestation.
+pub trait KeyBroker: Send + Sync {
+    /// The resource at `uri`.
+    fn get<'a>(&'a self, uri: &'a str) -> KeyFuture<'a>;
+}
+
+/// What [`KeyBroker::get`] returns: the resource, or why it could not be had.
+pub type KeyFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>> + Send + 'a>,
+>;
+
 /// How to pull.
 #[derive(Clone, Default)]
 pub struct PullOptions {
+    /// Keys for encrypted layers.
+    pub keys: Arc<Keyring>,
+    /// Where key-encryption keys named by layers come from.
+    pub key_broker: Option<Arc<dyn KeyBroker>>,
     /// Registry access.
     pub source: SourceOptions,
     /// The platform to pick from an index.
@@ -147,14 +164,10 @@ pub enum Compression {
     Zstd,
 }
 
-/// The compression of a layer media type; encrypted, foreign and unknown types are refused.
+/// The compression of a layer media type (after its `+encrypted` suffix, if any); foreign and
+/// unknown types are refused.
 pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
-    if media_type.ends_with("+encrypted") {
-        return Err(Error::Unsupported(format!(
-            "layer media type {media_type}: encrypted layers need a decryption key"
-        )));
-    }
-    match media_type {
+    match media_type.strip_suffix("+encrypted").unwrap_or(media_type) {
         "application/vnd.oci.image.layer.v1.tar"
         | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
         "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -166,7 +179,7 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
 }
 
 /// The image manifest for `platform`, resolving an index; returns (manifest, index digest).
-async fn resolve(
+pub(crate) async fn resolve(
     source: &Source,
     platform: &Platform,
 ) -> Result<(Fetched, OciImageManifest, Option<String>), Error> {
@@ -252,10 +265,29 @@ async fn fetch_layer(
     })
 }
 
-/// Applies one layer blob: digest of the blob, decompression, `diff_id`, unpack — one pass.
+type Stored = HashingReader<BufReader<fs::File>>;
+
+/// A layer blob as read: plain, or decrypted (with the digest of the plaintext).
+enum Layer {
+    Plain(Stored),
+    Encrypted(Box<HashingReader<DecryptReader<Stored>>>),
+}
+
+impl Read for Layer {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(r) => r.read(buf),
+            Self::Encrypted(r) => r.read(buf),
+        }
+    }
+}
+
+/// Applies one layer blob: digest of the blob, decryption, decompression, `diff_id`, unpack —
+/// one pass.
 fn apply_layer(
     blob: &Path,
     desc: &OciDescriptor,
+    key: Option<&LayerKey>,
     diff_id: &str,
     root: &Path,
     limits: Limits,
@@ -264,12 +296,16 @@ fn apply_layer(
     let compression = layer_compression(&desc.media_type)?;
     let file =
         fs::File::open(blob).map_err(Error::io(format!("cannot open {}", blob.display())))?;
-    let mut compressed = HashingReader::new(BufReader::with_capacity(1 << 20, file));
+    let stored = HashingReader::new(BufReader::with_capacity(1 << 20, file));
+    let mut compressed = match key {
+        Some(k) => Layer::Encrypted(Box::new(HashingReader::new(DecryptReader::new(stored, k)?))),
+        None => Layer::Plain(stored),
+    };
     // The whole layer may expand to the byte limit plus tar's per-entry overhead.
     let expand_limit = limits
         .max_bytes
         .saturating_add(limits.max_entries.saturating_mul(1536));
-    {
+    let unpacked = (|| -> Result<(), Error> {
         let decoder: Box<dyn Read> = match compression {
             Compression::None => Box::new(&mut compressed),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
@@ -291,8 +327,37 @@ fn apply_layer(
                 actual,
             });
         }
+        Ok(())
+    })();
+    if let Err(e) = unpacked {
+        // In an encrypted layer, garbage usually means tampering: say so when the HMAC agrees.
+        if let Layer::Encrypted(_) = compressed {
+            if let Err(io) = std::io::copy(&mut compressed, &mut std::io::sink()) {
+                if io.to_string().contains("HMAC") {
+                    return Err(Error::Decrypt(format!("layer {}: {io}", desc.digest)));
+                }
+            }
+        }
+        return Err(e);
     }
-    let (actual, size) = compressed
+    let stored = match compressed {
+        Layer::Plain(s) => s,
+        Layer::Encrypted(d) => {
+            let (plain, _, inner) = d
+                .finish_into_inner()
+                .map_err(|e| Error::Decrypt(format!("layer {}: {e}", desc.digest)))?;
+            let expected = key.map(|k| k.plain_digest.as_str()).unwrap_or_default();
+            if plain != expected {
+                return Err(Error::Digest {
+                    what: "decrypted layer",
+                    expected: expected.to_string(),
+                    actual: plain,
+                });
+            }
+            inner.into_inner()
+        }
+    };
+    let (actual, size) = stored
         .finish()
         .map_err(Error::io(format!("cannot read {}", blob.display())))?;
     if actual != desc.digest {
@@ -394,6 +459,39 @@ pub async fn pull(
         digest::sha256_hex(&layer.digest)?;
         digest::sha256_hex(diff_id)?;
     }
+    // Keys for encrypted layers, before any layer is fetched: KBS-held key-encryption keys
+    // named by the layers are fetched (after attestation) when a key broker is configured.
+    let mut keks = opts.keys.kbs_keks.clone();
+    for layer in manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type.ends_with("+encrypted"))
+    {
+        if let Some(kid) = crate::crypt::kbs_kid(layer.annotations.as_ref())? {
+            if let (false, Some(broker)) = (keks.contains_key(&kid), &opts.key_broker) {
+                let kek = broker
+                    .get(&kid)
+                    .await
+                    .map_err(|e| Error::Decrypt(format!("cannot get {kid} from the KBS: {e}")))?;
+                keks.insert(kid, kek);
+            }
+        }
+    }
+    let mut layer_keys = Vec::new();
+    for layer in &manifest.layers {
+        layer_keys.push(if layer.media_type.ends_with("+encrypted") {
+            Some(Arc::new(crate::crypt::layer_key_with(
+                &layer.digest,
+                layer.annotations.as_ref(),
+                &opts.keys.private_keys,
+                &keks,
+            )?))
+        } else {
+            None
+        });
+    }
+    drop(keks);
+
     if let Some(p) = &opts.progress {
         p.layers(
             &manifest
@@ -432,6 +530,7 @@ pub async fn pull(
 
     let mut totals = Totals::default();
     let mut cached_layers = 0;
+    #[allow(clippy::needless_range_loop)] // the downloads are awaited by index, in order
     for i in 0..manifest.layers.len() {
         let blob = (&mut downloads.0[i])
             .await
@@ -442,9 +541,18 @@ pub async fn pull(
             config.rootfs.diff_ids[i].clone(),
         );
         let (root, limits, path) = (staged.clone(), opts.limits, blob.path.clone());
+        let key = layer_keys[i].clone();
         let (result, t) = tokio::task::spawn_blocking(move || {
             let mut t = totals;
-            let r = apply_layer(&path, &desc, &diff_id, &root, limits, &mut t);
+            let r = apply_layer(
+                &path,
+                &desc,
+                key.as_deref(),
+                &diff_id,
+                &root,
+                limits,
+                &mut t,
+            );
             (r, t)
         })
         .await
