@@ -23,9 +23,36 @@ pub struct ImageArgs {
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Pull an image (docker://REG/REPO:TAG or oci:DIR[:TAG]) into a new root filesystem.
-    Pull(PullArgs),
+    Pull(Box<PullArgs>),
     /// Copy an image, encrypting its layers (ocicrypt) for JWE recipients and/or a KBS key.
     Encrypt(EncryptArgs),
+    /// Sign an image: GPG simple signing (lookaside store) or a cosign key (`.sig` tag).
+    Sign(SignArgs),
+}
+
+#[derive(Args)]
+struct SignArgs {
+    /// The image (docker://REG/REPO:TAG).
+    image: String,
+    /// Talk to the registry over plain HTTP instead of HTTPS.
+    #[arg(long)]
+    plain_http: bool,
+    /// Registry credentials in the containers auth.json format.
+    #[arg(long)]
+    authfile: Option<PathBuf>,
+    /// Sign with this GPG key (fingerprint; from gpg's keyring, GNUPGHOME applies).
+    #[arg(
+        long,
+        conflicts_with = "cosign_key",
+        required_unless_present = "cosign_key"
+    )]
+    gpg_key: Option<String>,
+    /// Sign with this cosign key (unencrypted PEM EC P-256/P-384 private key).
+    #[arg(long)]
+    cosign_key: Option<PathBuf>,
+    /// registries.d directory naming the lookaside store GPG signatures are written to.
+    #[arg(long)]
+    registries_d: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -80,6 +107,12 @@ struct PullArgs {
     /// Most bytes of file content in all layers.
     #[arg(long, default_value_t = Limits::default().max_bytes)]
     max_bytes: u64,
+    /// Signature policy (containers-policy.json); without one any image is accepted.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Directory of registries.d YAML files naming signature lookaside stores.
+    #[arg(long)]
+    registries_d: Option<PathBuf>,
     /// A private key (PEM: PKCS#8, SEC 1 or PKCS#1; EC or RSA) for JWE-wrapped layer keys;
     /// repeatable.
     #[arg(long = "decryption-key")]
@@ -159,8 +192,9 @@ impl Progress for Bars {
 /// Runs `coffer image …`.
 pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
     match args.command {
-        ImageCommand::Pull(a) => pull(a).await,
+        ImageCommand::Pull(a) => pull(*a).await,
         ImageCommand::Encrypt(a) => encrypt(a).await,
+        ImageCommand::Sign(a) => sign(a).await,
     }
 }
 
@@ -171,6 +205,33 @@ fn auth_file(path: &Option<PathBuf>) -> anyhow::Result<AuthFile> {
         )?,
         None => AuthFile::default(),
     })
+}
+
+async fn sign(a: SignArgs) -> anyhow::Result<()> {
+    let image = ImageRef::parse(&a.image)?;
+    let opts = SourceOptions {
+        plain_http: a.plain_http,
+        auth: auth_file(&a.authfile)?,
+    };
+    if let Some(fpr) = &a.gpg_key {
+        let registries = match &a.registries_d {
+            Some(d) => coffer_image::signature::RegistriesD::load(d)?,
+            None => Default::default(),
+        };
+        let path = coffer_image::sign::sign_gpg(&image, &opts, &registries, fpr)
+            .await
+            .with_context(|| format!("cannot sign {image}"))?;
+        println!("{}", path.display());
+    } else if let Some(key) = &a.cosign_key {
+        let pem = zeroize::Zeroizing::new(
+            std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+        );
+        let tag = coffer_image::sign::sign_cosign(&image, &opts, &pem)
+            .await
+            .with_context(|| format!("cannot sign {image}"))?;
+        println!("{tag}");
+    }
+    Ok(())
 }
 
 async fn encrypt(a: EncryptArgs) -> anyhow::Result<()> {
@@ -264,7 +325,19 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
         }
         key_broker = Some(Arc::new(KbsBroker(client)));
     }
+    let policy = match &a.policy {
+        Some(p) => Some(Arc::new(coffer_image::signature::Policy::parse(
+            &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )?)),
+        None => None,
+    };
+    let registries_d = match &a.registries_d {
+        Some(d) => coffer_image::signature::RegistriesD::load(d)?,
+        None => Default::default(),
+    };
     let opts = PullOptions {
+        policy,
+        registries_d: Arc::new(registries_d),
         keys: Arc::new(keys),
         key_broker,
         source: SourceOptions {
@@ -295,6 +368,10 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
             "entries": report.totals.entries,
             "bytes": report.totals.bytes,
             "rootfs": a.rootfs,
+            "policy": match &report.policy {
+                Some(d) => serde_json::json!({"scope": d.scope, "satisfied": d.satisfied}),
+                None => serde_json::json!("none: no --policy given, any image accepted"),
+            },
         }))?
     );
     Ok(())

@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Where an image is written.
-enum Sink {
+pub(crate) enum Sink {
     Registry {
         client: Client,
         reference: Reference,
@@ -33,7 +33,7 @@ enum Sink {
 }
 
 impl Sink {
-    async fn new(image: &ImageRef, opts: &SourceOptions) -> Result<Self, Error> {
+    pub(crate) async fn new(image: &ImageRef, opts: &SourceOptions) -> Result<Self, Error> {
         Ok(match image {
             ImageRef::Docker(reference) => {
                 let client = Client::new(ClientConfig {
@@ -70,7 +70,7 @@ impl Sink {
         })
     }
 
-    async fn put_blob(&self, bytes: Vec<u8>, digest_str: &str) -> Result<(), Error> {
+    pub(crate) async fn put_blob(&self, bytes: Vec<u8>, digest_str: &str) -> Result<(), Error> {
         match self {
             Self::Registry {
                 client,
@@ -95,7 +95,7 @@ impl Sink {
         Ok(())
     }
 
-    async fn put_manifest(&self, bytes: Vec<u8>, media_type: &str) -> Result<(), Error> {
+    pub(crate) async fn put_manifest(&self, bytes: Vec<u8>, media_type: &str) -> Result<(), Error> {
         let d = digest::of(&bytes);
         match self {
             Self::Registry {
@@ -148,7 +148,7 @@ fn put_layout_blob(dir: &Path, bytes: &[u8], d: &str) -> Result<(), Error> {
 }
 
 /// Writes `path` through a synced temporary file renamed into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)

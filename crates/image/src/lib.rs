@@ -16,6 +16,8 @@ pub mod digest;
 pub mod encrypt;
 pub mod pull;
 pub mod reference;
+pub mod sign;
+pub mod signature;
 pub mod source;
 pub mod unpack;
 
@@ -63,6 +65,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The signature policy refuses the image (or cannot be evaluated).
+    #[error("signature policy: {0}")]
+    Policy(String),
     /// An encrypted layer cannot be decrypted (no key fits, wrong key, altered layer).
     #[error("decryption: {0}")]
     Decrypt(String),

@@ -102,6 +102,10 @@ pub type KeyFuture<'a> = std::pin::Pin<
 /// How to pull.
 #[derive(Clone, Default)]
 pub struct PullOptions {
+    /// The signature policy; `None` accepts any image (the report says so).
+    pub policy: Option<Arc<crate::signature::Policy>>,
+    /// Where simple-signing signatures are looked up.
+    pub registries_d: Arc<crate::signature::RegistriesD>,
     /// Keys for encrypted layers.
     pub keys: Arc<Keyring>,
     /// Where key-encryption keys named by layers come from.
@@ -137,6 +141,8 @@ pub struct PullReport {
     pub cached_layers: usize,
     /// Entries and bytes unpacked.
     pub totals: Totals,
+    /// What the signature policy decided (`None`: no policy was given).
+    pub policy: Option<crate::signature::Decision>,
 }
 
 #[derive(Deserialize)]
@@ -438,6 +444,26 @@ pub async fn pull(
     let (manifest_fetched, manifest, index_digest) = resolve(&source, &opts.platform).await?;
     tracing::info!(image = %image, manifest = %manifest_fetched.digest, "manifest resolved");
 
+    // The policy decides on the top-level manifest digest (an index's, when the reference names
+    // one: it binds the platform manifest by digest) before any blob is requested.
+    let decision = match &opts.policy {
+        Some(policy) => {
+            let top = index_digest.as_deref().unwrap_or(&manifest_fetched.digest);
+            let d = crate::signature::check(
+                policy,
+                &opts.registries_d,
+                image,
+                &source,
+                top,
+                opts.key_broker.as_deref(),
+            )
+            .await?;
+            tracing::info!(image = %image, scope = %d.scope, satisfied = ?d.satisfied, "signature policy satisfied");
+            Some(d)
+        }
+        None => None,
+    };
+
     let config_bytes = source.small_blob(&manifest.config).await?;
     let config: ConfigDoc = serde_json::from_slice(&config_bytes)
         .map_err(|e| Error::Manifest(format!("image config {}: {e}", manifest.config.digest)))?;
@@ -598,5 +624,6 @@ pub async fn pull(
         layers: manifest.layers.len(),
         cached_layers,
         totals,
+        policy: decision,
     })
 }

@@ -131,6 +131,8 @@ pub enum Source {
         reference: Reference,
         /// Its credentials.
         auth: RegistryAuth,
+        /// Plain HTTP (for the requests made beside `oci-client`).
+        plain_http: bool,
     },
     /// An OCI image layout directory.
     Layout {
@@ -167,6 +169,7 @@ impl Source {
                     client: Client::new(config),
                     reference: reference.clone(),
                     auth: opts.auth.auth_for(reference)?,
+                    plain_http: opts.plain_http,
                 }
             }
             ImageRef::Layout { dir, name } => Self::Layout {
@@ -187,6 +190,7 @@ impl Source {
                 client,
                 reference,
                 auth,
+                ..
             } => {
                 let (bytes, _) = client
                     .pull_manifest_raw(reference, auth, MANIFEST_TYPES)
@@ -248,6 +252,7 @@ impl Source {
                 client,
                 reference,
                 auth,
+                ..
             } => {
                 let r = Reference::with_digest(
                     reference.registry().to_string(),
@@ -340,6 +345,99 @@ impl Source {
             }
         }
         Ok(())
+    }
+
+    /// The manifest at `tag` of the same repository (cosign's `sha256-<hex>.sig`), or `None`
+    /// when the tag does not exist. Layouts have none.
+    pub async fn tag_manifest(&self, tag: &str) -> Result<Option<Vec<u8>>, Error> {
+        let Self::Registry {
+            client,
+            reference,
+            auth,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let r = Reference::with_tag(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            tag.to_string(),
+        );
+        match client
+            .pull_manifest_raw(&r, auth, &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE])
+            .await
+        {
+            Ok((bytes, _)) => {
+                if bytes.len() > MAX_JSON {
+                    return Err(Error::Limit(format!(
+                        "manifest {tag} is over {MAX_JSON} bytes"
+                    )));
+                }
+                Ok(Some(bytes.to_vec()))
+            }
+            Err(oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_)) => {
+                Ok(None)
+            }
+            Err(oci_client::errors::OciDistributionError::RegistryError { envelope, .. })
+                if envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        oci_client::errors::OciErrorCode::ManifestUnknown
+                            | oci_client::errors::OciErrorCode::NotFound
+                    )
+                }) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(registry_err(e)),
+        }
+    }
+
+    /// Simple-signing signatures from the registry's signature extension API
+    /// (`GET /extensions/v2/<repo>/signatures/<digest>`); none when the registry lacks it.
+    pub async fn extension_signatures(&self, digest_str: &str) -> Result<Vec<Vec<u8>>, Error> {
+        let Self::Registry {
+            reference,
+            plain_http,
+            ..
+        } = self
+        else {
+            return Ok(Vec::new());
+        };
+        let scheme = if *plain_http { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{}/extensions/v2/{}/signatures/{digest_str}",
+            reference.resolve_registry(),
+            reference.repository()
+        );
+        let resp = match reqwest::get(&url).await {
+            Ok(r) => r,
+            Err(e) => return Err(Error::Registry(format!("{url}: {e}"))),
+        };
+        if !resp.status().is_success() {
+            return Ok(Vec::new());
+        }
+        #[derive(Deserialize)]
+        struct Sigs {
+            signatures: Vec<Sig>,
+        }
+        #[derive(Deserialize)]
+        struct Sig {
+            #[serde(default)]
+            r#type: String,
+            content: String,
+        }
+        let body: Sigs = resp
+            .json()
+            .await
+            .map_err(|e| Error::Registry(format!("{url}: {e}")))?;
+        Ok(body
+            .signatures
+            .into_iter()
+            .filter(|s| s.r#type.is_empty() || s.r#type == "atomic")
+            .filter_map(|s| STANDARD.decode(s.content).ok())
+            .collect())
     }
 
     /// The local path of a blob when the source is a layout (no copy needed).

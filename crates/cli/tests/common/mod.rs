@@ -1,0 +1,256 @@
+//! Shared by the image tests: `coffer` runs, a real `docker-registry` on loopback, OCI layouts
+//! written by the test, and skopeo.
+
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::Write,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub fn coffer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A `docker-registry` process on a free loopback port, killed on drop.
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("registry.log");
+        let child = Command::new("docker-registry")
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("docker-registry must be installed (scripts/test installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Blob requests (GET) the registry served, from its access log.
+    pub fn blob_gets(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+pub fn sha(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// An OCI image layout being written.
+pub struct Layout {
+    pub dir: PathBuf,
+    manifests: Vec<Value>,
+}
+
+impl Layout {
+    pub fn new(dir: &Path) -> Self {
+        fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            manifests: Vec::new(),
+        }
+    }
+
+    fn blob(&self, bytes: &[u8]) -> String {
+        let d = sha(bytes);
+        fs::write(
+            self.dir
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+            bytes,
+        )
+        .unwrap();
+        d
+    }
+
+    /// Adds an image of gzip layers (each a list of tar entries); returns the manifest descriptor.
+    pub fn image(
+        &mut self,
+        layers: &[Vec<u8>],
+        arch: &str,
+        diff_id_override: Option<&str>,
+    ) -> Value {
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for tar in layers {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(tar).unwrap();
+            let gz = gz.finish().unwrap();
+            diff_ids.push(diff_id_override.map(str::to_string).unwrap_or(sha(tar)));
+            descs.push(json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": self.blob(&gz), "size": gz.len()
+            }));
+        }
+        let config = serde_json::to_vec(&json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/hello"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": self.blob(&config), "size": config.len()},
+            "layers": descs
+        }))
+        .unwrap();
+        json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": self.blob(&manifest), "size": manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"}
+        })
+    }
+
+    pub fn tag(&mut self, desc: Value, tag: &str) {
+        let mut d = desc;
+        d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+        self.manifests.push(d);
+        self.write_index();
+    }
+
+    /// Tags an index of the given manifests.
+    pub fn tag_index(&mut self, manifests: &[Value], tag: &str) {
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests
+        }))
+        .unwrap();
+        let desc = json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": self.blob(&index), "size": index.len()
+        });
+        self.tag(desc, tag);
+    }
+
+    fn write_index(&self) {
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": self.manifests})).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+/// A tar of (path, content or symlink target, kind).
+pub fn tar(entries: &[(&str, &str, char)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content, kind) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        match kind {
+            'd' => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+            'l' => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, path, content).unwrap();
+            }
+            _ => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(if *kind == 'x' { 0o755 } else { 0o644 });
+                h.set_size(content.len() as u64);
+                b.append_data(&mut h, path, content.as_bytes()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+pub fn skopeo_push(src: &str, dest: &str, all: bool) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if all {
+        cmd.arg("--all");
+    }
+    let out = cmd
+        .args([src, dest])
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo must be installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let ok = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl {args:?}");
+}
