@@ -92,7 +92,8 @@ struct PullArgs {
     /// Talk to the registry over plain HTTP instead of HTTPS.
     #[arg(long)]
     plain_http: bool,
-    /// Registry credentials in the containers auth.json format.
+    /// Registry credentials in the containers auth.json format: a file, or a KBS resource
+    /// (kbs:///repo/type/tag, with --kbs).
     #[arg(long)]
     authfile: Option<PathBuf>,
     /// Keep verified blobs in this content-addressed cache.
@@ -286,7 +287,16 @@ async fn encrypt(a: EncryptArgs) -> anyhow::Result<()> {
 
 async fn pull(a: PullArgs) -> anyhow::Result<()> {
     let image = ImageRef::parse(&a.image)?;
-    let auth = auth_file(&a.authfile)?;
+    let authfile_in_kbs = a
+        .authfile
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .filter(|p| p.starts_with("kbs:///"))
+        .map(str::to_string);
+    let mut auth = match authfile_in_kbs {
+        Some(_) => AuthFile::default(),
+        None => auth_file(&a.authfile)?,
+    };
     let progress: Option<Arc<dyn Progress>> = if a.quiet {
         None
     } else {
@@ -323,7 +333,15 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        if let Some(uri) = &authfile_in_kbs {
+            let bytes = client.get_resource(uri).await.with_context(|| {
+                format!("cannot get the registry credentials {uri} from the KBS")
+            })?;
+            auth = AuthFile::parse(&bytes).with_context(|| uri.to_string())?;
+        }
         key_broker = Some(Arc::new(KbsBroker(client)));
+    } else if let Some(uri) = &authfile_in_kbs {
+        anyhow::bail!("--authfile {uri} needs --kbs");
     }
     let policy = match &a.policy {
         Some(p) => Some(Arc::new(coffer_image::signature::Policy::parse(

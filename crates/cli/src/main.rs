@@ -3,6 +3,7 @@
 mod attest;
 mod image;
 mod kbs;
+mod secret;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     Attest(attest::AttestArgs),
     /// Pull images into root filesystems.
     Image(image::ImageArgs),
+    /// Seal and unseal secrets (upstream sealed-secret format).
+    Secret(secret::SecretArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -73,6 +76,7 @@ fn run() -> anyhow::Result<()> {
         Command::Kbs(args) => runtime.block_on(kbs::run(args)),
         Command::Attest(args) => runtime.block_on(attest::run(args)),
         Command::Image(args) => runtime.block_on(image::run(args)),
+        Command::Secret(args) => runtime.block_on(secret::run(args)),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

@@ -1,29 +1,17 @@
-//! Encrypted images whose keys the KBS releases only after attestation: a real coffer-kbs on
-//! loopback (sample TEE), `coffer image encrypt --kbs-kek`, and `coffer image pull --kbs`.
+//! What the guest gets from the KBS after attestation: layer keys of encrypted images
+//! (`coffer image encrypt --kbs-kek`, `coffer image pull --kbs`), registry credentials
+//! (`--authfile kbs:///…` against a registry requiring basic auth) and sealed secrets
+//! (`coffer secret seal` / `unseal`). A real coffer-kbs on loopback (sample TEE).
+
+mod common;
 
 use std::{fs, io::Write, path::Path, process::Command};
 
 use coffer_kbs::{server, Config, Kbs};
 use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
-fn coffer(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_coffer"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
-fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
+use common::{coffer, sha};
 
 /// A one-layer OCI layout tagged `v1` holding `secret/data`.
 fn layout(dir: &Path) {
@@ -64,10 +52,9 @@ fn layout(dir: &Path) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn layer_keys_come_from_the_kbs_after_attestation() {
-    let dir = tempfile::tempdir().unwrap();
-    let w = dir.path().to_path_buf();
+/// Starts a coffer-kbs (sample TEE allowed) in this process; returns its URL, an admin client and
+/// the server task.
+async fn start_kbs(w: &Path) -> (String, AdminClient, tokio::task::JoinHandle<()>) {
     let (admin_private, admin_public) = generate_admin_key().unwrap();
     fs::write(w.join("admin.pub"), admin_public).unwrap();
     let kbs = Kbs::new(Config {
@@ -87,20 +74,29 @@ async fn layer_keys_come_from_the_kbs_after_attestation() {
     });
     let admin =
         AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
+    (url, admin, server)
+}
+
+/// The CLI runs beside the in-process KBS, off the runtime's threads.
+async fn run(args: Vec<String>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        coffer(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn layer_keys_come_from_the_kbs_after_attestation() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().to_path_buf();
+    let (url, admin, server) = start_kbs(&w).await;
 
     layout(&w.join("plain"));
     let kek: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7)).collect();
     fs::write(w.join("kek.bin"), &kek).unwrap();
     let kid = "kbs:///default/image-key/app";
     let image = format!("oci:{}:v1", w.join("enc").display());
-    // The CLI runs beside the in-process KBS, off the runtime's threads.
-    let run = |args: Vec<String>| async move {
-        tokio::task::spawn_blocking(move || {
-            coffer(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
-        .await
-        .unwrap()
-    };
     let (ok, _, stderr) = run(vec![
         "image".into(),
         "encrypt".into(),
@@ -165,5 +161,148 @@ async fn layer_keys_come_from_the_kbs_after_attestation() {
         .unwrap();
     let (ok, _, stderr) = run(pull("r4")).await;
     assert!(!ok && stderr.contains("does not unwrap"), "{stderr}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_credentials_from_a_file_or_the_kbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().to_path_buf();
+    let hash = bcrypt::hash("s3cret-pass", 4).unwrap();
+    let reg = common::Registry::start_with_auth(Some(&format!("puller:{hash}")));
+    layout(&w.join("plain"));
+    let image = format!("docker://{}/private/app:v1", reg.addr);
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "puller:s3cret-pass",
+        ])
+        .arg(format!("oci:{}:v1", w.join("plain").display()))
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let auth_json = json!({"auths": {reg.addr.clone(): {"auth": base64_of("puller:s3cret-pass")}}});
+    fs::write(w.join("auth.json"), auth_json.to_string()).unwrap();
+    let pull = |rootfs: &str, extra: &[&str]| {
+        let mut v: Vec<String> = ["image", "pull", "--quiet", "--plain-http"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend([
+            image.clone(),
+            "--rootfs".into(),
+            w.join(rootfs).display().to_string(),
+        ]);
+        v
+    };
+
+    // Anonymous: refused by the registry, one clear line.
+    let (ok, _, stderr) = run(pull("anon", &[])).await;
+    assert!(!ok && stderr.trim_end().lines().count() == 1, "{stderr}");
+    assert!(!w.join("anon").exists());
+    // From a file.
+    let authfile = w.join("auth.json").display().to_string();
+    let (ok, _, stderr) = run(pull("file", &["--authfile", &authfile])).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        fs::read_to_string(w.join("file/secret/data")).unwrap(),
+        "confidential"
+    );
+    // From the KBS, released after attestation.
+    let (url, admin, server) = start_kbs(&w).await;
+    admin
+        .set_resource("default/registry/auth", auth_json.to_string().into_bytes())
+        .await
+        .unwrap();
+    let (ok, _, stderr) = run(pull(
+        "via-kbs",
+        &[
+            "--kbs",
+            &url,
+            "--attester",
+            "sample",
+            "--authfile",
+            "kbs:///default/registry/auth",
+        ],
+    ))
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(w.join("via-kbs/secret/data").exists());
+    server.abort();
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sealed_secrets_open_only_with_the_kbs_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().to_path_buf();
+    let (url, admin, server) = start_kbs(&w).await;
+    let kek: Vec<u8> = (0..32u8).collect();
+    fs::write(w.join("kek.bin"), &kek).unwrap();
+    fs::write(w.join("secret.txt"), "db-password").unwrap();
+    let (ok, sealed, stderr) = run(vec![
+        "secret".into(),
+        "seal".into(),
+        "--key-id".into(),
+        "kbs:///default/sealing/k1".into(),
+        "--kek-file".into(),
+        w.join("kek.bin").display().to_string(),
+        "--file".into(),
+        w.join("secret.txt").display().to_string(),
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    let sealed = sealed.trim().to_string();
+    assert!(sealed.starts_with("sealed.") && !sealed.contains("db-password"));
+    let unseal = |s: String| {
+        vec![
+            "secret".to_string(),
+            "unseal".into(),
+            "--kbs".into(),
+            url.clone(),
+            "--attester".into(),
+            "sample".into(),
+            s,
+        ]
+    };
+    // The KBS does not hold the key: refused.
+    let (ok, _, stderr) = run(unseal(sealed.clone())).await;
+    assert!(
+        !ok && stderr.contains("kbs:///default/sealing/k1"),
+        "{stderr}"
+    );
+    admin.set_resource("default/sealing/k1", kek).await.unwrap();
+    let (ok, plain, stderr) = run(unseal(sealed.clone())).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(plain, "db-password");
+    // Vault secrets are the resource itself.
+    admin
+        .set_resource("default/secret/api", b"api-token".to_vec())
+        .await
+        .unwrap();
+    let (ok, vault, _) = run(vec![
+        "secret".into(),
+        "seal".into(),
+        "--vault".into(),
+        "kbs:///default/secret/api".into(),
+    ])
+    .await;
+    assert!(ok);
+    let (ok, plain, stderr) = run(unseal(vault.trim().to_string())).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(plain, "api-token");
     server.abort();
 }

@@ -45,6 +45,11 @@ impl Drop for Registry {
 
 impl Registry {
     pub fn start() -> Self {
+        Self::start_with_auth(None)
+    }
+
+    /// A registry that requires HTTP basic auth from an htpasswd (bcrypt) line `user:hash`.
+    pub fn start_with_auth(htpasswd: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -53,14 +58,19 @@ impl Registry {
             .port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(line) = htpasswd {
+            let file = dir.path().join("htpasswd");
+            fs::write(&file, format!("{line}\n")).unwrap();
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: coffer-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        fs::write(&config, text).unwrap();
         let log = dir.path().join("registry.log");
         let child = Command::new("docker-registry")
             .args(["serve", config.to_str().unwrap()])
