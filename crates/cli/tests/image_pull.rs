@@ -470,3 +470,68 @@ fn encrypted_images_from_skopeo_and_coffer_decrypt_with_the_right_key_only() {
     );
     assert!(!w.join("altered").exists());
 }
+
+#[test]
+fn hostile_and_oversized_layers_are_refused_or_confined() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let victim = w.join("victim");
+    fs::write(&victim, "intact").unwrap();
+    let mut layout = Layout::new(&w.join("layout"));
+    // A symlink out of the rootfs, then a file through it: lands inside.
+    let escape = layout.image(
+        &[tar(&[
+            ("out", w.to_str().unwrap(), 'l'),
+            ("out/victim", "owned", 'f'),
+        ])],
+        "amd64",
+        None,
+    );
+    layout.tag(escape, "escape");
+    // A gzip bomb: 64 MiB of zeros in one file.
+    let zeros = "\0".repeat(64 << 20);
+    let bomb = layout.image(&[tar(&[("zeros", &zeros, 'f')])], "amd64", None);
+    layout.tag(bomb, "bomb");
+    let src = |t: &str| format!("oci:{}:{t}", layout.dir.display());
+
+    let r = w.join("r-escape");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        &src("escape"),
+        "--rootfs",
+        r.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "intact");
+    assert_eq!(
+        fs::read_to_string(r.join(w.strip_prefix("/").unwrap()).join("victim")).unwrap(),
+        "owned"
+    );
+
+    let r = w.join("r-bomb");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--max-bytes",
+        "1048576",
+        &src("bomb"),
+        "--rootfs",
+        r.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("limit reached"), "{stderr}");
+    assert!(!r.exists());
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--max-entries",
+        "0",
+        &src("escape"),
+        "--rootfs",
+        r.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("limit reached"), "{stderr}");
+}

@@ -615,6 +615,32 @@ mod tests {
     }
 
     #[test]
+    fn extended_attributes_from_pax_records_are_applied() {
+        let t = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("SCHILY.xattr.user.coffer", &b"layer-value"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let mut totals = Totals::default();
+        LayerUnpacker::new(t.path(), Limits::default(), &mut totals)
+            .apply(&bytes[..])
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match rustix::fs::lgetxattr(t.path().join("f"), "user.coffer", &mut buf) {
+            Ok(n) => assert_eq!(&buf[..n], b"layer-value"),
+            // A filesystem without user xattrs: the unpack must still have succeeded.
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
     fn limits_stop_entry_floods_and_bombs() {
         let t = tempfile::tempdir().unwrap();
         let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
