@@ -28,6 +28,15 @@ enum ImageCommand {
     Encrypt(EncryptArgs),
     /// Sign an image: GPG simple signing (lookaside store) or a cosign key (`.sig` tag).
     Sign(SignArgs),
+    /// Generate a cosign key pair (PREFIX.key, encrypted as cosign and skopeo read it; PREFIX.pub).
+    GenerateCosignKey {
+        /// Output prefix.
+        #[arg(long)]
+        output_prefix: PathBuf,
+        /// File holding the passphrase [default: COSIGN_PASSWORD].
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -47,10 +56,15 @@ struct SignArgs {
         required_unless_present = "cosign_key"
     )]
     gpg_key: Option<String>,
-    /// Sign with this cosign key (unencrypted PEM EC P-256/P-384 private key).
+    /// Sign with this cosign key (an encrypted cosign/sigstore key file, or a PEM EC P-256/P-384
+    /// private key).
     #[arg(long)]
     cosign_key: Option<PathBuf>,
-    /// registries.d directory naming the lookaside store GPG signatures are written to.
+    /// File holding the cosign key's passphrase [default: COSIGN_PASSWORD].
+    #[arg(long, requires = "cosign_key")]
+    passphrase_file: Option<PathBuf>,
+    /// registries.d directory naming the lookaside store GPG signatures are written to [default:
+    /// ~/.config/containers/registries.d, else /etc/containers/registries.d].
     #[arg(long)]
     registries_d: Option<PathBuf>,
 }
@@ -111,7 +125,8 @@ struct PullArgs {
     /// Signature policy (containers-policy.json); without one any image is accepted.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Directory of registries.d YAML files naming signature lookaside stores.
+    /// Directory of registries.d YAML files naming signature lookaside stores [default:
+    /// ~/.config/containers/registries.d, else /etc/containers/registries.d].
     #[arg(long)]
     registries_d: Option<PathBuf>,
     /// A private key (PEM: PKCS#8, SEC 1 or PKCS#1; EC or RSA) for JWE-wrapped layer keys;
@@ -196,7 +211,40 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
         ImageCommand::Pull(a) => pull(*a).await,
         ImageCommand::Encrypt(a) => encrypt(a).await,
         ImageCommand::Sign(a) => sign(a).await,
+        ImageCommand::GenerateCosignKey {
+            output_prefix,
+            passphrase_file,
+        } => {
+            let pass = passphrase(&passphrase_file)?
+                .context("give the passphrase in COSIGN_PASSWORD or with --passphrase-file")?;
+            let (private, public) = coffer_image::cosign_key::generate(&pass)?;
+            let key = PathBuf::from(format!("{}.key", output_prefix.display()));
+            let pub_path = PathBuf::from(format!("{}.pub", output_prefix.display()));
+            write_new(&key, private.as_bytes(), 0o600)?;
+            write_new(&pub_path, public.as_bytes(), 0o644)?;
+            println!("{}\n{}", key.display(), pub_path.display());
+            Ok(())
+        }
     }
+}
+
+/// registries.d: the directory given, else the first of the user's and the system's that exists
+/// (`~/.config/containers/registries.d`, `/etc/containers/registries.d`), as skopeo looks.
+fn registries_d(dir: &Option<PathBuf>) -> anyhow::Result<coffer_image::signature::RegistriesD> {
+    if let Some(d) = dir {
+        return Ok(coffer_image::signature::RegistriesD::load(d)?);
+    }
+    let user =
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/containers/registries.d"));
+    for d in user
+        .into_iter()
+        .chain([PathBuf::from("/etc/containers/registries.d")])
+    {
+        if d.is_dir() {
+            return Ok(coffer_image::signature::RegistriesD::load(&d)?);
+        }
+    }
+    Ok(Default::default())
 }
 
 fn auth_file(path: &Option<PathBuf>) -> anyhow::Result<AuthFile> {
@@ -208,6 +256,35 @@ fn auth_file(path: &Option<PathBuf>) -> anyhow::Result<AuthFile> {
     })
 }
 
+/// A passphrase from a file (trailing newline dropped) or COSIGN_PASSWORD.
+fn passphrase(file: &Option<PathBuf>) -> anyhow::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
+    if let Some(p) = file {
+        let mut v = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            v.pop();
+        }
+        return Ok(Some(zeroize::Zeroizing::new(v)));
+    }
+    Ok(
+        std::env::var_os("COSIGN_PASSWORD")
+            .map(|v| zeroize::Zeroizing::new(v.into_encoded_bytes())),
+    )
+}
+
+/// Creates `path` (refusing to overwrite) with `mode`.
+fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 async fn sign(a: SignArgs) -> anyhow::Result<()> {
     let image = ImageRef::parse(&a.image)?;
     let opts = SourceOptions {
@@ -215,10 +292,7 @@ async fn sign(a: SignArgs) -> anyhow::Result<()> {
         auth: auth_file(&a.authfile)?,
     };
     if let Some(fpr) = &a.gpg_key {
-        let registries = match &a.registries_d {
-            Some(d) => coffer_image::signature::RegistriesD::load(d)?,
-            None => Default::default(),
-        };
+        let registries = registries_d(&a.registries_d)?;
         let path = coffer_image::sign::sign_gpg(&image, &opts, &registries, fpr)
             .await
             .with_context(|| format!("cannot sign {image}"))?;
@@ -227,9 +301,11 @@ async fn sign(a: SignArgs) -> anyhow::Result<()> {
         let pem = zeroize::Zeroizing::new(
             std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
         );
-        let tag = coffer_image::sign::sign_cosign(&image, &opts, &pem)
-            .await
-            .with_context(|| format!("cannot sign {image}"))?;
+        let pass = passphrase(&a.passphrase_file)?;
+        let tag =
+            coffer_image::sign::sign_cosign(&image, &opts, &pem, pass.as_deref().map(|p| &p[..]))
+                .await
+                .with_context(|| format!("cannot sign {image}"))?;
         println!("{tag}");
     }
     Ok(())
@@ -349,10 +425,7 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
-    let registries_d = match &a.registries_d {
-        Some(d) => coffer_image::signature::RegistriesD::load(d)?,
-        None => Default::default(),
-    };
+    let registries_d = registries_d(&a.registries_d)?;
     let opts = PullOptions {
         policy,
         registries_d: Arc::new(registries_d),

@@ -316,4 +316,62 @@ fn sigstore_signed_policies_accept_cosign_signatures_by_the_trusted_key() {
     assert!(ok, "{stderr}");
     let (ok, _, stderr) = pull(w, &other, "other", &["--policy", &policy_s]);
     assert!(!ok && stderr.contains("does not verify"), "{stderr}");
+
+    // A key pair in cosign's encrypted format (what cosign and skopeo read), then signed with it.
+    fs::write(w.join("pass"), "hunter2\n").unwrap();
+    let prefix = w.join("ck").display().to_string();
+    let pass = w.join("pass").display().to_string();
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "generate-cosign-key",
+        "--output-prefix",
+        &prefix,
+        "--passphrase-file",
+        &pass,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(fs::read_to_string(w.join("ck.key"))
+        .unwrap()
+        .contains("ENCRYPTED SIGSTORE PRIVATE KEY"));
+    fs::write(w.join("wrong"), "nope").unwrap();
+    let wrong = w.join("wrong").display().to_string();
+    let key = w.join("ck.key").display().to_string();
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "sign",
+        "--plain-http",
+        "--cosign-key",
+        &key,
+        "--passphrase-file",
+        &wrong,
+        &other,
+    ]);
+    assert!(!ok && stderr.contains("wrong passphrase"), "{stderr}");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "sign",
+        "--plain-http",
+        "--cosign-key",
+        &key,
+        "--passphrase-file",
+        &pass,
+        &other,
+    ]);
+    assert!(ok, "{stderr}");
+    let policy2 = w.join("policy2.json");
+    fs::write(
+        &policy2,
+        format!(
+            r#"{{"default": [{{"type": "sigstoreSigned", "keyPath": "{}"}}]}}"#,
+            w.join("ck.pub").display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = pull(
+        w,
+        &other,
+        "other2",
+        &["--policy", policy2.to_str().unwrap()],
+    );
+    assert!(ok, "{stderr}");
 }

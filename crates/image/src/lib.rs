@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod cosign_key;
 pub mod crypt;
 pub mod digest;
 pub mod encrypt;

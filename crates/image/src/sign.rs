@@ -116,29 +116,37 @@ pub async fn sign_gpg(
     Err(Error::Limit(format!("{image} already has 64 signatures")))
 }
 
-/// Signs with a cosign key (PEM EC P-256 or P-384 private key, PKCS#8 or SEC 1) and pushes the
-/// signature to `sha256-<hex>.sig`, keeping signatures already there. Returns that tag.
+/// Signs with a cosign key — an encrypted cosign/sigstore key file (opened with `passphrase`)
+/// or a PEM EC P-256/P-384 private key (PKCS#8 or SEC 1) — and pushes the signature to
+/// `sha256-<hex>.sig`, keeping signatures already there. Returns that tag.
 pub async fn sign_cosign(
     image: &ImageRef,
     opts: &SourceOptions,
     key_pem: &[u8],
+    passphrase: Option<&[u8]>,
 ) -> Result<String, Error> {
     let r = docker(image)?;
     let block =
         pem::parse(key_pem).map_err(|_| Error::Policy("the cosign key is not PEM".into()))?;
-    if block.tag().contains("ENCRYPTED") {
-        return Err(Error::Unsupported(
-            "encrypted cosign keys; give an unencrypted PEM EC private key".into(),
-        ));
-    }
+    let der = if [crate::cosign_key::LABEL, crate::cosign_key::OLD_LABEL].contains(&block.tag()) {
+        let pass = passphrase.ok_or_else(|| {
+            Error::Policy(
+                "the cosign key is encrypted: give its passphrase (COSIGN_PASSWORD or --passphrase-file)"
+                    .into(),
+            )
+        })?;
+        crate::cosign_key::decrypt(key_pem, pass)?
+    } else {
+        zeroize::Zeroizing::new(block.contents().to_vec())
+    };
     let key = [
         &ECDSA_P256_SHA256_ASN1_SIGNING,
         &ECDSA_P384_SHA384_ASN1_SIGNING,
     ]
     .iter()
     .find_map(|alg| {
-        EcdsaKeyPair::from_pkcs8(alg, block.contents())
-            .or_else(|_| EcdsaKeyPair::from_private_key_der(alg, block.contents()))
+        EcdsaKeyPair::from_pkcs8(alg, &der)
+            .or_else(|_| EcdsaKeyPair::from_private_key_der(alg, &der))
             .ok()
     })
     .ok_or_else(|| {

@@ -52,6 +52,9 @@ pub struct AuthFile {
 struct AuthEntry {
     #[serde(default)]
     auth: Option<String>,
+    /// A bearer token for the registry itself.
+    #[serde(default)]
+    registrytoken: Option<String>,
 }
 
 impl std::fmt::Debug for AuthFile {
@@ -71,8 +74,8 @@ impl AuthFile {
     }
 
     /// The credentials for `reference`: the most specific key among `registry/repo/…`,
-    /// `registry/repo`, `registry` (with or without scheme or a `/v1/` suffix); anonymous when
-    /// none matches.
+    /// `registry/repo`, `registry` (with or without scheme or a `/v1/` suffix) gives a bearer
+    /// token (`registrytoken`) or basic credentials (`auth`); anonymous when none matches.
     pub fn auth_for(&self, reference: &Reference) -> Result<RegistryAuth, Error> {
         let normalize = |k: &str| {
             k.trim_start_matches("https://")
@@ -91,6 +94,9 @@ impl AuthFile {
         let Some((key, entry)) = best else {
             return Ok(RegistryAuth::Anonymous);
         };
+        if let Some(token) = &entry.registrytoken {
+            return Ok(RegistryAuth::Bearer(token.clone()));
+        }
         let Some(auth) = &entry.auth else {
             return Ok(RegistryAuth::Anonymous);
         };
@@ -472,5 +478,9 @@ mod tests {
         let r: Reference = "elsewhere.example/x:v1".parse().unwrap();
         assert!(matches!(a.auth_for(&r).unwrap(), RegistryAuth::Anonymous));
         assert!(!format!("{a:?}").contains(&user));
+        let t = AuthFile::parse(br#"{"auths": {"reg.example:5000": {"registrytoken": "tok"}}}"#)
+            .unwrap();
+        let r: Reference = "reg.example:5000/x:v1".parse().unwrap();
+        assert!(matches!(t.auth_for(&r).unwrap(), RegistryAuth::Bearer(b) if b == "tok"));
     }
 }
