@@ -306,3 +306,79 @@ async fn sealed_secrets_open_only_with_the_kbs_key() {
     assert_eq!(plain, "api-token");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_keys_can_be_kbs_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().to_path_buf();
+    let reg = common::Registry::start();
+    layout(&w.join("plain"));
+    let image = format!("docker://{}/team/app:v1", reg.addr);
+    common::skopeo_push(
+        &format!("oci:{}:v1", w.join("plain").display()),
+        &image,
+        false,
+    );
+    common::openssl(
+        &w,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "c.key",
+        ],
+    );
+    common::openssl(&w, &["ec", "-in", "c.key", "-pubout", "-out", "c.pub"]);
+    let (ok, _, stderr) = run(vec![
+        "image".into(),
+        "sign".into(),
+        "--plain-http".into(),
+        "--cosign-key".into(),
+        w.join("c.key").display().to_string(),
+        image.clone(),
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    fs::write(
+        w.join("policy.json"),
+        r#"{"default": [{"type": "sigstoreSigned", "keyPath": "kbs:///default/keys/cosign-pub"}]}"#,
+    )
+    .unwrap();
+    let (url, admin, server) = start_kbs(&w).await;
+    let pull = |rootfs: &str| {
+        vec![
+            "image".to_string(),
+            "pull".into(),
+            "--quiet".into(),
+            "--plain-http".into(),
+            "--policy".into(),
+            w.join("policy.json").display().to_string(),
+            "--kbs".into(),
+            url.clone(),
+            "--attester".into(),
+            "sample".into(),
+            image.clone(),
+            "--rootfs".into(),
+            w.join(rootfs).display().to_string(),
+        ]
+    };
+    // The KBS does not hold the key: fail closed.
+    let (ok, _, stderr) = run(pull("r1")).await;
+    assert!(
+        !ok && stderr.contains("kbs:///default/keys/cosign-pub"),
+        "{stderr}"
+    );
+    admin
+        .set_resource(
+            "default/keys/cosign-pub",
+            fs::read(w.join("c.pub")).unwrap(),
+        )
+        .await
+        .unwrap();
+    let (ok, _, stderr) = run(pull("r2")).await;
+    assert!(ok, "{stderr}");
+    server.abort();
+}
