@@ -281,19 +281,8 @@ fn serde_json_pretty<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    coffer_fsutil::write_atomic(path, bytes, 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 async fn bench(

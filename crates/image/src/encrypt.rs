@@ -147,18 +147,10 @@ fn put_layout_blob(dir: &Path, bytes: &[u8], d: &str) -> Result<(), Error> {
     )
 }
 
-/// Writes `path` through a synced temporary file renamed into place.
+/// Writes `path` durably (synced temporary file renamed into place), mode 0644.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(Error::io(format!("cannot write in {}", dir.display())))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(Error::io(format!("cannot write {}", path.display())))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io(format!("cannot write {}", path.display()))(e.error))?;
-    Ok(())
+    coffer_fsutil::write_atomic(path, bytes, 0o644)
+        .map_err(Error::io(format!("cannot write {}", path.display())))
 }
 
 /// Copies `src` to `dst`, encrypting every layer not yet encrypted. Returns the new manifest's

@@ -572,32 +572,13 @@ pub async fn check(
                         "{image} has no signature (policy {scope} requires signedBy)"
                     )));
                 }
-                let mut why = Vec::new();
-                let mut ok = false;
-                for s in &sigs {
-                    match verify_gpg(s, &rings)
+                let payloads = sigs.iter().map(|s| {
+                    verify_gpg(s, &rings)
                         .and_then(|p| parse_payload(&p, "atomic container signature"))
-                    {
-                        Ok(p) if p.digest != digest => why.push(format!(
-                            "a signature is for manifest {}, not {digest}",
-                            p.digest
-                        )),
-                        Ok(p) if !identity_ok(&id, r, &p.reference) => why.push(format!(
-                            "a signature names {}, which does not match {}",
-                            p.reference,
-                            r.whole()
-                        )),
-                        Ok(_) => {
-                            ok = true;
-                            break;
-                        }
-                        Err(e) => why.push(e),
-                    }
-                }
-                if !ok {
+                });
+                if let Err(why) = first_valid(payloads, digest, &id, r) {
                     return Err(deny(format!(
-                        "{image}: no valid signature ({}; policy {scope})",
-                        why.join("; ")
+                        "{image}: no valid signature ({why}; policy {scope})"
                     )));
                 }
                 satisfied.push("signedBy".into());
@@ -623,34 +604,16 @@ pub async fn check(
                         "{image} has no cosign signature (policy {scope} requires sigstoreSigned)"
                     )));
                 }
-                let mut why = Vec::new();
-                let mut ok = false;
-                for (payload, sig) in &sigs {
-                    if !keys.iter().any(|k| verify_cosign(payload, sig, k)) {
-                        why.push("a signature does not verify with the policy's keys".to_string());
-                        continue;
+                let payloads = sigs.iter().map(|(payload, sig)| {
+                    if keys.iter().any(|k| verify_cosign(payload, sig, k)) {
+                        parse_payload(payload, "cosign container image signature")
+                    } else {
+                        Err("a signature does not verify with the policy's keys".to_string())
                     }
-                    match parse_payload(payload, "cosign container image signature") {
-                        Ok(p) if p.digest != digest => why.push(format!(
-                            "a signature is for manifest {}, not {digest}",
-                            p.digest
-                        )),
-                        Ok(p) if !identity_ok(&id, r, &p.reference) => why.push(format!(
-                            "a signature names {}, which does not match {}",
-                            p.reference,
-                            r.whole()
-                        )),
-                        Ok(_) => {
-                            ok = true;
-                            break;
-                        }
-                        Err(e) => why.push(e),
-                    }
-                }
-                if !ok {
+                });
+                if let Err(why) = first_valid(payloads, digest, &id, r) {
                     return Err(deny(format!(
-                        "{image}: no valid cosign signature ({}; policy {scope})",
-                        why.join("; ")
+                        "{image}: no valid cosign signature ({why}; policy {scope})"
                     )));
                 }
                 satisfied.push("sigstoreSigned".into());
@@ -658,6 +621,33 @@ pub async fn check(
         }
     }
     Ok(Decision { scope, satisfied })
+}
+
+/// Succeeds at the first cryptographically valid payload that names `digest` and an identity
+/// `id` accepts for `r`; otherwise says why each failed.
+fn first_valid(
+    payloads: impl Iterator<Item = Result<Payload, String>>,
+    digest: &str,
+    id: &Identity,
+    r: &oci_client::Reference,
+) -> Result<(), String> {
+    let mut why = Vec::new();
+    for p in payloads {
+        match p {
+            Ok(p) if p.digest != digest => why.push(format!(
+                "a signature is for manifest {}, not {digest}",
+                p.digest
+            )),
+            Ok(p) if !identity_ok(id, r, &p.reference) => why.push(format!(
+                "a signature names {}, which does not match {}",
+                p.reference,
+                r.whole()
+            )),
+            Ok(_) => return Ok(()),
+            Err(e) => why.push(e),
+        }
+    }
+    Err(why.join("; "))
 }
 
 /// Simple-signing signatures: the lookaside store when one is configured, else the registry's

@@ -45,25 +45,10 @@ pub fn generate_self_signed(names: Vec<String>, cert: &Path, key: &Path) -> anyh
     write_private(key, ck.signing_key.serialize_pem().as_bytes())
 }
 
-/// Writes a private file atomically with mode 0600.
+/// Writes a private file atomically and durably with mode 0600.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Some(d) = dir {
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
+    coffer_fsutil::write_atomic(path, bytes, 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Serves `kbs` on `listener` until the process ends.
