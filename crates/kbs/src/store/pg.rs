@@ -69,31 +69,36 @@ impl PgStore {
         Ok(row.map(|r| r.get::<Vec<u8>, _>(0)))
     }
 
-    pub(super) async fn put_resource(&self, path: &str, value: &[u8]) -> Result<(), StoreError> {
+    /// Runs one change and bumps the store generation in one transaction; returns the rows
+    /// affected.
+    async fn change(
+        &self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO coffer_resources (path, value) VALUES ($1, $2) \
-             ON CONFLICT (path) DO UPDATE SET value = EXCLUDED.value",
-        )
-        .bind(path)
-        .bind(value)
-        .execute(&mut *tx)
-        .await?;
+        let n = q.execute(&mut *tx).await?.rows_affected();
         Self::bump(&mut tx).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(n)
+    }
+
+    pub(super) async fn put_resource(&self, path: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.change(
+            sqlx::query(
+                "INSERT INTO coffer_resources (path, value) VALUES ($1, $2) \
+                 ON CONFLICT (path) DO UPDATE SET value = EXCLUDED.value",
+            )
+            .bind(path)
+            .bind(value),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub(super) async fn delete_resource(&self, path: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query("DELETE FROM coffer_resources WHERE path = $1")
-            .bind(path)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        Self::bump(&mut tx).await?;
-        tx.commit().await?;
-        Ok(n > 0)
+        self.change(sqlx::query("DELETE FROM coffer_resources WHERE path = $1").bind(path))
+            .await
+            .map(|n| n > 0)
     }
 
     pub(super) async fn get_policy(&self, kind: PolicyKind) -> Result<Option<String>, StoreError> {
@@ -105,18 +110,16 @@ impl PgStore {
     }
 
     pub(super) async fn put_policy(&self, kind: PolicyKind, text: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO coffer_policies (kind, text) VALUES ($1, $2) \
-             ON CONFLICT (kind) DO UPDATE SET text = EXCLUDED.text",
+        self.change(
+            sqlx::query(
+                "INSERT INTO coffer_policies (kind, text) VALUES ($1, $2) \
+                 ON CONFLICT (kind) DO UPDATE SET text = EXCLUDED.text",
+            )
+            .bind(kind.key())
+            .bind(text),
         )
-        .bind(kind.key())
-        .bind(text)
-        .execute(&mut *tx)
-        .await?;
-        Self::bump(&mut tx).await?;
-        tx.commit().await?;
-        Ok(())
+        .await
+        .map(|_| ())
     }
 
     pub(super) async fn reference_values(&self) -> Result<ReferenceValues, StoreError> {
@@ -152,15 +155,9 @@ impl PgStore {
     }
 
     pub(super) async fn delete_reference_value(&self, name: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query("DELETE FROM coffer_reference_values WHERE name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        Self::bump(&mut tx).await?;
-        tx.commit().await?;
-        Ok(n > 0)
+        self.change(sqlx::query("DELETE FROM coffer_reference_values WHERE name = $1").bind(name))
+            .await
+            .map(|n| n > 0)
     }
 
     pub(super) async fn token_key(
