@@ -161,6 +161,56 @@ async fn layer_keys_come_from_the_kbs_after_attestation() {
         .unwrap();
     let (ok, _, stderr) = run(pull("r4")).await;
     assert!(!ok && stderr.contains("does not unwrap"), "{stderr}");
+
+    // A JWE recipient whose private key only the KBS holds: --key fetches it after attestation.
+    common::openssl(
+        &w,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "r.pem",
+        ],
+    );
+    common::openssl(&w, &["ec", "-in", "r.pem", "-pubout", "-out", "r.pub"]);
+    let jwe_image = format!("oci:{}:v1", w.join("enc-jwe").display());
+    let (ok, _, stderr) = run(vec![
+        "image".into(),
+        "encrypt".into(),
+        "--recipient".into(),
+        format!("jwe:{}", w.join("r.pub").display()),
+        format!("oci:{}:v1", w.join("plain").display()),
+        jwe_image.clone(),
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    admin
+        .set_resource("default/image-key/priv", fs::read(w.join("r.pem")).unwrap())
+        .await
+        .unwrap();
+    let (ok, _, stderr) = run(vec![
+        "image".into(),
+        "pull".into(),
+        "--quiet".into(),
+        "--kbs".into(),
+        url.clone(),
+        "--attester".into(),
+        "sample".into(),
+        "--key".into(),
+        "kbs:///default/image-key/priv".into(),
+        jwe_image,
+        "--rootfs".into(),
+        w.join("r5").display().to_string(),
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        fs::read_to_string(w.join("r5/secret/data")).unwrap(),
+        "confidential"
+    );
     server.abort();
 }
 

@@ -148,6 +148,50 @@ fn images_pushed_by_skopeo_pull_into_a_correct_rootfs() {
     );
     assert!(!r5.exists());
 
+    // Docker schema 2 media types (skopeo --format v2s2) and a zstd layer.
+    let v2s2 = format!("docker://{}/test/docker:v1", reg.addr);
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            "v2s2",
+        ])
+        .args([&format!("{src}:v1"), &v2s2])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r7 = work.path().join("r7");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        "--plain-http",
+        &v2s2,
+        "--rootfs",
+        r7.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(fs::read_to_string(r7.join("etc/motd")).unwrap(), "updated");
+    let zst = layout.image_compressed(&[tar(&[("z", "zstd content", 'f')])], "amd64", None, true);
+    layout.tag(zst, "zstd");
+    let r8 = work.path().join("r8");
+    let (ok, _, stderr) = coffer(&[
+        "image",
+        "pull",
+        "--quiet",
+        &format!("{src}:zstd"),
+        "--rootfs",
+        r8.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(fs::read_to_string(r8.join("z")).unwrap(), "zstd content");
+
     // HTTPS is the default: a plain-HTTP registry is not silently accepted.
     let r6 = work.path().join("r6");
     let (ok, _, stderr) = coffer(&[

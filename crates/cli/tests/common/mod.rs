@@ -142,16 +142,37 @@ impl Layout {
         arch: &str,
         diff_id_override: Option<&str>,
     ) -> Value {
+        self.image_compressed(layers, arch, diff_id_override, false)
+    }
+
+    /// As `image`, with zstd instead of gzip when `zstd`.
+    pub fn image_compressed(
+        &mut self,
+        layers: &[Vec<u8>],
+        arch: &str,
+        diff_id_override: Option<&str>,
+        zstd: bool,
+    ) -> Value {
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
         for tar in layers {
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            gz.write_all(tar).unwrap();
-            let gz = gz.finish().unwrap();
+            let (blob, media_type) = if zstd {
+                (
+                    zstd::encode_all(&tar[..], 3).unwrap(),
+                    "application/vnd.oci.image.layer.v1.tar+zstd",
+                )
+            } else {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(tar).unwrap();
+                (
+                    gz.finish().unwrap(),
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                )
+            };
             diff_ids.push(diff_id_override.map(str::to_string).unwrap_or(sha(tar)));
             descs.push(json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": self.blob(&gz), "size": gz.len()
+                "mediaType": media_type,
+                "digest": self.blob(&blob), "size": blob.len()
             }));
         }
         let config = serde_json::to_vec(&json!({
