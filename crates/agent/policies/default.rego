@@ -1,0 +1,40 @@
+# Coffer's built-in agent policy: the container lifecycle and log reads are allowed; exec, writes
+# to a container's stdin, file copies and policy changes are denied. A policy.rego in the
+# initdata replaces this one entirely. Any request without a rule is denied.
+package agent_policy
+
+import rego.v1
+
+default CreateSandboxRequest := true
+
+default DestroySandboxRequest := true
+
+default CreateContainerRequest := true
+
+default StartContainerRequest := true
+
+default RemoveContainerRequest := true
+
+default WaitProcessRequest := true
+
+default SignalProcessRequest := true
+
+default ReadStreamRequest := true
+
+default CloseStdinRequest := true
+
+default TtyWinResizeRequest := true
+
+default StatsContainerRequest := true
+
+default ListContainersRequest := true
+
+default GetGuestDetailsRequest := true
+
+default ExecProcessRequest := false
+
+default WriteStreamRequest := false
+
+default CopyFileRequest := false
+
+default SetPolicyRequest := false

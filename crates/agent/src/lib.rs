@@ -1,0 +1,11 @@
+//! `coffer-agent`: the only trusted process the untrusted host talks to.
+//!
+//! Built so far: the agent policy ([`policy`]): Rego (regorus), package `agent_policy`, one rule
+//! per request name with the full request as `input`, a default that denies exec, stdin writes,
+//! file copies and policy changes, replaced only by the `policy.rego` of the attested initdata;
+//! every decision is audited. The gRPC API, containers and in-guest attestation come next.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod policy;

@@ -1,0 +1,240 @@
+//! The agent policy: package `agent_policy`, one boolean rule per request name
+//! (`CreateContainerRequest`, `ExecProcessRequest`, …), evaluated with the whole request as
+//! `input`. A request is allowed only when its rule is exactly `true`: a missing rule, an
+//! undefined result, any other value or an evaluation error denies it.
+//!
+//! The policy comes from the initdata (`policy.rego`), whose digest the TEE evidence binds, or is
+//! the built-in [`DEFAULT_POLICY`]. `SetPolicy` replaces it only where the policy in force allows
+//! `SetPolicyRequest` for that request. Every decision goes to the audit sink.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use regorus::{Engine, Value as RegoValue};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The built-in policy.
+pub const DEFAULT_POLICY: &str = include_str!("../policies/default.rego");
+
+/// The policy package.
+pub const PACKAGE: &str = "data.agent_policy";
+
+/// A policy problem.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The text is not a valid agent policy.
+    #[error("invalid agent policy: {0}")]
+    Invalid(String),
+    /// The request was denied; the message names it.
+    #[error("denied by policy: {0}")]
+    Denied(String),
+}
+
+/// Where decisions are recorded (the guest's audit stream).
+pub trait Audit: Send + Sync {
+    /// One decision, as a JSON object.
+    fn record(&self, entry: Value);
+}
+
+/// An audit sink that keeps entries in memory (tests, and as a ring for GetGuestDetails).
+#[derive(Default)]
+pub struct MemoryAudit(pub Mutex<Vec<Value>>);
+
+impl Audit for MemoryAudit {
+    fn record(&self, entry: Value) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
+    }
+}
+
+/// A compiled policy.
+struct Compiled {
+    engine: Engine,
+    id: String,
+}
+
+impl Compiled {
+    fn new(text: &str) -> Result<Self, PolicyError> {
+        let mut engine = Engine::new();
+        let package = engine
+            .add_policy("policy.rego".into(), text.to_string())
+            .map_err(|e| PolicyError::Invalid(e.to_string()))?;
+        if package != PACKAGE {
+            return Err(PolicyError::Invalid(format!(
+                "package is {package:?}; it must be `package agent_policy`"
+            )));
+        }
+        // A trial evaluation prepares the engine (each request then clones it warm) and catches
+        // conflicts early.
+        let _ = engine.eval_rule(format!("{PACKAGE}.GetGuestDetailsRequest"));
+        Ok(Self {
+            engine,
+            id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
+        })
+    }
+
+    fn allows(&self, request: &str, input: &Value) -> Result<bool, String> {
+        let mut engine = self.engine.clone();
+        engine.set_input(RegoValue::from(input.clone()));
+        match engine.eval_rule(format!("{PACKAGE}.{request}")) {
+            Ok(v) => Ok(v == RegoValue::from(true)),
+            Err(e) if e.to_string().contains("not a valid rule path") => {
+                Err(format!("the policy has no rule {request}"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// The policy in force, replaceable by an allowed `SetPolicy`.
+pub struct AgentPolicy {
+    current: RwLock<Arc<Compiled>>,
+    audit: Arc<dyn Audit>,
+}
+
+impl AgentPolicy {
+    /// The policy from the initdata's `policy.rego` when present, else the default.
+    pub fn new(initdata_policy: Option<&str>, audit: Arc<dyn Audit>) -> Result<Self, PolicyError> {
+        let compiled = Compiled::new(initdata_policy.unwrap_or(DEFAULT_POLICY))?;
+        Ok(Self {
+            current: RwLock::new(Arc::new(compiled)),
+            audit,
+        })
+    }
+
+    /// `sha256:<hex>` of the policy in force.
+    pub fn id(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .id
+            .clone()
+    }
+
+    /// Allows or denies `request` (e.g. `ExecProcessRequest`) with `input` (the full request);
+    /// the decision is audited. Denials name the request.
+    pub fn check(&self, request: &str, input: &Value) -> Result<(), PolicyError> {
+        let compiled = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (allowed, why) = match compiled.allows(request, input) {
+            Ok(a) => (a, None),
+            Err(e) => (false, Some(e)),
+        };
+        self.audit.record(json!({
+            "request": request,
+            "decision": if allowed { "allow" } else { "deny" },
+            "policy": compiled.id,
+            "error": why,
+        }));
+        if allowed {
+            tracing::debug!(request, "allowed by policy");
+            Ok(())
+        } else {
+            tracing::info!(request, "denied by policy");
+            Err(PolicyError::Denied(request.to_string()))
+        }
+    }
+
+    /// Replaces the policy with `text` if the policy in force allows this `SetPolicyRequest`
+    /// (`input` = `{"policy": text}`) and `text` is a valid agent policy.
+    pub fn set(&self, text: &str) -> Result<(), PolicyError> {
+        self.check("SetPolicyRequest", &json!({ "policy": text }))?;
+        let compiled = Arc::new(Compiled::new(text)?);
+        let id = compiled.id.clone();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+        self.audit
+            .record(json!({"request": "SetPolicyRequest", "policy_now": id}));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: Option<&str>) -> (AgentPolicy, Arc<MemoryAudit>) {
+        let audit = Arc::new(MemoryAudit::default());
+        (AgentPolicy::new(text, audit.clone()).unwrap(), audit)
+    }
+
+    #[test]
+    fn the_default_allows_the_lifecycle_and_denies_exec_writes_copies_and_changes() {
+        let (p, audit) = policy(None);
+        for ok in [
+            "CreateSandboxRequest",
+            "CreateContainerRequest",
+            "StartContainerRequest",
+            "ReadStreamRequest",
+            "WaitProcessRequest",
+            "RemoveContainerRequest",
+        ] {
+            p.check(ok, &json!({})).unwrap();
+        }
+        for denied in [
+            "ExecProcessRequest",
+            "WriteStreamRequest",
+            "CopyFileRequest",
+            "SetPolicyRequest",
+            "SomethingNewRequest",
+        ] {
+            let e = p.check(denied, &json!({})).unwrap_err();
+            assert_eq!(e.to_string(), format!("denied by policy: {denied}"));
+        }
+        assert!(p
+            .set("package agent_policy\ndefault ExecProcessRequest := true\n")
+            .is_err());
+        let log = audit.0.lock().unwrap();
+        assert_eq!(log.len(), 12);
+        assert_eq!(log[6]["decision"], "deny");
+        assert!(log[10]["error"].as_str().unwrap().contains("no rule"));
+    }
+
+    #[test]
+    fn initdata_policies_replace_the_default_and_see_the_request() {
+        let text = r#"package agent_policy
+import rego.v1
+default ExecProcessRequest := false
+ExecProcessRequest if input.process.args == ["/bin/date"]
+default SetPolicyRequest := false
+SetPolicyRequest if contains(input.policy, "allow-all-exec")
+default GetGuestDetailsRequest := true
+"#;
+        let (p, _) = policy(Some(text));
+        p.check(
+            "ExecProcessRequest",
+            &json!({"process": {"args": ["/bin/date"]}}),
+        )
+        .unwrap();
+        assert!(p
+            .check(
+                "ExecProcessRequest",
+                &json!({"process": {"args": ["/bin/sh"]}})
+            )
+            .is_err());
+        // Not in this policy: denied although the default would allow it.
+        assert!(p.check("CreateContainerRequest", &json!({})).is_err());
+        // SetPolicy only as the policy in force allows.
+        assert!(p
+            .set("package agent_policy\ndefault ExecProcessRequest := true\n")
+            .is_err());
+        let before = p.id();
+        p.set("package agent_policy\n# allow-all-exec\ndefault ExecProcessRequest := true\n")
+            .unwrap();
+        assert_ne!(p.id(), before);
+        p.check(
+            "ExecProcessRequest",
+            &json!({"process": {"args": ["/bin/sh"]}}),
+        )
+        .unwrap();
+        // A non-boolean or wrong package is refused.
+        assert!(
+            AgentPolicy::new(Some("package other\n"), Arc::new(MemoryAudit::default())).is_err()
+        );
+        let (odd, _) = policy(Some(
+            "package agent_policy\nExecProcessRequest := \"yes\"\n",
+        ));
+        assert!(odd.check("ExecProcessRequest", &json!({})).is_err());
+    }
+}
