@@ -2,6 +2,7 @@
 
 mod attest;
 mod image;
+mod initdata;
 mod kbs;
 mod secret;
 
@@ -30,6 +31,8 @@ enum Command {
     Image(image::ImageArgs),
     /// Seal and unseal secrets (upstream sealed-secret format).
     Secret(secret::SecretArgs),
+    /// Write initdata and print its digest.
+    Initdata(initdata::InitdataArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -77,6 +80,7 @@ fn run() -> anyhow::Result<()> {
         Command::Attest(args) => runtime.block_on(attest::run(args)),
         Command::Image(args) => runtime.block_on(image::run(args)),
         Command::Secret(args) => runtime.block_on(secret::run(args)),
+        Command::Initdata(args) => initdata::run(args),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

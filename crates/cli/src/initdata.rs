@@ -1,0 +1,146 @@
+//! `coffer initdata …`: write a complete initdata document, print its digest.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+/// `coffer initdata` arguments.
+#[derive(Args)]
+pub struct InitdataArgs {
+    #[command(subcommand)]
+    command: InitdataCommand,
+}
+
+#[derive(Subcommand)]
+enum InitdataCommand {
+    /// Print a complete initdata (TOML): the KBS the guest attests to, image keys, the agent
+    /// policy (default: the built-in one), the workload owner's and log recipient's keys.
+    New {
+        /// The KBS the guest attests to.
+        #[arg(long)]
+        kbs_url: String,
+        /// A KBS resource holding an image decryption key (kbs:///repo/type/tag); repeatable.
+        #[arg(long = "image-key")]
+        image_keys: Vec<String>,
+        /// Agent policy (Rego, package agent_policy) [default: the built-in policy].
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// The workload owner's public key (PEM), for owner-signed exec.
+        #[arg(long)]
+        owner_key: Option<PathBuf>,
+        /// The public key (PEM) container logs are sealed to.
+        #[arg(long)]
+        log_recipient: Option<PathBuf>,
+        /// Digest algorithm: sha256, sha384 or sha512.
+        #[arg(long, default_value = "sha384")]
+        algorithm: String,
+    },
+    /// Print the digest (hex) of an initdata file under its declared algorithm: what SNP
+    /// HOST_DATA, TDX MRCONFIGID and the KBS's `init_data` reference value hold.
+    Digest {
+        /// The initdata file.
+        file: PathBuf,
+    },
+}
+
+fn read(p: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+/// Runs `coffer initdata …`.
+pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
+    match args.command {
+        InitdataCommand::Digest { file } => {
+            let text = read(&file)?;
+            let digest = coffer_wire::initdata::digest(&text)
+                .with_context(|| format!("{}", file.display()))?;
+            println!("{}", hex::encode(digest));
+            Ok(())
+        }
+        InitdataCommand::New {
+            kbs_url,
+            image_keys,
+            policy,
+            owner_key,
+            log_recipient,
+            algorithm,
+        } => {
+            if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
+                bail!("--kbs-url {kbs_url}: use http(s)://HOST:PORT");
+            }
+            for k in &image_keys {
+                coffer_cdh::ResourceUri::parse(k).with_context(|| format!("--image-key {k}"))?;
+            }
+            let policy_text = match &policy {
+                Some(p) => read(p)?,
+                None => coffer_agent::policy::DEFAULT_POLICY.to_string(),
+            };
+            // Refuse a policy the agent would refuse at start.
+            coffer_agent::policy::AgentPolicy::new(
+                Some(&policy_text),
+                std::sync::Arc::new(coffer_agent::policy::MemoryAudit::default()),
+            )
+            .context("--policy")?;
+            let mut aa = toml::Table::new();
+            aa.insert(
+                "token_configs".into(),
+                toml::Value::Table(toml::Table::from_iter([(
+                    "kbs".to_string(),
+                    toml::Value::Table(toml::Table::from_iter([(
+                        "url".to_string(),
+                        toml::Value::String(kbs_url.clone()),
+                    )])),
+                )])),
+            );
+            let mut cdh = toml::Table::new();
+            cdh.insert(
+                "kbc".into(),
+                toml::Value::Table(toml::Table::from_iter([
+                    ("name".to_string(), toml::Value::String("cc_kbc".into())),
+                    ("url".to_string(), toml::Value::String(kbs_url)),
+                ])),
+            );
+            if !image_keys.is_empty() {
+                cdh.insert(
+                    "image".into(),
+                    toml::Value::Table(toml::Table::from_iter([(
+                        "decryption_keys".to_string(),
+                        toml::Value::Array(
+                            image_keys.into_iter().map(toml::Value::String).collect(),
+                        ),
+                    )])),
+                );
+            }
+            let mut data = toml::Table::new();
+            data.insert("aa.toml".into(), toml::Value::String(toml::to_string(&aa)?));
+            data.insert(
+                "cdh.toml".into(),
+                toml::Value::String(toml::to_string(&cdh)?),
+            );
+            data.insert("policy.rego".into(), toml::Value::String(policy_text));
+            for (name, path) in [
+                ("owner-key.pem", &owner_key),
+                ("log-recipient.pem", &log_recipient),
+            ] {
+                if let Some(p) = path {
+                    let pem_text = read(p)?;
+                    pem::parse(&pem_text)
+                        .ok()
+                        .filter(|b| b.tag() == "PUBLIC KEY")
+                        .with_context(|| format!("{} is not a PEM public key", p.display()))?;
+                    data.insert(name.into(), toml::Value::String(pem_text));
+                }
+            }
+            let mut doc = toml::Table::new();
+            doc.insert("version".into(), toml::Value::String("0.1.0".into()));
+            doc.insert("algorithm".into(), toml::Value::String(algorithm));
+            doc.insert("data".into(), toml::Value::Table(data));
+            let text = toml::to_string(&doc)?;
+            // What we print must parse as initdata (algorithm checked here).
+            coffer_wire::initdata::Initdata::parse(&text)?;
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
