@@ -3,10 +3,13 @@
 //! Built so far: the agent policy ([`policy`]): Rego (regorus), package `agent_policy`, one rule
 //! per request name with the full request as `input`, a default that denies exec, stdin writes,
 //! file copies and policy changes, replaced only by the `policy.rego` of the attested initdata;
-//! every decision is audited. The gRPC API, containers and in-guest attestation come next.
+//! every decision is audited. The gRPC API ([`api`]) gates every request on it. At start the
+//! binary checks its initdata against HOST_DATA ([`startup`]) before serving. Containers and
+//! in-guest attestation come next (docs/agent.md).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod policy;
+pub mod startup;

@@ -46,6 +46,38 @@ impl Audit for MemoryAudit {
     }
 }
 
+/// An audit sink appending JSON lines to a file (flushed per decision).
+pub struct FileAudit(Mutex<std::fs::File>);
+
+impl FileAudit {
+    /// Opens (creating, appending) `path`.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        )))
+    }
+}
+
+impl Audit for FileAudit {
+    fn record(&self, mut entry: Value) {
+        use std::io::Write;
+        if let Some(m) = entry.as_object_mut() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            m.insert("time".into(), json!(now));
+        }
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if writeln!(f, "{entry}").and_then(|_| f.flush()).is_err() {
+            tracing::error!("cannot write the audit log");
+        }
+    }
+}
+
 /// A compiled policy.
 struct Compiled {
     engine: Engine,

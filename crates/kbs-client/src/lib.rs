@@ -27,7 +27,9 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 pub use admin::{generate_admin_key, AdminClient};
-pub use attester::{Attester, AttesterError, EmulatedSnpAttester, SampleAttester};
+pub use attester::{
+    Attester, AttesterError, EmulatedSnpAttester, PspChannelAttester, SampleAttester,
+};
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,74 @@
+//! `coffer-agent`: checks its initdata against HOST_DATA in its TEE's report, then serves the
+//! policy-gated agent API. It serves nothing when the check fails.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::Parser;
+use coffer_agent::{
+    api::{serve_unix, AgentService},
+    policy::{AgentPolicy, FileAudit},
+    startup::check_initdata,
+};
+
+/// The Coffer guest agent.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Where to serve the agent API: unix:PATH.
+    #[arg(long)]
+    listen: String,
+    /// The initdata (TOML) this guest was launched with.
+    #[arg(long)]
+    initdata: PathBuf,
+    /// The PSP channel (unix socket) the launcher provides (emulated SEV-SNP).
+    #[arg(long)]
+    psp_socket: PathBuf,
+    /// Audit log of policy decisions (JSON lines, appended).
+    #[arg(long)]
+    audit_log: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coffer-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let path = args
+        .listen
+        .strip_prefix("unix:")
+        .map(PathBuf::from)
+        .context("--listen: use unix:PATH")?;
+    let text = std::fs::read_to_string(&args.initdata)
+        .with_context(|| format!("cannot read {}", args.initdata.display()))?;
+    let evidence = coffer_psp::channel::request_evidence(&args.psp_socket, &[0u8; 64])
+        .map_err(anyhow::Error::msg)?;
+    let (initdata, digest) = check_initdata(&text, &evidence)?;
+    eprintln!(
+        "coffer-agent: EMULATED TEE: the emulated PSP gives no confidentiality (development only)"
+    );
+    let audit = Arc::new(FileAudit::open(&args.audit_log)?);
+    let policy = Arc::new(AgentPolicy::new(
+        initdata.data.get("policy.rego").map(String::as_str),
+        audit,
+    )?);
+    tracing::info!(initdata = %hex::encode(&digest), policy = %policy.id(), "initdata matches HOST_DATA; serving");
+    let service = AgentService::new(policy, hex::encode(&digest));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve_unix(&path, service))
+        .with_context(|| format!("cannot serve on {}", path.display()))
+}

@@ -1,0 +1,71 @@
+//! The channel through which a guest asks the emulated PSP for a report: a unix socket the
+//! launcher serves and hands to the guest alone. One JSON line in, one out:
+//! `{"report_data": "<128 hex>"}` → `{"evidence": {…SNP evidence…}}` or `{"error": "…"}`.
+//! The guest supplies only REPORT_DATA; MEASUREMENT and HOST_DATA are what the launcher set.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use crate::EmulatedPsp;
+
+fn answer(psp: &EmulatedPsp, line: &str) -> Value {
+    let rd = serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v["report_data"].as_str().and_then(|h| hex::decode(h).ok()))
+        .and_then(|b| <[u8; 64]>::try_from(b).ok());
+    match rd {
+        Some(rd) => match psp.evidence(&rd) {
+            Ok(e) => json!({ "evidence": e }),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+        None => json!({ "error": "expected {\"report_data\": \"<64 bytes as hex>\"}" }),
+    }
+}
+
+/// Serves reports from `psp` on `listener` until the listener fails; one thread per connection.
+pub fn serve(psp: Arc<EmulatedPsp>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let psp = psp.clone();
+        std::thread::spawn(move || {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+            let Ok(reader) = conn.try_clone() else { return };
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { return };
+                let mut out = answer(&psp, &line).to_string();
+                out.push('\n');
+                if conn.write_all(out.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Asks the PSP behind the socket at `path` for evidence carrying `report_data`.
+pub fn request_evidence(path: &Path, report_data: &[u8; 64]) -> Result<Value, String> {
+    let mut s = UnixStream::connect(path)
+        .map_err(|e| format!("cannot reach the PSP at {}: {e}", path.display()))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut req = json!({ "report_data": hex::encode(report_data) }).to_string();
+    req.push('\n');
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("PSP channel: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("PSP channel: {e}"))?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|_| "PSP channel: malformed answer".to_string())?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(format!("the PSP refused: {e}"));
+    }
+    Ok(v["evidence"].clone())
+}
