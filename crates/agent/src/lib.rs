@@ -12,4 +12,5 @@
 
 pub mod api;
 pub mod policy;
+pub mod sandbox;
 pub mod startup;

@@ -4,6 +4,7 @@ mod attest;
 mod image;
 mod initdata;
 mod kbs;
+mod measure;
 mod secret;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Command {
     Secret(secret::SecretArgs),
     /// Write initdata and print its digest.
     Initdata(initdata::InitdataArgs),
+    /// Print the reference values for a sandbox and initdata (set-reference-values format).
+    Measure(measure::MeasureArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -81,6 +84,7 @@ fn run() -> anyhow::Result<()> {
         Command::Image(args) => runtime.block_on(image::run(args)),
         Command::Secret(args) => runtime.block_on(secret::run(args)),
         Command::Initdata(args) => initdata::run(args),
+        Command::Measure(args) => measure::run(args),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

@@ -256,6 +256,11 @@ impl EmulatedPsp {
         format!("{}{}", self.ask_pem, self.ark_pem)
     }
 
+    /// The TCB this PSP reports.
+    pub fn tcb(&self) -> Tcb {
+        self.tcb
+    }
+
     /// The VCEK (DER).
     pub fn vcek_der(&self) -> &[u8] {
         &self.vcek_der

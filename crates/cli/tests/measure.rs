@@ -1,0 +1,131 @@
+//! `coffer measure` gives the reference values under which a KBS releases secrets to a process
+//! sandbox: the emulated PSP, set by the launcher (MEASUREMENT of the agent binary and launch
+//! configuration, HOST_DATA = initdata digest), answering the guest over its channel.
+
+mod common;
+
+use std::{os::unix::net::UnixListener, path::Path, sync::Arc};
+
+use coffer_jose::TeeKeyAlgorithm;
+use coffer_kbs::{server, Config, Kbs};
+use coffer_kbs_client::{
+    generate_admin_key, http_client, AdminClient, KbsClient, PspChannelAttester,
+};
+use coffer_psp::{EmulatedPsp, Launch};
+use coffer_wire::binding::fit_report_data;
+use common::coffer;
+
+const INITDATA: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault GetGuestDetailsRequest := true\\n\"\n";
+const OTHER: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault ExecProcessRequest := true\\n\"\n";
+
+/// What a launcher does: set MEASUREMENT and HOST_DATA, serve the channel.
+fn launch(psp_dir: &Path, sock: &Path, agent: &[u8], initdata: &str) {
+    let mut psp = EmulatedPsp::load(psp_dir).unwrap();
+    let mut host_data = [0u8; 32];
+    host_data.copy_from_slice(&fit_report_data(
+        &coffer_wire::initdata::digest(initdata).unwrap(),
+        32,
+    ));
+    psp.set_launch(Launch {
+        measurement: coffer_agent::sandbox::process_measurement(agent),
+        host_data,
+        ..Launch::default()
+    });
+    let listener = UnixListener::bind(sock).unwrap();
+    let psp = Arc::new(psp);
+    std::thread::spawn(move || coffer_psp::channel::serve(psp, listener));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn measured_reference_values_release_to_the_launched_sandbox_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let psp_dir = w.join("psp");
+    EmulatedPsp::load_or_generate(&psp_dir).unwrap();
+    // Any file stands for the agent binary here: the measurement covers its bytes.
+    let agent = w.join("coffer-agent");
+    std::fs::write(&agent, b"agent build 1").unwrap();
+    std::fs::write(w.join("initdata.toml"), INITDATA).unwrap();
+
+    let (ok, refs, stderr) = coffer(&[
+        "measure",
+        "--sandbox",
+        "process",
+        "--initdata",
+        w.join("initdata.toml").to_str().unwrap(),
+        "--agent",
+        agent.to_str().unwrap(),
+        "--psp-dir",
+        psp_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+
+    let (admin_private, admin_public) = generate_admin_key().unwrap();
+    std::fs::write(w.join("admin.pub"), admin_public).unwrap();
+    let kbs = Kbs::new(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: Some(w.join("kbs")),
+        insecure_http: true,
+        admin_public_key: vec![w.join("admin.pub")],
+        allow_emulated: true,
+        emulated_root: Some(psp_dir.join("roots.pem")),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let _ = server::serve(kbs, listener).await;
+    });
+    let admin =
+        AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
+    admin
+        .set_resource("default/image-keys/app", b"k".to_vec())
+        .await
+        .unwrap();
+    admin.set_reference_values(refs.as_bytes()).await.unwrap();
+
+    let guest = |sock: &Path, initdata: &str| {
+        KbsClient::new(
+            &url,
+            http_client(None).unwrap(),
+            Box::new(PspChannelAttester::new(sock.to_path_buf())),
+            TeeKeyAlgorithm::EcP256,
+        )
+        .unwrap()
+        .with_initdata(initdata.to_string())
+    };
+
+    // The measured launch gets the key.
+    let sock = w.join("psp-1.sock");
+    launch(&psp_dir, &sock, b"agent build 1", INITDATA);
+    let key = guest(&sock, INITDATA)
+        .get_resource("default/image-keys/app")
+        .await
+        .unwrap();
+    assert_eq!(&key[..], b"k");
+
+    // Another agent binary: another measurement, nothing released.
+    let sock = w.join("psp-2.sock");
+    launch(&psp_dir, &sock, b"agent build 2", INITDATA);
+    assert!(guest(&sock, INITDATA)
+        .get_resource("default/image-keys/app")
+        .await
+        .is_err());
+
+    // An initdata that was not registered (launched and presented consistently): nothing.
+    let sock = w.join("psp-3.sock");
+    launch(&psp_dir, &sock, b"agent build 1", OTHER);
+    assert!(guest(&sock, OTHER)
+        .get_resource("default/image-keys/app")
+        .await
+        .is_err());
+
+    // The registered initdata presented by a sandbox launched with another: HOST_DATA differs.
+    assert!(guest(&sock, INITDATA)
+        .get_resource("default/image-keys/app")
+        .await
+        .is_err());
+    task.abort();
+}
