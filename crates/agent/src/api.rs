@@ -2,15 +2,19 @@
 //! agent policy under its message name before anything happens. A denial is `PermissionDenied`
 //! naming the request ("denied by policy: ExecProcessRequest").
 //!
-//! Built so far: the policy gate on every request, `GetGuestDetails`, `SetPolicy` and
-//! `ListContainers`. Requests the policy allows but that are not built yet answer
-//! `Unimplemented`, saying so.
+//! Built so far: the policy gate on every request, `GetGuestDetails`, `SetPolicy`, and the
+//! container lifecycle (`CreateContainer`, `StartContainer`, `WaitProcess`, `SignalProcess`,
+//! `ReadStream`, `RemoveContainer`, `ListContainers`) on the OCI runtime. Requests the policy
+//! allows but that are not built yet answer `Unimplemented`, saying so.
 
 use std::{path::Path, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use crate::policy::{AgentPolicy, PolicyError};
+use crate::{
+    container::{ContainerError, Containers},
+    policy::{AgentPolicy, PolicyError},
+};
 
 /// Generated protobuf types and service traits.
 #[allow(missing_docs, clippy::all)]
@@ -27,14 +31,31 @@ pub const API_VERSION: &str = "coffer.agent.v1";
 pub struct AgentService {
     policy: Arc<AgentPolicy>,
     initdata_digest: String,
+    containers: Arc<Containers>,
+}
+
+fn status(e: ContainerError) -> Status {
+    match e {
+        ContainerError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ContainerError::NotFound(_) => Status::not_found(e.to_string()),
+        ContainerError::Exists(_) => Status::already_exists(e.to_string()),
+        ContainerError::Image(_) => Status::failed_precondition(e.to_string()),
+        ContainerError::Runtime(_) => Status::internal(e.to_string()),
+    }
 }
 
 impl AgentService {
-    /// A service enforcing `policy`, started with initdata of digest `initdata_digest` (hex).
-    pub fn new(policy: Arc<AgentPolicy>, initdata_digest: String) -> Self {
+    /// A service enforcing `policy`, started with initdata of digest `initdata_digest` (hex),
+    /// running `containers`.
+    pub fn new(
+        policy: Arc<AgentPolicy>,
+        initdata_digest: String,
+        containers: Arc<Containers>,
+    ) -> Self {
         Self {
             policy,
             initdata_digest,
+            containers,
         }
     }
 
@@ -75,17 +96,74 @@ agent_impl! {
     gated_not_built {
         create_sandbox(CreateSandboxRequest) -> Empty;
         destroy_sandbox(DestroySandboxRequest) -> Empty;
-        create_container(CreateContainerRequest) -> Empty;
-        start_container(StartContainerRequest) -> Empty;
-        remove_container(RemoveContainerRequest) -> Empty;
         exec_process(ExecProcessRequest) -> Empty;
-        wait_process(WaitProcessRequest) -> WaitProcessResponse;
-        signal_process(SignalProcessRequest) -> Empty;
-        read_stream(ReadStreamRequest) -> ReadStreamResponse;
         write_stream(WriteStreamRequest) -> WriteStreamResponse;
         close_stdin(CloseStdinRequest) -> Empty;
         tty_win_resize(TtyWinResizeRequest) -> Empty;
         stats_container(StatsContainerRequest) -> StatsContainerResponse;
+    }
+
+    async fn create_container(
+        &self,
+        r: Request<CreateContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("CreateContainerRequest", r.get_ref())?;
+        self.containers.create(r.get_ref()).await.map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn start_container(
+        &self,
+        r: Request<StartContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("StartContainerRequest", r.get_ref())?;
+        self.containers.start(&r.get_ref().container_id).map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn remove_container(
+        &self,
+        r: Request<RemoveContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("RemoveContainerRequest", r.get_ref())?;
+        self.containers.remove(&r.get_ref().container_id).await.map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_process(
+        &self,
+        r: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        self.check("WaitProcessRequest", r.get_ref())?;
+        if !r.get_ref().exec_id.is_empty() {
+            return not_built("WaitProcess for exec processes");
+        }
+        let status = self.containers.wait(&r.get_ref().container_id).await.map_err(status)?;
+        Ok(Response::new(WaitProcessResponse { status }))
+    }
+
+    async fn signal_process(
+        &self,
+        r: Request<SignalProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("SignalProcessRequest", r.get_ref())?;
+        let req = r.get_ref();
+        self.containers.signal(&req.container_id, req.signal).await.map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn read_stream(
+        &self,
+        r: Request<ReadStreamRequest>,
+    ) -> Result<Response<ReadStreamResponse>, Status> {
+        self.check("ReadStreamRequest", r.get_ref())?;
+        let req = r.get_ref();
+        let data = self
+            .containers
+            .read(&req.container_id, &req.stream, req.len.clamp(1, 1 << 20) as usize)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ReadStreamResponse { data }))
     }
 
     async fn list_containers(
@@ -93,8 +171,9 @@ agent_impl! {
         r: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
         self.check("ListContainersRequest", r.get_ref())?;
-        // No container can exist yet: CreateContainer is not built.
-        Ok(Response::new(ListContainersResponse::default()))
+        Ok(Response::new(ListContainersResponse {
+            container_ids: self.containers.list(),
+        }))
     }
 
     async fn get_guest_details(

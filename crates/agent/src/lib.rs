@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod container;
 pub mod policy;
 pub mod sandbox;
 pub mod startup;

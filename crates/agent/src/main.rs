@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use coffer_agent::{
     api::{serve_unix, AgentService},
+    container::Containers,
     policy::{AgentPolicy, FileAudit},
     startup::check_initdata,
 };
@@ -27,6 +28,15 @@ struct Args {
     /// Audit log of policy decisions (JSON lines, appended).
     #[arg(long)]
     audit_log: PathBuf,
+    /// Where container bundles are kept.
+    #[arg(long, default_value = "/run/coffer-agent")]
+    state_dir: PathBuf,
+    /// The OCI runtime.
+    #[arg(long, default_value = "runc")]
+    runtime: PathBuf,
+    /// Pull images over plain HTTP (development registries).
+    #[arg(long)]
+    plain_http: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,7 +75,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         audit,
     )?);
     tracing::info!(initdata = %hex::encode(&digest), policy = %policy.id(), "initdata matches HOST_DATA; serving");
-    let service = AgentService::new(policy, hex::encode(&digest));
+    let pull = coffer_image::PullOptions {
+        source: coffer_image::source::SourceOptions {
+            plain_http: args.plain_http,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let containers = Arc::new(Containers::new(
+        args.state_dir.clone(),
+        args.runtime.clone(),
+        pull,
+    ));
+    let service = AgentService::new(policy, hex::encode(&digest), containers);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

@@ -21,7 +21,12 @@ async fn start(
     let sock = dir.path().join("agent.sock");
     let audit = Arc::new(MemoryAudit::default());
     let policy = Arc::new(AgentPolicy::new(policy, audit.clone()).unwrap());
-    let service = AgentService::new(policy, "ab".repeat(48));
+    let containers = Arc::new(coffer_agent::container::Containers::new(
+        dir.path().join("bundles"),
+        "runc".into(),
+        Default::default(),
+    ));
+    let service = AgentService::new(policy, "ab".repeat(48), containers);
     let path = sock.clone();
     tokio::spawn(async move { serve_unix(&path, service).await.unwrap() });
     for _ in 0..100 {
@@ -77,12 +82,12 @@ async fn requests_pass_the_policy_gate_or_are_denied_by_name() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    // Allowed by policy but not built yet: said so, not pretended.
+    // Allowed by policy, then checked: an empty container id is refused.
     let e = c
         .create_container(CreateContainerRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::InvalidArgument);
     assert!(c
         .list_containers(ListContainersRequest {})
         .await

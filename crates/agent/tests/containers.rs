@@ -1,0 +1,150 @@
+//! Containers on the real OCI runtime (Debian's runc): an image with a static busybox, pulled by
+//! the agent from an OCI layout, run with the default spec; output, exit status, removal, and
+//! what the spec forbids (mounts, writes to a read-only rootfs).
+
+use std::{io::Write, path::Path};
+
+use coffer_agent::{api::proto::CreateContainerRequest, container::Containers};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn sha(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// An OCI layout tagged `v1`: /bin/busybox (static, from the host) with /bin/sh linking to it.
+fn busybox_layout(dir: &Path) {
+    let busybox = std::fs::read("/usr/bin/busybox")
+        .or_else(|_| std::fs::read("/bin/busybox"))
+        .expect("busybox-static must be installed (scripts/test installs it)");
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(busybox.len() as u64);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Regular);
+    t.append_data(&mut h, "bin/busybox", &busybox[..]).unwrap();
+    for (name, target) in [
+        ("bin/sh", "busybox"),
+        ("bin/mount", "busybox"),
+        ("bin/touch", "busybox"),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        t.append_link(&mut h, name, target).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(0o755);
+    t.append_data(&mut h, "mnt", &[][..]).unwrap();
+    let tar = t.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let blob = |b: &[u8]| {
+        let d = sha(b);
+        std::fs::write(dir.join("blobs/sha256").join(&d[7..]), b).unwrap();
+        d
+    };
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh", "-c", "echo default"], "Env": ["GREETING=hi"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]}}))
+    .unwrap();
+    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob(&gz), "size": gz.len()}]}))
+    .unwrap();
+    let md = blob(&manifest);
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md,
+            "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+        .unwrap(),
+    )
+    .unwrap();
+}
+
+async fn output(c: &Containers, id: &str, stream: &str) -> String {
+    let mut all = Vec::new();
+    loop {
+        let chunk = c.read(id, stream, 4096).await.unwrap();
+        if chunk.is_empty() {
+            return String::from_utf8(all).unwrap();
+        }
+        all.extend(chunk);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_run_under_runc_with_the_default_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_layout(&dir.path().join("layout"));
+    let image = format!("oci:{}:v1", dir.path().join("layout").display());
+    let c = Containers::new(
+        dir.path().join("bundles"),
+        "runc".into(),
+        Default::default(),
+    );
+    let suffix = std::process::id();
+    let id = format!("coffer-test-{suffix}");
+    let req = |id: &str, args: &[&str], read_only: bool| CreateContainerRequest {
+        container_id: id.into(),
+        image: image.clone(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        read_only_rootfs: read_only,
+        ..Default::default()
+    };
+
+    c.create(&req(
+        &id,
+        &["/bin/sh", "-c", "echo $GREETING; echo oops >&2; exit 3"],
+        false,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c.list(), vec![id.clone()]);
+    c.start(&id).unwrap();
+    assert_eq!(c.wait(&id).await.unwrap(), 3);
+    assert_eq!(output(&c, &id, "stdout").await, "hi\n");
+    assert_eq!(output(&c, &id, "stderr").await, "oops\n");
+    let bundle = c.bundle(&id).unwrap();
+    c.remove(&id).await.unwrap();
+    assert!(c.list().is_empty() && !bundle.exists());
+
+    // The default command comes from the image config.
+    let id2 = format!("coffer-test-{suffix}-2");
+    c.create(&req(&id2, &[], false)).await.unwrap();
+    c.start(&id2).unwrap();
+    assert_eq!(c.wait(&id2).await.unwrap(), 0);
+    assert_eq!(output(&c, &id2, "stdout").await, "default\n");
+    c.remove(&id2).await.unwrap();
+
+    // No mounts (seccomp and dropped capabilities), no writes to a read-only rootfs.
+    let id3 = format!("coffer-test-{suffix}-3");
+    c.create(&req(
+        &id3,
+        &[
+            "/bin/sh",
+            "-c",
+            "mount -t tmpfs none /mnt && echo mounted; touch /x && echo wrote; true",
+        ],
+        true,
+    ))
+    .await
+    .unwrap();
+    c.start(&id3).unwrap();
+    assert_eq!(c.wait(&id3).await.unwrap(), 0);
+    let out = output(&c, &id3, "stdout").await;
+    assert!(!out.contains("mounted") && !out.contains("wrote"), "{out}");
+    c.remove(&id3).await.unwrap();
+
+    // Bad ids and unknown containers are refused clearly.
+    assert!(c.create(&req("../x", &[], false)).await.is_err());
+    assert!(c.start("nope").is_err());
+}
