@@ -39,7 +39,9 @@ fn status(e: ContainerError) -> Status {
         ContainerError::Invalid(_) => Status::invalid_argument(e.to_string()),
         ContainerError::NotFound(_) => Status::not_found(e.to_string()),
         ContainerError::Exists(_) => Status::already_exists(e.to_string()),
-        ContainerError::Image(_) => Status::failed_precondition(e.to_string()),
+        ContainerError::Image(_) | ContainerError::Keys(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         ContainerError::Runtime(_) => Status::internal(e.to_string()),
     }
 }

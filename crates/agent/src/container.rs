@@ -93,6 +93,9 @@ pub enum ContainerError {
     /// Already exists.
     #[error("container {0} already exists")]
     Exists(String),
+    /// Image keys could not be had from the KBS (attestation or policy refused, or unreachable).
+    #[error("image keys: {0}")]
+    Keys(String),
     /// The image could not be pulled.
     #[error("cannot pull the image: {0}")]
     Image(#[from] coffer_image::Error),
@@ -120,11 +123,32 @@ struct Container {
     exit_tx: Option<watch::Sender<Option<i32>>>,
 }
 
+/// The KBS the agent attests to for image keys, on first need.
+pub struct KbsKeys {
+    /// The attested client (keeps its token).
+    pub client: Arc<coffer_kbs_client::KbsClient>,
+    /// Image key resources named by the initdata.
+    pub image_keys: Vec<String>,
+    keyring: tokio::sync::OnceCell<Arc<coffer_image::crypt::Keyring>>,
+}
+
+impl KbsKeys {
+    /// Keys from `client`'s KBS: `image_keys` fetched on first need, layer KEKs by their kid.
+    pub fn new(client: coffer_kbs_client::KbsClient, image_keys: Vec<String>) -> Self {
+        Self {
+            client: Arc::new(client),
+            image_keys,
+            keyring: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
 /// The containers of one sandbox.
 pub struct Containers {
     root: PathBuf,
     runtime: PathBuf,
     pull: PullOptions,
+    kbs: Option<KbsKeys>,
     map: Mutex<HashMap<String, Container>>,
     changed: watch::Sender<u64>,
 }
@@ -245,9 +269,35 @@ impl Containers {
             root,
             runtime,
             pull,
+            kbs: None,
             map: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// Takes image keys from a KBS (attesting on first need).
+    pub fn with_kbs(mut self, kbs: KbsKeys) -> Self {
+        self.kbs = Some(kbs);
+        self
+    }
+
+    /// The pull options for one image: with the KBS's keys when one is configured.
+    async fn pull_options(&self) -> Result<PullOptions> {
+        let mut opts = self.pull.clone();
+        if let Some(kbs) = &self.kbs {
+            let keyring = kbs
+                .keyring
+                .get_or_try_init(|| async {
+                    crate::keys::image_keyring(&kbs.client, &kbs.image_keys)
+                        .await
+                        .map(Arc::new)
+                })
+                .await
+                .map_err(ContainerError::Keys)?;
+            opts.keys = keyring.clone();
+            opts.key_broker = Some(Arc::new(crate::keys::Broker(kbs.client.clone())));
+        }
+        Ok(opts)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
@@ -275,11 +325,17 @@ impl Containers {
         }
         std::fs::create_dir_all(&bundle)
             .map_err(|e| ContainerError::Runtime(format!("cannot create the bundle: {e}")))?;
-        let report = match coffer_image::pull(&image, &bundle.join("rootfs"), &self.pull).await {
+        let pulled = match self.pull_options().await {
+            Ok(opts) => coffer_image::pull(&image, &bundle.join("rootfs"), &opts)
+                .await
+                .map_err(ContainerError::from),
+            Err(e) => Err(e),
+        };
+        let report = match pulled {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
-                return Err(e.into());
+                return Err(e);
             }
         };
         let spec = spec(id, &report.config, req);

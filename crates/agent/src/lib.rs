@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod container;
+pub mod keys;
 pub mod policy;
 pub mod sandbox;
 pub mod startup;

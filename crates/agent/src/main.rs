@@ -82,11 +82,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    let containers = Arc::new(Containers::new(
-        args.state_dir.clone(),
-        args.runtime.clone(),
-        pull,
-    ));
+    let mut containers = Containers::new(args.state_dir.clone(), args.runtime.clone(), pull);
+    let kbs = coffer_agent::keys::kbs_config(&initdata).map_err(anyhow::Error::msg)?;
+    if let Some(url) = &kbs.url {
+        // Attests with this TEE (the PSP channel) and the initdata, on first need.
+        let client = coffer_kbs_client::KbsClient::new(
+            url,
+            coffer_kbs_client::http_client(None)?,
+            Box::new(coffer_kbs_client::PspChannelAttester::new(
+                args.psp_socket.clone(),
+            )),
+            coffer_jose::TeeKeyAlgorithm::EcP256,
+        )?
+        .with_initdata(text.clone());
+        containers = containers.with_kbs(coffer_agent::container::KbsKeys::new(
+            client,
+            kbs.image_keys,
+        ));
+    }
+    let containers = Arc::new(containers);
     let service = AgentService::new(policy, hex::encode(&digest), containers);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,0 +1,106 @@
+//! Keys from the KBS, fetched by the agent after attesting with its own TEE and its initdata.
+//!
+//! The KBS is the one `aa.toml` names (`[token_configs.kbs] url`); the image keys are the
+//! resources `cdh.toml` lists (`[image] decryption_keys`). Attestation happens on first need and
+//! the token is kept (coffer-kbs-client); nothing is fetched before a container needs it.
+
+use std::sync::Arc;
+
+use coffer_image::{crypt::Keyring, pull::KeyBroker, pull::KeyFuture};
+use coffer_kbs_client::KbsClient;
+use coffer_wire::initdata::Initdata;
+
+/// The KBS and image keys an initdata names.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KbsConfig {
+    /// The KBS URL, if the initdata names one.
+    pub url: Option<String>,
+    /// KBS resources holding image decryption keys.
+    pub image_keys: Vec<String>,
+}
+
+/// Reads `aa.toml` and `cdh.toml` from the initdata.
+pub fn kbs_config(initdata: &Initdata) -> Result<KbsConfig, String> {
+    let table = |name: &str| -> Result<Option<toml::Table>, String> {
+        initdata
+            .data
+            .get(name)
+            .map(|t| toml::from_str::<toml::Table>(t).map_err(|e| format!("{name}: {e}")))
+            .transpose()
+    };
+    let mut cfg = KbsConfig::default();
+    if let Some(aa) = table("aa.toml")? {
+        cfg.url = aa
+            .get("token_configs")
+            .and_then(|t| t.get("kbs"))
+            .and_then(|k| k.get("url"))
+            .and_then(|u| u.as_str())
+            .map(str::to_string);
+    }
+    if let Some(cdh) = table("cdh.toml")? {
+        if cfg.url.is_none() {
+            cfg.url = cdh
+                .get("kbc")
+                .and_then(|k| k.get("url"))
+                .and_then(|u| u.as_str())
+                .map(str::to_string);
+        }
+        if let Some(keys) = cdh
+            .get("image")
+            .and_then(|i| i.get("decryption_keys"))
+            .and_then(|k| k.as_array())
+        {
+            for k in keys {
+                let k = k
+                    .as_str()
+                    .ok_or("cdh.toml: decryption_keys must be strings")?;
+                coffer_cdh::ResourceUri::parse(k).map_err(|e| e.to_string())?;
+                cfg.image_keys.push(k.to_string());
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// The attested KBS client as a key broker for image pulls.
+pub struct Broker(pub Arc<KbsClient>);
+
+impl KeyBroker for Broker {
+    fn get<'a>(&'a self, uri: &'a str) -> KeyFuture<'a> {
+        Box::pin(async move { self.0.get_resource(uri).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// Fetches the image keys: PEM private keys become JWE recipients, other resources
+/// key-encryption keys under their URI.
+pub async fn image_keyring(client: &KbsClient, uris: &[String]) -> Result<Keyring, String> {
+    let mut keys = Keyring::default();
+    for uri in uris {
+        let bytes = client
+            .get_resource(uri)
+            .await
+            .map_err(|e| format!("cannot get {uri} from the KBS: {e}"))?;
+        match coffer_jose::json::RecipientKey::from_pem(&bytes) {
+            Ok(k) => keys.private_keys.push(k),
+            Err(_) => {
+                keys.kbs_keks.insert(uri.clone(), bytes);
+            }
+        }
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kbs_and_image_keys_come_from_aa_and_cdh_toml() {
+        let text = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"aa.toml\" = \"[token_configs.kbs]\\nurl = \\\"http://kbs:8080\\\"\\n\"\n\"cdh.toml\" = \"[image]\\ndecryption_keys = [\\\"kbs:///default/k/1\\\"]\\n\"\n";
+        let cfg = kbs_config(&Initdata::parse(text).unwrap()).unwrap();
+        assert_eq!(cfg.url.as_deref(), Some("http://kbs:8080"));
+        assert_eq!(cfg.image_keys, vec!["kbs:///default/k/1".to_string()]);
+        let bad = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = \"[image]\\ndecryption_keys = [\\\"http://x\\\"]\\n\"\n";
+        assert!(kbs_config(&Initdata::parse(bad).unwrap()).is_err());
+    }
+}
