@@ -5,6 +5,7 @@ mod image;
 mod initdata;
 mod kbs;
 mod measure;
+mod run;
 mod secret;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ enum Command {
     Initdata(initdata::InitdataArgs),
     /// Print the reference values for a sandbox and initdata (set-reference-values format).
     Measure(measure::MeasureArgs),
+    /// Run a container in a sandbox; streams its output and exits with its status.
+    Run(Box<run::RunArgs>),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -85,6 +88,10 @@ fn run() -> anyhow::Result<()> {
         Command::Secret(args) => runtime.block_on(secret::run(args)),
         Command::Initdata(args) => initdata::run(args),
         Command::Measure(args) => measure::run(args),
+        Command::Run(args) => {
+            let status = runtime.block_on(run::run(*args))?;
+            std::process::exit(status.clamp(0, 255));
+        }
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {
