@@ -166,7 +166,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         cmd.arg(format!("--{ns}"));
     }
     // A /proc of the new PID namespace, so that the runtime inside sees its own processes.
-    cmd.arg("--mount-proc").arg("--kill-child")
+    cmd.arg("--mount-proc")
+        .arg("--kill-child")
         .arg(&agent)
         .arg("--listen")
         .arg(format!("unix:{}", agent_sock.display()))
