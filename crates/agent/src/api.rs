@@ -211,3 +211,22 @@ pub async fn serve_unix(path: &Path, service: AgentService) -> std::io::Result<(
         .await
         .map_err(std::io::Error::other)
 }
+
+/// A client of the agent API on the unix socket at `path` (the host side's connection).
+pub async fn connect_unix(
+    path: &Path,
+) -> Result<agent_client::AgentClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    // The URI is required by the transport and unused: the connector dials the socket.
+    let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(agent_client::AgentClient::new(channel))
+}

@@ -7,8 +7,7 @@ use coffer_agent::{
     api::{proto::agent_client::AgentClient, proto::*, serve_unix, AgentService},
     policy::{AgentPolicy, MemoryAudit},
 };
-use hyper_util::rt::TokioIo;
-use tonic::{transport::Endpoint, Code};
+use tonic::Code;
 
 async fn start(
     policy: Option<&str>,
@@ -35,17 +34,8 @@ async fn start(
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    (AgentClient::new(channel), audit, dir)
+    let client = coffer_agent::api::connect_unix(&sock).await.unwrap();
+    (client, audit, dir)
 }
 
 #[tokio::test]

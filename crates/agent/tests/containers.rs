@@ -2,10 +2,8 @@
 //! the agent from an OCI layout, run with the default spec; output, exit status, removal, and
 //! what the spec forbids (mounts, writes to a read-only rootfs).
 
-mod common;
-
 use coffer_agent::{api::proto::CreateContainerRequest, container::Containers};
-use common::busybox_layout;
+use coffer_testkit::busybox_layout;
 
 async fn output(c: &Containers, id: &str, stream: &str) -> String {
     let mut all = Vec::new();

@@ -3,8 +3,6 @@
 //! names, gets the key of an encrypted image only when the KBS holds reference values for that
 //! launch, and runs the container on runc.
 
-mod common;
-
 use std::{
     os::unix::net::UnixListener,
     path::{Path, PathBuf},
@@ -17,13 +15,10 @@ use coffer_agent::api::proto::{
     agent_client::AgentClient, CreateContainerRequest, ReadStreamRequest, StartContainerRequest,
     WaitProcessRequest,
 };
-use coffer_kbs::{server, Config, Kbs};
-use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
 use coffer_psp::{EmulatedPsp, Launch, Tcb};
 use coffer_wire::binding::fit_report_data;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tonic::{transport::Endpoint, Code};
+use tonic::Code;
 
 fn initdata(kbs_url: &str, marker: &str) -> String {
     format!(
@@ -91,18 +86,7 @@ async fn launch(dir: &Path, name: &str, psp_dir: &Path, initdata: &str) -> Agent
 }
 
 async fn client(sock: &Path) -> AgentClient<tonic::transport::Channel> {
-    let sock = sock.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    AgentClient::new(channel)
+    coffer_agent::api::connect_unix(sock).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,26 +97,12 @@ async fn encrypted_images_run_only_in_a_registered_launch() {
     EmulatedPsp::load_or_generate(&psp_dir).unwrap();
 
     // The KBS trusts the emulated PSP and holds the image key.
-    let (admin_private, admin_public) = generate_admin_key().unwrap();
-    std::fs::write(d.join("admin.pub"), admin_public).unwrap();
-    let kbs = Kbs::new(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: Some(d.join("kbs")),
-        insecure_http: true,
-        admin_public_key: vec![d.join("admin.pub")],
-        allow_emulated: true,
-        emulated_root: Some(psp_dir.join("roots.pem")),
-        ..Config::default()
+    let kbs = coffer_testkit::start_kbs(d, |c| {
+        c.allow_emulated = true;
+        c.emulated_root = Some(psp_dir.join("roots.pem"));
     })
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let _ = server::serve(kbs, listener).await;
-    });
-    let admin =
-        AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
+    .await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
     let kek: Vec<u8> = (0..32u8).map(|i| i ^ 0x5a).collect();
     admin
         .set_resource("default/image-keys/app", kek.clone())
@@ -140,7 +110,7 @@ async fn encrypted_images_run_only_in_a_registered_launch() {
         .unwrap();
 
     // An image encrypted with that key (ocicrypt, attestation-agent annotation).
-    common::busybox_layout(&d.join("plain"));
+    coffer_testkit::busybox_layout(&d.join("plain"));
     let plain =
         coffer_image::ImageRef::parse(&format!("oci:{}:v1", d.join("plain").display())).unwrap();
     let enc =
@@ -247,5 +217,4 @@ async fn encrypted_images_run_only_in_a_registered_launch() {
         "{}",
         e.message()
     );
-    server.abort();
 }

@@ -9,12 +9,10 @@ use std::{
     time::Duration,
 };
 
-use coffer_agent::api::proto::{agent_client::AgentClient, GetGuestDetailsRequest};
+use coffer_agent::api::proto::GetGuestDetailsRequest;
 use coffer_psp::{EmulatedPsp, Launch, Tcb};
 use coffer_wire::binding::fit_report_data;
-use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha384};
-use tonic::transport::Endpoint;
 
 const INITDATA_A: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault GetGuestDetailsRequest := true\\n\"\n";
 const INITDATA_B: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault ExecProcessRequest := true\\n\"\n";
@@ -77,17 +75,9 @@ async fn the_agent_serves_only_with_the_initdata_it_was_launched_with() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
-            }
-        }))
+    let details = coffer_agent::api::connect_unix(&sock)
         .await
-        .unwrap();
-    let details = AgentClient::new(channel)
+        .unwrap()
         .get_guest_details(GetGuestDetailsRequest {})
         .await
         .unwrap()

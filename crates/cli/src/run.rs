@@ -19,9 +19,8 @@ use coffer_agent::api::proto::{
     agent_client::AgentClient, CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest,
     StartContainerRequest, WaitProcessRequest,
 };
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// `coffer run` arguments.
 #[derive(Args)]
@@ -58,17 +57,9 @@ pub struct RunArgs {
 }
 
 async fn connect(sock: &Path) -> anyhow::Result<AgentClient<Channel>> {
-    let sock = sock.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
-            }
-        }))
+    coffer_agent::api::connect_unix(sock)
         .await
-        .context("cannot connect to the agent")?;
-    Ok(AgentClient::new(channel))
+        .context("cannot connect to the agent")
 }
 
 /// The sandbox's processes and files, removed on drop.

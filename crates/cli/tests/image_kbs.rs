@@ -7,8 +7,6 @@ mod common;
 
 use std::{fs, io::Write, path::Path, process::Command};
 
-use coffer_kbs::{server, Config, Kbs};
-use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
 use serde_json::json;
 
 use common::{coffer, sha};
@@ -52,29 +50,9 @@ fn layout(dir: &Path) {
     .unwrap();
 }
 
-/// Starts a coffer-kbs (sample TEE allowed) in this process; returns its URL, an admin client and
-/// the server task.
-async fn start_kbs(w: &Path) -> (String, AdminClient, tokio::task::JoinHandle<()>) {
-    let (admin_private, admin_public) = generate_admin_key().unwrap();
-    fs::write(w.join("admin.pub"), admin_public).unwrap();
-    let kbs = Kbs::new(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: Some(w.join("kbs")),
-        insecure_http: true,
-        admin_public_key: vec![w.join("admin.pub")],
-        allow_sample: true,
-        ..Config::default()
-    })
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let _ = server::serve(kbs, listener).await;
-    });
-    let admin =
-        AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
-    (url, admin, server)
+/// A coffer-kbs (sample TEE allowed) in this process.
+async fn start_kbs(w: &Path) -> coffer_testkit::TestKbs {
+    coffer_testkit::start_kbs(w, |c| c.allow_sample = true).await
 }
 
 /// The CLI runs beside the in-process KBS, off the runtime's threads.
@@ -90,7 +68,8 @@ async fn run(args: Vec<String>) -> (bool, String, String) {
 async fn layer_keys_come_from_the_kbs_after_attestation() {
     let dir = tempfile::tempdir().unwrap();
     let w = dir.path().to_path_buf();
-    let (url, admin, server) = start_kbs(&w).await;
+    let kbs = start_kbs(&w).await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
 
     layout(&w.join("plain"));
     let kek: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7)).collect();
@@ -211,7 +190,6 @@ async fn layer_keys_come_from_the_kbs_after_attestation() {
         fs::read_to_string(w.join("r5/secret/data")).unwrap(),
         "confidential"
     );
-    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -268,7 +246,8 @@ async fn registry_credentials_from_a_file_or_the_kbs() {
         "confidential"
     );
     // From the KBS, released after attestation.
-    let (url, admin, server) = start_kbs(&w).await;
+    let kbs = start_kbs(&w).await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
     admin
         .set_resource("default/registry/auth", auth_json.to_string().into_bytes())
         .await
@@ -287,7 +266,6 @@ async fn registry_credentials_from_a_file_or_the_kbs() {
     .await;
     assert!(ok, "{stderr}");
     assert!(w.join("via-kbs/secret/data").exists());
-    server.abort();
 }
 
 fn base64_of(s: &str) -> String {
@@ -299,7 +277,8 @@ fn base64_of(s: &str) -> String {
 async fn sealed_secrets_open_only_with_the_kbs_key() {
     let dir = tempfile::tempdir().unwrap();
     let w = dir.path().to_path_buf();
-    let (url, admin, server) = start_kbs(&w).await;
+    let kbs = start_kbs(&w).await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
     let kek: Vec<u8> = (0..32u8).collect();
     fs::write(w.join("kek.bin"), &kek).unwrap();
     fs::write(w.join("secret.txt"), "db-password").unwrap();
@@ -354,7 +333,6 @@ async fn sealed_secrets_open_only_with_the_kbs_key() {
     let (ok, plain, stderr) = run(unseal(vault.trim().to_string())).await;
     assert!(ok, "{stderr}");
     assert_eq!(plain, "api-token");
-    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -397,7 +375,8 @@ async fn policy_keys_can_be_kbs_resources() {
         r#"{"default": [{"type": "sigstoreSigned", "keyPath": "kbs:///default/keys/cosign-pub"}]}"#,
     )
     .unwrap();
-    let (url, admin, server) = start_kbs(&w).await;
+    let kbs = start_kbs(&w).await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
     let pull = |rootfs: &str| {
         vec![
             "image".to_string(),
@@ -430,5 +409,4 @@ async fn policy_keys_can_be_kbs_resources() {
         .unwrap();
     let (ok, _, stderr) = run(pull("r2")).await;
     assert!(ok, "{stderr}");
-    server.abort();
 }

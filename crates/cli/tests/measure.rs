@@ -7,10 +7,7 @@ mod common;
 use std::{os::unix::net::UnixListener, path::Path, sync::Arc};
 
 use coffer_jose::TeeKeyAlgorithm;
-use coffer_kbs::{server, Config, Kbs};
-use coffer_kbs_client::{
-    generate_admin_key, http_client, AdminClient, KbsClient, PspChannelAttester,
-};
+use coffer_kbs_client::{http_client, KbsClient, PspChannelAttester};
 use coffer_psp::{EmulatedPsp, Launch};
 use coffer_wire::binding::fit_report_data;
 use common::coffer;
@@ -60,26 +57,12 @@ async fn measured_reference_values_release_to_the_launched_sandbox_only() {
     ]);
     assert!(ok, "{stderr}");
 
-    let (admin_private, admin_public) = generate_admin_key().unwrap();
-    std::fs::write(w.join("admin.pub"), admin_public).unwrap();
-    let kbs = Kbs::new(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: Some(w.join("kbs")),
-        insecure_http: true,
-        admin_public_key: vec![w.join("admin.pub")],
-        allow_emulated: true,
-        emulated_root: Some(psp_dir.join("roots.pem")),
-        ..Config::default()
+    let kbs = coffer_testkit::start_kbs(w, |c| {
+        c.allow_emulated = true;
+        c.emulated_root = Some(psp_dir.join("roots.pem"));
     })
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let task = tokio::spawn(async move {
-        let _ = server::serve(kbs, listener).await;
-    });
-    let admin =
-        AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
+    .await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
     admin
         .set_resource("default/image-keys/app", b"k".to_vec())
         .await
@@ -127,5 +110,4 @@ async fn measured_reference_values_release_to_the_launched_sandbox_only() {
         .get_resource("default/image-keys/app")
         .await
         .is_err());
-    task.abort();
 }

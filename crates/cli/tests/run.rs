@@ -2,18 +2,10 @@
 //! emulated PSP, reference values from `coffer measure`, an image encrypted with a key only the
 //! KBS holds, and the agent running the container on runc inside its namespaces.
 
-mod common;
-
 use std::{
-    io::Write,
     path::{Path, PathBuf},
     process::Command,
 };
-
-use coffer_kbs::{server, Config, Kbs};
-use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
-use common::sha;
-use serde_json::json;
 
 /// The agent binary beside the CLI's (built with the workspace; built here when missing).
 fn agent_binary() -> PathBuf {
@@ -27,53 +19,6 @@ fn agent_binary() -> PathBuf {
         assert!(ok && p.exists(), "cannot build coffer-agent");
     }
     p
-}
-
-/// An OCI layout `v1` with a static busybox as /bin/sh.
-fn busybox_layout(dir: &Path) {
-    let busybox = std::fs::read("/usr/bin/busybox")
-        .or_else(|_| std::fs::read("/bin/busybox"))
-        .expect("busybox-static must be installed (scripts/test installs it)");
-    let mut t = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(busybox.len() as u64);
-    h.set_mode(0o755);
-    h.set_entry_type(tar::EntryType::Regular);
-    t.append_data(&mut h, "bin/busybox", &busybox[..]).unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_size(0);
-    h.set_mode(0o777);
-    t.append_link(&mut h, "bin/sh", "busybox").unwrap();
-    let tar = t.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    let gz = gz.finish().unwrap();
-    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let blob = |b: &[u8]| {
-        let d = sha(b);
-        std::fs::write(dir.join("blobs/sha256").join(&d[7..]), b).unwrap();
-        d
-    };
-    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["/bin/sh", "-c", "echo default"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]}}))
-    .unwrap();
-    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob(&gz), "size": gz.len()}]}))
-    .unwrap();
-    let md = blob(&manifest);
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md,
-            "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
-        .unwrap(),
-    )
-    .unwrap();
 }
 
 async fn cli(args: Vec<String>) -> (Option<i32>, String, String) {
@@ -105,29 +50,15 @@ async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() 
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
 
-    let (admin_private, admin_public) = generate_admin_key().unwrap();
-    std::fs::write(d.join("admin.pub"), admin_public).unwrap();
-    let kbs = Kbs::new(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: Some(d.join("kbs")),
-        insecure_http: true,
-        admin_public_key: vec![d.join("admin.pub")],
-        allow_emulated: true,
-        emulated_root: Some(psp_dir.join("roots.pem")),
-        ..Config::default()
+    let kbs = coffer_testkit::start_kbs(d, |c| {
+        c.allow_emulated = true;
+        c.emulated_root = Some(psp_dir.join("roots.pem"));
     })
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let _ = server::serve(kbs, listener).await;
-    });
-    let admin =
-        AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
+    .await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
 
     // The image, encrypted under a key the KBS holds.
-    busybox_layout(&d.join("plain"));
+    coffer_testkit::busybox_layout(&d.join("plain"));
     let kek: Vec<u8> = (0..32u8).collect();
     std::fs::write(d.join("kek.bin"), &kek).unwrap();
     let image = format!("oci:{}:v1", d.join("enc").display());
@@ -231,5 +162,4 @@ async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() 
     let (code, _, stderr) = cli(run(&d.join("initdata.toml"), "r3", "http://127.0.0.1:1")).await;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("the initdata names KBS"), "{stderr}");
-    server.abort();
 }

@@ -1,17 +1,63 @@
-//! Shared by the agent tests: an OCI layout holding a static busybox.
+//! Test support shared by the integration tests of several crates: a real coffer-kbs served in
+//! the test's process, and an OCI image layout holding a static busybox (the containers' image).
 
-#![allow(dead_code)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::{io::Write, path::Path};
 
+use coffer_kbs::{server, Config, Kbs};
+use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+/// `sha256:<hex>` of `b`.
 pub fn sha(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
-/// An OCI layout tagged `v1`: /bin/busybox (static, from the host) with /bin/sh linking to it.
+/// A coffer-kbs on a loopback port, served by a task of the current runtime.
+pub struct TestKbs {
+    /// Its URL (plain HTTP).
+    pub url: String,
+    /// An admin client with the configured admin key.
+    pub admin: AdminClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestKbs {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a coffer-kbs with its store and admin key under `dir`; `tweak` adjusts the config
+/// (trust switches, emulated roots, …).
+pub async fn start_kbs(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestKbs {
+    let (admin_private, admin_public) = generate_admin_key().unwrap();
+    std::fs::write(dir.join("admin.pub"), admin_public).unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: Some(dir.join("kbs")),
+        insecure_http: true,
+        admin_public_key: vec![dir.join("admin.pub")],
+        ..Config::default()
+    };
+    tweak(&mut config);
+    let kbs = Kbs::new(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let _ = server::serve(kbs, listener).await;
+    });
+    let admin =
+        AdminClient::new(&url, http_client(None).unwrap(), admin_private.as_bytes()).unwrap();
+    TestKbs { url, admin, task }
+}
+
+/// Writes an OCI layout tagged `v1` at `dir`: one gzip layer with the host's static busybox as
+/// /bin/busybox, /bin/sh, /bin/mount and /bin/touch linking to it, and an empty /mnt; the image
+/// config's Cmd prints "default" and its Env sets GREETING=hi.
 pub fn busybox_layout(dir: &Path) {
     let busybox = std::fs::read("/usr/bin/busybox")
         .or_else(|_| std::fs::read("/bin/busybox"))
@@ -22,16 +68,12 @@ pub fn busybox_layout(dir: &Path) {
     h.set_mode(0o755);
     h.set_entry_type(tar::EntryType::Regular);
     t.append_data(&mut h, "bin/busybox", &busybox[..]).unwrap();
-    for (name, target) in [
-        ("bin/sh", "busybox"),
-        ("bin/mount", "busybox"),
-        ("bin/touch", "busybox"),
-    ] {
+    for name in ["bin/sh", "bin/mount", "bin/touch"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
         h.set_mode(0o777);
-        t.append_link(&mut h, name, target).unwrap();
+        t.append_link(&mut h, name, "busybox").unwrap();
     }
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Directory);
