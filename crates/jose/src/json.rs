@@ -7,7 +7,6 @@
 //! `ASCII(protected) '.' ASCII(aad)` when the JWE carries `aad`.
 
 use aws_lc_rs::{
-    aead::{self, Aad, LessSafeKey, Nonce, UnboundKey},
     agreement::{self, UnparsedPublicKey},
     key_wrap::{AesKek, KeyWrap, AES_256},
     rand::{SecureRandom, SystemRandom},
@@ -22,8 +21,8 @@ use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
 use crate::{
-    concat_kdf, split_point, Curve, JoseError, Result, ALG_ECDH_ES_A256KW, ALG_RSA_OAEP_256,
-    ENC_A256GCM, P256, P521,
+    concat_kdf, ecdh_es_wrap, open_a256gcm, seal_a256gcm, Curve, JoseError, Result,
+    ALG_ECDH_ES_A256KW, ALG_RSA_OAEP_256, ENC_A256GCM, P256, P521,
 };
 
 /// `alg` of RSA-OAEP with SHA-1 (ocicrypt's choice for RSA keys).
@@ -316,22 +315,7 @@ pub fn decrypt_json(jwe: &[u8], key: &RecipientKey) -> Result<Zeroizing<Vec<u8>>
         let Some(cek) = unwrap_cek(key, &joint, &ek)? else {
             continue;
         };
-        if cek.len() != 32 || iv.len() != aead::NONCE_LEN || tag.len() != aead::MAX_TAG_LEN {
-            return Err(JoseError::Decrypt);
-        }
-        let k = LessSafeKey::new(
-            UnboundKey::new(&aead::AES_256_GCM, &cek).map_err(|_| JoseError::Crypto("AES key"))?,
-        );
-        let mut buf = Zeroizing::new(Vec::with_capacity(ciphertext.len() + tag.len()));
-        buf.extend_from_slice(&ciphertext);
-        buf.extend_from_slice(&tag);
-        let nonce = Nonce::try_assume_unique_for_key(&iv).map_err(|_| JoseError::Decrypt)?;
-        let n = k
-            .open_in_place(nonce, Aad::from(&aad[..]), &mut buf)
-            .map_err(|_| JoseError::Decrypt)?
-            .len();
-        buf.truncate(n);
-        return Ok(buf);
+        return open_a256gcm(&cek, &iv, &aad, &ciphertext, &tag);
     }
     Err(JoseError::Decrypt)
 }
@@ -351,26 +335,9 @@ pub fn encrypt_json(plaintext: &[u8], to: &[RecipientPublicKey]) -> Result<Strin
     for r in to {
         match &r.0 {
             Pub::Ec(curve, point) => {
-                let eph = agreement::PrivateKey::generate(curve.alg)
-                    .map_err(|_| JoseError::Crypto("EC key generation"))?;
-                let eph_pub = eph
-                    .compute_public_key()
-                    .map_err(|_| JoseError::Crypto("EC public key"))?;
-                let (x, y) = split_point(eph_pub.as_ref(), curve.coord_len)?;
-                let kek = agreement::agree(
-                    &eph,
-                    UnparsedPublicKey::new(curve.alg, point),
-                    JoseError::InvalidKey("point is not on the curve".into()),
-                    |z| Ok(concat_kdf(z, ALG_ECDH_ES_A256KW, b"", b"", 256)),
-                )?;
-                let kek =
-                    AesKek::new(&AES_256, &kek).map_err(|_| JoseError::Crypto("AES-KW key"))?;
-                let mut wrapped = vec![0u8; cek.len() + 8];
-                kek.wrap(cek.as_ref(), &mut wrapped)
-                    .map_err(|_| JoseError::Crypto("AES key wrap"))?;
+                let (epk, wrapped) = ecdh_es_wrap(curve, point, cek.as_ref())?;
                 recipients.push(json!({
-                    "header": {"alg": ALG_ECDH_ES_A256KW,
-                               "epk": {"kty": "EC", "crv": curve.name, "x": x, "y": y}},
+                    "header": {"alg": ALG_ECDH_ES_A256KW, "epk": epk},
                     "encrypted_key": B64.encode(&wrapped),
                 }));
             }
@@ -391,26 +358,13 @@ pub fn encrypt_json(plaintext: &[u8], to: &[RecipientPublicKey]) -> Result<Strin
         }
     }
     let protected = B64.encode(br#"{"enc":"A256GCM"}"#);
-    let mut iv = [0u8; aead::NONCE_LEN];
-    rng.fill(&mut iv).map_err(|_| JoseError::Crypto("random"))?;
-    let key = LessSafeKey::new(
-        UnboundKey::new(&aead::AES_256_GCM, cek.as_ref())
-            .map_err(|_| JoseError::Crypto("AES key"))?,
-    );
-    let mut ciphertext = plaintext.to_vec();
-    let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(iv),
-            Aad::from(protected.as_bytes()),
-            &mut ciphertext,
-        )
-        .map_err(|_| JoseError::Crypto("AES-GCM"))?;
+    let (iv, ciphertext, tag) = seal_a256gcm(cek.as_ref(), protected.as_bytes(), plaintext)?;
     Ok(json!({
         "protected": protected,
         "recipients": recipients,
         "iv": B64.encode(iv),
         "ciphertext": B64.encode(&ciphertext),
-        "tag": B64.encode(tag.as_ref()),
+        "tag": B64.encode(&tag),
     })
     .to_string())
 }

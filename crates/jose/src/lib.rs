@@ -264,9 +264,6 @@ impl TeeKeyPair {
                 out
             }
         };
-        if cek.len() != 32 {
-            return Err(JoseError::Decrypt);
-        }
         if jwe.iv.len() != aead::NONCE_LEN || jwe.tag.len() != aead::MAX_TAG_LEN {
             return Err(JoseError::InvalidJwe(
                 "iv or tag has the wrong length".into(),
@@ -276,20 +273,79 @@ impl TeeKeyPair {
             .protected
             .generate_aad()
             .map_err(|_| JoseError::InvalidJwe("protected header does not serialize".into()))?;
-        let key = LessSafeKey::new(
-            UnboundKey::new(&aead::AES_256_GCM, &cek).map_err(|_| JoseError::Crypto("AES key"))?,
-        );
-        let nonce = Nonce::try_assume_unique_for_key(&jwe.iv).map_err(|_| JoseError::Decrypt)?;
-        let mut buf = Zeroizing::new(Vec::with_capacity(jwe.ciphertext.len() + jwe.tag.len()));
-        buf.extend_from_slice(&jwe.ciphertext);
-        buf.extend_from_slice(&jwe.tag);
-        let n = key
-            .open_in_place(nonce, Aad::from(&aad), &mut buf)
-            .map_err(|_| JoseError::Decrypt)?
-            .len();
-        buf.truncate(n);
-        Ok(buf)
+        open_a256gcm(&cek, &jwe.iv, &aad, &jwe.ciphertext, &jwe.tag)
     }
+}
+
+/// ECDH-ES+A256KW towards `point` on `curve`: a fresh ephemeral key pair, Concat KDF (empty
+/// PartyUInfo/PartyVInfo), AES Key Wrap of `cek`. Returns the `epk` JWK and the wrapped key.
+fn ecdh_es_wrap(curve: &Curve, point: &[u8], cek: &[u8]) -> Result<(Value, Vec<u8>)> {
+    let eph =
+        PrivateKey::generate(curve.alg).map_err(|_| JoseError::Crypto("EC key generation"))?;
+    let eph_pub = eph
+        .compute_public_key()
+        .map_err(|_| JoseError::Crypto("EC public key"))?;
+    let (x, y) = split_point(eph_pub.as_ref(), curve.coord_len)?;
+    let kek = agreement::agree(
+        &eph,
+        UnparsedPublicKey::new(curve.alg, point),
+        JoseError::InvalidKey("point is not on the curve".into()),
+        |z| Ok(concat_kdf(z, ALG_ECDH_ES_A256KW, b"", b"", 256)),
+    )?;
+    let kek = AesKek::new(&AES_256, &kek).map_err(|_| JoseError::Crypto("AES-KW key"))?;
+    let mut wrapped = vec![0u8; cek.len() + 8];
+    kek.wrap(cek, &mut wrapped)
+        .map_err(|_| JoseError::Crypto("AES key wrap"))?;
+    Ok((
+        json!({"kty": "EC", "crv": curve.name, "x": x, "y": y}),
+        wrapped,
+    ))
+}
+
+/// A256GCM content encryption under `cek` with a random IV: (iv, ciphertext, tag).
+fn seal_a256gcm(cek: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let mut iv = [0u8; aead::NONCE_LEN];
+    SystemRandom::new()
+        .fill(&mut iv)
+        .map_err(|_| JoseError::Crypto("random"))?;
+    let key = LessSafeKey::new(
+        UnboundKey::new(&aead::AES_256_GCM, cek).map_err(|_| JoseError::Crypto("AES key"))?,
+    );
+    let mut ciphertext = plaintext.to_vec();
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(iv),
+            Aad::from(aad),
+            &mut ciphertext,
+        )
+        .map_err(|_| JoseError::Crypto("AES-GCM"))?;
+    Ok((iv.to_vec(), ciphertext, tag.as_ref().to_vec()))
+}
+
+/// A256GCM content decryption; any mismatch (lengths, key, tag) is [`JoseError::Decrypt`].
+fn open_a256gcm(
+    cek: &[u8],
+    iv: &[u8],
+    aad: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8],
+) -> Result<Zeroizing<Vec<u8>>> {
+    if cek.len() != 32 || iv.len() != aead::NONCE_LEN || tag.len() != aead::MAX_TAG_LEN {
+        return Err(JoseError::Decrypt);
+    }
+    let key = LessSafeKey::new(
+        UnboundKey::new(&aead::AES_256_GCM, cek).map_err(|_| JoseError::Crypto("AES key"))?,
+    );
+    let nonce = Nonce::try_assume_unique_for_key(iv).map_err(|_| JoseError::Decrypt)?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(ciphertext.len() + tag.len()));
+    buf.extend_from_slice(ciphertext);
+    buf.extend_from_slice(tag);
+    let n = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .map_err(|_| JoseError::Decrypt)?
+        .len();
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// Upstream epk JWKs carry no `alg`; the kbs-types JWK type requires one.
@@ -415,27 +471,9 @@ pub fn encrypt(to: &TeePubKey, plaintext: &[u8]) -> Result<JweResponse> {
                 )));
             }
             let (curve, point) = ec_point(to)?;
-            let eph = PrivateKey::generate(curve.alg)
-                .map_err(|_| JoseError::Crypto("EC key generation"))?;
-            let eph_pub = eph
-                .compute_public_key()
-                .map_err(|_| JoseError::Crypto("EC public key"))?;
-            let (x, y) = split_point(eph_pub.as_ref(), curve.coord_len)?;
-            let kek = agreement::agree(
-                &eph,
-                UnparsedPublicKey::new(curve.alg, &point),
-                JoseError::InvalidKey("point is not on the curve".into()),
-                |z| Ok(concat_kdf(z, ALG_ECDH_ES_A256KW, b"", b"", 256)),
-            )?;
-            let kek = AesKek::new(&AES_256, &kek).map_err(|_| JoseError::Crypto("AES-KW key"))?;
-            let mut wrapped = vec![0u8; cek.len() + 8];
-            kek.wrap(cek.as_ref(), &mut wrapped)
-                .map_err(|_| JoseError::Crypto("AES key wrap"))?;
+            let (epk, wrapped) = ecdh_es_wrap(curve, &point, cek.as_ref())?;
             let mut other = Map::new();
-            other.insert(
-                "epk".into(),
-                json!({"crv": curve.name, "kty": "EC", "x": x, "y": y}),
-            );
+            other.insert("epk".into(), epk);
             (
                 ProtectedHeader {
                     alg: ALG_ECDH_ES_A256KW.into(),
@@ -470,27 +508,14 @@ pub fn encrypt(to: &TeePubKey, plaintext: &[u8]) -> Result<JweResponse> {
     let aad = protected
         .generate_aad()
         .map_err(|_| JoseError::Crypto("protected header"))?;
-    let mut iv = [0u8; aead::NONCE_LEN];
-    rng.fill(&mut iv).map_err(|_| JoseError::Crypto("random"))?;
-    let key = LessSafeKey::new(
-        UnboundKey::new(&aead::AES_256_GCM, cek.as_ref())
-            .map_err(|_| JoseError::Crypto("AES key"))?,
-    );
-    let mut ciphertext = plaintext.to_vec();
-    let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(iv),
-            Aad::from(&aad),
-            &mut ciphertext,
-        )
-        .map_err(|_| JoseError::Crypto("AES-GCM"))?;
+    let (iv, ciphertext, tag) = seal_a256gcm(cek.as_ref(), &aad, plaintext)?;
     Ok(JweResponse {
         protected,
         encrypted_key,
         aad: None,
-        iv: iv.to_vec(),
+        iv,
         ciphertext,
-        tag: tag.as_ref().to_vec(),
+        tag,
     })
 }
 
