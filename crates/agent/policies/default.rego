@@ -31,6 +31,9 @@ default ListContainersRequest := true
 
 default GetGuestDetailsRequest := true
 
+# Nonces for owner-signed exec: an exec still needs the owner's signature over it.
+default IssueExecNonceRequest := true
+
 default ExecProcessRequest := false
 
 default WriteStreamRequest := false

@@ -2,10 +2,12 @@
 //! agent policy under its message name before anything happens. A denial is `PermissionDenied`
 //! naming the request ("denied by policy: ExecProcessRequest").
 //!
-//! Built so far: the policy gate on every request, `GetGuestDetails`, `SetPolicy`, and the
-//! container lifecycle (`CreateContainer`, `StartContainer`, `WaitProcess`, `SignalProcess`,
-//! `ReadStream`, `RemoveContainer`, `ListContainers`) on the OCI runtime. Requests the policy
-//! allows but that are not built yet answer `Unimplemented`, saying so.
+//! Built: the policy gate on every request, `GetGuestDetails`, `SetPolicy`, the container
+//! lifecycle on the OCI runtime (`CreateContainer`, `StartContainer`, `ExecProcess`,
+//! `WaitProcess`, `SignalProcess`, `ReadStream`, `StatsContainer`, `RemoveContainer`,
+//! `ListContainers`, `DestroySandbox`), owner-signed exec (`IssueExecNonce`, [`crate::owner`])
+//! and sealed output ([`crate::sealed`]). Requests the policy allows but that are not built
+//! (`CreateSandbox`, stdin and TTYs) answer `Unimplemented`, saying so.
 
 use std::{path::Path, sync::Arc};
 
@@ -13,7 +15,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     container::{ContainerError, Containers},
+    owner::OwnerExec,
     policy::{AgentPolicy, PolicyError},
+    sealed::{Recipient, RecordPlace},
 };
 
 /// Generated protobuf types and service traits.
@@ -32,6 +36,9 @@ pub struct AgentService {
     policy: Arc<AgentPolicy>,
     initdata_digest: String,
     containers: Arc<Containers>,
+    owner: OwnerExec,
+    log_recipient: Option<Recipient>,
+    shutdown: Option<tokio::sync::mpsc::Sender<()>>,
 }
 
 fn status(e: ContainerError) -> Status {
@@ -58,7 +65,28 @@ impl AgentService {
             policy,
             initdata_digest,
             containers,
+            owner: OwnerExec::new(None),
+            log_recipient: None,
+            shutdown: None,
         }
+    }
+
+    /// Allows exec requests signed by the owner key (PEM) from the initdata.
+    pub fn with_owner_key(mut self, pem: Option<String>) -> Self {
+        self.owner = OwnerExec::new(pem);
+        self
+    }
+
+    /// Seals all container output to the initdata's log recipient.
+    pub fn with_log_recipient(mut self, r: Option<Recipient>) -> Self {
+        self.log_recipient = r;
+        self
+    }
+
+    /// Where DestroySandbox asks the server to stop, once its containers are removed.
+    pub fn with_shutdown(mut self, tx: tokio::sync::mpsc::Sender<()>) -> Self {
+        self.shutdown = Some(tx);
+        self
     }
 
     fn check<T: serde::Serialize>(&self, name: &str, req: &T) -> Result<(), Status> {
@@ -97,12 +125,71 @@ macro_rules! agent_impl {
 agent_impl! {
     gated_not_built {
         create_sandbox(CreateSandboxRequest) -> Empty;
-        destroy_sandbox(DestroySandboxRequest) -> Empty;
-        exec_process(ExecProcessRequest) -> Empty;
         write_stream(WriteStreamRequest) -> WriteStreamResponse;
         close_stdin(CloseStdinRequest) -> Empty;
         tty_win_resize(TtyWinResizeRequest) -> Empty;
-        stats_container(StatsContainerRequest) -> StatsContainerResponse;
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        r: Request<DestroySandboxRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("DestroySandboxRequest", r.get_ref())?;
+        self.containers.remove_all().await.map_err(status)?;
+        if let Some(tx) = &self.shutdown {
+            let _ = tx.try_send(());
+        }
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn issue_exec_nonce(
+        &self,
+        r: Request<IssueExecNonceRequest>,
+    ) -> Result<Response<ExecNonce>, Status> {
+        self.check("IssueExecNonceRequest", r.get_ref())?;
+        let nonce = self
+            .owner
+            .issue(&r.get_ref().container_id)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(ExecNonce {
+            nonce: nonce.to_vec(),
+        }))
+    }
+
+    async fn exec_process(
+        &self,
+        r: Request<ExecProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = r.get_ref();
+        if req.owner_signature.is_empty() {
+            self.check("ExecProcessRequest", req)?;
+        } else {
+            // An owner-signed exec stands on the signature alone; a bad one is never passed on
+            // to the policy.
+            let verdict = self.owner.check(req);
+            self.policy.audit_owner_exec(req, verdict.as_ref().err().map(|e| e.to_string()));
+            verdict.map_err(|e| Status::permission_denied(format!("owner-signed exec refused: {e}")))?;
+        }
+        if req.tty {
+            return not_built("ExecProcess with a TTY");
+        }
+        self.containers
+            .exec(&req.container_id, &req.exec_id, &req.args, &req.env)
+            .map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn stats_container(
+        &self,
+        r: Request<StatsContainerRequest>,
+    ) -> Result<Response<StatsContainerResponse>, Status> {
+        self.check("StatsContainerRequest", r.get_ref())?;
+        let s = self.containers.stats(&r.get_ref().container_id).await.map_err(status)?;
+        Ok(Response::new(StatsContainerResponse {
+            memory_bytes: s.memory_bytes,
+            cpu_usage_ns: s.cpu_usage_ns,
+            pids: s.pids,
+        }))
     }
 
     async fn create_container(
@@ -119,7 +206,7 @@ agent_impl! {
         r: Request<StartContainerRequest>,
     ) -> Result<Response<Empty>, Status> {
         self.check("StartContainerRequest", r.get_ref())?;
-        self.containers.start(&r.get_ref().container_id).map_err(status)?;
+        self.containers.start(&r.get_ref().container_id).await.map_err(status)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -137,10 +224,12 @@ agent_impl! {
         r: Request<WaitProcessRequest>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
         self.check("WaitProcessRequest", r.get_ref())?;
-        if !r.get_ref().exec_id.is_empty() {
-            return not_built("WaitProcess for exec processes");
-        }
-        let status = self.containers.wait(&r.get_ref().container_id).await.map_err(status)?;
+        let req = r.get_ref();
+        let status = self
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(WaitProcessResponse { status }))
     }
 
@@ -150,7 +239,10 @@ agent_impl! {
     ) -> Result<Response<Empty>, Status> {
         self.check("SignalProcessRequest", r.get_ref())?;
         let req = r.get_ref();
-        self.containers.signal(&req.container_id, req.signal).await.map_err(status)?;
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal)
+            .await
+            .map_err(status)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -160,12 +252,39 @@ agent_impl! {
     ) -> Result<Response<ReadStreamResponse>, Status> {
         self.check("ReadStreamRequest", r.get_ref())?;
         let req = r.get_ref();
-        let data = self
+        let chunk = self
             .containers
-            .read(&req.container_id, &req.stream, req.len.clamp(1, 1 << 20) as usize)
+            .read(
+                &req.container_id,
+                &req.exec_id,
+                &req.stream,
+                req.offset,
+                req.len.clamp(1, 1 << 20) as usize,
+                req.follow,
+            )
             .await
             .map_err(status)?;
-        Ok(Response::new(ReadStreamResponse { data }))
+        let len = chunk.data.len() as u32;
+        let (data, sealed) = match &self.log_recipient {
+            Some(r) if !chunk.data.is_empty() => {
+                let place = RecordPlace {
+                    container_id: &req.container_id,
+                    exec_id: &req.exec_id,
+                    stream: &req.stream.to_ascii_lowercase(),
+                    offset: chunk.offset,
+                };
+                (r.seal(&place, &chunk.data).map_err(|e| Status::internal(e.to_string()))?, true)
+            }
+            Some(_) => (Vec::new(), true),
+            None => (chunk.data, false),
+        };
+        Ok(Response::new(ReadStreamResponse {
+            data,
+            offset: chunk.offset,
+            eof: chunk.eof,
+            sealed,
+            len,
+        }))
     }
 
     async fn list_containers(
@@ -173,8 +292,19 @@ agent_impl! {
         r: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
         self.check("ListContainersRequest", r.get_ref())?;
+        let statuses = self.containers.statuses();
         Ok(Response::new(ListContainersResponse {
-            container_ids: self.containers.list(),
+            container_ids: statuses.iter().map(|s| s.id.clone()).collect(),
+            containers: statuses
+                .into_iter()
+                .map(|s| ContainerStatus {
+                    id: s.id,
+                    image: s.image,
+                    state: s.state.into(),
+                    exit_status: s.exit_status.unwrap_or(0),
+                    created: s.created,
+                })
+                .collect(),
         }))
     }
 
@@ -201,13 +331,20 @@ agent_impl! {
 }
 
 /// Serves `service` on a unix socket at `path` (created; removed first if stale) until the
-/// future is dropped.
+/// future is dropped or DestroySandbox was served.
 pub async fn serve_unix(path: &Path, service: AgentService) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let service = service.with_shutdown(tx);
     tonic::transport::Server::builder()
         .add_service(agent_server::AgentServer::new(service))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move {
+                rx.recv().await;
+            },
+        )
         .await
         .map_err(std::io::Error::other)
 }

@@ -109,18 +109,66 @@ type Result<T> = std::result::Result<T, ContainerError>;
 /// Output kept per stream (older bytes are dropped beyond this).
 const MAX_BUFFER: usize = 4 << 20;
 
-struct Output {
-    data: Mutex<Vec<u8>>,
+/// What a process wrote to one stream: the last [`MAX_BUFFER`] bytes and where they start.
+#[derive(Default)]
+struct StreamBuf {
+    data: std::collections::VecDeque<u8>,
+    /// Offset of `data[0]` in everything the process wrote.
+    start: u64,
+}
+
+/// One process (a container's init or an exec): its output and exit status.
+pub(crate) struct Process {
+    stdout: Mutex<StreamBuf>,
+    stderr: Mutex<StreamBuf>,
+    exit: watch::Receiver<Option<i32>>,
+    pid: Option<u32>,
+}
+
+/// A chunk of output read by [`Containers::read`].
+#[derive(Debug, Default, PartialEq)]
+pub struct Chunk {
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// Offset of `data[0]` in the stream.
+    pub offset: u64,
+    /// The process exited and nothing follows.
+    pub eof: bool,
+}
+
+/// A container's state, as listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Status {
+    /// The container id.
+    pub id: String,
+    /// The image reference it was created from.
+    pub image: String,
+    /// `created`, `running` or `exited`.
+    pub state: &'static str,
+    /// The exit status once exited.
+    pub exit_status: Option<i32>,
+    /// Unix seconds of creation.
+    pub created: i64,
+}
+
+/// Resource use of a running container (from the runtime's cgroup statistics).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// CPU time used, nanoseconds.
+    pub cpu_usage_ns: u64,
+    /// Processes in the container.
+    pub pids: u32,
 }
 
 struct Container {
     bundle: PathBuf,
-    started: bool,
-    stdout: Arc<Output>,
-    stderr: Arc<Output>,
-    /// The exit status once the process ended.
-    exit: watch::Receiver<Option<i32>>,
-    exit_tx: Option<watch::Sender<Option<i32>>>,
+    image: String,
+    created: i64,
+    /// The init process once started.
+    init: Option<Arc<Process>>,
+    execs: HashMap<String, Arc<Process>>,
 }
 
 /// The KBS the agent attests to for image keys, on first need.
@@ -147,6 +195,7 @@ impl KbsKeys {
 pub struct Containers {
     root: PathBuf,
     runtime: PathBuf,
+    cgroup_parent: String,
     pull: PullOptions,
     kbs: Option<KbsKeys>,
     map: Mutex<HashMap<String, Container>>,
@@ -169,7 +218,12 @@ fn valid_id(id: &str) -> Result<()> {
 
 /// The OCI runtime spec for a container from `image_config` (the image's `config` section) and
 /// the request.
-pub fn spec(id: &str, image_config: &Value, req: &CreateContainerRequest) -> Value {
+pub fn spec(
+    id: &str,
+    cgroup_parent: &str,
+    image_config: &Value,
+    req: &CreateContainerRequest,
+) -> Value {
     let strs = |v: &Value| -> Vec<String> {
         v.as_array()
             .map(|a| {
@@ -245,7 +299,7 @@ pub fn spec(id: &str, image_config: &Value, req: &CreateContainerRequest) -> Val
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
                            {"type": "uts"}, {"type": "mount"}],
-            "cgroupsPath": format!("/coffer/{id}"),
+            "cgroupsPath": format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
@@ -261,18 +315,33 @@ pub fn spec(id: &str, image_config: &Value, req: &CreateContainerRequest) -> Val
     })
 }
 
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 impl Containers {
-    /// Containers kept under `root` (bundles), run by `runtime` (e.g. `runc`), images pulled with
-    /// `pull`.
+    /// Containers kept under `root` (bundles, and the runtime's state in `root/.runtime`), run
+    /// by `runtime` (e.g. `runc`) in cgroups under `/coffer`, images pulled with `pull`.
     pub fn new(root: PathBuf, runtime: PathBuf, pull: PullOptions) -> Self {
         Self {
             root,
             runtime,
+            cgroup_parent: "/coffer".into(),
             pull,
             kbs: None,
             map: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// Puts the containers' cgroups under `parent` (e.g. `/coffer/<sandbox>`), so that a
+    /// launcher can remove what a killed sandbox left.
+    pub fn with_cgroup_parent(mut self, parent: &str) -> Self {
+        self.cgroup_parent = parent.to_string();
+        self
     }
 
     /// Takes image keys from a KBS (attesting on first need).
@@ -311,6 +380,30 @@ impl Containers {
         ids
     }
 
+    /// The containers and their states, by id.
+    pub fn statuses(&self) -> Vec<Status> {
+        let map = self.lock();
+        let mut out: Vec<Status> = map
+            .iter()
+            .map(|(id, c)| {
+                let exit = c.init.as_ref().and_then(|p| *p.exit.borrow());
+                Status {
+                    id: id.clone(),
+                    image: c.image.clone(),
+                    state: match (&c.init, exit) {
+                        (None, _) => "created",
+                        (Some(_), None) => "running",
+                        (Some(_), Some(_)) => "exited",
+                    },
+                    exit_status: exit,
+                    created: c.created,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
     /// Pulls the image and writes the bundle.
     pub async fn create(&self, req: &CreateContainerRequest) -> Result<()> {
         let id = req.container_id.as_str();
@@ -338,49 +431,41 @@ impl Containers {
                 return Err(e);
             }
         };
-        let spec = spec(id, &report.config, req);
-        coffer_fsutil::write_atomic(
+        let spec = spec(id, &self.cgroup_parent, &report.config, req);
+        if let Err(e) = coffer_fsutil::write_atomic(
             &bundle.join("config.json"),
             spec.to_string().as_bytes(),
             0o600,
-        )
-        .map_err(|e| ContainerError::Runtime(format!("cannot write the spec: {e}")))?;
-        let (tx, rx) = watch::channel(None);
+        ) {
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(ContainerError::Runtime(format!(
+                "cannot write the spec: {e}"
+            )));
+        }
         self.lock().insert(
             id.into(),
             Container {
                 bundle,
-                started: false,
-                stdout: Arc::new(Output {
-                    data: Mutex::new(Vec::new()),
-                }),
-                stderr: Arc::new(Output {
-                    data: Mutex::new(Vec::new()),
-                }),
-                exit: rx,
-                exit_tx: Some(tx),
+                image: req.image.clone(),
+                created: now(),
+                init: None,
+                execs: HashMap::new(),
             },
         );
         tracing::info!(container = id, image = %image, manifest = %report.manifest_digest, "container created");
         Ok(())
     }
 
-    /// Starts the container's process under the runtime.
-    pub fn start(&self, id: &str) -> Result<()> {
-        let mut map = self.lock();
-        let c = map
-            .get_mut(id)
-            .ok_or_else(|| ContainerError::NotFound(id.into()))?;
-        if c.started {
-            return Err(ContainerError::Invalid(format!(
-                "container {id} was already started"
-            )));
-        }
-        let mut child = tokio::process::Command::new(&self.runtime)
-            .arg("run")
-            .arg("--bundle")
-            .arg(&c.bundle)
-            .arg(id)
+    /// The runtime, with its state kept under the agent's root.
+    fn runtime_cmd(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.runtime);
+        cmd.arg("--root").arg(self.root.join(".runtime"));
+        cmd
+    }
+
+    /// Spawns `cmd` with its stdout and stderr kept, and a task that records its exit.
+    fn spawn(&self, mut cmd: tokio::process::Command) -> Result<Arc<Process>> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -389,120 +474,289 @@ impl Containers {
             .map_err(|e| {
                 ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
             })?;
-        c.started = true;
-        let changed = self.changed.clone();
-        for (pipe, out) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                c.stdout.clone(),
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                c.stderr.clone(),
-            ),
-        ] {
+        let (tx, rx) = watch::channel(None);
+        let process = Arc::new(Process {
+            stdout: Mutex::new(StreamBuf::default()),
+            stderr: Mutex::new(StreamBuf::default()),
+            exit: rx,
+            pid: child.id(),
+        });
+        let pipes: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as _),
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ];
+        let mut readers = Vec::new();
+        for (n, pipe) in pipes.into_iter().enumerate() {
             let Some(mut pipe) = pipe else { continue };
-            let changed = changed.clone();
-            tokio::spawn(async move {
+            let changed = self.changed.clone();
+            let process = process.clone();
+            readers.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 << 10];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
+                while let Ok(k) = pipe.read(&mut buf).await {
+                    if k == 0 {
                         break;
                     }
                     {
-                        let mut d = out.data.lock().unwrap_or_else(|p| p.into_inner());
-                        d.extend_from_slice(&buf[..n]);
-                        if d.len() > MAX_BUFFER {
-                            let excess = d.len() - MAX_BUFFER;
-                            d.drain(..excess);
+                        let out = if n == 0 {
+                            &process.stdout
+                        } else {
+                            &process.stderr
+                        };
+                        let mut b = out.lock().unwrap_or_else(|p| p.into_inner());
+                        b.data.extend(&buf[..k]);
+                        if b.data.len() > MAX_BUFFER {
+                            let excess = b.data.len() - MAX_BUFFER;
+                            b.data.drain(..excess);
+                            b.start += excess as u64;
                         }
                     }
                     changed.send_modify(|g| *g += 1);
                 }
-            });
+            }));
         }
-        let tx = c.exit_tx.take();
+        let changed = self.changed.clone();
         tokio::spawn(async move {
             let status = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
-            if let Some(tx) = tx {
-                let _ = tx.send(Some(status));
-            }
+            // The exit is reported once all output is in (or a leftover child of an exec
+            // still holds the pipes after a grace period).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                for r in readers {
+                    let _ = r.await;
+                }
+            })
+            .await;
+            let _ = tx.send(Some(status));
             changed.send_modify(|g| *g += 1);
         });
+        Ok(process)
+    }
+
+    /// Starts the container's process under the runtime; returns once the runtime has created
+    /// it (so that exec and signals reach it), or fails if the runtime gave up.
+    pub async fn start(&self, id: &str) -> Result<()> {
+        let process = {
+            let mut map = self.lock();
+            let c = map
+                .get_mut(id)
+                .ok_or_else(|| ContainerError::NotFound(id.into()))?;
+            if c.init.is_some() {
+                return Err(ContainerError::Invalid(format!(
+                    "container {id} was already started"
+                )));
+            }
+            let mut cmd = self.runtime_cmd();
+            cmd.arg("run").arg("--bundle").arg(&c.bundle).arg(id);
+            let p = self.spawn(cmd)?;
+            c.init = Some(p.clone());
+            p
+        };
+        let state = self.root.join(".runtime").join(id).join("state.json");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !state.exists() {
+            if let Some(status) = *process.exit.borrow() {
+                if status != 0 {
+                    tracing::warn!(container = id, status, "the container ended at once");
+                }
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(ContainerError::Runtime(format!(
+                    "the runtime did not create container {id} within 30 s"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        tracing::info!(container = id, "container started");
         Ok(())
     }
 
-    /// Waits for the container's process to exit; its status.
-    pub async fn wait(&self, id: &str) -> Result<i32> {
-        let mut rx = {
-            let map = self.lock();
-            map.get(id)
-                .ok_or_else(|| ContainerError::NotFound(id.into()))?
-                .exit
+    /// Runs `args` (with `env` added) in the running container `id` as exec `exec_id`, under the
+    /// container's user, capabilities and other process settings.
+    pub fn exec(&self, id: &str, exec_id: &str, args: &[String], env: &[String]) -> Result<()> {
+        valid_id(exec_id).map_err(|_| {
+            ContainerError::Invalid(format!(
+                "exec id {exec_id:?}: use 1-64 ASCII letters, digits, '-' or '_'"
+            ))
+        })?;
+        if args.is_empty() {
+            return Err(ContainerError::Invalid("exec: no command given".into()));
+        }
+        let mut map = self.lock();
+        let c = map
+            .get_mut(id)
+            .ok_or_else(|| ContainerError::NotFound(id.into()))?;
+        match &c.init {
+            Some(p) if p.exit.borrow().is_none() => {}
+            _ => {
+                return Err(ContainerError::Invalid(format!(
+                    "container {id} is not running"
+                )))
+            }
+        }
+        if c.execs.contains_key(exec_id) {
+            return Err(ContainerError::Exists(format!("{id} exec {exec_id}")));
+        }
+        let config: Value = std::fs::read(c.bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| ContainerError::Runtime("cannot read the container's spec".into()))?;
+        let mut process = config["process"].clone();
+        process["args"] = json!(args);
+        process["terminal"] = json!(false);
+        if let Some(e) = process["env"].as_array_mut() {
+            e.extend(env.iter().map(|v| json!(v)));
+        }
+        let file = c.bundle.join(format!("exec-{exec_id}.json"));
+        coffer_fsutil::write_atomic(&file, process.to_string().as_bytes(), 0o600)
+            .map_err(|e| ContainerError::Runtime(format!("cannot write the exec spec: {e}")))?;
+        let mut cmd = self.runtime_cmd();
+        cmd.arg("exec").arg("--process").arg(&file).arg(id);
+        let p = self.spawn(cmd)?;
+        c.execs.insert(exec_id.into(), p);
+        tracing::info!(container = id, exec = exec_id, "exec started");
+        Ok(())
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        let map = self.lock();
+        let c = map
+            .get(id)
+            .ok_or_else(|| ContainerError::NotFound(id.into()))?;
+        if exec_id.is_empty() {
+            c.init
                 .clone()
-        };
+                .ok_or_else(|| ContainerError::Invalid(format!("container {id} was not started")))
+        } else {
+            c.execs
+                .get(exec_id)
+                .cloned()
+                .ok_or_else(|| ContainerError::NotFound(format!("{id} exec {exec_id}")))
+        }
+    }
+
+    /// Waits for a process (the container's when `exec_id` is empty) to exit; its status.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32> {
+        let mut rx = self.process(id, exec_id)?.exit.clone();
         loop {
             if let Some(s) = *rx.borrow_and_update() {
                 return Ok(s);
             }
             if rx.changed().await.is_err() {
-                return Err(ContainerError::Runtime(
-                    "the container's process was lost".into(),
-                ));
+                return Err(ContainerError::Runtime("the process was lost".into()));
             }
         }
     }
 
-    /// Takes up to `len` bytes of `stream` ("stdout" or "stderr") output, waiting for some while
-    /// the process runs; empty once it has exited and everything was read.
-    pub async fn read(&self, id: &str, stream: &str, len: usize) -> Result<Vec<u8>> {
+    /// Reads up to `len` bytes of a process's `stream` ("stdout" or "stderr") from `offset`;
+    /// with `follow`, waits for output while the process runs. Output older than the last
+    /// 4 MiB is gone: the chunk then starts later than asked.
+    pub async fn read(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: &str,
+        offset: u64,
+        len: usize,
+        follow: bool,
+    ) -> Result<Chunk> {
+        let p = self.process(id, exec_id)?;
+        let out = match stream.to_ascii_lowercase().as_str() {
+            "stdout" => &p.stdout,
+            "stderr" => &p.stderr,
+            other => {
+                return Err(ContainerError::Invalid(format!(
+                    "stream {other:?}: use stdout or stderr"
+                )))
+            }
+        };
         let mut changed = self.changed.subscribe();
         loop {
-            let (out, exited) = {
-                let map = self.lock();
-                let c = map
-                    .get(id)
-                    .ok_or_else(|| ContainerError::NotFound(id.into()))?;
-                let out = match stream.to_ascii_lowercase().as_str() {
-                    "stdout" => c.stdout.clone(),
-                    "stderr" => c.stderr.clone(),
-                    other => {
-                        return Err(ContainerError::Invalid(format!(
-                            "stream {other:?}: use stdout or stderr"
-                        )))
-                    }
-                };
-                let exited = c.exit.borrow().is_some();
-                (out, exited)
-            };
+            // Exit is published after all output is buffered, so read it first.
+            let exited = p.exit.borrow().is_some();
             {
-                let mut d = out.data.lock().unwrap_or_else(|p| p.into_inner());
-                if !d.is_empty() {
-                    let n = d.len().min(len.max(1));
-                    return Ok(d.drain(..n).collect());
+                let b = out.lock().unwrap_or_else(|p| p.into_inner());
+                let end = b.start + b.data.len() as u64;
+                if offset > end {
+                    return Err(ContainerError::Invalid(format!(
+                        "offset {offset} is past the end of {stream} ({end})"
+                    )));
+                }
+                let from = offset.max(b.start);
+                if from < end {
+                    let skip = (from - b.start) as usize;
+                    let n = ((end - from) as usize).min(len.max(1));
+                    let data: Vec<u8> = b.data.range(skip..skip + n).copied().collect();
+                    return Ok(Chunk {
+                        data,
+                        offset: from,
+                        eof: false,
+                    });
+                }
+                if exited || !follow {
+                    return Ok(Chunk {
+                        data: Vec::new(),
+                        offset: from,
+                        eof: exited,
+                    });
                 }
             }
-            if exited {
-                return Ok(Vec::new());
-            }
             if changed.changed().await.is_err() {
-                return Ok(Vec::new());
+                return Ok(Chunk {
+                    offset,
+                    ..Chunk::default()
+                });
             }
         }
     }
 
-    /// Sends `signal` to the container's process.
-    pub async fn signal(&self, id: &str, signal: u32) -> Result<()> {
-        if !self.lock().contains_key(id) {
-            return Err(ContainerError::NotFound(id.into()));
+    /// Sends `signal` to a process: the container's through the runtime, an exec's directly
+    /// (the runtime's exec forwards it).
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
+        let p = self.process(id, exec_id)?;
+        if exec_id.is_empty() {
+            return self.runtime(&["kill", id, &signal.to_string()]).await;
         }
-        self.runtime(&["kill", id, &signal.to_string()]).await
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(rustix::process::Signal::from_named_raw)
+            .ok_or_else(|| ContainerError::Invalid(format!("signal {signal} is not known")))?;
+        let pid = p
+            .pid
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            .ok_or_else(|| ContainerError::Invalid("the exec has exited".into()))?;
+        if p.exit.borrow().is_some() {
+            return Err(ContainerError::Invalid("the exec has exited".into()));
+        }
+        rustix::process::kill_process(pid, sig)
+            .map_err(|e| ContainerError::Runtime(format!("cannot signal the exec: {e}")))
+    }
+
+    /// Resource use of a running container.
+    pub async fn stats(&self, id: &str) -> Result<Stats> {
+        self.process(id, "")?;
+        let out = self
+            .runtime_cmd()
+            .args(["events", "--stats", id])
+            .output()
+            .await
+            .map_err(|e| {
+                ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
+            })?;
+        if !out.status.success() {
+            return Err(ContainerError::Runtime(format!(
+                "{} events --stats: {}",
+                self.runtime.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| ContainerError::Runtime(format!("runtime statistics: {e}")))?;
+        let d = &v["data"];
+        Ok(Stats {
+            memory_bytes: d["memory"]["usage"]["usage"].as_u64().unwrap_or(0),
+            cpu_usage_ns: d["cpu"]["usage"]["total"].as_u64().unwrap_or(0),
+            pids: d["pids"]["current"].as_u64().unwrap_or(0) as u32,
+        })
     }
 
     /// Stops (if needed) and removes the container and its bundle.
@@ -511,21 +765,35 @@ impl Containers {
             .lock()
             .remove(id)
             .ok_or_else(|| ContainerError::NotFound(id.into()))?;
-        if c.started {
+        if let Some(init) = &c.init {
             let _ = self.runtime(&["delete", "--force", id]).await;
+            // The runtime's child is reaped before the bundle goes.
+            let mut rx = init.exit.clone();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                rx.wait_for(|s| s.is_some()),
+            )
+            .await;
         }
+        self.changed.send_modify(|g| *g += 1);
         std::fs::remove_dir_all(&c.bundle)
-            .map_err(|e| ContainerError::Runtime(format!("cannot remove the bundle: {e}")))
+            .map_err(|e| ContainerError::Runtime(format!("cannot remove the bundle: {e}")))?;
+        tracing::info!(container = id, "container removed");
+        Ok(())
+    }
+
+    /// Removes every container.
+    pub async fn remove_all(&self) -> Result<()> {
+        for id in self.list() {
+            self.remove(&id).await?;
+        }
+        Ok(())
     }
 
     async fn runtime(&self, args: &[&str]) -> Result<()> {
-        let out = tokio::process::Command::new(&self.runtime)
-            .args(args)
-            .output()
-            .await
-            .map_err(|e| {
-                ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
-            })?;
+        let out = self.runtime_cmd().args(args).output().await.map_err(|e| {
+            ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
+        })?;
         if !out.status.success() {
             return Err(ContainerError::Runtime(format!(
                 "{} {}: {}",

@@ -1,11 +1,13 @@
 //! `coffer-agent`: the only trusted process the untrusted host talks to.
 //!
-//! Built so far: the agent policy ([`policy`]): Rego (regorus), package `agent_policy`, one rule
-//! per request name with the full request as `input`, a default that denies exec, stdin writes,
-//! file copies and policy changes, replaced only by the `policy.rego` of the attested initdata;
-//! every decision is audited. The gRPC API ([`api`]) gates every request on it. At start the
-//! binary checks its initdata against HOST_DATA ([`startup`]) before serving. Containers and
-//! in-guest attestation come next (docs/agent.md).
+//! The agent policy ([`policy`]): Rego (regorus), package `agent_policy`, one rule per request
+//! name with the full request as `input`, a default that denies exec, stdin writes, file copies
+//! and policy changes, replaced only by the `policy.rego` of the attested initdata; every
+//! decision is audited. The gRPC API ([`api`]) gates every request on it. At start the binary
+//! checks its initdata against HOST_DATA ([`startup`]) before serving. Containers run on an OCI
+//! runtime ([`container`]) from images the agent pulls with keys it gets from the KBS after
+//! attesting ([`keys`]); exec can be allowed per request by the owner's signature ([`owner`]);
+//! output can leave the guest only sealed to the owner ([`sealed`]). See docs/agent.md.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -13,6 +15,8 @@
 pub mod api;
 pub mod container;
 pub mod keys;
+pub mod owner;
 pub mod policy;
 pub mod sandbox;
+pub mod sealed;
 pub mod startup;

@@ -37,6 +37,16 @@ struct Args {
     /// Pull images over plain HTTP (development registries).
     #[arg(long)]
     plain_http: bool,
+    /// The cgroup under which containers' cgroups are made.
+    #[arg(long, default_value = "/coffer")]
+    cgroup_parent: String,
+    /// Mount a private tmpfs on the state directory first, so that bundles, root filesystems
+    /// and the runtime's state vanish with the sandbox's mount namespace (process sandbox).
+    #[arg(long)]
+    private_state: bool,
+    /// Cache of verified image blobs (content-addressed, re-verified on use).
+    #[arg(long)]
+    image_cache: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,14 +85,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         audit,
     )?);
     tracing::info!(initdata = %hex::encode(&digest), policy = %policy.id(), "initdata matches HOST_DATA; serving");
+    if args.private_state {
+        private_tmpfs(&args.state_dir)?;
+    }
     let pull = coffer_image::PullOptions {
         source: coffer_image::source::SourceOptions {
             plain_http: args.plain_http,
             ..Default::default()
         },
+        cache_dir: args.image_cache.clone(),
         ..Default::default()
     };
-    let mut containers = Containers::new(args.state_dir.clone(), args.runtime.clone(), pull);
+    let owner_key = initdata.data.get("owner-key.pem").cloned();
+    let log_recipient = initdata
+        .data
+        .get("log-recipient.pem")
+        .map(|p| coffer_agent::sealed::Recipient::from_pem(p))
+        .transpose()
+        .context("initdata log-recipient.pem")?;
+    if let Some(k) = &owner_key {
+        coffer_agent::owner::validate_key(k)
+            .map_err(|e| anyhow::anyhow!("initdata owner-key.pem: {e}"))?;
+    }
+    let mut containers = Containers::new(args.state_dir.clone(), args.runtime.clone(), pull)
+        .with_cgroup_parent(&args.cgroup_parent);
     let kbs = coffer_agent::keys::kbs_config(&initdata).map_err(anyhow::Error::msg)?;
     if let Some(url) = &kbs.url {
         // Attests with this TEE (the PSP channel) and the initdata, on first need.
@@ -101,10 +127,42 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     let containers = Arc::new(containers);
-    let service = AgentService::new(policy, hex::encode(&digest), containers);
+    tracing::info!(
+        owner_signed_exec = owner_key.is_some(),
+        sealed_logs = log_recipient.is_some(),
+        "initdata options"
+    );
+    let service = AgentService::new(policy, hex::encode(&digest), containers)
+        .with_owner_key(owner_key)
+        .with_log_recipient(log_recipient);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(serve_unix(&path, service))
         .with_context(|| format!("cannot serve on {}", path.display()))
+}
+
+/// Mounts a private tmpfs (mode 0700) on `dir` with mount(8); the agent runs in its own mount
+/// namespace, so the host never sees it and it is gone when the namespace is.
+fn private_tmpfs(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let out = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "mode=0700,nosuid,nodev",
+            "coffer-state",
+        ])
+        .arg(dir)
+        .output()
+        .context("cannot run mount")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "cannot mount a private tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

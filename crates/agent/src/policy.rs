@@ -169,6 +169,23 @@ impl AgentPolicy {
         }
     }
 
+    /// Records the decision on an owner-signed exec (`refused` = why it was refused), which is
+    /// taken on the owner's signature instead of the policy.
+    pub fn audit_owner_exec(
+        &self,
+        req: &crate::api::proto::ExecProcessRequest,
+        refused: Option<String>,
+    ) {
+        self.audit.record(json!({
+            "request": "ExecProcessRequest",
+            "decision": if refused.is_none() { "allow" } else { "deny" },
+            "by": "owner signature",
+            "container_id": req.container_id,
+            "args": req.args,
+            "error": refused,
+        }));
+    }
+
     /// Replaces the policy with `text` if the policy in force allows this `SetPolicyRequest`
     /// (`input` = `{"policy": text}`) and `text` is a valid agent policy.
     pub fn set(&self, text: &str) -> Result<(), PolicyError> {

@@ -117,12 +117,12 @@ ExecProcessRequest if {
         args: args.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    // Allowed by the policy (then not built yet), versus denied by it.
+    // Allowed by the policy (then refused: there is no such container), versus denied by it.
     let e = c
         .exec_process(exec("web", &["/bin/date"]))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = c.exec_process(exec("web", &["/bin/sh"])).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = c

@@ -5,15 +5,24 @@
 use coffer_agent::{api::proto::CreateContainerRequest, container::Containers};
 use coffer_testkit::busybox_layout;
 
-async fn output(c: &Containers, id: &str, stream: &str) -> String {
+/// Everything a process wrote to `stream`, following it to the process's exit.
+async fn output_of(c: &Containers, id: &str, exec: &str, stream: &str) -> String {
     let mut all = Vec::new();
     loop {
-        let chunk = c.read(id, stream, 4096).await.unwrap();
-        if chunk.is_empty() {
+        let chunk = c
+            .read(id, exec, stream, all.len() as u64, 4096, true)
+            .await
+            .unwrap();
+        assert_eq!(chunk.offset, all.len() as u64);
+        if chunk.eof {
             return String::from_utf8(all).unwrap();
         }
-        all.extend(chunk);
+        all.extend(chunk.data);
     }
+}
+
+async fn output(c: &Containers, id: &str, stream: &str) -> String {
+    output_of(c, id, "", stream).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -44,10 +53,14 @@ async fn containers_run_under_runc_with_the_default_spec() {
     .await
     .unwrap();
     assert_eq!(c.list(), vec![id.clone()]);
-    c.start(&id).unwrap();
-    assert_eq!(c.wait(&id).await.unwrap(), 3);
+    c.start(&id).await.unwrap();
+    assert_eq!(c.wait(&id, "").await.unwrap(), 3);
     assert_eq!(output(&c, &id, "stdout").await, "hi\n");
     assert_eq!(output(&c, &id, "stderr").await, "oops\n");
+    // Output is kept: it reads again from the start.
+    assert_eq!(output(&c, &id, "stdout").await, "hi\n");
+    assert_eq!(c.statuses()[0].state, "exited");
+    assert_eq!(c.statuses()[0].exit_status, Some(3));
     let bundle = c.bundle(&id).unwrap();
     c.remove(&id).await.unwrap();
     assert!(c.list().is_empty() && !bundle.exists());
@@ -55,8 +68,8 @@ async fn containers_run_under_runc_with_the_default_spec() {
     // The default command comes from the image config.
     let id2 = format!("coffer-test-{suffix}-2");
     c.create(&req(&id2, &[], false)).await.unwrap();
-    c.start(&id2).unwrap();
-    assert_eq!(c.wait(&id2).await.unwrap(), 0);
+    c.start(&id2).await.unwrap();
+    assert_eq!(c.wait(&id2, "").await.unwrap(), 0);
     assert_eq!(output(&c, &id2, "stdout").await, "default\n");
     c.remove(&id2).await.unwrap();
 
@@ -73,13 +86,57 @@ async fn containers_run_under_runc_with_the_default_spec() {
     ))
     .await
     .unwrap();
-    c.start(&id3).unwrap();
-    assert_eq!(c.wait(&id3).await.unwrap(), 0);
+    c.start(&id3).await.unwrap();
+    assert_eq!(c.wait(&id3, "").await.unwrap(), 0);
     let out = output(&c, &id3, "stdout").await;
     assert!(!out.contains("mounted") && !out.contains("wrote"), "{out}");
     c.remove(&id3).await.unwrap();
 
+    // Exec into a running container: its own output and status, the container's user and
+    // environment, the container unaffected; statistics from its cgroup; signals.
+    let id4 = format!("coffer-test-{suffix}-4");
+    c.create(&req(
+        &id4,
+        &["/bin/sh", "-c", "echo up; exec sleep 30"],
+        false,
+    ))
+    .await
+    .unwrap();
+    assert!(
+        c.exec(&id4, "e1", &["true".into()], &[]).is_err(),
+        "exec before start"
+    );
+    c.start(&id4).await.unwrap();
+    assert_eq!(c.statuses()[0].state, "running");
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    c.exec(
+        &id4,
+        "e1",
+        &args(&["/bin/sh", "-c", "echo $GREETING $EXTRA; id -u; exit 7"]),
+        &["EXTRA=there".into()],
+    )
+    .unwrap();
+    assert_eq!(
+        c.wait(&id4, "e1").await.unwrap(),
+        7,
+        "{}",
+        output_of(&c, &id4, "e1", "stderr").await
+    );
+    assert_eq!(output_of(&c, &id4, "e1", "stdout").await, "hi there\n0\n");
+    assert!(
+        c.exec(&id4, "e1", &args(&["true"]), &[]).is_err(),
+        "exec id reused"
+    );
+    let stats = c.stats(&id4).await.unwrap();
+    assert!(stats.pids >= 1 && stats.memory_bytes > 0, "{stats:?}");
+    c.exec(&id4, "e2", &args(&["sleep", "30"]), &[]).unwrap();
+    c.signal(&id4, "e2", 15).await.unwrap();
+    assert_ne!(c.wait(&id4, "e2").await.unwrap(), 0);
+    assert_eq!(c.statuses()[0].state, "running");
+    c.remove(&id4).await.unwrap();
+    assert!(c.list().is_empty());
+
     // Bad ids and unknown containers are refused clearly.
     assert!(c.create(&req("../x", &[], false)).await.is_err());
-    assert!(c.start("nope").is_err());
+    assert!(c.start("nope").await.is_err());
 }

@@ -188,6 +188,7 @@ async fn encrypted_images_run_only_in_a_registered_launch() {
             exec_id: String::new(),
             stream: "stdout".into(),
             len: 4096,
+            ..Default::default()
         })
         .await
         .unwrap()

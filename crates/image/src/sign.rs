@@ -9,7 +9,10 @@ use std::{io::Write, path::PathBuf, process::Stdio};
 
 use aws_lc_rs::{
     rand::SystemRandom,
-    signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING},
+    signature::{
+        EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING,
+        ECDSA_P384_SHA384_ASN1_SIGNING,
+    },
 };
 use base64::{engine::general_purpose::STANDARD, Engine};
 use oci_client::Reference;
@@ -139,26 +142,14 @@ pub async fn sign_cosign(
     } else {
         zeroize::Zeroizing::new(block.contents().to_vec())
     };
-    let key = [
-        &ECDSA_P256_SHA256_ASN1_SIGNING,
-        &ECDSA_P384_SHA384_ASN1_SIGNING,
-    ]
-    .iter()
-    .find_map(|alg| {
-        EcdsaKeyPair::from_pkcs8(alg, &der)
-            .or_else(|_| EcdsaKeyPair::from_private_key_der(alg, &der))
-            .ok()
-    })
-    .ok_or_else(|| {
-        Error::Policy("the cosign key is not an EC P-256 or P-384 private key".into())
+    let key = PemSigner::from_der(&der).map_err(|_| {
+        Error::Policy("the cosign key is not an EC P-256/P-384 or Ed25519 private key".into())
     })?;
 
     let source = Source::new(image, opts)?;
     let digest_str = source.root_manifest().await?.digest;
     let data = payload("cosign container image signature", &r.whole(), &digest_str);
-    let sig = key
-        .sign(&SystemRandom::new(), &data)
-        .map_err(|_| Error::Policy("signing failed".into()))?;
+    let sig = key.sign(&data)?;
     let tag = format!("{}.sig", digest_str.replace(':', "-"));
 
     let mut layers: Vec<serde_json::Value> = match source.tag_manifest(&tag).await? {
@@ -180,7 +171,7 @@ pub async fn sign_cosign(
         "mediaType": COSIGN_PAYLOAD_TYPE,
         "digest": payload_digest,
         "size": data.len(),
-        "annotations": {COSIGN_SIGNATURE_ANNOTATION: STANDARD.encode(sig.as_ref())},
+        "annotations": {COSIGN_SIGNATURE_ANNOTATION: STANDARD.encode(&sig)},
     }));
     let diff_ids: Vec<&str> = layers.iter().filter_map(|l| l["digest"].as_str()).collect();
     let config = serde_json::to_vec(&json!({
@@ -202,4 +193,55 @@ pub async fn sign_cosign(
     sink.put_manifest(manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE)
         .await?;
     Ok(tag)
+}
+
+/// A private signing key read from PEM or DER: ECDSA P-256/SHA-256 or P-384/SHA-384 (PKCS#8 or
+/// SEC 1; ASN.1 signatures) or Ed25519 (PKCS#8). What [`crate::signature::verify_pem`] checks.
+pub enum PemSigner {
+    /// ECDSA.
+    Ecdsa(EcdsaKeyPair),
+    /// Ed25519.
+    Ed25519(Ed25519KeyPair),
+}
+
+impl PemSigner {
+    /// Reads a PEM private key.
+    pub fn from_pem(pem_text: &[u8]) -> Result<Self, Error> {
+        let block =
+            pem::parse(pem_text).map_err(|_| Error::Policy("the signing key is not PEM".into()))?;
+        let der = zeroize::Zeroizing::new(block.contents().to_vec());
+        Self::from_der(&der)
+    }
+
+    /// Reads a DER private key.
+    pub fn from_der(der: &[u8]) -> Result<Self, Error> {
+        if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            return Ok(Self::Ed25519(k));
+        }
+        [
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            &ECDSA_P384_SHA384_ASN1_SIGNING,
+        ]
+        .iter()
+        .find_map(|alg| {
+            EcdsaKeyPair::from_pkcs8(alg, der)
+                .or_else(|_| EcdsaKeyPair::from_private_key_der(alg, der))
+                .ok()
+        })
+        .map(Self::Ecdsa)
+        .ok_or_else(|| {
+            Error::Policy("the signing key is not an EC P-256/P-384 or Ed25519 private key".into())
+        })
+    }
+
+    /// Signs `payload`.
+    pub fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        match self {
+            Self::Ecdsa(k) => k
+                .sign(&SystemRandom::new(), payload)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| Error::Policy("signing failed".into())),
+            Self::Ed25519(k) => Ok(k.sign(payload).as_ref().to_vec()),
+        }
+    }
 }

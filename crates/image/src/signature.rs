@@ -486,13 +486,18 @@ fn verify_gpg(sig: &[u8], keyrings: &[Vec<u8>]) -> Result<Vec<u8>, String> {
     Err("not signed by a key in the policy's keyring".into())
 }
 
-/// Verifies a cosign signature (base64 ASN.1 ECDSA P-256/P-384 with SHA-256/384, or RSA PKCS#1
-/// v1.5 SHA-256) over `payload` with a PEM public key.
+/// Verifies a cosign signature (base64 ASN.1 ECDSA P-256/P-384 with SHA-256/384, RSA PKCS#1
+/// v1.5 SHA-256, or Ed25519) over `payload` with a PEM public key.
 fn verify_cosign(payload: &[u8], sig_b64: &str, pem_text: &[u8]) -> bool {
+    STANDARD
+        .decode(sig_b64.trim())
+        .is_ok_and(|sig| verify_pem(pem_text, payload, &sig))
+}
+
+/// Verifies `sig` over `payload` with a PEM SubjectPublicKeyInfo: ECDSA P-256/SHA-256 or
+/// P-384/SHA-384 (ASN.1 signatures), RSA PKCS#1 v1.5 SHA-256, or Ed25519.
+pub fn verify_pem(pem_text: &[u8], payload: &[u8], sig: &[u8]) -> bool {
     use aws_lc_rs::signature::{self, UnparsedPublicKey};
-    let Ok(sig) = STANDARD.decode(sig_b64.trim()) else {
-        return false;
-    };
     let Ok(block) = pem::parse(pem_text) else {
         return false;
     };
@@ -513,7 +518,7 @@ fn verify_cosign(payload: &[u8], sig_b64: &str, pem_text: &[u8]) -> bool {
     // EC: the point; RSA: the PKCS#1 RSAPublicKey; Ed25519: the raw key — all the bit string.
     algs.iter().any(|alg| {
         UnparsedPublicKey::new(*alg, point)
-            .verify(payload, &sig)
+            .verify(payload, sig)
             .is_ok()
     })
 }
