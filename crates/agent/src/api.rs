@@ -330,11 +330,15 @@ agent_impl! {
     }
 }
 
-/// Serves `service` on a unix socket at `path` (created; removed first if stale) until the
+/// Serves `service` on a unix socket at `path` (created; replacing a stale one) until the
 /// future is dropped or DestroySandbox was served.
 pub async fn serve_unix(path: &Path, service: AgentService) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)?;
+    // Bound (and listening) under a temporary name, then renamed: the socket appears only once
+    // it accepts connections, so a launcher waiting for the path never sees a refusal.
+    let tmp = path.with_extension("sock.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, path)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let service = service.with_shutdown(tx);
     tonic::transport::Server::builder()

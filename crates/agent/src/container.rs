@@ -555,7 +555,9 @@ impl Containers {
         while !state.exists() {
             if let Some(status) = *process.exit.borrow() {
                 if status != 0 {
-                    tracing::warn!(container = id, status, "the container ended at once");
+                    let err = process.stderr.lock().unwrap_or_else(|p| p.into_inner());
+                    let tail: Vec<u8> = err.data.iter().rev().take(400).rev().copied().collect();
+                    tracing::warn!(container = id, status, stderr = %String::from_utf8_lossy(&tail), "the container ended at once");
                 }
                 break;
             }

@@ -26,10 +26,11 @@ enum InitdataCommand {
         /// Agent policy (Rego, package agent_policy) [default: the built-in policy].
         #[arg(long)]
         policy: Option<PathBuf>,
-        /// The workload owner's public key (PEM), for owner-signed exec.
+        /// The workload owner's public key (PEM: Ed25519, ECDSA P-256/P-384 or RSA), for
+        /// owner-signed exec.
         #[arg(long)]
         owner_key: Option<PathBuf>,
-        /// The public key (PEM) container logs are sealed to.
+        /// The X25519 public key (PEM) container output is sealed to (HPKE).
         #[arg(long)]
         log_recipient: Option<PathBuf>,
         /// Digest algorithm: sha256, sha384 or sha512.
@@ -119,18 +120,17 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                 toml::Value::String(toml::to_string(&cdh)?),
             );
             data.insert("policy.rego".into(), toml::Value::String(policy_text));
-            for (name, path) in [
-                ("owner-key.pem", &owner_key),
-                ("log-recipient.pem", &log_recipient),
-            ] {
-                if let Some(p) = path {
-                    let pem_text = read(p)?;
-                    pem::parse(&pem_text)
-                        .ok()
-                        .filter(|b| b.tag() == "PUBLIC KEY")
-                        .with_context(|| format!("{} is not a PEM public key", p.display()))?;
-                    data.insert(name.into(), toml::Value::String(pem_text));
-                }
+            if let Some(p) = &owner_key {
+                let pem_text = read(p)?;
+                coffer_agent::owner::validate_key(&pem_text)
+                    .map_err(|e| anyhow::anyhow!("--owner-key {}: {e}", p.display()))?;
+                data.insert("owner-key.pem".into(), toml::Value::String(pem_text));
+            }
+            if let Some(p) = &log_recipient {
+                let pem_text = read(p)?;
+                coffer_agent::sealed::Recipient::from_pem(&pem_text)
+                    .with_context(|| format!("--log-recipient {}", p.display()))?;
+                data.insert("log-recipient.pem".into(), toml::Value::String(pem_text));
             }
             let mut doc = toml::Table::new();
             doc.insert("version".into(), toml::Value::String("0.1.0".into()));

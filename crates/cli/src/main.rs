@@ -1,11 +1,13 @@
 //! `coffer`: the user's command-line tool.
 
 mod attest;
+mod ctl;
 mod image;
 mod initdata;
 mod kbs;
 mod measure;
 mod run;
+mod sandbox;
 mod secret;
 
 use clap::{Parser, Subcommand};
@@ -37,8 +39,21 @@ enum Command {
     Initdata(initdata::InitdataArgs),
     /// Print the reference values for a sandbox and initdata (set-reference-values format).
     Measure(measure::MeasureArgs),
-    /// Run a container in a sandbox; streams its output and exits with its status.
+    /// Run a container in a sandbox; streams its output and exits with its status (or, with
+    /// -d, prints its name and leaves it running).
     Run(Box<run::RunArgs>),
+    /// Run a command in a running container (subject to the agent policy, or signed by the
+    /// owner); exits with its status.
+    Exec(ctl::ExecArgs),
+    /// Print a container's output.
+    Logs(ctl::LogsArgs),
+    /// List the containers of the running sandboxes.
+    Ps(ctl::PsArgs),
+    /// Remove a container and its sandbox.
+    Rm(ctl::RmArgs),
+    /// Keep one process sandbox (started by `coffer run`).
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(sandbox::KeeperArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -92,6 +107,16 @@ fn run() -> anyhow::Result<()> {
             let status = runtime.block_on(run::run(*args))?;
             std::process::exit(status.clamp(0, 255));
         }
+        Command::Exec(args) => {
+            let status = runtime.block_on(ctl::exec(args))?;
+            std::process::exit(status.clamp(0, 255));
+        }
+        Command::Logs(args) => runtime.block_on(ctl::logs(args)),
+        Command::Ps(args) => runtime.block_on(ctl::ps(args)),
+        Command::Rm(args) => runtime.block_on(ctl::rm(args)),
+        // The keeper runs its own single-threaded runtime on the main thread: the agent's
+        // parent-death signal is tied to the thread that started it.
+        Command::Sandbox(args) => sandbox::keep(args),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

@@ -1,26 +1,23 @@
-//! `coffer run --sandbox process …`: the process-sandbox launcher. It sets the emulated PSP's
-//! launch (MEASUREMENT of the agent binary and launch configuration, HOST_DATA = initdata
-//! digest), serves the PSP channel to the sandbox alone, starts `coffer-agent` under `unshare`
-//! in new mount, PID, UTS and IPC namespaces, asks it for the container, streams the output and
-//! exits with the container's status, removing everything it created. The emulated TEE gives no
-//! confidentiality; every run says so.
+//! `coffer run --sandbox process …`: the process-sandbox launcher. It checks the initdata against
+//! `--kbs`, starts the sandbox's keeper ([`crate::sandbox`]: emulated PSP with MEASUREMENT of
+//! the agent binary and launch configuration and HOST_DATA = initdata digest, `coffer-agent`
+//! under `unshare`), asks the agent for the container, and then either streams the output and
+//! exits with the container's status, tearing the sandbox down (the default), or prints the
+//! name and leaves the sandbox running (`-d`; see `coffer exec|logs|ps|rm`). The emulated TEE
+//! gives no confidentiality; every run says so.
 
-use std::{
-    os::unix::net::UnixListener,
-    path::{Path, PathBuf},
-    process::Stdio,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use coffer_agent::api::proto::{
-    agent_client::AgentClient, CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest,
-    StartContainerRequest, WaitProcessRequest,
+    CreateContainerRequest, DestroySandboxRequest, StartContainerRequest, WaitProcessRequest,
 };
-use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
+
+use crate::{
+    ctl::{agent, stream_output, OwnerKeys},
+    sandbox::SandboxDir,
+};
 
 /// `coffer run` arguments.
 #[derive(Args)]
@@ -37,9 +34,15 @@ pub struct RunArgs {
     /// Pull over plain HTTP (development registries).
     #[arg(long)]
     plain_http: bool,
-    /// The container's name [default: a random one].
+    /// The container's (and sandbox's) name [default: a random one].
     #[arg(long)]
     name: Option<String>,
+    /// Leave the container running in the background and print its name.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Private key(s) (PEM) that open output sealed to the initdata's log recipient.
+    #[arg(long)]
+    owner_key: Option<PathBuf>,
     /// The emulated PSP's directory.
     #[arg(long, default_value = "coffer-psp")]
     psp_dir: PathBuf,
@@ -47,8 +50,11 @@ pub struct RunArgs {
     #[arg(long)]
     agent: Option<PathBuf>,
     /// Where sandboxes keep their state.
-    #[arg(long, default_value = "/run/coffer/sandboxes")]
+    #[arg(long, default_value = crate::ctl::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Cache of verified image blobs shared by sandboxes [default: STATE_DIR/../image-cache].
+    #[arg(long)]
+    image_cache: Option<PathBuf>,
     /// The image: docker://REG/REPO:TAG or oci:DIR[:TAG].
     image: String,
     /// The command and its arguments [default: the image's].
@@ -56,35 +62,7 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-async fn connect(sock: &Path) -> anyhow::Result<AgentClient<Channel>> {
-    coffer_agent::api::connect_unix(sock)
-        .await
-        .context("cannot connect to the agent")
-}
-
-/// The sandbox's processes and files, removed on drop.
-struct Sandbox {
-    dir: PathBuf,
-    agent: Option<tokio::process::Child>,
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.start_kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn last_line(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.lines().last().map(str::to_string))
-        .unwrap_or_default()
-}
-
-/// Runs `coffer run`; returns the container's exit status.
+/// Runs `coffer run`; returns the container's exit status (0 once started with `-d`).
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     if a.sandbox != "process" {
         bail!(
@@ -103,160 +81,137 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             a.kbs
         );
     }
-    let digest = coffer_wire::initdata::digest(&text)?;
-    let agent = crate::measure::agent_path(&a.agent)?;
-    let binary =
-        std::fs::read(&agent).with_context(|| format!("cannot read {}", agent.display()))?;
-    let name = a.name.clone().unwrap_or_else(|| {
-        let mut r = [0u8; 6];
-        let _ = getrandom_fill(&mut r);
-        format!("coffer-{}", hex::encode(r))
-    });
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        bail!("--name {name:?}: use 1-64 ASCII letters, digits, '-' or '_'");
-    }
+    let keys = a.owner_key.as_deref().map(OwnerKeys::load).transpose()?;
+    let agent_bin = crate::measure::agent_path(&a.agent)?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("coffer-{}", crate::ctl::random_hex(6)));
+    let sandbox = SandboxDir::new(&a.state_dir, &name)?;
     eprintln!("coffer: EMULATED TEE (process sandbox): no confidentiality, development only");
 
-    let dir = a.state_dir.join(&name);
-    if dir.exists() {
-        bail!(
-            "a sandbox named {name} exists ({}); pick another --name",
-            dir.display()
-        );
+    if sandbox.dir.exists() {
+        if sandbox.alive() {
+            bail!("a sandbox named {name} is running; pick another --name or `coffer rm {name}`");
+        }
+        sandbox.reap()?;
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut sandbox = Sandbox {
-        dir: dir.clone(),
-        agent: None,
-    };
-
-    // The launch the PSP reports, and its channel for this sandbox only.
-    let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
-    let mut host_data = [0u8; 32];
-    host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(&digest, 32));
-    psp.set_launch(coffer_psp::Launch {
-        measurement: coffer_agent::sandbox::process_measurement(&binary),
-        host_data,
-        ..coffer_psp::Launch::default()
+    std::fs::create_dir_all(&sandbox.dir)
+        .with_context(|| format!("cannot create {}", sandbox.dir.display()))?;
+    let cache = a.image_cache.clone().unwrap_or_else(|| {
+        a.state_dir
+            .parent()
+            .unwrap_or(&a.state_dir)
+            .join("image-cache")
     });
-    let psp_sock = dir.join("psp.sock");
-    let listener = UnixListener::bind(&psp_sock)?;
-    let psp = Arc::new(psp);
-    std::thread::spawn(move || coffer_psp::channel::serve(psp, listener));
-
-    // The agent, in its namespaces; killed with this process (--kill-child).
-    let agent_sock = dir.join("agent.sock");
-    let log = dir.join("agent.log");
-    let mut cmd = tokio::process::Command::new("unshare");
-    for ns in coffer_agent::sandbox::PROCESS_NAMESPACES {
-        cmd.arg(format!("--{ns}"));
-    }
-    // A /proc of the new PID namespace, so that the runtime inside sees its own processes.
-    cmd.arg("--mount-proc")
-        .arg("--kill-child")
-        .arg(&agent)
-        .arg("--listen")
-        .arg(format!("unix:{}", agent_sock.display()))
+    let initdata = std::fs::canonicalize(&a.initdata)?;
+    let me = std::env::current_exe().context("cannot find this program's path")?;
+    let mut cmd = tokio::process::Command::new(me);
+    cmd.arg("__sandbox")
+        .arg("--dir")
+        .arg(&sandbox.dir)
+        .arg("--name")
+        .arg(&name)
+        .arg("--agent")
+        .arg(&agent_bin)
         .arg("--initdata")
-        .arg(&a.initdata)
-        .arg("--psp-socket")
-        .arg(&psp_sock)
-        .arg("--audit-log")
-        .arg(dir.join("audit.jsonl"))
-        .arg("--state-dir")
-        .arg(dir.join("bundles"));
+        .arg(&initdata)
+        .arg("--psp-dir")
+        .arg(&a.psp_dir)
+        .arg("--image-cache")
+        .arg(&cache);
     if a.plain_http {
         cmd.arg("--plain-http");
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the agent with unshare")?;
-    sandbox.agent = Some(child);
-    for _ in 0..500 {
-        if agent_sock.exists() {
-            break;
-        }
-        if let Some(Ok(Some(_))) = sandbox.agent.as_mut().map(|c| c.try_wait()) {
-            bail!("the agent did not start: {}", last_line(&log));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !a.detach {
+        cmd.arg("--watch-stdin");
     }
-    let mut c = connect(&agent_sock).await?;
-
-    let id = name.clone();
-    c.create_container(CreateContainerRequest {
-        container_id: id.clone(),
-        image: a.image.clone(),
-        args: a.command.clone(),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("the agent could not create the container: {}", e.message()))?;
-    c.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("the agent could not start the container: {}", e.message()))?;
-
-    // Stream both outputs until the process ends and they are drained.
-    let pump = |stream: &'static str, c: AgentClient<Channel>, id: String| async move {
-        let mut c = c;
-        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if stream == "stdout" {
-            Box::new(tokio::io::stdout())
+    // Its own process group: a terminal's ^C reaches this process, whose exit closes the
+    // keeper's stdin, and the keeper tears down.
+    let mut keeper = cmd
+        .stdin(if a.detach {
+            Stdio::null()
         } else {
-            Box::new(tokio::io::stderr())
-        };
-        loop {
-            let r = c
-                .read_stream(ReadStreamRequest {
-                    container_id: id.clone(),
-                    exec_id: String::new(),
-                    stream: stream.into(),
-                    len: 64 << 10,
-                })
-                .await;
-            match r {
-                Ok(d) if !d.get_ref().data.is_empty() => {
-                    let _ = out.write_all(&d.get_ref().data).await;
-                    let _ = out.flush().await;
-                }
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(anyhow::anyhow!("reading {stream}: {}", e.message())),
+            Stdio::piped()
+        })
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(sandbox.dir.join("keeper.log"))?)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the sandbox keeper")?;
+
+    let started = async {
+        let sock = sandbox.agent_sock();
+        for _ in 0..1500 {
+            if sock.exists() {
+                break;
             }
+            if let Ok(Some(_)) = keeper.try_wait() {
+                bail!("the agent did not start: {}", sandbox.agent_error());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-    };
-    let (o, e) = tokio::join!(
-        pump("stdout", c.clone(), id.clone()),
-        pump("stderr", c.clone(), id.clone())
-    );
-    o?;
-    e?;
-    let status = c
-        .wait_process(WaitProcessRequest {
-            container_id: id.clone(),
-            exec_id: String::new(),
+        let mut c = agent(&sandbox).await?;
+        c.create_container(CreateContainerRequest {
+            container_id: name.clone(),
+            image: a.image.clone(),
+            args: a.command.clone(),
+            ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("waiting for the container: {}", e.message()))?
-        .into_inner()
-        .status;
-    let _ = c
-        .remove_container(RemoveContainerRequest { container_id: id })
-        .await;
-    drop(sandbox);
-    Ok(status)
-}
+        .map_err(|e| {
+            anyhow::anyhow!("the agent could not create the container: {}", e.message())
+        })?;
+        c.start_container(StartContainerRequest {
+            container_id: name.clone(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the agent could not start the container: {}", e.message()))?;
+        Ok(c)
+    }
+    .await;
+    let mut c = match started {
+        Ok(c) => c,
+        Err(e) => {
+            // The keeper tears the sandbox down once asked.
+            if let Ok(mut c) = agent(&sandbox).await {
+                let _ = c.destroy_sandbox(DestroySandboxRequest {}).await;
+            }
+            drop(keeper.stdin.take());
+            let _ = keeper.start_kill();
+            let _ = keeper.wait().await;
+            let _ = sandbox.reap();
+            return Err(e);
+        }
+    };
+    if a.detach {
+        println!("{name}");
+        return Ok(0);
+    }
 
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+    let streamed = stream_output(&c, &name, "", true, keys.as_ref()).await;
+    let status = match streamed {
+        Ok(()) => c
+            .wait_process(WaitProcessRequest {
+                container_id: name.clone(),
+                exec_id: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .map_err(|e| anyhow::anyhow!("waiting for the container: {}", e.message())),
+        Err(e) => Err(e),
+    };
+    // Closing the keeper's stdin ends the sandbox; wait for the teardown.
+    drop(keeper.stdin.take());
+    let _ = keeper.wait().await;
+    if sandbox.dir.exists() {
+        sandbox.reap()?;
+    }
+    status.map_err(|e| {
+        if sandbox.agent_error().is_empty() {
+            e
+        } else {
+            e.context("the sandbox's agent is gone")
+        }
+    })
 }

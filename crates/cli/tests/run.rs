@@ -1,11 +1,19 @@
-//! `coffer run --sandbox process` end to end: a real coffer-kbs (in this process) trusting the
-//! emulated PSP, reference values from `coffer measure`, an image encrypted with a key only the
-//! KBS holds, and the agent running the container on runc inside its namespaces.
+//! `coffer run --sandbox process` end to end, as the acceptance scripts use it: a real coffer-kbs
+//! (in this process) trusting the emulated PSP, reference values from `coffer measure`, Debian's
+//! docker-registry serving an image skopeo encrypted to a key only the KBS holds, and the agent
+//! running containers on runc inside its namespaces. Then `-d`, `coffer exec|logs|ps|rm`,
+//! owner-signed exec, sealed logs, and what killing the launcher, the agent or the keeper leaves.
+
+mod common;
 
 use std::{
+    io::BufRead,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
+
+use coffer_agent::api::proto::{ExecProcessRequest, IssueExecNonceRequest};
 
 /// The agent binary beside the CLI's (built with the workspace; built here when missing).
 fn agent_binary() -> PathBuf {
@@ -26,6 +34,7 @@ async fn cli(args: Vec<String>) -> (Option<i32>, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_coffer"))
             .args(&args)
             .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
             .output()
             .unwrap();
         (
@@ -42,124 +51,593 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() {
+/// A KBS, a registry with the encrypted image, an emulated PSP and a state directory.
+struct World {
+    dir: tempfile::TempDir,
+    psp_dir: PathBuf,
+    agent: PathBuf,
+    kbs: coffer_testkit::TestKbs,
+    image: String,
+    state: PathBuf,
+    _registry: common::Registry,
+}
+
+async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = agent_binary();
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
-
     let kbs = coffer_testkit::start_kbs(d, |c| {
         c.allow_emulated = true;
         c.emulated_root = Some(psp_dir.join("roots.pem"));
     })
     .await;
-    let (url, admin) = (kbs.url.clone(), &kbs.admin);
 
-    // The image, encrypted under a key the KBS holds.
+    // The image, pushed by skopeo encrypted to a JWE key whose private half only the KBS holds.
+    let registry = common::Registry::start();
     coffer_testkit::busybox_layout(&d.join("plain"));
-    let kek: Vec<u8> = (0..32u8).collect();
-    std::fs::write(d.join("kek.bin"), &kek).unwrap();
-    let image = format!("oci:{}:v1", d.join("enc").display());
-    let (code, _, stderr) = cli(vec![
-        "image".into(),
-        "encrypt".into(),
-        "--kbs-kek".into(),
-        "kbs:///default/image-keys/app".into(),
-        "--kek-file".into(),
-        d.join("kek.bin").display().to_string(),
-        format!("oci:{}:v1", d.join("plain").display()),
-        image.clone(),
-    ])
-    .await;
-    assert_eq!(code, Some(0), "{stderr}");
-    admin
-        .set_resource("default/image-keys/app", kek)
+    common::openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "img.pem",
+        ],
+    );
+    common::openssl(d, &["pkey", "-in", "img.pem", "-pubout", "-out", "img.pub"]);
+    let image = format!("docker://{}/app:v1", registry.addr);
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--encryption-key",
+        ])
+        .arg(format!("jwe:{}", d.join("img.pub").display()))
+        .arg(format!("oci:{}:v1", d.join("plain").display()))
+        .arg(&image)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kbs.admin
+        .set_resource(
+            "default/image-keys/app",
+            std::fs::read(d.join("img.pem")).unwrap(),
+        )
         .await
         .unwrap();
+    World {
+        state: d.join("sandboxes"),
+        dir,
+        psp_dir,
+        agent,
+        kbs,
+        image,
+        _registry: registry,
+    }
+}
 
-    // initdata, and its reference values.
-    let (code, init, stderr) = cli(s(&[
-        "initdata",
-        "new",
-        "--kbs-url",
-        &url,
-        "--image-key",
-        "kbs:///default/image-keys/app",
-    ]))
-    .await;
-    assert_eq!(code, Some(0), "{stderr}");
-    std::fs::write(d.join("initdata.toml"), &init).unwrap();
-    let (code, refs, stderr) = cli(vec![
-        "measure".into(),
-        "--sandbox".into(),
-        "process".into(),
-        "--initdata".into(),
-        d.join("initdata.toml").display().to_string(),
-        "--agent".into(),
-        agent.display().to_string(),
-        "--psp-dir".into(),
-        psp_dir.display().to_string(),
-    ])
-    .await;
-    assert_eq!(code, Some(0), "{stderr}");
-    admin.set_reference_values(refs.as_bytes()).await.unwrap();
+impl World {
+    fn d(&self) -> &Path {
+        self.dir.path()
+    }
 
-    let state = d.join("sandboxes");
-    let run = |initdata: &Path, name: &str, kbs: &str| {
+    /// `coffer initdata new --kbs-url URL --image-key … EXTRA > FILE`.
+    async fn initdata(&self, file: &str, extra: &[&str]) -> PathBuf {
+        let mut args = s(&[
+            "initdata",
+            "new",
+            "--kbs-url",
+            &self.kbs.url,
+            "--image-key",
+            "kbs:///default/image-keys/app",
+        ]);
+        args.extend(s(extra));
+        let (code, text, stderr) = cli(args).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        let path = self.d().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Registers the reference values `coffer measure` prints for each initdata.
+    async fn register(&self, initdatas: &[&Path]) {
+        let mut all: Option<serde_json::Value> = None;
+        for i in initdatas {
+            let (code, refs, stderr) = cli(vec![
+                "measure".into(),
+                "--sandbox".into(),
+                "process".into(),
+                "--initdata".into(),
+                i.display().to_string(),
+                "--agent".into(),
+                self.agent.display().to_string(),
+                "--psp-dir".into(),
+                self.psp_dir.display().to_string(),
+            ])
+            .await;
+            assert_eq!(code, Some(0), "{stderr}");
+            let refs: serde_json::Value = serde_json::from_str(&refs).unwrap();
+            match &mut all {
+                None => all = Some(refs),
+                Some(a) => {
+                    let more = refs["init_data"].as_array().unwrap().clone();
+                    a["init_data"].as_array_mut().unwrap().extend(more);
+                }
+            }
+        }
+        self.kbs
+            .admin
+            .set_reference_values(all.unwrap().to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// `coffer run --sandbox process …` as the acceptance scripts write it.
+    fn run(&self, initdata: &Path, name: &str, flags: &[&str], command: &[&str]) -> Vec<String> {
+        let mut v = s(&[
+            "run",
+            "--sandbox",
+            "process",
+            "--kbs",
+            &self.kbs.url,
+            "--initdata",
+        ]);
+        v.push(initdata.display().to_string());
+        v.extend(s(&["--plain-http", "--name", name]));
+        v.extend(s(flags));
+        v.extend(self.local());
+        v.push(self.image.clone());
+        if !command.is_empty() {
+            v.push("--".into());
+            v.extend(s(command));
+        }
+        v
+    }
+
+    /// Where this test keeps its PSP, agent and sandboxes.
+    fn local(&self) -> Vec<String> {
         vec![
-            "run".to_string(),
-            "--sandbox".into(),
-            "process".into(),
-            "--kbs".into(),
-            kbs.to_string(),
-            "--initdata".into(),
-            initdata.display().to_string(),
-            "--name".into(),
-            name.into(),
             "--psp-dir".into(),
-            psp_dir.display().to_string(),
+            self.psp_dir.display().to_string(),
             "--agent".into(),
-            agent.display().to_string(),
+            self.agent.display().to_string(),
             "--state-dir".into(),
-            state.display().to_string(),
-            image.clone(),
-            "--".into(),
-            "/bin/sh".into(),
-            "-c".into(),
-            "echo hello from the sandbox; echo to stderr >&2; exit 7".into(),
+            self.state.display().to_string(),
         ]
-    };
-    let (code, stdout, stderr) = cli(run(&d.join("initdata.toml"), "r1", &url)).await;
+    }
+
+    fn state_flag(&self) -> Vec<String> {
+        vec!["--state-dir".into(), self.state.display().to_string()]
+    }
+
+    /// `coffer CMD ARGS… --state-dir STATE`.
+    async fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut v = s(args);
+        let at = v.iter().position(|a| a == "--").unwrap_or(v.len());
+        v.splice(at..at, self.state_flag());
+        cli(v).await
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(needle) {
+                found.push(format!("{}: {c}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+/// Cgroup directories left for sandbox `name`, in any hierarchy.
+fn cgroups_of(name: &str) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter(|l| l.contains(" - cgroup"))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| Path::new(m).join("coffer").join(name))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// Waits for `cond`, up to 20 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `coffer logs …` once the container has written something (it runs detached).
+async fn logs_until(w: &World, args: &[&str]) -> String {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = w.ctl(args).await;
+        assert_eq!(code, Some(0), "{err}");
+        if !out.is_empty() || Instant::now() > until {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nothing of sandbox `name` (whose container ran `marker`) is left: processes, cgroups,
+/// mounts, files.
+async fn nothing_left(w: &World, name: &str, marker: &str) {
+    let dir = w.state.join(name);
+    let until = Instant::now() + Duration::from_secs(20);
+    while dir.exists() {
+        assert!(
+            Instant::now() < until,
+            "sandbox {name} is still there; keeper log: {:?}; processes: {:?}",
+            std::fs::read_to_string(dir.join("keeper.log")),
+            processes_with(&dir.display().to_string())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the sandbox's processes to end", || {
+        processes_with(marker).is_empty() && processes_with(&dir.display().to_string()).is_empty()
+    })
+    .await;
+    assert!(cgroups_of(name).is_empty(), "{:?}", cgroups_of(name));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&dir.display().to_string()), "{mounts}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() {
+    let w = world().await;
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register(&[&init]).await;
+
+    let cmd = [
+        "/bin/sh",
+        "-c",
+        "echo hello from the sandbox; echo to stderr >&2; exit 7",
+    ];
+    let (code, stdout, stderr) = cli(w.run(&init, "r1", &[], &cmd)).await;
     assert_eq!(code, Some(7), "{stderr}");
     assert_eq!(stdout, "hello from the sandbox\n");
     assert!(
         stderr.contains("to stderr") && stderr.contains("EMULATED TEE"),
         "{stderr}"
     );
-    assert!(!state.join("r1").exists(), "the sandbox was cleaned up");
+    nothing_left(&w, "r1", "hello from the sandbox").await;
 
     // A permissive initdata nobody registered: the agent starts, the KBS releases nothing.
-    std::fs::write(d.join("open.rego"), "package agent_policy\ndefault CreateContainerRequest := true\ndefault ExecProcessRequest := true\n").unwrap();
-    let (_, open, _) = cli(s(&[
-        "initdata",
-        "new",
-        "--kbs-url",
-        &url,
-        "--policy",
-        d.join("open.rego").to_str().unwrap(),
-    ]))
-    .await;
-    std::fs::write(d.join("open.toml"), &open).unwrap();
-    let (code, stdout, stderr) = cli(run(&d.join("open.toml"), "r2", &url)).await;
+    std::fs::write(
+        w.d().join("open.rego"),
+        "package agent_policy\ndefault CreateContainerRequest := true\ndefault ExecProcessRequest := true\n",
+    )
+    .unwrap();
+    let open = w
+        .initdata(
+            "open.toml",
+            &["--policy", w.d().join("open.rego").to_str().unwrap()],
+        )
+        .await;
+    let (code, stdout, stderr) = cli(w.run(&open, "r2", &[], &cmd)).await;
     assert_ne!(code, Some(0));
     assert!(stdout.is_empty());
     assert!(stderr.contains("kbs:///default/image-keys/app"), "{stderr}");
-    assert!(!state.join("r2").exists());
+    assert!(!w.state.join("r2").exists());
 
     // The initdata names another KBS than --kbs: refused before anything starts.
-    let (code, _, stderr) = cli(run(&d.join("initdata.toml"), "r3", "http://127.0.0.1:1")).await;
+    let mut args = w.run(&init, "r3", &[], &cmd);
+    let at = args.iter().position(|a| a == &w.kbs.url).unwrap();
+    args[at] = "http://127.0.0.1:1".into();
+    let (code, _, stderr) = cli(args).await;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("the initdata names KBS"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn detached_containers_take_exec_only_as_the_policy_or_the_owner_allows() {
+    let w = world().await;
+    let d = w.d();
+    common::openssl(
+        d,
+        &["genpkey", "-algorithm", "ed25519", "-out", "owner.pem"],
+    );
+    common::openssl(
+        d,
+        &["pkey", "-in", "owner.pem", "-pubout", "-out", "owner.pub"],
+    );
+    let init = w
+        .initdata(
+            "initdata.toml",
+            &["--owner-key", d.join("owner.pub").to_str().unwrap()],
+        )
+        .await;
+    w.register(&[&init]).await;
+
+    let (code, stdout, stderr) = cli(w.run(
+        &init,
+        "app",
+        &["-d"],
+        &[
+            "/bin/sh",
+            "-c",
+            "echo started; echo secret-data > /tmp/s; exec sleep 3013",
+        ],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "app\n");
+
+    let (code, stdout, _) = w.ctl(&["ps"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("app ") && l.contains("running") && l.contains(&w.image)),
+        "{stdout}"
+    );
+    assert_eq!(logs_until(&w, &["logs", "app"]).await, "started\n");
+
+    // Exec under the default policy: refused, naming the policy; nothing of the container.
+    let (code, stdout, stderr) = w.ctl(&["exec", "app", "--", "cat", "/tmp/s"]).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("denied by policy: ExecProcessRequest"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("secret-data") && !stderr.contains("secret-data"));
+
+    // Signed by the owner: runs once, with its own output and status.
+    let owner = d.join("owner.pem").display().to_string();
+    let (code, stdout, stderr) = w
+        .ctl(&[
+            "exec",
+            "app",
+            "--owner-key",
+            &owner,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /tmp/s; exit 4",
+        ])
+        .await;
+    assert_eq!(code, Some(4), "{stderr}");
+    assert_eq!(stdout, "secret-data\n");
+
+    // A captured signed request replayed, or altered, is refused.
+    let mut c = coffer_agent::api::connect_unix(&w.state.join("app/agent.sock"))
+        .await
+        .unwrap();
+    let nonce = c
+        .issue_exec_nonce(IssueExecNonceRequest {
+            container_id: "app".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .nonce;
+    let mut req = ExecProcessRequest {
+        container_id: "app".into(),
+        exec_id: "signed-1".into(),
+        args: s(&["true"]),
+        nonce,
+        ..Default::default()
+    };
+    let signer =
+        coffer_image::sign::PemSigner::from_pem(&std::fs::read(d.join("owner.pem")).unwrap())
+            .unwrap();
+    req.owner_signature = signer
+        .sign(&coffer_agent::owner::exec_message(&req))
+        .unwrap();
+    c.exec_process(req.clone()).await.unwrap();
+    req.exec_id = "signed-2".into();
+    let e = c.exec_process(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("nonce"), "{}", e.message());
+    let audit = std::fs::read_to_string(w.state.join("app/audit.jsonl")).unwrap();
+    assert!(audit.contains("owner signature"), "{audit}");
+
+    // rm refuses a running container without -f; -f tears everything down.
+    let (code, _, stderr) = w.ctl(&["rm", "app"]).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("is running") && stderr.contains("rm -f"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = w.ctl(&["rm", "-f", "app"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    nothing_left(&w, "app", "3013").await;
+    let (_, stdout, _) = w.ctl(&["ps"]).await;
+    assert!(!stdout.contains("app"), "{stdout}");
+    let (code, _, stderr) = w.ctl(&["logs", "app"]).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("no sandbox named app"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sealed_logs_are_ciphertext_on_the_host_and_plaintext_with_the_owner_key() {
+    let w = world().await;
+    let d = w.d();
+    common::openssl(d, &["genpkey", "-algorithm", "x25519", "-out", "log.pem"]);
+    common::openssl(d, &["pkey", "-in", "log.pem", "-pubout", "-out", "log.pub"]);
+    let init = w
+        .initdata(
+            "initdata.toml",
+            &["--log-recipient", d.join("log.pub").to_str().unwrap()],
+        )
+        .await;
+    w.register(&[&init]).await;
+
+    let cmd = [
+        "/bin/sh",
+        "-c",
+        "echo confidential-output; echo confidential-err >&2",
+    ];
+    let (code, stdout, stderr) = cli(w.run(&init, "s1", &[], &cmd)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stdout.contains("confidential-") && !stderr.contains("confidential-"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    std::fs::write(d.join("sealed.jsonl"), &stdout).unwrap();
+    let key = d.join("log.pem").display().to_string();
+    let (code, plain, err) = cli(s(&[
+        "logs",
+        "--owner-key",
+        &key,
+        "--sealed",
+        d.join("sealed.jsonl").to_str().unwrap(),
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(plain, "confidential-output\n");
+    assert_eq!(err, "confidential-err\n");
+
+    // A record moved to another offset does not open.
+    let moved = stdout.replacen("\"offset\":0", "\"offset\":1", 1);
+    std::fs::write(d.join("moved.jsonl"), moved).unwrap();
+    let (code, _, err) = cli(s(&[
+        "logs",
+        "--owner-key",
+        &key,
+        "--sealed",
+        d.join("moved.jsonl").to_str().unwrap(),
+    ]))
+    .await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("does not open"), "{err}");
+
+    // Detached: `coffer logs` shows ciphertext, and plaintext with the key; another key fails.
+    let (code, _, stderr) = cli(w.run(
+        &init,
+        "s2",
+        &["-d"],
+        &["/bin/sh", "-c", "echo confidential-later; exec sleep 3014"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let plain = logs_until(&w, &["logs", "s2", "--owner-key", &key]).await;
+    assert_eq!(plain, "confidential-later\n");
+    let (_, sealed, _) = w.ctl(&["logs", "s2"]).await;
+    assert!(
+        sealed.contains("\"record\"") && !sealed.contains("confidential-"),
+        "{sealed}"
+    );
+    common::openssl(d, &["genpkey", "-algorithm", "x25519", "-out", "other.pem"]);
+    let (code, _, err) = w
+        .ctl(&[
+            "logs",
+            "s2",
+            "--owner-key",
+            d.join("other.pem").to_str().unwrap(),
+        ])
+        .await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("does not open"), "{err}");
+    let (code, _, stderr) = w.ctl(&["rm", "-f", "s2"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    nothing_left(&w, "s2", "3014").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_launcher_the_agent_or_the_keeper_leaves_nothing() {
+    let w = world().await;
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register(&[&init]).await;
+
+    // kill -9 of a foreground `coffer run`.
+    let mut run = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args(w.run(
+            &init,
+            "k1",
+            &[],
+            &["/bin/sh", "-c", "echo ready; exec sleep 3021"],
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(w.d().join("k1.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(run.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line,
+        "ready\n",
+        "{:?}",
+        std::fs::read_to_string(w.d().join("k1.err"))
+    );
+    assert!(!processes_with("3021").is_empty());
+    assert!(!cgroups_of("k1").is_empty(), "the container has its cgroup");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    nothing_left(&w, "k1", "3021").await;
+
+    // kill -9 of the agent of a detached sandbox.
+    let (code, _, stderr) = cli(w.run(
+        &init,
+        "k2",
+        &["-d"],
+        &["/bin/sh", "-c", "echo ready; exec sleep 3022"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let agent = processes_with(&w.state.join("k2").display().to_string())
+        .into_iter()
+        .find(|p| p.contains(&format!(": {} --listen", w.agent.display())))
+        .unwrap();
+    let pid = agent.split(':').next().unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", pid])
+        .status()
+        .unwrap()
+        .success());
+    nothing_left(&w, "k2", "3022").await;
+
+    // kill -9 of the keeper: the sandbox dies with it; `coffer ps` removes what is left.
+    let (code, _, stderr) = cli(w.run(
+        &init,
+        "k3",
+        &["-d"],
+        &["/bin/sh", "-c", "echo ready; exec sleep 3023"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let keeper = std::fs::read_to_string(w.state.join("k3/keeper.pid")).unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", keeper.trim()])
+        .status()
+        .unwrap()
+        .success());
+    eventually("the container to die with its keeper", || {
+        processes_with("3023").is_empty()
+    })
+    .await;
+    let (code, stdout, stderr) = w.ctl(&["ps"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains("k3"), "{stdout}");
+    nothing_left(&w, "k3", "3023").await;
 }

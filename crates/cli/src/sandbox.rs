@@ -1,0 +1,321 @@
+//! The process sandbox's keeper and its directory.
+//!
+//! `coffer run` starts a keeper (`coffer __sandbox`, in its own process group) per sandbox. The
+//! keeper holds an exclusive lock on `<dir>/keeper.lock` for its whole life, serves the emulated
+//! PSP's channel to that sandbox alone, and runs `coffer-agent` under `unshare` in new mount,
+//! PID, UTS and IPC namespaces. It tears the sandbox down — agent and every container process
+//! killed with the PID namespace, cgroups under `/coffer/<name>` removed, the directory deleted —
+//! when the agent exits (DestroySandbox, a crash, `kill -9`), when it is asked to (SIGTERM,
+//! SIGINT), or, for a foreground `coffer run`, when that process goes away (its pipe to the
+//! keeper's stdin closes). A sandbox whose keeper was itself killed is reaped by the next
+//! `coffer ps`, `coffer rm` or `coffer run` of that name.
+//!
+//! Layout of `<state-dir>/<name>/`: `keeper.lock`, `keeper.pid`, `psp.sock`, `agent.sock`,
+//! `agent.log`, `audit.jsonl` (the agent's policy decisions) and `state/`, on which the agent
+//! mounts a private tmpfs for bundles, root filesystems and the runtime's state, so that they
+//! vanish with the sandbox's mount namespace.
+
+use std::{
+    os::unix::net::UnixListener,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use rustix::fs::{flock, FlockOperation};
+
+/// `coffer __sandbox` arguments (started by `coffer run`, not by users).
+#[derive(Args)]
+pub struct KeeperArgs {
+    /// The sandbox's directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The sandbox's name (its cgroup is /coffer/NAME).
+    #[arg(long)]
+    name: String,
+    /// The agent binary.
+    #[arg(long)]
+    agent: PathBuf,
+    /// The initdata.
+    #[arg(long)]
+    initdata: PathBuf,
+    /// The emulated PSP's directory.
+    #[arg(long)]
+    psp_dir: PathBuf,
+    /// The agent pulls over plain HTTP.
+    #[arg(long)]
+    plain_http: bool,
+    /// The image blob cache the agent uses.
+    #[arg(long)]
+    image_cache: Option<PathBuf>,
+    /// Tear down when stdin reaches its end (the foreground `coffer run` went away).
+    #[arg(long)]
+    watch_stdin: bool,
+}
+
+/// A sandbox directory.
+pub struct SandboxDir {
+    /// `<state-dir>/<name>`.
+    pub dir: PathBuf,
+    /// The sandbox's name.
+    pub name: String,
+}
+
+impl SandboxDir {
+    /// The sandbox `name` under `state_dir`.
+    pub fn new(state_dir: &Path, name: &str) -> anyhow::Result<Self> {
+        check_name(name)?;
+        Ok(Self {
+            dir: state_dir.join(name),
+            name: name.to_string(),
+        })
+    }
+
+    /// The agent's API socket.
+    pub fn agent_sock(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// Whether a keeper holds the sandbox.
+    pub fn alive(&self) -> bool {
+        let Ok(f) = std::fs::File::open(self.dir.join("keeper.lock")) else {
+            return false;
+        };
+        match flock(&f, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => false,
+            Err(e) => e == rustix::io::Errno::WOULDBLOCK,
+        }
+    }
+
+    /// The keeper's process id.
+    pub fn keeper_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("keeper.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Removes what a sandbox without a keeper left: its cgroups and directory. Refuses a live
+    /// sandbox.
+    pub fn reap(&self) -> anyhow::Result<()> {
+        if self.alive() {
+            bail!("sandbox {} is running", self.name);
+        }
+        remove_cgroups(&self.name)?;
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", self.dir.display())),
+        }
+    }
+
+    /// Waits up to `timeout` for the keeper to finish its teardown.
+    pub async fn wait_gone(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if !self.dir.exists() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        !self.dir.exists()
+    }
+
+    /// The last line the agent wrote to its log (to explain a failed start).
+    pub fn agent_error(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log"))
+            .ok()
+            .and_then(|s| s.lines().last().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// Checks a sandbox or container name.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!("name {name:?}: use 1-64 ASCII letters, digits, '-' or '_'");
+    }
+    Ok(())
+}
+
+/// The cgroup (under each mounted hierarchy) that holds a sandbox's containers.
+pub fn cgroup_parent(name: &str) -> String {
+    format!("/coffer/{name}")
+}
+
+/// The mount points of the cgroup hierarchies (v1 controllers and the unified v2 one).
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| left.split(' ').nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .collect()
+}
+
+/// The cgroup directories a sandbox left (every hierarchy).
+pub fn leftover_cgroups(name: &str) -> Vec<PathBuf> {
+    cgroup_mounts()
+        .into_iter()
+        .map(|m| m.join(cgroup_parent(name).trim_start_matches('/')))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// Removes a sandbox's cgroups, deepest first, waiting up to 5 s for their processes to die.
+pub fn remove_cgroups(name: &str) -> anyhow::Result<()> {
+    fn rmdir_tree(p: &Path) -> std::io::Result<()> {
+        for e in std::fs::read_dir(p)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                rmdir_tree(&e.path())?;
+            }
+        }
+        match std::fs::remove_dir(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut last = None;
+        for p in leftover_cgroups(name) {
+            if let Err(e) = rmdir_tree(&p) {
+                last = Some((p, e));
+            }
+        }
+        match last {
+            None => return Ok(()),
+            Some((p, e)) if Instant::now() > until => {
+                bail!("cannot remove cgroup {}: {e}", p.display())
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Runs the keeper (`coffer __sandbox`) until the sandbox ends, then tears it down.
+pub fn keep(a: KeeperArgs) -> anyhow::Result<()> {
+    check_name(&a.name)?;
+    let lock = std::fs::File::create(a.dir.join("keeper.lock"))
+        .with_context(|| format!("cannot create {}/keeper.lock", a.dir.display()))?;
+    flock(&lock, FlockOperation::NonBlockingLockExclusive)
+        .context("another keeper holds this sandbox")?;
+    std::fs::write(a.dir.join("keeper.pid"), std::process::id().to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(serve(&a));
+    // Everything below runs however the sandbox ended.
+    let cleaned = remove_cgroups(&a.name);
+    let _ = std::fs::remove_dir_all(&a.dir);
+    drop(lock);
+    result.and(cleaned)
+}
+
+async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.initdata)
+        .with_context(|| format!("cannot read {}", a.initdata.display()))?;
+    let digest = coffer_wire::initdata::digest(&text)?;
+    let binary =
+        std::fs::read(&a.agent).with_context(|| format!("cannot read {}", a.agent.display()))?;
+
+    // The launch the PSP reports, and its channel for this sandbox only.
+    let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
+    let mut host_data = [0u8; 32];
+    host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(&digest, 32));
+    psp.set_launch(coffer_psp::Launch {
+        measurement: coffer_agent::sandbox::process_measurement(&binary),
+        host_data,
+        ..coffer_psp::Launch::default()
+    });
+    let psp_sock = a.dir.join("psp.sock");
+    let listener = UnixListener::bind(&psp_sock)?;
+    let psp = Arc::new(psp);
+    std::thread::spawn(move || coffer_psp::channel::serve(psp, listener));
+
+    let mut cmd = tokio::process::Command::new("unshare");
+    for ns in coffer_agent::sandbox::PROCESS_NAMESPACES {
+        cmd.arg(format!("--{ns}"));
+    }
+    // A /proc of the new PID namespace, so that the runtime inside sees its own processes;
+    // --kill-child: the agent (PID 1 there, so every container with it) dies with unshare.
+    cmd.arg("--mount-proc")
+        .arg("--kill-child")
+        .arg(&a.agent)
+        .arg("--listen")
+        .arg(format!("unix:{}", a.dir.join("agent.sock").display()))
+        .arg("--initdata")
+        .arg(&a.initdata)
+        .arg("--psp-socket")
+        .arg(&psp_sock)
+        .arg("--audit-log")
+        .arg(a.dir.join("audit.jsonl"))
+        .arg("--state-dir")
+        .arg(a.dir.join("state"))
+        .arg("--private-state")
+        .arg("--cgroup-parent")
+        .arg(cgroup_parent(&a.name));
+    if a.plain_http {
+        cmd.arg("--plain-http");
+    }
+    if let Some(c) = &a.image_cache {
+        cmd.arg("--image-cache").arg(c);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(a.dir.join("agent.log"))?)
+        .kill_on_drop(true);
+    // SAFETY: the closure runs between fork and exec and only makes one async-signal-safe
+    // system call (prctl). It ties unshare, and through --kill-child the whole sandbox, to this
+    // keeper: a keeper killed with SIGKILL takes the sandbox with it.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut agent = cmd.spawn().context("cannot start the agent with unshare")?;
+
+    let owner_gone = async {
+        if !a.watch_stdin {
+            return std::future::pending::<()>().await;
+        }
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        s = agent.wait() => {
+            tracing::info!(status = ?s, "the agent exited");
+            return Ok(());
+        }
+        _ = owner_gone => tracing::info!("the launcher went away"),
+        _ = term.recv() => tracing::info!("asked to stop"),
+        _ = int.recv() => tracing::info!("interrupted"),
+    }
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    Ok(())
+}
