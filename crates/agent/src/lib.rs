@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod container;
+pub mod egress;
 pub mod keys;
 pub mod owner;
 pub mod policy;

@@ -47,6 +47,10 @@ struct Args {
     /// Cache of verified image blobs (content-addressed, re-verified on use).
     #[arg(long)]
     image_cache: Option<PathBuf>,
+    /// Reach the network only through the launcher's forwarding socket (unix:PATH, SOCKS5),
+    /// bringing up loopback in this network namespace first (process sandbox).
+    #[arg(long)]
+    egress: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,9 +92,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.private_state {
         private_tmpfs(&args.state_dir)?;
     }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let proxy = match &args.egress {
+        None => None,
+        Some(e) => {
+            let channel = e
+                .strip_prefix("unix:")
+                .map(PathBuf::from)
+                .context("--egress: use unix:PATH")?;
+            coffer_agent::egress::loopback_up().map_err(anyhow::Error::msg)?;
+            Some(runtime.block_on(coffer_agent::egress::start(channel))?)
+        }
+    };
     let pull = coffer_image::PullOptions {
         source: coffer_image::source::SourceOptions {
             plain_http: args.plain_http,
+            proxy: proxy.clone(),
             ..Default::default()
         },
         cache_dir: args.image_cache.clone(),
@@ -114,7 +133,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Attests with this TEE (the PSP channel) and the initdata, on first need.
         let client = coffer_kbs_client::KbsClient::new(
             url,
-            coffer_kbs_client::http_client(None)?,
+            coffer_kbs_client::http_client_via(None, proxy.as_deref())?,
             Box::new(coffer_kbs_client::PspChannelAttester::new(
                 args.psp_socket.clone(),
             )),
@@ -135,9 +154,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let service = AgentService::new(policy, hex::encode(&digest), containers)
         .with_owner_key(owner_key)
         .with_log_recipient(log_recipient);
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
+    runtime
         .block_on(serve_unix(&path, service))
         .with_context(|| format!("cannot serve on {}", path.display()))
 }

@@ -1,9 +1,9 @@
 //! What a sandbox's launch measurement covers.
 //!
 //! The process sandbox (development, no confidentiality) runs `coffer-agent` as a child in new
-//! mount, PID, UTS and IPC namespaces (not yet a network namespace: the agent reaches the KBS
-//! and registry over the host's network until a forwarding channel exists); the emulated PSP
-//! reports as MEASUREMENT
+//! mount, PID, network, UTS and IPC namespaces (its network is the launcher's forwarding channel,
+//! [`crate::egress`]), with its state on a private tmpfs; the emulated PSP reports as
+//! MEASUREMENT
 //! `SHA-384("coffer process sandbox v1" ‖ 0 ‖ SHA-384(agent binary) ‖ launch configuration)`,
 //! the configuration being the JSON below, so that a different agent binary or different
 //! isolation measures differently.
@@ -12,11 +12,17 @@ use serde_json::json;
 use sha2::{Digest, Sha384};
 
 /// The namespaces a process sandbox creates (`unshare` options without the leading `--`).
-pub const PROCESS_NAMESPACES: [&str; 4] = ["mount", "pid", "uts", "ipc"];
+pub const PROCESS_NAMESPACES: [&str; 5] = ["mount", "pid", "net", "uts", "ipc"];
 
 /// The launch configuration that is measured.
 pub fn process_launch_config() -> String {
-    json!({"sandbox": "process", "namespaces": PROCESS_NAMESPACES}).to_string()
+    json!({
+        "sandbox": "process",
+        "namespaces": PROCESS_NAMESPACES,
+        "private_state": true,
+        "egress": "forwarding channel",
+    })
+    .to_string()
 }
 
 /// The MEASUREMENT of a process sandbox running `agent_binary`.

@@ -290,6 +290,7 @@ async fn sign(a: SignArgs) -> anyhow::Result<()> {
     let opts = SourceOptions {
         plain_http: a.plain_http,
         auth: auth_file(&a.authfile)?,
+        ..Default::default()
     };
     if let Some(fpr) = &a.gpg_key {
         let registries = registries_d(&a.registries_d)?;
@@ -352,6 +353,7 @@ async fn encrypt(a: EncryptArgs) -> anyhow::Result<()> {
     let opts = SourceOptions {
         plain_http: a.plain_http,
         auth: auth_file(&a.authfile)?,
+        ..Default::default()
     };
     let digest =
         coffer_image::encrypt::encrypt_image(&src, &dst, &opts, &a.platform.parse()?, &wrap)
@@ -434,6 +436,7 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
         source: SourceOptions {
             plain_http: a.plain_http,
             auth,
+            proxy: None,
         },
         platform: a.platform.parse()?,
         cache_dir: a.cache_dir,

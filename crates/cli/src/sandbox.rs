@@ -3,15 +3,20 @@
 //! `coffer run` starts a keeper (`coffer __sandbox`, in its own process group) per sandbox. The
 //! keeper holds an exclusive lock on `<dir>/keeper.lock` for its whole life, serves the emulated
 //! PSP's channel to that sandbox alone, and runs `coffer-agent` under `unshare` in new mount,
-//! PID, UTS and IPC namespaces. It tears the sandbox down — agent and every container process
+//! PID, network, UTS and IPC namespaces. It tears the sandbox down — agent and every container process
 //! killed with the PID namespace, cgroups under `/coffer/<name>` removed, the directory deleted —
 //! when the agent exits (DestroySandbox, a crash, `kill -9`), when it is asked to (SIGTERM,
 //! SIGINT), or, for a foreground `coffer run`, when that process goes away (its pipe to the
 //! keeper's stdin closes). A sandbox whose keeper was itself killed is reaped by the next
 //! `coffer ps`, `coffer rm` or `coffer run` of that name.
 //!
+//! The agent has its own network namespace; its only way out is `net.sock`, a SOCKS5 forwarder
+//! the keeper serves, which connects on the host and logs every destination to `egress.log`
+//! (`coffer_agent::egress`).
+//!
 //! Layout of `<state-dir>/<name>/`: `keeper.lock`, `keeper.pid`, `psp.sock`, `agent.sock`,
-//! `agent.log`, `audit.jsonl` (the agent's policy decisions) and `state/`, on which the agent
+//! `net.sock`, `agent.log`, `egress.log`, `audit.jsonl` (the agent's policy decisions) and
+//! `state/`, on which the agent
 //! mounts a private tmpfs for bundles, root filesystems and the runtime's state, so that they
 //! vanish with the sandbox's mount namespace.
 
@@ -249,6 +254,25 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     let psp = Arc::new(psp);
     std::thread::spawn(move || coffer_psp::channel::serve(psp, listener));
 
+    // The sandbox's only network: SOCKS5 over this socket, each destination logged.
+    let net_sock = a.dir.join("net.sock");
+    let net = tokio::net::UnixListener::bind(&net_sock)
+        .with_context(|| format!("cannot listen on {}", net_sock.display()))?;
+    let egress_log = a.dir.join("egress.log");
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = net.accept().await else {
+                continue;
+            };
+            let log = egress_log.clone();
+            tokio::spawn(async move {
+                if let Err(e) = forward(conn, &log).await {
+                    tracing::info!(error = %e, "a forwarded connection failed");
+                }
+            });
+        }
+    });
+
     let mut cmd = tokio::process::Command::new("unshare");
     for ns in coffer_agent::sandbox::PROCESS_NAMESPACES {
         cmd.arg(format!("--{ns}"));
@@ -270,7 +294,9 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
         .arg(a.dir.join("state"))
         .arg("--private-state")
         .arg("--cgroup-parent")
-        .arg(cgroup_parent(&a.name));
+        .arg(cgroup_parent(&a.name))
+        .arg("--egress")
+        .arg(format!("unix:{}", net_sock.display()));
     if a.plain_http {
         cmd.arg("--plain-http");
     }
@@ -317,5 +343,55 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     }
     let _ = agent.start_kill();
     let _ = agent.wait().await;
+    Ok(())
+}
+
+/// Serves one SOCKS5 CONNECT from the sandbox: connects on the host, logs the destination to
+/// `log`, and relays until either side closes.
+async fn forward(conn: tokio::net::UnixStream, log: &Path) -> anyhow::Result<()> {
+    use fast_socks5::{
+        server::Socks5ServerProtocol, util::target_addr::TargetAddr, ReplyError, Socks5Command,
+    };
+    let (proto, cmd, target) = Socks5ServerProtocol::accept_no_auth(conn)
+        .await?
+        .read_command()
+        .await?;
+    if cmd != Socks5Command::TCPConnect {
+        proto.reply_error(&ReplyError::CommandNotSupported).await?;
+        bail!("the sandbox asked for {cmd:?}; only CONNECT is forwarded");
+    }
+    let dest = match &target {
+        TargetAddr::Ip(a) => a.to_string(),
+        TargetAddr::Domain(h, p) => format!("{h}:{p}"),
+    };
+    let outcome = tokio::net::TcpStream::connect(&dest).await;
+    {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "destination": dest,
+            "connected": outcome.is_ok(),
+            "time": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    let mut out = match outcome {
+        Ok(s) => s,
+        Err(e) => {
+            proto.reply_error(&ReplyError::HostUnreachable).await?;
+            bail!("cannot connect to {dest}: {e}");
+        }
+    };
+    let local = out.local_addr()?;
+    let mut conn = proto.reply_success(local).await?;
+    tokio::io::copy_bidirectional(&mut conn, &mut out).await?;
     Ok(())
 }

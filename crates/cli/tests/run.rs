@@ -389,6 +389,32 @@ async fn detached_containers_take_exec_only_as_the_policy_or_the_owner_allows() 
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "app\n");
 
+    // The agent has its own network; it reached the KBS and the registry only through the
+    // launcher's forwarding channel, which logged both.
+    let agent = processes_with(&w.state.join("app").display().to_string())
+        .into_iter()
+        .find(|p| p.contains(&format!(": {} --listen", w.agent.display())))
+        .unwrap();
+    let pid = agent.split(':').next().unwrap();
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap()
+    );
+    let egress = std::fs::read_to_string(w.state.join("app/egress.log")).unwrap();
+    let kbs_host = w
+        .kbs
+        .url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let registry = w
+        .image
+        .trim_start_matches("docker://")
+        .split('/')
+        .next()
+        .unwrap();
+    assert!(egress.contains(kbs_host.trim_end_matches('/')), "{egress}");
+    assert!(egress.contains(registry), "{egress}");
+
     let (code, stdout, _) = w.ctl(&["ps"]).await;
     assert_eq!(code, Some(0));
     assert!(

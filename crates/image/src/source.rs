@@ -125,6 +125,9 @@ pub struct SourceOptions {
     pub plain_http: bool,
     /// Credentials.
     pub auth: AuthFile,
+    /// A proxy for every registry request (e.g. `socks5h://127.0.0.1:1080`: the process
+    /// sandbox's forwarding channel).
+    pub proxy: Option<String>,
 }
 
 /// A source of manifests and blobs.
@@ -169,6 +172,8 @@ impl Source {
                     } else {
                         ClientProtocol::Https
                     },
+                    https_proxy: opts.proxy.clone(),
+                    http_proxy: opts.proxy.clone(),
                     ..Default::default()
                 };
                 Self::Registry {

@@ -98,6 +98,11 @@ type Result<T> = std::result::Result<T, ClientError>;
 
 /// Builds an HTTP client that trusts the system roots, or only `ca_pem` when given.
 pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client> {
+    http_client_via(ca_pem, None)
+}
+
+/// [`http_client`] sending every request through `proxy` (e.g. `socks5h://127.0.0.1:1080`).
+pub fn http_client_via(ca_pem: Option<&[u8]>, proxy: Option<&str>) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
@@ -106,6 +111,12 @@ pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client> {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| ClientError::Config(format!("invalid CA certificate PEM: {e}")))?;
         b = b.tls_certs_only(certs);
+    }
+    if let Some(p) = proxy {
+        b = b.proxy(
+            reqwest::Proxy::all(p)
+                .map_err(|e| ClientError::Config(format!("invalid proxy {p}: {e}")))?,
+        );
     }
     b.build()
         .map_err(|e| ClientError::Config(format!("cannot build the HTTP client: {e}")))

@@ -1,0 +1,52 @@
+//! The process sandbox's only way out: the agent runs in its own network namespace, where it
+//! brings up the loopback interface and listens on `127.0.0.1` (a port the kernel picks). Each
+//! connection there is spliced, byte for byte, onto a new connection to the launcher's
+//! forwarding socket (a unix socket in the sandbox directory), which speaks SOCKS5 and makes the
+//! outbound connection on the host (`coffer run` logs each destination). The agent's KBS client
+//! and registry client use `socks5h://127.0.0.1:<port>` as their proxy, so names are resolved
+//! on the host, as a VM's host would route them. Containers get no network.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use tokio::net::{TcpListener, UnixStream};
+
+/// Brings up `lo` in this (new) network namespace with `ip(8)`.
+pub fn loopback_up() -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot bring up the loopback interface: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Listens on loopback and splices every connection onto `channel`; returns the proxy URL to
+/// give the HTTP clients. Must run inside a tokio runtime.
+pub async fn start(channel: PathBuf) -> std::io::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inside, _)) = listener.accept().await else {
+                continue;
+            };
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                match UnixStream::connect(&channel).await {
+                    Ok(mut out) => {
+                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut out).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %channel.display(), error = %e, "the forwarding channel is gone")
+                    }
+                }
+            });
+        }
+    });
+    Ok(format!("socks5h://{addr}"))
+}

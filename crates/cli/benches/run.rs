@@ -1,0 +1,264 @@
+//! `cargo bench -p coffer --bench run [-- RUNS]`: what `coffer run --sandbox process` adds to
+//! starting a container, against `runc run` of the same bundle in the same minutes.
+//!
+//! The image is the small busybox image, encrypted by skopeo to a key only the KBS (in this
+//! process) holds, served by Debian's docker-registry on loopback and already in the image
+//! cache. Each `coffer run` starts a fresh sandbox: keeper, emulated PSP, agent, initdata check,
+//! attestation to the KBS, key release, pull from the cache (verify, decrypt, unpack), the OCI
+//! spec, runc. The figure is the time from starting the command to the container's first output
+//! reaching the caller; runc gets the same rootfs and spec, unpacked beforehand. The agent's
+//! peak RSS is read from /proc while the container runs.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn coffer() -> &'static str {
+    env!("CARGO_BIN_EXE_coffer")
+}
+
+/// The agent beside the CLI, built in the same profile.
+fn agent_binary() -> PathBuf {
+    let p = Path::new(coffer()).with_file_name("coffer-agent");
+    let release = p.parent().is_some_and(|d| d.ends_with("release"));
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-p", "coffer-agent", "--bin", "coffer-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().unwrap().success(), "cannot build coffer-agent");
+    p
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Starts `cmd`, returns the time until its first stdout byte and, if `agent_of` names a sandbox
+/// directory, the agent's peak RSS (KiB) read while the container runs.
+fn first_output(cmd: &mut Command, agent_of: Option<&Path>) -> (Duration, Option<u64>) {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut b = [0u8; 1];
+    let mut out = child.stdout.take().unwrap();
+    assert_eq!(out.read(&mut b).unwrap(), 1, "no output from {cmd:?}");
+    let took = t0.elapsed();
+    let rss = agent_of.and_then(agent_hwm);
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest);
+    assert!(child.wait().unwrap().success(), "{cmd:?} failed");
+    (took, rss)
+}
+
+/// VmHWM (KiB) of the agent serving the sandbox in `dir`.
+fn agent_hwm(dir: &Path) -> Option<u64> {
+    let needle = format!("--listen\0unix:{}", dir.join("agent.sock").display());
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&cmdline);
+        if c.contains(&needle) && !c.starts_with("unshare") {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        }
+    }
+    None
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.0), at(0.5), at(0.9))
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(15);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = agent_binary();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let psp_dir = d.join("psp");
+    coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
+    let kbs = rt.block_on(coffer_testkit::start_kbs(d, |c| {
+        c.allow_emulated = true;
+        c.emulated_root = Some(psp_dir.join("roots.pem"));
+    }));
+
+    // The image, encrypted by skopeo to a key only the KBS holds.
+    let registry = common::Registry::start();
+    coffer_testkit::busybox_layout(&d.join("plain"));
+    common::openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "img.pem",
+        ],
+    );
+    common::openssl(d, &["pkey", "-in", "img.pem", "-pubout", "-out", "img.pub"]);
+    let image = format!("docker://{}/app:v1", registry.addr);
+    run_ok(
+        Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--encryption-key",
+            ])
+            .arg(format!("jwe:{}", d.join("img.pub").display()))
+            .arg(format!("oci:{}:v1", d.join("plain").display()))
+            .arg(&image),
+    );
+    rt.block_on(kbs.admin.set_resource(
+        "default/image-keys/app",
+        std::fs::read(d.join("img.pem")).unwrap(),
+    ))
+    .unwrap();
+    let initdata = run_ok(Command::new(coffer()).args([
+        "initdata",
+        "new",
+        "--kbs-url",
+        &kbs.url,
+        "--image-key",
+        "kbs:///default/image-keys/app",
+    ]));
+    std::fs::write(d.join("initdata.toml"), initdata).unwrap();
+    let refs = run_ok(
+        Command::new(coffer())
+            .args(["measure", "--sandbox", "process", "--initdata"])
+            .arg(d.join("initdata.toml"))
+            .arg("--agent")
+            .arg(&agent)
+            .arg("--psp-dir")
+            .arg(&psp_dir),
+    );
+    rt.block_on(kbs.admin.set_reference_values(refs.as_bytes()))
+        .unwrap();
+
+    let probe = ["/bin/sh", "-c", "echo started; exec sleep 0.3"];
+    let state = d.join("sandboxes");
+    let cache = d.join("image-cache");
+    let coffer_run = |name: &str| {
+        let mut c = Command::new(coffer());
+        c.args([
+            "run",
+            "--sandbox",
+            "process",
+            "--kbs",
+            &kbs.url,
+            "--initdata",
+        ])
+        .arg(d.join("initdata.toml"))
+        .args(["--plain-http", "--name", name, "--psp-dir"])
+        .arg(&psp_dir)
+        .arg("--agent")
+        .arg(&agent)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--image-cache")
+        .arg(&cache)
+        .arg(&image)
+        .arg("--")
+        .args(probe);
+        c
+    };
+    // Fills the cache.
+    first_output(&mut coffer_run("warm"), None);
+
+    // The runc bundle: the same rootfs (the decrypting pull is coffer's) and the agent's spec.
+    let bundle = d.join("bundle");
+    run_ok(
+        Command::new(coffer())
+            .args([
+                "image",
+                "pull",
+                "--quiet",
+                "--plain-http",
+                "--decryption-key",
+            ])
+            .arg(d.join("img.pem"))
+            .arg(&image)
+            .arg("--rootfs")
+            .arg(bundle.join("rootfs")),
+    );
+    let req = coffer_agent::api::proto::CreateContainerRequest {
+        container_id: "bench".into(),
+        args: probe.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    // The probe names its command; the image config adds only its environment.
+    let spec =
+        coffer_agent::container::spec("bench", "/coffer-bench", &serde_json::json!({}), &req);
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let runc_run = |id: &str| {
+        let mut c = Command::new("runc");
+        c.arg("--root")
+            .arg(d.join("runc"))
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(id);
+        c
+    };
+    first_output(&mut runc_run("warm"), None);
+
+    let (mut coffer_ms, mut runc_ms, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let (t, _) = first_output(&mut runc_run(&format!("r{i}")), None);
+        runc_ms.push(ms(t));
+        let name = format!("b{i}");
+        let (t, r) = first_output(&mut coffer_run(&name), Some(&state.join(&name)));
+        coffer_ms.push(ms(t));
+        rss.extend(r);
+    }
+    let (cmin, cmed, cp90) = stats(coffer_ms.clone());
+    let (rmin, rmed, rp90) = stats(runc_ms.clone());
+    let added: Vec<f64> = coffer_ms.iter().zip(&runc_ms).map(|(c, r)| c - r).collect();
+    let (amin, amed, ap90) = stats(added);
+    println!("runs: {runs} (start to first output of the container; cached encrypted image)");
+    println!("runc run:    min {rmin:7.1} ms  median {rmed:7.1} ms  p90 {rp90:7.1} ms");
+    println!("coffer run:  min {cmin:7.1} ms  median {cmed:7.1} ms  p90 {cp90:7.1} ms");
+    println!(
+        "added:       min {amin:7.1} ms  median {amed:7.1} ms  p90 {ap90:7.1} ms  (goal < 150 ms)"
+    );
+    match rss.iter().max() {
+        Some(max) => println!(
+            "agent peak RSS: max {:.1} MiB over {} runs (goal < 30 MiB)",
+            *max as f64 / 1024.0,
+            rss.len()
+        ),
+        None => println!("agent peak RSS: not read (the container ended too soon)"),
+    }
+}
