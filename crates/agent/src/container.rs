@@ -171,22 +171,31 @@ struct Container {
     execs: HashMap<String, Arc<Process>>,
 }
 
-/// The KBS the agent attests to for image keys, on first need.
+/// What the pulls take from the KBS, fetched once.
+struct PullSettings {
+    keyring: Arc<coffer_image::crypt::Keyring>,
+    auth: Option<coffer_image::source::AuthFile>,
+    policy: Option<Arc<coffer_image::signature::Policy>>,
+}
+
+/// The KBS the agent attests to for image keys, registry credentials and the signature policy,
+/// on first need.
 pub struct KbsKeys {
     /// The attested client (keeps its token).
     pub client: Arc<coffer_kbs_client::KbsClient>,
-    /// Image key resources named by the initdata.
-    pub image_keys: Vec<String>,
-    keyring: tokio::sync::OnceCell<Arc<coffer_image::crypt::Keyring>>,
+    /// What the initdata names.
+    pub config: crate::keys::KbsConfig,
+    settings: tokio::sync::OnceCell<PullSettings>,
 }
 
 impl KbsKeys {
-    /// Keys from `client`'s KBS: `image_keys` fetched on first need, layer KEKs by their kid.
-    pub fn new(client: coffer_kbs_client::KbsClient, image_keys: Vec<String>) -> Self {
+    /// Keys from `client`'s KBS: the resources `config` names fetched on first need, layer KEKs
+    /// by their kid.
+    pub fn new(client: coffer_kbs_client::KbsClient, config: crate::keys::KbsConfig) -> Self {
         Self {
             client: Arc::new(client),
-            image_keys,
-            keyring: tokio::sync::OnceCell::new(),
+            config,
+            settings: tokio::sync::OnceCell::new(),
         }
     }
 }
@@ -216,12 +225,92 @@ fn valid_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The OCI runtime spec for a container from `image_config` (the image's `config` section) and
-/// the request.
+/// Resolves an image config's `User` (`user[:group]`, each a name or a number; empty is root)
+/// against the image's own `/etc/passwd` and `/etc/group`, read inside `rootfs` (symlinks
+/// followed as if it were `/`). A name the image does not define is an error, never root.
+pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
+    let user = user.trim();
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let table = |file: &str| -> Result<Vec<Vec<String>>> {
+        let comps: Vec<Vec<u8>> = file
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        let path = coffer_image::unpack::resolve_in_root(rootfs, &comps, true)
+            .map_err(|e| ContainerError::Invalid(format!("the image's {file}: {e}")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ContainerError::Invalid(format!("the image's {file} cannot be read: {e}"))
+        })?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(':').map(str::to_string).collect())
+            .collect())
+    };
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(n) => {
+            // A number needs no passwd entry; its primary group is taken from one if present.
+            let gid = table("/etc/passwd")
+                .ok()
+                .and_then(|t| {
+                    t.into_iter()
+                        .find(|f| f.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(n))
+                })
+                .and_then(|f| f.get(3).and_then(|x| x.parse().ok()));
+            (n, gid.unwrap_or(n))
+        }
+        Err(_) => {
+            let entry = table("/etc/passwd")?
+                .into_iter()
+                .find(|f| f.first().map(String::as_str) == Some(u))
+                .ok_or_else(|| {
+                    ContainerError::Invalid(format!(
+                        "the image's user {u:?} is not in its /etc/passwd"
+                    ))
+                })?;
+            let num = |i: usize| entry.get(i).and_then(|x| x.parse::<u32>().ok());
+            match (num(2), num(3)) {
+                (Some(uid), Some(gid)) => (uid, gid),
+                _ => {
+                    return Err(ContainerError::Invalid(format!(
+                        "the image's /etc/passwd entry for {u:?} is malformed"
+                    )))
+                }
+            }
+        }
+    };
+    let gid = match g {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => table("/etc/group")?
+                .into_iter()
+                .find(|f| f.first().map(String::as_str) == Some(g))
+                .and_then(|f| f.get(2).and_then(|x| x.parse().ok()))
+                .ok_or_else(|| {
+                    ContainerError::Invalid(format!(
+                        "the image's group {g:?} is not in its /etc/group"
+                    ))
+                })?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The OCI runtime spec for a container from `image_config` (the image's `config` section), the
+/// resolved `user` (uid, gid) and the request.
 pub fn spec(
     id: &str,
     cgroup_parent: &str,
     image_config: &Value,
+    user: (u32, u32),
     req: &CreateContainerRequest,
 ) -> Value {
     let strs = |v: &Value| -> Vec<String> {
@@ -254,16 +343,7 @@ pub fn spec(
             .unwrap_or("/")
             .to_string()
     };
-    // Numeric "uid[:gid]" users; names are not resolved yet (root otherwise).
-    let (uid, gid) = image_config["User"]
-        .as_str()
-        .map(|u| {
-            let mut it = u.split(':');
-            let uid = it.next().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-            let gid = it.next().and_then(|s| s.parse::<u32>().ok()).unwrap_or(uid);
-            (uid, gid)
-        })
-        .unwrap_or((0, 0));
+    let (uid, gid) = user;
     let caps = DEFAULT_CAPABILITIES.to_vec();
     json!({
         "ociVersion": "1.0.2",
@@ -350,20 +430,31 @@ impl Containers {
         self
     }
 
-    /// The pull options for one image: with the KBS's keys when one is configured.
+    /// The pull options for one image: with the KBS's keys, registry credentials and signature
+    /// policy when the initdata names them.
     async fn pull_options(&self) -> Result<PullOptions> {
         let mut opts = self.pull.clone();
         if let Some(kbs) = &self.kbs {
-            let keyring = kbs
-                .keyring
+            let s = kbs
+                .settings
                 .get_or_try_init(|| async {
-                    crate::keys::image_keyring(&kbs.client, &kbs.image_keys)
-                        .await
-                        .map(Arc::new)
+                    let (keyring, auth, policy) =
+                        crate::keys::pull_settings(&kbs.client, &kbs.config).await?;
+                    Ok::<_, String>(PullSettings {
+                        keyring: Arc::new(keyring),
+                        auth,
+                        policy: policy.map(Arc::new),
+                    })
                 })
                 .await
                 .map_err(ContainerError::Keys)?;
-            opts.keys = keyring.clone();
+            opts.keys = s.keyring.clone();
+            if let Some(a) = &s.auth {
+                opts.source.auth = a.clone();
+            }
+            if let Some(p) = &s.policy {
+                opts.policy = Some(p.clone());
+            }
             opts.key_broker = Some(Arc::new(crate::keys::Broker(kbs.client.clone())));
         }
         Ok(opts)
@@ -431,7 +522,15 @@ impl Containers {
                 return Err(e);
             }
         };
-        let spec = spec(id, &self.cgroup_parent, &report.config, req);
+        let rootfs = bundle.join("rootfs");
+        let user = match resolve_user(&rootfs, report.config["User"].as_str().unwrap_or("")) {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(e);
+            }
+        };
+        let spec = spec(id, &self.cgroup_parent, &report.config, user, req);
         if let Err(e) = coffer_fsutil::write_atomic(
             &bundle.join("config.json"),
             spec.to_string().as_bytes(),
@@ -815,5 +914,38 @@ impl Containers {
     /// Where bundles live.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_resolve_inside_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(root, "").unwrap(), (0, 0));
+        assert_eq!(resolve_user(root, "app").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(root, "1000").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(root, "4242").unwrap(), (4242, 4242));
+        assert_eq!(resolve_user(root, "app:staff").unwrap(), (1000, 50));
+        assert_eq!(resolve_user(root, "app:7").unwrap(), (1000, 7));
+        let e = resolve_user(root, "nobody").unwrap_err().to_string();
+        assert!(e.contains("\"nobody\" is not in its /etc/passwd"), "{e}");
+        assert!(resolve_user(root, "app:wheel").is_err());
+
+        // A passwd that points outside the image is read inside it (here: absent), never the
+        // host's.
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("etc/passwd")).unwrap();
+        assert!(resolve_user(root, "root").is_err());
     }
 }

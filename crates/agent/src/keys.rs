@@ -17,6 +17,10 @@ pub struct KbsConfig {
     pub url: Option<String>,
     /// KBS resources holding image decryption keys.
     pub image_keys: Vec<String>,
+    /// KBS resource holding the registry credentials (containers `auth.json` format).
+    pub registry_auth: Option<String>,
+    /// KBS resource holding the image signature policy (containers-policy.json).
+    pub signature_policy: Option<String>,
 }
 
 /// Reads `aa.toml` and `cdh.toml` from the initdata.
@@ -45,8 +49,23 @@ pub fn kbs_config(initdata: &Initdata) -> Result<KbsConfig, String> {
                 .and_then(|u| u.as_str())
                 .map(str::to_string);
         }
-        if let Some(keys) = cdh
-            .get("image")
+        let image = cdh.get("image");
+        let uri = |name: &str| -> Result<Option<String>, String> {
+            match image.and_then(|i| i.get(name)) {
+                None => Ok(None),
+                Some(v) => {
+                    let u = v
+                        .as_str()
+                        .ok_or_else(|| format!("cdh.toml: [image] {name} must be a string"))?;
+                    coffer_cdh::ResourceUri::parse(u)
+                        .map_err(|e| format!("cdh.toml: [image] {name}: {e}"))?;
+                    Ok(Some(u.to_string()))
+                }
+            }
+        };
+        cfg.registry_auth = uri("authenticated_registry_credentials_uri")?;
+        cfg.signature_policy = uri("image_security_policy_uri")?;
+        if let Some(keys) = image
             .and_then(|i| i.get("decryption_keys"))
             .and_then(|k| k.as_array())
         {
@@ -60,6 +79,45 @@ pub fn kbs_config(initdata: &Initdata) -> Result<KbsConfig, String> {
         }
     }
     Ok(cfg)
+}
+
+/// What the initdata asks the KBS for before pulling: keys, and optionally registry credentials
+/// and the signature policy. Fails closed: a resource the initdata names but the KBS does not
+/// release stops the pull.
+pub async fn pull_settings(
+    client: &KbsClient,
+    cfg: &KbsConfig,
+) -> Result<
+    (
+        Keyring,
+        Option<coffer_image::source::AuthFile>,
+        Option<coffer_image::signature::Policy>,
+    ),
+    String,
+> {
+    let keys = image_keyring(client, &cfg.image_keys).await?;
+    let auth = match &cfg.registry_auth {
+        Some(uri) => Some(
+            coffer_image::source::AuthFile::parse(&fetch(client, uri).await?)
+                .map_err(|e| format!("registry credentials {uri}: {e}"))?,
+        ),
+        None => None,
+    };
+    let policy = match &cfg.signature_policy {
+        Some(uri) => Some(
+            coffer_image::signature::Policy::parse(&fetch(client, uri).await?)
+                .map_err(|e| format!("signature policy {uri}: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok((keys, auth, policy))
+}
+
+async fn fetch(client: &KbsClient, uri: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    client
+        .get_resource(uri)
+        .await
+        .map_err(|e| format!("cannot get {uri} from the KBS: {e}"))
 }
 
 /// The attested KBS client as a key broker for image pulls.
@@ -100,6 +158,13 @@ mod tests {
         let cfg = kbs_config(&Initdata::parse(text).unwrap()).unwrap();
         assert_eq!(cfg.url.as_deref(), Some("http://kbs:8080"));
         assert_eq!(cfg.image_keys, vec!["kbs:///default/k/1".to_string()]);
+        let more = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = \"[image]\\nimage_security_policy_uri = \\\"kbs:///default/policy/p\\\"\\nauthenticated_registry_credentials_uri = \\\"kbs:///default/cred/c\\\"\\n\"\n";
+        let cfg = kbs_config(&Initdata::parse(more).unwrap()).unwrap();
+        assert_eq!(
+            cfg.signature_policy.as_deref(),
+            Some("kbs:///default/policy/p")
+        );
+        assert_eq!(cfg.registry_auth.as_deref(), Some("kbs:///default/cred/c"));
         let bad = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = \"[image]\\ndecryption_keys = [\\\"http://x\\\"]\\n\"\n";
         assert!(kbs_config(&Initdata::parse(bad).unwrap()).is_err());
     }

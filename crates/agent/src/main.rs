@@ -140,10 +140,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             coffer_jose::TeeKeyAlgorithm::EcP256,
         )?
         .with_initdata(text.clone());
-        containers = containers.with_kbs(coffer_agent::container::KbsKeys::new(
-            client,
-            kbs.image_keys,
-        ));
+        containers = containers.with_kbs(coffer_agent::container::KbsKeys::new(client, kbs));
     }
     let containers = Arc::new(containers);
     tracing::info!(

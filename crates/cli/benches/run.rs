@@ -220,8 +220,13 @@ fn main() {
         ..Default::default()
     };
     // The probe names its command; the image config adds only its environment.
-    let spec =
-        coffer_agent::container::spec("bench", "/coffer-bench", &serde_json::json!({}), &req);
+    let spec = coffer_agent::container::spec(
+        "bench",
+        "/coffer-bench",
+        &serde_json::json!({}),
+        (0, 0),
+        &req,
+    );
     std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
     let runc_run = |id: &str| {
         let mut c = Command::new("runc");

@@ -33,6 +33,13 @@ enum InitdataCommand {
         /// The X25519 public key (PEM) container output is sealed to (HPKE).
         #[arg(long)]
         log_recipient: Option<PathBuf>,
+        /// KBS resource with the registry credentials (auth.json) the agent pulls with.
+        #[arg(long, value_name = "kbs:///…")]
+        registry_auth: Option<String>,
+        /// KBS resource with the image signature policy (containers-policy.json) the agent
+        /// enforces.
+        #[arg(long, value_name = "kbs:///…")]
+        signature_policy: Option<String>,
         /// Digest algorithm: sha256, sha384 or sha512.
         #[arg(long, default_value = "sha384")]
         algorithm: String,
@@ -65,6 +72,8 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
             policy,
             owner_key,
             log_recipient,
+            registry_auth,
+            signature_policy,
             algorithm,
         } => {
             if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
@@ -72,6 +81,14 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
             }
             for k in &image_keys {
                 coffer_cdh::ResourceUri::parse(k).with_context(|| format!("--image-key {k}"))?;
+            }
+            for (flag, uri) in [
+                ("--registry-auth", &registry_auth),
+                ("--signature-policy", &signature_policy),
+            ] {
+                if let Some(u) = uri {
+                    coffer_cdh::ResourceUri::parse(u).with_context(|| format!("{flag} {u}"))?;
+                }
             }
             let policy_text = match &policy {
                 Some(p) => read(p)?,
@@ -102,16 +119,25 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                     ("url".to_string(), toml::Value::String(kbs_url)),
                 ])),
             );
+            let mut image = toml::Table::new();
             if !image_keys.is_empty() {
-                cdh.insert(
-                    "image".into(),
-                    toml::Value::Table(toml::Table::from_iter([(
-                        "decryption_keys".to_string(),
-                        toml::Value::Array(
-                            image_keys.into_iter().map(toml::Value::String).collect(),
-                        ),
-                    )])),
+                image.insert(
+                    "decryption_keys".into(),
+                    toml::Value::Array(image_keys.into_iter().map(toml::Value::String).collect()),
                 );
+            }
+            // The upstream confidential data hub's key names.
+            if let Some(u) = registry_auth {
+                image.insert(
+                    "authenticated_registry_credentials_uri".into(),
+                    toml::Value::String(u),
+                );
+            }
+            if let Some(u) = signature_policy {
+                image.insert("image_security_policy_uri".into(), toml::Value::String(u));
+            }
+            if !image.is_empty() {
+                cdh.insert("image".into(), toml::Value::Table(image));
             }
             let mut data = toml::Table::new();
             data.insert("aa.toml".into(), toml::Value::String(toml::to_string(&aa)?));

@@ -63,6 +63,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(None).await
+}
+
+/// A world whose registry wants basic auth `creds` ("user:password") when given.
+async fn world_with(creds: Option<&str>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = agent_binary();
@@ -75,7 +80,14 @@ async fn world() -> World {
     .await;
 
     // The image, pushed by skopeo encrypted to a JWE key whose private half only the KBS holds.
-    let registry = common::Registry::start();
+    let registry = match creds {
+        None => common::Registry::start(),
+        Some(c) => {
+            let (user, pass) = c.split_once(':').unwrap();
+            let hash = bcrypt::hash(pass, 4).unwrap();
+            common::Registry::start_with_auth(Some(&format!("{user}:{hash}")))
+        }
+    };
     coffer_testkit::busybox_layout(&d.join("plain"));
     common::openssl(
         d,
@@ -92,12 +104,9 @@ async fn world() -> World {
     common::openssl(d, &["pkey", "-in", "img.pem", "-pubout", "-out", "img.pub"]);
     let image = format!("docker://{}/app:v1", registry.addr);
     let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--encryption-key",
-        ])
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .args(creds.iter().flat_map(|c| ["--dest-creds", c]))
+        .arg("--encryption-key")
         .arg(format!("jwe:{}", d.join("img.pub").display()))
         .arg(format!("oci:{}:v1", d.join("plain").display()))
         .arg(&image)
@@ -666,4 +675,97 @@ async fn killing_the_launcher_the_agent_or_the_keeper_leaves_nothing() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stdout.contains("k3"), "{stdout}");
     nothing_left(&w, "k3", "3023").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_credentials_and_the_signature_policy_come_from_the_kbs() {
+    let w = world_with(Some("puller:s3cret-pass")).await;
+    let d = w.d();
+    let registry = w
+        .image
+        .trim_start_matches("docker://")
+        .split('/')
+        .next()
+        .unwrap();
+    let auth = serde_json::json!({"auths": {registry: {"auth": "cHVsbGVyOnMzY3JldC1wYXNz"}}});
+    std::fs::write(d.join("auth.json"), auth.to_string()).unwrap();
+    let admin = &w.kbs.admin;
+    admin
+        .set_resource("default/registry/auth", auth.to_string().into_bytes())
+        .await
+        .unwrap();
+    // Only images signed by the owner's cosign key, whose public half the KBS holds.
+    common::openssl(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "c.key",
+        ],
+    );
+    common::openssl(d, &["ec", "-in", "c.key", "-pubout", "-out", "c.pub"]);
+    let (code, _, stderr) = cli(s(&[
+        "image",
+        "sign",
+        "--plain-http",
+        "--authfile",
+        d.join("auth.json").to_str().unwrap(),
+        "--cosign-key",
+        d.join("c.key").to_str().unwrap(),
+        &w.image,
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    admin
+        .set_resource(
+            "default/policy/images",
+            br#"{"default": [{"type": "sigstoreSigned", "keyPath": "kbs:///default/keys/cosign"}]}"#
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+    let init = w
+        .initdata(
+            "initdata.toml",
+            &[
+                "--registry-auth",
+                "kbs:///default/registry/auth",
+                "--signature-policy",
+                "kbs:///default/policy/images",
+            ],
+        )
+        .await;
+    w.register(&[&init]).await;
+    let cmd = ["/bin/sh", "-c", "echo signed and private"];
+
+    // The policy's key is not released yet: nothing runs, and the error names it.
+    let (code, stdout, stderr) = cli(w.run(&init, "p1", &[], &cmd)).await;
+    assert_ne!(code, Some(0));
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("kbs:///default/keys/cosign"), "{stderr}");
+
+    admin
+        .set_resource(
+            "default/keys/cosign",
+            std::fs::read(d.join("c.pub")).unwrap(),
+        )
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = cli(w.run(&init, "p2", &[], &cmd)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "signed and private\n");
+
+    // Without the credentials from the KBS the registry refuses the agent.
+    let anon = w.initdata("anon.toml", &[]).await;
+    w.register(&[&init, &anon]).await;
+    let (code, _, stderr) = cli(w.run(&anon, "p3", &[], &cmd)).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("could not create the container"),
+        "{stderr}"
+    );
 }
