@@ -6,8 +6,9 @@
 //! lifecycle on the OCI runtime (`CreateContainer`, `StartContainer`, `ExecProcess`,
 //! `WaitProcess`, `SignalProcess`, `ReadStream`, `StatsContainer`, `RemoveContainer`,
 //! `ListContainers`, `DestroySandbox`), owner-signed exec (`IssueExecNonce`, [`crate::owner`])
-//! and sealed output ([`crate::sealed`]). Requests the policy allows but that are not built
-//! (`CreateSandbox`, stdin and TTYs) answer `Unimplemented`, saying so.
+//! sealed output ([`crate::sealed`]) and stdin (`WriteStream`, `CloseStdin`). Requests the
+//! policy allows but that are not built (`CreateSandbox`, TTYs) answer `Unimplemented`, saying
+//! so.
 
 use std::{path::Path, sync::Arc};
 
@@ -125,9 +126,31 @@ macro_rules! agent_impl {
 agent_impl! {
     gated_not_built {
         create_sandbox(CreateSandboxRequest) -> Empty;
-        write_stream(WriteStreamRequest) -> WriteStreamResponse;
-        close_stdin(CloseStdinRequest) -> Empty;
         tty_win_resize(TtyWinResizeRequest) -> Empty;
+    }
+
+    async fn write_stream(
+        &self,
+        r: Request<WriteStreamRequest>,
+    ) -> Result<Response<WriteStreamResponse>, Status> {
+        self.check("WriteStreamRequest", r.get_ref())?;
+        let req = r.get_ref();
+        let len = self
+            .containers
+            .write(&req.container_id, &req.exec_id, &req.data)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(WriteStreamResponse { len: len as u32 }))
+    }
+
+    async fn close_stdin(&self, r: Request<CloseStdinRequest>) -> Result<Response<Empty>, Status> {
+        self.check("CloseStdinRequest", r.get_ref())?;
+        let req = r.get_ref();
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Empty {}))
     }
 
     async fn destroy_sandbox(
@@ -174,7 +197,7 @@ agent_impl! {
             return not_built("ExecProcess with a TTY");
         }
         self.containers
-            .exec(&req.container_id, &req.exec_id, &req.args, &req.env)
+            .exec(&req.container_id, &req.exec_id, &req.args, &req.env, req.stdin)
             .map_err(status)?;
         Ok(Response::new(Empty {}))
     }

@@ -119,6 +119,7 @@ struct StreamBuf {
 
 /// One process (a container's init or an exec): its output and exit status.
 pub(crate) struct Process {
+    stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
     stdout: Mutex<StreamBuf>,
     stderr: Mutex<StreamBuf>,
     exit: watch::Receiver<Option<i32>>,
@@ -164,6 +165,8 @@ pub struct Stats {
 
 struct Container {
     bundle: PathBuf,
+    /// Keep the init process's stdin open.
+    stdin: bool,
     image: String,
     created: i64,
     /// The init process once started.
@@ -545,6 +548,7 @@ impl Containers {
             id.into(),
             Container {
                 bundle,
+                stdin: req.stdin,
                 image: req.image.clone(),
                 created: now(),
                 init: None,
@@ -562,10 +566,11 @@ impl Containers {
         cmd
     }
 
-    /// Spawns `cmd` with its stdout and stderr kept, and a task that records its exit.
-    fn spawn(&self, mut cmd: tokio::process::Command) -> Result<Arc<Process>> {
+    /// Spawns `cmd` with its stdout and stderr kept (and its stdin open when `stdin`), and a
+    /// task that records its exit.
+    fn spawn(&self, mut cmd: tokio::process::Command, stdin: bool) -> Result<Arc<Process>> {
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -575,6 +580,7 @@ impl Containers {
             })?;
         let (tx, rx) = watch::channel(None);
         let process = Arc::new(Process {
+            stdin: tokio::sync::Mutex::new(child.stdin.take()),
             stdout: Mutex::new(StreamBuf::default()),
             stderr: Mutex::new(StreamBuf::default()),
             exit: rx,
@@ -645,7 +651,7 @@ impl Containers {
             }
             let mut cmd = self.runtime_cmd();
             cmd.arg("run").arg("--bundle").arg(&c.bundle).arg(id);
-            let p = self.spawn(cmd)?;
+            let p = self.spawn(cmd, c.stdin)?;
             c.init = Some(p.clone());
             p
         };
@@ -673,7 +679,14 @@ impl Containers {
 
     /// Runs `args` (with `env` added) in the running container `id` as exec `exec_id`, under the
     /// container's user, capabilities and other process settings.
-    pub fn exec(&self, id: &str, exec_id: &str, args: &[String], env: &[String]) -> Result<()> {
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[String],
+        env: &[String],
+        stdin: bool,
+    ) -> Result<()> {
         valid_id(exec_id).map_err(|_| {
             ContainerError::Invalid(format!(
                 "exec id {exec_id:?}: use 1-64 ASCII letters, digits, '-' or '_'"
@@ -712,7 +725,7 @@ impl Containers {
             .map_err(|e| ContainerError::Runtime(format!("cannot write the exec spec: {e}")))?;
         let mut cmd = self.runtime_cmd();
         cmd.arg("exec").arg("--process").arg(&file).arg(id);
-        let p = self.spawn(cmd)?;
+        let p = self.spawn(cmd, stdin)?;
         c.execs.insert(exec_id.into(), p);
         tracing::info!(container = id, exec = exec_id, "exec started");
         Ok(())
@@ -808,6 +821,26 @@ impl Containers {
                 });
             }
         }
+    }
+
+    /// Writes `data` to a process's stdin; the bytes written.
+    pub async fn write(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize> {
+        let p = self.process(id, exec_id)?;
+        let mut stdin = p.stdin.lock().await;
+        let pipe = stdin.as_mut().ok_or_else(|| {
+            ContainerError::Invalid("the process's stdin is not open (ask for stdin)".into())
+        })?;
+        tokio::io::AsyncWriteExt::write_all(pipe, data)
+            .await
+            .map_err(|e| ContainerError::Invalid(format!("cannot write to stdin: {e}")))?;
+        Ok(data.len())
+    }
+
+    /// Closes a process's stdin (end of input).
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let p = self.process(id, exec_id)?;
+        p.stdin.lock().await.take();
+        Ok(())
     }
 
     /// Sends `signal` to a process: the container's through the runtime, an exec's directly

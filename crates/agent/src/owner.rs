@@ -5,7 +5,9 @@
 //! [`NONCE_TTL`]; a replayed, foreign or expired nonce is refused.
 //!
 //! The signed bytes are the JCS form of `{"purpose": "coffer exec v1", "container_id",
-//! "exec_id", "args", "env", "tty", "nonce": "<hex>"}` ([`exec_message`]).
+//! "exec_id", "args", "env", "tty", "stdin", "nonce": "<hex>"}` ([`exec_message`]). Writes to
+//! the exec's stdin are not covered by the signature: they stay subject to the policy
+//! (WriteStreamRequest, denied by default).
 
 use std::{
     collections::HashMap,
@@ -58,6 +60,7 @@ pub fn exec_message(req: &ExecProcessRequest) -> Vec<u8> {
         "args": req.args,
         "env": req.env,
         "tty": req.tty,
+        "stdin": req.stdin,
         "nonce": hex::encode(&req.nonce),
     });
     serde_json_canonicalizer::to_vec(&v).unwrap_or_default()

@@ -103,7 +103,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
     .await
     .unwrap();
     assert!(
-        c.exec(&id4, "e1", &["true".into()], &[]).is_err(),
+        c.exec(&id4, "e1", &["true".into()], &[], false).is_err(),
         "exec before start"
     );
     c.start(&id4).await.unwrap();
@@ -114,6 +114,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
         "e1",
         &args(&["/bin/sh", "-c", "echo $GREETING $EXTRA; id -u; exit 7"]),
         &["EXTRA=there".into()],
+        false,
     )
     .unwrap();
     assert_eq!(
@@ -124,12 +125,35 @@ async fn containers_run_under_runc_with_the_default_spec() {
     );
     assert_eq!(output_of(&c, &id4, "e1", "stdout").await, "hi there\n0\n");
     assert!(
-        c.exec(&id4, "e1", &args(&["true"]), &[]).is_err(),
+        c.exec(&id4, "e1", &args(&["true"]), &[], false).is_err(),
         "exec id reused"
     );
+    // Stdin, when asked for: written, then closed.
+    c.exec(
+        &id4,
+        "in",
+        &args(&["/bin/sh", "-c", "tr a-z A-Z"]),
+        &[],
+        true,
+    )
+    .unwrap();
+    c.write(&id4, "in", b"piped ").await.unwrap();
+    c.write(&id4, "in", b"input\n").await.unwrap();
+    c.close_stdin(&id4, "in").await.unwrap();
+    assert_eq!(c.wait(&id4, "in").await.unwrap(), 0);
+    assert_eq!(output_of(&c, &id4, "in", "stdout").await, "PIPED INPUT\n");
+    assert!(c.write(&id4, "in", b"late").await.is_err());
+    assert!(c.write(&id4, "e1", b"no stdin").await.is_err());
     let stats = c.stats(&id4).await.unwrap();
     assert!(stats.pids >= 1 && stats.memory_bytes > 0, "{stats:?}");
-    c.exec(&id4, "e2", &args(&["sleep", "30"]), &[]).unwrap();
+    c.exec(
+        &id4,
+        "e2",
+        &args(&["/bin/sh", "-c", "exec sleep 30"]),
+        &[],
+        false,
+    )
+    .unwrap();
     c.signal(&id4, "e2", 15).await.unwrap();
     assert_ne!(c.wait(&id4, "e2").await.unwrap(), 0);
     assert_eq!(c.statuses()[0].state, "running");

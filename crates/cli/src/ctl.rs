@@ -13,8 +13,9 @@ use base64::{engine::general_purpose::STANDARD, Engine};
 use clap::Args;
 use coffer_agent::{
     api::proto::{
-        agent_client::AgentClient, DestroySandboxRequest, ExecProcessRequest,
+        agent_client::AgentClient, CloseStdinRequest, DestroySandboxRequest, ExecProcessRequest,
         IssueExecNonceRequest, ListContainersRequest, ReadStreamRequest, WaitProcessRequest,
+        WriteStreamRequest,
     },
     sealed::{RecipientKey, RecordPlace},
 };
@@ -219,6 +220,9 @@ pub struct ExecArgs {
     /// Environment variables to add (VAR=VALUE).
     #[arg(short, long = "env")]
     env: Vec<String>,
+    /// Pass this program's stdin to the command (WriteStream; subject to the agent policy).
+    #[arg(short, long)]
+    interactive: bool,
     /// Where sandboxes keep their state.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -237,6 +241,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         exec_id: format!("exec-{}", random_hex(6)),
         args: a.command.clone(),
         env: a.env.clone(),
+        stdin: a.interactive,
         ..Default::default()
     };
     if let Some(signer) = keys.as_ref().and_then(|k| k.signer.as_ref()) {
@@ -252,7 +257,27 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     }
     let exec_id = req.exec_id.clone();
     c.exec_process(req).await.map_err(|e| refused("exec", e))?;
-    stream_output(&c, &a.name, &exec_id, true, keys.as_ref()).await?;
+    let input = async {
+        if !a.interactive {
+            return Ok(());
+        }
+        let r = pump_stdin(&c, &a.name, &exec_id).await;
+        // End of input either way, so that the command is not left waiting.
+        let _ = c
+            .clone()
+            .close_stdin(CloseStdinRequest {
+                container_id: a.name.clone(),
+                exec_id: exec_id.clone(),
+            })
+            .await;
+        r
+    };
+    let (input, output) = tokio::join!(
+        input,
+        stream_output(&c, &a.name, &exec_id, true, keys.as_ref())
+    );
+    output?;
+    input?;
     let status = c
         .wait_process(WaitProcessRequest {
             container_id: a.name.clone(),
@@ -263,6 +288,27 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         .into_inner()
         .status;
     Ok(status)
+}
+
+/// Sends this program's stdin to a process until its end.
+async fn pump_stdin(c: &AgentClient<Channel>, id: &str, exec_id: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut c = c.clone();
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        let n = stdin.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        c.write_stream(WriteStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            data: buf[..n].to_vec(),
+        })
+        .await
+        .map_err(|e| refused("stdin", e))?;
+    }
 }
 
 /// `coffer logs` arguments.

@@ -460,6 +460,27 @@ async fn detached_containers_take_exec_only_as_the_policy_or_the_owner_allows() 
     assert_eq!(code, Some(4), "{stderr}");
     assert_eq!(stdout, "secret-data\n");
 
+    // The owner's signature covers the exec, not what the host types into it: stdin stays
+    // with the policy, which denies it by default.
+    let mut exec = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args(["exec", "app", "-i", "--owner-key", &owner])
+        .args(w.state_flag())
+        .args(["--", "/bin/sh", "-c", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut exec.stdin.take().unwrap(), b"typed by the host\n").unwrap();
+    let out = exec.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("denied by policy: WriteStreamRequest"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
     // A captured signed request replayed, or altered, is refused.
     let mut c = coffer_agent::api::connect_unix(&w.state.join("app/agent.sock"))
         .await
