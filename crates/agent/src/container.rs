@@ -443,6 +443,12 @@ impl Containers {
                 .get_or_try_init(|| async {
                     let (keyring, auth, policy) =
                         crate::keys::pull_settings(&kbs.client, &kbs.config).await?;
+                    tracing::info!(
+                        keys = kbs.config.image_keys.len(),
+                        registry_auth = auth.is_some(),
+                        signature_policy = policy.is_some(),
+                        "attested; resources from the KBS"
+                    );
                     Ok::<_, String>(PullSettings {
                         keyring: Arc::new(keyring),
                         auth,
@@ -451,6 +457,7 @@ impl Containers {
                 })
                 .await
                 .map_err(ContainerError::Keys)?;
+            tracing::debug!("pull settings from the KBS in hand");
             opts.keys = s.keyring.clone();
             if let Some(a) = &s.auth {
                 opts.source.auth = a.clone();

@@ -59,7 +59,18 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "coffer-agent starting");
+    // The crypto library seeds its random generator once per process (tens of milliseconds);
+    // do it beside the start-up work rather than on the first attestation.
+    std::thread::spawn(|| {
+        let _ = aws_lc_rs::rand::SecureRandom::fill(
+            &aws_lc_rs::rand::SystemRandom::new(),
+            &mut [0u8; 16],
+        );
+        tracing::debug!("random generator seeded");
+    });
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -79,11 +90,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", args.initdata.display()))?;
     let evidence = coffer_psp::channel::request_evidence(&args.psp_socket, &[0u8; 64])
         .map_err(anyhow::Error::msg)?;
+    tracing::debug!("evidence from the TEE");
     let (initdata, digest) = check_initdata(&text, &evidence)?;
     eprintln!(
         "coffer-agent: EMULATED TEE: the emulated PSP gives no confidentiality (development only)"
     );
     let audit = Arc::new(FileAudit::open(&args.audit_log)?);
+    tracing::debug!("compiling the policy");
     let policy = Arc::new(AgentPolicy::new(
         initdata.data.get("policy.rego").map(String::as_str),
         audit,
@@ -91,6 +104,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(initdata = %hex::encode(&digest), policy = %policy.id(), "initdata matches HOST_DATA; serving");
     if args.private_state {
         private_tmpfs(&args.state_dir)?;
+        tracing::debug!("private state mounted");
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .map(PathBuf::from)
                 .context("--egress: use unix:PATH")?;
             coffer_agent::egress::loopback_up().map_err(anyhow::Error::msg)?;
+            tracing::debug!("loopback up");
             Some(runtime.block_on(coffer_agent::egress::start(channel))?)
         }
     };
@@ -129,6 +144,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut containers = Containers::new(args.state_dir.clone(), args.runtime.clone(), pull)
         .with_cgroup_parent(&args.cgroup_parent);
     let kbs = coffer_agent::keys::kbs_config(&initdata).map_err(anyhow::Error::msg)?;
+    tracing::debug!("building the KBS client");
     if let Some(url) = &kbs.url {
         // Attests with this TEE (the PSP channel) and the initdata, on first need.
         let client = coffer_kbs_client::KbsClient::new(

@@ -70,6 +70,11 @@ fn first_output(cmd: &mut Command, agent_of: Option<&Path>) -> (Duration, Option
 
 /// VmHWM (KiB) of the agent serving the sandbox in `dir`.
 fn agent_hwm(dir: &Path) -> Option<u64> {
+    agent_status(dir, "status", "VmHWM:")
+}
+
+/// A `KEY: N kB` line of `/proc/<agent>/FILE` for the agent serving the sandbox in `dir`.
+fn agent_status(dir: &Path, file: &str, key: &str) -> Option<u64> {
     let needle = format!("--listen\0unix:{}", dir.join("agent.sock").display());
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
@@ -77,10 +82,10 @@ fn agent_hwm(dir: &Path) -> Option<u64> {
         };
         let c = String::from_utf8_lossy(&cmdline);
         if c.contains(&needle) && !c.starts_with("unshare") {
-            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let status = std::fs::read_to_string(e.path().join(file)).ok()?;
             return status
                 .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
         }
     }
@@ -248,6 +253,53 @@ fn main() {
         coffer_ms.push(ms(t));
         rss.extend(r);
     }
+    // Where the time goes: one detached run, its agent's log against the launch time.
+    let t0 = std::time::SystemTime::now();
+    let traced = coffer_run("trace");
+    let args: Vec<_> = traced.get_args().map(|a| a.to_os_string()).collect();
+    let mut traced = Command::new(coffer());
+    traced.arg(&args[0]).arg("-d").args(&args[1..]).env(
+        "RUST_LOG",
+        "debug,h2=info,hyper=info,tower=info,regorus=info,rustls=info,reqwest=info,hyper_util=info",
+    );
+    run_ok(&mut traced);
+    let until = Instant::now() + Duration::from_secs(10);
+    let log = state.join("trace/agent.log");
+    while Instant::now() < until
+        && !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("container started"))
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("one run, agent log against the launch (ms):");
+    for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        let Some((ts, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(t) = humantime::parse_rfc3339(ts) else {
+            continue;
+        };
+        let at = t.duration_since(t0).map(ms).unwrap_or(0.0);
+        println!("  {at:7.1}  {}", rest.trim());
+    }
+    let trace_dir = state.join("trace");
+    let kib = |file: &str, key: &str| {
+        agent_status(&trace_dir, file, key)
+            .map(|k| format!("{:.1}", k as f64 / 1024.0))
+            .unwrap_or_else(|| "?".into())
+    };
+    println!(
+        "agent memory now (MiB): RSS {} = anonymous {} + file {}; peak {}",
+        kib("smaps_rollup", "Rss:"),
+        kib("smaps_rollup", "Anonymous:"),
+        kib("status", "RssFile:"),
+        kib("status", "VmHWM:")
+    );
+    run_ok(
+        Command::new(coffer())
+            .args(["rm", "-f", "trace", "--state-dir"])
+            .arg(&state),
+    );
+
     let (cmin, cmed, cp90) = stats(coffer_ms.clone());
     let (rmin, rmed, rp90) = stats(runc_ms.clone());
     let added: Vec<f64> = coffer_ms.iter().zip(&runc_ms).map(|(c, r)| c - r).collect();

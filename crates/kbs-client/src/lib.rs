@@ -228,6 +228,7 @@ impl KbsClient {
 
     async fn attest_session(&self) -> Result<CachedToken> {
         let url = format!("{}/auth", self.base);
+        tracing::debug!(%url, "attesting");
         let resp = self
             .http
             .post(&url)
@@ -281,7 +282,9 @@ impl KbsClient {
             Some(t) => Some(initdata::digest(t).map_err(|e| ClientError::Config(e.to_string()))?),
             None => None,
         };
+        tracing::debug!("KBS challenge received");
         let evidence = self.attester.evidence(&digest, init_digest.as_deref())?;
+        tracing::debug!("evidence from the attester");
         let body = Attestation {
             init_data: self.initdata.as_ref().map(|t| InitData {
                 format: initdata::INITDATA_FORMAT.into(),
@@ -317,6 +320,7 @@ impl KbsClient {
             .and_then(|b| serde_json::from_slice::<TokenTimes>(&b).ok())
             .map(|t| t.exp)
             .unwrap_or(0);
+        tracing::debug!("attestation token received");
         let cached = CachedToken { token, cookie, exp };
         *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached.clone());
         Ok(cached)

@@ -120,6 +120,10 @@ pub struct EmulatedPsp {
     ask_pem: String,
     vcek_der: Vec<u8>,
     vcek_key: EcdsaKeyPair,
+    /// The same key for report signatures: deterministic ECDSA (RFC 6979), so that signing
+    /// needs no seeded random generator (seeding aws-lc's costs tens of milliseconds per
+    /// process, on every sandbox launch).
+    report_key: p384::ecdsa::SigningKey,
     chip_id: [u8; 64],
     tcb: Tcb,
     launch: Launch,
@@ -145,6 +149,7 @@ impl EmulatedPsp {
             ark_pem: chain.ark_pem,
             ask_pem: chain.ask_pem,
             vcek_der: chain.vcek_der,
+            report_key: report_key(&vcek_key)?,
             vcek_key,
             chip_id,
             tcb,
@@ -222,6 +227,7 @@ impl EmulatedPsp {
             ark_pem: String::from_utf8(read("ark.pem")?).map_err(|_| bad("ark.pem", "not PEM"))?,
             ask_pem: String::from_utf8(read("ask.pem")?).map_err(|_| bad("ask.pem", "not PEM"))?,
             vcek_der: read("vcek.der")?,
+            report_key: report_key(&vcek_key)?,
             vcek_key,
             chip_id,
             tcb: Tcb {
@@ -301,10 +307,9 @@ impl EmulatedPsp {
             .map_err(|e| PspError::Report(e.to_string()))?
             .as_ref()
             .to_vec();
-        let sig = self
-            .vcek_key
-            .sign(&SystemRandom::new(), &raw[..SIGNED_LEN])
-            .map_err(|_| PspError::Crypto("report signature"))?;
+        let sig: p384::ecdsa::Signature =
+            p384::ecdsa::signature::Signer::sign(&self.report_key, &raw[..SIGNED_LEN]);
+        let sig = sig.to_bytes();
         let sig = sig.as_ref();
         // R and S: big-endian 48 bytes each -> little-endian 72-byte fields.
         raw[SIGNED_LEN..SIGNED_LEN + 144].fill(0);
@@ -331,6 +336,16 @@ impl EmulatedPsp {
     pub fn vcek_public(&self) -> &[u8] {
         self.vcek_key.public_key().as_ref()
     }
+}
+
+/// The VCEK's private scalar as a RustCrypto signing key.
+fn report_key(vcek: &EcdsaKeyPair) -> Result<p384::ecdsa::SigningKey> {
+    use aws_lc_rs::encoding::AsBigEndian;
+    let scalar = vcek
+        .private_key()
+        .as_be_bytes()
+        .map_err(|_| PspError::Crypto("VCEK key export"))?;
+    p384::ecdsa::SigningKey::from_slice(scalar.as_ref()).map_err(|_| PspError::Crypto("VCEK key"))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
