@@ -352,7 +352,11 @@ async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() 
     let (code, stdout, stderr) = cli(w.run(&open, "r2", &[], &cmd)).await;
     assert_ne!(code, Some(0));
     assert!(stdout.is_empty());
-    assert!(stderr.contains("kbs:///default/image-keys/app"), "{stderr}");
+    // The error says the KBS refused the key, and which.
+    assert!(
+        stderr.contains("kbs:///default/image-keys/app") && stderr.contains("KBS refused"),
+        "{stderr}"
+    );
     assert!(!w.state.join("r2").exists());
 
     // The initdata names another KBS than --kbs: refused before anything starts.
