@@ -855,7 +855,10 @@ impl Containers {
     pub async fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
         let p = self.process(id, exec_id)?;
         if exec_id.is_empty() {
-            return self.runtime(&["kill", id, &signal.to_string()]).await;
+            return self
+                .runtime(&["kill", id, &signal.to_string()])
+                .await
+                .map(drop);
         }
         let sig = i32::try_from(signal)
             .ok()
@@ -875,22 +878,8 @@ impl Containers {
     /// Resource use of a running container.
     pub async fn stats(&self, id: &str) -> Result<Stats> {
         self.process(id, "")?;
-        let out = self
-            .runtime_cmd()
-            .args(["events", "--stats", id])
-            .output()
-            .await
-            .map_err(|e| {
-                ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
-            })?;
-        if !out.status.success() {
-            return Err(ContainerError::Runtime(format!(
-                "{} events --stats: {}",
-                self.runtime.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let v: Value = serde_json::from_slice(&out.stdout)
+        let out = self.runtime(&["events", "--stats", id]).await?;
+        let v: Value = serde_json::from_slice(&out)
             .map_err(|e| ContainerError::Runtime(format!("runtime statistics: {e}")))?;
         let d = &v["data"];
         Ok(Stats {
@@ -931,7 +920,8 @@ impl Containers {
         Ok(())
     }
 
-    async fn runtime(&self, args: &[&str]) -> Result<()> {
+    /// Runs the runtime with `args`; its standard output.
+    async fn runtime(&self, args: &[&str]) -> Result<Vec<u8>> {
         let out = self.runtime_cmd().args(args).output().await.map_err(|e| {
             ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
         })?;
@@ -943,7 +933,7 @@ impl Containers {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        Ok(())
+        Ok(out.stdout)
     }
 
     /// The bundle directory of a container (tests, diagnostics).

@@ -14,26 +14,13 @@ mod common;
 
 use std::{
     io::Read,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 fn coffer() -> &'static str {
     env!("CARGO_BIN_EXE_coffer")
-}
-
-/// The agent beside the CLI, built in the same profile.
-fn agent_binary() -> PathBuf {
-    let p = Path::new(coffer()).with_file_name("coffer-agent");
-    let release = p.parent().is_some_and(|d| d.ends_with("release"));
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "-p", "coffer-agent", "--bin", "coffer-agent"]);
-    if release {
-        cmd.arg("--release");
-    }
-    assert!(cmd.status().unwrap().success(), "cannot build coffer-agent");
-    p
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -109,7 +96,7 @@ fn main() {
         .unwrap_or(15);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = agent_binary();
+    let agent = common::agent_binary();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
@@ -120,33 +107,7 @@ fn main() {
 
     // The image, encrypted by skopeo to a key only the KBS holds.
     let registry = common::Registry::start();
-    coffer_testkit::busybox_layout(&d.join("plain"));
-    common::openssl(
-        d,
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "img.pem",
-        ],
-    );
-    common::openssl(d, &["pkey", "-in", "img.pem", "-pubout", "-out", "img.pub"]);
-    let image = format!("docker://{}/app:v1", registry.addr);
-    run_ok(
-        Command::new("skopeo")
-            .args([
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--encryption-key",
-            ])
-            .arg(format!("jwe:{}", d.join("img.pub").display()))
-            .arg(format!("oci:{}:v1", d.join("plain").display()))
-            .arg(&image),
-    );
+    let image = common::push_encrypted_busybox(d, &registry.addr, None);
     rt.block_on(kbs.admin.set_resource(
         "default/image-keys/app",
         std::fs::read(d.join("img.pem")).unwrap(),

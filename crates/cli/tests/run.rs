@@ -15,20 +15,6 @@ use std::{
 
 use coffer_agent::api::proto::{ExecProcessRequest, IssueExecNonceRequest};
 
-/// The agent binary beside the CLI's (built with the workspace; built here when missing).
-fn agent_binary() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_coffer")).with_file_name("coffer-agent");
-    if !p.exists() {
-        let ok = Command::new(env!("CARGO"))
-            .args(["build", "-p", "coffer-agent", "--bin", "coffer-agent"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok && p.exists(), "cannot build coffer-agent");
-    }
-    p
-}
-
 async fn cli(args: Vec<String>) -> (Option<i32>, String, String) {
     tokio::task::spawn_blocking(move || {
         let out = Command::new(env!("CARGO_BIN_EXE_coffer"))
@@ -70,7 +56,7 @@ async fn world() -> World {
 async fn world_with(creds: Option<&str>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = agent_binary();
+    let agent = common::agent_binary();
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
     let kbs = coffer_testkit::start_kbs(d, |c| {
@@ -88,36 +74,7 @@ async fn world_with(creds: Option<&str>) -> World {
             common::Registry::start_with_auth(Some(&format!("{user}:{hash}")))
         }
     };
-    coffer_testkit::busybox_layout(&d.join("plain"));
-    common::openssl(
-        d,
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "img.pem",
-        ],
-    );
-    common::openssl(d, &["pkey", "-in", "img.pem", "-pubout", "-out", "img.pub"]);
-    let image = format!("docker://{}/app:v1", registry.addr);
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .args(creds.iter().flat_map(|c| ["--dest-creds", c]))
-        .arg("--encryption-key")
-        .arg(format!("jwe:{}", d.join("img.pub").display()))
-        .arg(format!("oci:{}:v1", d.join("plain").display()))
-        .arg(&image)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let image = common::push_encrypted_busybox(d, &registry.addr, creds);
     kbs.admin
         .set_resource(
             "default/image-keys/app",
@@ -214,6 +171,14 @@ impl World {
         v
     }
 
+    /// `coffer run -d` of `/bin/sh -c SCRIPT` in sandbox `name`; it must start.
+    async fn detached(&self, initdata: &Path, name: &str, script: &str) {
+        let (code, stdout, stderr) =
+            cli(self.run(initdata, name, &["-d"], &["/bin/sh", "-c", script])).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(stdout, format!("{name}\n"));
+    }
+
     /// Where this test keeps its PSP, agent and sandboxes.
     fn local(&self) -> Vec<String> {
         vec![
@@ -270,6 +235,15 @@ fn cgroups_of(name: &str) -> Vec<PathBuf> {
         .map(|m| Path::new(m).join("coffer").join(name))
         .filter(|p| p.exists())
         .collect()
+}
+
+/// `kill -9 PID`.
+fn kill9(pid: &str) {
+    assert!(Command::new("kill")
+        .args(["-9", pid])
+        .status()
+        .unwrap()
+        .success());
 }
 
 /// Waits for `cond`, up to 20 s.
@@ -657,41 +631,19 @@ async fn killing_the_launcher_the_agent_or_the_keeper_leaves_nothing() {
     nothing_left(&w, "k1", "3021").await;
 
     // kill -9 of the agent of a detached sandbox.
-    let (code, _, stderr) = cli(w.run(
-        &init,
-        "k2",
-        &["-d"],
-        &["/bin/sh", "-c", "echo ready; exec sleep 3022"],
-    ))
-    .await;
-    assert_eq!(code, Some(0), "{stderr}");
+    w.detached(&init, "k2", "exec sleep 3022").await;
     let agent = processes_with(&w.state.join("k2").display().to_string())
         .into_iter()
         .find(|p| p.contains(&format!(": {} --listen", w.agent.display())))
         .unwrap();
     let pid = agent.split(':').next().unwrap();
-    assert!(Command::new("kill")
-        .args(["-9", pid])
-        .status()
-        .unwrap()
-        .success());
+    kill9(pid);
     nothing_left(&w, "k2", "3022").await;
 
     // kill -9 of the keeper: the sandbox dies with it; `coffer ps` removes what is left.
-    let (code, _, stderr) = cli(w.run(
-        &init,
-        "k3",
-        &["-d"],
-        &["/bin/sh", "-c", "echo ready; exec sleep 3023"],
-    ))
-    .await;
-    assert_eq!(code, Some(0), "{stderr}");
+    w.detached(&init, "k3", "exec sleep 3023").await;
     let keeper = std::fs::read_to_string(w.state.join("k3/keeper.pid")).unwrap();
-    assert!(Command::new("kill")
-        .args(["-9", keeper.trim()])
-        .status()
-        .unwrap()
-        .success());
+    kill9(keeper.trim());
     eventually("the container to die with its keeper", || {
         processes_with("3023").is_empty()
     })

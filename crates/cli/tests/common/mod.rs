@@ -285,3 +285,59 @@ pub fn openssl(dir: &Path, args: &[&str]) {
         .success();
     assert!(ok, "openssl {args:?}");
 }
+
+/// The busybox image (coffer-testkit) pushed by skopeo to `docker://REGISTRY/app:v1`, encrypted
+/// to a fresh RSA JWE key written to `dir/img.pem` (its public half `img.pub`); `creds`
+/// ("user:password") when the registry wants them. Returns the image reference.
+pub fn push_encrypted_busybox(dir: &Path, registry: &str, creds: Option<&str>) -> String {
+    coffer_testkit::busybox_layout(&dir.join("plain"));
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "img.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &["pkey", "-in", "img.pem", "-pubout", "-out", "img.pub"],
+    );
+    let image = format!("docker://{registry}/app:v1");
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .args(creds.iter().flat_map(|c| ["--dest-creds", c]))
+        .arg("--encryption-key")
+        .arg(format!("jwe:{}", dir.join("img.pub").display()))
+        .arg(format!("oci:{}:v1", dir.join("plain").display()))
+        .arg(&image)
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo must be installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// The `coffer-agent` binary beside this package's `coffer`. Workspace test runs build it; a
+/// benchmark (release profile, this package only) or a lone `cargo test -p coffer` builds it here.
+pub fn agent_binary() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_coffer")).with_file_name("coffer-agent");
+    let release = p.parent().is_some_and(|d| d.ends_with("release"));
+    if release || !p.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "coffer-agent", "--bin", "coffer-agent"]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "cannot build coffer-agent");
+    }
+    p
+}
