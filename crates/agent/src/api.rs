@@ -6,9 +6,9 @@
 //! lifecycle on the OCI runtime (`CreateContainer`, `StartContainer`, `ExecProcess`,
 //! `WaitProcess`, `SignalProcess`, `ReadStream`, `StatsContainer`, `RemoveContainer`,
 //! `ListContainers`, `DestroySandbox`), owner-signed exec (`IssueExecNonce`, [`crate::owner`])
-//! sealed output ([`crate::sealed`]) and stdin (`WriteStream`, `CloseStdin`). Requests the
-//! policy allows but that are not built (`CreateSandbox`, TTYs) answer `Unimplemented`, saying
-//! so.
+//! sealed output ([`crate::sealed`]), stdin (`WriteStream`, `CloseStdin`) and terminals
+//! (`TtyWinResize`). `CreateSandbox` (the process sandbox is made by its launcher) passes the
+//! policy and answers `Unimplemented`, saying so.
 
 use std::{path::Path, sync::Arc};
 
@@ -126,7 +126,23 @@ macro_rules! agent_impl {
 agent_impl! {
     gated_not_built {
         create_sandbox(CreateSandboxRequest) -> Empty;
-        tty_win_resize(TtyWinResizeRequest) -> Empty;
+    }
+
+    async fn tty_win_resize(
+        &self,
+        r: Request<TtyWinResizeRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("TtyWinResizeRequest", r.get_ref())?;
+        let req = r.get_ref();
+        let (rows, columns) = match (u16::try_from(req.rows), u16::try_from(req.columns)) {
+            (Ok(r), Ok(c)) => (r, c),
+            _ => return Err(Status::invalid_argument("rows and columns must fit 16 bits")),
+        };
+        self.containers
+            .resize(&req.container_id, &req.exec_id, rows, columns)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Empty {}))
     }
 
     async fn write_stream(
@@ -193,11 +209,15 @@ agent_impl! {
             self.policy.audit_owner_exec(req, verdict.as_ref().err().map(|e| e.to_string()));
             verdict.map_err(|e| Status::permission_denied(format!("owner-signed exec refused: {e}")))?;
         }
-        if req.tty {
-            return not_built("ExecProcess with a TTY");
-        }
         self.containers
-            .exec(&req.container_id, &req.exec_id, &req.args, &req.env, req.stdin)
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.args,
+                &req.env,
+                req.stdin,
+                req.tty,
+            )
             .map_err(status)?;
         Ok(Response::new(Empty {}))
     }

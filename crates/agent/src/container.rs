@@ -10,6 +10,7 @@
 
 use std::{
     collections::HashMap,
+    os::unix::{ffi::OsStrExt, fs::OpenOptionsExt},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex},
@@ -120,6 +121,8 @@ struct StreamBuf {
 /// One process (a container's init or an exec): its output and exit status.
 pub(crate) struct Process {
     stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
+    /// The master side of the terminal the runtime's stdio is (TTY processes).
+    pty: Option<Arc<std::fs::File>>,
     stdout: Mutex<StreamBuf>,
     stderr: Mutex<StreamBuf>,
     exit: watch::Receiver<Option<i32>>,
@@ -167,6 +170,8 @@ struct Container {
     bundle: PathBuf,
     /// Keep the init process's stdin open.
     stdin: bool,
+    /// The init process has a terminal.
+    tty: bool,
     image: String,
     created: i64,
     /// The init process once started.
@@ -351,7 +356,7 @@ pub fn spec(
     json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": req.tty,
             "user": {"uid": uid, "gid": gid},
             "args": args,
             "env": env,
@@ -396,6 +401,57 @@ pub fn spec(
             },
         },
     })
+}
+
+/// Appends what `from` yields to `to` (keeping the last [`MAX_BUFFER`] bytes) until its end or
+/// an error, waking readers after each chunk.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    to: &Mutex<StreamBuf>,
+    changed: &watch::Sender<u64>,
+) {
+    let mut buf = vec![0u8; 16 << 10];
+    while let Ok(k) = from.read(&mut buf).await {
+        if k == 0 {
+            break;
+        }
+        {
+            let mut b = to.lock().unwrap_or_else(|p| p.into_inner());
+            b.data.extend(&buf[..k]);
+            if b.data.len() > MAX_BUFFER {
+                let excess = b.data.len() - MAX_BUFFER;
+                b.data.drain(..excess);
+                b.start += excess as u64;
+            }
+        }
+        changed.send_modify(|g| *g += 1);
+    }
+}
+
+/// A new pseudo-terminal (master, slave), 80x24.
+fn open_pty() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        // Not the agent's controlling terminal.
+        .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+        .open(std::ffi::OsStr::from_bytes(name.as_bytes()))?;
+    let master = std::fs::File::from(master);
+    rustix::termios::tcsetwinsize(
+        &master,
+        rustix::termios::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )?;
+    Ok((master, slave))
 }
 
 fn now() -> i64 {
@@ -556,6 +612,7 @@ impl Containers {
             Container {
                 bundle,
                 stdin: req.stdin,
+                tty: req.tty,
                 image: req.image.clone(),
                 created: now(),
                 init: None,
@@ -575,19 +632,43 @@ impl Containers {
 
     /// Spawns `cmd` with its stdout and stderr kept (and its stdin open when `stdin`), and a
     /// task that records its exit.
-    fn spawn(&self, mut cmd: tokio::process::Command, stdin: bool) -> Result<Arc<Process>> {
-        let mut child = cmd
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
-            })?;
+    ///
+    /// With `tty` the runtime's stdio is a pseudo-terminal the agent holds the master side of:
+    /// the runtime gives the process a terminal of its own, sized like this one, and relays it;
+    /// what the process writes there becomes its stdout, writes go to its input.
+    fn spawn(
+        &self,
+        mut cmd: tokio::process::Command,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<Arc<Process>> {
+        let runtime_err = |e: std::io::Error| {
+            ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
+        };
+        let pty = if tty {
+            let (master, slave) = open_pty()
+                .map_err(|e| ContainerError::Runtime(format!("cannot open a terminal: {e}")))?;
+            cmd.stdin(slave.try_clone().map_err(runtime_err)?)
+                .stdout(slave.try_clone().map_err(runtime_err)?)
+                .stderr(slave);
+            Some(master)
+        } else {
+            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        };
+        let mut child = cmd.kill_on_drop(true).spawn().map_err(runtime_err)?;
+        // The slave's copies in `cmd` go with it, so that the master reads EIO at the end.
+        drop(cmd);
         let (tx, rx) = watch::channel(None);
         let process = Arc::new(Process {
             stdin: tokio::sync::Mutex::new(child.stdin.take()),
+            pty: pty
+                .as_ref()
+                .map(|m| m.try_clone().map(Arc::new))
+                .transpose()
+                .map_err(runtime_err)?,
             stdout: Mutex::new(StreamBuf::default()),
             stderr: Mutex::new(StreamBuf::default()),
             exit: rx,
@@ -598,32 +679,25 @@ impl Containers {
             child.stderr.take().map(|p| Box::new(p) as _),
         ];
         let mut readers = Vec::new();
-        for (n, pipe) in pipes.into_iter().enumerate() {
-            let Some(mut pipe) = pipe else { continue };
+        if let Some(reader) = pty {
             let changed = self.changed.clone();
             let process = process.clone();
             readers.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 << 10];
-                while let Ok(k) = pipe.read(&mut buf).await {
-                    if k == 0 {
-                        break;
-                    }
-                    {
-                        let out = if n == 0 {
-                            &process.stdout
-                        } else {
-                            &process.stderr
-                        };
-                        let mut b = out.lock().unwrap_or_else(|p| p.into_inner());
-                        b.data.extend(&buf[..k]);
-                        if b.data.len() > MAX_BUFFER {
-                            let excess = b.data.len() - MAX_BUFFER;
-                            b.data.drain(..excess);
-                            b.start += excess as u64;
-                        }
-                    }
-                    changed.send_modify(|g| *g += 1);
-                }
+                // Ends with EIO once the runtime, the last holder of the slave, exits.
+                pump(tokio::fs::File::from_std(reader), &process.stdout, &changed).await;
+            }));
+        }
+        for (n, pipe) in pipes.into_iter().enumerate() {
+            let Some(pipe) = pipe else { continue };
+            let changed = self.changed.clone();
+            let process = process.clone();
+            readers.push(tokio::spawn(async move {
+                let out = if n == 0 {
+                    &process.stdout
+                } else {
+                    &process.stderr
+                };
+                pump(pipe, out, &changed).await;
             }));
         }
         let changed = self.changed.clone();
@@ -658,7 +732,7 @@ impl Containers {
             }
             let mut cmd = self.runtime_cmd();
             cmd.arg("run").arg("--bundle").arg(&c.bundle).arg(id);
-            let p = self.spawn(cmd, c.stdin)?;
+            let p = self.spawn(cmd, c.stdin, c.tty)?;
             c.init = Some(p.clone());
             p
         };
@@ -693,6 +767,7 @@ impl Containers {
         args: &[String],
         env: &[String],
         stdin: bool,
+        tty: bool,
     ) -> Result<()> {
         valid_id(exec_id).map_err(|_| {
             ContainerError::Invalid(format!(
@@ -723,7 +798,7 @@ impl Containers {
             .ok_or_else(|| ContainerError::Runtime("cannot read the container's spec".into()))?;
         let mut process = config["process"].clone();
         process["args"] = json!(args);
-        process["terminal"] = json!(false);
+        process["terminal"] = json!(tty);
         if let Some(e) = process["env"].as_array_mut() {
             e.extend(env.iter().map(|v| json!(v)));
         }
@@ -732,7 +807,7 @@ impl Containers {
             .map_err(|e| ContainerError::Runtime(format!("cannot write the exec spec: {e}")))?;
         let mut cmd = self.runtime_cmd();
         cmd.arg("exec").arg("--process").arg(&file).arg(id);
-        let p = self.spawn(cmd, stdin)?;
+        let p = self.spawn(cmd, stdin, tty)?;
         c.execs.insert(exec_id.into(), p);
         tracing::info!(container = id, exec = exec_id, "exec started");
         Ok(())
@@ -830,9 +905,27 @@ impl Containers {
         }
     }
 
-    /// Writes `data` to a process's stdin; the bytes written.
+    /// A TTY process's terminal (master side).
+    fn pty(p: &Process) -> Result<Arc<std::fs::File>> {
+        p.pty
+            .clone()
+            .ok_or_else(|| ContainerError::Invalid("the process has no terminal".into()))
+    }
+
+    /// Writes `data` to a process's stdin (its terminal, for a TTY process); the bytes written.
     pub async fn write(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize> {
         let p = self.process(id, exec_id)?;
+        if let Some(pty) = p.pty.clone() {
+            let data = data.to_vec();
+            let len = data.len();
+            return tokio::task::spawn_blocking(move || {
+                std::io::Write::write_all(&mut &*pty, &data)
+            })
+            .await
+            .map_err(|e| ContainerError::Runtime(e.to_string()))?
+            .map(|()| len)
+            .map_err(|e| ContainerError::Invalid(format!("cannot write to the terminal: {e}")));
+        }
         let mut stdin = p.stdin.lock().await;
         let pipe = stdin.as_mut().ok_or_else(|| {
             ContainerError::Invalid("the process's stdin is not open (ask for stdin)".into())
@@ -843,10 +936,36 @@ impl Containers {
         Ok(data.len())
     }
 
-    /// Closes a process's stdin (end of input).
+    /// Closes a process's stdin (end of input; on a terminal, the end-of-file character).
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
         let p = self.process(id, exec_id)?;
+        if p.pty.is_some() {
+            return self.write(id, exec_id, &[0x04]).await.map(drop);
+        }
         p.stdin.lock().await.take();
+        Ok(())
+    }
+
+    /// Sets the window size of a TTY process's terminal: the agent's side, then SIGWINCH to the
+    /// runtime, which sizes the process's terminal alike.
+    pub async fn resize(&self, id: &str, exec_id: &str, rows: u16, columns: u16) -> Result<()> {
+        let p = self.process(id, exec_id)?;
+        let pty = Self::pty(&p)?;
+        rustix::termios::tcsetwinsize(
+            &*pty,
+            rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: columns,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        )
+        .map_err(|e| ContainerError::Runtime(format!("cannot resize the terminal: {e}")))?;
+        if let Some(pid) = p.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            if p.exit.borrow().is_none() {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
+            }
+        }
         Ok(())
     }
 

@@ -103,7 +103,8 @@ async fn containers_run_under_runc_with_the_default_spec() {
     .await
     .unwrap();
     assert!(
-        c.exec(&id4, "e1", &["true".into()], &[], false).is_err(),
+        c.exec(&id4, "e1", &["true".into()], &[], false, false)
+            .is_err(),
         "exec before start"
     );
     c.start(&id4).await.unwrap();
@@ -115,6 +116,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
         &args(&["/bin/sh", "-c", "echo $GREETING $EXTRA; id -u; exit 7"]),
         &["EXTRA=there".into()],
         false,
+        false,
     )
     .unwrap();
     assert_eq!(
@@ -125,7 +127,8 @@ async fn containers_run_under_runc_with_the_default_spec() {
     );
     assert_eq!(output_of(&c, &id4, "e1", "stdout").await, "hi there\n0\n");
     assert!(
-        c.exec(&id4, "e1", &args(&["true"]), &[], false).is_err(),
+        c.exec(&id4, "e1", &args(&["true"]), &[], false, false)
+            .is_err(),
         "exec id reused"
     );
     // Stdin, when asked for: written, then closed.
@@ -135,6 +138,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
         &args(&["/bin/sh", "-c", "tr a-z A-Z"]),
         &[],
         true,
+        false,
     )
     .unwrap();
     c.write(&id4, "in", b"piped ").await.unwrap();
@@ -144,6 +148,32 @@ async fn containers_run_under_runc_with_the_default_spec() {
     assert_eq!(output_of(&c, &id4, "in", "stdout").await, "PIPED INPUT\n");
     assert!(c.write(&id4, "in", b"late").await.is_err());
     assert!(c.write(&id4, "e1", b"no stdin").await.is_err());
+    // A terminal: the process sees a TTY of the size set, input is echoed, ^D ends it.
+    c.exec(
+        &id4,
+        "t",
+        &args(&[
+            "/bin/sh",
+            "-c",
+            "read line; [ -t 0 ] && echo is-a-tty; stty size; echo got $line",
+        ]),
+        &[],
+        true,
+        true,
+    )
+    .unwrap();
+    if let Err(e) = c.resize(&id4, "t", 33, 77).await {
+        panic!("{e}: {}", output_of(&c, &id4, "t", "stderr").await);
+    }
+    c.write(&id4, "t", b"hello\n").await.unwrap();
+    assert_eq!(c.wait(&id4, "t").await.unwrap(), 0);
+    let out = output_of(&c, &id4, "t", "stdout").await;
+    assert!(
+        out.contains("is-a-tty") && out.contains("33 77") && out.contains("got hello"),
+        "{out:?}"
+    );
+    assert!(out.contains("\r\n"), "terminal line endings: {out:?}");
+    assert!(c.resize(&id4, "e1", 10, 10).await.is_err(), "no terminal");
     let stats = c.stats(&id4).await.unwrap();
     assert!(stats.pids >= 1 && stats.memory_bytes > 0, "{stats:?}");
     c.exec(
@@ -151,6 +181,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
         "e2",
         &args(&["/bin/sh", "-c", "exec sleep 30"]),
         &[],
+        false,
         false,
     )
     .unwrap();

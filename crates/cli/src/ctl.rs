@@ -14,8 +14,8 @@ use clap::Args;
 use coffer_agent::{
     api::proto::{
         agent_client::AgentClient, CloseStdinRequest, DestroySandboxRequest, ExecProcessRequest,
-        IssueExecNonceRequest, ListContainersRequest, ReadStreamRequest, WaitProcessRequest,
-        WriteStreamRequest,
+        IssueExecNonceRequest, ListContainersRequest, ReadStreamRequest, TtyWinResizeRequest,
+        WaitProcessRequest, WriteStreamRequest,
     },
     sealed::{RecipientKey, RecordPlace},
 };
@@ -223,6 +223,9 @@ pub struct ExecArgs {
     /// Pass this program's stdin to the command (WriteStream; subject to the agent policy).
     #[arg(short, long)]
     interactive: bool,
+    /// Give the command a terminal (sized like this one; with -i this terminal goes raw).
+    #[arg(short, long)]
+    tty: bool,
     /// Where sandboxes keep their state.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -242,6 +245,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         args: a.command.clone(),
         env: a.env.clone(),
         stdin: a.interactive,
+        tty: a.tty,
         ..Default::default()
     };
     if let Some(signer) = keys.as_ref().and_then(|k| k.signer.as_ref()) {
@@ -257,6 +261,10 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     }
     let exec_id = req.exec_id.clone();
     c.exec_process(req).await.map_err(|e| refused("exec", e))?;
+    let _raw = (a.tty && a.interactive).then(RawTerminal::enter).flatten();
+    if a.tty {
+        follow_window_size(&c, &a.name, &exec_id).await;
+    }
     let input = async {
         if !a.interactive {
             return Ok(());
@@ -288,6 +296,58 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         .into_inner()
         .status;
     Ok(status)
+}
+
+/// This program's terminal in raw mode (keys go to the remote terminal as typed), restored on
+/// drop; `None` when stdin is not a terminal.
+struct RawTerminal(rustix::termios::Termios);
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        let stdin = std::io::stdin();
+        let saved = rustix::termios::tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw).ok()?;
+        Some(Self(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.0,
+        );
+    }
+}
+
+/// Sizes the process's terminal like this program's stdout, now and on every SIGWINCH.
+async fn follow_window_size(c: &AgentClient<Channel>, id: &str, exec_id: &str) {
+    let send = |mut c: AgentClient<Channel>, id: String, exec_id: String| async move {
+        if let Ok(w) = rustix::termios::tcgetwinsize(std::io::stdout()) {
+            let _ = c
+                .tty_win_resize(TtyWinResizeRequest {
+                    container_id: id,
+                    exec_id,
+                    rows: w.ws_row.into(),
+                    columns: w.ws_col.into(),
+                })
+                .await;
+        }
+    };
+    send(c.clone(), id.into(), exec_id.into()).await;
+    if let Ok(mut winch) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+    {
+        let (c, id, exec_id) = (c.clone(), id.to_string(), exec_id.to_string());
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                send(c.clone(), id.clone(), exec_id.clone()).await;
+            }
+        });
+    }
 }
 
 /// Sends this program's stdin to a process until its end.

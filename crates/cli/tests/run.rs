@@ -438,6 +438,23 @@ async fn detached_containers_take_exec_only_as_the_policy_or_the_owner_allows() 
     assert_eq!(code, Some(4), "{stderr}");
     assert_eq!(stdout, "secret-data\n");
 
+    // With a terminal (the signature covers `tty` too).
+    let (code, stdout, stderr) = w
+        .ctl(&[
+            "exec",
+            "app",
+            "-t",
+            "--owner-key",
+            &owner,
+            "--",
+            "/bin/sh",
+            "-c",
+            "[ -t 1 ] && echo on-a-tty",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "on-a-tty\r\n");
+
     // The owner's signature covers the exec, not what the host types into it: stdin stays
     // with the policy, which denies it by default.
     let mut exec = Command::new(env!("CARGO_BIN_EXE_coffer"))
