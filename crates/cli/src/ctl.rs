@@ -261,31 +261,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     }
     let exec_id = req.exec_id.clone();
     c.exec_process(req).await.map_err(|e| refused("exec", e))?;
-    let _raw = (a.tty && a.interactive).then(RawTerminal::enter).flatten();
-    if a.tty {
-        follow_window_size(&c, &a.name, &exec_id).await;
-    }
-    let input = async {
-        if !a.interactive {
-            return Ok(());
-        }
-        let r = pump_stdin(&c, &a.name, &exec_id).await;
-        // End of input either way, so that the command is not left waiting.
-        let _ = c
-            .clone()
-            .close_stdin(CloseStdinRequest {
-                container_id: a.name.clone(),
-                exec_id: exec_id.clone(),
-            })
-            .await;
-        r
-    };
-    let (input, output) = tokio::join!(
-        input,
-        stream_output(&c, &a.name, &exec_id, true, keys.as_ref())
-    );
-    output?;
-    input?;
+    attach(&c, &a.name, &exec_id, a.interactive, a.tty, keys.as_ref()).await?;
     let status = c
         .wait_process(WaitProcessRequest {
             container_id: a.name.clone(),
@@ -296,6 +272,51 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         .into_inner()
         .status;
     Ok(status)
+}
+
+/// Streams a process's output here until it ends; with `interactive` sends this program's
+/// stdin to it (ending its input when ours ends or a write is refused), with `tty` keeps its
+/// terminal sized like ours (and ours raw when also interactive).
+pub async fn attach(
+    c: &AgentClient<Channel>,
+    id: &str,
+    exec_id: &str,
+    interactive: bool,
+    tty: bool,
+    keys: Option<&OwnerKeys>,
+) -> anyhow::Result<()> {
+    let _raw = (tty && interactive).then(RawTerminal::enter).flatten();
+    if tty {
+        follow_window_size(c, id, exec_id).await;
+    }
+    let input = interactive.then(|| {
+        let (c, id, exec_id) = (c.clone(), id.to_string(), exec_id.to_string());
+        tokio::spawn(async move {
+            let r = pump_stdin(&c, &id, &exec_id).await;
+            // End of input either way, so that the process is not left waiting.
+            let _ = c
+                .clone()
+                .close_stdin(CloseStdinRequest {
+                    container_id: id,
+                    exec_id,
+                })
+                .await;
+            r
+        })
+    });
+    let output = stream_output(c, id, exec_id, true, keys).await;
+    // Once the output ended, input still pending is abandoned (a terminal may never send EOF).
+    if let Some(mut h) = input {
+        match tokio::time::timeout(Duration::from_millis(500), &mut h).await {
+            Ok(Ok(Err(e))) => {
+                output?;
+                return Err(e);
+            }
+            Ok(_) => {}
+            Err(_) => h.abort(),
+        }
+    }
+    output
 }
 
 /// This program's terminal in raw mode (keys go to the remote terminal as typed), restored on

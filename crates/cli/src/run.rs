@@ -15,7 +15,7 @@ use coffer_agent::api::proto::{
 };
 
 use crate::{
-    ctl::{agent, stream_output, OwnerKeys},
+    ctl::{agent, attach, OwnerKeys},
     sandbox::SandboxDir,
 };
 
@@ -40,6 +40,12 @@ pub struct RunArgs {
     /// Leave the container running in the background and print its name.
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Pass this program's stdin to the container (subject to the agent policy).
+    #[arg(short, long, conflicts_with = "detach")]
+    interactive: bool,
+    /// Give the container a terminal (sized like this one; with -i this terminal goes raw).
+    #[arg(short, long)]
+    tty: bool,
     /// Private key(s) (PEM) that open output sealed to the initdata's log recipient.
     #[arg(long)]
     owner_key: Option<PathBuf>,
@@ -156,6 +162,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             container_id: name.clone(),
             image: a.image.clone(),
             args: a.command.clone(),
+            stdin: a.interactive,
+            tty: a.tty,
             ..Default::default()
         })
         .await
@@ -189,7 +197,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
-    let streamed = stream_output(&c, &name, "", true, keys.as_ref()).await;
+    let streamed = attach(&c, &name, "", a.interactive, a.tty, keys.as_ref()).await;
     let status = match streamed {
         Ok(()) => c
             .wait_process(WaitProcessRequest {

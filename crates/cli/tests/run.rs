@@ -763,3 +763,73 @@ async fn registry_credentials_and_the_signature_policy_come_from_the_kbs() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_and_terminals_as_the_policy_allows() {
+    let w = world().await;
+    let d = w.d();
+    // The default policy plus writes to stdin.
+    let policy = format!(
+        "{}\ndefault WriteStreamRequest := true\n",
+        coffer_agent::policy::DEFAULT_POLICY.replace("default WriteStreamRequest := false", "")
+    );
+    std::fs::write(d.join("stdin.rego"), policy).unwrap();
+    let stdin_ok = w
+        .initdata(
+            "stdin.toml",
+            &["--policy", d.join("stdin.rego").to_str().unwrap()],
+        )
+        .await;
+    let default = w.initdata("initdata.toml", &[]).await;
+    w.register(&[&stdin_ok, &default]).await;
+    let with_input = |args: Vec<String>, input: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_coffer"))
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+            let out = child.wait_with_output().unwrap();
+            (
+                out.status.code(),
+                String::from_utf8(out.stdout).unwrap(),
+                String::from_utf8(out.stderr).unwrap(),
+            )
+        })
+    };
+
+    let upper = ["/bin/sh", "-c", "tr a-z A-Z"];
+    let (code, stdout, stderr) = with_input(w.run(&stdin_ok, "i1", &["-i"], &upper), b"piped in\n")
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "PIPED IN\n");
+
+    // The default policy refuses the input; the container ends (its input is closed).
+    let (code, stdout, stderr) = with_input(w.run(&default, "i2", &["-i"], &upper), b"typed\n")
+        .await
+        .unwrap();
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("denied by policy: WriteStreamRequest"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty());
+
+    // A terminal, sized 80x24 when the caller has none.
+    let (code, stdout, stderr) = cli(w.run(
+        &default,
+        "i3",
+        &["-t"],
+        &["/bin/sh", "-c", "[ -t 0 ] && stty size"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "24 80\r\n");
+    for n in ["i1", "i2", "i3"] {
+        nothing_left(&w, n, "tr a-z").await;
+    }
+}
