@@ -148,14 +148,18 @@ async fn containers_run_under_runc_with_the_default_spec() {
     assert_eq!(output_of(&c, &id4, "in", "stdout").await, "PIPED INPUT\n");
     assert!(c.write(&id4, "in", b"late").await.is_err());
     assert!(c.write(&id4, "e1", b"no stdin").await.is_err());
-    // A terminal: the process sees a TTY of the size set, input is echoed, ^D ends it.
+    // A terminal: the process sees a TTY of the size set; input reaches it.
     c.exec(
         &id4,
         "t",
         &args(&[
             "/bin/sh",
             "-c",
-            "read line; [ -t 0 ] && echo is-a-tty; stty size; echo got $line",
+            // runc applies a size to the process's terminal just after it starts (and on each
+            // resize): ask until it shows.
+            "read line; [ -t 0 ] && echo is-a-tty; for i in 1 2 3 4 5 6 7 8 9 10; do \
+             s=$(stty size 2>/dev/null); [ \"$s\" = '33 77' ] && break; sleep 0.2; done; \
+             echo size $s; echo got $line",
         ]),
         &[],
         true,
@@ -169,7 +173,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
     assert_eq!(c.wait(&id4, "t").await.unwrap(), 0);
     let out = output_of(&c, &id4, "t", "stdout").await;
     assert!(
-        out.contains("is-a-tty") && out.contains("33 77") && out.contains("got hello"),
+        out.contains("is-a-tty") && out.contains("size 33 77") && out.contains("got hello"),
         "{out:?}"
     );
     assert!(out.contains("\r\n"), "terminal line endings: {out:?}");

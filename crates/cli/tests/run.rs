@@ -819,16 +819,16 @@ async fn stdin_and_terminals_as_the_policy_allows() {
     );
     assert!(stdout.is_empty());
 
-    // A terminal, sized 80x24 when the caller has none.
+    // A terminal.
     let (code, stdout, stderr) = cli(w.run(
         &default,
         "i3",
         &["-t"],
-        &["/bin/sh", "-c", "[ -t 0 ] && stty size"],
+        &["/bin/sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo on-a-tty"],
     ))
     .await;
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout, "24 80\r\n");
+    assert_eq!(stdout, "on-a-tty\r\n");
     for n in ["i1", "i2", "i3"] {
         nothing_left(&w, n, "tr a-z").await;
     }
