@@ -219,13 +219,18 @@ pub struct Containers {
     changed: watch::Sender<u64>,
 }
 
-fn valid_id(id: &str) -> Result<()> {
-    if id.is_empty()
-        || id.len() > 64
-        || !id
+/// Whether `id` is a usable container (or exec, or sandbox) name: 1-64 ASCII letters, digits,
+/// `-` or `_` (it becomes a path component and a cgroup name).
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+}
+
+fn valid_id(id: &str) -> Result<()> {
+    if !is_valid_id(id) {
         return Err(ContainerError::Invalid(format!(
             "container id {id:?}: use 1-64 ASCII letters, digits, '-' or '_'"
         )));

@@ -141,12 +141,7 @@ impl SandboxDir {
 
 /// Checks a sandbox or container name.
 pub fn check_name(name: &str) -> anyhow::Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !coffer_agent::container::is_valid_id(name) {
         bail!("name {name:?}: use 1-64 ASCII letters, digits, '-' or '_'");
     }
     Ok(())
