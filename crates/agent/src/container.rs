@@ -433,7 +433,7 @@ async fn pump(
     }
 }
 
-/// A new pseudo-terminal (master, slave), 80x24.
+/// A new pseudo-terminal (master, slave), raw, 80x24.
 fn open_pty() -> std::io::Result<(std::fs::File, std::fs::File)> {
     use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
     let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
@@ -446,6 +446,11 @@ fn open_pty() -> std::io::Result<(std::fs::File, std::fs::File)> {
         // Not the agent's controlling terminal.
         .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
         .open(std::ffi::OsStr::from_bytes(name.as_bytes()))?;
+    // Raw: the process's own terminal (runc's) does the line discipline; this one only relays,
+    // so no second echo or CR/LF translation happens here.
+    let mut mode = rustix::termios::tcgetattr(&slave)?;
+    mode.make_raw();
+    rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &mode)?;
     let master = std::fs::File::from(master);
     rustix::termios::tcsetwinsize(
         &master,

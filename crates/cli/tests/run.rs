@@ -93,6 +93,21 @@ async fn world_with(creds: Option<&str>) -> World {
     }
 }
 
+/// A test that fails half-way leaves no sandbox running: each keeper left is asked to tear down.
+impl Drop for World {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.state)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(e.path().join("keeper.pid")) {
+                let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+            }
+        }
+    }
+}
+
 impl World {
     fn d(&self) -> &Path {
         self.dir.path()
@@ -282,10 +297,20 @@ async fn nothing_left(w: &World, name: &str, marker: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eventually("the sandbox's processes to end", || {
-        processes_with(marker).is_empty() && processes_with(&dir.display().to_string()).is_empty()
-    })
-    .await;
+    let left = || {
+        let mut p = processes_with(marker);
+        p.extend(processes_with(&dir.display().to_string()));
+        p
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while !left().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "processes of {name} remain: {:?}",
+            left()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(cgroups_of(name).is_empty(), "{:?}", cgroups_of(name));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&dir.display().to_string()), "{mounts}");
