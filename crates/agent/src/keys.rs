@@ -134,10 +134,7 @@ impl KeyBroker for Broker {
 pub async fn image_keyring(client: &KbsClient, uris: &[String]) -> Result<Keyring, String> {
     let mut keys = Keyring::default();
     for uri in uris {
-        let bytes = client
-            .get_resource(uri)
-            .await
-            .map_err(|e| format!("cannot get {uri} from the KBS: {e}"))?;
+        let bytes = fetch(client, uri).await?;
         match coffer_jose::json::RecipientKey::from_pem(&bytes) {
             Ok(k) => keys.private_keys.push(k),
             Err(_) => {

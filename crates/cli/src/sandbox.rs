@@ -110,6 +110,11 @@ impl SandboxDir {
         if self.alive() {
             bail!("sandbox {} is running", self.name);
         }
+        self.remove()
+    }
+
+    /// Removes the sandbox's cgroups (waiting for their processes to die) and its directory.
+    fn remove(&self) -> anyhow::Result<()> {
         remove_cgroups(&self.name)?;
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
@@ -222,8 +227,11 @@ pub fn keep(a: KeeperArgs) -> anyhow::Result<()> {
         .build()?;
     let result = runtime.block_on(serve(&a));
     // Everything below runs however the sandbox ended.
-    let cleaned = remove_cgroups(&a.name);
-    let _ = std::fs::remove_dir_all(&a.dir);
+    let cleaned = SandboxDir {
+        dir: a.dir.clone(),
+        name: a.name.clone(),
+    }
+    .remove();
     drop(lock);
     result.and(cleaned)
 }
