@@ -12,6 +12,7 @@
 
 use std::{path::Path, sync::Arc};
 
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -394,6 +395,65 @@ pub async fn serve_unix(path: &Path, service: AgentService) -> std::io::Result<(
         )
         .await
         .map_err(std::io::Error::other)
+}
+
+/// Serves `service` on the streams the host opens over a pod VM's agent port (see
+/// `coffer_podvm::mux`) until DestroySandbox was served or the port closes.
+pub async fn serve_streams(
+    streams: tokio::sync::mpsc::UnboundedReceiver<coffer_podvm::mux::MuxStream>,
+    service: AgentService,
+) -> std::io::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let service = service.with_shutdown(tx);
+    let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(streams)
+        .map(|s| Ok::<_, std::io::Error>(MuxConn(s)));
+    tonic::transport::Server::builder()
+        .add_service(agent_server::AgentServer::new(service))
+        .serve_with_incoming_shutdown(incoming, async move {
+            rx.recv().await;
+        })
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// A multiplexed stream as a server connection.
+struct MuxConn(coffer_podvm::mux::MuxStream);
+
+impl tonic::transport::server::Connected for MuxConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for MuxConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for MuxConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// A client of the agent API on the unix socket at `path` (the host side's connection).

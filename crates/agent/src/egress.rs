@@ -8,7 +8,10 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use tokio::net::{TcpListener, UnixStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, UnixStream},
+};
 
 /// Brings up `lo` in this (new) network namespace with `ip(8)`.
 pub fn loopback_up() -> Result<(), String> {
@@ -25,9 +28,36 @@ pub fn loopback_up() -> Result<(), String> {
     Ok(())
 }
 
+/// Where outbound connections go.
+#[derive(Clone)]
+pub enum Channel {
+    /// The process sandbox's forwarding socket.
+    Unix(PathBuf),
+    /// A pod VM's agent port: a new stream per connection, tagged
+    /// [`coffer_podvm::mux::GUEST_EGRESS`].
+    Mux(coffer_podvm::mux::Opener),
+}
+
+impl Channel {
+    async fn splice(&self, inside: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+        match self {
+            Channel::Unix(path) => {
+                let mut out = UnixStream::connect(path).await?;
+                tokio::io::copy_bidirectional(inside, &mut out).await?;
+            }
+            Channel::Mux(opener) => {
+                let mut out = opener.open().await?;
+                out.write_all(&[coffer_podvm::mux::GUEST_EGRESS]).await?;
+                tokio::io::copy_bidirectional(inside, &mut out).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Listens on loopback and splices every connection onto `channel`; returns the proxy URL to
 /// give the HTTP clients. Must run inside a tokio runtime.
-pub async fn start(channel: PathBuf) -> std::io::Result<String> {
+pub async fn start(channel: Channel) -> std::io::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -37,13 +67,8 @@ pub async fn start(channel: PathBuf) -> std::io::Result<String> {
             };
             let channel = channel.clone();
             tokio::spawn(async move {
-                match UnixStream::connect(&channel).await {
-                    Ok(mut out) => {
-                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut out).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(channel = %channel.display(), error = %e, "the forwarding channel is gone")
-                    }
+                if let Err(e) = channel.splice(&mut inside).await {
+                    tracing::debug!(error = %e, "a forwarded connection ended");
                 }
             });
         }

@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context;
 use clap::Parser;
 use coffer_agent::{
-    api::{serve_unix, AgentService},
+    api::{serve_streams, serve_unix, AgentService},
     container::Containers,
     policy::{AgentPolicy, FileAudit},
     startup::check_initdata,
@@ -16,7 +16,8 @@ use coffer_agent::{
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Where to serve the agent API: unix:PATH.
+    /// Where to serve the agent API: unix:PATH, or serial:PATH (a pod VM's virtio-serial
+    /// port, multiplexed; see coffer_podvm::mux).
     #[arg(long)]
     listen: String,
     /// The initdata (TOML) this guest was launched with.
@@ -48,7 +49,8 @@ struct Args {
     #[arg(long)]
     image_cache: Option<PathBuf>,
     /// Reach the network only through the launcher's forwarding socket (unix:PATH, SOCKS5),
-    /// bringing up loopback in this network namespace first (process sandbox).
+    /// bringing up loopback in this network namespace first (process sandbox), or `port`:
+    /// through streams of the serial port given to --listen (pod VM).
     #[arg(long)]
     egress: Option<String>,
 }
@@ -71,6 +73,13 @@ fn main() -> std::process::ExitCode {
         );
         tracing::debug!("random generator seeded");
     });
+    if std::process::id() == 1 {
+        // The init of a pod VM: boot it, serve, power off.
+        if let Err(e) = vm_main() {
+            eprintln!("coffer-agent: {e:#}");
+        }
+        coffer_agent::vm::power_off();
+    }
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -80,12 +89,38 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn vm_main() -> anyhow::Result<()> {
+    let boot = coffer_agent::vm::boot()?;
+    let initdata = PathBuf::from("/run/initdata.toml");
+    std::fs::write(&initdata, &boot.initdata).context("cannot keep the initdata")?;
+    let scratch = PathBuf::from(coffer_agent::vm::SCRATCH);
+    run(Args {
+        listen: format!("serial:{}", boot.agent_port.display()),
+        initdata,
+        psp_socket: boot.psp_port,
+        audit_log: scratch.join("audit.jsonl"),
+        state_dir: scratch.join("state"),
+        runtime: PathBuf::from("/usr/sbin/runc"),
+        plain_http: boot.plain_http,
+        cgroup_parent: "/coffer".into(),
+        private_state: false,
+        image_cache: Some(scratch.join("images")),
+        egress: Some("port".into()),
+    })
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
-    let path = args
-        .listen
-        .strip_prefix("unix:")
-        .map(PathBuf::from)
-        .context("--listen: use unix:PATH")?;
+    enum Listen {
+        Unix(PathBuf),
+        Serial(PathBuf),
+    }
+    let listen = if let Some(p) = args.listen.strip_prefix("unix:") {
+        Listen::Unix(p.into())
+    } else if let Some(p) = args.listen.strip_prefix("serial:") {
+        Listen::Serial(p.into())
+    } else {
+        anyhow::bail!("--listen: use unix:PATH or serial:PATH");
+    };
     let text = std::fs::read_to_string(&args.initdata)
         .with_context(|| format!("cannot read {}", args.initdata.display()))?;
     let evidence = coffer_psp::channel::request_evidence(&args.psp_socket, &[0u8; 64])
@@ -109,16 +144,32 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let proxy = match &args.egress {
-        None => None,
-        Some(e) => {
+    // A serial port carries the API and (with --egress port) the network, multiplexed.
+    let port = match &listen {
+        Listen::Serial(p) => {
+            let _guard = runtime.enter();
+            let io = coffer_agent::port::Port::open(p)
+                .with_context(|| format!("cannot open {}", p.display()))?;
+            Some(coffer_podvm::mux::start(io, coffer_podvm::mux::Side::Guest))
+        }
+        Listen::Unix(_) => None,
+    };
+    let proxy = match (args.egress.as_deref(), &port) {
+        (None, _) => None,
+        (Some("port"), Some((opener, _))) => Some(runtime.block_on(
+            coffer_agent::egress::start(coffer_agent::egress::Channel::Mux(opener.clone())),
+        )?),
+        (Some("port"), None) => anyhow::bail!("--egress port needs --listen serial:PATH"),
+        (Some(e), _) => {
             let channel = e
                 .strip_prefix("unix:")
                 .map(PathBuf::from)
-                .context("--egress: use unix:PATH")?;
+                .context("--egress: use unix:PATH or port")?;
             coffer_agent::egress::loopback_up().map_err(anyhow::Error::msg)?;
             tracing::debug!("loopback up");
-            Some(runtime.block_on(coffer_agent::egress::start(channel))?)
+            Some(runtime.block_on(coffer_agent::egress::start(
+                coffer_agent::egress::Channel::Unix(channel),
+            ))?)
         }
     };
     let pull = coffer_image::PullOptions {
@@ -167,9 +218,27 @@ fn run(args: Args) -> anyhow::Result<()> {
     let service = AgentService::new(policy, hex::encode(&digest), containers)
         .with_owner_key(owner_key)
         .with_log_recipient(log_recipient);
-    runtime
-        .block_on(serve_unix(&path, service))
-        .with_context(|| format!("cannot serve on {}", path.display()))
+    match (listen, port) {
+        (Listen::Unix(path), _) => runtime
+            .block_on(serve_unix(&path, service))
+            .with_context(|| format!("cannot serve on {}", path.display())),
+        (Listen::Serial(path), Some((opener, streams))) => runtime.block_on(async move {
+            // Tell the host the API is served; its connections wait until then.
+            let ready = async {
+                let mut s = opener.open().await?;
+                tokio::io::AsyncWriteExt::write_all(&mut s, &[coffer_podvm::mux::GUEST_READY])
+                    .await?;
+                tokio::io::AsyncWriteExt::shutdown(&mut s).await
+            };
+            let (served, _) = tokio::join!(serve_streams(streams, service), async {
+                if let Err(e) = ready.await {
+                    tracing::warn!(error = %e, "cannot tell the host the agent is ready");
+                }
+            });
+            served.with_context(|| format!("cannot serve on {}", path.display()))
+        }),
+        (Listen::Serial(_), None) => anyhow::bail!("the serial port is not open"),
+    }
 }
 
 /// Mounts a private tmpfs (mode 0700) on `dir` with mount(8); the agent runs in its own mount

@@ -6,9 +6,11 @@ mod image;
 mod initdata;
 mod kbs;
 mod measure;
+mod podvm;
 mod run;
 mod sandbox;
 mod secret;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +41,8 @@ enum Command {
     Initdata(initdata::InitdataArgs),
     /// Print the reference values for a sandbox and initdata (set-reference-values format).
     Measure(measure::MeasureArgs),
+    /// Build pod VM images.
+    Podvm(podvm::PodvmArgs),
     /// Run a container in a sandbox; streams its output and exits with its status (or, with
     /// -d, prints its name and leaves it running).
     Run(Box<run::RunArgs>),
@@ -104,6 +108,7 @@ fn run() -> anyhow::Result<()> {
         Command::Secret(args) => runtime.block_on(secret::run(args)),
         Command::Initdata(args) => initdata::run(args),
         Command::Measure(args) => measure::run(args),
+        Command::Podvm(args) => podvm::run(args),
         Command::Run(args) => {
             let status = runtime.block_on(run::run(*args))?;
             std::process::exit(status.clamp(0, 255));

@@ -10,9 +10,12 @@ use serde_json::json;
 /// `coffer measure` arguments.
 #[derive(Args)]
 pub struct MeasureArgs {
-    /// The sandbox: `process` (development; `vm` comes with pod VMs).
+    /// The sandbox: `vm` (a pod VM) or `process` (development).
     #[arg(long)]
     sandbox: String,
+    /// The pod VM (`coffer podvm build --out DIR`), for `--sandbox vm`.
+    #[arg(long)]
+    podvm: Option<PathBuf>,
     /// The initdata the sandbox is launched with.
     #[arg(long)]
     initdata: PathBuf,
@@ -39,20 +42,22 @@ pub fn agent_path(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Runs `coffer measure`.
 pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
-    if a.sandbox != "process" {
-        bail!(
-            "--sandbox {}: only `process` is built yet (pod VMs come later)",
-            a.sandbox
-        );
-    }
     let text = std::fs::read_to_string(&a.initdata)
         .with_context(|| format!("cannot read {}", a.initdata.display()))?;
     let digest =
         coffer_wire::initdata::digest(&text).with_context(|| a.initdata.display().to_string())?;
-    let agent = agent_path(&a.agent)?;
-    let binary =
-        std::fs::read(&agent).with_context(|| format!("cannot read {}", agent.display()))?;
-    let measurement = coffer_agent::sandbox::process_measurement(&binary);
+    let measurement = match (a.sandbox.as_str(), &a.podvm) {
+        ("vm", Some(dir)) => coffer_podvm::PodVm::open(dir)?.measurement()?,
+        ("vm", None) => bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)"),
+        ("process", None) => {
+            let agent = agent_path(&a.agent)?;
+            let binary = std::fs::read(&agent)
+                .with_context(|| format!("cannot read {}", agent.display()))?;
+            coffer_agent::sandbox::process_measurement(&binary)
+        }
+        ("process", Some(_)) => bail!("--podvm belongs to --sandbox vm"),
+        (other, _) => bail!("--sandbox {other}: use `vm` or `process`"),
+    };
     let tcb = match coffer_psp::EmulatedPsp::load(&a.psp_dir) {
         Ok(psp) => psp.tcb(),
         Err(_) => coffer_psp::Tcb::default(),

@@ -1,7 +1,8 @@
-//! `coffer run --sandbox process …`: the process-sandbox launcher. It checks the initdata against
-//! `--kbs`, starts the sandbox's keeper ([`crate::sandbox`]: emulated PSP with MEASUREMENT of
-//! the agent binary and launch configuration and HOST_DATA = initdata digest, `coffer-agent`
-//! under `unshare`), asks the agent for the container, and then either streams the output and
+//! `coffer run --sandbox vm|process …`: the launcher. It checks the initdata against
+//! `--kbs`, starts the sandbox's keeper ([`crate::sandbox`]: emulated PSP with HOST_DATA =
+//! initdata digest and MEASUREMENT of what it launches — a pod VM's kernel, initrd and command
+//! line ([`crate::vm`], QEMU), or the agent binary and launch configuration of a process
+//! sandbox (`coffer-agent` under `unshare`)), asks the agent for the container, and then either streams the output and
 //! exits with the container's status, tearing the sandbox down (the default), or prints the
 //! name and leaves the sandbox running (`-d`; see `coffer exec|logs|ps|rm`). The emulated TEE
 //! gives no confidentiality; every run says so.
@@ -22,9 +23,18 @@ use crate::{
 /// `coffer run` arguments.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The sandbox: `process` (development; pod VMs come later).
+    /// The sandbox: `vm` (a pod VM, with --podvm) or `process` (development).
     #[arg(long)]
     sandbox: String,
+    /// The pod VM (`coffer podvm build --out DIR`), for `--sandbox vm`.
+    #[arg(long)]
+    podvm: Option<PathBuf>,
+    /// The pod VM's accelerator: kvm, tcg, or auto (KVM when a guest runs under it here).
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// The pod VM's memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
     /// The KBS; must be the one the initdata names.
     #[arg(long)]
     kbs: String,
@@ -70,12 +80,17 @@ pub struct RunArgs {
 
 /// Runs `coffer run`; returns the container's exit status (0 once started with `-d`).
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
-    if a.sandbox != "process" {
-        bail!(
-            "--sandbox {}: only `process` is built yet (pod VMs come later)",
-            a.sandbox
-        );
-    }
+    let podvm = match (a.sandbox.as_str(), &a.podvm) {
+        ("vm", Some(dir)) => {
+            // Fails early, naming what is missing.
+            coffer_podvm::PodVm::open(dir)?;
+            Some(std::fs::canonicalize(dir)?)
+        }
+        ("vm", None) => bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)"),
+        ("process", None) => None,
+        ("process", Some(_)) => bail!("--podvm belongs to --sandbox vm"),
+        (other, _) => bail!("--sandbox {other}: use `vm` or `process`"),
+    };
     let text = std::fs::read_to_string(&a.initdata)
         .with_context(|| format!("cannot read {}", a.initdata.display()))?;
     let parsed = coffer_wire::initdata::Initdata::parse(&text)?;
@@ -94,7 +109,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| format!("coffer-{}", crate::ctl::random_hex(6)));
     let sandbox = SandboxDir::new(&a.state_dir, &name)?;
-    eprintln!("coffer: EMULATED TEE (process sandbox): no confidentiality, development only");
+    if podvm.is_some() {
+        eprintln!("coffer: EMULATED TEE (pod VM without TEE hardware): no confidentiality from this host, development only");
+    } else {
+        eprintln!("coffer: EMULATED TEE (process sandbox): no confidentiality, development only");
+    }
 
     if sandbox.dir.exists() {
         if sandbox.alive() {
@@ -129,9 +148,25 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     if a.plain_http {
         cmd.arg("--plain-http");
     }
+    if let Some(dir) = &podvm {
+        cmd.arg("--podvm")
+            .arg(dir)
+            .arg("--accel")
+            .arg(&a.accel)
+            .arg("--memory")
+            .arg(a.memory.to_string());
+    }
     if !a.detach {
         cmd.arg("--watch-stdin");
     }
+    // Kept open here: the keeper removes the directory when it fails, and its last words are
+    // still readable through this handle.
+    let keeper_log = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(sandbox.dir.join("keeper.log"))?;
     // Its own process group: a terminal's ^C reaches this process, whose exit closes the
     // keeper's stdin, and the keeper tears down.
     let mut keeper = cmd
@@ -141,19 +176,35 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             Stdio::piped()
         })
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(sandbox.dir.join("keeper.log"))?)
+        .stderr(keeper_log.try_clone()?)
         .process_group(0)
         .spawn()
         .context("cannot start the sandbox keeper")?;
 
     let started = async {
         let sock = sandbox.agent_sock();
-        for _ in 0..1500 {
+        // A pod VM boots first (seconds under KVM, tens of seconds under TCG).
+        let wait = if podvm.is_some() {
+            Duration::from_secs(600)
+        } else {
+            Duration::from_secs(3)
+        };
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
             if sock.exists() {
                 break;
             }
             if let Ok(Some(_)) = keeper.try_wait() {
-                bail!("the agent did not start: {}", sandbox.agent_error());
+                let agent = sandbox.agent_error();
+                let keeper = last_line(&keeper_log);
+                bail!(
+                    "the sandbox did not start: {}",
+                    [keeper, agent]
+                        .into_iter()
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -222,4 +273,21 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             e.context("the sandbox's agent is gone")
         }
     })
+}
+
+/// The last non-empty line of an open log file.
+fn last_line(f: &std::fs::File) -> String {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(4096);
+    let mut buf = vec![0u8; (len - start) as usize];
+    if f.read_exact_at(&mut buf, start).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .to_string()
 }

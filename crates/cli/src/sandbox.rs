@@ -37,28 +37,41 @@ use rustix::fs::{flock, FlockOperation};
 pub struct KeeperArgs {
     /// The sandbox's directory.
     #[arg(long)]
-    dir: PathBuf,
+    pub dir: PathBuf,
     /// The sandbox's name (its cgroup is /coffer/NAME).
     #[arg(long)]
-    name: String,
+    pub name: String,
     /// The agent binary.
     #[arg(long)]
-    agent: PathBuf,
+    pub agent: PathBuf,
     /// The initdata.
     #[arg(long)]
-    initdata: PathBuf,
+    pub initdata: PathBuf,
     /// The emulated PSP's directory.
     #[arg(long)]
-    psp_dir: PathBuf,
+    pub psp_dir: PathBuf,
     /// The agent pulls over plain HTTP.
     #[arg(long)]
-    plain_http: bool,
+    pub plain_http: bool,
     /// The image blob cache the agent uses.
     #[arg(long)]
-    image_cache: Option<PathBuf>,
+    pub image_cache: Option<PathBuf>,
     /// Tear down when stdin reaches its end (the foreground `coffer run` went away).
     #[arg(long)]
-    watch_stdin: bool,
+    pub watch_stdin: bool,
+    /// Run the agent in this pod VM (`coffer podvm build --out DIR`) instead of a process
+    /// sandbox.
+    #[arg(long)]
+    pub podvm: Option<PathBuf>,
+    /// The pod VM's accelerator: kvm, tcg, or auto (KVM when a guest runs under it here).
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// The pod VM's memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    /// The pod VM's scratch disk size in MiB (encrypted and integrity-protected in the guest).
+    #[arg(long, default_value_t = 2048)]
+    pub scratch_mib: u64,
 }
 
 /// A sandbox directory.
@@ -214,6 +227,34 @@ pub fn remove_cgroups(name: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until the keeper's stdin ends when `watch` (the foreground `coffer run` went away);
+/// never otherwise.
+pub async fn owner_gone(watch: bool) {
+    if !watch {
+        return std::future::pending::<()>().await;
+    }
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Makes a child die with this keeper (parent-death signal): a keeper killed with SIGKILL
+/// takes the sandbox with it.
+pub fn die_with_keeper(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec and only makes one async-signal-safe
+    // system call (prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// Runs the keeper (`coffer __sandbox`) until the sandbox ends, then tears it down.
 pub fn keep(a: KeeperArgs) -> anyhow::Result<()> {
     check_name(&a.name)?;
@@ -226,6 +267,8 @@ pub fn keep(a: KeeperArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(serve(&a));
+    // A read of stdin may still be pending on the blocking pool; do not wait for it.
+    runtime.shutdown_background();
     // Everything below runs however the sandbox ended.
     let cleaned = SandboxDir {
         dir: a.dir.clone(),
@@ -240,6 +283,9 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.initdata)
         .with_context(|| format!("cannot read {}", a.initdata.display()))?;
     let digest = coffer_wire::initdata::digest(&text)?;
+    if let Some(podvm) = &a.podvm {
+        return crate::vm::serve(a, podvm, &text, &digest).await;
+    }
     // The agent binary is opened now and hashed while the agent starts (see below).
     let binary_file = std::fs::File::open(&a.agent)
         .with_context(|| format!("cannot read {}", a.agent.display()))?;
@@ -318,15 +364,8 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(a.dir.join("agent.log"))?)
         .kill_on_drop(true);
-    // SAFETY: the closure runs between fork and exec and only makes one async-signal-safe
-    // system call (prctl). It ties unshare, and through --kill-child the whole sandbox, to this
-    // keeper: a keeper killed with SIGKILL takes the sandbox with it.
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-                .map_err(std::io::Error::from)
-        });
-    }
+    // unshare, and through --kill-child the whole sandbox, dies with this keeper.
+    die_with_keeper(&mut cmd);
     let mut agent = cmd.spawn().context("cannot start the agent with unshare")?;
     // MEASUREMENT: the binary opened above, hashed while the agent starts up; the PSP answers
     // nothing before it is known.
@@ -344,18 +383,7 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
         }
     }
 
-    let owner_gone = async {
-        if !a.watch_stdin {
-            return std::future::pending::<()>().await;
-        }
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
+    let owner_gone = owner_gone(a.watch_stdin);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
@@ -423,7 +451,10 @@ pub fn measure_agent(file: &std::fs::File, psp_dir: &Path) -> std::io::Result<[u
 
 /// Serves one SOCKS5 CONNECT from the sandbox: connects on the host, logs the destination to
 /// `log`, and relays until either side closes.
-async fn forward(conn: tokio::net::UnixStream, log: &Path) -> anyhow::Result<()> {
+pub async fn forward<S>(conn: S, log: &Path) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use fast_socks5::{
         server::Socks5ServerProtocol, util::target_addr::TargetAddr, ReplyError, Socks5Command,
     };

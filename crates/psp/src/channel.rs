@@ -2,6 +2,8 @@
 //! launcher serves and hands to the guest alone. One JSON line in, one out:
 //! `{"report_data": "<128 hex>"}` → `{"evidence": {…SNP evidence…}}` or `{"error": "…"}`.
 //! The guest supplies only REPORT_DATA; MEASUREMENT and HOST_DATA are what the launcher set.
+//! In a pod VM the channel is a virtio-serial port (a character device the guest opens; QEMU
+//! connects it to the launcher's socket): the same lines, one request at a time.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -49,19 +51,47 @@ pub fn serve(psp: Arc<EmulatedPsp>, listener: UnixListener) {
     }
 }
 
-/// Asks the PSP behind the socket at `path` for evidence carrying `report_data`.
+/// Asks the PSP behind `path` — a unix socket, or a serial port (character device) — for
+/// evidence carrying `report_data`.
 pub fn request_evidence(path: &Path, report_data: &[u8; 64]) -> Result<Value, String> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the PSP at {}: {e}", path.display()))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    use std::os::unix::fs::FileTypeExt;
     let mut req = json!({ "report_data": hex::encode(report_data) }).to_string();
     req.push('\n');
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("PSP channel: {e}"))?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("PSP channel: {e}"))?;
+    let is_port = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device());
+    if is_port {
+        // One user of the port at a time; answers come in order.
+        static PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = PORT.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("cannot open the PSP port {}: {e}", path.display()))?;
+        f.write_all(req.as_bytes())
+            .map_err(|e| format!("PSP channel: {e}"))?;
+        // Byte by byte: nothing past the answer's end is consumed.
+        let mut b = [0u8; 1];
+        let mut bytes = Vec::new();
+        loop {
+            match std::io::Read::read(&mut f, &mut b) {
+                Ok(1) if b[0] == b'\n' => break,
+                Ok(1) => bytes.push(b[0]),
+                Ok(_) => return Err("PSP channel: closed".into()),
+                Err(e) => return Err(format!("PSP channel: {e}")),
+            }
+        }
+        line = String::from_utf8(bytes).map_err(|_| "PSP channel: malformed answer".to_string())?;
+    } else {
+        let mut s = UnixStream::connect(path)
+            .map_err(|e| format!("cannot reach the PSP at {}: {e}", path.display()))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("PSP channel: {e}"))?;
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| format!("PSP channel: {e}"))?;
+    }
     let v: Value =
         serde_json::from_str(&line).map_err(|_| "PSP channel: malformed answer".to_string())?;
     if let Some(e) = v["error"].as_str() {

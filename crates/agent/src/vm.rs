@@ -1,0 +1,391 @@
+//! The agent as a pod VM's init (PID 1). Before serving it boots the guest:
+//!
+//! 1. mounts `/dev` (devtmpfs), `/proc`, `/sys`; loads the kernel modules listed in
+//!    `/etc/coffer/modules` of the (measured) initramfs;
+//! 2. opens the root disk (virtio serial `coffer-root`) through dm-verity with the parameters
+//!    of the measured kernel command line (`coffer.verity=`) and mounts its squashfs read-only;
+//! 3. sets up the scratch disk (`coffer-scratch`): dm-integrity with HMAC-SHA256 tags under a
+//!    key born here, below dm-crypt AES-XTS under a second key born here; neither key leaves the
+//!    guest (both are zeroized once in the kernel). The host sees only ciphertext and tags;
+//!    a block the host changed fails its tag and reads as an I/O error. It is formatted (ext2,
+//!    busybox `mke2fs`) and mounted on `/run/coffer`, where image layers, bundles, container
+//!    root filesystems and their writes live;
+//! 4. reads the launch configuration (`fw_cfg` `opt/coffer/config`: the initdata, checked
+//!    against HOST_DATA like everywhere, and unmeasured options), finds the agent's and the
+//!    PSP's virtio-serial ports, moves into the verity root and mounts cgroup2.
+//!
+//! When the agent ends, the VM powers off.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use rustix::mount::MountFlags;
+use zeroize::Zeroizing;
+
+use crate::dm::{Control, Target};
+
+/// Where the encrypted scratch filesystem is mounted (in the verity root).
+pub const SCRATCH: &str = "/run/coffer";
+
+/// A failed boot step.
+#[derive(Debug, thiserror::Error)]
+#[error("pod VM boot: {0}")]
+pub struct BootError(String);
+
+fn fail(what: impl std::fmt::Display) -> BootError {
+    BootError(what.to_string())
+}
+
+/// What the boot found for the agent.
+#[derive(Debug)]
+pub struct Boot {
+    /// The agent's virtio-serial port.
+    pub agent_port: PathBuf,
+    /// The emulated PSP's virtio-serial port.
+    pub psp_port: PathBuf,
+    /// The initdata (TOML), as the host handed it over.
+    pub initdata: String,
+    /// Pull over plain HTTP (development registries).
+    pub plain_http: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct LaunchConfig {
+    initdata: String,
+    #[serde(default)]
+    plain_http: bool,
+}
+
+fn mount(src: &str, target: &str, fs: &str, flags: MountFlags) -> Result<(), BootError> {
+    std::fs::create_dir_all(target).map_err(|e| fail(format!("mkdir {target}: {e}")))?;
+    rustix::mount::mount(src, target, fs, flags, None)
+        .map_err(|e| fail(format!("cannot mount {fs} on {target}: {e}")))
+}
+
+fn load_modules() -> Result<(), BootError> {
+    let list = std::fs::read_to_string("/etc/coffer/modules")
+        .map_err(|e| fail(format!("/etc/coffer/modules: {e}")))?;
+    for name in list.lines().filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/{name}.ko");
+        let f = std::fs::File::open(&path).map_err(|e| fail(format!("{path}: {e}")))?;
+        match rustix::system::finit_module(&f, c"", 0) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {}
+            // A CPU without AES-NI: the generic AES serves.
+            Err(e) if name == "aesni_intel" => {
+                tracing::info!(error = %e, "aesni_intel not loaded; generic AES")
+            }
+            Err(e) => return Err(fail(format!("cannot load module {name}: {e}"))),
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
+
+/// The block device whose virtio serial is `serial`, waiting for it to appear.
+fn disk(serial: &str) -> Result<PathBuf, BootError> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+                if s.trim() == serial {
+                    let dev = PathBuf::from(format!("/dev/{name}"));
+                    if dev.exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if Instant::now() > until {
+            return Err(fail(format!("no disk with serial {serial}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The virtio-serial port named `name`, waiting for it to appear.
+fn port(name: &str) -> Result<PathBuf, BootError> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                let dev = Path::new("/dev").join(e.file_name());
+                if n.trim() == name && dev.exists() {
+                    return Ok(dev);
+                }
+            }
+        }
+        if Instant::now() > until {
+            return Err(fail(format!("no virtio-serial port {name}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).map(str::to_string))
+}
+
+fn random_hex(n: usize) -> Zeroizing<String> {
+    use rand_core::TryRngCore;
+    let mut b = Zeroizing::new(vec![0u8; n]);
+    rand_core::OsRng
+        .try_fill_bytes(&mut b)
+        .expect("the kernel's random generator");
+    Zeroizing::new(hex::encode(&*b))
+}
+
+fn run_tool(prog: &str, args: &[&str]) -> Result<(), BootError> {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| fail(format!("cannot run {prog}: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "{prog} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Block groups of an ext2 filesystem with 4 KiB blocks (32768 blocks each).
+const GROUP: u64 = 128 << 20;
+
+/// A fresh dm-integrity device has no valid tags: reading a block never written fails. The
+/// filesystem reads only what it wrote, except where `mke2fs` writes less than a block — the
+/// superblock and its backups at the start of block groups — which the kernel completes by
+/// reading the block first. Those regions (the first MiB of every group, and the end of the
+/// device) are written with zeros here, in whole blocks, before `mke2fs` runs.
+fn prezero(dev: &Path, size: u64) -> Result<(), BootError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .map_err(|e| fail(format!("{}: {e}", dev.display())))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut starts: Vec<u64> = (0..size).step_by(GROUP as usize).collect();
+    starts.push(size.saturating_sub(zeros.len() as u64));
+    for at in starts {
+        let n = (size - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)
+            .map_err(|e| fail(format!("cannot initialize {}: {e}", dev.display())))?;
+    }
+    f.sync_all()
+        .map_err(|e| fail(format!("cannot initialize {}: {e}", dev.display())))
+}
+
+/// Sets up the encrypted, integrity-protected scratch disk and mounts it on `target`.
+fn scratch(dm: &Control, dev: &Path, target: &str) -> Result<(), BootError> {
+    let d = dev.display().to_string();
+    // A zeroed superblock makes dm-integrity format the device (whatever the host left there).
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dev)
+            .map_err(|e| fail(format!("{d}: {e}")))?;
+        f.write_all(&[0u8; 8192])
+            .and_then(|()| f.sync_all())
+            .map_err(|e| fail(format!("{d}: {e}")))?;
+    }
+    let mac_key = random_hex(32);
+    let integrity = Zeroizing::new(format!(
+        "{d} 0 32 D 3 internal_hash:hmac(sha256):{} block_size:4096 fix_padding",
+        &*mac_key
+    ));
+    // Formatted on first activation; its status then tells the usable size.
+    dm.create(
+        "coffer-integrity",
+        Target {
+            sectors: 8,
+            kind: "integrity",
+            params: &integrity,
+        },
+        false,
+    )
+    .map_err(fail)?;
+    let status = dm.status("coffer-integrity").map_err(fail)?;
+    dm.remove("coffer-integrity").map_err(fail)?;
+    let sectors: u64 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| fail(format!("dm-integrity status {status:?}")))?;
+    let sectors = sectors / 8 * 8;
+    let inner = dm
+        .create(
+            "coffer-integrity",
+            Target {
+                sectors,
+                kind: "integrity",
+                params: &integrity,
+            },
+            false,
+        )
+        .map_err(fail)?;
+    drop(integrity);
+    drop(mac_key);
+    let key = random_hex(64);
+    let crypt = Zeroizing::new(format!(
+        "aes-xts-plain64 {} 0 {} 0 1 sector_size:4096",
+        &*key,
+        inner.display()
+    ));
+    let outer = dm
+        .create(
+            "coffer-scratch",
+            Target {
+                sectors,
+                kind: "crypt",
+                params: &crypt,
+            },
+            false,
+        )
+        .map_err(fail)?;
+    drop(crypt);
+    drop(key);
+    let o = outer.display().to_string();
+    prezero(&outer, sectors * 512)?;
+    run_tool(
+        "/sysroot/bin/busybox",
+        &["mke2fs", "-F", "-b", "4096", "-i", "65536", "-m", "0", &o],
+    )?;
+    mount(&o, target, "ext4", MountFlags::NODEV)?;
+    Ok(())
+}
+
+/// Boots the guest (see the module documentation). Runs as PID 1 of the pod VM.
+pub fn boot() -> Result<Boot, BootError> {
+    let t0 = Instant::now();
+    mount("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID)?;
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+    )?;
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+    )?;
+    load_modules()?;
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "modules loaded");
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| fail(format!("/proc/cmdline: {e}")))?;
+    let verity = cmdline_value(&cmdline, "coffer.verity=")
+        .ok_or_else(|| fail("no coffer.verity= on the kernel command line"))?;
+    let params = coffer_podvm::verity::VerityParams::parse(&verity).map_err(fail)?;
+    let dm = Control::open().map_err(fail)?;
+    let root_disk = disk("coffer-root")?;
+    let root = dm
+        .create(
+            "coffer-root",
+            Target {
+                sectors: params.sectors(),
+                kind: "verity",
+                params: &params.table(&root_disk.display().to_string()),
+            },
+            true,
+        )
+        .map_err(fail)?;
+    mount(
+        &root.display().to_string(),
+        "/sysroot",
+        "squashfs",
+        MountFlags::RDONLY | MountFlags::NODEV,
+    )?;
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "verity root mounted");
+
+    mount(
+        "tmpfs",
+        "/sysroot/run",
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+    )
+    .and_then(|()| {
+        mount(
+            "tmpfs",
+            "/sysroot/tmp",
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+        )
+    })?;
+    let scratch_disk = disk("coffer-scratch")?;
+    scratch(&dm, &scratch_disk, &format!("/sysroot{SCRATCH}"))?;
+    tracing::info!(
+        ms = t0.elapsed().as_millis() as u64,
+        "encrypted scratch mounted"
+    );
+
+    let raw = std::fs::read(format!(
+        "/sys/firmware/qemu_fw_cfg/by_name/{}/raw",
+        coffer_podvm::launch::CONFIG_FW_CFG
+    ))
+    .map_err(|e| fail(format!("the launch configuration (fw_cfg): {e}")))?;
+    let config: LaunchConfig =
+        serde_json::from_slice(&raw).map_err(|e| fail(format!("the launch configuration: {e}")))?;
+    let agent_port = port(coffer_podvm::launch::AGENT_PORT)?;
+    let psp_port = port(coffer_podvm::launch::PSP_PORT)?;
+
+    // Into the verity root.
+    for m in ["dev", "proc", "sys"] {
+        rustix::mount::mount_move(format!("/{m}"), format!("/sysroot/{m}"))
+            .map_err(|e| fail(format!("cannot move /{m}: {e}")))?;
+    }
+    std::env::set_current_dir("/sysroot").map_err(|e| fail(format!("chdir /sysroot: {e}")))?;
+    rustix::mount::mount_move(".", "/").map_err(|e| fail(format!("cannot move the root: {e}")))?;
+    rustix::process::chroot(".").map_err(|e| fail(format!("chroot: {e}")))?;
+    std::env::set_current_dir("/").map_err(|e| fail(format!("chdir /: {e}")))?;
+    mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+    )?;
+    // The agent's HTTP clients reach the host's forwarder through a loopback listener.
+    run_tool("/bin/busybox", &["ip", "link", "set", "lo", "up"])?;
+    // Where the programs the agent starts (runc) are found.
+    std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "booted");
+    Ok(Boot {
+        agent_port,
+        psp_port,
+        initdata: config.initdata,
+        plain_http: config.plain_http,
+    })
+}
+
+/// Flushes the disks and powers the VM off.
+pub fn power_off() -> ! {
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
+    // Not reached as PID 1 with CAP_SYS_BOOT; exiting makes the kernel panic and the VM stop.
+    std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_values() {
+        let c = "console=ttyS0 quiet coffer.verity=2,aa,bb rdinit=/init";
+        assert_eq!(
+            cmdline_value(c, "coffer.verity=").as_deref(),
+            Some("2,aa,bb")
+        );
+        assert_eq!(cmdline_value(c, "coffer.none="), None);
+    }
+}

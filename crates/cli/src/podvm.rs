@@ -1,0 +1,68 @@
+//! `coffer podvm build`: builds a pod VM image (see `coffer_podvm::build`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// `coffer podvm` arguments.
+#[derive(Args)]
+pub struct PodvmArgs {
+    #[command(subcommand)]
+    command: PodvmCommand,
+}
+
+#[derive(Subcommand)]
+enum PodvmCommand {
+    /// Build a pod VM (kernel, initrd with the agent, dm-verity root, measurements.json) from
+    /// Debian packages; the same inputs give the same bytes.
+    Build {
+        /// The output directory (replaced once the build succeeded).
+        #[arg(long)]
+        out: PathBuf,
+        /// The agent binary [default: coffer-agent beside this program].
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Use the Debian package files in DIR instead of downloading them.
+        #[arg(long)]
+        debs: Option<PathBuf>,
+        /// Where downloaded package files are kept (and reused) [default: ~/.cache/coffer/debs].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+}
+
+/// The default package cache.
+fn default_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("coffer/debs")
+}
+
+/// Runs `coffer podvm`.
+pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
+    match a.command {
+        PodvmCommand::Build {
+            out,
+            agent,
+            debs,
+            cache,
+        } => {
+            let agent = crate::measure::agent_path(&agent)?;
+            let manifest = coffer_podvm::build::build(&coffer_podvm::build::BuildOptions {
+                out: out.clone(),
+                agent,
+                debs,
+                cache: cache.unwrap_or_else(default_cache),
+            })?;
+            eprintln!(
+                "coffer: pod VM in {} (measurement {}, verity root {})",
+                out.display(),
+                manifest["measurement"]["emulated"].as_str().unwrap_or(""),
+                manifest["verity"]["root_hash"].as_str().unwrap_or("")
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The keeper of a pod VM sandbox (`coffer run --sandbox vm`): QEMU instead of `unshare`.
+//!
+//! The keeper computes the launch measurement from the kernel, initrd and command line it hands
+//! to QEMU and gives it to the emulated PSP with HOST_DATA = the initdata digest; the PSP's
+//! channel is a virtio-serial port of this VM alone (`psp-chan.sock`, QEMU connects). The
+//! agent's port (`agent-chan.sock`) carries, multiplexed (`coffer_podvm::mux`), the API
+//! connections the keeper accepts on `agent.sock` once the agent said it serves, and the
+//! guest's outbound connections (SOCKS5, each destination logged to `egress.log`). The VM has
+//! no network device. `scratch.img` is the guest's scratch disk, which the guest encrypts and
+//! integrity-protects; `agent.log` is the VM's console (kernel and agent). QEMU dies with the
+//! keeper (parent-death signal); the sandbox ends when QEMU does (the agent powers the VM off
+//! after DestroySandbox).
+
+use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context};
+use coffer_podvm::{mux, Accel, Launch, PodVm, Tee};
+use tokio::io::AsyncReadExt;
+
+use crate::sandbox::{die_with_keeper, forward, owner_gone, KeeperArgs};
+
+/// Whether a KVM guest runs here: a 64 KiB firmware whose reset vector writes to QEMU's
+/// isa-debug-exit port must make QEMU exit with status 3 within two seconds.
+pub async fn kvm_works(dir: &Path) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let mut fw = vec![0u8; 65536];
+    // At 0xfffffff0: mov al, 1; out 0xf4, al; hlt; jmp $-1.
+    fw[0xfff0..0xfff7].copy_from_slice(&[0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
+    let path = dir.join("kvm-probe.fd");
+    if std::fs::write(&path, &fw).is_err() {
+        return false;
+    }
+    let child = tokio::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "kvm",
+            "-machine",
+            "q35",
+            "-nodefaults",
+            "-nographic",
+            "-display",
+            "none",
+        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let ok = match child {
+        Ok(mut c) => matches!(
+            tokio::time::timeout(Duration::from_secs(2), c.wait()).await,
+            Ok(Ok(s)) if s.code() == Some(3)
+        ),
+        Err(_) => false,
+    };
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+/// Runs the pod VM until it ends (or the keeper is asked to stop).
+pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> anyhow::Result<()> {
+    let vm = PodVm::open(podvm)?;
+    let measured = {
+        let vm = vm.clone();
+        tokio::task::spawn_blocking(move || vm.measurement()).await??
+    };
+    let mut host_data = [0u8; 32];
+    host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
+    let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
+    psp.set_launch(coffer_psp::Launch {
+        measurement: measured,
+        host_data,
+        ..coffer_psp::Launch::default()
+    });
+    let psp_chan = a.dir.join("psp-chan.sock");
+    let psp_listener = std::os::unix::net::UnixListener::bind(&psp_chan)
+        .with_context(|| format!("cannot listen on {}", psp_chan.display()))?;
+    let psp = Arc::new(psp);
+    std::thread::spawn(move || coffer_psp::channel::serve(psp, psp_listener));
+
+    let agent_chan = a.dir.join("agent-chan.sock");
+    let chan = tokio::net::UnixListener::bind(&agent_chan)
+        .with_context(|| format!("cannot listen on {}", agent_chan.display()))?;
+    let scratch = a.dir.join("scratch.img");
+    std::fs::File::create(&scratch)
+        .and_then(|f| f.set_len(a.scratch_mib << 20))
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let config = a.dir.join("launch.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "initdata": text, "plain_http": a.plain_http }).to_string(),
+    )?;
+    let accel = match a.accel.as_str() {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        "auto" if kvm_works(&a.dir).await => Accel::Kvm,
+        "auto" => Accel::Tcg,
+        other => bail!("--accel {other}: use kvm, tcg or auto"),
+    };
+    tracing::info!(?accel, measurement = %hex::encode(measured), "starting the pod VM");
+    let launch = Launch {
+        vm,
+        scratch,
+        agent_channel: agent_chan,
+        psp_channel: psp_chan,
+        console: a.dir.join("agent.log"),
+        config,
+        memory_mib: a.memory,
+        cpus: 2,
+        accel,
+        tee: Tee::Emulated,
+    };
+    let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+    cmd.args(launch.qemu_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(a.dir.join("qemu.log"))?)
+        .kill_on_drop(true);
+    die_with_keeper(&mut cmd);
+    let mut qemu = cmd
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+
+    let conn = tokio::select! {
+        c = chan.accept() => c?.0,
+        s = qemu.wait() => bail!("QEMU exited ({s:?}): {}", qemu_error(&a.dir)),
+    };
+    let (opener, mut inbound) = mux::start(conn, mux::Side::Host);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let egress_log = a.dir.join("egress.log");
+    tokio::spawn(async move {
+        while let Some(mut s) = inbound.recv().await {
+            let log = egress_log.clone();
+            let ready = ready_tx.clone();
+            tokio::spawn(async move {
+                let mut tag = [0u8; 1];
+                if s.read_exact(&mut tag).await.is_err() {
+                    return;
+                }
+                match tag[0] {
+                    mux::GUEST_READY => {
+                        let _ = ready.send(()).await;
+                    }
+                    mux::GUEST_EGRESS => {
+                        if let Err(e) = forward(s, &log).await {
+                            tracing::info!(error = %e, "a forwarded connection failed");
+                        }
+                    }
+                    t => tracing::warn!(tag = t, "the guest opened a stream of unknown kind"),
+                }
+            });
+        }
+    });
+
+    let watch = owner_gone(a.watch_stdin);
+    tokio::pin!(watch);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // Until the agent serves, nothing is accepted on agent.sock (it does not exist yet).
+    tokio::select! {
+        r = ready_rx.recv() => if r.is_none() { bail!("the agent channel closed") },
+        s = qemu.wait() => bail!(
+            "the pod VM stopped before its agent served ({s:?}): {} {}",
+            qemu_error(&a.dir),
+            last_line(&a.dir.join("agent.log"))
+        ),
+        _ = &mut watch => { tracing::info!("the launcher went away"); return stop(&mut qemu).await }
+        _ = term.recv() => return stop(&mut qemu).await,
+        _ = int.recv() => return stop(&mut qemu).await,
+    }
+    let sock = a.dir.join("agent.sock");
+    let tmp = a.dir.join("agent.sock.tmp");
+    let api = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, &sock)?;
+    tracing::info!("the agent serves");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = api.accept().await {
+            let opener = opener.clone();
+            tokio::spawn(async move {
+                match opener.open().await {
+                    Ok(mut s) => {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                    Err(e) => tracing::info!(error = %e, "the agent channel is gone"),
+                }
+            });
+        }
+    });
+    tokio::select! {
+        s = qemu.wait() => {
+            tracing::info!(status = ?s, "the pod VM stopped");
+            return Ok(());
+        }
+        _ = &mut watch => tracing::info!("the launcher went away"),
+        _ = term.recv() => tracing::info!("asked to stop"),
+        _ = int.recv() => tracing::info!("interrupted"),
+    }
+    stop(&mut qemu).await
+}
+
+async fn stop(qemu: &mut tokio::process::Child) -> anyhow::Result<()> {
+    let _ = qemu.start_kill();
+    let _ = qemu.wait().await;
+    Ok(())
+}
+
+/// The last line QEMU wrote to its error output.
+fn qemu_error(dir: &Path) -> String {
+    last_line(&dir.join("qemu.log"))
+}
+
+fn last_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,475 @@
+//! `coffer podvm build`: a pod VM image from Debian packages and the agent binary.
+//!
+//! * `vmlinuz` — the kernel of `linux-image-cloud-amd64`.
+//! * `initrd.img` — `/init` is `coffer-agent` (debug info stripped) with the C libraries it links
+//!   (`libc6`, `libgcc-s1`) and the kernel modules it loads (virtio, device-mapper targets,
+//!   squashfs, fw_cfg, AES-XTS), listed in load order in `/etc/coffer/modules`.
+//! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
+//!   `libseccomp2`, `libc6`, `busybox-static` and the CA bundle of `ca-certificates` (the
+//!   Mozilla roots, concatenated in name order), followed by its dm-verity hash tree.
+//! * `cmdline` — the kernel command line; `coffer.verity=` carries the root hash.
+//! * `measurements.json` — the inputs (package files and their SHA-256), the outputs' SHA-256,
+//!   the verity parameters and the emulated launch measurement.
+//!
+//! Builds are reproducible: the same package files and agent give the same bytes (sorted
+//! entries, fixed owners and times, a content-derived verity salt, no host paths). Package files
+//! come from `--debs DIR` when given, else `apt-get download` into the cache directory, which
+//! then pins them for later builds.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::json;
+
+use crate::{
+    initrd::{Initrd, Node},
+    launch::{launch_digest, sha256_file},
+    verity,
+};
+
+/// The Debian packages a pod VM is made of (the kernel's meta package names the kernel).
+pub const PACKAGES: &[&str] = &[
+    "linux-image-cloud-amd64",
+    "libc6",
+    "libgcc-s1",
+    "runc",
+    "libseccomp2",
+    "busybox-static",
+    "ca-certificates",
+];
+
+/// Kernel modules the agent loads at boot (their dependencies are added, in order).
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "qemu_fw_cfg",
+    "squashfs",
+    "dm_verity",
+    "dm_integrity",
+    "dm_crypt",
+    "xts",
+    "aesni_intel",
+];
+
+/// The kernel command line, without the verity parameters.
+pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init";
+
+/// What to build from.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The output directory (replaced as a whole once the build succeeded).
+    pub out: PathBuf,
+    /// The agent binary.
+    pub agent: PathBuf,
+    /// Package files to use; when `None`, downloaded into `cache`.
+    pub debs: Option<PathBuf>,
+    /// Where downloaded package files are kept.
+    pub cache: PathBuf,
+}
+
+/// A failed build.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A tool failed.
+    #[error("{tool} failed: {detail}")]
+    Tool {
+        /// The command.
+        tool: String,
+        /// Its error output.
+        detail: String,
+    },
+    /// A package or file is missing.
+    #[error("{0}")]
+    Missing(String),
+    /// I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
+    let what = what.into();
+    move |source| BuildError::Io { what, source }
+}
+
+fn run(cmd: &mut Command) -> Result<Vec<u8>, BuildError> {
+    let tool = format!("{:?}", cmd.get_program());
+    let out = cmd.output().map_err(|e| BuildError::Tool {
+        tool: tool.clone(),
+        detail: format!("cannot run it: {e} (is it installed?)"),
+    })?;
+    if !out.status.success() {
+        return Err(BuildError::Tool {
+            tool,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// The package file of `name` in `dir` (`NAME_VERSION_ARCH.deb`), if any; the newest by name
+/// when several are there.
+fn find_deb(dir: &Path, name: &str) -> Option<PathBuf> {
+    let prefix = format!("{name}_");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn deb(o: &BuildOptions, name: &str) -> Result<PathBuf, BuildError> {
+    let dir = o.debs.as_ref().unwrap_or(&o.cache);
+    if let Some(p) = find_deb(dir, name) {
+        return Ok(p);
+    }
+    if o.debs.is_some() {
+        return Err(BuildError::Missing(format!(
+            "no {name}_*.deb in {}",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    tracing::info!(package = name, "downloading");
+    run(Command::new("apt-get")
+        .args(["download", "-q", name])
+        .current_dir(dir))?;
+    find_deb(dir, name)
+        .ok_or_else(|| BuildError::Missing(format!("apt-get download {name} left no package file")))
+}
+
+/// Resolves a symbolic link inside an extracted tree (absolute targets stay inside `root`).
+fn resolve_in(root: &Path, rel: &str) -> Result<PathBuf, BuildError> {
+    let mut rel = PathBuf::from(rel.trim_start_matches('/'));
+    for _ in 0..16 {
+        let p = root.join(&rel);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let t = std::fs::read_link(&p).map_err(io(p.display().to_string()))?;
+                rel = if t.is_absolute() {
+                    t.strip_prefix("/").unwrap_or(&t).to_path_buf()
+                } else {
+                    rel.parent().unwrap_or(Path::new("")).join(t)
+                };
+            }
+            Ok(_) => return Ok(p),
+            Err(e) => return Err(io(format!("{} in a package", rel.display()))(e)),
+        }
+    }
+    Err(BuildError::Missing(format!(
+        "{}: too many links",
+        rel.display()
+    )))
+}
+
+fn modinfo_field(ko: &[u8], field: &str) -> Vec<String> {
+    let key = format!("{field}=");
+    ko.split(|&b| b == 0)
+        .filter_map(|s| std::str::from_utf8(s).ok())
+        .filter_map(|s| s.strip_prefix(&key))
+        .flat_map(|v| {
+            v.replace("pre:", " ")
+                .replace("post:", " ")
+                .replace(',', " ")
+                .split_whitespace()
+                .map(|m| m.replace('-', "_"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The modules to load, dependencies first: (name, file content).
+fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+    fn walk(d: &Path, into: &mut BTreeMap<String, PathBuf>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(d)? {
+            let e = e?;
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                walk(&p, into)?;
+            } else if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
+                if let Some(stem) = n.strip_suffix(".ko") {
+                    into.insert(stem.replace('-', "_"), p.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut files = BTreeMap::new();
+    walk(moddir, &mut files).map_err(io(format!("cannot list {}", moddir.display())))?;
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut done = BTreeSet::new();
+    fn visit(
+        name: &str,
+        files: &BTreeMap<String, PathBuf>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<(String, Vec<u8>)>,
+        depth: usize,
+    ) -> Result<(), BuildError> {
+        if done.contains(name) || depth > 32 {
+            return Ok(());
+        }
+        // Not a module file: built into the kernel.
+        let Some(path) = files.get(name) else {
+            return Ok(());
+        };
+        let ko = std::fs::read(path).map_err(io(path.display().to_string()))?;
+        for dep in modinfo_field(&ko, "depends")
+            .into_iter()
+            .chain(modinfo_field(&ko, "softdep"))
+        {
+            visit(&dep, files, done, order, depth + 1)?;
+        }
+        done.insert(name.to_string());
+        order.push((name.to_string(), ko));
+        Ok(())
+    }
+    for m in MODULES {
+        if !files.contains_key(*m) {
+            return Err(BuildError::Missing(format!(
+                "the kernel package has no module {m}"
+            )));
+        }
+        visit(m, &files, &mut done, &mut order, 0)?;
+    }
+    Ok(order)
+}
+
+/// Builds the pod VM into `o.out`; returns the content of `measurements.json`.
+pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
+    let parent = o
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(format!("cannot create {}", parent.display())))?;
+    let work = tempfile::Builder::new()
+        .prefix(".podvm-build-")
+        .tempdir_in(parent)
+        .map_err(io(format!(
+            "cannot create a build directory in {}",
+            parent.display()
+        )))?;
+    let stage = work.path().join("out");
+    std::fs::create_dir(&stage).map_err(io("cannot create the staging directory"))?;
+
+    // Packages: resolve, record, extract.
+    let meta = deb(o, PACKAGES[0])?;
+    let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&meta)
+        .arg("Depends"))?)
+    .to_string();
+    let kernel_pkg = depends
+        .split([',', ' ', '|'])
+        .find(|d| d.starts_with("linux-image-"))
+        .ok_or_else(|| BuildError::Missing(format!("{} names no kernel", meta.display())))?
+        .to_string();
+    let mut inputs = BTreeMap::new();
+    let mut trees = BTreeMap::new();
+    for name in std::iter::once(kernel_pkg.as_str()).chain(PACKAGES[1..].iter().copied()) {
+        let file = deb(o, name)?;
+        let digest = sha256_file(&file).map_err(io(file.display().to_string()))?;
+        inputs.insert(
+            file.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string(),
+            hex::encode(digest),
+        );
+        let dir = work.path().join("pkg").join(name);
+        std::fs::create_dir_all(&dir).map_err(io("cannot create a package directory"))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&file).arg(&dir))?;
+        trees.insert(name.to_string(), dir);
+    }
+    let kernel_tree = &trees[&kernel_pkg];
+    let boot = kernel_tree.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .map_err(io(format!("{} in {kernel_pkg}", boot.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| BuildError::Missing(format!("{kernel_pkg} has no /boot/vmlinuz-*")))?;
+    let release = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_string();
+    std::fs::copy(&vmlinuz, stage.join("vmlinuz")).map_err(io("cannot copy the kernel"))?;
+
+    // The initramfs: the agent as /init, its libraries, the modules.
+    let mut initrd = Initrd::default();
+    let stripped = work.path().join("coffer-agent");
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&o.agent)
+        .arg(&stripped))?;
+    let agent = std::fs::read(&stripped).map_err(io("the stripped agent"))?;
+    initrd.add("init", Node::File(agent, 0o755));
+    let libs: [(&str, &str); 4] = [
+        ("libc6", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        ("libc6", "lib/x86_64-linux-gnu/libc.so.6"),
+        ("libc6", "lib/x86_64-linux-gnu/libm.so.6"),
+        ("libgcc-s1", "lib/x86_64-linux-gnu/libgcc_s.so.1"),
+    ];
+    for (pkg, path) in libs {
+        let file = resolve_in(&trees[pkg], path)?;
+        let bytes = std::fs::read(&file).map_err(io(file.display().to_string()))?;
+        initrd.add(path, Node::File(bytes, 0o755));
+    }
+    initrd.add(
+        "lib64/ld-linux-x86-64.so.2",
+        Node::Symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".into()),
+    );
+    let mods = modules(
+        &kernel_tree
+            .join("lib/modules")
+            .join(&release)
+            .join("kernel"),
+    )?;
+    let mut list = String::new();
+    for (name, ko) in &mods {
+        list.push_str(name);
+        list.push('\n');
+        initrd.add(
+            &format!("lib/modules/{name}.ko"),
+            Node::File(ko.clone(), 0o644),
+        );
+    }
+    initrd.add("etc/coffer/modules", Node::File(list.into_bytes(), 0o644));
+    for d in ["dev", "proc", "sys", "sysroot", "run", "tmp"] {
+        initrd.add(d, Node::Dir);
+    }
+    let initrd_file = File::create(stage.join("initrd.img")).map_err(io("initrd.img"))?;
+    initrd
+        .write(std::io::BufWriter::new(initrd_file))
+        .and_then(|mut w| std::io::Write::flush(&mut w))
+        .map_err(io("cannot write initrd.img"))?;
+
+    // The root filesystem.
+    let root = work.path().join("root");
+    for d in [
+        "dev", "proc", "sys", "run", "tmp", "etc", "usr/sbin", "bin", "lib64",
+    ] {
+        std::fs::create_dir_all(root.join(d)).map_err(io("cannot stage the root"))?;
+    }
+    let copy = |pkg: &str, rel: &str| -> Result<(), BuildError> {
+        let from = resolve_in(&trees[pkg], rel)?;
+        let to = root.join(rel);
+        if let Some(p) = to.parent() {
+            std::fs::create_dir_all(p).map_err(io("cannot stage the root"))?;
+        }
+        std::fs::copy(&from, &to).map_err(io(format!("cannot stage {rel}")))?;
+        Ok(())
+    };
+    copy("runc", "usr/sbin/runc")?;
+    copy("busybox-static", "bin/busybox")?;
+    for (pkg, path) in libs {
+        copy(pkg, path)?;
+    }
+    let seccomp_dir = trees["libseccomp2"].join("usr/lib/x86_64-linux-gnu");
+    let seccomp = std::fs::read_dir(&seccomp_dir)
+        .map_err(io(format!("{}", seccomp_dir.display())))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .find(|n| n.starts_with("libseccomp.so.2"))
+        .ok_or_else(|| BuildError::Missing("libseccomp2 has no libseccomp.so.2".into()))?;
+    let from = resolve_in(
+        &trees["libseccomp2"],
+        &format!("usr/lib/x86_64-linux-gnu/{seccomp}"),
+    )?;
+    std::fs::copy(&from, root.join("lib/x86_64-linux-gnu/libseccomp.so.2"))
+        .map_err(io("cannot stage libseccomp"))?;
+    std::os::unix::fs::symlink(
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        root.join("lib64/ld-linux-x86-64.so.2"),
+    )
+    .map_err(io("cannot stage the loader link"))?;
+    // The CA bundle update-ca-certificates would make: every Mozilla root, in name order.
+    let mozilla = trees["ca-certificates"].join("usr/share/ca-certificates/mozilla");
+    let mut certs: Vec<PathBuf> = std::fs::read_dir(&mozilla)
+        .map_err(io(format!("{}", mozilla.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    certs.sort();
+    let mut bundle = Vec::new();
+    for c in &certs {
+        bundle.extend(std::fs::read(c).map_err(io(c.display().to_string()))?);
+        if !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+    }
+    std::fs::create_dir_all(root.join("etc/ssl/certs")).map_err(io("cannot stage the root"))?;
+    std::fs::write(root.join("etc/ssl/certs/ca-certificates.crt"), bundle)
+        .map_err(io("cannot stage the CA bundle"))?;
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")
+        .map_err(io("cannot stage /etc/passwd"))?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").map_err(io("cannot stage /etc/group"))?;
+    let root_img = stage.join("root.img");
+    run(Command::new("mksquashfs").arg(&root).arg(&root_img).args([
+        "-noappend",
+        "-no-progress",
+        "-quiet",
+        "-all-root",
+        "-no-xattrs",
+        "-mkfs-time",
+        "0",
+        "-all-time",
+        "0",
+        "-comp",
+        "zstd",
+    ]))?;
+    let mut img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&root_img)
+        .map_err(io("root.img"))?;
+    let params = verity::append_hash_tree(&mut img).map_err(io("cannot write the hash tree"))?;
+    drop(img);
+
+    let cmdline = format!("{CMDLINE} coffer.verity={params}");
+    std::fs::write(stage.join("cmdline"), format!("{cmdline}\n")).map_err(io("cmdline"))?;
+    let k = sha256_file(&stage.join("vmlinuz")).map_err(io("vmlinuz"))?;
+    let i = sha256_file(&stage.join("initrd.img")).map_err(io("initrd.img"))?;
+    let r = sha256_file(&root_img).map_err(io("root.img"))?;
+    let measurement = launch_digest(&k, &i, &cmdline);
+    let manifest = json!({
+        "inputs": { "packages": inputs, "agent": hex::encode(sha256_file(&o.agent).map_err(io("the agent"))?) },
+        "kernel_release": release,
+        "modules": mods.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        "sha256": { "vmlinuz": hex::encode(k), "initrd.img": hex::encode(i), "root.img": hex::encode(r) },
+        "cmdline": cmdline,
+        "verity": { "data_blocks": params.data_blocks, "root_hash": hex::encode(params.root_hash), "salt": hex::encode(params.salt) },
+        "measurement": { "emulated": hex::encode(measurement) },
+    });
+    let mut text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
+    text.push('\n');
+    std::fs::write(stage.join("measurements.json"), text).map_err(io("measurements.json"))?;
+
+    // Into place: the old output (if any) is moved aside first, then removed.
+    if o.out.exists() {
+        let old = work.path().join("old");
+        std::fs::rename(&o.out, &old).map_err(io(format!("cannot replace {}", o.out.display())))?;
+    }
+    std::fs::rename(&stage, &o.out).map_err(io(format!("cannot create {}", o.out.display())))?;
+    Ok(manifest)
+}

@@ -1,0 +1,295 @@
+//! Launching a pod VM: its files, its launch measurement and the QEMU command line.
+//!
+//! **Measurement (emulated TEE).** The emulated PSP reports
+//! `MEASUREMENT = SHA-384("coffer pod VM launch v1\0" ‖ SHA-256(kernel) ‖ SHA-256(initrd) ‖
+//! SHA-256(cmdline ‖ NUL))`, computed by the launcher from the very files it hands to QEMU.
+//! The three SHA-256 digests are the ones AMD's measured direct boot puts in OVMF's hashes table
+//! (and TDX's TDVF measures the same three into RTMR[1]/[2]); `docs/podvm.md` says how they map
+//! to a real SNP launch digest and TDX MRTD/RTMRs. The dm-verity root hash is on the command
+//! line, so the measurement covers the root filesystem too.
+
+use std::{
+    ffi::OsString,
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256, Sha384};
+
+/// A built pod VM (the output of `coffer podvm build`).
+#[derive(Clone, Debug)]
+pub struct PodVm {
+    /// The kernel (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// The initramfs (`initrd.img`): the agent, its libraries and the kernel modules it loads.
+    pub initrd: PathBuf,
+    /// The read-only root image with its dm-verity hash tree (`root.img`).
+    pub root: PathBuf,
+    /// The kernel command line (`cmdline`), carrying the verity root hash.
+    pub cmdline: String,
+}
+
+/// A pod VM directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A file is missing or unreadable.
+    #[error("pod VM {path}: {source} (build one with `coffer podvm build --out DIR`)")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
+    move |source| LaunchError::Read {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl PodVm {
+    /// The pod VM in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, LaunchError> {
+        let cmdline_path = dir.join("cmdline");
+        let cmdline = std::fs::read_to_string(&cmdline_path).map_err(read_err(&cmdline_path))?;
+        let vm = Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            root: dir.join("root.img"),
+            cmdline: cmdline.trim_end_matches('\n').to_string(),
+        };
+        for p in [&vm.kernel, &vm.initrd, &vm.root] {
+            std::fs::metadata(p).map_err(read_err(p))?;
+        }
+        Ok(vm)
+    }
+
+    /// The launch measurement of this kernel, initrd and command line.
+    pub fn measurement(&self) -> Result<[u8; 48], LaunchError> {
+        let k = sha256_file(&self.kernel).map_err(read_err(&self.kernel))?;
+        let i = sha256_file(&self.initrd).map_err(read_err(&self.initrd))?;
+        Ok(launch_digest(&k, &i, &self.cmdline))
+    }
+}
+
+/// SHA-256 of a file's content.
+pub fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// The emulated launch measurement from the kernel's and initrd's SHA-256 and the command line.
+pub fn launch_digest(
+    kernel_sha256: &[u8; 32],
+    initrd_sha256: &[u8; 32],
+    cmdline: &str,
+) -> [u8; 48] {
+    let mut c = Sha256::new();
+    c.update(cmdline.as_bytes());
+    c.update([0u8]);
+    let mut h = Sha384::new();
+    h.update(b"coffer pod VM launch v1\0");
+    h.update(kernel_sha256);
+    h.update(initrd_sha256);
+    h.update(c.finalize());
+    h.finalize().into()
+}
+
+/// How QEMU runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// The TEE the guest is launched in.
+#[derive(Clone, Debug)]
+pub enum Tee {
+    /// No hardware TEE: the launcher's emulated PSP, reached over its own serial port.
+    Emulated,
+    /// AMD SEV-SNP with measured direct boot: HOST_DATA = the initdata digest. Untested here.
+    SevSnp {
+        /// The SNP-capable firmware (OVMF built for SEV, `OVMF.amdsev.fd`).
+        firmware: PathBuf,
+        /// HOST_DATA.
+        host_data: [u8; 32],
+    },
+    /// Intel TDX: MRCONFIGID = the initdata digest (SHA-384 fills it). Untested here.
+    Tdx {
+        /// TDVF (`OVMF.fd` built for TDX).
+        firmware: PathBuf,
+        /// MRCONFIGID.
+        mrconfigid: [u8; 48],
+    },
+}
+
+/// Everything one pod VM launch needs.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The image.
+    pub vm: PodVm,
+    /// The scratch disk (raw; encrypted and integrity-protected by the guest).
+    pub scratch: PathBuf,
+    /// Unix socket the keeper listens on for the agent channel (QEMU connects).
+    pub agent_channel: PathBuf,
+    /// Unix socket the keeper listens on for the emulated PSP (QEMU connects).
+    pub psp_channel: PathBuf,
+    /// The guest's console output (kernel and agent log).
+    pub console: PathBuf,
+    /// The launch configuration file handed to the guest (`fw_cfg` `opt/coffer/config`).
+    pub config: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// KVM or TCG.
+    pub accel: Accel,
+    /// The TEE.
+    pub tee: Tee,
+}
+
+/// The name of the agent's virtio-serial port in the guest.
+pub const AGENT_PORT: &str = "coffer.agent";
+/// The name of the emulated PSP's virtio-serial port in the guest.
+pub const PSP_PORT: &str = "coffer.psp";
+/// The `fw_cfg` file carrying the launch configuration (initdata and options; not measured,
+/// the initdata is checked against HOST_DATA).
+pub const CONFIG_FW_CFG: &str = "opt/coffer/config";
+
+impl Launch {
+    /// The arguments of `qemu-system-x86_64`.
+    pub fn qemu_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        let p = |p: &Path| p.display().to_string();
+        push("-nodefaults");
+        push("-nographic");
+        push("-no-user-config");
+        push("-no-reboot");
+        push("-m");
+        push(&format!("{}M", self.memory_mib));
+        push("-smp");
+        push(&self.cpus.to_string());
+        match &self.tee {
+            Tee::Emulated => {
+                push("-machine");
+                push("q35");
+            }
+            Tee::SevSnp {
+                firmware,
+                host_data,
+            } => {
+                use base64::Engine;
+                let hd = base64::engine::general_purpose::STANDARD.encode(host_data);
+                push("-machine");
+                push("q35,confidential-guest-support=sev0,memory-backend=ram0");
+                push("-object");
+                push(&format!(
+                    "memory-backend-memfd,id=ram0,size={}M,share=true",
+                    self.memory_mib
+                ));
+                push("-object");
+                push(&format!(
+                    "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data={hd}"
+                ));
+                push("-bios");
+                push(&p(firmware));
+            }
+            Tee::Tdx {
+                firmware,
+                mrconfigid,
+            } => {
+                use base64::Engine;
+                let id = base64::engine::general_purpose::STANDARD.encode(mrconfigid);
+                push("-machine");
+                push("q35,confidential-guest-support=tdx0,kernel-irqchip=split");
+                push("-object");
+                push(&format!("tdx-guest,id=tdx0,mrconfigid={id}"));
+                push("-bios");
+                push(&p(firmware));
+            }
+        }
+        match self.accel {
+            Accel::Kvm => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accel::Tcg => {
+                push("-accel");
+                push("tcg");
+                push("-cpu");
+                push("max");
+            }
+        }
+        push("-kernel");
+        push(&p(&self.vm.kernel));
+        push("-initrd");
+        push(&p(&self.vm.initrd));
+        push("-append");
+        push(&self.vm.cmdline);
+        push("-serial");
+        push(&format!("file:{}", p(&self.console)));
+        push("-drive");
+        push(&format!(
+            "file={},if=none,id=root,format=raw,readonly=on",
+            p(&self.vm.root)
+        ));
+        push("-device");
+        push("virtio-blk-pci,drive=root,serial=coffer-root");
+        push("-drive");
+        push(&format!(
+            "file={},if=none,id=scratch,format=raw,cache=directsync",
+            p(&self.scratch)
+        ));
+        push("-device");
+        push("virtio-blk-pci,drive=scratch,serial=coffer-scratch");
+        push("-device");
+        push("virtio-serial-pci,id=ports");
+        push("-chardev");
+        push(&format!("socket,id=agent,path={}", p(&self.agent_channel)));
+        push("-device");
+        push(&format!(
+            "virtserialport,bus=ports.0,chardev=agent,name={AGENT_PORT}"
+        ));
+        if matches!(self.tee, Tee::Emulated) {
+            push("-chardev");
+            push(&format!("socket,id=psp,path={}", p(&self.psp_channel)));
+            push("-device");
+            push(&format!(
+                "virtserialport,bus=ports.0,chardev=psp,name={PSP_PORT}"
+            ));
+        }
+        push("-fw_cfg");
+        push(&format!("name={CONFIG_FW_CFG},file={}", p(&self.config)));
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_input_moves_the_measurement() {
+        let base = launch_digest(&[1; 32], &[2; 32], "console=ttyS0");
+        assert_ne!(base, launch_digest(&[9; 32], &[2; 32], "console=ttyS0"));
+        assert_ne!(base, launch_digest(&[1; 32], &[9; 32], "console=ttyS0"));
+        assert_ne!(base, launch_digest(&[1; 32], &[2; 32], "console=ttyS0 x"));
+        assert_eq!(base, launch_digest(&[1; 32], &[2; 32], "console=ttyS0"));
+    }
+}

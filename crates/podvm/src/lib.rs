@@ -1,0 +1,15 @@
+//! Pod VMs: the measured image ([`build`]: Debian kernel, the agent as init, a dm-verity
+//! protected root), its launch measurement and QEMU command line ([`launch`]), and the
+//! multiplexer that carries the agent API and the guest's network over one virtio-serial port
+//! ([`mux`]). The guest side (boot, verity root, encrypted scratch) is in `coffer-agent`.
+//! See `docs/podvm.md`.
+
+#![deny(missing_docs)]
+
+pub mod build;
+pub mod initrd;
+pub mod launch;
+pub mod mux;
+pub mod verity;
+
+pub use launch::{Accel, Launch, PodVm, Tee};
