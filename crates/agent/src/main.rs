@@ -148,7 +148,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let port = match &listen {
         Listen::Serial(p) => {
             let _guard = runtime.enter();
-            let io = coffer_agent::port::Port::open(p)
+            let io = coffer_agent::port::open(p)
                 .with_context(|| format!("cannot open {}", p.display()))?;
             Some(coffer_podvm::mux::start(io, coffer_podvm::mux::Side::Guest))
         }

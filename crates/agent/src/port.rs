@@ -1,65 +1,51 @@
-//! A virtio-serial port (`/dev/vportNpM`) as tokio I/O: the character device opened
-//! non-blocking, one descriptor registered for reading and a duplicate for writing, so that
-//! reads and writes proceed independently on readiness.
+//! A virtio-serial port (`/dev/vportNpM`) as tokio I/O. Two threads do blocking reads and
+//! writes on the character device (the port's poll readiness does not reliably report
+//! writability again once its queue filled, so non-blocking I/O could stall) and relay them to
+//! an in-memory duplex stream that the async side uses.
 
 use std::{
-    os::unix::fs::OpenOptionsExt,
+    io::{Read, Write},
     path::Path,
-    pin::Pin,
-    task::{Context, Poll},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::unix::pipe,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-/// An open port.
-pub struct Port {
-    rx: pipe::Receiver,
-    tx: pipe::Sender,
-}
-
-impl Port {
-    /// Opens the port at `path`. Must run inside a tokio runtime.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-            .open(path)?;
-        let w = f.try_clone()?;
-        Ok(Self {
-            rx: pipe::Receiver::from_file_unchecked(f)?,
-            tx: pipe::Sender::from_file_unchecked(w)?,
-        })
-    }
-}
-
-impl AsyncRead for Port {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.rx).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Port {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tx).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tx).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
+/// Opens the port at `path`; the returned stream is the port. Must run inside a tokio runtime.
+pub fn open(path: &Path) -> std::io::Result<DuplexStream> {
+    let port = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut from_port = port.try_clone()?;
+    let mut to_port = port;
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (mut rd, mut wr) = tokio::io::split(theirs);
+    let handle = tokio::runtime::Handle::current();
+    let h = handle.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_port.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if h.block_on(wr.write_all(&buf[..n])).is_err() {
+                break;
+            }
+        }
+        tracing::debug!("the port's host side closed");
+    });
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match handle.block_on(rd.read(&mut buf)) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to_port.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(ours)
 }

@@ -133,20 +133,22 @@ impl World {
 
     /// Registers the reference values `coffer measure` prints for each initdata.
     async fn register(&self, initdatas: &[&Path]) {
+        self.register_for(&["--sandbox", "process"], initdatas)
+            .await
+    }
+
+    /// Registers the reference values `coffer measure SANDBOX…` prints for each initdata.
+    async fn register_for(&self, sandbox: &[&str], initdatas: &[&Path]) {
         let mut all: Option<serde_json::Value> = None;
         for i in initdatas {
-            let (code, refs, stderr) = cli(vec![
-                "measure".into(),
-                "--sandbox".into(),
-                "process".into(),
-                "--initdata".into(),
-                i.display().to_string(),
-                "--agent".into(),
-                self.agent.display().to_string(),
-                "--psp-dir".into(),
-                self.psp_dir.display().to_string(),
-            ])
-            .await;
+            let mut args = s(&["measure"]);
+            args.extend(s(sandbox));
+            args.extend(s(&["--initdata", &i.display().to_string()]));
+            if sandbox.contains(&"process") {
+                args.extend(s(&["--agent", &self.agent.display().to_string()]));
+            }
+            args.extend(s(&["--psp-dir", &self.psp_dir.display().to_string()]));
+            let (code, refs, stderr) = cli(args).await;
             assert_eq!(code, Some(0), "{stderr}");
             let refs: serde_json::Value = serde_json::from_str(&refs).unwrap();
             match &mut all {
@@ -166,14 +168,21 @@ impl World {
 
     /// `coffer run --sandbox process …` as the acceptance scripts write it.
     fn run(&self, initdata: &Path, name: &str, flags: &[&str], command: &[&str]) -> Vec<String> {
-        let mut v = s(&[
-            "run",
-            "--sandbox",
-            "process",
-            "--kbs",
-            &self.kbs.url,
-            "--initdata",
-        ]);
+        self.run_in(&["--sandbox", "process"], initdata, name, flags, command)
+    }
+
+    /// `coffer run SANDBOX… --kbs … --initdata …` as the acceptance scripts write it.
+    fn run_in(
+        &self,
+        sandbox: &[&str],
+        initdata: &Path,
+        name: &str,
+        flags: &[&str],
+        command: &[&str],
+    ) -> Vec<String> {
+        let mut v = s(&["run"]);
+        v.extend(s(sandbox));
+        v.extend(s(&["--kbs", &self.kbs.url, "--initdata"]));
         v.push(initdata.display().to_string());
         v.extend(s(&["--plain-http", "--name", name]));
         v.extend(s(flags));
@@ -857,4 +866,201 @@ async fn stdin_and_terminals_as_the_policy_allows() {
     for n in ["i1", "i2", "i3"] {
         nothing_left(&w, n, "tr a-z").await;
     }
+}
+
+/// `coffer podvm build --out DIR` with this test's agent (package files cached per user).
+async fn podvm(w: &World, out: &str) -> PathBuf {
+    let dir = w.d().join(out);
+    let (code, _, stderr) = cli(vec![
+        "podvm".into(),
+        "build".into(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--agent".into(),
+        w.agent.display().to_string(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    dir
+}
+
+fn vm_args(podvm: &Path) -> Vec<String> {
+    s(&["--sandbox", "vm", "--podvm", &podvm.display().to_string()])
+}
+
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
+    let w = world().await;
+    let a = podvm(&w, "podvm-a").await;
+    let b = podvm(&w, "podvm-b").await;
+    let (fa, fb) = (files_of(&a), files_of(&b));
+    assert_eq!(
+        fa.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        [
+            "cmdline",
+            "initrd.img",
+            "measurements.json",
+            "root.img",
+            "vmlinuz"
+        ]
+    );
+    for ((n, x), (_, y)) in fa.iter().zip(&fb) {
+        assert!(x == y, "{n} differs between two builds");
+    }
+    let cmdline = std::fs::read_to_string(a.join("cmdline")).unwrap();
+    assert!(cmdline.contains("coffer.verity="), "{cmdline}");
+
+    let init = w.initdata("initdata.toml", &[]).await;
+    let vm = vm_args(&a);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    w.register_for(&vm, &[&init]).await;
+    let cmd = [
+        "/bin/sh",
+        "-c",
+        "echo hello from the pod VM; echo to stderr >&2; cat /proc/1/cmdline >/dev/null; exit 7",
+    ];
+    let (code, stdout, stderr) = cli(w.run_in(&vm, &init, "v1", &[], &cmd)).await;
+    assert_eq!(code, Some(7), "{stderr}");
+    assert_eq!(stdout, "hello from the pod VM\n");
+    assert!(
+        stderr.contains("to stderr") && stderr.contains("EMULATED TEE"),
+        "{stderr}"
+    );
+    nothing_left(&w, "v1", "hello from the pod VM").await;
+
+    // The same image with one more word on the kernel command line, or another initrd:
+    // measured differently, and the KBS releases nothing to it.
+    let measure = |dir: PathBuf| {
+        let mut args = s(&["measure", "--sandbox", "vm", "--podvm"]);
+        args.push(dir.display().to_string());
+        args.extend(s(&["--initdata", &init.display().to_string()]));
+        async move {
+            let (code, out, err) = cli(args).await;
+            assert_eq!(code, Some(0), "{err}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["measurement"].clone()
+        }
+    };
+    let good = measure(a.clone()).await;
+    std::fs::write(
+        b.join("initrd.img"),
+        [std::fs::read(b.join("initrd.img")).unwrap(), vec![0u8; 512]].concat(),
+    )
+    .unwrap();
+    assert_ne!(measure(b.clone()).await, good);
+    std::fs::copy(a.join("initrd.img"), b.join("initrd.img")).unwrap();
+    assert_eq!(measure(b.clone()).await, good);
+    std::fs::write(
+        b.join("cmdline"),
+        format!("{} init=/bin/sh\n", cmdline.trim()),
+    )
+    .unwrap();
+    assert_ne!(measure(b.clone()).await, good);
+    let altered = vm_args(&b);
+    let altered: Vec<&str> = altered.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = cli(w.run_in(&altered, &init, "v2", &[], &cmd)).await;
+    assert_ne!(code, Some(0));
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("kbs:///default/image-keys/app") && stderr.contains("KBS refused"),
+        "{stderr}"
+    );
+    nothing_left(&w, "v2", "hello from the pod VM").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_vm_keeps_container_data_encrypted_and_reports_a_tampered_disk() {
+    let w = world().await;
+    let dir = podvm(&w, "podvm").await;
+    let init = w.initdata("initdata.toml", &[]).await;
+    let vm = vm_args(&dir);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    w.register_for(&vm, &[&init]).await;
+    let marker = "COFFER-SCRATCH-MARKER-7d3f";
+    // Writes 4 MiB of marker lines past the page cache, then reads them back from the disk
+    // until a read fails.
+    let script = format!(
+        "yes {marker} | head -c 4194304 | dd of=/data bs=65536 oflag=direct iflag=fullblock 2>/dev/null; \
+         sync; echo written; \
+         while dd if=/data of=/dev/null bs=65536 iflag=direct 2>/tmp/err; do sleep 0.2; done; \
+         cat /tmp/err; echo READ FAILED; exit 9"
+    );
+    let (code, stdout, stderr) =
+        cli(w.run_in(&vm, &init, "t1", &["-d"], &["/bin/sh", "-c", &script])).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "t1\n");
+    let until = Instant::now() + Duration::from_secs(120);
+    while !logs_until(&w, &["logs", "t1"]).await.contains("written") {
+        assert!(
+            Instant::now() < until,
+            "the container did not write its data"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The host's copy of the scratch disk holds the 4 MiB written, but never the marker.
+    let scratch = w.state.join("t1").join("scratch.img");
+    let image = std::fs::read(&scratch).unwrap();
+    let used = image
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count();
+    assert!(used * 4096 >= 4 << 20, "only {used} blocks written");
+    assert!(
+        !image.windows(marker.len()).any(|x| x == marker.as_bytes()),
+        "the marker is on the host's disk in plaintext"
+    );
+
+    // The host flips one byte in every written block: the guest's next read fails.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&scratch)
+            .unwrap();
+        for (i, b) in image.chunks(4096).enumerate() {
+            if b.iter().any(|&x| x != 0) {
+                f.write_all_at(&[b[100] ^ 0x5a], i as u64 * 4096 + 100)
+                    .unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = logs_until(&w, &["logs", "t1"]).await;
+        if out.contains("READ FAILED") {
+            // dm-integrity fails the read with EILSEQ ("Invalid or incomplete multibyte or
+            // wide character"), or EIO where the filesystem's own read failed first.
+            assert!(
+                out.contains("Invalid or incomplete multibyte") || out.contains("I/O error"),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the tampering went unnoticed: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let console = std::fs::read_to_string(w.state.join("t1").join("agent.log")).unwrap();
+    assert!(console.contains("Checksum failed"), "{console}");
+    let (code, _, stderr) = w.ctl(&["rm", "-f", "t1"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    nothing_left(&w, "t1", marker).await;
 }

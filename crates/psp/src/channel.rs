@@ -32,12 +32,13 @@ fn answer(psp: &EmulatedPsp, line: &str) -> Value {
 }
 
 /// Serves reports from `psp` on `listener` until the listener fails; one thread per connection.
+/// A connection stays open as long as its peer keeps it (a pod VM's port is one connection for
+/// the VM's whole life).
 pub fn serve(psp: Arc<EmulatedPsp>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let psp = psp.clone();
         std::thread::spawn(move || {
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
             let Ok(reader) = conn.try_clone() else { return };
             for line in BufReader::new(reader).lines() {
                 let Ok(line) = line else { return };
