@@ -765,6 +765,9 @@ impl Containers {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         tracing::info!(container = id, "container started");
+        if crate::vm::booted() {
+            crate::vm::log_memory("container running");
+        }
         Ok(())
     }
 

@@ -61,7 +61,10 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            // A pod VM's console is a terminal, but the host keeps it as a log file.
+            !coffer_agent::vm::is_init() && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
         .init();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "coffer-agent starting");
     // The crypto library seeds its random generator once per process (tens of milliseconds);
@@ -73,7 +76,7 @@ fn main() -> std::process::ExitCode {
         );
         tracing::debug!("random generator seeded");
     });
-    if std::process::id() == 1 {
+    if coffer_agent::vm::is_init() {
         // The init of a pod VM: boot it, serve, power off.
         if let Err(e) = vm_main() {
             eprintln!("coffer-agent: {e:#}");
@@ -228,7 +231,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let mut s = opener.open().await?;
                 tokio::io::AsyncWriteExt::write_all(&mut s, &[coffer_podvm::mux::GUEST_READY])
                     .await?;
-                tokio::io::AsyncWriteExt::shutdown(&mut s).await
+                tokio::io::AsyncWriteExt::shutdown(&mut s).await?;
+                if coffer_agent::vm::booted() {
+                    coffer_agent::vm::log_memory("agent ready");
+                }
+                Ok::<(), std::io::Error>(())
             };
             let (served, _) = tokio::join!(serve_streams(streams, service), async {
                 if let Err(e) = ready.await {

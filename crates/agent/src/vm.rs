@@ -27,6 +27,19 @@ use zeroize::Zeroizing;
 
 use crate::dm::{Control, Target};
 
+static BOOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is a pod VM's init: PID 1 started by the kernel, which passes no
+/// arguments (the process sandbox's agent is PID 1 of its namespace too, with arguments).
+pub fn is_init() -> bool {
+    std::process::id() == 1 && std::env::args_os().count() == 1
+}
+
+/// Whether [`boot`] ran in this process.
+pub fn booted() -> bool {
+    BOOTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Where the encrypted scratch filesystem is mounted (in the verity root).
 pub const SCRATCH: &str = "/run/coffer";
 
@@ -359,12 +372,34 @@ pub fn boot() -> Result<Boot, BootError> {
     // Where the programs the agent starts (runc) are found.
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     tracing::info!(ms = t0.elapsed().as_millis() as u64, "booted");
+    BOOTED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Boot {
         agent_port,
         psp_port,
         initdata: config.initdata,
         plain_http: config.plain_http,
     })
+}
+
+fn kib(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Logs the guest's memory in use (MemTotal − MemAvailable) and the agent's resident size.
+pub fn log_memory(when: &str) {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let used = kib(&meminfo, "MemTotal:").saturating_sub(kib(&meminfo, "MemAvailable:"));
+    tracing::info!(
+        when,
+        guest_used_kib = used,
+        guest_total_kib = kib(&meminfo, "MemTotal:"),
+        agent_rss_kib = kib(&status, "VmRSS:"),
+        "guest memory"
+    );
 }
 
 /// Flushes the disks and powers the VM off.

@@ -388,7 +388,9 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
         s = agent.wait() => {
-            tracing::info!(status = ?s, "the agent exited");
+            // Its last words, for a launcher that reads this keeper's log.
+            let dir = SandboxDir { dir: a.dir.clone(), name: a.name.clone() };
+            tracing::info!(status = ?s, last = %dir.agent_error(), "the agent exited");
             return Ok(());
         }
         _ = owner_gone => tracing::info!("the launcher went away"),

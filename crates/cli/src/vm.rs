@@ -181,7 +181,7 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
     });
     tokio::select! {
         s = qemu.wait() => {
-            tracing::info!(status = ?s, "the pod VM stopped");
+            tracing::info!(status = ?s, last = %guest_error(&a.dir), "the pod VM stopped");
             return Ok(());
         }
         _ = &mut watch => tracing::info!("the launcher went away"),
