@@ -284,6 +284,70 @@ impl Launch {
 mod tests {
     use super::*;
 
+    fn launch(tee: Tee, accel: Accel) -> Vec<String> {
+        let vm = PodVm {
+            kernel: "/p/vmlinuz".into(),
+            initrd: "/p/initrd.img".into(),
+            root: "/p/root.img".into(),
+            cmdline: "console=ttyS0 coffer.verity=2,aa,bb".into(),
+        };
+        Launch {
+            vm,
+            scratch: "/s/scratch.img".into(),
+            agent_channel: "/s/agent-chan.sock".into(),
+            psp_channel: "/s/psp-chan.sock".into(),
+            console: "/s/agent.log".into(),
+            config: "/s/launch.json".into(),
+            memory_mib: 256,
+            cpus: 2,
+            accel,
+            tee,
+        }
+        .qemu_args()
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect()
+    }
+
+    #[test]
+    fn the_command_line_names_what_is_measured_and_each_tees_options() {
+        let a = launch(Tee::Emulated, Accel::Tcg).join(" ");
+        for want in [
+            "-accel tcg -cpu max",
+            "-kernel /p/vmlinuz -initrd /p/initrd.img -append console=ttyS0 coffer.verity=2,aa,bb",
+            "file=/p/root.img,if=none,id=root,format=raw,readonly=on",
+            "name=coffer.agent",
+            "name=coffer.psp",
+            "name=opt/coffer/config,file=/s/launch.json",
+        ] {
+            assert!(a.contains(want), "{want} missing in {a}");
+        }
+        assert!(!a.contains("-netdev") && !a.contains("nic"), "{a}");
+        // SEV-SNP: HOST_DATA in base64, the hashes of kernel, initrd and command line measured
+        // by the firmware, and no emulated PSP port.
+        let snp = launch(
+            Tee::SevSnp {
+                firmware: "/fw/OVMF.amdsev.fd".into(),
+                host_data: [0xab; 32],
+            },
+            Accel::Kvm,
+        )
+        .join(" ");
+        assert!(snp.contains("sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data=q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s="), "{snp}");
+        assert!(snp.contains("-bios /fw/OVMF.amdsev.fd") && snp.contains("-accel kvm -cpu host"));
+        assert!(!snp.contains("coffer.psp"), "{snp}");
+        let tdx = launch(
+            Tee::Tdx {
+                firmware: "/fw/OVMF.fd".into(),
+                mrconfigid: [1; 48],
+            },
+            Accel::Kvm,
+        )
+        .join(" ");
+        assert!(tdx.contains("tdx-guest,id=tdx0,mrconfigid=AQEB"), "{tdx}");
+        assert!(tdx.contains("confidential-guest-support=tdx0") && !tdx.contains("coffer.psp"));
+    }
+
     #[test]
     fn every_input_moves_the_measurement() {
         let base = launch_digest(&[1; 32], &[2; 32], "console=ttyS0");
