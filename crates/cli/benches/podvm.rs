@@ -59,32 +59,13 @@ fn main() {
     let d = dir.path();
     let agent = common::agent_binary();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let psp_dir = d.join("psp");
-    coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
-    let kbs = rt.block_on(coffer_testkit::start_kbs(d, |c| {
-        c.allow_emulated = true;
-        c.emulated_root = Some(psp_dir.join("roots.pem"));
-    }));
-    let registry = common::Registry::start();
-    let image = common::push_encrypted_busybox(d, &registry.addr, None);
-    rt.block_on(kbs.admin.set_resource(
-        "default/image-keys/app",
-        std::fs::read(d.join("img.pem")).unwrap(),
-    ))
-    .unwrap();
-    let initdata = d.join("initdata.toml");
-    std::fs::write(
-        &initdata,
-        run_ok(Command::new(coffer()).args([
-            "initdata",
-            "new",
-            "--kbs-url",
-            &kbs.url,
-            "--image-key",
-            "kbs:///default/image-keys/app",
-        ])),
-    )
-    .unwrap();
+    let common::BenchWorld {
+        kbs,
+        registry: _registry,
+        image,
+        psp_dir,
+        initdata,
+    } = common::bench_world(&rt, d);
     let podvm = d.join("podvm");
     let t = Instant::now();
     run_ok(

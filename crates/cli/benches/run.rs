@@ -98,34 +98,17 @@ fn main() {
     let d = dir.path();
     let agent = common::agent_binary();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let psp_dir = d.join("psp");
-    coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
-    let kbs = rt.block_on(coffer_testkit::start_kbs(d, |c| {
-        c.allow_emulated = true;
-        c.emulated_root = Some(psp_dir.join("roots.pem"));
-    }));
-
-    // The image, encrypted by skopeo to a key only the KBS holds.
-    let registry = common::Registry::start();
-    let image = common::push_encrypted_busybox(d, &registry.addr, None);
-    rt.block_on(kbs.admin.set_resource(
-        "default/image-keys/app",
-        std::fs::read(d.join("img.pem")).unwrap(),
-    ))
-    .unwrap();
-    let initdata = run_ok(Command::new(coffer()).args([
-        "initdata",
-        "new",
-        "--kbs-url",
-        &kbs.url,
-        "--image-key",
-        "kbs:///default/image-keys/app",
-    ]));
-    std::fs::write(d.join("initdata.toml"), initdata).unwrap();
+    let common::BenchWorld {
+        kbs,
+        registry: _registry,
+        image,
+        psp_dir,
+        initdata,
+    } = common::bench_world(&rt, d);
     let refs = run_ok(
         Command::new(coffer())
             .args(["measure", "--sandbox", "process", "--initdata"])
-            .arg(d.join("initdata.toml"))
+            .arg(&initdata)
             .arg("--agent")
             .arg(&agent)
             .arg("--psp-dir")
@@ -147,7 +130,7 @@ fn main() {
             &kbs.url,
             "--initdata",
         ])
-        .arg(d.join("initdata.toml"))
+        .arg(&initdata)
         .args(["--plain-http", "--name", name, "--psp-dir"])
         .arg(&psp_dir)
         .arg("--agent")

@@ -341,3 +341,54 @@ pub fn agent_binary() -> PathBuf {
     }
     p
 }
+
+/// What the run benchmarks start from: a KBS in this process trusting a fresh emulated PSP,
+/// holding the image key as `default/image-keys/app`, and Debian's docker-registry serving the
+/// busybox image skopeo encrypted to it; an initdata naming both.
+pub struct BenchWorld {
+    /// The KBS.
+    pub kbs: coffer_testkit::TestKbs,
+    /// The registry (stopped on drop).
+    pub registry: Registry,
+    /// `docker://…` of the encrypted image.
+    pub image: String,
+    /// The emulated PSP's directory.
+    pub psp_dir: PathBuf,
+    /// `initdata.toml`.
+    pub initdata: PathBuf,
+}
+
+/// Sets up a [`BenchWorld`] in `d`.
+pub fn bench_world(rt: &tokio::runtime::Runtime, d: &Path) -> BenchWorld {
+    let psp_dir = d.join("psp");
+    coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
+    let kbs = rt.block_on(coffer_testkit::start_kbs(d, |c| {
+        c.allow_emulated = true;
+        c.emulated_root = Some(psp_dir.join("roots.pem"));
+    }));
+    let registry = Registry::start();
+    let image = push_encrypted_busybox(d, &registry.addr, None);
+    rt.block_on(
+        kbs.admin
+            .set_resource("default/image-keys/app", fs::read(d.join("img.pem")).unwrap()),
+    )
+    .unwrap();
+    let (ok, text, err) = coffer(&[
+        "initdata",
+        "new",
+        "--kbs-url",
+        &kbs.url,
+        "--image-key",
+        "kbs:///default/image-keys/app",
+    ]);
+    assert!(ok, "{err}");
+    let initdata = d.join("initdata.toml");
+    fs::write(&initdata, text).unwrap();
+    BenchWorld {
+        kbs,
+        registry,
+        image,
+        psp_dir,
+        initdata,
+    }
+}
