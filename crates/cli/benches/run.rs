@@ -19,20 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn coffer() -> &'static str {
-    env!("CARGO_BIN_EXE_coffer")
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{coffer_bin as coffer, ms, run_ok};
 
 /// Starts `cmd`, returns the time until its first stdout byte and, if `agent_of` names a sandbox
 /// directory, the agent's peak RSS (KiB) read while the container runs.
@@ -77,10 +64,6 @@ fn agent_status(dir: &Path, file: &str, key: &str) -> Option<u64> {
         }
     }
     None
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {

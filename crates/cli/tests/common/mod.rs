@@ -28,6 +28,28 @@ pub fn coffer(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The `coffer` binary under test.
+pub fn coffer_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_coffer")
+}
+
+/// Runs `cmd` (stdin closed), asserts it succeeded, returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 /// A `docker-registry` process on a free loopback port, killed on drop.
 pub struct Registry {
     child: Child,
@@ -368,10 +390,10 @@ pub fn bench_world(rt: &tokio::runtime::Runtime, d: &Path) -> BenchWorld {
     }));
     let registry = Registry::start();
     let image = push_encrypted_busybox(d, &registry.addr, None);
-    rt.block_on(
-        kbs.admin
-            .set_resource("default/image-keys/app", fs::read(d.join("img.pem")).unwrap()),
-    )
+    rt.block_on(kbs.admin.set_resource(
+        "default/image-keys/app",
+        fs::read(d.join("img.pem")).unwrap(),
+    ))
     .unwrap();
     let (ok, text, err) = coffer(&[
         "initdata",
