@@ -98,47 +98,42 @@ fn load_modules() -> Result<(), BootError> {
     Ok(())
 }
 
-/// The block device whose virtio serial is `serial`, waiting for it to appear.
-fn disk(serial: &str) -> Result<PathBuf, BootError> {
+/// Polls `find` until it finds something, up to 20 s; `what` names it in the error.
+fn wait_for(what: &str, find: impl Fn() -> Option<PathBuf>) -> Result<PathBuf, BootError> {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(rd) = std::fs::read_dir("/sys/block") {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
-                if s.trim() == serial {
-                    let dev = PathBuf::from(format!("/dev/{name}"));
-                    if dev.exists() {
-                        return Ok(dev);
-                    }
-                }
-            }
+        if let Some(p) = find() {
+            return Ok(p);
         }
         if Instant::now() > until {
-            return Err(fail(format!("no disk with serial {serial}")));
+            return Err(fail(format!("no {what}")));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
+/// The device node under `/dev` of the first entry of `class` (a `/sys` directory) whose
+/// attribute `attr` reads `value`.
+fn find_in_sys(class: &str, attr: &str, value: &str) -> Option<PathBuf> {
+    std::fs::read_dir(class).ok()?.flatten().find_map(|e| {
+        let v = std::fs::read_to_string(e.path().join(attr)).ok()?;
+        let dev = Path::new("/dev").join(e.file_name());
+        (v.trim() == value && dev.exists()).then_some(dev)
+    })
+}
+
+/// The block device whose virtio serial is `serial`, waiting for it to appear.
+fn disk(serial: &str) -> Result<PathBuf, BootError> {
+    wait_for(&format!("disk with serial {serial}"), || {
+        find_in_sys("/sys/block", "serial", serial)
+    })
+}
+
 /// The virtio-serial port named `name`, waiting for it to appear.
 fn port(name: &str) -> Result<PathBuf, BootError> {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
-            for e in rd.flatten() {
-                let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                let dev = Path::new("/dev").join(e.file_name());
-                if n.trim() == name && dev.exists() {
-                    return Ok(dev);
-                }
-            }
-        }
-        if Instant::now() > until {
-            return Err(fail(format!("no virtio-serial port {name}")));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&format!("virtio-serial port {name}"), || {
+        find_in_sys("/sys/class/virtio-ports", "name", name)
+    })
 }
 
 fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
