@@ -943,6 +943,33 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
     );
     nothing_left(&w, "v1", "hello from the pod VM").await;
 
+    // kill -9 of the keeper of a detached pod VM: QEMU dies with it; `coffer ps` removes the rest.
+    let (code, _, stderr) = cli(w.run_in(&vm, &init, "v3", &["-d"], &["sleep", "3031"])).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = w.ctl(&["ps"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("v3") && stdout.contains("running"),
+        "{stdout}"
+    );
+    let keeper = std::fs::read_to_string(w.state.join("v3/keeper.pid")).unwrap();
+    let v3 = w.state.join("v3").display().to_string();
+    assert!(
+        processes_with(&v3)
+            .iter()
+            .any(|p| p.contains("qemu-system-x86_64")),
+        "QEMU runs the sandbox"
+    );
+    kill9(keeper.trim());
+    eventually("QEMU to die with its keeper", || {
+        processes_with(&v3).is_empty()
+    })
+    .await;
+    let (code, stdout, stderr) = w.ctl(&["ps"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains("v3"), "{stdout}");
+    nothing_left(&w, "v3", "3031").await;
+
     // The same image with one more word on the kernel command line, or another initrd:
     // measured differently, and the KBS releases nothing to it.
     let measure = |dir: PathBuf| {
@@ -1011,6 +1038,27 @@ async fn a_pod_vm_keeps_container_data_encrypted_and_reports_a_tampered_disk() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The VM's only way out was the keeper's forwarder: to the KBS and the registry.
+    let egress = std::fs::read_to_string(w.state.join("t1").join("egress.log")).unwrap();
+    let registry = w
+        .image
+        .trim_start_matches("docker://")
+        .split('/')
+        .next()
+        .unwrap();
+    let kbs = w
+        .kbs
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    for line in egress.lines() {
+        assert!(line.contains(registry) || line.contains(kbs), "{line}");
+    }
+    assert!(
+        egress.contains(registry) && egress.contains(kbs),
+        "{egress}"
+    );
 
     // The host's copy of the scratch disk holds the MiB written, but never the marker.
     let scratch = w.state.join("t1").join("scratch.img");
