@@ -275,7 +275,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     })
 }
 
-/// The last non-empty line of an open log file.
+/// The last non-blank line of an open log file (its last 4 KiB).
 fn last_line(f: &std::fs::File) -> String {
     use std::os::unix::fs::FileExt;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -284,10 +284,5 @@ fn last_line(f: &std::fs::File) -> String {
     if f.read_exact_at(&mut buf, start).is_err() {
         return String::new();
     }
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-        .to_string()
+    crate::sandbox::last_line(&String::from_utf8_lossy(&buf)).to_string()
 }

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use coffer_podvm::{mux, Accel, Launch, PodVm, Tee};
 use tokio::io::AsyncReadExt;
 
-use crate::sandbox::{die_with_keeper, forward, owner_gone, KeeperArgs};
+use crate::sandbox::{die_with_keeper, forward, last_line, owner_gone, KeeperArgs};
 
 /// Whether a KVM guest runs here: with the CPU model the launch uses (`host`), a 64 KiB
 /// firmware whose reset vector writes to QEMU's isa-debug-exit port must make QEMU exit with
@@ -228,7 +228,8 @@ async fn stop(qemu: &mut tokio::process::Child) -> anyhow::Result<()> {
 
 /// The last line QEMU wrote to its error output.
 fn qemu_error(dir: &Path) -> String {
-    last_line(&dir.join("qemu.log"))
+    let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+    last_line(&log).to_string()
 }
 
 /// Why the guest stopped: the agent's last error on the console, else the console's last line.
@@ -238,20 +239,8 @@ fn guest_error(dir: &Path) -> String {
         .lines()
         .rev()
         .find(|l| l.starts_with("coffer-agent: "))
-        .map(str::to_string)
-        .unwrap_or_else(|| last_line(&dir.join("agent.log")))
-}
-
-fn last_line(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
+        .unwrap_or_else(|| last_line(&console))
+        .to_string()
 }
 
 #[cfg(test)]

@@ -325,25 +325,42 @@ async fn nothing_left(w: &World, name: &str, marker: &str) {
     assert!(!mounts.contains(&dir.display().to_string()), "{mounts}");
 }
 
+/// `coffer run SANDBOX… NAME` of a command that greets from `place` on stdout, writes to stderr
+/// and exits 7: both streams and the status come through, and nothing is left afterwards.
+/// Returns the command.
+async fn runs_and_exits_7(
+    w: &World,
+    sandbox: &[&str],
+    init: &Path,
+    name: &str,
+    place: &str,
+) -> [String; 3] {
+    let greeting = format!("hello from {place}");
+    let cmd = [
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        format!("echo {greeting}; echo to stderr >&2; exit 7"),
+    ];
+    let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = cli(w.run_in(sandbox, init, name, &[], &args)).await;
+    assert_eq!(code, Some(7), "{stderr}");
+    assert_eq!(stdout, format!("{greeting}\n"));
+    assert!(
+        stderr.contains("to stderr") && stderr.contains("EMULATED TEE"),
+        "{stderr}"
+    );
+    nothing_left(w, name, &greeting).await;
+    cmd
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() {
     let w = world().await;
     let init = w.initdata("initdata.toml", &[]).await;
     w.register(&[&init]).await;
 
-    let cmd = [
-        "/bin/sh",
-        "-c",
-        "echo hello from the sandbox; echo to stderr >&2; exit 7",
-    ];
-    let (code, stdout, stderr) = cli(w.run(&init, "r1", &[], &cmd)).await;
-    assert_eq!(code, Some(7), "{stderr}");
-    assert_eq!(stdout, "hello from the sandbox\n");
-    assert!(
-        stderr.contains("to stderr") && stderr.contains("EMULATED TEE"),
-        "{stderr}"
-    );
-    nothing_left(&w, "r1", "hello from the sandbox").await;
+    let owned = runs_and_exits_7(&w, &["--sandbox", "process"], &init, "r1", "the sandbox").await;
+    let cmd: Vec<&str> = owned.iter().map(String::as_str).collect();
 
     // A permissive initdata nobody registered: the agent starts, the KBS releases nothing.
     std::fs::write(
@@ -954,19 +971,8 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
     let vm = vm_args(&a);
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     w.register_for(&vm, &[&init]).await;
-    let cmd = [
-        "/bin/sh",
-        "-c",
-        "echo hello from the pod VM; echo to stderr >&2; cat /proc/1/cmdline >/dev/null; exit 7",
-    ];
-    let (code, stdout, stderr) = cli(w.run_in(&vm, &init, "v1", &[], &cmd)).await;
-    assert_eq!(code, Some(7), "{stderr}");
-    assert_eq!(stdout, "hello from the pod VM\n");
-    assert!(
-        stderr.contains("to stderr") && stderr.contains("EMULATED TEE"),
-        "{stderr}"
-    );
-    nothing_left(&w, "v1", "hello from the pod VM").await;
+    let owned = runs_and_exits_7(&w, &vm, &init, "v1", "the pod VM").await;
+    let cmd: Vec<&str> = owned.iter().map(String::as_str).collect();
 
     // kill -9 of the keeper of a detached pod VM: QEMU dies with it; `coffer ps` removes the rest.
     let (code, _, stderr) = cli(w.run_in(&vm, &init, "v3", &["-d"], &["sleep", "3031"])).await;
