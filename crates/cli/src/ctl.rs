@@ -113,17 +113,6 @@ impl OwnerKeys {
     }
 }
 
-/// A sealed record as `coffer run`/`exec`/`logs` print it without the owner key (one JSON line),
-/// and as `coffer logs --sealed FILE` reads it back.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SealedLine {
-    container_id: String,
-    exec_id: String,
-    stream: String,
-    offset: u64,
-    record: String,
-}
-
 /// Streams a process's stdout and stderr (following it until it exits when `follow`) to this
 /// process's stdout and stderr; sealed output is opened with `keys` or printed as JSON lines.
 pub async fn stream_output(
@@ -188,7 +177,7 @@ pub async fn stream_output(
                              `coffer logs --owner-key KEY --sealed FILE`"
                         );
                     }
-                    let line = serde_json::to_string(&SealedLine {
+                    let line = serde_json::to_string(&coffer_wire::sealed::SealedLine {
                         container_id: id.into(),
                         exec_id: exec_id.into(),
                         stream: stream.into(),
@@ -429,9 +418,10 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<()> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            let l: SealedLine = serde_json::from_str(line).with_context(|| {
-                format!("{} line {}: not a sealed record", file.display(), n + 1)
-            })?;
+            let l: coffer_wire::sealed::SealedLine =
+                serde_json::from_str(line).with_context(|| {
+                    format!("{} line {}: not a sealed record", file.display(), n + 1)
+                })?;
             if a.name.as_deref().is_some_and(|name| name != l.container_id) {
                 continue;
             }

@@ -4,6 +4,7 @@ mod attest;
 mod ctl;
 mod image;
 mod initdata;
+mod install;
 mod kbs;
 mod measure;
 mod podvm;
@@ -55,6 +56,8 @@ enum Command {
     Ps(ctl::PsArgs),
     /// Remove a container and its sandbox.
     Rm(ctl::RmArgs),
+    /// Install Coffer into a container runtime on this node.
+    Install(install::InstallArgs),
     /// Keep one process sandbox (started by `coffer run`).
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::KeeperArgs),
@@ -120,6 +123,7 @@ fn run() -> anyhow::Result<()> {
         Command::Logs(args) => runtime.block_on(ctl::logs(args)),
         Command::Ps(args) => runtime.block_on(ctl::ps(args)),
         Command::Rm(args) => runtime.block_on(ctl::rm(args)),
+        Command::Install(args) => install::run(args),
         // The keeper runs its own single-threaded runtime on the main thread: the agent's
         // parent-death signal is tied to the thread that started it.
         Command::Sandbox(args) => sandbox::keep(args),

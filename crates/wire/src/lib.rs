@@ -15,6 +15,7 @@ pub mod error;
 pub mod initdata;
 pub mod reference;
 pub mod sample;
+pub mod sealed;
 
 pub use kbs_types::{
     Attestation, Challenge, CompositeEvidence, ErrorInformation, HashAlgorithm, InitData,

@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+pub mod containerd;
+
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 

@@ -1,0 +1,479 @@
+//! A private containerd (Debian's) with Coffer installed as `coffer install containerd` writes
+//! it: the `coffer` runtime handler (containerd-shim-coffer-v2) and the `coffer` snapshotter
+//! (coffer-snapshotter, started here), its own root, state and sockets under a test directory,
+//! nothing listening beyond loopback. Driven through the CRI as the kubelet does, and with `ctr`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use coffer_shim::cri::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
+use tonic::transport::Channel;
+
+/// A program built beside `coffer` (building its package first when it is missing).
+pub fn sibling_binary(package: &str, bin: &str) -> PathBuf {
+    let p = Path::new(super::coffer_bin()).with_file_name(bin);
+    let release = p.parent().is_some_and(|d| d.ends_with("release"));
+    if release || !p.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", package, "--bin", bin]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "cannot build {bin}");
+    }
+    p
+}
+
+/// containerd and the snapshotter, killed on drop.
+pub struct Containerd {
+    /// The test directory.
+    pub dir: PathBuf,
+    /// containerd's gRPC socket.
+    pub sock: PathBuf,
+    /// The shim's configuration.
+    pub shim_config: PathBuf,
+    /// containerd's log.
+    pub log: PathBuf,
+    containerd: Option<Child>,
+    snapshotter: Option<Child>,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for c in [self.containerd.take(), self.snapshotter.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What a sandbox of the shim needs: where the KBS's emulated PSP lives, and the registry.
+pub struct ShimSetup<'a> {
+    /// `process` or `vm`.
+    pub sandbox: &'a str,
+    /// The pod VM, for `vm`.
+    pub podvm: Option<&'a Path>,
+    /// The emulated PSP's directory.
+    pub psp_dir: &'a Path,
+    /// The registry's `host:port` (plain HTTP).
+    pub registry: &'a str,
+}
+
+impl Containerd {
+    /// Installs Coffer into a private containerd under `dir` with `coffer install containerd
+    /// --root DIR`, and starts the snapshotter and containerd.
+    pub fn start(dir: &Path, setup: &ShimSetup) -> Self {
+        let shim = sibling_binary("coffer-shim", "containerd-shim-coffer-v2");
+        let snapshotter = sibling_binary("coffer-snapshotter", "coffer-snapshotter");
+        let agent = super::agent_binary();
+        let root = dir.join("node");
+        let mut install = Command::new(super::coffer_bin());
+        install
+            .args(["install", "containerd", "--root"])
+            .arg(&root)
+            .arg("--sandbox")
+            .arg(setup.sandbox)
+            .arg("--bin-dir")
+            .arg(shim.parent().unwrap())
+            .arg("--agent")
+            .arg(&agent)
+            .arg("--psp-dir")
+            .arg(setup.psp_dir)
+            .arg("--sandbox-image")
+            .arg(format!("{}/pause:3.9", setup.registry))
+            .arg("--insecure-registry")
+            .arg(setup.registry)
+            .arg("--emulated-tee");
+        if let Some(p) = setup.podvm {
+            install.arg("--podvm").arg(p);
+        }
+        super::run_ok(&mut install);
+        let config = root.join("etc/containerd/config.toml");
+        let shim_config = root.join("etc/coffer/shim.toml");
+        let sock = root.join("run/containerd/containerd.sock");
+        let snap_sock = root.join("run/coffer/snapshotter.sock");
+        let snap = Command::new(&snapshotter)
+            .arg("--socket")
+            .arg(&snap_sock)
+            .arg("--root")
+            .arg(root.join("var/lib/coffer/snapshotter"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("snapshotter.log")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_for(&snap_sock, Duration::from_secs(10));
+        let mut c = Self {
+            dir: dir.to_path_buf(),
+            sock,
+            shim_config,
+            log: dir.join("containerd.log"),
+            containerd: None,
+            snapshotter: Some(snap),
+        };
+        c.containerd = Some(c.spawn_containerd(&config, shim.parent().unwrap()));
+        c
+    }
+
+    fn spawn_containerd(&self, config: &Path, bin_dir: &Path) -> Child {
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let _ = fs::remove_file(&self.sock);
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(config)
+            .env("PATH", path)
+            .env("COFFER_SHIM_CONFIG", &self.shim_config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("containerd must be installed (scripts/test installs it)");
+        wait_for(&self.sock, Duration::from_secs(30));
+        child
+    }
+
+    /// Kills containerd with SIGKILL (its shims go on).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.containerd.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts containerd again on the same root and state.
+    pub fn restart(&mut self) {
+        let config = self.dir.join("node/etc/containerd/config.toml");
+        let shim = sibling_binary("coffer-shim", "containerd-shim-coffer-v2");
+        self.containerd = Some(self.spawn_containerd(&config, shim.parent().unwrap()));
+    }
+
+    /// `ctr --address SOCK ARGS…`.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// A gRPC channel to containerd.
+    pub async fn channel(&self) -> Channel {
+        let path = self.sock.clone();
+        tonic::transport::Endpoint::from_static("http://containerd.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap()
+    }
+
+    /// CRI clients (runtime and image services), as the kubelet has them.
+    pub async fn cri(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+        let ch = self.channel().await;
+        (
+            RuntimeServiceClient::new(ch.clone()),
+            ImageServiceClient::new(ch),
+        )
+    }
+}
+
+/// Waits until `path` exists.
+pub fn wait_for(path: &Path, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < until, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if c.contains(needle) {
+            out.push(format!("{}: {c}", e.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+/// Mount points (from /proc/self/mountinfo) under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&d))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A KBS holding the image key and trusting the sandbox's measurement (a process sandbox, or
+/// the pod VM `podvm`), a registry with
+/// the encrypted app image and a plain pause image, containerd with Coffer installed.
+pub struct Node {
+    /// The KBS, registry and image.
+    pub world: super::BenchWorld,
+    /// containerd.
+    pub containerd: Containerd,
+    /// `host:port/app:v1` (encrypted).
+    pub app: String,
+    /// The initdata, as the pod annotation carries it.
+    pub annotation: String,
+    /// A runtime for the CRI calls.
+    pub rt: tokio::runtime::Runtime,
+}
+
+pub fn node(d: &Path, podvm: Option<&Path>) -> Node {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let world = super::bench_world(&rt, d);
+    let mut measure = Command::new(super::coffer_bin());
+    measure
+        .arg("measure")
+        .arg("--initdata")
+        .arg(&world.initdata);
+    match podvm {
+        Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
+        None => measure
+            .args(["--sandbox", "process", "--agent"])
+            .arg(super::agent_binary())
+            .arg("--psp-dir")
+            .arg(&world.psp_dir),
+    };
+    let refs = super::run_ok(&mut measure);
+    rt.block_on(world.kbs.admin.set_reference_values(refs.as_bytes()))
+        .unwrap();
+    let reg = world.registry.addr.clone();
+    super::skopeo_push(
+        &format!("oci:{}:v1", d.join("plain").display()),
+        &format!("docker://{reg}/pause:3.9"),
+        false,
+    );
+    let containerd = Containerd::start(
+        d,
+        &ShimSetup {
+            sandbox: if podvm.is_some() { "vm" } else { "process" },
+            podvm,
+            psp_dir: &world.psp_dir,
+            registry: &reg,
+        },
+    );
+    let annotation = coffer_shim::annotations::encode_initdata(
+        &std::fs::read_to_string(&world.initdata).unwrap(),
+    );
+    Node {
+        app: format!("{reg}/app:v1"),
+        world,
+        containerd,
+        annotation,
+        rt,
+    }
+}
+
+/// The CRI calls a kubelet makes for one pod, with the test's choices: host network (no CNI
+/// here), logs under `log_dir`, the initdata in the pod's annotation.
+pub struct Pods {
+    /// The runtime service.
+    pub rt: RuntimeServiceClient<Channel>,
+    /// The image service.
+    pub img: ImageServiceClient<Channel>,
+    /// The pods' log directory.
+    pub log_dir: PathBuf,
+}
+
+impl Pods {
+    /// CRI clients of `c`; pod logs go under `c.dir/logs`.
+    pub async fn new(c: &Containerd) -> Self {
+        let (rt, img) = c.cri().await;
+        Self {
+            rt,
+            img,
+            log_dir: c.dir.join("logs"),
+        }
+    }
+
+    /// The sandbox configuration of pod `name` with `annotations`.
+    pub fn sandbox_config(
+        &self,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> coffer_shim::cri::PodSandboxConfig {
+        use coffer_shim::cri::*;
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: self.log_dir.join(name).display().to_string(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// PullImage (`image` without a transport: `host:port/repo:tag`).
+    pub async fn pull(&mut self, image: &str) -> Result<String, tonic::Status> {
+        use coffer_shim::cri::*;
+        self.img
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().image_ref)
+    }
+
+    /// RunPodSandbox with the runtime handler `coffer`.
+    pub async fn run_pod(
+        &mut self,
+        config: &coffer_shim::cri::PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
+        self.rt
+            .run_pod_sandbox(coffer_shim::cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: "coffer".into(),
+            })
+            .await
+            .map(|r| r.into_inner().pod_sandbox_id)
+    }
+
+    /// CreateContainer `name` from `image` running `command`, then StartContainer.
+    pub async fn start_container(
+        &mut self,
+        pod: &str,
+        config: &coffer_shim::cri::PodSandboxConfig,
+        name: &str,
+        image: &str,
+        command: &[&str],
+    ) -> Result<String, tonic::Status> {
+        use coffer_shim::cri::*;
+        let id = self
+            .rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: image.into(),
+                        ..Default::default()
+                    }),
+                    command: command.iter().map(|s| s.to_string()).collect(),
+                    log_path: format!("{name}.log"),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(config.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        Ok(id)
+    }
+
+    /// ContainerStatus.
+    pub async fn status(&mut self, id: &str) -> coffer_shim::cri::ContainerStatus {
+        self.rt
+            .container_status(coffer_shim::cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+
+    /// Waits (up to `timeout`) until the container has exited; returns its exit code.
+    pub async fn wait_exited(&mut self, id: &str, timeout: Duration) -> i32 {
+        let until = Instant::now() + timeout;
+        loop {
+            let s = self.status(id).await;
+            if s.state == coffer_shim::cri::ContainerState::ContainerExited as i32 {
+                return s.exit_code;
+            }
+            assert!(Instant::now() < until, "container {id} still {:?}", s.state);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// StopPodSandbox then RemovePodSandbox.
+    pub async fn remove_pod(&mut self, pod: &str) -> Result<(), tonic::Status> {
+        use coffer_shim::cri::*;
+        self.rt
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await?;
+        self.rt
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await?;
+        Ok(())
+    }
+}

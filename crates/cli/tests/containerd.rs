@@ -1,0 +1,293 @@
+//! Coffer under a real containerd (Debian's 1.6), as a Kubernetes node runs it: the CRI calls
+//! of the kubelet, `ctr`, and what is left after the shim or containerd is killed.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use coffer_shim::annotations::INITDATA;
+use common::containerd::{mounts_under, node, processes_mentioning, Node, Pods};
+
+/// The layer digests of `image`'s manifest (skopeo reads it from the registry).
+fn layers(image: &str) -> Vec<String> {
+    let out = common::run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ]));
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Registry blob requests for `digest`, split into containerd's and the others'.
+fn fetched_by(reg: &common::Registry, digest: &str) -> (usize, usize) {
+    let gets: Vec<_> = reg
+        .blob_gets()
+        .into_iter()
+        .filter(|l| l.contains(digest))
+        .collect();
+    let by_containerd = gets.iter().filter(|l| l.contains("containerd/")).count();
+    (by_containerd, gets.len() - by_containerd)
+}
+
+/// Nothing of the node's pods is left: no shim, keeper or agent, no sandbox directory, mount or
+/// cgroup.
+fn assert_nothing_left(n: &Node) {
+    let d = &n.containerd.dir;
+    let pods = d.join("node/run/coffer/pods");
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let procs: Vec<_> = [
+            processes_mentioning(&pods.display().to_string()),
+            processes_mentioning(&format!("-address {}", n.containerd.sock.display())),
+        ]
+        .concat();
+        let dirs: Vec<_> = std::fs::read_dir(&pods)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let mounts = mounts_under(&pods);
+        if procs.is_empty() && dirs.is_empty() && mounts.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "left behind: processes {procs:?}, sandboxes {dirs:?}, mounts {mounts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_pod_runs_through_the_cri_and_its_layers_are_pulled_only_inside_the_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), None);
+    let app_layers = layers(&n.app);
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        let v =
+            p.rt.version(coffer_shim::cri::VersionRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(v.runtime_name, "containerd");
+
+        p.pull(&n.app).await.expect("PullImage (metadata only)");
+        for l in &app_layers {
+            assert_eq!(
+                fetched_by(&n.world.registry, l),
+                (0, 0),
+                "layer {l} fetched"
+            );
+        }
+        let config = p.sandbox_config("web", &[(INITDATA, &n.annotation)]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+
+        // A container that prints and exits 7: its log and exit code reach the kubelet's view.
+        let id = p
+            .start_container(
+                &pod,
+                &config,
+                "app",
+                &n.app,
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "echo hello from coffer; echo oops >&2; exit 7",
+                ],
+            )
+            .await
+            .expect("CreateContainer + StartContainer");
+        assert_eq!(p.wait_exited(&id, Duration::from_secs(60)).await, 7);
+        let log = std::fs::read_to_string(p.log_dir.join("web/app.log")).unwrap();
+        assert!(log.contains(" stdout F hello from coffer"), "{log}");
+        assert!(log.contains(" stderr F oops"), "{log}");
+
+        // A second container in the same sandbox: stats while it runs, then StopContainer.
+        let id2 = p
+            .start_container(
+                &pod,
+                &config,
+                "sleeper",
+                &n.app,
+                &["/bin/sh", "-c", "exec sleep 60"],
+            )
+            .await
+            .unwrap();
+        let stats =
+            p.rt.container_stats(coffer_shim::cri::ContainerStatsRequest {
+                container_id: id2.clone(),
+            })
+            .await
+            .expect("ContainerStats")
+            .into_inner()
+            .stats
+            .unwrap();
+        let mem = stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map(|v| v.value);
+        assert!(mem.unwrap_or(0) > 0, "memory {mem:?}");
+        p.rt.stop_container(coffer_shim::cri::StopContainerRequest {
+            container_id: id2.clone(),
+            timeout: 1,
+        })
+        .await
+        .unwrap();
+        let code = p.wait_exited(&id2, Duration::from_secs(30)).await;
+        assert!(code == 137 || code == 143, "{code}");
+
+        // The layers came from inside the sandbox only; containerd fetched none.
+        for l in &app_layers {
+            let (ctrd, others) = fetched_by(&n.world.registry, l);
+            assert_eq!(ctrd, 0, "containerd fetched layer {l}");
+            assert!(others > 0, "layer {l} was never fetched by the sandbox");
+        }
+        p.remove_pod(&pod).await.expect("Stop/RemovePodSandbox");
+    });
+    assert_nothing_left(&n);
+}
+
+#[test]
+fn pods_whose_annotations_would_change_the_policy_or_carry_no_initdata_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), None);
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        let config = p.sandbox_config(
+            "sneaky",
+            &[
+                (INITDATA, &n.annotation),
+                (
+                    "io.katacontainers.config.agent.policy",
+                    "cGFja2FnZSBhZ2VudF9wb2xpY3k=",
+                ),
+            ],
+        );
+        let e = p.run_pod(&config).await.unwrap_err();
+        assert!(
+            e.message()
+                .contains("io.katacontainers.config.agent.policy"),
+            "{}",
+            e.message()
+        );
+        let e = p.run_pod(&p.sandbox_config("bare", &[])).await.unwrap_err();
+        assert!(e.message().contains(INITDATA), "{}", e.message());
+    });
+    assert_nothing_left(&n);
+}
+
+#[test]
+fn ctr_runs_a_container_with_the_coffer_runtime_and_snapshotter() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), None);
+    let app_layers = layers(&n.app);
+    // The image's metadata, as the CRI pulls it: containerd unpacks it onto the coffer
+    // snapshotter, which leaves the layers to the sandbox.
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+    });
+    let out = n.containerd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.coffer.v2",
+        "--snapshotter",
+        "coffer",
+        "--annotation",
+        &format!("{INITDATA}={}", n.annotation),
+        &n.app,
+        "ctr-app",
+        "/bin/sh",
+        "-c",
+        "echo hello through ctr; exit 3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hello through ctr"),
+        "stdout {stdout:?}, stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3));
+    for l in &app_layers {
+        let (ctrd, others) = fetched_by(&n.world.registry, l);
+        assert_eq!(ctrd, 0, "containerd fetched layer {l}");
+        assert!(others > 0, "layer {l} was never fetched by the sandbox");
+    }
+    assert_nothing_left(&n);
+}
+
+/// The process id of the pod's shim.
+fn shim_pid(n: &Node) -> i32 {
+    let procs = processes_mentioning(&format!("-address {}", n.containerd.sock.display()));
+    let line = procs
+        .iter()
+        .find(|l| l.contains("containerd-shim-coffer-v2"))
+        .unwrap_or_else(|| panic!("no shim in {procs:?}"));
+    line.split(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = node(dir.path(), None);
+    let annotation = n.annotation.clone();
+    let app = n.app.clone();
+    let start = |n: &Node, name: &str| {
+        n.rt.block_on(async {
+            let mut p = Pods::new(&n.containerd).await;
+            let config = p.sandbox_config(name, &[(INITDATA, &annotation)]);
+            let pod = p.run_pod(&config).await.unwrap();
+            let id = p
+                .start_container(
+                    &pod,
+                    &config,
+                    "app",
+                    &app,
+                    &["/bin/sh", "-c", "exec sleep 300"],
+                )
+                .await
+                .unwrap();
+            (pod, id)
+        })
+    };
+
+    // kill -9 of the shim: its sandbox goes with it, containerd sees the container exit, and the
+    // pod can be removed.
+    let (pod, id) = start(&n, "victim");
+    let status = Command::new("kill")
+        .args(["-9", &shim_pid(&n).to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.wait_exited(&id, Duration::from_secs(30)).await;
+        p.remove_pod(&pod).await.unwrap();
+    });
+    assert_nothing_left(&n);
+
+    // kill -9 of containerd: the pod keeps running; a restarted containerd finds it again and
+    // removes it.
+    let (pod, id) = start(&n, "survivor");
+    n.containerd.kill9();
+    n.containerd.restart();
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        let s = p.status(&id).await;
+        assert_eq!(
+            s.state,
+            coffer_shim::cri::ContainerState::ContainerRunning as i32
+        );
+        p.remove_pod(&pod).await.unwrap();
+    });
+    assert_nothing_left(&n);
+}

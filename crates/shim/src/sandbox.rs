@@ -1,0 +1,256 @@
+//! One pod's sandbox: a `coffer __sandbox` keeper (the same one `coffer run` starts) holding a
+//! pod VM or a process sandbox, and the agent API client that reaches it.
+//!
+//! The keeper's stdin is a pipe whose writing end only this shim holds: when the shim goes away
+//! for any reason, `kill -9` included, the keeper sees the end of its input and tears the whole
+//! sandbox down (VM or agent, containers, cgroups, directory). A keeper killed on its own is
+//! reaped by `coffer rm -f`, which the shim's `delete` action runs.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use coffer_agent::api::proto::{agent_client::AgentClient, DestroySandboxRequest};
+use tokio::{
+    process::{Child, ChildStdin},
+    sync::{watch, Mutex},
+};
+use tonic::transport::Channel;
+
+use crate::{
+    config::{SandboxKind, ShimConfig},
+    ShimError,
+};
+
+/// A running sandbox.
+pub struct Sandbox {
+    /// Its name (directory and cgroup).
+    pub name: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The keeper's process id.
+    pub pid: u32,
+    /// The agent.
+    pub client: AgentClient<Channel>,
+    /// The keeper's stdin; dropping it ends the sandbox.
+    stdin: Mutex<Option<ChildStdin>>,
+    /// Whether the keeper has exited.
+    gone: watch::Receiver<bool>,
+}
+
+/// The sandbox name for a containerd id: the id itself when it is a valid sandbox name of at
+/// most 32 characters, else 32 hex digits of its digest (the sandbox's socket paths must stay
+/// under the 108 bytes of a unix socket address).
+pub fn name_for(id: &str) -> String {
+    if id.len() <= 32 && coffer_agent::container::is_valid_id(id) {
+        id.to_string()
+    } else {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(id.as_bytes())[..16])
+    }
+}
+
+impl Sandbox {
+    /// Starts the sandbox `name` with `initdata` and waits until its agent serves.
+    pub async fn launch(
+        config: &ShimConfig,
+        name: &str,
+        initdata: &str,
+    ) -> Result<Sandbox, ShimError> {
+        let dir = config.state_dir.join(name);
+        if dir.exists() {
+            // A sandbox of that name left behind (its keeper was killed): reap it first.
+            reap(config, name).await;
+            if dir.exists() {
+                return Err(ShimError::Sandbox(format!(
+                    "sandbox {name} already exists in {}",
+                    config.state_dir.display()
+                )));
+            }
+        }
+        let io = |e: std::io::Error, what: &str| ShimError::Sandbox(format!("{what}: {e}"));
+        std::fs::create_dir_all(&dir).map_err(|e| io(e, &format!("creating {}", dir.display())))?;
+        let initdata_file = dir.join("initdata.toml");
+        std::fs::write(&initdata_file, initdata).map_err(|e| io(e, "writing the initdata"))?;
+        // Kept open: the keeper removes the directory when it fails, and its last words stay
+        // readable through this handle.
+        let log = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("keeper.log"))
+            .map_err(|e| io(e, "creating keeper.log"))?;
+        let mut cmd = tokio::process::Command::new(config.coffer_bin());
+        cmd.arg("__sandbox")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--name")
+            .arg(name)
+            .arg("--agent")
+            .arg(config.agent_bin())
+            .arg("--initdata")
+            .arg(&initdata_file)
+            .arg("--psp-dir")
+            .arg(&config.psp_dir)
+            .arg("--image-cache")
+            .arg(config.image_cache())
+            .arg("--watch-stdin");
+        if config.plain_http {
+            cmd.arg("--plain-http");
+        }
+        if let (SandboxKind::Vm, Some(podvm)) = (config.sandbox, &config.podvm) {
+            cmd.arg("--podvm")
+                .arg(podvm)
+                .arg("--accel")
+                .arg(&config.accel)
+                .arg("--memory")
+                .arg(config.memory_mib.to_string());
+        }
+        tracing::warn!(
+            sandbox = name,
+            "EMULATED TEE: this sandbox has no confidentiality from the node (development only)"
+        );
+        let mut keeper = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().map_err(|e| io(e, "keeper.log"))?)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| io(e, &format!("starting {}", config.coffer_bin().display())))?;
+        let pid = keeper.id().unwrap_or_default();
+        let stdin = keeper.stdin.take();
+
+        let wait = match config.sandbox {
+            SandboxKind::Vm => Duration::from_secs(600),
+            SandboxKind::Process => Duration::from_secs(30),
+        };
+        let sock = dir.join("agent.sock");
+        let until = Instant::now() + wait;
+        let failed = |keeper_log: &std::fs::File| {
+            let agent = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+            let why = [last_line_of(keeper_log), last_line(&agent).to_string()]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            ShimError::Sandbox(format!("sandbox {name} did not start: {why}"))
+        };
+        loop {
+            if sock.exists() {
+                break;
+            }
+            if let Ok(Some(_)) = keeper.try_wait() {
+                return Err(failed(&log));
+            }
+            if Instant::now() > until {
+                drop(stdin);
+                let _ = keeper.wait().await;
+                return Err(ShimError::Sandbox(format!(
+                    "sandbox {name}: the agent did not serve within {wait:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let client = match coffer_agent::api::connect_unix(&sock).await {
+            Ok(c) => c,
+            Err(e) => {
+                drop(stdin);
+                let _ = keeper.wait().await;
+                return Err(ShimError::Sandbox(format!(
+                    "cannot reach the agent of sandbox {name}: {e}"
+                )));
+            }
+        };
+        let (tx, gone) = watch::channel(false);
+        tokio::spawn(watch_keeper(keeper, tx));
+        Ok(Sandbox {
+            name: name.to_string(),
+            dir,
+            pid,
+            client,
+            stdin: Mutex::new(stdin),
+            gone,
+        })
+    }
+
+    /// Whether the sandbox is still running.
+    pub fn alive(&self) -> bool {
+        !*self.gone.borrow()
+    }
+
+    /// Waits until the keeper has exited (and so has torn the sandbox down).
+    pub async fn wait_gone(&self) {
+        let mut gone = self.gone.clone();
+        let _ = gone.wait_for(|g| *g).await;
+    }
+
+    /// Asks the agent to destroy the sandbox, closes the keeper's stdin, and waits until the
+    /// keeper has torn everything down.
+    pub async fn destroy(&self) {
+        if self.alive() {
+            let mut c = self.client.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.destroy_sandbox(DestroySandboxRequest {}),
+            )
+            .await;
+        }
+        drop(self.stdin.lock().await.take());
+        self.wait_gone().await;
+    }
+}
+
+async fn watch_keeper(mut keeper: Child, gone: watch::Sender<bool>) {
+    let _ = keeper.wait().await;
+    let _ = gone.send(true);
+}
+
+/// Removes what a sandbox whose keeper was killed left (its cgroups and directory), with
+/// `coffer rm -f`.
+pub async fn reap(config: &ShimConfig, name: &str) {
+    if !config.state_dir.join(name).exists() {
+        return;
+    }
+    let out = tokio::process::Command::new(config.coffer_bin())
+        .arg("rm")
+        .arg("-f")
+        .arg("--state-dir")
+        .arg(&config.state_dir)
+        .arg(name)
+        .stdin(Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => tracing::warn!(
+            sandbox = name,
+            error = %String::from_utf8_lossy(&o.stderr).trim(),
+            "cannot reap the sandbox"
+        ),
+        Err(e) => tracing::warn!(sandbox = name, error = %e, "cannot run coffer rm"),
+    }
+}
+
+/// The last line of `text` that is not blank.
+fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+}
+
+/// The last non-blank line of an open log file (its last 4 KiB).
+fn last_line_of(f: &std::fs::File) -> String {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(4096);
+    let mut buf = vec![0u8; (len - start) as usize];
+    if f.read_exact_at(&mut buf, start).is_err() {
+        return String::new();
+    }
+    last_line(&String::from_utf8_lossy(&buf)).to_string()
+}

@@ -1,0 +1,880 @@
+//! The containerd Task API (runtime v2, `containerd.task.v2.Task`) mapped onto the agent API.
+//!
+//! One shim process serves one pod: containerd starts the shim for the pod's sandbox container
+//! and, through the grouping of [`crate::Shim::start_shim`], reaches the same process for the
+//! pod's other containers.
+//!
+//! | Task API | what the shim does |
+//! |---|---|
+//! | `Create` of the sandbox container | launches the sandbox with the pod's initdata; no pause process runs |
+//! | `Create` of a container | `CreateContainer` with the image reference: the agent pulls it inside |
+//! | `Start` | `StartContainer`; output is copied from the agent to containerd's FIFOs |
+//! | `Kill` | `SignalProcess`; for the sandbox container, `DestroySandbox` |
+//! | `Wait`, `State`, exit events | from `WaitProcess` (or the keeper's end, for the sandbox) |
+//! | `Stats` | `StatsContainer`, as cgroup v1 metrics |
+//! | `Delete` | `RemoveContainer`; for the sandbox container, the sandbox's teardown |
+//! | `Shutdown` | ends the shim once it serves no task |
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use async_trait::async_trait;
+use coffer_agent::api::proto::{
+    CloseStdinRequest, CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest,
+    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, TtyWinResizeRequest,
+    WaitProcessRequest, WriteStreamRequest,
+};
+use containerd_shim::{
+    api,
+    protos::{
+        cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat},
+        events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart},
+        protobuf::{
+            well_known_types::{any::Any, timestamp::Timestamp},
+            Message, MessageDyn,
+        },
+        topics,
+        types::task::{ProcessInfo, Status},
+    },
+    publisher::RemotePublisher,
+    Context, ExitSignal, Task, TtrpcContext, TtrpcResult,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::{watch, Mutex},
+};
+
+use crate::{
+    annotations::{self, Role},
+    config::ShimConfig,
+    sandbox::{self, Sandbox},
+    ShimError,
+};
+
+/// How a container ended.
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    status: u32,
+    at: SystemTime,
+}
+
+/// One task (container) the shim serves.
+struct TaskEntry {
+    id: String,
+    bundle: String,
+    /// The pod's sandbox container, or a container in a sandbox.
+    is_sandbox: bool,
+    /// A standalone container owns its sandbox and ends it on delete.
+    owns_sandbox: bool,
+    sandbox: Arc<Sandbox>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    started: std::sync::atomic::AtomicBool,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl TaskEntry {
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Records the exit once; true when this call recorded it.
+    fn record_exit(&self, status: u32) -> bool {
+        self.exit.send_if_modified(|e| {
+            if e.is_some() {
+                return false;
+            }
+            *e = Some(Exit {
+                status,
+                at: SystemTime::now(),
+            });
+            true
+        })
+    }
+
+    fn status(&self) -> Status {
+        if self.exited().is_some() {
+            Status::STOPPED
+        } else if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            Status::RUNNING
+        } else {
+            Status::CREATED
+        }
+    }
+}
+
+/// The task service.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Result<ShimConfig, ShimError>,
+    namespace: String,
+    containerd: String,
+    publisher: RemotePublisher,
+    exit: Arc<ExitSignal>,
+    tasks: Mutex<HashMap<String, Arc<TaskEntry>>>,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+}
+
+/// A ttrpc error with a gRPC code containerd understands.
+fn rpc(code: containerd_shim::protos::ttrpc::Code, msg: impl Into<String>) -> TtrpcError {
+    containerd_shim::protos::ttrpc::Error::RpcStatus(containerd_shim::protos::ttrpc::get_status(
+        code,
+        msg.into(),
+    ))
+}
+
+type TtrpcError = containerd_shim::protos::ttrpc::Error;
+
+impl From<ShimError> for TtrpcError {
+    fn from(e: ShimError) -> Self {
+        use containerd_shim::protos::ttrpc::Code;
+        let code = match &e {
+            ShimError::Invalid(_) | ShimError::Config(_) => Code::INVALID_ARGUMENT,
+            ShimError::Refused(_) => Code::PERMISSION_DENIED,
+            ShimError::NotFound(_) => Code::NOT_FOUND,
+            _ => Code::UNKNOWN,
+        };
+        rpc(code, e.to_string())
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let mut ts = Timestamp::new();
+    ts.seconds = d.as_secs() as i64;
+    ts.nanos = d.subsec_nanos() as i32;
+    ts
+}
+
+fn agent_error(what: &str, e: tonic::Status) -> ShimError {
+    match e.code() {
+        tonic::Code::PermissionDenied => {
+            ShimError::Refused(format!("{what}: the agent refused: {}", e.message()))
+        }
+        tonic::Code::NotFound => ShimError::NotFound(format!("{what}: {}", e.message())),
+        _ => ShimError::Agent(format!("{what}: {}", e.message())),
+    }
+}
+
+/// The image reference as the agent takes it.
+fn agent_image(reference: &str) -> String {
+    if reference.contains("://") {
+        reference.to_string()
+    } else {
+        format!("docker://{reference}")
+    }
+}
+
+/// The parts of the bundle's OCI spec the shim uses.
+struct Spec {
+    annotations: BTreeMap<String, String>,
+    args: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    readonly_rootfs: bool,
+}
+
+fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
+    let path = bundle.join("config.json");
+    let bad = |why: String| ShimError::Invalid(format!("{}: {why}", path.display()));
+    let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let annotations = v["annotations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Spec {
+        annotations,
+        args: strings(&v["process"]["args"]),
+        env: strings(&v["process"]["env"]),
+        cwd: v["process"]["cwd"].as_str().unwrap_or_default().to_string(),
+        readonly_rootfs: v["root"]["readonly"].as_bool().unwrap_or(false),
+    })
+}
+
+impl Service {
+    /// A service for the pod served at `namespace`, reporting to containerd at `containerd`.
+    pub fn new(
+        namespace: &str,
+        containerd: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: ShimConfig::load(),
+                namespace: namespace.into(),
+                containerd: containerd.into(),
+                publisher,
+                exit,
+                tasks: Mutex::new(HashMap::new()),
+                sandboxes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn config(&self) -> Result<&ShimConfig, ShimError> {
+        self.inner.config.as_ref().map_err(|e| e.clone())
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .inner
+            .publisher
+            .publish(Context::default(), topic, &self.inner.namespace, event)
+            .await
+        {
+            tracing::warn!(topic, error = %e, "cannot publish the event");
+        }
+    }
+
+    async fn task(&self, id: &str) -> Result<Arc<TaskEntry>, ShimError> {
+        self.inner
+            .tasks
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ShimError::NotFound(format!("task {id}")))
+    }
+
+    /// The initdata of a sandbox: the annotation's, else the configured default.
+    fn initdata(&self, spec: &Spec) -> Result<String, ShimError> {
+        if let Some(text) = annotations::initdata(&spec.annotations)? {
+            return Ok(text);
+        }
+        match &self.config()?.default_initdata {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ShimError::Config(format!("default_initdata {}: {e}", p.display()))),
+            None => Err(ShimError::Refused(format!(
+                "the pod has no initdata ({}) and the node sets no default_initdata",
+                annotations::INITDATA
+            ))),
+        }
+    }
+
+    async fn create_task(&self, req: api::CreateTaskRequest) -> Result<u32, ShimError> {
+        let config = self.config()?.clone();
+        if self.inner.tasks.lock().await.contains_key(&req.id) {
+            return Err(ShimError::Invalid(format!("task {} exists", req.id)));
+        }
+        let spec = read_spec(Path::new(&req.bundle))?;
+        annotations::refuse_overrides(&spec.annotations)?;
+        let role = annotations::role(&spec.annotations)?;
+        let (sandbox, image, is_sandbox, owns_sandbox) = match role {
+            Role::Sandbox => {
+                let initdata = self.initdata(&spec)?;
+                let name = sandbox::name_for(&req.id);
+                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata).await?);
+                self.inner
+                    .sandboxes
+                    .lock()
+                    .await
+                    .insert(req.id.clone(), sb.clone());
+                (sb, None, true, false)
+            }
+            Role::PodContainer { sandbox_id, image } => {
+                let sb = self
+                    .inner
+                    .sandboxes
+                    .lock()
+                    .await
+                    .get(&sandbox_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ShimError::NotFound(format!(
+                            "pod sandbox {sandbox_id} is not served by this shim"
+                        ))
+                    })?;
+                (sb, Some(image), false, false)
+            }
+            Role::Standalone => {
+                let image = crate::containerd::image_of(
+                    &self.inner.containerd,
+                    &self.inner.namespace,
+                    &req.id,
+                )
+                .await?;
+                let initdata = self.initdata(&spec)?;
+                let name = sandbox::name_for(&req.id);
+                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata).await?);
+                (sb, Some(image), false, true)
+            }
+        };
+        if let Some(image) = &image {
+            let mut c = sandbox.client.clone();
+            let created = c
+                .create_container(CreateContainerRequest {
+                    container_id: req.id.clone(),
+                    image: agent_image(image),
+                    args: spec.args.clone(),
+                    env: spec.env.clone(),
+                    working_dir: spec.cwd.clone(),
+                    read_only_rootfs: spec.readonly_rootfs,
+                    tty: req.terminal,
+                    stdin: !req.stdin.is_empty(),
+                })
+                .await
+                .map_err(|e| agent_error(&format!("creating container {}", req.id), e));
+            if let Err(e) = created {
+                if owns_sandbox {
+                    sandbox.destroy().await;
+                }
+                return Err(e);
+            }
+        }
+        let (exit, _) = watch::channel(None);
+        let entry = Arc::new(TaskEntry {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            is_sandbox,
+            owns_sandbox,
+            sandbox: sandbox.clone(),
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            started: Default::default(),
+            exit,
+        });
+        self.inner
+            .tasks
+            .lock()
+            .await
+            .insert(req.id.clone(), entry.clone());
+        // Every task ends when its sandbox does.
+        let me = self.clone();
+        tokio::spawn(async move {
+            entry.sandbox.wait_gone().await;
+            if entry.record_exit(if entry.is_sandbox { 0 } else { 255 }) {
+                me.publish_exit(&entry).await;
+            }
+        });
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                pid: sandbox.pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(sandbox.pid)
+    }
+
+    async fn publish_exit(&self, t: &TaskEntry) {
+        let Some(exit) = t.exited() else { return };
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: t.id.clone(),
+                id: t.id.clone(),
+                pid: t.sandbox.pid,
+                exit_status: exit.status,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+
+    async fn start_task(&self, id: &str) -> Result<u32, ShimError> {
+        let t = self.task(id).await?;
+        if t.is_sandbox {
+            t.started.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            let mut c = t.sandbox.client.clone();
+            c.start_container(StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(|e| agent_error(&format!("starting container {id}"), e))?;
+            t.started.store(true, std::sync::atomic::Ordering::SeqCst);
+            let me = self.clone();
+            let t2 = t.clone();
+            tokio::spawn(async move { me.follow(t2).await });
+        }
+        self.publish(
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: id.into(),
+                pid: t.sandbox.pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(t.sandbox.pid)
+    }
+
+    /// Copies a running container's stdio between containerd's FIFOs and the agent, then
+    /// records and publishes its exit.
+    async fn follow(&self, t: Arc<TaskEntry>) {
+        if !t.stdin.is_empty() {
+            tokio::spawn(pump_stdin(t.clone()));
+        }
+        let out = pump_output(t.clone(), "stdout", t.stdout.clone());
+        let err = pump_output(t.clone(), "stderr", t.stderr.clone());
+        let (a, b) = tokio::join!(out, err);
+        for (stream, r) in [("stdout", a), ("stderr", b)] {
+            if let Err(e) = r {
+                tracing::warn!(container = %t.id, stream, error = %e, "output copy ended");
+            }
+        }
+        let mut c = t.sandbox.client.clone();
+        let waited = c
+            .wait_process(WaitProcessRequest {
+                container_id: t.id.clone(),
+                exec_id: String::new(),
+            })
+            .await;
+        let status = match waited {
+            Ok(r) => r.into_inner().status.max(0) as u32,
+            Err(e) => {
+                tracing::warn!(container = %t.id, error = %e.message(), "waiting for the container");
+                255
+            }
+        };
+        if t.record_exit(status) {
+            self.publish_exit(&t).await;
+        }
+    }
+
+    async fn kill_task(&self, req: api::KillRequest) -> Result<(), ShimError> {
+        let t = self.task(&req.id).await?;
+        if t.exited().is_some() {
+            return Err(ShimError::NotFound(format!(
+                "task {}: process already finished",
+                req.id
+            )));
+        }
+        if t.is_sandbox {
+            // The sandbox's "process" is the sandbox: any fatal signal ends it.
+            t.sandbox.destroy().await;
+            if t.record_exit(128 + req.signal) {
+                self.publish_exit(&t).await;
+            }
+            return Ok(());
+        }
+        if !t.started.load(std::sync::atomic::Ordering::SeqCst) {
+            // Never started: nothing runs; it ends here.
+            if t.record_exit(128 + req.signal) {
+                self.publish_exit(&t).await;
+            }
+            return Ok(());
+        }
+        let mut c = t.sandbox.client.clone();
+        c.signal_process(SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+        })
+        .await
+        .map_err(|e| agent_error(&format!("signalling container {}", req.id), e))?;
+        Ok(())
+    }
+
+    async fn delete_task(&self, id: &str) -> Result<api::DeleteResponse, ShimError> {
+        let t = self.task(id).await?;
+        if t.is_sandbox {
+            t.sandbox.destroy().await;
+            self.inner.sandboxes.lock().await.remove(id);
+        } else {
+            if t.sandbox.alive() {
+                let mut c = t.sandbox.client.clone();
+                let _ = c
+                    .remove_container(RemoveContainerRequest {
+                        container_id: id.into(),
+                    })
+                    .await;
+            }
+            if t.owns_sandbox {
+                t.sandbox.destroy().await;
+            }
+        }
+        t.record_exit(255);
+        self.inner.tasks.lock().await.remove(id);
+        let exit = t.exited().expect("recorded above");
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: id.into(),
+                id: id.into(),
+                pid: t.sandbox.pid,
+                exit_status: exit.status,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::DeleteResponse {
+            pid: t.sandbox.pid,
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats_of(&self, id: &str) -> Result<Any, ShimError> {
+        let t = self.task(id).await?;
+        let mut metrics = Metrics::new();
+        if !t.is_sandbox {
+            let mut c = t.sandbox.client.clone();
+            let s = c
+                .stats_container(StatsContainerRequest {
+                    container_id: id.into(),
+                })
+                .await
+                .map_err(|e| agent_error(&format!("stats of container {id}"), e))?
+                .into_inner();
+            metrics.memory = Some(MemoryStat {
+                usage: Some(MemoryEntry {
+                    usage: s.memory_bytes,
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into();
+            metrics.cpu = Some(CPUStat {
+                usage: Some(CPUUsage {
+                    total: s.cpu_usage_ns,
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into();
+            metrics.pids = Some(PidsStat {
+                current: s.pids.into(),
+                ..Default::default()
+            })
+            .into();
+        }
+        let mut any = Any::new();
+        // containerd resolves the type by its protobuf name.
+        any.type_url = "io.containerd.cgroups.v1.Metrics".into();
+        any.value = metrics
+            .write_to_bytes()
+            .map_err(|e| ShimError::Agent(e.to_string()))?;
+        Ok(any)
+    }
+}
+
+/// Copies one output stream of a container from the agent into containerd's FIFO (or drops it
+/// when containerd gave none), until the stream ends. Output the policy seals stays sealed: it
+/// is written as the JSON lines `coffer logs --sealed` opens with the owner's key.
+async fn pump_output(t: Arc<TaskEntry>, stream: &'static str, fifo: String) -> anyhow::Result<()> {
+    let mut out = if fifo.is_empty() || (stream == "stderr" && t.terminal) {
+        None
+    } else {
+        Some(open_fifo_for_write(Path::new(&fifo)).await?)
+    };
+    let mut c = t.sandbox.client.clone();
+    let mut offset = 0u64;
+    loop {
+        let r = c
+            .read_stream(ReadStreamRequest {
+                container_id: t.id.clone(),
+                exec_id: String::new(),
+                stream: stream.into(),
+                len: 64 << 10,
+                offset,
+                follow: true,
+            })
+            .await;
+        let r = match r {
+            Ok(r) => r.into_inner(),
+            Err(e) if e.code() == tonic::Code::PermissionDenied => {
+                // The policy keeps this output inside the sandbox.
+                tracing::info!(container = %t.id, stream, "the agent policy denies reading the output");
+                return Ok(());
+            }
+            Err(e) => anyhow::bail!("reading {stream}: {}", e.message()),
+        };
+        if r.len == 0 && r.data.is_empty() {
+            if r.eof {
+                return Ok(());
+            }
+            continue;
+        }
+        let bytes = if r.sealed {
+            let mut line = serde_json::to_vec(&coffer_wire::sealed::SealedLine {
+                container_id: t.id.clone(),
+                exec_id: String::new(),
+                stream: stream.into(),
+                offset: r.offset,
+                record: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &r.data),
+            })?;
+            line.push(b'\n');
+            line
+        } else {
+            r.data
+        };
+        offset = r.offset + u64::from(r.len);
+        if let Some(out) = out.as_mut() {
+            if out.write_all(&bytes).await.is_err() {
+                // The reader went away (containerd restarted): keep draining.
+                tracing::info!(container = %t.id, stream, "the output's reader is gone");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Copies containerd's stdin FIFO into the container, then closes its stdin.
+async fn pump_stdin(t: Arc<TaskEntry>) {
+    let mut c = t.sandbox.client.clone();
+    if let Ok(mut fifo) = tokio::fs::File::open(&t.stdin).await {
+        let mut buf = vec![0u8; 32 << 10];
+        while let Ok(n) = fifo.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let sent = c
+                .write_stream(WriteStreamRequest {
+                    container_id: t.id.clone(),
+                    exec_id: String::new(),
+                    data: buf[..n].to_vec(),
+                })
+                .await;
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = c
+        .close_stdin(CloseStdinRequest {
+            container_id: t.id.clone(),
+            exec_id: String::new(),
+        })
+        .await;
+}
+
+/// Opens a FIFO containerd reads for writing (containerd opens its end first).
+async fn open_fifo_for_write(path: &Path) -> anyhow::Result<tokio::fs::File> {
+    let path: PathBuf = path.to_path_buf();
+    let f = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))
+    })
+    .await??;
+    Ok(tokio::fs::File::from_std(f))
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        match self.create_task(req).await {
+            Ok(pid) => Ok(api::CreateTaskResponse {
+                pid,
+                ..Default::default()
+            }),
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "create refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        if !req.exec_id.is_empty() {
+            return Err(ShimError::Refused(
+                "exec through containerd is not offered: use `coffer exec`, which the agent \
+                 policy or the owner's signature must allow"
+                    .into(),
+            )
+            .into());
+        }
+        let pid = self.start_task(&req.id).await?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let t = self.task(&req.id).await?;
+        let exit = t.exited();
+        Ok(api::StateResponse {
+            id: t.id.clone(),
+            bundle: t.bundle.clone(),
+            pid: t.sandbox.pid,
+            status: t.status().into(),
+            stdin: t.stdin.clone(),
+            stdout: t.stdout.clone(),
+            stderr: t.stderr.clone(),
+            terminal: t.terminal,
+            exit_status: exit.map(|e| e.status).unwrap_or_default(),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let t = self.task(&req.id).await?;
+        let mut rx = t.exit.subscribe();
+        let exit = rx
+            .wait_for(|e| e.is_some())
+            .await
+            .map(|e| e.expect("waited for"))
+            .map_err(|_| {
+                rpc(
+                    containerd_shim::protos::ttrpc::Code::UNKNOWN,
+                    "task dropped",
+                )
+            })?;
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.kill_task(req).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        if !req.exec_id.is_empty() {
+            return Err(ShimError::NotFound(format!("exec {}", req.exec_id)).into());
+        }
+        Ok(self.delete_task(&req.id).await?)
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let t = self.task(&req.id).await?;
+        Ok(api::PidsResponse {
+            processes: vec![ProcessInfo {
+                pid: t.sandbox.pid,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        Ok(api::StatsResponse {
+            stats: Some(self.stats_of(&req.id).await?).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let t = self.task(&req.id).await?;
+        let mut c = t.sandbox.client.clone();
+        c.tty_win_resize(TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            rows: req.height,
+            columns: req.width,
+        })
+        .await
+        .map_err(|e| agent_error("resizing the terminal", e))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        // stdin ends when containerd closes its FIFO; the copy then closes the container's.
+        Ok(api::Empty::new())
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // Resources are the sandbox's, fixed at launch.
+        Ok(api::Empty::new())
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let pid = self.task(&req.id).await.map(|t| t.sandbox.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: pid,
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        if self.inner.tasks.lock().await.is_empty() {
+            for sb in self.inner.sandboxes.lock().await.values() {
+                sb.destroy().await;
+            }
+            self.inner.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}
