@@ -36,9 +36,9 @@ fn fetched_by(reg: &common::Registry, digest: &str) -> (usize, usize) {
     (by_containerd, gets.len() - by_containerd)
 }
 
-/// Nothing of the node's pods is left: no shim, keeper or agent, no sandbox directory, mount or
-/// cgroup.
-fn assert_nothing_left(n: &Node) {
+/// Nothing of the node's pods is left: no shim, keeper or agent, no sandbox directory, mount,
+/// or shim socket of the pods (or standalone containers) `groups`.
+fn assert_nothing_left(n: &Node, groups: &[&str]) {
     let d = &n.containerd.dir;
     let pods = d.join("node/run/coffer/pods");
     let until = std::time::Instant::now() + Duration::from_secs(15);
@@ -52,12 +52,21 @@ fn assert_nothing_left(n: &Node) {
             .map(|r| r.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         let mounts = mounts_under(&pods);
-        if procs.is_empty() && dirs.is_empty() && mounts.is_empty() {
+        let sockets: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let sock = n.containerd.sock.display().to_string();
+                coffer_shim::socket_path(&sock, "k8s.io", g)
+            })
+            .filter(|p| p.exists())
+            .collect();
+        if procs.is_empty() && dirs.is_empty() && mounts.is_empty() && sockets.is_empty() {
             break;
         }
         assert!(
             std::time::Instant::now() < until,
-            "left behind: processes {procs:?}, sandboxes {dirs:?}, mounts {mounts:?}"
+            "left behind: processes {procs:?}, sandboxes {dirs:?}, mounts {mounts:?}, \
+             sockets {sockets:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -68,7 +77,7 @@ fn a_pod_runs_through_the_cri_and_its_layers_are_pulled_only_inside_the_sandbox(
     let dir = tempfile::tempdir().unwrap();
     let n = node(dir.path(), None);
     let app_layers = layers(&n.app);
-    n.rt.block_on(async {
+    let pod = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         let v =
             p.rt.version(coffer_shim::cri::VersionRequest::default())
@@ -149,8 +158,9 @@ fn a_pod_runs_through_the_cri_and_its_layers_are_pulled_only_inside_the_sandbox(
             assert!(others > 0, "layer {l} was never fetched by the sandbox");
         }
         p.remove_pod(&pod).await.expect("Stop/RemovePodSandbox");
+        pod
     });
-    assert_nothing_left(&n);
+    assert_nothing_left(&n, &[&pod]);
 }
 
 #[test]
@@ -179,7 +189,7 @@ fn pods_whose_annotations_would_change_the_policy_or_carry_no_initdata_are_refus
         let e = p.run_pod(&p.sandbox_config("bare", &[])).await.unwrap_err();
         assert!(e.message().contains(INITDATA), "{}", e.message());
     });
-    assert_nothing_left(&n);
+    assert_nothing_left(&n, &[]);
 }
 
 #[test]
@@ -222,7 +232,7 @@ fn ctr_runs_a_container_with_the_coffer_runtime_and_snapshotter() {
         assert_eq!(ctrd, 0, "containerd fetched layer {l}");
         assert!(others > 0, "layer {l} was never fetched by the sandbox");
     }
-    assert_nothing_left(&n);
+    assert_nothing_left(&n, &["ctr-app"]);
 }
 
 /// The process id of the pod's shim.
@@ -244,6 +254,7 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     let start = |n: &Node, name: &str| {
         n.rt.block_on(async {
             let mut p = Pods::new(&n.containerd).await;
+            p.pull(&app).await.unwrap();
             let config = p.sandbox_config(name, &[(INITDATA, &annotation)]);
             let pod = p.run_pod(&config).await.unwrap();
             let id = p
@@ -273,7 +284,7 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
         p.wait_exited(&id, Duration::from_secs(30)).await;
         p.remove_pod(&pod).await.unwrap();
     });
-    assert_nothing_left(&n);
+    assert_nothing_left(&n, &[&pod]);
 
     // kill -9 of containerd: the pod keeps running; a restarted containerd finds it again and
     // removes it.
@@ -281,6 +292,7 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     n.containerd.kill9();
     n.containerd.restart();
     n.rt.block_on(async {
+        n.containerd.cri_ready().await;
         let mut p = Pods::new(&n.containerd).await;
         let s = p.status(&id).await;
         assert_eq!(
@@ -289,5 +301,5 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
         );
         p.remove_pod(&pod).await.unwrap();
     });
-    assert_nothing_left(&n);
+    assert_nothing_left(&n, &[&pod]);
 }

@@ -66,6 +66,37 @@ pub struct Shim {
     id: String,
     namespace: String,
     address: String,
+    /// The ttrpc socket this server listens on (`unix://PATH`; empty for `start`/`delete`).
+    socket: String,
+}
+
+/// The pod (sandbox id) a bundle's container belongs to, or the container itself.
+fn grouping(id: &str) -> String {
+    let spec = std::fs::read("config.json").unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&spec)
+        .ok()
+        .and_then(|v| {
+            v["annotations"][annotations::SANDBOX_ID]
+                .as_str()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| id.to_string())
+}
+
+/// The path of the ttrpc socket the shim of a pod (or standalone container) `grouping` serves,
+/// for containerd at `address` in `namespace`.
+pub fn socket_path(address: &str, namespace: &str, grouping: &str) -> std::path::PathBuf {
+    containerd_shim::socket_address(address, namespace, grouping)
+        .trim_start_matches("unix://")
+        .into()
+}
+
+/// Removes a shim socket file nobody serves any more.
+fn remove_dead_socket(address: &str) {
+    let path = address.trim_start_matches("unix://");
+    if std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The configuration the shim crate runs the shim with: no implicit reaping of children (the
@@ -88,20 +119,13 @@ impl containerd_shim::Shim for Shim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             address: args.address.clone(),
+            socket: args.socket.clone(),
         }
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // All containers of a pod go to the shim of the pod's sandbox.
-        let spec = std::fs::read("config.json").unwrap_or_default();
-        let grouping = serde_json::from_slice::<serde_json::Value>(&spec)
-            .ok()
-            .and_then(|v| {
-                v["annotations"][annotations::SANDBOX_ID]
-                    .as_str()
-                    .map(String::from)
-            })
-            .unwrap_or_else(|| opts.id.clone());
+        let grouping = grouping(&opts.id);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         std::fs::write("address", &address)
             .map_err(|e| containerd_shim::Error::Other(format!("writing address: {e}")))?;
@@ -113,6 +137,11 @@ impl containerd_shim::Shim for Shim {
         if let Ok(config) = config::ShimConfig::load() {
             sandbox::reap(&config, &sandbox::name_for(&self.id)).await;
         }
+        remove_dead_socket(&containerd_shim::socket_address(
+            &self.address,
+            &self.namespace,
+            &grouping(&self.id),
+        ));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -129,6 +158,8 @@ impl containerd_shim::Shim for Shim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The bundle holding the `address` file may be gone already: remove the socket here.
+        let _ = std::fs::remove_file(self.socket.trim_start_matches("unix://"));
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {

@@ -193,6 +193,23 @@ impl Containerd {
             .unwrap()
     }
 
+    /// Waits until the CRI plugin serves (it loads its state after containerd's socket is up).
+    pub async fn cri_ready(&self) {
+        let (mut rt, _) = self.cri().await;
+        let until = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = rt
+            .list_pod_sandbox(coffer_shim::cri::ListPodSandboxRequest::default())
+            .await
+        {
+            assert!(
+                Instant::now() < until,
+                "the CRI does not serve: {}",
+                e.message()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// CRI clients (runtime and image services), as the kubelet has them.
     pub async fn cri(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
         let ch = self.channel().await;
