@@ -303,3 +303,46 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     });
     assert_nothing_left(&n, &[&pod]);
 }
+
+#[test]
+fn a_pod_vm_runs_through_the_cri() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let podvm = d.join("podvm");
+    common::run_ok(
+        Command::new(common::coffer_bin())
+            .args(["podvm", "build", "--out"])
+            .arg(&podvm)
+            .arg("--agent")
+            .arg(common::agent_binary()),
+    );
+    let n = node(d, Some(&podvm));
+    let app_layers = layers(&n.app);
+    let pod = n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        let config = p.sandbox_config("vm-pod", &[(INITDATA, &n.annotation)]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox (pod VM)");
+        let id = p
+            .start_container(
+                &pod,
+                &config,
+                "app",
+                &n.app,
+                &["/bin/sh", "-c", "echo hello from the pod VM; exit 5"],
+            )
+            .await
+            .expect("CreateContainer + StartContainer in the pod VM");
+        assert_eq!(p.wait_exited(&id, Duration::from_secs(120)).await, 5);
+        let log = std::fs::read_to_string(p.log_dir.join("vm-pod/app.log")).unwrap();
+        assert!(log.contains(" stdout F hello from the pod VM"), "{log}");
+        p.remove_pod(&pod).await.unwrap();
+        pod
+    });
+    for l in &app_layers {
+        let (ctrd, others) = fetched_by(&n.world.registry, l);
+        assert_eq!(ctrd, 0, "containerd fetched layer {l}");
+        assert!(others > 0, "layer {l} was never fetched by the pod VM");
+    }
+    assert_nothing_left(&n, &[&pod]);
+}
