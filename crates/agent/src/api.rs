@@ -274,7 +274,11 @@ agent_impl! {
             .wait(&req.container_id, &req.exec_id)
             .await
             .map_err(status)?;
-        Ok(Response::new(WaitProcessResponse { status }))
+        let oom_killed = self
+            .containers
+            .oom_killed(&req.container_id, &req.exec_id)
+            .unwrap_or(false);
+        Ok(Response::new(WaitProcessResponse { status, oom_killed }))
     }
 
     async fn signal_process(

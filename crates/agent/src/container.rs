@@ -127,6 +127,8 @@ pub(crate) struct Process {
     stderr: Mutex<StreamBuf>,
     exit: watch::Receiver<Option<i32>>,
     pid: Option<u32>,
+    /// Set before the exit is reported when the process's cgroup saw the OOM killer.
+    oom_killed: std::sync::atomic::AtomicBool,
 }
 
 /// A chunk of output read by [`Containers::read`].
@@ -317,6 +319,39 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
+/// A container's cgroup (the runtime's `cgroupsPath`).
+fn cgroup_path(cgroup_parent: &str, id: &str) -> String {
+    format!("{}/{id}", cgroup_parent.trim_end_matches('/'))
+}
+
+/// The spec's resources: no device, and the memory limit when one is set.
+fn resources(memory_limit: u64) -> Value {
+    let mut r = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    if memory_limit > 0 {
+        r["memory"] = json!({"limit": memory_limit});
+    }
+    r
+}
+
+/// Whether the cgroup `path` (as `cgroupsPath` names it) saw the OOM killer: `oom_kill` in its
+/// `memory.events` (cgroup v2) or `memory.oom_control` (v1).
+fn saw_oom_kill(path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    [
+        format!("/sys/fs/cgroup/{rel}/memory.events"),
+        format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
+    ]
+    .iter()
+    .filter_map(|f| std::fs::read_to_string(f).ok())
+    .any(|text| {
+        text.lines().any(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+    })
+}
+
 /// The OCI runtime spec for a container from `image_config` (the image's `config` section), the
 /// resolved `user` (uid, gid) and the request.
 pub fn spec(
@@ -392,8 +427,8 @@ pub fn spec(
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
                            {"type": "uts"}, {"type": "mount"}],
-            "cgroupsPath": format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
-            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "cgroupsPath": cgroup_path(cgroup_parent, id),
+            "resources": resources(req.memory_limit_bytes),
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                 "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
@@ -651,6 +686,7 @@ impl Containers {
         mut cmd: tokio::process::Command,
         stdin: bool,
         tty: bool,
+        oom_cgroup: Option<String>,
     ) -> Result<Arc<Process>> {
         let runtime_err = |e: std::io::Error| {
             ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
@@ -683,6 +719,7 @@ impl Containers {
             stderr: Mutex::new(StreamBuf::default()),
             exit: rx,
             pid: child.id(),
+            oom_killed: Default::default(),
         });
         let pipes: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
             child.stdout.take().map(|p| Box::new(p) as _),
@@ -711,8 +748,16 @@ impl Containers {
             }));
         }
         let changed = self.changed.clone();
+        let exited = process.clone();
         tokio::spawn(async move {
             let status = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+            // The runtime keeps the container (`--keep`) until it is removed: its cgroup
+            // still tells whether the OOM killer ended it.
+            if oom_cgroup.as_deref().is_some_and(saw_oom_kill) {
+                exited
+                    .oom_killed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             // The exit is reported once all output is in (or a leftover child of an exec
             // still holds the pipes after a grace period).
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
@@ -741,8 +786,18 @@ impl Containers {
                 )));
             }
             let mut cmd = self.runtime_cmd();
-            cmd.arg("run").arg("--bundle").arg(&c.bundle).arg(id);
-            let p = self.spawn(cmd, c.stdin, c.tty)?;
+            // Kept after it exits (until removed), so that its cgroup can be read.
+            cmd.arg("run")
+                .arg("--keep")
+                .arg("--bundle")
+                .arg(&c.bundle)
+                .arg(id);
+            let p = self.spawn(
+                cmd,
+                c.stdin,
+                c.tty,
+                Some(cgroup_path(&self.cgroup_parent, id)),
+            )?;
             c.init = Some(p.clone());
             p
         };
@@ -820,7 +875,7 @@ impl Containers {
             .map_err(|e| ContainerError::Runtime(format!("cannot write the exec spec: {e}")))?;
         let mut cmd = self.runtime_cmd();
         cmd.arg("exec").arg("--process").arg(&file).arg(id);
-        let p = self.spawn(cmd, stdin, tty)?;
+        let p = self.spawn(cmd, stdin, tty, None)?;
         c.execs.insert(exec_id.into(), p);
         tracing::info!(container = id, exec = exec_id, "exec started");
         Ok(())
@@ -841,6 +896,14 @@ impl Containers {
                 .cloned()
                 .ok_or_else(|| ContainerError::NotFound(format!("{id} exec {exec_id}")))
         }
+    }
+
+    /// Whether the OOM killer ended a container's process (known once it has exited).
+    pub fn oom_killed(&self, id: &str, exec_id: &str) -> Result<bool> {
+        Ok(self
+            .process(id, exec_id)?
+            .oom_killed
+            .load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Waits for a process (the container's when `exec_id` is empty) to exit; its status.

@@ -151,6 +151,27 @@ fn a_pod_runs_through_the_cri_and_its_layers_are_pulled_only_inside_the_sandbox(
         let code = p.wait_exited(&id2, Duration::from_secs(30)).await;
         assert!(code == 137 || code == 143, "{code}");
 
+        // A container past its memory limit: the OOM killer ends it inside the sandbox, and
+        // the kubelet learns why.
+        let id3 = p
+            .start_limited(
+                &pod,
+                &config,
+                "hog",
+                &n.app,
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "exec dd if=/dev/zero of=/dev/null bs=96M count=4",
+                ],
+                32 << 20,
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&id3, Duration::from_secs(30)).await, 137);
+        let reason = p.status(&id3).await.reason;
+        assert_eq!(reason, "OOMKilled");
+
         // The layers came from inside the sandbox only; containerd fetched none.
         for l in &app_layers {
             let (ctrd, others) = fetched_by(&n.world.registry, l);

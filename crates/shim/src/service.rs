@@ -32,7 +32,7 @@ use containerd_shim::{
     api,
     protos::{
         cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat},
-        events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart},
+        events::task::{TaskCreate, TaskDelete, TaskExit, TaskOOM, TaskStart},
         protobuf::{
             well_known_types::{any::Any, timestamp::Timestamp},
             Message, MessageDyn,
@@ -182,6 +182,8 @@ struct Spec {
     env: Vec<String>,
     cwd: String,
     readonly_rootfs: bool,
+    /// `linux.resources.memory.limit` (0: none).
+    memory_limit: u64,
 }
 
 fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
@@ -212,6 +214,10 @@ fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
         env: strings(&v["process"]["env"]),
         cwd: v["process"]["cwd"].as_str().unwrap_or_default().to_string(),
         readonly_rootfs: v["root"]["readonly"].as_bool().unwrap_or(false),
+        memory_limit: v["linux"]["resources"]["memory"]["limit"]
+            .as_i64()
+            .filter(|l| *l > 0)
+            .unwrap_or(0) as u64,
     })
 }
 
@@ -336,6 +342,7 @@ impl Service {
                     read_only_rootfs: spec.readonly_rootfs,
                     tty: req.terminal,
                     stdin: !req.stdin.is_empty(),
+                    memory_limit_bytes: spec.memory_limit,
                 })
                 .await
                 .map_err(|e| agent_error(&format!("creating container {}", req.id), e));
@@ -451,13 +458,27 @@ impl Service {
                 exec_id: String::new(),
             })
             .await;
-        let status = match waited {
-            Ok(r) => r.into_inner().status.max(0) as u32,
+        let (status, oom) = match waited {
+            Ok(r) => {
+                let r = r.into_inner();
+                (r.status.max(0) as u32, r.oom_killed)
+            }
             Err(e) => {
                 tracing::warn!(container = %t.id, error = %e.message(), "waiting for the container");
-                255
+                (255, false)
             }
         };
+        if oom {
+            // Before the exit, as runc's shim does: the kubelet then reports OOMKilled.
+            self.publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: t.id.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
         if t.record_exit(status) {
             self.publish_exit(&t).await;
         }

@@ -420,6 +420,20 @@ impl Pods {
         image: &str,
         command: &[&str],
     ) -> Result<String, tonic::Status> {
+        self.start_limited(pod, config, name, image, command, 0)
+            .await
+    }
+
+    /// [`Self::start_container`] with a memory limit (bytes; 0: none).
+    pub async fn start_limited(
+        &mut self,
+        pod: &str,
+        config: &coffer_shim::cri::PodSandboxConfig,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        memory_limit: i64,
+    ) -> Result<String, tonic::Status> {
         use coffer_shim::cri::*;
         let id = self
             .rt
@@ -436,6 +450,13 @@ impl Pods {
                     }),
                     command: command.iter().map(|s| s.to_string()).collect(),
                     log_path: format!("{name}.log"),
+                    linux: Some(LinuxContainerConfig {
+                        resources: Some(LinuxContainerResources {
+                            memory_limit_in_bytes: memory_limit,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 sandbox_config: Some(config.clone()),
