@@ -196,7 +196,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             }
             if let Ok(Some(_)) = keeper.try_wait() {
                 let agent = sandbox.agent_error();
-                let keeper = last_line(&keeper_log);
+                let keeper = coffer_fsutil::last_line_of(&keeper_log);
                 bail!(
                     "the sandbox did not start: {}",
                     [keeper, agent]
@@ -273,16 +273,4 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             e.context("the sandbox's agent is gone")
         }
     })
-}
-
-/// The last non-blank line of an open log file (its last 4 KiB).
-fn last_line(f: &std::fs::File) -> String {
-    use std::os::unix::fs::FileExt;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(4096);
-    let mut buf = vec![0u8; (len - start) as usize];
-    if f.read_exact_at(&mut buf, start).is_err() {
-        return String::new();
-    }
-    crate::sandbox::last_line(&String::from_utf8_lossy(&buf)).to_string()
 }

@@ -151,16 +151,8 @@ impl SandboxDir {
     /// The last line the agent wrote to its log (to explain a failed start).
     pub fn agent_error(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
-        last_line(&log).to_string()
+        coffer_fsutil::last_line(&log).to_string()
     }
-}
-
-/// The last line of `text` that is not blank ("" when none).
-pub fn last_line(text: &str) -> &str {
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
 }
 
 /// Checks a sandbox or container name.

@@ -17,7 +17,8 @@ use anyhow::{bail, Context};
 use coffer_podvm::{mux, Accel, Launch, PodVm, Tee};
 use tokio::io::AsyncReadExt;
 
-use crate::sandbox::{die_with_keeper, forward, last_line, owner_gone, KeeperArgs};
+use crate::sandbox::{die_with_keeper, forward, owner_gone, KeeperArgs};
+use coffer_fsutil::last_line;
 
 /// Whether a KVM guest runs here: with the CPU model the launch uses (`host`), a 64 KiB
 /// firmware whose reset vector writes to QEMU's isa-debug-exit port must make QEMU exit with

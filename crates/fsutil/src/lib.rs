@@ -1,6 +1,7 @@
 //! Durable file writes: a file is written to a temporary file beside it, synced, given its mode,
 //! renamed into place and its directory synced, so that after a crash the path holds either the
-//! old content or the whole new content — never a prefix.
+//! old content or the whole new content — never a prefix. Also the last words of a log, which
+//! the launchers quote when a sandbox fails to start.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -47,4 +48,25 @@ mod tests {
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
         assert!(write_atomic(&d.path().join("missing/key"), b"x", 0o600).is_err());
     }
+}
+
+/// The last line of `text` that is not blank ("" when none).
+pub fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+}
+
+/// The last non-blank line of an open log file (within its last 4 KiB), read through the handle
+/// even when the file was removed meanwhile.
+pub fn last_line_of(f: &fs::File) -> String {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(4096);
+    let mut buf = vec![0u8; (len - start) as usize];
+    if f.read_exact_at(&mut buf, start).is_err() {
+        return String::new();
+    }
+    last_line(&String::from_utf8_lossy(&buf)).to_string()
 }

@@ -132,11 +132,14 @@ impl Sandbox {
         let until = Instant::now() + wait;
         let failed = |keeper_log: &std::fs::File| {
             let agent = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-            let why = [last_line_of(keeper_log), last_line(&agent).to_string()]
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let why = [
+                coffer_fsutil::last_line_of(keeper_log),
+                coffer_fsutil::last_line(&agent).to_string(),
+            ]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
             ShimError::Sandbox(format!("sandbox {name} did not start: {why}"))
         };
         loop {
@@ -233,24 +236,4 @@ pub async fn reap(config: &ShimConfig, name: &str) {
         ),
         Err(e) => tracing::warn!(sandbox = name, error = %e, "cannot run coffer rm"),
     }
-}
-
-/// The last line of `text` that is not blank.
-fn last_line(text: &str) -> &str {
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-}
-
-/// The last non-blank line of an open log file (its last 4 KiB).
-fn last_line_of(f: &std::fs::File) -> String {
-    use std::os::unix::fs::FileExt;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(4096);
-    let mut buf = vec![0u8; (len - start) as usize];
-    if f.read_exact_at(&mut buf, start).is_err() {
-        return String::new();
-    }
-    last_line(&String::from_utf8_lossy(&buf)).to_string()
 }

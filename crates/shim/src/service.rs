@@ -372,11 +372,12 @@ impl Service {
             .lock()
             .await
             .insert(req.id.clone(), entry.clone());
-        // Every task ends when its sandbox does.
+        // Every task ends when its sandbox does; unasked, that is a crash (VM or agent gone).
         let me = self.clone();
         tokio::spawn(async move {
             entry.sandbox.wait_gone().await;
-            if entry.record_exit(if entry.is_sandbox { 0 } else { 255 }) {
+            if entry.record_exit(255) {
+                tracing::warn!(task = %entry.id, sandbox = %entry.sandbox.name, "the sandbox ended");
                 me.publish_exit(&entry).await;
             }
         });
@@ -493,9 +494,11 @@ impl Service {
             )));
         }
         if t.is_sandbox {
-            // The sandbox's "process" is the sandbox: any fatal signal ends it.
+            // The sandbox's "process" is the sandbox: any signal ends it. The exit is recorded
+            // first, so that the end of the keeper is not taken for a crash.
+            let recorded = t.record_exit(128 + req.signal);
             t.sandbox.destroy().await;
-            if t.record_exit(128 + req.signal) {
+            if recorded {
                 self.publish_exit(&t).await;
             }
             return Ok(());
