@@ -902,3 +902,46 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bundle_spec_gives_the_agent_its_request() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("config.json"),
+            serde_json::json!({
+                "process": {"args": ["/bin/sh", "-c", "echo hi"], "env": ["A=1"], "cwd": "/srv"},
+                "root": {"path": "rootfs", "readonly": true},
+                "linux": {"resources": {"memory": {"limit": 33554432}}},
+                "annotations": {annotations::CONTAINER_TYPE: "container", "n": "v"},
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let s = read_spec(d.path()).unwrap();
+        assert_eq!(s.args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(
+            (s.env.as_slice(), s.cwd.as_str()),
+            (&["A=1".to_string()][..], "/srv")
+        );
+        assert!(s.readonly_rootfs);
+        assert_eq!(s.memory_limit, 32 << 20);
+        assert_eq!(s.annotations["n"], "v");
+
+        std::fs::write(d.path().join("config.json"), "{").unwrap();
+        let e = read_spec(d.path()).err().unwrap().to_string();
+        assert!(e.contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn image_references_get_the_registry_transport() {
+        assert_eq!(
+            agent_image("r.example:5000/app:v1"),
+            "docker://r.example:5000/app:v1"
+        );
+        assert_eq!(agent_image("docker://r/app:v1"), "docker://r/app:v1");
+    }
+}
