@@ -1,9 +1,10 @@
 //! `cargo bench -p coffer --bench cri [-- RUNS] [--vm]`: a pod's start through the CRI, as the
 //! kubelet makes it, under Debian's containerd with Coffer installed (`coffer install
 //! containerd`): RunPodSandbox + CreateContainer + StartContainer of the encrypted busybox image
-//! (KBS in this process, docker-registry on loopback). Each pod is fresh: sandbox launch,
-//! attestation, key release, the pull inside the sandbox (process sandboxes share the verified
-//! blob cache, a pod VM pulls from the registry), runc. Printed per call, and to the container's
+//! (KBS in this process, docker-registry on loopback). Each pod is fresh: sandbox launch
+//! (RunPodSandbox), then containerd's container record (CreateContainer), then the shim's task
+//! (StartContainer): attestation, key release, the pull inside the sandbox (process sandboxes
+//! share the verified blob cache, a pod VM pulls from the registry), runc. Printed per call, and to the container's
 //! first log line; `--vm` runs pod VMs (the accelerator `auto` picks: TCG on this project's CI
 //! machine) instead of process sandboxes.
 
@@ -108,9 +109,24 @@ fn main() {
     });
     let kind = if vm { "pod VM" } else { "process sandbox" };
     println!("CRI pod start, {kind}, {runs} pods (median ms):");
-    println!("  RunPodSandbox                 {:8.1}", median(run));
-    println!("  CreateContainer (pull inside) {:8.1}", median(create));
-    println!("  StartContainer                {:8.1}", median(start));
-    println!("  Run + Create + Start          {:8.1}", median(total));
-    println!("  ... to the first log line     {:8.1}", median(first));
+    println!(
+        "  RunPodSandbox (sandbox launch)         {:8.1}",
+        median(run)
+    );
+    println!(
+        "  CreateContainer (containerd's record)  {:8.1}",
+        median(create)
+    );
+    println!(
+        "  StartContainer (pull inside, runc)     {:8.1}",
+        median(start)
+    );
+    println!(
+        "  Run + Create + Start                   {:8.1}",
+        median(total)
+    );
+    println!(
+        "  ... to the first log line              {:8.1}",
+        median(first)
+    );
 }
