@@ -464,9 +464,16 @@ impl tokio::io::AsyncWrite for MuxConn {
 pub async fn connect_unix(
     path: &Path,
 ) -> Result<agent_client::AgentClient<tonic::transport::Channel>, tonic::transport::Error> {
+    Ok(agent_client::AgentClient::new(unix_channel(path).await?))
+}
+
+/// A gRPC channel to a server on the unix socket `path` (the agent, containerd).
+pub async fn unix_channel(
+    path: &Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let path = path.to_path_buf();
     // The URI is required by the transport and unused: the connector dials the socket.
-    let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+    tonic::transport::Endpoint::from_static("http://unix.invalid")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -475,6 +482,5 @@ pub async fn connect_unix(
                 ))
             }
         }))
-        .await?;
-    Ok(agent_client::AgentClient::new(channel))
+        .await
 }

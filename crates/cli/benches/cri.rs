@@ -57,36 +57,19 @@ fn main() {
             let t0 = Instant::now();
             let pod = p.run_pod(&config).await.expect("RunPodSandbox");
             let t1 = Instant::now();
-            let id =
-                p.rt.create_container(coffer_shim::cri::CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(coffer_shim::cri::ContainerConfig {
-                        metadata: Some(coffer_shim::cri::ContainerMetadata {
-                            name: "app".into(),
-                            attempt: 0,
-                        }),
-                        image: Some(coffer_shim::cri::ImageSpec {
-                            image: n.app.clone(),
-                            ..Default::default()
-                        }),
-                        command: ["/bin/sh", "-c", "echo started; exec sleep 30"]
-                            .map(String::from)
-                            .to_vec(),
-                        log_path: "app.log".into(),
-                        ..Default::default()
-                    }),
-                    sandbox_config: Some(config.clone()),
-                })
+            let id = p
+                .create(
+                    &pod,
+                    &config,
+                    "app",
+                    &n.app,
+                    &["/bin/sh", "-c", "echo started; exec sleep 30"],
+                    0,
+                )
                 .await
-                .expect("CreateContainer")
-                .into_inner()
-                .container_id;
+                .expect("CreateContainer");
             let t2 = Instant::now();
-            p.rt.start_container(coffer_shim::cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .expect("StartContainer");
+            p.start(&id).await.expect("StartContainer");
             let t3 = Instant::now();
             let log = p.log_dir.join(&name).join("app.log");
             while !std::fs::read_to_string(&log)

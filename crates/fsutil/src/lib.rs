@@ -30,26 +30,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::MetadataExt;
-
-    use super::*;
-
-    #[test]
-    fn replaces_content_and_sets_the_mode() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("key");
-        write_atomic(&p, b"one", 0o600).unwrap();
-        write_atomic(&p, b"two", 0o640).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
-        // Nothing else is left in the directory.
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
-        assert!(write_atomic(&d.path().join("missing/key"), b"x", 0o600).is_err());
-    }
-}
-
 /// The last line of `text` that is not blank ("" when none).
 pub fn last_line(text: &str) -> &str {
     text.lines()
@@ -69,4 +49,36 @@ pub fn last_line_of(f: &fs::File) -> String {
         return String::new();
     }
     last_line(&String::from_utf8_lossy(&buf)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn replaces_content_and_sets_the_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("key");
+        write_atomic(&p, b"one", 0o600).unwrap();
+        write_atomic(&p, b"two", 0o640).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
+        // Nothing else is left in the directory.
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+        assert!(write_atomic(&d.path().join("missing/key"), b"x", 0o600).is_err());
+    }
+
+    #[test]
+    fn the_last_line_skips_blank_ones() {
+        assert_eq!(last_line("a\nerror: x\n\n  \n"), "error: x");
+        assert_eq!(last_line(""), "");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        fs::write(&p, format!("{}\nlast words\n", "x".repeat(10_000))).unwrap();
+        let f = fs::File::open(&p).unwrap();
+        fs::remove_file(&p).unwrap();
+        assert_eq!(last_line_of(&f), "last words");
+    }
 }

@@ -17,15 +17,7 @@ pub mod api {
 pub async fn image_of(address: &str, namespace: &str, id: &str) -> Result<String, ShimError> {
     let path = PathBuf::from(address.trim_start_matches("unix://"));
     let failed = |e: String| ShimError::Containerd(format!("container {id}: {e}"));
-    let channel = tonic::transport::Endpoint::from_static("http://containerd.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = coffer_agent::api::unix_channel(&path)
         .await
         .map_err(|e| failed(format!("cannot reach containerd at {address}: {e}")))?;
     let mut request = tonic::Request::new(api::GetContainerRequest { id: id.into() });

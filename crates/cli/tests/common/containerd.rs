@@ -179,18 +179,7 @@ impl Containerd {
 
     /// A gRPC channel to containerd.
     pub async fn channel(&self) -> Channel {
-        let path = self.sock.clone();
-        tonic::transport::Endpoint::from_static("http://containerd.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap()
+        coffer_agent::api::unix_channel(&self.sock).await.unwrap()
     }
 
     /// Waits until the CRI plugin serves (it loads its state after containerd's socket is up).
@@ -434,9 +423,26 @@ impl Pods {
         command: &[&str],
         memory_limit: i64,
     ) -> Result<String, tonic::Status> {
-        use coffer_shim::cri::*;
         let id = self
-            .rt
+            .create(pod, config, name, image, command, memory_limit)
+            .await?;
+        self.start(&id).await?;
+        Ok(id)
+    }
+
+    /// CreateContainer `name` from `image` running `command`, with a memory limit (bytes; 0:
+    /// none); logs go to `NAME.log` in the pod's log directory.
+    pub async fn create(
+        &mut self,
+        pod: &str,
+        config: &coffer_shim::cri::PodSandboxConfig,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        memory_limit: i64,
+    ) -> Result<String, tonic::Status> {
+        use coffer_shim::cri::*;
+        self.rt
             .create_container(CreateContainerRequest {
                 pod_sandbox_id: pod.into(),
                 config: Some(ContainerConfig {
@@ -461,15 +467,18 @@ impl Pods {
                 }),
                 sandbox_config: Some(config.clone()),
             })
-            .await?
-            .into_inner()
-            .container_id;
+            .await
+            .map(|r| r.into_inner().container_id)
+    }
+
+    /// StartContainer.
+    pub async fn start(&mut self, id: &str) -> Result<(), tonic::Status> {
         self.rt
-            .start_container(StartContainerRequest {
-                container_id: id.clone(),
+            .start_container(coffer_shim::cri::StartContainerRequest {
+                container_id: id.into(),
             })
-            .await?;
-        Ok(id)
+            .await
+            .map(|_| ())
     }
 
     /// ContainerStatus.
