@@ -15,21 +15,6 @@ use coffer_shim::cri::{
 };
 use tonic::transport::Channel;
 
-/// A program built beside `coffer` (building its package first when it is missing).
-pub fn sibling_binary(package: &str, bin: &str) -> PathBuf {
-    let p = Path::new(super::coffer_bin()).with_file_name(bin);
-    let release = p.parent().is_some_and(|d| d.ends_with("release"));
-    if release || !p.exists() {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", package, "--bin", bin]);
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success(), "cannot build {bin}");
-    }
-    p
-}
-
 /// containerd and the snapshotter, killed on drop.
 pub struct Containerd {
     /// The test directory.
@@ -73,8 +58,8 @@ impl Containerd {
     /// Installs Coffer into a private containerd under `dir` with `coffer install containerd
     /// --root DIR`, and starts the snapshotter and containerd.
     pub fn start(dir: &Path, setup: &ShimSetup) -> Self {
-        let shim = sibling_binary("coffer-shim", "containerd-shim-coffer-v2");
-        let snapshotter = sibling_binary("coffer-snapshotter", "coffer-snapshotter");
+        let shim = super::sibling_binary("coffer-shim", "containerd-shim-coffer-v2");
+        let snapshotter = super::sibling_binary("coffer-snapshotter", "coffer-snapshotter");
         let agent = super::agent_binary();
         let root = dir.join("node");
         let mut install = Command::new(super::coffer_bin());
@@ -162,7 +147,7 @@ impl Containerd {
     /// Starts containerd again on the same root and state.
     pub fn restart(&mut self) {
         let config = self.dir.join("node/etc/containerd/config.toml");
-        let shim = sibling_binary("coffer-shim", "containerd-shim-coffer-v2");
+        let shim = super::sibling_binary("coffer-shim", "containerd-shim-coffer-v2");
         self.containerd = Some(self.spawn_containerd(&config, shim.parent().unwrap()));
     }
 

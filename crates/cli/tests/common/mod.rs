@@ -353,15 +353,21 @@ pub fn push_encrypted_busybox(dir: &Path, registry: &str, creds: Option<&str>) -
 /// The `coffer-agent` binary beside this package's `coffer`. Workspace test runs build it; a
 /// benchmark (release profile, this package only) or a lone `cargo test -p coffer` builds it here.
 pub fn agent_binary() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_coffer")).with_file_name("coffer-agent");
+    sibling_binary("coffer-agent", "coffer-agent")
+}
+
+/// The program `bin` of the workspace package `package`, built beside `coffer` (built here when
+/// missing, and always for a benchmark's release profile, which builds only this package).
+pub fn sibling_binary(package: &str, bin: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_coffer")).with_file_name(bin);
     let release = p.parent().is_some_and(|d| d.ends_with("release"));
     if release || !p.exists() {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "coffer-agent", "--bin", "coffer-agent"]);
+        cmd.args(["build", "-p", package, "--bin", bin]);
         if release {
             cmd.arg("--release");
         }
-        assert!(cmd.status().unwrap().success(), "cannot build coffer-agent");
+        assert!(cmd.status().unwrap().success(), "cannot build {bin}");
     }
     p
 }
