@@ -266,6 +266,14 @@ fn shim_pid(n: &Node) -> i32 {
     line.split(':').next().unwrap().parse().unwrap()
 }
 
+fn kill9(pid: i32) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 #[test]
 fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,11 +303,7 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     // kill -9 of the shim: its sandbox goes with it, containerd sees the container exit, and the
     // pod can be removed.
     let (pod, id) = start(&n, "victim");
-    let status = Command::new("kill")
-        .args(["-9", &shim_pid(&n).to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kill9(shim_pid(&n));
     n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         p.wait_exited(&id, Duration::from_secs(30)).await;
@@ -313,7 +317,6 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     n.containerd.kill9();
     n.containerd.restart();
     n.rt.block_on(async {
-        n.containerd.cri_ready().await;
         let mut p = Pods::new(&n.containerd).await;
         let s = p.status(&id).await;
         assert_eq!(
@@ -365,5 +368,35 @@ fn a_pod_vm_runs_through_the_cri() {
         assert_eq!(ctrd, 0, "containerd fetched layer {l}");
         assert!(others > 0, "layer {l} was never fetched by the pod VM");
     }
+    assert_nothing_left(&n, &[&pod]);
+
+    // kill -9 of the shim of a running pod VM: QEMU goes with it.
+    let pod = n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        let config = p.sandbox_config("vm-victim", &[(INITDATA, &n.annotation)]);
+        let pod = p.run_pod(&config).await.unwrap();
+        p.start_container(
+            &pod,
+            &config,
+            "app",
+            &n.app,
+            &["/bin/sh", "-c", "exec sleep 300"],
+        )
+        .await
+        .unwrap();
+        let pods = n.containerd.dir.join("node/run/coffer/pods");
+        assert!(
+            processes_mentioning(&pods.display().to_string())
+                .iter()
+                .any(|l| l.contains("qemu-system")),
+            "the pod VM runs under QEMU"
+        );
+        pod
+    });
+    kill9(shim_pid(&n));
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.remove_pod(&pod).await.unwrap();
+    });
     assert_nothing_left(&n, &[&pod]);
 }

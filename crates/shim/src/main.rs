@@ -1,6 +1,10 @@
 //! `containerd-shim-coffer-v2`: containerd starts it as the runtime `io.containerd.coffer.v2`.
 
 fn main() {
+    // The server's stderr goes nowhere: a panic is logged where containerd relays the shim's log.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "containerd-shim-coffer-v2 panicked");
+    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

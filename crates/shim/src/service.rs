@@ -76,6 +76,9 @@ struct TaskEntry {
     stderr: String,
     terminal: bool,
     started: std::sync::atomic::AtomicBool,
+    /// The signal a `Kill` of the sandbox container asked for (0: none), so that the sandbox's
+    /// end is reported as that kill rather than a crash.
+    kill_signal: std::sync::atomic::AtomicU32,
     exit: watch::Sender<Option<Exit>>,
 }
 
@@ -365,6 +368,7 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
             started: Default::default(),
+            kill_signal: Default::default(),
             exit,
         });
         self.inner
@@ -376,8 +380,12 @@ impl Service {
         let me = self.clone();
         tokio::spawn(async move {
             entry.sandbox.wait_gone().await;
-            if entry.record_exit(255) {
-                tracing::warn!(task = %entry.id, sandbox = %entry.sandbox.name, "the sandbox ended");
+            let asked = entry.kill_signal.load(std::sync::atomic::Ordering::SeqCst);
+            let status = if asked > 0 { 128 + asked } else { 255 };
+            if entry.record_exit(status) {
+                if asked == 0 {
+                    tracing::warn!(task = %entry.id, sandbox = %entry.sandbox.name, "the sandbox ended");
+                }
                 me.publish_exit(&entry).await;
             }
         });
@@ -487,6 +495,7 @@ impl Service {
 
     async fn kill_task(&self, req: api::KillRequest) -> Result<(), ShimError> {
         let t = self.task(&req.id).await?;
+        tracing::debug!(task = %req.id, signal = req.signal, sandbox = t.is_sandbox, "kill");
         if t.exited().is_some() {
             return Err(ShimError::NotFound(format!(
                 "task {}: process already finished",
@@ -494,11 +503,13 @@ impl Service {
             )));
         }
         if t.is_sandbox {
-            // The sandbox's "process" is the sandbox: any signal ends it. The exit is recorded
-            // first, so that the end of the keeper is not taken for a crash.
-            let recorded = t.record_exit(128 + req.signal);
+            // The sandbox's "process" is the sandbox: any signal ends it. Its exit is recorded
+            // once the teardown is over: containerd deletes the task (and shuts the shim down)
+            // as soon as it sees the exit, which must not cut this call short.
+            t.kill_signal
+                .store(req.signal.max(1), std::sync::atomic::Ordering::SeqCst);
             t.sandbox.destroy().await;
-            if recorded {
+            if t.record_exit(128 + req.signal) {
                 self.publish_exit(&t).await;
             }
             return Ok(());
@@ -523,6 +534,7 @@ impl Service {
 
     async fn delete_task(&self, id: &str) -> Result<api::DeleteResponse, ShimError> {
         let t = self.task(id).await?;
+        tracing::debug!(task = %id, sandbox = t.is_sandbox, "delete");
         if t.is_sandbox {
             t.sandbox.destroy().await;
             self.inner.sandboxes.lock().await.remove(id);
@@ -891,9 +903,11 @@ impl Task for Service {
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ShutdownRequest,
+        req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
-        if self.inner.tasks.lock().await.is_empty() {
+        let left = self.inner.tasks.lock().await.len();
+        tracing::debug!(task = %req.id, tasks_left = left, "shutdown requested");
+        if left == 0 {
             for sb in self.inner.sandboxes.lock().await.values() {
                 sb.destroy().await;
             }

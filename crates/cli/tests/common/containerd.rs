@@ -31,6 +31,26 @@ pub struct Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What containerd and the shims (whose logs containerd relays) said last.
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<_> = log.lines().collect();
+            eprintln!(
+                "--- containerd.log (last 40 lines) ---\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+            let _ = fs::write(
+                std::env::temp_dir().join("coffer-failed-containerd.log"),
+                &log,
+            );
+        }
+        // Shims outlive a killed containerd by design; a test that ends (or fails) early must
+        // not leave them, and their sandboxes go with them.
+        for line in processes_mentioning(&format!("-address {}", self.sock.display())) {
+            if let Some(pid) = line.split(':').next() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
         for c in [self.containerd.take(), self.snapshotter.take()]
             .into_iter()
             .flatten()
@@ -132,7 +152,12 @@ impl Containerd {
             )
             .spawn()
             .expect("containerd must be installed (scripts/test installs it)");
-        wait_for(&self.sock, Duration::from_secs(30));
+        // The socket file appears before containerd accepts on it.
+        let until = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
+            assert!(Instant::now() < until, "containerd does not serve");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         child
     }
 
@@ -314,6 +339,7 @@ pub struct Pods {
 impl Pods {
     /// CRI clients of `c`; pod logs go under `c.dir/logs`.
     pub async fn new(c: &Containerd) -> Self {
+        c.cri_ready().await;
         let (rt, img) = c.cri().await;
         Self {
             rt,
