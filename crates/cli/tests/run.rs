@@ -981,7 +981,8 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("v3") && stdout.contains("running"),
-        "{stdout}"
+        "{stdout}\n--- the pod VM's console ---\n{}",
+        std::fs::read_to_string(w.state.join("v3/agent.log")).unwrap_or_default()
     );
     let keeper = std::fs::read_to_string(w.state.join("v3/keeper.pid")).unwrap();
     let v3 = w.state.join("v3").display().to_string();
