@@ -142,17 +142,10 @@ impl containerd_shim::Shim for Shim {
             &self.namespace,
             &grouping(&self.id),
         ));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         let mut resp = DeleteResponse::new();
         // 128 + SIGKILL, as for a runc task whose shim died.
         resp.exit_status = 137;
-        let mut at =
-            containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp::new();
-        at.seconds = now.as_secs() as i64;
-        at.nanos = now.subsec_nanos() as i32;
-        resp.exited_at = Some(at).into();
+        resp.exited_at = Some(service::timestamp(std::time::SystemTime::now())).into();
         Ok(resp)
     }
 

@@ -151,7 +151,8 @@ impl From<ShimError> for TtrpcError {
     }
 }
 
-fn timestamp(t: SystemTime) -> Timestamp {
+/// `t` as a protobuf timestamp.
+pub(crate) fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let mut ts = Timestamp::new();
     ts.seconds = d.as_secs() as i64;
