@@ -805,12 +805,19 @@ impl Containers {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !state.exists() {
             if let Some(status) = *process.exit.borrow() {
-                if status != 0 {
-                    let err = process.stderr.lock().unwrap_or_else(|p| p.into_inner());
-                    let tail: Vec<u8> = err.data.iter().rev().take(400).rev().copied().collect();
-                    tracing::warn!(container = id, status, stderr = %String::from_utf8_lossy(&tail), "the container ended at once");
+                if status == 0 {
+                    break;
                 }
-                break;
+                // The runtime writes its state before the container's process runs, so this
+                // is the runtime failing, not the container: say why.
+                let err = process.stderr.lock().unwrap_or_else(|p| p.into_inner());
+                let tail: Vec<u8> = err.data.iter().rev().take(400).rev().copied().collect();
+                let tail = String::from_utf8_lossy(&tail);
+                let tail = tail.trim();
+                tracing::warn!(container = id, status, stderr = %tail, "the runtime failed to start the container");
+                return Err(ContainerError::Runtime(format!(
+                    "failed to start container {id} (exit status {status}): {tail}"
+                )));
             }
             if std::time::Instant::now() > deadline {
                 return Err(ContainerError::Runtime(format!(

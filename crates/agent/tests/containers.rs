@@ -30,7 +30,7 @@ struct Cleanup(std::path::PathBuf, u32);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for n in ["", "-2", "-3", "-4"] {
+        for n in ["", "-2", "-3", "-4", "-missing"] {
             let _ = std::process::Command::new("runc")
                 .arg("--root")
                 .arg(&self.0)
@@ -89,6 +89,17 @@ async fn containers_run_under_runc_with_the_default_spec() {
     assert_eq!(c.wait(&id2, "").await.unwrap(), 0);
     assert_eq!(output(&c, &id2, "stdout").await, "default\n");
     c.remove(&id2).await.unwrap();
+
+    // A command the image lacks: it fails with runc's reason on its stderr.
+    let missing = format!("coffer-test-{suffix}-missing");
+    c.create(&req(&missing, &["/no/such/program"], false))
+        .await
+        .unwrap();
+    c.start(&missing).await.unwrap();
+    assert_ne!(c.wait(&missing, "").await.unwrap(), 0);
+    let err = output(&c, &missing, "stderr").await;
+    assert!(err.contains("/no/such/program"), "{err}");
+    c.remove(&missing).await.unwrap();
 
     // No mounts (seccomp and dropped capabilities), no writes to a read-only rootfs.
     let id3 = format!("coffer-test-{suffix}-3");
@@ -216,4 +227,34 @@ async fn containers_run_under_runc_with_the_default_spec() {
     // Bad ids and unknown containers are refused clearly.
     assert!(c.create(&req("../x", &[], false)).await.is_err());
     assert!(c.start("nope").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_that_fails_before_creating_the_container_fails_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    busybox_layout(&dir.path().join("layout"));
+    // A runtime that gives up before writing its state, as runc does when it cannot apply
+    // the container's cgroup settings.
+    let runtime = dir.path().join("failing-runtime");
+    std::fs::write(
+        &runtime,
+        "#!/bin/sh\necho 'cannot set memory limit: device or resource busy' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let c = Containers::new(dir.path().join("bundles"), runtime, Default::default());
+    c.create(&CreateContainerRequest {
+        container_id: "broken".into(),
+        image: format!("oci:{}:v1", dir.path().join("layout").display()),
+        args: vec!["/bin/true".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c.start("broken").await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "runtime: failed to start container broken (exit status 1): cannot set memory limit: device or resource busy"
+    );
 }

@@ -59,7 +59,7 @@ enum Command {
     /// Install Coffer into a container runtime on this node.
     Install(install::InstallArgs),
     /// Keep one process sandbox (started by `coffer run`).
-    #[command(name = "__sandbox", hide = true)]
+    #[command(name = coffer_keeper::SUBCOMMAND, hide = true)]
     Sandbox(sandbox::KeeperArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {

@@ -7,13 +7,14 @@
 //! name and leaves the sandbox running (`-d`; see `coffer exec|logs|ps|rm`). The emulated TEE
 //! gives no confidentiality; every run says so.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use coffer_agent::api::proto::{
     CreateContainerRequest, DestroySandboxRequest, StartContainerRequest, WaitProcessRequest,
 };
+use coffer_keeper::{Keeper, KeeperArgs, KeeperError};
 
 use crate::{
     ctl::{agent, attach, OwnerKeys},
@@ -131,82 +132,36 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     });
     let initdata = std::fs::canonicalize(&a.initdata)?;
     let me = std::env::current_exe().context("cannot find this program's path")?;
-    let mut cmd = tokio::process::Command::new(me);
-    cmd.arg("__sandbox")
-        .arg("--dir")
-        .arg(&sandbox.dir)
-        .arg("--name")
-        .arg(&name)
-        .arg("--agent")
-        .arg(&agent_bin)
-        .arg("--initdata")
-        .arg(&initdata)
-        .arg("--psp-dir")
-        .arg(&a.psp_dir)
-        .arg("--image-cache")
-        .arg(&cache);
-    if a.plain_http {
-        cmd.arg("--plain-http");
-    }
+    let mut args = KeeperArgs::new(
+        sandbox.dir.clone(),
+        &name,
+        agent_bin,
+        initdata,
+        a.psp_dir.clone(),
+    );
+    args.image_cache = Some(cache);
+    args.plain_http = a.plain_http;
+    args.watch_stdin = !a.detach;
     if let Some(dir) = &podvm {
-        cmd.arg("--podvm")
-            .arg(dir)
-            .arg("--accel")
-            .arg(&a.accel)
-            .arg("--memory")
-            .arg(a.memory.to_string());
+        args.podvm = Some(dir.clone());
+        args.accel = a.accel.clone();
+        args.memory = a.memory;
     }
-    if !a.detach {
-        cmd.arg("--watch-stdin");
-    }
-    // Kept open here: the keeper removes the directory when it fails, and its last words are
-    // still readable through this handle.
-    let keeper_log = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(sandbox.dir.join("keeper.log"))?;
     // Its own process group: a terminal's ^C reaches this process, whose exit closes the
     // keeper's stdin, and the keeper tears down.
-    let mut keeper = cmd
-        .stdin(if a.detach {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stdout(Stdio::null())
-        .stderr(keeper_log.try_clone()?)
-        .process_group(0)
-        .spawn()
-        .context("cannot start the sandbox keeper")?;
+    let mut keeper = Keeper::spawn(&me, &args, !a.detach)?;
 
     let started = async {
-        let sock = sandbox.agent_sock();
         // A pod VM boots first (seconds under KVM, tens of seconds under TCG).
         let wait = if podvm.is_some() {
             Duration::from_secs(600)
         } else {
             Duration::from_secs(3)
         };
-        let until = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < until {
-            if sock.exists() {
-                break;
-            }
-            if let Ok(Some(_)) = keeper.try_wait() {
-                let agent = sandbox.agent_error();
-                let keeper = coffer_fsutil::last_line_of(&keeper_log);
-                bail!(
-                    "the sandbox did not start: {}",
-                    [keeper, agent]
-                        .into_iter()
-                        .filter(|s| !s.is_empty())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        match keeper.ready(wait).await {
+            // The socket may lag behind the agent's start by a moment: the connect below says.
+            Ok(()) | Err(KeeperError::Timeout { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
         let mut c = agent(&sandbox).await?;
         c.create_container(CreateContainerRequest {
@@ -236,9 +191,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             if let Ok(mut c) = agent(&sandbox).await {
                 let _ = c.destroy_sandbox(DestroySandboxRequest {}).await;
             }
-            drop(keeper.stdin.take());
-            let _ = keeper.start_kill();
-            let _ = keeper.wait().await;
+            drop(keeper.take_stdin());
+            let _ = keeper.child().start_kill();
+            let _ = keeper.child().wait().await;
             let _ = sandbox.reap();
             return Err(e);
         }
@@ -261,8 +216,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         Err(e) => Err(e),
     };
     // Closing the keeper's stdin ends the sandbox; wait for the teardown.
-    drop(keeper.stdin.take());
-    let _ = keeper.wait().await;
+    drop(keeper.take_stdin());
+    let _ = keeper.child().wait().await;
     if sandbox.dir.exists() {
         sandbox.reap()?;
     }

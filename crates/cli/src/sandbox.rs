@@ -29,50 +29,10 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use clap::Args;
 use rustix::fs::{flock, FlockOperation};
 
-/// `coffer __sandbox` arguments (started by `coffer run`, not by users).
-#[derive(Args)]
-pub struct KeeperArgs {
-    /// The sandbox's directory.
-    #[arg(long)]
-    pub dir: PathBuf,
-    /// The sandbox's name (its cgroup is /coffer/NAME).
-    #[arg(long)]
-    pub name: String,
-    /// The agent binary.
-    #[arg(long)]
-    pub agent: PathBuf,
-    /// The initdata.
-    #[arg(long)]
-    pub initdata: PathBuf,
-    /// The emulated PSP's directory.
-    #[arg(long)]
-    pub psp_dir: PathBuf,
-    /// The agent pulls over plain HTTP.
-    #[arg(long)]
-    pub plain_http: bool,
-    /// The image blob cache the agent uses.
-    #[arg(long)]
-    pub image_cache: Option<PathBuf>,
-    /// Tear down when stdin reaches its end (the foreground `coffer run` went away).
-    #[arg(long)]
-    pub watch_stdin: bool,
-    /// Run the agent in this pod VM (`coffer podvm build --out DIR`) instead of a process
-    /// sandbox.
-    #[arg(long)]
-    pub podvm: Option<PathBuf>,
-    /// The pod VM's accelerator: kvm, tcg, or auto (KVM when a guest runs under it here).
-    #[arg(long, default_value = "auto")]
-    pub accel: String,
-    /// The pod VM's memory in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub memory: u32,
-    /// The pod VM's scratch disk size in MiB (encrypted and integrity-protected in the guest).
-    #[arg(long, default_value_t = 2048)]
-    pub scratch_mib: u64,
-}
+/// `coffer __sandbox` arguments: shared with the shim, which starts keepers too.
+pub use coffer_keeper::KeeperArgs;
 
 /// A sandbox directory.
 pub struct SandboxDir {

@@ -24,6 +24,10 @@ use coffer_fsutil::last_line;
 /// firmware whose reset vector writes to QEMU's isa-debug-exit port must make QEMU exit with
 /// status 3 within two seconds. (Nested KVM on this project's CI machine fails this.)
 pub async fn kvm_works(dir: &Path) -> bool {
+    if kvm_is_pvm(Path::new("/sys/module")) {
+        tracing::info!("KVM here is PVM, which runs only PVM guest kernels: using TCG");
+        return false;
+    }
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -70,6 +74,16 @@ pub async fn kvm_works(dir: &Path) -> bool {
     ok
 }
 
+/// Whether the host's KVM is PVM (the `kvm_pvm` module, pagetable-based virtualization for
+/// nested cloud machines) without a hardware KVM beside it. PVM runs only guest kernels built
+/// for it: the pod VM's Debian kernel stops in its decompressor (the host logs "kvm-pvm:
+/// INTERNAL_ERROR"), although the reset-vector probe above passes. `modules` is `/sys/module`.
+fn kvm_is_pvm(modules: &Path) -> bool {
+    modules.join("kvm_pvm").exists()
+        && !modules.join("kvm_intel").exists()
+        && !modules.join("kvm_amd").exists()
+}
+
 /// Runs the pod VM until it ends (or the keeper is asked to stop).
 pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> anyhow::Result<()> {
     let vm = PodVm::open(podvm)?;
@@ -104,6 +118,9 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
         serde_json::json!({ "initdata": text, "plain_http": a.plain_http }).to_string(),
     )?;
     let accel = match a.accel.as_str() {
+        "kvm" if kvm_is_pvm(Path::new("/sys/module")) => bail!(
+            "--accel kvm: this host's KVM is PVM (kvm_pvm), which cannot run the pod VM's kernel; use --accel tcg or auto"
+        ),
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,
         "auto" if kvm_works(&a.dir).await => Accel::Kvm,
@@ -248,6 +265,21 @@ fn guest_error(dir: &Path) -> String {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn pvm_without_a_hardware_kvm_is_not_taken_for_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        assert!(!kvm_is_pvm(m), "no KVM modules at all");
+        std::fs::create_dir(m.join("kvm")).unwrap();
+        std::fs::create_dir(m.join("kvm_pvm")).unwrap();
+        assert!(kvm_is_pvm(m));
+        std::fs::create_dir(m.join("kvm_intel")).unwrap();
+        assert!(
+            !kvm_is_pvm(m),
+            "a hardware KVM beside PVM is left to the probe"
+        );
+    }
 
     #[tokio::test]
     async fn the_guests_http_clients_reach_the_host_through_the_port() {

@@ -270,6 +270,17 @@ fn kill9(pid: &str) {
         .success());
 }
 
+/// Whether process `pid` has fully exited: gone, or a zombie. A process killed a moment ago
+/// can still hold its files (the keeper's lock among them) after its command line reads empty.
+fn exited(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// Waits for `cond`, up to 20 s.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
     let until = Instant::now() + Duration::from_secs(20);
@@ -713,7 +724,7 @@ async fn killing_the_launcher_the_agent_or_the_keeper_leaves_nothing() {
     let keeper = std::fs::read_to_string(w.state.join("k3/keeper.pid")).unwrap();
     kill9(keeper.trim());
     eventually("the container to die with its keeper", || {
-        processes_with("3023").is_empty()
+        exited(keeper.trim()) && processes_with("3023").is_empty()
     })
     .await;
     let (code, stdout, stderr) = w.ctl(&["ps"]).await;
@@ -994,7 +1005,7 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
     );
     kill9(keeper.trim());
     eventually("QEMU to die with its keeper", || {
-        processes_with(&v3).is_empty()
+        exited(keeper.trim()) && processes_with(&v3).is_empty()
     })
     .await;
     let (code, stdout, stderr) = w.ctl(&["ps"]).await;

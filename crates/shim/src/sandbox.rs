@@ -6,13 +6,10 @@
 //! sandbox down (VM or agent, containers, cgroups, directory). A keeper killed on its own is
 //! reaped by `coffer rm -f`, which the shim's `delete` action runs.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use coffer_agent::api::proto::{agent_client::AgentClient, DestroySandboxRequest};
+use coffer_keeper::{Keeper, KeeperArgs, KeeperError};
 use tokio::{
     process::{Child, ChildStdin},
     sync::{watch, Mutex},
@@ -74,90 +71,42 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).map_err(|e| io(e, &format!("creating {}", dir.display())))?;
         let initdata_file = dir.join("initdata.toml");
         std::fs::write(&initdata_file, initdata).map_err(|e| io(e, "writing the initdata"))?;
-        // Kept open: the keeper removes the directory when it fails, and its last words stay
-        // readable through this handle.
-        let log = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("keeper.log"))
-            .map_err(|e| io(e, "creating keeper.log"))?;
-        let mut cmd = tokio::process::Command::new(config.coffer_bin());
-        cmd.arg("__sandbox")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--name")
-            .arg(name)
-            .arg("--agent")
-            .arg(config.agent_bin())
-            .arg("--initdata")
-            .arg(&initdata_file)
-            .arg("--psp-dir")
-            .arg(&config.psp_dir)
-            .arg("--image-cache")
-            .arg(config.image_cache())
-            .arg("--watch-stdin");
-        if config.plain_http {
-            cmd.arg("--plain-http");
-        }
+        let mut args = KeeperArgs::new(
+            dir.clone(),
+            name,
+            config.agent_bin(),
+            initdata_file,
+            config.psp_dir.clone(),
+        );
+        args.image_cache = Some(config.image_cache());
+        args.plain_http = config.plain_http;
+        args.watch_stdin = true;
         if let (SandboxKind::Vm, Some(podvm)) = (config.sandbox, &config.podvm) {
-            cmd.arg("--podvm")
-                .arg(podvm)
-                .arg("--accel")
-                .arg(&config.accel)
-                .arg("--memory")
-                .arg(config.memory_mib.to_string());
+            args.podvm = Some(podvm.clone());
+            args.accel = config.accel.clone();
+            args.memory = config.memory_mib;
         }
         tracing::warn!(
             sandbox = name,
             "EMULATED TEE: this sandbox has no confidentiality from the node (development only)"
         );
-        let mut keeper = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(log.try_clone().map_err(|e| io(e, "keeper.log"))?)
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| io(e, &format!("starting {}", config.coffer_bin().display())))?;
-        let pid = keeper.id().unwrap_or_default();
-        let stdin = keeper.stdin.take();
-
+        let sandbox_err = |e: KeeperError| ShimError::Sandbox(e.to_string());
+        let mut keeper = Keeper::spawn(&config.coffer_bin(), &args, true).map_err(sandbox_err)?;
+        let pid = keeper.pid().unwrap_or_default();
+        let stdin = keeper.take_stdin();
         let wait = match config.sandbox {
             SandboxKind::Vm => Duration::from_secs(600),
             SandboxKind::Process => Duration::from_secs(30),
         };
-        let sock = dir.join("agent.sock");
-        let until = Instant::now() + wait;
-        let failed = |keeper_log: &std::fs::File| {
-            let agent = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-            let why = [
-                coffer_fsutil::last_line_of(keeper_log),
-                coffer_fsutil::last_line(&agent).to_string(),
-            ]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
-            ShimError::Sandbox(format!("sandbox {name} did not start: {why}"))
-        };
-        loop {
-            if sock.exists() {
-                break;
-            }
-            if let Ok(Some(_)) = keeper.try_wait() {
-                return Err(failed(&log));
-            }
-            if Instant::now() > until {
+        let mut keeper = match keeper.ready(wait).await {
+            Ok(()) => keeper.into_child(),
+            Err(e) => {
                 drop(stdin);
-                let _ = keeper.wait().await;
-                return Err(ShimError::Sandbox(format!(
-                    "sandbox {name}: the agent did not serve within {wait:?}"
-                )));
+                let _ = keeper.child().wait().await;
+                return Err(sandbox_err(e));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        };
+        let sock = args.agent_sock();
         let client = match coffer_agent::api::connect_unix(&sock).await {
             Ok(c) => c,
             Err(e) => {
