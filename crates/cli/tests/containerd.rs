@@ -6,7 +6,7 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use coffer_shim::annotations::INITDATA;
-use common::containerd::{mounts_under, node, processes_mentioning, Node, Pods};
+use common::containerd::{mounts_under, node, processes_mentioning, Node, Pods, EXEC_ALLOWED};
 
 /// The layer digests of `image`'s manifest (skopeo reads it from the registry).
 fn layers(image: &str) -> Vec<String> {
@@ -182,6 +182,69 @@ fn a_pod_runs_through_the_cri_and_its_layers_are_pulled_only_inside_the_sandbox(
         pod
     });
     assert_nothing_left(&n, &[&pod]);
+}
+
+#[test]
+fn exec_through_the_cri_runs_only_what_the_pods_policy_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), None);
+    let pods = n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        let sleeper = ["/bin/sh", "-c", "exec sleep 60"];
+
+        // The default policy: no exec at all, and the refusal says which rule.
+        let config = p.sandbox_config("plain", &[(INITDATA, &n.annotation)]);
+        let plain = p.run_pod(&config).await.unwrap();
+        let id = p
+            .start_container(&plain, &config, "app", &n.app, &sleeper)
+            .await
+            .unwrap();
+        let err = p.exec_sync(&id, &EXEC_ALLOWED).await.unwrap_err();
+        assert!(
+            err.message()
+                .contains("denied by policy: ExecProcessRequest"),
+            "{err:?}"
+        );
+        p.remove_pod(&plain).await.unwrap();
+
+        // A pod whose initdata policy allows one command: it runs, its output and exit code
+        // come back; any other command is refused; the container runs on.
+        let config = p.sandbox_config("execs", &[(INITDATA, &n.exec_annotation)]);
+        let execs = p.run_pod(&config).await.unwrap();
+        let id = p
+            .start_container(&execs, &config, "app", &n.app, &sleeper)
+            .await
+            .unwrap();
+        let r = p.exec_sync(&id, &EXEC_ALLOWED).await.expect("ExecSync");
+        assert_eq!(r.exit_code, 4);
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "exec says hi\n");
+        assert_eq!(String::from_utf8_lossy(&r.stderr), "exec complains\n");
+        let err = p
+            .exec_sync(&id, &["/bin/cat", "/etc/passwd"])
+            .await
+            .unwrap_err();
+        assert!(
+            err.message()
+                .contains("denied by policy: ExecProcessRequest"),
+            "{err:?}"
+        );
+        // Again, through `ctr task exec`: the shim forgot the first exec when containerd
+        // deleted it, and ctr's own stdio carries the output.
+        let mut args = vec!["-n", "k8s.io", "task", "exec", "--exec-id", "again", &id];
+        args.extend(EXEC_ALLOWED);
+        let out = n.containerd.ctr(&args);
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "exec says hi\n");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "exec complains\n");
+        assert_eq!(
+            p.status(&id).await.state,
+            coffer_shim::cri::ContainerState::ContainerRunning as i32
+        );
+        p.remove_pod(&execs).await.unwrap();
+        [plain, execs]
+    });
+    assert_nothing_left(&n, &[&pods[0], &pods[1]]);
 }
 
 #[test]

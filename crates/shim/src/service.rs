@@ -9,8 +9,9 @@
 //! | `Create` of the sandbox container | launches the sandbox with the pod's initdata; no pause process runs |
 //! | `Create` of a container | `CreateContainer` with the image reference: the agent pulls it inside |
 //! | `Start` | `StartContainer`; output is copied from the agent to containerd's FIFOs |
+//! | `Exec`, `Start` of an exec | recorded, then `ExecProcess` at start (the pod's policy decides); its stdio like a container's |
 //! | `Kill` | `SignalProcess`; for the sandbox container, `DestroySandbox` |
-//! | `Wait`, `State`, exit events | from `WaitProcess` (or the keeper's end, for the sandbox) |
+//! | `Wait`, `State`, exit events | from `WaitProcess` (or the keeper's end, for the sandbox), for containers and execs |
 //! | `Stats` | `StatsContainer`, as cgroup v1 metrics |
 //! | `Delete` | `RemoveContainer`; for the sandbox container, the sandbox's teardown |
 //! | `Shutdown` | ends the shim once it serves no task |
@@ -24,15 +25,17 @@ use std::{
 
 use async_trait::async_trait;
 use coffer_agent::api::proto::{
-    CloseStdinRequest, CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest,
-    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, TtyWinResizeRequest,
-    WaitProcessRequest, WriteStreamRequest,
+    CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, ReadStreamRequest,
+    RemoveContainerRequest, SignalProcessRequest, StartContainerRequest, StatsContainerRequest,
+    TtyWinResizeRequest, WaitProcessRequest, WriteStreamRequest,
 };
 use containerd_shim::{
     api,
     protos::{
         cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat},
-        events::task::{TaskCreate, TaskDelete, TaskExit, TaskOOM, TaskStart},
+        events::task::{
+            TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskStart,
+        },
         protobuf::{
             well_known_types::{any::Any, timestamp::Timestamp},
             Message, MessageDyn,
@@ -62,27 +65,48 @@ struct Exit {
     at: SystemTime,
 }
 
-/// One task (container) the shim serves.
-struct TaskEntry {
-    id: String,
-    bundle: String,
-    /// The pod's sandbox container, or a container in a sandbox.
-    is_sandbox: bool,
-    /// A standalone container owns its sandbox and ends it on delete.
-    owns_sandbox: bool,
+/// One process the shim follows: a container's own (`exec_id` empty) or an exec in it.
+struct Process {
+    container_id: String,
+    exec_id: String,
     sandbox: Arc<Sandbox>,
+    /// An exec's command and environment (a container's come with its creation).
+    args: Vec<String>,
+    env: Vec<String>,
     stdin: String,
     stdout: String,
     stderr: String,
     terminal: bool,
     started: std::sync::atomic::AtomicBool,
-    /// The signal a `Kill` of the sandbox container asked for (0: none), so that the sandbox's
-    /// end is reported as that kill rather than a crash.
-    kill_signal: std::sync::atomic::AtomicU32,
     exit: watch::Sender<Option<Exit>>,
 }
 
-impl TaskEntry {
+impl Process {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        container_id: &str,
+        exec_id: &str,
+        sandbox: Arc<Sandbox>,
+        args: Vec<String>,
+        env: Vec<String>,
+        stdio: [&str; 3],
+        terminal: bool,
+    ) -> Self {
+        Self {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            sandbox,
+            args,
+            env,
+            stdin: stdio[0].into(),
+            stdout: stdio[1].into(),
+            stderr: stdio[2].into(),
+            terminal,
+            started: Default::default(),
+            exit: watch::channel(None).0,
+        }
+    }
+
     fn exited(&self) -> Option<Exit> {
         *self.exit.borrow()
     }
@@ -101,14 +125,65 @@ impl TaskEntry {
         })
     }
 
+    fn is_started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn mark_started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn status(&self) -> Status {
         if self.exited().is_some() {
             Status::STOPPED
-        } else if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        } else if self.is_started() {
             Status::RUNNING
         } else {
             Status::CREATED
         }
+    }
+
+    /// The id containerd knows this process by in events (the container's, or the exec's).
+    fn event_id(&self) -> &str {
+        if self.exec_id.is_empty() {
+            &self.container_id
+        } else {
+            &self.exec_id
+        }
+    }
+}
+
+/// One task (container) the shim serves.
+struct TaskEntry {
+    id: String,
+    bundle: String,
+    /// The pod's sandbox container, or a container in a sandbox.
+    is_sandbox: bool,
+    /// A standalone container owns its sandbox and ends it on delete.
+    owns_sandbox: bool,
+    sandbox: Arc<Sandbox>,
+    /// The container's own process.
+    init: Arc<Process>,
+    /// Execs in the container, by exec id.
+    execs: std::sync::Mutex<HashMap<String, Arc<Process>>>,
+    /// The signal a `Kill` of the sandbox container asked for (0: none), so that the sandbox's
+    /// end is reported as that kill rather than a crash.
+    kill_signal: std::sync::atomic::AtomicU32,
+}
+
+impl TaskEntry {
+    /// The process `exec_id` (the container's own when empty).
+    fn process(&self, exec_id: &str) -> Result<Arc<Process>, ShimError> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| ShimError::NotFound(format!("exec {exec_id} in task {}", self.id)))
     }
 }
 
@@ -222,6 +297,41 @@ fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
             .as_i64()
             .filter(|l| *l > 0)
             .unwrap_or(0) as u64,
+    })
+}
+
+/// What the shim takes of an exec's process spec (runtime-spec `Process`, as JSON).
+struct ExecSpec {
+    args: Vec<String>,
+    env: Vec<String>,
+}
+
+/// Parses an exec's process spec; the error says what is wrong with it. Its working directory
+/// and user are the container's: the agent runs execs as the container's process runs.
+fn exec_spec(json: &[u8]) -> Result<ExecSpec, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("is not JSON: {e}"))?;
+    let strings = |key: &str| -> Result<Vec<String>, String> {
+        match &v[key] {
+            serde_json::Value::Null => Ok(Vec::new()),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|s| {
+                    s.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| format!("has a non-string in {key}"))
+                })
+                .collect(),
+            _ => Err(format!("has {key} that is not a list")),
+        }
+    };
+    let args = strings("args")?;
+    if args.is_empty() {
+        return Err("has no args".into());
+    }
+    Ok(ExecSpec {
+        args,
+        env: strings("env")?,
     })
 }
 
@@ -357,20 +467,23 @@ impl Service {
                 return Err(e);
             }
         }
-        let (exit, _) = watch::channel(None);
         let entry = Arc::new(TaskEntry {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             is_sandbox,
             owns_sandbox,
             sandbox: sandbox.clone(),
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-            started: Default::default(),
+            init: Arc::new(Process::new(
+                &req.id,
+                "",
+                sandbox.clone(),
+                Vec::new(),
+                Vec::new(),
+                [&req.stdin, &req.stdout, &req.stderr],
+                req.terminal,
+            )),
+            execs: Default::default(),
             kill_signal: Default::default(),
-            exit,
         });
         self.inner
             .tasks
@@ -383,11 +496,11 @@ impl Service {
             entry.sandbox.wait_gone().await;
             let asked = entry.kill_signal.load(std::sync::atomic::Ordering::SeqCst);
             let status = if asked > 0 { 128 + asked } else { 255 };
-            if entry.record_exit(status) {
+            if entry.init.record_exit(status) {
                 if asked == 0 {
                     tracing::warn!(task = %entry.id, sandbox = %entry.sandbox.name, "the sandbox ended");
                 }
-                me.publish_exit(&entry).await;
+                me.publish_exit(&entry.init).await;
             }
         });
         self.publish(
@@ -403,14 +516,14 @@ impl Service {
         Ok(sandbox.pid)
     }
 
-    async fn publish_exit(&self, t: &TaskEntry) {
-        let Some(exit) = t.exited() else { return };
+    async fn publish_exit(&self, p: &Process) {
+        let Some(exit) = p.exited() else { return };
         self.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
-                container_id: t.id.clone(),
-                id: t.id.clone(),
-                pid: t.sandbox.pid,
+                container_id: p.container_id.clone(),
+                id: p.event_id().to_string(),
+                pid: p.sandbox.pid,
                 exit_status: exit.status,
                 exited_at: Some(timestamp(exit.at)).into(),
                 ..Default::default()
@@ -422,7 +535,7 @@ impl Service {
     async fn start_task(&self, id: &str) -> Result<u32, ShimError> {
         let t = self.task(id).await?;
         if t.is_sandbox {
-            t.started.store(true, std::sync::atomic::Ordering::SeqCst);
+            t.init.mark_started();
         } else {
             let mut c = t.sandbox.client.clone();
             c.start_container(StartContainerRequest {
@@ -430,10 +543,10 @@ impl Service {
             })
             .await
             .map_err(|e| agent_error(&format!("starting container {id}"), e))?;
-            t.started.store(true, std::sync::atomic::Ordering::SeqCst);
+            t.init.mark_started();
             let me = self.clone();
             let t2 = t.clone();
-            tokio::spawn(async move { me.follow(t2).await });
+            tokio::spawn(async move { me.follow(t2.init.clone()).await });
         }
         self.publish(
             topics::TASK_START_EVENT_TOPIC,
@@ -447,25 +560,26 @@ impl Service {
         Ok(t.sandbox.pid)
     }
 
-    /// Copies a running container's stdio between containerd's FIFOs and the agent, then
-    /// records and publishes its exit.
-    async fn follow(&self, t: Arc<TaskEntry>) {
-        if !t.stdin.is_empty() {
-            tokio::spawn(pump_stdin(t.clone()));
+    /// Copies a running process's stdio between containerd's FIFOs and the agent, then
+    /// records and publishes its exit (after an OOM event when the OOM killer ended the
+    /// container).
+    async fn follow(&self, p: Arc<Process>) {
+        if !p.stdin.is_empty() {
+            tokio::spawn(pump_stdin(p.clone()));
         }
-        let out = pump_output(t.clone(), "stdout", t.stdout.clone());
-        let err = pump_output(t.clone(), "stderr", t.stderr.clone());
+        let out = pump_output(p.clone(), "stdout", p.stdout.clone());
+        let err = pump_output(p.clone(), "stderr", p.stderr.clone());
         let (a, b) = tokio::join!(out, err);
         for (stream, r) in [("stdout", a), ("stderr", b)] {
             if let Err(e) = r {
-                tracing::warn!(container = %t.id, stream, error = %e, "output copy ended");
+                tracing::warn!(container = %p.container_id, exec = %p.exec_id, stream, error = %e, "output copy ended");
             }
         }
-        let mut c = t.sandbox.client.clone();
+        let mut c = p.sandbox.client.clone();
         let waited = c
             .wait_process(WaitProcessRequest {
-                container_id: t.id.clone(),
-                exec_id: String::new(),
+                container_id: p.container_id.clone(),
+                exec_id: p.exec_id.clone(),
             })
             .await;
         let (status, oom) = match waited {
@@ -474,33 +588,146 @@ impl Service {
                 (r.status.max(0) as u32, r.oom_killed)
             }
             Err(e) => {
-                tracing::warn!(container = %t.id, error = %e.message(), "waiting for the container");
+                tracing::warn!(container = %p.container_id, exec = %p.exec_id, error = %e.message(), "waiting for the process");
                 (255, false)
             }
         };
-        if oom {
+        if oom && p.exec_id.is_empty() {
             // Before the exit, as runc's shim does: the kubelet then reports OOMKilled.
             self.publish(
                 topics::TASK_OOM_EVENT_TOPIC,
                 Box::new(TaskOOM {
-                    container_id: t.id.clone(),
+                    container_id: p.container_id.clone(),
                     ..Default::default()
                 }),
             )
             .await;
         }
-        if t.record_exit(status) {
-            self.publish_exit(&t).await;
+        if p.record_exit(status) {
+            self.publish_exit(&p).await;
         }
+    }
+
+    /// containerd's `Exec`: records the exec; the agent runs it at `Start`, if its policy
+    /// allows (the default policy does not).
+    async fn add_exec(&self, req: api::ExecProcessRequest) -> Result<(), ShimError> {
+        let t = self.task(&req.id).await?;
+        if t.is_sandbox {
+            return Err(ShimError::Invalid(format!(
+                "task {} is the pod's sandbox, which runs no processes to exec into",
+                req.id
+            )));
+        }
+        if t.init.exited().is_some() || !t.init.is_started() {
+            return Err(ShimError::Invalid(format!(
+                "container {} is not running",
+                req.id
+            )));
+        }
+        let spec = exec_spec(&req.spec.value).map_err(|why| {
+            ShimError::Invalid(format!("exec {}: its process spec {why}", req.exec_id))
+        })?;
+        let p = Arc::new(Process::new(
+            &req.id,
+            &req.exec_id,
+            t.sandbox.clone(),
+            spec.args,
+            spec.env,
+            [&req.stdin, &req.stdout, &req.stderr],
+            req.terminal,
+        ));
+        {
+            let mut execs = t.execs.lock().unwrap_or_else(|p| p.into_inner());
+            if execs.contains_key(&req.exec_id) {
+                return Err(ShimError::Invalid(format!(
+                    "exec {} exists in task {}",
+                    req.exec_id, req.id
+                )));
+            }
+            execs.insert(req.exec_id.clone(), p);
+        }
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// `Start` of an exec: `ExecProcess` (the agent's policy decides), then its stdio is
+    /// followed like a container's.
+    async fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
+        let t = self.task(id).await?;
+        let p = t.process(exec_id)?;
+        if p.is_started() {
+            return Err(ShimError::Invalid(format!(
+                "exec {exec_id} was already started"
+            )));
+        }
+        let mut c = p.sandbox.client.clone();
+        c.exec_process(ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            args: p.args.clone(),
+            env: p.env.clone(),
+            tty: p.terminal,
+            stdin: !p.stdin.is_empty(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| agent_error(&format!("exec {exec_id} in container {id}"), e))?;
+        p.mark_started();
+        let me = self.clone();
+        let p2 = p.clone();
+        tokio::spawn(async move { me.follow(p2).await });
+        self.publish(
+            topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Box::new(TaskExecStarted {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                pid: p.sandbox.pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(p.sandbox.pid)
+    }
+
+    /// `Delete` of an exec: forgets a finished (or never started) exec.
+    async fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse, ShimError> {
+        let t = self.task(id).await?;
+        let p = t.process(exec_id)?;
+        if p.is_started() && p.exited().is_none() {
+            return Err(ShimError::Invalid(format!(
+                "exec {exec_id} in container {id} is still running"
+            )));
+        }
+        t.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(exec_id);
+        p.record_exit(255);
+        let exit = p.exited().expect("recorded above");
+        Ok(api::DeleteResponse {
+            pid: p.sandbox.pid,
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
     }
 
     async fn kill_task(&self, req: api::KillRequest) -> Result<(), ShimError> {
         let t = self.task(&req.id).await?;
-        tracing::debug!(task = %req.id, signal = req.signal, sandbox = t.is_sandbox, "kill");
-        if t.exited().is_some() {
+        let p = t.process(&req.exec_id)?;
+        tracing::debug!(task = %req.id, exec = %req.exec_id, signal = req.signal, sandbox = t.is_sandbox, "kill");
+        if p.exited().is_some() {
             return Err(ShimError::NotFound(format!(
                 "task {}: process already finished",
-                req.id
+                p.event_id()
             )));
         }
         if t.is_sandbox {
@@ -510,15 +737,15 @@ impl Service {
             t.kill_signal
                 .store(req.signal.max(1), std::sync::atomic::Ordering::SeqCst);
             t.sandbox.destroy().await;
-            if t.record_exit(128 + req.signal) {
-                self.publish_exit(&t).await;
+            if p.record_exit(128 + req.signal) {
+                self.publish_exit(&p).await;
             }
             return Ok(());
         }
-        if !t.started.load(std::sync::atomic::Ordering::SeqCst) {
+        if !p.is_started() {
             // Never started: nothing runs; it ends here.
-            if t.record_exit(128 + req.signal) {
-                self.publish_exit(&t).await;
+            if p.record_exit(128 + req.signal) {
+                self.publish_exit(&p).await;
             }
             return Ok(());
         }
@@ -529,7 +756,7 @@ impl Service {
             signal: req.signal,
         })
         .await
-        .map_err(|e| agent_error(&format!("signalling container {}", req.id), e))?;
+        .map_err(|e| agent_error(&format!("signalling {}", p.event_id()), e))?;
         Ok(())
     }
 
@@ -552,9 +779,9 @@ impl Service {
                 t.sandbox.destroy().await;
             }
         }
-        t.record_exit(255);
+        t.init.record_exit(255);
         self.inner.tasks.lock().await.remove(id);
-        let exit = t.exited().expect("recorded above");
+        let exit = t.init.exited().expect("recorded above");
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
@@ -624,19 +851,19 @@ impl Service {
 /// Copies one output stream of a container from the agent into containerd's FIFO (or drops it
 /// when containerd gave none), until the stream ends. Output the policy seals stays sealed: it
 /// is written as the JSON lines `coffer logs --sealed` opens with the owner's key.
-async fn pump_output(t: Arc<TaskEntry>, stream: &'static str, fifo: String) -> anyhow::Result<()> {
-    let mut out = if fifo.is_empty() || (stream == "stderr" && t.terminal) {
+async fn pump_output(p: Arc<Process>, stream: &'static str, fifo: String) -> anyhow::Result<()> {
+    let mut out = if fifo.is_empty() || (stream == "stderr" && p.terminal) {
         None
     } else {
         Some(open_fifo_for_write(Path::new(&fifo)).await?)
     };
-    let mut c = t.sandbox.client.clone();
+    let mut c = p.sandbox.client.clone();
     let mut offset = 0u64;
     loop {
         let r = c
             .read_stream(ReadStreamRequest {
-                container_id: t.id.clone(),
-                exec_id: String::new(),
+                container_id: p.container_id.clone(),
+                exec_id: p.exec_id.clone(),
                 stream: stream.into(),
                 len: 64 << 10,
                 offset,
@@ -647,7 +874,7 @@ async fn pump_output(t: Arc<TaskEntry>, stream: &'static str, fifo: String) -> a
             Ok(r) => r.into_inner(),
             Err(e) if e.code() == tonic::Code::PermissionDenied => {
                 // The policy keeps this output inside the sandbox.
-                tracing::info!(container = %t.id, stream, "the agent policy denies reading the output");
+                tracing::info!(container = %p.container_id, exec = %p.exec_id, stream, "the agent policy denies reading the output");
                 return Ok(());
             }
             Err(e) => anyhow::bail!("reading {stream}: {}", e.message()),
@@ -660,8 +887,8 @@ async fn pump_output(t: Arc<TaskEntry>, stream: &'static str, fifo: String) -> a
         }
         let bytes = if r.sealed {
             let mut line = serde_json::to_vec(&coffer_wire::sealed::SealedLine {
-                container_id: t.id.clone(),
-                exec_id: String::new(),
+                container_id: p.container_id.clone(),
+                exec_id: p.exec_id.clone(),
                 stream: stream.into(),
                 offset: r.offset,
                 record: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &r.data),
@@ -675,7 +902,7 @@ async fn pump_output(t: Arc<TaskEntry>, stream: &'static str, fifo: String) -> a
         if let Some(out) = out.as_mut() {
             if out.write_all(&bytes).await.is_err() {
                 // The reader went away (containerd restarted): keep draining.
-                tracing::info!(container = %t.id, stream, "the output's reader is gone");
+                tracing::info!(container = %p.container_id, exec = %p.exec_id, stream, "the output's reader is gone");
                 return Ok(());
             }
         }
@@ -683,9 +910,9 @@ async fn pump_output(t: Arc<TaskEntry>, stream: &'static str, fifo: String) -> a
 }
 
 /// Copies containerd's stdin FIFO into the container, then closes its stdin.
-async fn pump_stdin(t: Arc<TaskEntry>) {
-    let mut c = t.sandbox.client.clone();
-    if let Ok(mut fifo) = tokio::fs::File::open(&t.stdin).await {
+async fn pump_stdin(p: Arc<Process>) {
+    let mut c = p.sandbox.client.clone();
+    if let Ok(mut fifo) = tokio::fs::File::open(&p.stdin).await {
         let mut buf = vec![0u8; 32 << 10];
         while let Ok(n) = fifo.read(&mut buf).await {
             if n == 0 {
@@ -693,8 +920,8 @@ async fn pump_stdin(t: Arc<TaskEntry>) {
             }
             let sent = c
                 .write_stream(WriteStreamRequest {
-                    container_id: t.id.clone(),
-                    exec_id: String::new(),
+                    container_id: p.container_id.clone(),
+                    exec_id: p.exec_id.clone(),
                     data: buf[..n].to_vec(),
                 })
                 .await;
@@ -705,8 +932,8 @@ async fn pump_stdin(t: Arc<TaskEntry>) {
     }
     let _ = c
         .close_stdin(CloseStdinRequest {
-            container_id: t.id.clone(),
-            exec_id: String::new(),
+            container_id: p.container_id.clone(),
+            exec_id: p.exec_id.clone(),
         })
         .await;
 }
@@ -744,20 +971,29 @@ impl Task for Service {
         }
     }
 
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+        if let Err(e) = self.add_exec(req).await {
+            tracing::warn!(task = %id, exec = %exec_id, error = %e, "exec refused");
+            return Err(e.into());
+        }
+        Ok(api::Empty::new())
+    }
+
     async fn start(
         &self,
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        if !req.exec_id.is_empty() {
-            return Err(ShimError::Refused(
-                "exec through containerd is not offered: use `coffer exec`, which the agent \
-                 policy or the owner's signature must allow"
-                    .into(),
-            )
-            .into());
-        }
-        let pid = self.start_task(&req.id).await?;
+        let pid = if req.exec_id.is_empty() {
+            self.start_task(&req.id).await?
+        } else {
+            self.start_exec(&req.id, &req.exec_id).await?
+        };
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -770,18 +1006,20 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let t = self.task(&req.id).await?;
-        let exit = t.exited();
+        let p = t.process(&req.exec_id)?;
+        let exit = p.exited();
         Ok(api::StateResponse {
-            id: t.id.clone(),
+            id: p.event_id().to_string(),
             bundle: t.bundle.clone(),
             pid: t.sandbox.pid,
-            status: t.status().into(),
-            stdin: t.stdin.clone(),
-            stdout: t.stdout.clone(),
-            stderr: t.stderr.clone(),
-            terminal: t.terminal,
+            status: p.status().into(),
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
             exit_status: exit.map(|e| e.status).unwrap_or_default(),
             exited_at: exit.map(|e| timestamp(e.at)).into(),
+            exec_id: req.exec_id.clone(),
             ..Default::default()
         })
     }
@@ -792,7 +1030,7 @@ impl Task for Service {
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
         let t = self.task(&req.id).await?;
-        let mut rx = t.exit.subscribe();
+        let mut rx = t.process(&req.exec_id)?.exit.subscribe();
         let exit = rx
             .wait_for(|e| e.is_some())
             .await
@@ -821,7 +1059,7 @@ impl Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
-            return Err(ShimError::NotFound(format!("exec {}", req.exec_id)).into());
+            return Ok(self.delete_exec(&req.id, &req.exec_id).await?);
         }
         Ok(self.delete_task(&req.id).await?)
     }
@@ -949,6 +1187,34 @@ mod tests {
         std::fs::write(d.path().join("config.json"), "{").unwrap();
         let e = read_spec(d.path()).err().unwrap().to_string();
         assert!(e.contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn an_exec_takes_args_and_env_from_its_process_spec_and_bad_specs_are_named() {
+        let spec = exec_spec(
+            br#"{"args":["/bin/sh","-c","id"],"env":["A=1"],"cwd":"/","terminal":false}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.args, ["/bin/sh", "-c", "id"]);
+        assert_eq!(spec.env, ["A=1"]);
+        assert_eq!(
+            exec_spec(br#"{"args":["ls"]}"#).unwrap().env,
+            Vec::<String>::new()
+        );
+        for (bad, why) in [
+            (&b"not json"[..], "is not JSON"),
+            (br#"{"env":["A=1"]}"#, "has no args"),
+            (br#"{"args":[]}"#, "has no args"),
+            (br#"{"args":"ls"}"#, "has args that is not a list"),
+            (br#"{"args":["ls",1]}"#, "has a non-string in args"),
+            (
+                br#"{"args":["ls"],"env":[null]}"#,
+                "has a non-string in env",
+            ),
+        ] {
+            let err = exec_spec(bad).err().unwrap();
+            assert!(err.starts_with(why), "{err}");
+        }
     }
 
     #[test]

@@ -275,29 +275,76 @@ pub struct Node {
     pub app: String,
     /// The initdata, as the pod annotation carries it.
     pub annotation: String,
+    /// An initdata whose policy is the default one but allows the exec [`EXEC_ALLOWED`], as
+    /// the pod annotation carries it.
+    pub exec_annotation: String,
     /// A runtime for the CRI calls.
     pub rt: tokio::runtime::Runtime,
 }
 
+/// The one exec the policy of [`Node::exec_annotation`] allows.
+pub const EXEC_ALLOWED: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "echo exec says hi; echo exec complains >&2; exit 4",
+];
+
 pub fn node(d: &Path, podvm: Option<&Path>) -> Node {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let world = super::bench_world(&rt, d);
-    let mut measure = Command::new(super::coffer_bin());
-    measure
-        .arg("measure")
-        .arg("--initdata")
-        .arg(&world.initdata);
-    match podvm {
-        Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
-        None => measure
-            .args(["--sandbox", "process", "--agent"])
-            .arg(super::agent_binary())
-            .arg("--psp-dir")
-            .arg(&world.psp_dir),
-    };
-    let refs = super::run_ok(&mut measure);
-    rt.block_on(world.kbs.admin.set_reference_values(refs.as_bytes()))
-        .unwrap();
+    // A second initdata: the default policy, plus one exec.
+    let policy = d.join("exec.rego");
+    fs::write(
+        &policy,
+        format!(
+            "{}\nExecProcessRequest if input.args == {}\n",
+            coffer_agent::policy::DEFAULT_POLICY,
+            serde_json::to_string(&EXEC_ALLOWED).unwrap()
+        ),
+    )
+    .unwrap();
+    let (ok, text, err) = super::coffer(&[
+        "initdata",
+        "new",
+        "--kbs-url",
+        &world.kbs.url,
+        "--image-key",
+        "kbs:///default/image-keys/app",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let exec_initdata = d.join("exec-initdata.toml");
+    fs::write(&exec_initdata, &text).unwrap();
+    // Reference values for both.
+    let mut all: Option<serde_json::Value> = None;
+    for initdata in [&world.initdata, &exec_initdata] {
+        let mut measure = Command::new(super::coffer_bin());
+        measure.arg("measure").arg("--initdata").arg(initdata);
+        match podvm {
+            Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
+            None => measure
+                .args(["--sandbox", "process", "--agent"])
+                .arg(super::agent_binary())
+                .arg("--psp-dir")
+                .arg(&world.psp_dir),
+        };
+        let refs: serde_json::Value = serde_json::from_str(&super::run_ok(&mut measure)).unwrap();
+        match &mut all {
+            None => all = Some(refs),
+            Some(a) => {
+                let more = refs["init_data"].as_array().unwrap().clone();
+                a["init_data"].as_array_mut().unwrap().extend(more);
+            }
+        }
+    }
+    rt.block_on(
+        world
+            .kbs
+            .admin
+            .set_reference_values(all.unwrap().to_string().as_bytes()),
+    )
+    .unwrap();
     let reg = world.registry.addr.clone();
     super::skopeo_push(
         &format!("oci:{}:v1", d.join("plain").display()),
@@ -316,11 +363,13 @@ pub fn node(d: &Path, podvm: Option<&Path>) -> Node {
     let annotation = coffer_shim::annotations::encode_initdata(
         &std::fs::read_to_string(&world.initdata).unwrap(),
     );
+    let exec_annotation = coffer_shim::annotations::encode_initdata(&text);
     Node {
         app: format!("{reg}/app:v1"),
         world,
         containerd,
         annotation,
+        exec_annotation,
         rt,
     }
 }
@@ -504,6 +553,22 @@ impl Pods {
             .into_inner()
             .status
             .unwrap()
+    }
+
+    /// `ExecSync` (as `kubectl exec` without a terminal): `cmd` in container `id`.
+    pub async fn exec_sync(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<coffer_shim::cri::ExecSyncResponse, tonic::Status> {
+        self.rt
+            .exec_sync(coffer_shim::cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            })
+            .await
+            .map(|r| r.into_inner())
     }
 
     /// Waits (up to `timeout`) until the container has exited; returns its exit code.
