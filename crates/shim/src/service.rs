@@ -82,7 +82,6 @@ struct Process {
 }
 
 impl Process {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         container_id: &str,
         exec_id: &str,
