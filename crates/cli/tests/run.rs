@@ -986,15 +986,25 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
     let cmd: Vec<&str> = owned.iter().map(String::as_str).collect();
 
     // kill -9 of the keeper of a detached pod VM: QEMU dies with it; `coffer ps` removes the rest.
-    let (code, _, stderr) = cli(w.run_in(&vm, &init, "v3", &["-d"], &["sleep", "3031"])).await;
+    // (The image has no /bin/sleep: busybox's shell runs the applet.)
+    let (code, _, stderr) = cli(w.run_in(
+        &vm,
+        &init,
+        "v3",
+        &["-d"],
+        &["/bin/sh", "-c", "exec sleep 3031"],
+    ))
+    .await;
     assert_eq!(code, Some(0), "{stderr}");
     let (code, stdout, stderr) = w.ctl(&["ps"]).await;
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(
-        stdout.contains("v3") && stdout.contains("running"),
-        "{stdout}\n--- the pod VM's console ---\n{}",
-        std::fs::read_to_string(w.state.join("v3/agent.log")).unwrap_or_default()
-    );
+    if !(stdout.contains("v3") && stdout.contains("running")) {
+        let (_, out, err) = w.ctl(&["logs", "v3"]).await;
+        panic!(
+            "{stdout}\n--- coffer logs v3 ---\n{out}\n{err}\n--- the pod VM's console ---\n{}",
+            std::fs::read_to_string(w.state.join("v3/agent.log")).unwrap_or_default()
+        );
+    }
     let keeper = std::fs::read_to_string(w.state.join("v3/keeper.pid")).unwrap();
     let v3 = w.state.join("v3").display().to_string();
     assert!(
