@@ -140,9 +140,9 @@ impl Sandbox {
         let _ = gone.wait_for(|g| *g).await;
     }
 
-    /// Asks the agent to destroy the sandbox, closes the keeper's stdin, and waits until the
-    /// keeper has torn everything down.
-    pub async fn destroy(&self) {
+    /// Asks the agent to destroy the sandbox and closes the keeper's stdin: the keeper then
+    /// tears everything down ([`Sandbox::wait_gone`] says when that is over).
+    pub async fn stop(&self) {
         if self.alive() {
             let mut c = self.client.clone();
             let _ = tokio::time::timeout(
@@ -152,6 +152,11 @@ impl Sandbox {
             .await;
         }
         drop(self.stdin.lock().await.take());
+    }
+
+    /// [`Sandbox::stop`], then waits until the keeper has torn everything down.
+    pub async fn destroy(&self) {
+        self.stop().await;
         self.wait_gone().await;
     }
 }

@@ -730,15 +730,14 @@ impl Service {
             )));
         }
         if t.is_sandbox {
-            // The sandbox's "process" is the sandbox: any signal ends it. Its exit is recorded
-            // once the teardown is over: containerd deletes the task (and shuts the shim down)
-            // as soon as it sees the exit, which must not cut this call short.
+            // The sandbox's "process" is the sandbox: any signal ends it. This answers once the
+            // teardown has begun, as a runc shim answers once the signal is sent; the exit is
+            // recorded and published when the keeper is gone (the watcher in `create_task`,
+            // with this signal). containerd deletes the task and shuts the shim down as soon as
+            // it sees that exit, so publishing it before this answer could cut the answer off.
             t.kill_signal
                 .store(req.signal.max(1), std::sync::atomic::Ordering::SeqCst);
-            t.sandbox.destroy().await;
-            if p.record_exit(128 + req.signal) {
-                self.publish_exit(&p).await;
-            }
+            t.sandbox.stop().await;
             return Ok(());
         }
         if !p.is_started() {
