@@ -161,8 +161,7 @@ struct TaskEntry {
     is_sandbox: bool,
     /// A standalone container owns its sandbox and ends it on delete.
     owns_sandbox: bool,
-    sandbox: Arc<Sandbox>,
-    /// The container's own process.
+    /// The container's own process (which holds the task's sandbox).
     init: Arc<Process>,
     /// Execs in the container, by exec id.
     execs: std::sync::Mutex<HashMap<String, Arc<Process>>>,
@@ -172,6 +171,11 @@ struct TaskEntry {
 }
 
 impl TaskEntry {
+    /// The sandbox the task runs in.
+    fn sandbox(&self) -> &Arc<Sandbox> {
+        &self.init.sandbox
+    }
+
     /// The process `exec_id` (the container's own when empty).
     fn process(&self, exec_id: &str) -> Result<Arc<Process>, ShimError> {
         if exec_id.is_empty() {
@@ -471,7 +475,6 @@ impl Service {
             bundle: req.bundle.clone(),
             is_sandbox,
             owns_sandbox,
-            sandbox: sandbox.clone(),
             init: Arc::new(Process::new(
                 &req.id,
                 "",
@@ -492,12 +495,12 @@ impl Service {
         // Every task ends when its sandbox does; unasked, that is a crash (VM or agent gone).
         let me = self.clone();
         tokio::spawn(async move {
-            entry.sandbox.wait_gone().await;
+            entry.sandbox().wait_gone().await;
             let asked = entry.kill_signal.load(std::sync::atomic::Ordering::SeqCst);
             let status = if asked > 0 { 128 + asked } else { 255 };
             if entry.init.record_exit(status) {
                 if asked == 0 {
-                    tracing::warn!(task = %entry.id, sandbox = %entry.sandbox.name, "the sandbox ended");
+                    tracing::warn!(task = %entry.id, sandbox = %entry.sandbox().name, "the sandbox ended");
                 }
                 me.publish_exit(&entry.init).await;
             }
@@ -536,7 +539,7 @@ impl Service {
         if t.is_sandbox {
             t.init.mark_started();
         } else {
-            let mut c = t.sandbox.client.clone();
+            let mut c = t.sandbox().client.clone();
             c.start_container(StartContainerRequest {
                 container_id: id.into(),
             })
@@ -551,12 +554,12 @@ impl Service {
             topics::TASK_START_EVENT_TOPIC,
             Box::new(TaskStart {
                 container_id: id.into(),
-                pid: t.sandbox.pid,
+                pid: t.sandbox().pid,
                 ..Default::default()
             }),
         )
         .await;
-        Ok(t.sandbox.pid)
+        Ok(t.sandbox().pid)
     }
 
     /// Copies a running process's stdio between containerd's FIFOs and the agent, then
@@ -629,7 +632,7 @@ impl Service {
         let p = Arc::new(Process::new(
             &req.id,
             &req.exec_id,
-            t.sandbox.clone(),
+            t.sandbox().clone(),
             spec.args,
             spec.env,
             [&req.stdin, &req.stdout, &req.stderr],
@@ -737,7 +740,7 @@ impl Service {
             // it sees that exit, so publishing it before this answer could cut the answer off.
             t.kill_signal
                 .store(req.signal.max(1), std::sync::atomic::Ordering::SeqCst);
-            t.sandbox.stop().await;
+            t.sandbox().stop().await;
             return Ok(());
         }
         if !p.is_started() {
@@ -747,7 +750,7 @@ impl Service {
             }
             return Ok(());
         }
-        let mut c = t.sandbox.client.clone();
+        let mut c = t.sandbox().client.clone();
         c.signal_process(SignalProcessRequest {
             container_id: req.id.clone(),
             exec_id: req.exec_id.clone(),
@@ -762,11 +765,11 @@ impl Service {
         let t = self.task(id).await?;
         tracing::debug!(task = %id, sandbox = t.is_sandbox, "delete");
         if t.is_sandbox {
-            t.sandbox.destroy().await;
+            t.sandbox().destroy().await;
             self.inner.sandboxes.lock().await.remove(id);
         } else {
-            if t.sandbox.alive() {
-                let mut c = t.sandbox.client.clone();
+            if t.sandbox().alive() {
+                let mut c = t.sandbox().client.clone();
                 let _ = c
                     .remove_container(RemoveContainerRequest {
                         container_id: id.into(),
@@ -774,7 +777,7 @@ impl Service {
                     .await;
             }
             if t.owns_sandbox {
-                t.sandbox.destroy().await;
+                t.sandbox().destroy().await;
             }
         }
         t.init.record_exit(255);
@@ -785,7 +788,7 @@ impl Service {
             Box::new(TaskDelete {
                 container_id: id.into(),
                 id: id.into(),
-                pid: t.sandbox.pid,
+                pid: t.sandbox().pid,
                 exit_status: exit.status,
                 exited_at: Some(timestamp(exit.at)).into(),
                 ..Default::default()
@@ -793,7 +796,7 @@ impl Service {
         )
         .await;
         Ok(api::DeleteResponse {
-            pid: t.sandbox.pid,
+            pid: t.sandbox().pid,
             exit_status: exit.status,
             exited_at: Some(timestamp(exit.at)).into(),
             ..Default::default()
@@ -804,7 +807,7 @@ impl Service {
         let t = self.task(id).await?;
         let mut metrics = Metrics::new();
         if !t.is_sandbox {
-            let mut c = t.sandbox.client.clone();
+            let mut c = t.sandbox().client.clone();
             let s = c
                 .stats_container(StatsContainerRequest {
                     container_id: id.into(),
@@ -1009,7 +1012,7 @@ impl Task for Service {
         Ok(api::StateResponse {
             id: p.event_id().to_string(),
             bundle: t.bundle.clone(),
-            pid: t.sandbox.pid,
+            pid: t.sandbox().pid,
             status: p.status().into(),
             stdin: p.stdin.clone(),
             stdout: p.stdout.clone(),
@@ -1070,7 +1073,7 @@ impl Task for Service {
         let t = self.task(&req.id).await?;
         Ok(api::PidsResponse {
             processes: vec![ProcessInfo {
-                pid: t.sandbox.pid,
+                pid: t.sandbox().pid,
                 ..Default::default()
             }],
             ..Default::default()
@@ -1094,7 +1097,7 @@ impl Task for Service {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
         let t = self.task(&req.id).await?;
-        let mut c = t.sandbox.client.clone();
+        let mut c = t.sandbox().client.clone();
         c.tty_win_resize(TtyWinResizeRequest {
             container_id: req.id.clone(),
             exec_id: req.exec_id.clone(),
@@ -1129,7 +1132,11 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let pid = self.task(&req.id).await.map(|t| t.sandbox.pid).unwrap_or(0);
+        let pid = self
+            .task(&req.id)
+            .await
+            .map(|t| t.sandbox().pid)
+            .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: pid,
