@@ -157,8 +157,13 @@ impl KeeperArgs {
 
     /// The agent's API socket, which appears once the agent serves.
     pub fn agent_sock(&self) -> PathBuf {
-        self.dir.join("agent.sock")
+        agent_sock(&self.dir)
     }
+}
+
+/// The agent's API socket in the sandbox directory `dir`.
+fn agent_sock(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
 }
 
 /// A keeper being started, or started.
@@ -169,7 +174,6 @@ pub struct Keeper {
     log: File,
     dir: PathBuf,
     name: String,
-    sock: PathBuf,
 }
 
 impl Keeper {
@@ -220,7 +224,6 @@ impl Keeper {
             log,
             dir: args.dir.clone(),
             name: args.name.clone(),
-            sock: args.agent_sock(),
         })
     }
 
@@ -248,8 +251,9 @@ impl Keeper {
     /// the agent when the keeper exits first, or after `wait`.
     pub async fn ready(&mut self, wait: Duration) -> Result<(), KeeperError> {
         let until = Instant::now() + wait;
+        let sock = agent_sock(&self.dir);
         loop {
-            if self.sock.exists() {
+            if sock.exists() {
                 return Ok(());
             }
             if let Ok(Some(_)) = self.child.try_wait() {
