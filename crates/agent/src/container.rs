@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    os::unix::{ffi::OsStrExt, fs::OpenOptionsExt},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex},
@@ -121,12 +120,14 @@ struct StreamBuf {
 /// One process (a container's init or an exec): its output and exit status.
 pub(crate) struct Process {
     stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
-    /// The master side of the terminal the runtime's stdio is (TTY processes).
-    pty: Option<Arc<std::fs::File>>,
+    /// The master side of the process's terminal (TTY processes), once the runtime handed it
+    /// over.
+    pty: Option<watch::Receiver<Option<Arc<std::fs::File>>>>,
     stdout: Mutex<StreamBuf>,
     stderr: Mutex<StreamBuf>,
     exit: watch::Receiver<Option<i32>>,
-    pid: Option<u32>,
+    /// The runtime's process id (foreground), or the process's own (detached, once known).
+    pid: std::sync::OnceLock<u32>,
     /// Set before the exit is reported when the process's cgroup saw the OOM killer.
     oom_killed: std::sync::atomic::AtomicBool,
 }
@@ -468,35 +469,17 @@ async fn pump(
     }
 }
 
-/// A new pseudo-terminal (master, slave), raw, 80x24.
-fn open_pty() -> std::io::Result<(std::fs::File, std::fs::File)> {
-    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
-    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let name = ptsname(&master, Vec::new())?;
-    let slave = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        // Not the agent's controlling terminal.
-        .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
-        .open(std::ffi::OsStr::from_bytes(name.as_bytes()))?;
-    // Raw: the process's own terminal (runc's) does the line discipline; this one only relays,
-    // so no second echo or CR/LF translation happens here.
-    let mut mode = rustix::termios::tcgetattr(&slave)?;
-    mode.make_raw();
-    rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &mode)?;
-    let master = std::fs::File::from(master);
-    rustix::termios::tcsetwinsize(
-        &master,
-        rustix::termios::Winsize {
-            ws_row: 24,
-            ws_col: 80,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        },
-    )?;
-    Ok((master, slave))
+/// The process id the runtime started detached and the master side of its terminal: both
+/// handed over once the runtime has exited successfully.
+async fn handed_over(
+    dir: &crate::tty::ConsoleDir,
+    listener: tokio::net::UnixListener,
+) -> std::io::Result<(u32, std::fs::File)> {
+    // The runtime connected (and sent the terminal) before it exited: the connection waits in
+    // the listener's backlog.
+    let master = crate::tty::receive_console(listener, crate::tty::HANDOVER).await?;
+    crate::tty::set_size(&master, 24, 80)?;
+    Ok((dir.pid()?, master))
 }
 
 fn now() -> i64 {
@@ -510,6 +493,8 @@ impl Containers {
     /// Containers kept under `root` (bundles, and the runtime's state in `root/.runtime`), run
     /// by `runtime` (e.g. `runc`) in cgroups under `/coffer`, images pulled with `pull`.
     pub fn new(root: PathBuf, runtime: PathBuf, pull: PullOptions) -> Self {
+        // Detached (TTY) container processes are reparented here once the runtime exits.
+        crate::tty::become_subreaper();
         Self {
             root,
             runtime,
@@ -675,15 +660,21 @@ impl Containers {
         cmd
     }
 
-    /// Spawns `cmd` with its stdout and stderr kept (and its stdin open when `stdin`), and a
-    /// task that records its exit.
+    /// Runs the runtime's `sub` command (`run` or `exec`) with `rest` after its options, with the
+    /// process's stdout and stderr kept (and its stdin open when `stdin`), and a task that
+    /// records its exit.
     ///
-    /// With `tty` the runtime's stdio is a pseudo-terminal the agent holds the master side of:
-    /// the runtime gives the process a terminal of its own, sized like this one, and relays it;
-    /// what the process writes there becomes its stdout, writes go to its input.
+    /// Without `tty` the runtime runs in the foreground (`run` keeps the container after it
+    /// exits, so that its cgroup can be read) with the process's stdio on pipes, and its exit
+    /// status is the process's. With `tty` it runs detached with a console socket (see
+    /// [`crate::tty`]): the agent holds the master side of the container's own terminal, whose
+    /// output is the process's stdout and to which writes are its input; the process is
+    /// waited for once the runtime has started it. A runtime that fails reports its own exit
+    /// status, its error output in the process's stderr.
     fn spawn(
         &self,
-        mut cmd: tokio::process::Command,
+        sub: &str,
+        rest: &[&std::ffi::OsStr],
         stdin: bool,
         tty: bool,
         oom_cgroup: Option<String>,
@@ -691,34 +682,48 @@ impl Containers {
         let runtime_err = |e: std::io::Error| {
             ContainerError::Runtime(format!("cannot run {}: {e}", self.runtime.display()))
         };
-        let pty = if tty {
-            let (master, slave) = open_pty()
+        let mut cmd = self.runtime_cmd();
+        cmd.arg(sub);
+        let console = if tty {
+            let dir = crate::tty::ConsoleDir::new()
                 .map_err(|e| ContainerError::Runtime(format!("cannot open a terminal: {e}")))?;
-            cmd.stdin(slave.try_clone().map_err(runtime_err)?)
-                .stdout(slave.try_clone().map_err(runtime_err)?)
-                .stderr(slave);
-            Some(master)
+            let listener = tokio::net::UnixListener::bind(dir.socket())
+                .map_err(|e| ContainerError::Runtime(format!("cannot open a terminal: {e}")))?;
+            cmd.arg("--detach")
+                .arg("--console-socket")
+                .arg(dir.socket())
+                .arg("--pid-file")
+                .arg(dir.pid_file());
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            Some((dir, listener))
         } else {
+            if sub == "run" {
+                cmd.arg("--keep");
+            }
             cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             None
         };
+        cmd.args(rest);
         let mut child = cmd.kill_on_drop(true).spawn().map_err(runtime_err)?;
-        // The slave's copies in `cmd` go with it, so that the master reads EIO at the end.
-        drop(cmd);
         let (tx, rx) = watch::channel(None);
+        let (pty_tx, pty_rx) = watch::channel(None);
+        let pid = std::sync::OnceLock::new();
+        if console.is_none() {
+            if let Some(p) = child.id() {
+                let _ = pid.set(p);
+            }
+        }
         let process = Arc::new(Process {
             stdin: tokio::sync::Mutex::new(child.stdin.take()),
-            pty: pty
-                .as_ref()
-                .map(|m| m.try_clone().map(Arc::new))
-                .transpose()
-                .map_err(runtime_err)?,
+            pty: console.as_ref().map(|_| pty_rx),
             stdout: Mutex::new(StreamBuf::default()),
             stderr: Mutex::new(StreamBuf::default()),
             exit: rx,
-            pid: child.id(),
+            pid,
             oom_killed: Default::default(),
         });
         let pipes: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
@@ -726,14 +731,6 @@ impl Containers {
             child.stderr.take().map(|p| Box::new(p) as _),
         ];
         let mut readers = Vec::new();
-        if let Some(reader) = pty {
-            let changed = self.changed.clone();
-            let process = process.clone();
-            readers.push(tokio::spawn(async move {
-                // Ends with EIO once the runtime, the last holder of the slave, exits.
-                pump(tokio::fs::File::from_std(reader), &process.stdout, &changed).await;
-            }));
-        }
         for (n, pipe) in pipes.into_iter().enumerate() {
             let Some(pipe) = pipe else { continue };
             let changed = self.changed.clone();
@@ -750,9 +747,51 @@ impl Containers {
         let changed = self.changed.clone();
         let exited = process.clone();
         tokio::spawn(async move {
-            let status = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
-            // The runtime keeps the container (`--keep`) until it is removed: its cgroup
-            // still tells whether the OOM killer ended it.
+            let runtime = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+            let status = match console {
+                None => runtime,
+                Some((dir, listener)) => {
+                    // The runtime's error output is in before its status is looked at.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                        for r in readers.iter_mut() {
+                            let _ = r.await;
+                        }
+                    })
+                    .await;
+                    readers.clear();
+                    if runtime != 0 {
+                        runtime
+                    } else {
+                        match handed_over(&dir, listener).await {
+                            Ok((pid, master)) => {
+                                let _ = exited.pid.set(pid);
+                                let master = Arc::new(master);
+                                let _ = pty_tx.send(Some(master.clone()));
+                                let (changed, process) = (changed.clone(), exited.clone());
+                                // Ends with EIO once the process and everything it started
+                                // closed the terminal.
+                                readers.push(tokio::spawn(async move {
+                                    let reader = tokio::fs::File::from_std(
+                                        master.try_clone().expect("a terminal's descriptor"),
+                                    );
+                                    pump(reader, &process.stdout, &changed).await;
+                                }));
+                                drop(dir);
+                                crate::tty::wait_pid(pid).await.unwrap_or_else(|e| {
+                                    tracing::warn!(pid, error = %e, "cannot wait for a detached process");
+                                    -1
+                                })
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the runtime started a terminal process but did not hand over its terminal");
+                                -1
+                            }
+                        }
+                    }
+                }
+            };
+            // The runtime keeps the container (`--keep`, or detached) until it is removed:
+            // its cgroup still tells whether the OOM killer ended it.
             if oom_cgroup.as_deref().is_some_and(saw_oom_kill) {
                 exited
                     .oom_killed
@@ -785,15 +824,9 @@ impl Containers {
                     "container {id} was already started"
                 )));
             }
-            let mut cmd = self.runtime_cmd();
-            // Kept after it exits (until removed), so that its cgroup can be read.
-            cmd.arg("run")
-                .arg("--keep")
-                .arg("--bundle")
-                .arg(&c.bundle)
-                .arg(id);
             let p = self.spawn(
-                cmd,
+                "run",
+                &["--bundle".as_ref(), c.bundle.as_os_str(), id.as_ref()],
                 c.stdin,
                 c.tty,
                 Some(cgroup_path(&self.cgroup_parent, id)),
@@ -880,9 +913,13 @@ impl Containers {
         let file = c.bundle.join(format!("exec-{exec_id}.json"));
         coffer_fsutil::write_atomic(&file, process.to_string().as_bytes(), 0o600)
             .map_err(|e| ContainerError::Runtime(format!("cannot write the exec spec: {e}")))?;
-        let mut cmd = self.runtime_cmd();
-        cmd.arg("exec").arg("--process").arg(&file).arg(id);
-        let p = self.spawn(cmd, stdin, tty, None)?;
+        let p = self.spawn(
+            "exec",
+            &["--process".as_ref(), file.as_os_str(), id.as_ref()],
+            stdin,
+            tty,
+            None,
+        )?;
         c.execs.insert(exec_id.into(), p);
         tracing::info!(container = id, exec = exec_id, "exec started");
         Ok(())
@@ -988,17 +1025,29 @@ impl Containers {
         }
     }
 
-    /// A TTY process's terminal (master side).
-    fn pty(p: &Process) -> Result<Arc<std::fs::File>> {
-        p.pty
+    /// A TTY process's terminal (master side), waiting for the runtime to hand it over.
+    async fn pty(p: &Process) -> Result<Arc<std::fs::File>> {
+        let mut rx = p
+            .pty
             .clone()
-            .ok_or_else(|| ContainerError::Invalid("the process has no terminal".into()))
+            .ok_or_else(|| ContainerError::Invalid("the process has no terminal".into()))?;
+        let mut exit = p.exit.clone();
+        tokio::select! {
+            r = rx.wait_for(|t| t.is_some()) => match r {
+                Ok(t) => Ok(t.clone().expect("a terminal")),
+                Err(_) => Err(ContainerError::Invalid("the process's terminal is gone".into())),
+            },
+            _ = exit.wait_for(|s| s.is_some()) => {
+                Err(ContainerError::Invalid("the process has exited".into()))
+            }
+        }
     }
 
     /// Writes `data` to a process's stdin (its terminal, for a TTY process); the bytes written.
     pub async fn write(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize> {
         let p = self.process(id, exec_id)?;
-        if let Some(pty) = p.pty.clone() {
+        if p.pty.is_some() {
+            let pty = Self::pty(&p).await?;
             let data = data.to_vec();
             let len = data.len();
             return tokio::task::spawn_blocking(move || {
@@ -1029,27 +1078,13 @@ impl Containers {
         Ok(())
     }
 
-    /// Sets the window size of a TTY process's terminal: the agent's side, then SIGWINCH to the
-    /// runtime, which sizes the process's terminal alike.
+    /// Sets the window size of a TTY process's terminal (the kernel sends SIGWINCH to its
+    /// foreground process group).
     pub async fn resize(&self, id: &str, exec_id: &str, rows: u16, columns: u16) -> Result<()> {
         let p = self.process(id, exec_id)?;
-        let pty = Self::pty(&p)?;
-        rustix::termios::tcsetwinsize(
-            &*pty,
-            rustix::termios::Winsize {
-                ws_row: rows,
-                ws_col: columns,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            },
-        )
-        .map_err(|e| ContainerError::Runtime(format!("cannot resize the terminal: {e}")))?;
-        if let Some(pid) = p.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-            if p.exit.borrow().is_none() {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
-            }
-        }
-        Ok(())
+        let pty = Self::pty(&p).await?;
+        crate::tty::set_size(&pty, rows, columns)
+            .map_err(|e| ContainerError::Runtime(format!("cannot resize the terminal: {e}")))
     }
 
     /// Sends `signal` to a process: the container's through the runtime, an exec's directly
@@ -1068,7 +1103,8 @@ impl Containers {
             .ok_or_else(|| ContainerError::Invalid(format!("signal {signal} is not known")))?;
         let pid = p
             .pid
-            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            .get()
+            .and_then(|p| rustix::process::Pid::from_raw(*p as i32))
             .ok_or_else(|| ContainerError::Invalid("the exec has exited".into()))?;
         if p.exit.borrow().is_some() {
             return Err(ContainerError::Invalid("the exec has exited".into()));

@@ -25,4 +25,5 @@ pub mod port;
 pub mod sandbox;
 pub mod sealed;
 pub mod startup;
+mod tty;
 pub mod vm;

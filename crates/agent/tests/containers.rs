@@ -258,3 +258,100 @@ async fn a_runtime_that_fails_before_creating_the_container_fails_the_start() {
         "runtime: failed to start container broken (exit status 1): cannot set memory limit: device or resource busy"
     );
 }
+
+/// A terminal's newline translation does not depend on who runs first: with both cores busy,
+/// the container's init on a terminal and many terminal execs started at once each print
+/// `\r\n` for `\n`, exactly once (runc's own relay added a second `\r` when the process wrote
+/// before runc had set the modes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminals_output_is_translated_once_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_layout(&dir.path().join("layout"));
+    let image = format!("oci:{}:v1", dir.path().join("layout").display());
+    let c = std::sync::Arc::new(Containers::new(
+        dir.path().join("bundles"),
+        "runc".into(),
+        Default::default(),
+    ));
+    let suffix = std::process::id();
+    let id = format!("coffer-test-{suffix}");
+    let _cleanup = Cleanup(dir.path().join("bundles/.runtime"), suffix);
+    // Two busy loops, bounded in time, as a parallel build would keep the cores.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < until
+                {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    c.create(&CreateContainerRequest {
+        container_id: id.clone(),
+        image: image.clone(),
+        args: [
+            "/bin/sh",
+            "-c",
+            "[ -t 1 ] && echo init-on-a-tty; exec sleep 60",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        tty: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.start(&id).await.unwrap();
+    let mut seen = Vec::new();
+    for round in 0..4 {
+        let mut waits = Vec::new();
+        for n in 0..6 {
+            let exec = format!("t{round}-{n}");
+            c.exec(
+                &id,
+                &exec,
+                &[
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "[ -t 1 ] && echo on-a-tty".into(),
+                ],
+                &[],
+                false,
+                true,
+            )
+            .unwrap();
+            let c = c.clone();
+            let id = id.clone();
+            waits.push(tokio::spawn(async move {
+                assert_eq!(c.wait(&id, &exec).await.unwrap(), 0);
+                output_of(&c, &id, &exec, "stdout").await
+            }));
+        }
+        for w in waits {
+            seen.push(w.await.unwrap());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in busy {
+        b.join().unwrap();
+    }
+    assert!(
+        seen.iter().all(|s| s == "on-a-tty\r\n"),
+        "{:?}",
+        seen.iter()
+            .filter(|s| *s != "on-a-tty\r\n")
+            .collect::<Vec<_>>()
+    );
+    let chunk = c.read(&id, "", "stdout", 0, 4096, false).await.unwrap();
+    assert_eq!(chunk.data, b"init-on-a-tty\r\n");
+    // The init's terminal takes a signal through the runtime, and its exit is seen.
+    c.signal(&id, "", 9).await.unwrap();
+    assert_eq!(c.wait(&id, "").await.unwrap(), 128 + 9);
+    c.remove(&id).await.unwrap();
+}
