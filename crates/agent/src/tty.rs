@@ -239,6 +239,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(clippy::zombie_processes)] // wait_pid reaps them
     async fn a_childs_exit_status_and_signal_are_reported() {
         let c = std::process::Command::new("sh")
             .args(["-c", "exit 5"])

@@ -40,6 +40,14 @@ pub async fn agent(sandbox: &SandboxDir) -> anyhow::Result<AgentClient<Channel>>
     if !sandbox.dir.exists() {
         bail!("no sandbox named {} (see coffer ps)", sandbox.name);
     }
+    if let Some(record) = sandbox.failure() {
+        bail!(
+            "sandbox {} failed: {}\n(`coffer rm {}` removes it)",
+            sandbox.name,
+            record.trim_end(),
+            sandbox.name
+        );
+    }
     coffer_agent::api::connect_unix(&sandbox.agent_sock())
         .await
         .with_context(|| format!("cannot reach the agent of sandbox {}", sandbox.name))
@@ -461,8 +469,8 @@ pub struct PsArgs {
     state_dir: PathBuf,
 }
 
-/// Runs `coffer ps`: the containers of every running sandbox; reaps sandboxes whose keeper was
-/// killed.
+/// Runs `coffer ps`: the containers of every running sandbox, and the sandboxes whose keeper
+/// recorded a failure (until `coffer rm`); reaps sandboxes whose keeper was killed.
 pub async fn ps(a: PsArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let entries = match std::fs::read_dir(&a.state_dir) {
@@ -478,6 +486,11 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<()> {
             continue;
         };
         if !sandbox.alive() {
+            if let Some(record) = sandbox.failure() {
+                let why = record.lines().next().unwrap_or_default().to_string();
+                rows.push([name, "-".into(), format!("failed: {why}"), "-".into()]);
+                continue;
+            }
             if let Err(e) = sandbox.reap() {
                 eprintln!("coffer: cannot clean up the dead sandbox {name}: {e:#}");
             }

@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// The pod VM's memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u32,
+    /// Seconds the pod VM's agent has to become ready before the VM is stopped and the start
+    /// fails with its console [default: 60 under KVM, 180 under TCG].
+    #[arg(long, default_value_t = 0)]
+    ready_timeout: u64,
     /// The KBS; must be the one the initdata names.
     #[arg(long)]
     kbs: String,
@@ -146,6 +150,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         args.podvm = Some(dir.clone());
         args.accel = a.accel.clone();
         args.memory = a.memory;
+        args.ready_timeout = a.ready_timeout;
     }
     // Its own process group: a terminal's ^C reaches this process, whose exit closes the
     // keeper's stdin, and the keeper tears down.

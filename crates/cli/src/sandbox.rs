@@ -108,6 +108,49 @@ impl SandboxDir {
         !self.dir.exists()
     }
 
+    /// Why the sandbox failed, when its keeper recorded it (and is gone).
+    pub fn failure(&self) -> Option<String> {
+        if self.alive() {
+            return None;
+        }
+        coffer_keeper::failure(&self.dir)
+    }
+
+    /// Records why the sandbox failed and removes everything but the record and the logs
+    /// (the keeper's, QEMU's and the console): its cgroups, sockets, scratch disk and state.
+    fn retire(&self, why: &str) -> anyhow::Result<()> {
+        remove_cgroups(&self.name)?;
+        let tail = coffer_keeper::console_tail(&self.dir, coffer_keeper::CONSOLE_LINES);
+        let mut record = format!("{}\n", why.replace('\n', " "));
+        if !tail.is_empty() {
+            record.push_str(&format!("the last lines of its console:\n{tail}\n"));
+        }
+        for e in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?
+            .flatten()
+        {
+            let keep = matches!(
+                e.file_name().to_str(),
+                Some("agent.log" | "qemu.log" | "keeper.log" | "keeper.lock")
+            );
+            if keep {
+                continue;
+            }
+            let p = e.path();
+            let _ = if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+        coffer_fsutil::write_atomic(
+            &self.dir.join(coffer_keeper::FAILED),
+            record.as_bytes(),
+            0o644,
+        )
+        .with_context(|| format!("cannot record the failure in {}", self.dir.display()))
+    }
+
     /// The last line the agent wrote to its log (to explain a failed start).
     pub fn agent_error(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
@@ -227,12 +270,19 @@ pub fn keep(a: KeeperArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(serve(&a));
     // A read of stdin may still be pending on the blocking pool; do not wait for it.
     runtime.shutdown_background();
-    // Everything below runs however the sandbox ended.
-    let cleaned = SandboxDir {
+    // Everything below runs however the sandbox ended. A failed sandbox leaves its reason
+    // and logs for `coffer ps`, `coffer logs` and the launcher.
+    let sandbox = SandboxDir {
         dir: a.dir.clone(),
         name: a.name.clone(),
-    }
-    .remove();
+    };
+    let cleaned = match &result {
+        Ok(()) => sandbox.remove(),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the sandbox failed");
+            sandbox.retire(&format!("{e:#}"))
+        }
+    };
     drop(lock);
     result.and(cleaned)
 }

@@ -163,8 +163,22 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
     tokio::pin!(watch);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    // Until the agent serves, nothing is accepted on agent.sock (it does not exist yet).
+    // Until the agent serves, nothing is accepted on agent.sock (it does not exist yet); a
+    // guest that does not get there in the bound is stopped, with its console kept.
+    let bound = match (a.ready_timeout, accel) {
+        (0, Accel::Kvm) => coffer_keeper::READY_KVM,
+        (0, Accel::Tcg) => coffer_keeper::READY_TCG,
+        (s, _) => Duration::from_secs(s),
+    };
     tokio::select! {
+        _ = tokio::time::sleep(bound) => {
+            stop(&mut qemu).await?;
+            bail!(
+                "the pod VM's agent did not become ready within {}s ({accel:?}); its console is {}",
+                bound.as_secs(),
+                a.dir.join("agent.log").display()
+            )
+        }
         r = ready_rx.recv() => if r.is_none() {
             let _ = tokio::time::timeout(Duration::from_secs(5), qemu.wait()).await;
             let _ = qemu.start_kill();

@@ -1166,3 +1166,148 @@ async fn a_pod_vm_keeps_container_data_encrypted_and_reports_a_tampered_disk() {
     assert_eq!(code, Some(0), "{stderr}");
     nothing_left(&w, "t1", marker).await;
 }
+
+/// A pod VM whose guest never starts the agent (busybox's init instead: it waits at a console
+/// prompt forever) is stopped once its bound is up: the start fails with the reason and the
+/// console's last lines, and nothing is left. Its keeper, left alone as a detached sandbox's
+/// is, leaves a record: `coffer ps` shows it failed, `coffer logs` says why, `coffer rm`
+/// removes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_vm_whose_agent_never_starts_fails_within_its_bound_with_its_console() {
+    let w = world().await;
+    let dir = w.d().join("stalling-podvm");
+    let (code, _, stderr) = cli(vec![
+        "podvm".into(),
+        "build".into(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--agent".into(),
+        "/bin/busybox".into(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let init = w.initdata("initdata.toml", &[]).await;
+    let vm = vm_args(&dir);
+    let mut vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    vm.extend(["--accel", "tcg", "--ready-timeout", "12"]);
+    let t = Instant::now();
+    let (code, stdout, stderr) = cli(w.run_in(&vm, &init, "s1", &[], &["/bin/true"])).await;
+    let took = t.elapsed();
+    assert_ne!(code, Some(0));
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("did not become ready within 12s")
+            && stderr.contains("the last lines of its console")
+            && stderr.contains("/etc/init.d/rcS"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    nothing_left(&w, "s1", "s1/agent-chan.sock").await;
+
+    // A keeper on its own (its launcher gone).
+    let sandbox = w.state.join("s2");
+    std::fs::create_dir_all(&sandbox).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .arg("__sandbox")
+        .args(["--dir", &sandbox.display().to_string(), "--name", "s2"])
+        .args(["--agent", "/bin/busybox", "--initdata"])
+        .arg(&init)
+        .arg("--psp-dir")
+        .arg(&w.psp_dir)
+        .arg("--podvm")
+        .arg(&dir)
+        .args(["--accel", "tcg", "--ready-timeout", "8"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    assert!(processes_with(&sandbox.display().to_string()).is_empty());
+    let (code, stdout, stderr) = w.ctl(&["ps"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("s2 "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("failed: the pod VM's agent did not become ready within 8s"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = w.ctl(&["logs", "s2"]).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("sandbox s2 failed") && stderr.contains("/etc/init.d/rcS"),
+        "{stderr}"
+    );
+    // Only the record and the logs stay (no scratch disk, no sockets).
+    let mut left: Vec<String> = std::fs::read_dir(&sandbox)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["agent.log", "failed", "keeper.lock", "qemu.log"]);
+    let (code, _, stderr) = w.ctl(&["rm", "s2"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!sandbox.exists());
+}
+
+/// A test process killed with SIGKILL while its sandbox runs leaves nothing: each test runs in
+/// a cell (scripts/test-cell), whose PID namespace takes every process with it and whose
+/// temporary directory (keys, stores) is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_test_killed_with_sigkill_leaves_no_process_and_no_files() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: the cell does not isolate here, nothing to check");
+        return;
+    }
+    let w = world().await;
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register(&[&init]).await;
+    let cell = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/test-cell");
+    let report = w.d().join("cell-tmpdir");
+    let state = w.d().join("cell-state");
+    // The "test": writes its TMPDIR, starts a detached sandbox, then hangs.
+    let mut run = w.run(
+        &init,
+        "victim",
+        &["-d"],
+        &["/bin/sh", "-c", "exec sleep 4041"],
+    );
+    let at = run.iter().position(|a| a == "--state-dir").unwrap();
+    run[at + 1] = state.display().to_string();
+    let script = format!(
+        "echo \"$TMPDIR\" > {}; touch \"$TMPDIR/key.pem\"; {} \"$@\" && exec sleep 600",
+        report.display(),
+        env!("CARGO_BIN_EXE_coffer")
+    );
+    let mut child = Command::new(cell)
+        .args(["sh", "-c", &script, "sh"])
+        .args(&run)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the detached sandbox to run", || {
+        !processes_with("sleep 4041").is_empty()
+    })
+    .await;
+    let tmp = PathBuf::from(std::fs::read_to_string(&report).unwrap().trim());
+    assert!(tmp.join("key.pem").exists());
+    assert!(!processes_with(&state.join("victim").display().to_string()).is_empty());
+    // SIGKILL, as nextest's timeout ends a test that ignored SIGTERM.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually("every process of the killed test to be gone", || {
+        processes_with("sleep 4041").is_empty()
+            && processes_with(&state.join("victim").display().to_string()).is_empty()
+    })
+    .await;
+    eventually(
+        "the killed test's temporary directory to be removed",
+        || !tmp.exists(),
+    )
+    .await;
+}

@@ -98,6 +98,69 @@ pub struct KeeperArgs {
     /// The pod VM's scratch disk size in MiB (encrypted and integrity-protected in the guest).
     #[arg(long, default_value_t = 2048)]
     pub scratch_mib: u64,
+    /// Seconds the pod VM's agent has to become ready before the keeper stops the VM and
+    /// records why (0: [`READY_KVM`] under KVM, [`READY_TCG`] under TCG).
+    #[arg(long, default_value_t = 0)]
+    pub ready_timeout: u64,
+}
+
+/// How long a pod VM's agent has to become ready under KVM (it takes about a second).
+pub const READY_KVM: Duration = Duration::from_secs(60);
+/// How long a pod VM's agent has to become ready under TCG (about 5 s idle, 10-16 s with
+/// both cores of a 2-core host busy; several pod VMs at once take longer).
+pub const READY_TCG: Duration = Duration::from_secs(180);
+
+/// The file a keeper leaves in its sandbox directory when the sandbox failed: why, in one
+/// line, then the last lines of the pod VM's console. Everything else but the logs is removed;
+/// `coffer ps` shows the sandbox as failed and `coffer rm` removes it.
+pub const FAILED: &str = "failed";
+
+/// Lines of the console kept in a failure record and shown with a failed start.
+pub const CONSOLE_LINES: usize = 15;
+
+/// Why the sandbox in `dir` failed, when its keeper recorded it.
+pub fn failure(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(FAILED)).ok()
+}
+
+/// The last `n` lines of the pod VM's console (`agent.log`) in `dir`, or of the process
+/// sandbox's agent log.
+pub fn console_tail(dir: &Path, n: usize) -> String {
+    let log = std::fs::read(dir.join("agent.log")).unwrap_or_default();
+    let log = String::from_utf8_lossy(&log);
+    let lines: Vec<String> = log
+        .lines()
+        .map(printable)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A console line without its terminal control sequences (the firmware clears the screen)
+/// and other control characters.
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI: ESC [ parameters final-byte; otherwise ESC and one character.
+                if chars.next_if_eq(&'[').is_some() {
+                    for c in chars.by_ref() {
+                        if ('\u{40}'..='\u{7e}').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\t' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out.trim_end().to_string()
 }
 
 impl KeeperArgs {
@@ -122,6 +185,7 @@ impl KeeperArgs {
             accel: "auto".into(),
             memory: 512,
             scratch_mib: 2048,
+            ready_timeout: 0,
         }
     }
 
@@ -146,6 +210,7 @@ impl KeeperArgs {
         opt("accel", self.accel.clone().into());
         opt("memory", self.memory.to_string().into());
         opt("scratch-mib", self.scratch_mib.to_string().into());
+        opt("ready-timeout", self.ready_timeout.to_string().into());
         if self.plain_http {
             v.push("--plain-http".into());
         }
@@ -272,9 +337,13 @@ impl Keeper {
         }
     }
 
-    /// The last lines of `keeper.log` and of the agent's `agent.log` (the pod VM's console),
-    /// joined; what says why a sandbox failed.
+    /// What says why a sandbox failed: the keeper's failure record when it left one (the
+    /// reason and the pod VM's last console lines), else the last line of `keeper.log` and of
+    /// the agent's `agent.log`, joined.
     pub fn last_words(&self) -> String {
+        if let Some(record) = failure(&self.dir) {
+            return record.trim_end().to_string();
+        }
         let agent = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
         [
             coffer_fsutil::last_line_of(&self.log),
@@ -320,6 +389,7 @@ mod tests {
         a.accel = "tcg".into();
         a.memory = 1024;
         a.scratch_mib = 4096;
+        a.ready_timeout = 30;
         assert_eq!(parse(&a), a);
     }
 
@@ -358,6 +428,37 @@ mod tests {
             err,
             "sandbox s did not start: keeper: QEMU failed; agent: initdata refused"
         );
+    }
+
+    #[tokio::test]
+    async fn a_keepers_failure_record_is_its_last_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let console: String = (1..=40).map(|i| format!("console line {i}\r\n")).collect();
+        std::fs::write(dir.path().join("agent.log"), console).unwrap();
+        let tail = console_tail(dir.path(), CONSOLE_LINES);
+        assert!(tail.starts_with("console line 26\n") && tail.ends_with("console line 40"));
+        assert_eq!(
+            printable("\u{1b}c\u{1b}[?7l\u{1b}[2J\u{1b}[0mSeaBIOS (version 1.16)\r"),
+            "SeaBIOS (version 1.16)"
+        );
+        let keeper = fake_keeper(
+            dir.path(),
+            &format!(
+                "printf 'the agent did not become ready within 3s\\n%s\\n' \"$(tail -n 2 {0}/agent.log | tr -d '\\r')\" > {0}/failed; exit 1",
+                dir.path().display()
+            ),
+        );
+        let mut k = Keeper::spawn(&keeper, &args_in(dir.path()), true).unwrap();
+        let err = k
+            .ready(Duration::from_secs(20))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "sandbox s did not start: the agent did not become ready within 3s\nconsole line 39\nconsole line 40"
+        );
+        assert!(failure(dir.path()).is_some());
     }
 
     #[tokio::test]
