@@ -1,13 +1,21 @@
-//! `cargo bench -p coffer --bench podvm [-- RUNS]`: a pod VM's start, under the accelerator
-//! `coffer run --accel auto` picks here (TCG on this project's CI machine).
+//! `cargo bench -p coffer --bench podvm [-- RUNS] [--busy] [--cpus N] [--verbose-console]`: a
+//! pod VM's start, under the accelerator `coffer run --accel auto` picks here (TCG on this
+//! project's CI machine).
 //!
 //! Each run is `coffer run --sandbox vm` of the encrypted busybox image (KBS in this process,
 //! Debian's docker-registry on loopback) with a fresh VM: QEMU start, kernel, the agent as init
 //! (modules, dm-verity root, dm-integrity + dm-crypt scratch formatted), initdata check,
 //! attestation, key release, pull inside the guest, runc. Printed: the time to agent-ready (the
 //! keeper's `agent.sock` appears once the agent says it serves) and to the container's first
-//! output, the guest's boot steps from its console, and the guest memory in use (MemTotal −
-//! MemAvailable) and agent RSS at agent-ready and with the container running.
+//! output, median and worst over the runs, the guest's boot steps from its console, and the
+//! guest memory in use (MemTotal − MemAvailable) and agent RSS at agent-ready and with the
+//! container running.
+//!
+//! `--busy` keeps both host cores busy (two spinning threads, as a parallel build would) during
+//! the runs; `--cpus N` sets the pod VM's vCPUs (default: `coffer run`'s); `--verbose-console`
+//! boots a copy of the image whose kernel logs at `loglevel=7` (lockup backtraces on the
+//! console). A run that does not finish within its bound counts as stalled and its console's
+//! last lines are printed; the bench goes on.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -15,6 +23,10 @@ mod common;
 use std::{
     io::Read,
     process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -25,6 +37,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn worst(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
 /// `key=value` of the last console line containing `needle`.
 fn field(console: &str, needle: &str, key: &str) -> Option<f64> {
     let line = console.lines().rev().find(|l| l.contains(needle))?;
@@ -33,11 +49,18 @@ fn field(console: &str, needle: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.trim_matches('"').parse().ok())
 }
 
+/// How long one run may take before it counts as stalled.
+const RUN_BOUND: Duration = Duration::from_secs(240);
+
 fn main() {
-    let runs: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(3);
+    let busy = args.iter().any(|a| a == "--busy");
+    let verbose = args.iter().any(|a| a == "--verbose-console");
+    let cpus: Option<String> = args
+        .iter()
+        .position(|a| a == "--cpus")
+        .and_then(|i| args.get(i + 1).cloned());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = common::agent_binary();
@@ -59,6 +82,14 @@ fn main() {
             .arg(&agent),
     );
     println!("podvm build: {:.0} ms", ms(t.elapsed()));
+    if verbose {
+        let cmdline = std::fs::read_to_string(podvm.join("cmdline")).unwrap();
+        let cmdline = cmdline.trim().replace(
+            "quiet loglevel=4",
+            "loglevel=7 softlockup_all_cpu_backtrace=1",
+        );
+        std::fs::write(podvm.join("cmdline"), format!("{cmdline}\n")).unwrap();
+    }
     let refs = run_ok(
         Command::new(coffer())
             .args(["measure", "--sandbox", "vm", "--podvm"])
@@ -71,14 +102,29 @@ fn main() {
     rt.block_on(kbs.admin.set_reference_values(refs.as_bytes()))
         .unwrap();
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..if busy { 2 } else { 0 })
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // Bounded: the bench's own runs are.
+                let until = Instant::now() + RUN_BOUND * (runs as u32 + 1);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+
     let state = d.join("sandboxes");
     let (mut ready_ms, mut running_ms) = (Vec::new(), Vec::new());
+    let mut stalls = 0;
     let mut console = String::new();
     for i in 0..runs {
         let name = format!("b{i}");
         let t0 = Instant::now();
-        let mut child = Command::new(coffer())
-            .args(["run", "--sandbox", "vm", "--podvm"])
+        let mut cmd = Command::new(coffer());
+        cmd.args(["run", "--sandbox", "vm", "--podvm"])
             .arg(&podvm)
             .args(["--kbs", &kbs.url, "--initdata"])
             .arg(&initdata)
@@ -86,40 +132,88 @@ fn main() {
             .arg(&psp_dir)
             .arg("--state-dir")
             .arg(&state)
+            .args(["--ready-timeout", &RUN_BOUND.as_secs().to_string()]);
+        if let Some(n) = &cpus {
+            cmd.args(["--cpus", n]);
+        }
+        let mut child = cmd
             .arg(&image)
             .args(["--", "/bin/sh", "-c", "echo started; exec sleep 2"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let sock = state.join(&name).join("agent.sock");
         let watch = std::thread::spawn(move || loop {
-            if sock.exists() || t0.elapsed() > Duration::from_secs(600) {
+            if sock.exists() || t0.elapsed() > RUN_BOUND {
                 return t0.elapsed();
             }
             std::thread::sleep(Duration::from_millis(5));
         });
-        let mut b = [0u8; 1];
+        // The first byte of output, or the bound.
         let mut out = child.stdout.take().unwrap();
-        assert_eq!(out.read(&mut b).unwrap(), 1, "no output from the pod VM");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            let n = out.read(&mut b).unwrap_or(0);
+            let _ = tx.send(n);
+            let mut rest = Vec::new();
+            let _ = out.read_to_end(&mut rest);
+        });
+        let got = rx.recv_timeout(RUN_BOUND).unwrap_or(0);
+        let console_now =
+            || std::fs::read_to_string(state.join(&name).join("agent.log")).unwrap_or_default();
+        if got != 1 {
+            stalls += 1;
+            let c = console_now();
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            let _ = child.wait();
+            println!(
+                "run {i}: STALLED after {:.0} ms; coffer run said: {}\n--- console (last 60 lines) ---\n{}",
+                ms(t0.elapsed()),
+                err.trim(),
+                c.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            let _ = watch.join();
+            continue;
+        }
         running_ms.push(ms(t0.elapsed()));
         ready_ms.push(ms(watch.join().unwrap()));
         std::thread::sleep(Duration::from_millis(300));
-        console = std::fs::read_to_string(state.join(&name).join("agent.log")).unwrap_or_default();
-        let mut rest = Vec::new();
-        let _ = out.read_to_end(&mut rest);
+        console = console_now();
         assert!(child.wait().unwrap().success());
         println!(
             "run {i}: agent ready {:.0} ms, container output {:.0} ms",
-            ready_ms[i], running_ms[i]
+            ready_ms.last().unwrap(),
+            running_ms.last().unwrap()
         );
     }
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    let vcpus = cpus.as_deref().unwrap_or("coffer run's default");
     println!(
-        "median over {runs} runs: agent ready {:.0} ms, container running (first output) {:.0} ms",
-        median(ready_ms),
-        median(running_ms)
+        "{} runs ({}, vCPUs: {vcpus}): {stalls} stalled",
+        runs,
+        if busy {
+            "both host cores busy"
+        } else {
+            "idle host"
+        }
     );
+    if !ready_ms.is_empty() {
+        println!(
+            "agent ready: median {:.0} ms, worst {:.0} ms; container running (first output): median {:.0} ms, worst {:.0} ms",
+            median(ready_ms.clone()),
+            worst(&ready_ms),
+            median(running_ms.clone()),
+            worst(&running_ms)
+        );
+    }
     println!("guest boot steps (ms since the agent started as init, last run):");
     for step in [
         "modules loaded",

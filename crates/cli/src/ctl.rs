@@ -469,6 +469,9 @@ pub struct PsArgs {
     state_dir: PathBuf,
 }
 
+/// How long `coffer ps` waits for a sandbox's agent to list its containers.
+const PS_ANSWER: Duration = Duration::from_secs(10);
+
 /// Runs `coffer ps`: the containers of every running sandbox, and the sandboxes whose keeper
 /// recorded a failure (until `coffer rm`); reaps sandboxes whose keeper was killed.
 pub async fn ps(a: PsArgs) -> anyhow::Result<()> {
@@ -497,11 +500,21 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<()> {
             continue;
         }
         let listed = match agent(&sandbox).await {
-            Ok(mut c) => c
-                .list_containers(ListContainersRequest {})
-                .await
-                .map(|r| r.into_inner().containers)
-                .map_err(|e| e.message().to_string()),
+            // A guest that stopped answering shows as such instead of holding `ps`.
+            Ok(mut c) => {
+                match tokio::time::timeout(PS_ANSWER, c.list_containers(ListContainersRequest {}))
+                    .await
+                {
+                    Ok(r) => r
+                        .map(|r| r.into_inner().containers)
+                        .map_err(|e| e.message().to_string()),
+                    Err(_) => Err(format!(
+                        "the agent did not answer within {}s (its console: {})",
+                        PS_ANSWER.as_secs(),
+                        sandbox.dir.join("agent.log").display()
+                    )),
+                }
+            }
             Err(e) => Err(format!("{e:#}")),
         };
         match listed {

@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// fails with its console [default: 60 under KVM, 180 under TCG].
     #[arg(long, default_value_t = 0)]
     ready_timeout: u64,
+    /// The pod VM's virtual CPUs [default: 2 under KVM, 1 under TCG].
+    #[arg(long, default_value_t = 0)]
+    cpus: u32,
     /// The KBS; must be the one the initdata names.
     #[arg(long)]
     kbs: String,
@@ -151,6 +154,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         args.accel = a.accel.clone();
         args.memory = a.memory;
         args.ready_timeout = a.ready_timeout;
+        args.cpus = a.cpus;
     }
     // Its own process group: a terminal's ^C reaches this process, whose exit closes the
     // keeper's stdin, and the keeper tears down.

@@ -136,7 +136,11 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
         console: a.dir.join("agent.log"),
         config,
         memory_mib: a.memory,
-        cpus: 2,
+        cpus: match (a.cpus, accel) {
+            (0, Accel::Kvm) => 2,
+            (0, Accel::Tcg) => 1,
+            (n, _) => n,
+        },
         accel,
         tee: Tee::Emulated,
     };

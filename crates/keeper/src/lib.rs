@@ -98,6 +98,10 @@ pub struct KeeperArgs {
     /// The pod VM's scratch disk size in MiB (encrypted and integrity-protected in the guest).
     #[arg(long, default_value_t = 2048)]
     pub scratch_mib: u64,
+    /// The pod VM's virtual CPUs (0: 2 under KVM, 1 under TCG, where a second vCPU gains
+    /// little on a small host and cross-CPU interrupts can be lost; see docs/podvm.md).
+    #[arg(long, default_value_t = 0)]
+    pub cpus: u32,
     /// Seconds the pod VM's agent has to become ready before the keeper stops the VM and
     /// records why (0: [`READY_KVM`] under KVM, [`READY_TCG`] under TCG).
     #[arg(long, default_value_t = 0)]
@@ -185,6 +189,7 @@ impl KeeperArgs {
             accel: "auto".into(),
             memory: 512,
             scratch_mib: 2048,
+            cpus: 0,
             ready_timeout: 0,
         }
     }
@@ -210,6 +215,7 @@ impl KeeperArgs {
         opt("accel", self.accel.clone().into());
         opt("memory", self.memory.to_string().into());
         opt("scratch-mib", self.scratch_mib.to_string().into());
+        opt("cpus", self.cpus.to_string().into());
         opt("ready-timeout", self.ready_timeout.to_string().into());
         if self.plain_http {
             v.push("--plain-http".into());
@@ -390,6 +396,7 @@ mod tests {
         a.memory = 1024;
         a.scratch_mib = 4096;
         a.ready_timeout = 30;
+        a.cpus = 1;
         assert_eq!(parse(&a), a);
     }
 
