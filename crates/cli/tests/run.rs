@@ -1290,10 +1290,14 @@ async fn a_test_killed_with_sigkill_leaves_no_process_and_no_files() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("the detached sandbox to run", || {
-        !processes_with("sleep 4041").is_empty()
-    })
-    .await;
+    // The container's own process (not a command line that mentions it).
+    let sleeping = || {
+        processes_with("sleep 4041").iter().any(|p| {
+            p.split_once(": ")
+                .is_some_and(|(_, c)| c.starts_with("sleep 4041"))
+        })
+    };
+    eventually("the detached sandbox to run", sleeping).await;
     let tmp = PathBuf::from(std::fs::read_to_string(&report).unwrap().trim());
     assert!(tmp.join("key.pem").exists());
     assert!(!processes_with(&state.join("victim").display().to_string()).is_empty());
@@ -1301,8 +1305,7 @@ async fn a_test_killed_with_sigkill_leaves_no_process_and_no_files() {
     child.kill().unwrap();
     child.wait().unwrap();
     eventually("every process of the killed test to be gone", || {
-        processes_with("sleep 4041").is_empty()
-            && processes_with(&state.join("victim").display().to_string()).is_empty()
+        !sleeping() && processes_with(&state.join("victim").display().to_string()).is_empty()
     })
     .await;
     eventually(
