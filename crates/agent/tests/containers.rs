@@ -25,6 +25,35 @@ async fn output(c: &Containers, id: &str, stream: &str) -> String {
     output_of(c, id, "", stream).await
 }
 
+/// A busybox image in an OCI layout under a new directory, containers on runc beside it, and a
+/// container id of this process's own.
+struct Setup {
+    dir: tempfile::TempDir,
+    image: String,
+    containers: Containers,
+    id: String,
+    _cleanup: Cleanup,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_layout(&dir.path().join("layout"));
+    let image = format!("oci:{}:v1", dir.path().join("layout").display());
+    let containers = Containers::new(
+        dir.path().join("bundles"),
+        "runc".into(),
+        Default::default(),
+    );
+    let suffix = std::process::id();
+    Setup {
+        image,
+        containers,
+        id: format!("coffer-test-{suffix}"),
+        _cleanup: Cleanup(dir.path().join("bundles/.runtime"), suffix),
+        dir,
+    }
+}
+
 /// A test that fails half-way leaves no container (process, cgroup) behind.
 struct Cleanup(std::path::PathBuf, u32);
 
@@ -43,17 +72,13 @@ impl Drop for Cleanup {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn containers_run_under_runc_with_the_default_spec() {
-    let dir = tempfile::tempdir().unwrap();
-    busybox_layout(&dir.path().join("layout"));
-    let image = format!("oci:{}:v1", dir.path().join("layout").display());
-    let c = Containers::new(
-        dir.path().join("bundles"),
-        "runc".into(),
-        Default::default(),
-    );
-    let suffix = std::process::id();
-    let id = format!("coffer-test-{suffix}");
-    let _cleanup = Cleanup(dir.path().join("bundles/.runtime"), suffix);
+    let Setup {
+        dir: _dir,
+        image,
+        containers: c,
+        id,
+        _cleanup,
+    } = setup();
     let req = |id: &str, args: &[&str], read_only: bool| CreateContainerRequest {
         container_id: id.into(),
         image: image.clone(),
@@ -83,7 +108,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
     assert!(c.list().is_empty() && !bundle.exists());
 
     // The default command comes from the image config.
-    let id2 = format!("coffer-test-{suffix}-2");
+    let id2 = format!("{id}-2");
     c.create(&req(&id2, &[], false)).await.unwrap();
     c.start(&id2).await.unwrap();
     assert_eq!(c.wait(&id2, "").await.unwrap(), 0);
@@ -91,7 +116,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
     c.remove(&id2).await.unwrap();
 
     // A command the image lacks: it fails with runc's reason on its stderr.
-    let missing = format!("coffer-test-{suffix}-missing");
+    let missing = format!("{id}-missing");
     c.create(&req(&missing, &["/no/such/program"], false))
         .await
         .unwrap();
@@ -102,7 +127,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
     c.remove(&missing).await.unwrap();
 
     // No mounts (seccomp and dropped capabilities), no writes to a read-only rootfs.
-    let id3 = format!("coffer-test-{suffix}-3");
+    let id3 = format!("{id}-3");
     c.create(&req(
         &id3,
         &[
@@ -122,7 +147,7 @@ async fn containers_run_under_runc_with_the_default_spec() {
 
     // Exec into a running container: its own output and status, the container's user and
     // environment, the container unaffected; statistics from its cgroup; signals.
-    let id4 = format!("coffer-test-{suffix}-4");
+    let id4 = format!("{id}-4");
     c.create(&req(
         &id4,
         &["/bin/sh", "-c", "echo up; exec sleep 30"],
@@ -265,17 +290,14 @@ async fn a_runtime_that_fails_before_creating_the_container_fails_the_start() {
 /// before runc had set the modes).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_terminals_output_is_translated_once_under_load() {
-    let dir = tempfile::tempdir().unwrap();
-    busybox_layout(&dir.path().join("layout"));
-    let image = format!("oci:{}:v1", dir.path().join("layout").display());
-    let c = std::sync::Arc::new(Containers::new(
-        dir.path().join("bundles"),
-        "runc".into(),
-        Default::default(),
-    ));
-    let suffix = std::process::id();
-    let id = format!("coffer-test-{suffix}");
-    let _cleanup = Cleanup(dir.path().join("bundles/.runtime"), suffix);
+    let Setup {
+        dir: _dir,
+        image,
+        containers,
+        id,
+        _cleanup,
+    } = setup();
+    let c = std::sync::Arc::new(containers);
     // Two busy loops, bounded in time, as a parallel build would keep the cores.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let busy: Vec<_> = (0..2)

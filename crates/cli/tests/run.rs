@@ -898,6 +898,11 @@ async fn stdin_and_terminals_as_the_policy_allows() {
 
 /// `coffer podvm build --out DIR` with this test's agent (package files cached per user).
 async fn podvm(w: &World, out: &str) -> PathBuf {
+    podvm_with(w, out, &w.agent).await
+}
+
+/// `coffer podvm build --out DIR --agent AGENT`: `agent` runs as the guest's init.
+async fn podvm_with(w: &World, out: &str, agent: &Path) -> PathBuf {
     let dir = w.d().join(out);
     let (code, _, stderr) = cli(vec![
         "podvm".into(),
@@ -905,7 +910,7 @@ async fn podvm(w: &World, out: &str) -> PathBuf {
         "--out".into(),
         dir.display().to_string(),
         "--agent".into(),
-        w.agent.display().to_string(),
+        agent.display().to_string(),
     ])
     .await;
     assert_eq!(code, Some(0), "{stderr}");
@@ -1175,17 +1180,7 @@ async fn a_pod_vm_keeps_container_data_encrypted_and_reports_a_tampered_disk() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_vm_whose_agent_never_starts_fails_within_its_bound_with_its_console() {
     let w = world().await;
-    let dir = w.d().join("stalling-podvm");
-    let (code, _, stderr) = cli(vec![
-        "podvm".into(),
-        "build".into(),
-        "--out".into(),
-        dir.display().to_string(),
-        "--agent".into(),
-        "/bin/busybox".into(),
-    ])
-    .await;
-    assert_eq!(code, Some(0), "{stderr}");
+    let dir = podvm_with(&w, "stalling-podvm", Path::new("/bin/busybox")).await;
     let init = w.initdata("initdata.toml", &[]).await;
     let vm = vm_args(&dir);
     let mut vm: Vec<&str> = vm.iter().map(String::as_str).collect();

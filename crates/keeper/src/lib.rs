@@ -413,6 +413,15 @@ mod tests {
         KeeperArgs::new(dir.into(), "s", "agent".into(), "init".into(), "psp".into())
     }
 
+    /// Why the keeper `keeper` started on `dir` did not start.
+    async fn start_error(keeper: &Path, dir: &Path) -> String {
+        let mut k = Keeper::spawn(keeper, &args_in(dir), true).unwrap();
+        k.ready(Duration::from_secs(20))
+            .await
+            .unwrap_err()
+            .to_string()
+    }
+
     #[tokio::test]
     async fn a_keeper_that_exits_at_once_says_why() {
         let dir = tempfile::tempdir().unwrap();
@@ -425,14 +434,8 @@ mod tests {
             dir.path(),
             "echo 'keeper: starting'; echo 'keeper: QEMU failed' >&2; exit 1",
         );
-        let mut k = Keeper::spawn(&keeper, &args_in(dir.path()), true).unwrap();
-        let err = k
-            .ready(Duration::from_secs(20))
-            .await
-            .unwrap_err()
-            .to_string();
         assert_eq!(
-            err,
+            start_error(&keeper, dir.path()).await,
             "sandbox s did not start: keeper: QEMU failed; agent: initdata refused"
         );
     }
@@ -455,14 +458,8 @@ mod tests {
                 dir.path().display()
             ),
         );
-        let mut k = Keeper::spawn(&keeper, &args_in(dir.path()), true).unwrap();
-        let err = k
-            .ready(Duration::from_secs(20))
-            .await
-            .unwrap_err()
-            .to_string();
         assert_eq!(
-            err,
+            start_error(&keeper, dir.path()).await,
             "sandbox s did not start: the agent did not become ready within 3s\nconsole line 39\nconsole line 40"
         );
         assert!(failure(dir.path()).is_some());
