@@ -55,6 +55,13 @@ impl Channel {
     }
 }
 
+/// What an accept loop does after a failed accept: says so and pauses, so that a lasting
+/// error (out of file descriptors) does not spin a core.
+pub async fn after_accept_error(e: &std::io::Error) {
+    tracing::warn!(error = %e, "cannot accept a connection; retrying in 100 ms");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
 /// Listens on loopback and splices every connection onto `channel`; returns the proxy URL to
 /// give the HTTP clients. Must run inside a tokio runtime.
 pub async fn start(channel: Channel) -> std::io::Result<String> {
@@ -62,8 +69,12 @@ pub async fn start(channel: Channel) -> std::io::Result<String> {
     let addr: SocketAddr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut inside, _)) = listener.accept().await else {
-                continue;
+            let mut inside = match listener.accept().await {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    after_accept_error(&e).await;
+                    continue;
+                }
             };
             let channel = channel.clone();
             tokio::spawn(async move {

@@ -326,8 +326,12 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     let egress_log = a.dir.join("egress.log");
     tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = net.accept().await else {
-                continue;
+            let conn = match net.accept().await {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    coffer_agent::egress::after_accept_error(&e).await;
+                    continue;
+                }
             };
             let log = egress_log.clone();
             tokio::spawn(async move {

@@ -203,7 +203,14 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
     std::fs::rename(&tmp, &sock)?;
     tracing::info!("the agent serves");
     tokio::spawn(async move {
-        while let Ok((mut c, _)) = api.accept().await {
+        loop {
+            let mut c = match api.accept().await {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    coffer_agent::egress::after_accept_error(&e).await;
+                    continue;
+                }
+            };
             let opener = opener.clone();
             tokio::spawn(async move {
                 match opener.open().await {
