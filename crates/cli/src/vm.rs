@@ -136,11 +136,7 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
         console: a.dir.join("agent.log"),
         config,
         memory_mib: a.memory,
-        cpus: match (a.cpus, accel) {
-            (0, Accel::Kvm) => 2,
-            (0, Accel::Tcg) => 1,
-            (n, _) => n,
-        },
+        cpus: a.vcpus(accel == Accel::Kvm),
         accel,
         tee: Tee::Emulated,
     };
@@ -169,11 +165,7 @@ pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> a
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Until the agent serves, nothing is accepted on agent.sock (it does not exist yet); a
     // guest that does not get there in the bound is stopped, with its console kept.
-    let bound = match (a.ready_timeout, accel) {
-        (0, Accel::Kvm) => coffer_keeper::READY_KVM,
-        (0, Accel::Tcg) => coffer_keeper::READY_TCG,
-        (s, _) => Duration::from_secs(s),
-    };
+    let bound = a.ready_bound(accel == Accel::Kvm);
     tokio::select! {
         _ = tokio::time::sleep(bound) => {
             stop(&mut qemu).await?;

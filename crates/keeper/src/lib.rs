@@ -226,6 +226,25 @@ impl KeeperArgs {
         v
     }
 
+    /// The pod VM's vCPUs: `cpus`, or by default 2 under KVM and 1 under TCG.
+    pub fn vcpus(&self, kvm: bool) -> u32 {
+        match (self.cpus, kvm) {
+            (0, true) => 2,
+            (0, false) => 1,
+            (n, _) => n,
+        }
+    }
+
+    /// How long the pod VM's agent has to become ready: `ready_timeout`, or by default
+    /// [`READY_KVM`] under KVM and [`READY_TCG`] under TCG.
+    pub fn ready_bound(&self, kvm: bool) -> Duration {
+        match (self.ready_timeout, kvm) {
+            (0, true) => READY_KVM,
+            (0, false) => READY_TCG,
+            (s, _) => Duration::from_secs(s),
+        }
+    }
+
     /// The agent's API socket, which appears once the agent serves.
     pub fn agent_sock(&self) -> PathBuf {
         agent_sock(&self.dir)
@@ -398,6 +417,14 @@ mod tests {
         a.ready_timeout = 30;
         a.cpus = 1;
         assert_eq!(parse(&a), a);
+        assert_eq!(
+            (a.vcpus(true), a.ready_bound(true)),
+            (1, Duration::from_secs(30))
+        );
+        a.cpus = 0;
+        a.ready_timeout = 0;
+        assert_eq!((a.vcpus(true), a.ready_bound(true)), (2, READY_KVM));
+        assert_eq!((a.vcpus(false), a.ready_bound(false)), (1, READY_TCG));
     }
 
     /// A stand-in keeper: a shell script that ignores its arguments.
