@@ -767,15 +767,18 @@ impl Containers {
                                 let _ = exited.pid.set(pid);
                                 let master = Arc::new(master);
                                 let _ = pty_tx.send(Some(master.clone()));
-                                let (changed, process) = (changed.clone(), exited.clone());
                                 // Ends with EIO once the process and everything it started
                                 // closed the terminal.
-                                readers.push(tokio::spawn(async move {
-                                    let reader = tokio::fs::File::from_std(
-                                        master.try_clone().expect("a terminal's descriptor"),
-                                    );
-                                    pump(reader, &process.stdout, &changed).await;
-                                }));
+                                match master.try_clone() {
+                                    Ok(reader) => {
+                                        let (changed, process) = (changed.clone(), exited.clone());
+                                        readers.push(tokio::spawn(async move {
+                                            let reader = tokio::fs::File::from_std(reader);
+                                            pump(reader, &process.stdout, &changed).await;
+                                        }));
+                                    }
+                                    Err(e) => tracing::warn!(error = %e, "cannot read a terminal"),
+                                }
                                 drop(dir);
                                 crate::tty::wait_pid(pid).await.unwrap_or_else(|e| {
                                     tracing::warn!(pid, error = %e, "cannot wait for a detached process");

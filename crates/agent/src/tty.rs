@@ -12,8 +12,7 @@
 //! foreground process group).
 //!
 //! A detached process is not the runtime's child once the runtime has exited: it is reparented
-//! to the agent (PID 1 of the sandbox, or a child subreaper), which waits for it through a
-//! pidfd.
+//! to the agent (PID 1 of the sandbox, or a child subreaper), which waits for it by its pid.
 
 use std::{
     io::IoSliceMut,
