@@ -11,6 +11,33 @@
 //!
 //! The additional authenticated data is the ASCII of the base64url (unpadded) protected header.
 //! Cryptography is aws-lc-rs; the `rsa` crate only converts RSA key components to DER.
+//!
+//! # Example
+//!
+//! The TEE generates its key pair, the KBS encrypts a resource to the public JWK, and only the
+//! TEE's private key opens the JWE:
+//!
+//! ```
+//! use coffer_jose::{encrypt, JoseError, TeeKeyAlgorithm, TeeKeyPair};
+//!
+//! // TEE side: a fresh key pair; its public half goes into the attestation request.
+//! let tee = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256)?;
+//!
+//! // KBS side: the resource, encrypted to that public key.
+//! let jwe = encrypt(tee.public_jwk(), b"database password")?;
+//!
+//! // TEE side again: the plaintext comes back (in a buffer wiped on drop).
+//! let plaintext = tee.decrypt(&jwe)?;
+//! assert_eq!(&plaintext[..], b"database password");
+//!
+//! // Another key cannot open it, and an altered ciphertext is refused.
+//! let other = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256)?;
+//! assert!(matches!(other.decrypt(&jwe), Err(JoseError::Decrypt)));
+//! let mut tampered = jwe.clone();
+//! tampered.ciphertext[0] ^= 1;
+//! assert!(matches!(tee.decrypt(&tampered), Err(JoseError::Decrypt)));
+//! # Ok::<(), JoseError>(())
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -128,6 +155,21 @@ enum Secret {
 
 /// A TEE's key pair. The private half never leaves the process and is freed (and wiped by
 /// aws-lc) on drop.
+///
+/// ```
+/// use coffer_jose::{encrypt, TeeKeyAlgorithm, TeeKeyPair};
+/// use coffer_wire::TeePubKey;
+///
+/// // An RSA key pair: its JWK is what a TEE sends as `tee-pubkey`.
+/// let tee = TeeKeyPair::generate("rsa2048".parse::<TeeKeyAlgorithm>()?)?;
+/// assert!(matches!(tee.public_jwk(), TeePubKey::RSA { alg, .. } if alg == "RSA-OAEP-256"));
+///
+/// // The JWE travels as JSON; what arrives decrypts to what was sent.
+/// let wire = serde_json::to_string(&encrypt(tee.public_jwk(), b"api token")?)?;
+/// let received = serde_json::from_str(&wire)?;
+/// assert_eq!(&tee.decrypt(&received)?[..], b"api token");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct TeeKeyPair {
     secret: Secret,
     public: TeePubKey,
@@ -384,6 +426,20 @@ fn ec_point(jwk: &TeePubKey) -> Result<(&'static Curve, Vec<u8>)> {
 
 /// Checks that a JWK is usable as a TEE key (supported type, well-formed, point on the curve)
 /// without encrypting anything.
+///
+/// ```
+/// use coffer_jose::{validate_public_key, JoseError, TeeKeyAlgorithm, TeeKeyPair};
+/// use coffer_wire::TeePubKey;
+///
+/// let tee = TeeKeyPair::generate(TeeKeyAlgorithm::EcP521)?;
+/// validate_public_key(tee.public_jwk())?;
+///
+/// // The same key with its y coordinate swapped for x: no longer a point on the curve.
+/// let TeePubKey::EC { crv, alg, x, .. } = tee.public_jwk().clone() else { unreachable!() };
+/// let bad = TeePubKey::EC { crv, alg, y: x.clone(), x };
+/// assert!(matches!(validate_public_key(&bad), Err(JoseError::InvalidKey(_))));
+/// # Ok::<(), JoseError>(())
+/// ```
 pub fn validate_public_key(jwk: &TeePubKey) -> Result<()> {
     match jwk {
         TeePubKey::EC { alg, .. } => {
