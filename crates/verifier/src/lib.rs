@@ -8,6 +8,58 @@
 //!
 //! Verifiers: AMD SEV-SNP ([`snp`], real AMD roots) and the upstream `sample` TEE, which has no
 //! security at all and is only for testing. Further TEEs plug in behind the same trait.
+//!
+//! # Example
+//!
+//! Real SEV-SNP evidence from an AMD Genoa host (its VCEK in the certificate table), verified to
+//! AMD's roots:
+//!
+//! ```
+//! use std::time::{Duration, UNIX_EPOCH};
+//!
+//! use coffer_verifier::{Expected, Trust, Verifiers, VerifyError};
+//! use coffer_wire::Tee;
+//!
+//! let evidence: serde_json::Value = serde_json::from_str(include_str!(concat!(
+//!     env!("CARGO_MANIFEST_DIR"),
+//!     "/testdata/snp/genoa-evidence.json"
+//! )))?;
+//! // The report data this evidence carries. A KBS computes it from its nonce and the TEE's
+//! // public key (`coffer_wire::binding`), so evidence made for another session cannot pass.
+//! let report_data = hex::decode(
+//!     "7e7320889600c7ac133aea7b896c51f41026002982292a7369559796999c1bf9\
+//!      29eef3ff23c46e858f0b1982f9a92b17c51b578d958cde6b0c92978f150cf9b0",
+//! )?;
+//! let expected = Expected {
+//!     report_data: Some(&report_data),
+//!     init_data_digest: None,
+//!     // 2026-01-01, inside the VCEK's validity.
+//!     now: UNIX_EPOCH + Duration::from_secs(1_767_225_600),
+//! };
+//!
+//! // Hardware TEEs only: no sample TEE, no emulated PSP.
+//! let verifiers = Verifiers::new(Trust::default());
+//! let claims = verifiers.verify(Tee::Snp, &evidence, &expected)?;
+//! assert_eq!(claims["generation"], "genoa");
+//! assert_eq!(
+//!     claims["measurement"],
+//!     "6a6519d757e68c2e939c9dbbbc1828498e8de35d2766dd05f1a2cca5059d0cf4ae62a36d75c837974dd50b315506e73e"
+//! );
+//! assert_eq!(claims["policy_debug_allowed"], false);
+//!
+//! // The same evidence checked against another session's report data is refused…
+//! let other = [0u8; 64];
+//! let err = verifiers
+//!     .verify(Tee::Snp, &evidence, &Expected { report_data: Some(&other), ..expected })
+//!     .unwrap_err();
+//! assert!(matches!(err, VerifyError::ReportData));
+//!
+//! // …and so is a report whose signed contents were altered.
+//! let mut altered = evidence.clone();
+//! altered["attestation_report"]["measurement"][0] = 0.into();
+//! assert!(verifiers.verify(Tee::Snp, &altered, &expected).is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -96,6 +148,37 @@ pub struct Trust {
 }
 
 /// The set of verifiers a server uses, keyed by TEE type.
+///
+/// TEEs without a hardware root of trust are refused unless the operator turned on their
+/// [`Trust`] switch:
+///
+/// ```
+/// use std::time::SystemTime;
+///
+/// use coffer_verifier::{Expected, Trust, Verifiers, VerifyError};
+/// use coffer_wire::Tee;
+///
+/// // Unsigned evidence from the upstream `sample` attester, over 32 bytes of report data
+/// // (standard base64 of 32 times 0x07).
+/// let evidence = serde_json::json!({
+///     "svn": "1",
+///     "report_data": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+/// });
+/// let expected = Expected {
+///     report_data: Some(&[7; 32]),
+///     init_data_digest: None,
+///     now: SystemTime::now(),
+/// };
+///
+/// let strict = Verifiers::new(Trust::default());
+/// let err = strict.verify(Tee::Sample, &evidence, &expected).unwrap_err();
+/// assert!(matches!(err, VerifyError::NotAllowed { tee: Tee::Sample, .. }));
+///
+/// let testing = Verifiers::new(Trust { allow_sample: true, ..Trust::default() });
+/// let claims = testing.verify(Tee::Sample, &evidence, &expected)?;
+/// assert_eq!(claims["svn"], "1");
+/// # Ok::<(), VerifyError>(())
+/// ```
 pub struct Verifiers {
     trust: Trust,
     by_tee: HashMap<Tee, Box<dyn Verifier>>,
