@@ -22,11 +22,7 @@ use crate::{
     sealed::{Recipient, RecordPlace},
 };
 
-/// Generated protobuf types and service traits.
-#[allow(missing_docs, clippy::all)]
-pub mod proto {
-    tonic::include_proto!("coffer.agent.v1");
-}
+pub use crate::proto;
 
 use proto::{agent_server::Agent, *};
 

@@ -19,7 +19,7 @@ use coffer_image::{ImageRef, PullOptions};
 use serde_json::{json, Value};
 use tokio::{io::AsyncReadExt, sync::watch};
 
-use crate::api::proto::CreateContainerRequest;
+use crate::proto::CreateContainerRequest;
 
 /// Capabilities a container keeps (Docker's default set).
 pub const DEFAULT_CAPABILITIES: [&str; 14] = [

@@ -22,6 +22,9 @@ pub mod keys;
 pub mod owner;
 pub mod policy;
 pub mod port;
+/// Generated protobuf types and service traits.
+#[allow(missing_docs, clippy::all)]
+pub mod proto;
 pub mod sandbox;
 pub mod sealed;
 pub mod startup;

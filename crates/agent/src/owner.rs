@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::api::proto::ExecProcessRequest;
+use crate::proto::ExecProcessRequest;
 
 /// How long an issued nonce stays valid.
 pub const NONCE_TTL: Duration = Duration::from_secs(120);

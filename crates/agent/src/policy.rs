@@ -173,7 +173,7 @@ impl AgentPolicy {
     /// taken on the owner's signature instead of the policy.
     pub fn audit_owner_exec(
         &self,
-        req: &crate::api::proto::ExecProcessRequest,
+        req: &crate::proto::ExecProcessRequest,
         refused: Option<String>,
     ) {
         self.audit.record(json!({
