@@ -35,6 +35,36 @@ pub fn generate_admin_key() -> Result<(Zeroizing<String>, String)> {
 }
 
 /// A client of the KBS admin API.
+///
+/// ```
+/// use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // The KBS trusts the public half of an admin key (here: a KBS in this process).
+/// let dir = tempfile::tempdir()?;
+/// let (private_pem, public_pem) = generate_admin_key()?;
+/// let public_file = dir.path().join("ops.pub");
+/// std::fs::write(&public_file, public_pem)?;
+/// let kbs = coffer_testkit::start_kbs(dir.path(), |config| {
+///     config.admin_public_key.push(public_file);
+/// })
+/// .await;
+///
+/// let admin = AdminClient::new(&kbs.url, http_client(None)?, private_pem.as_bytes())?;
+/// admin.set_resource("default/image-key/app", vec![7; 32]).await?;
+/// let deny_all = "package policy\n\ndefault allow := false\n";
+/// admin.set_resource_policy(deny_all).await?;
+/// assert_eq!(admin.get_policy("resource-policy").await?, deny_all);
+///
+/// // A key the KBS was not given is refused.
+/// let (stranger_pem, _) = generate_admin_key()?;
+/// let stranger = AdminClient::new(&kbs.url, http_client(None)?, stranger_pem.as_bytes())?;
+/// let refused = stranger.delete_resource("default/image-key/app").await;
+/// assert_eq!(refused.unwrap_err().status(), Some(401));
+/// # Ok(())
+/// # }
+/// ```
 pub struct AdminClient {
     http: reqwest::Client,
     base: String,

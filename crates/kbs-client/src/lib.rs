@@ -5,6 +5,51 @@
 //! * [`KbsClient`]: the RCAR handshake (`/auth` → `/attest`), a TEE key pair whose public half is
 //!   bound into the evidence, token reuse until expiry, and resource fetches decrypted from JWE.
 //! * [`AdminClient`]: the admin API, authenticated by short-lived Ed25519 JWTs.
+//!
+//! # Example
+//!
+//! A TEE gets a secret from a KBS. Here the KBS runs in this process (`coffer-testkit`, on
+//! loopback) and accepts the `sample` TEE, which has no security and exists for tests like this.
+//!
+//! ```
+//! use coffer_jose::TeeKeyAlgorithm;
+//! use coffer_kbs_client::{http_client, KbsClient, SampleAttester};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let kbs = coffer_testkit::start_kbs(dir.path(), |config| config.allow_sample = true).await;
+//! kbs.admin
+//!     .set_resource("default/db/password", b"correct horse".to_vec())
+//!     .await?;
+//!
+//! // The TEE side: an attester and a client with a fresh TEE key pair.
+//! let client = KbsClient::new(
+//!     &kbs.url,
+//!     http_client(None)?,
+//!     Box::new(SampleAttester::default()),
+//!     TeeKeyAlgorithm::EcP256,
+//! )?;
+//! // Attests (`/auth`, `/attest`), then fetches the resource, which the KBS encrypted to the
+//! // client's TEE key, and decrypts it.
+//! let secret = client.get_resource("kbs:///default/db/password").await?;
+//! assert_eq!(&secret[..], b"correct horse");
+//!
+//! // Once the reference values accept only svn 2, a TEE reporting svn 1 gets nothing.
+//! kbs.admin
+//!     .set_reference_values(br#"{"sample_svn": ["2"]}"#)
+//!     .await?;
+//! let outdated = KbsClient::new(
+//!     &kbs.url,
+//!     http_client(None)?,
+//!     Box::new(SampleAttester { svn: "1".into() }),
+//!     TeeKeyAlgorithm::EcP256,
+//! )?;
+//! let refused = outdated.get_resource("kbs:///default/db/password").await;
+//! assert_eq!(refused.unwrap_err().status(), Some(403));
+//! # Ok(())
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
