@@ -13,6 +13,7 @@ use oci_client::manifest::{OciDescriptor, OciImageIndex, OciImageManifest};
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use crate::broker::{KeyBroker, KeyFuture};
 use crate::{
     cache::BlobCache,
     crypt::{DecryptReader, Keyring, LayerKey},
@@ -86,18 +87,6 @@ pub trait Progress: Send + Sync {
     /// A layer has been applied.
     fn applied(&self, _index: usize) {}
 }
-
-/// A KBS (or other key broker) from which layer key-encryption keys are fetched by `kid`
-/// (`kbs:///repo/type/tag`), after attestation.
-pub trait KeyBroker: Send + Sync {
-    /// The resource at `uri`.
-    fn get<'a>(&'a self, uri: &'a str) -> KeyFuture<'a>;
-}
-
-/// What [`KeyBroker::get`] returns: the resource, or why it could not be had.
-pub type KeyFuture<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>> + Send + 'a>,
->;
 
 /// How to pull.
 #[derive(Clone, Default)]

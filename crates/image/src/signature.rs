@@ -342,7 +342,7 @@ async fn key_material(
     path: &Option<String>,
     paths: &Option<Vec<String>>,
     data: &Option<String>,
-    kbs: Option<&dyn crate::pull::KeyBroker>,
+    kbs: Option<&dyn crate::broker::KeyBroker>,
 ) -> Result<Vec<Vec<u8>>, Error> {
     let mut out = Vec::new();
     let mut all: Vec<&String> = path.iter().collect();
@@ -540,7 +540,7 @@ pub async fn check(
     image: &ImageRef,
     source: &Source,
     digest: &str,
-    kbs: Option<&dyn crate::pull::KeyBroker>,
+    kbs: Option<&dyn crate::broker::KeyBroker>,
 ) -> Result<Decision, Error> {
     let (reqs, scope) = policy.requirements(image);
     let mut satisfied = Vec::new();
