@@ -19,46 +19,13 @@ use dcap_qvl::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use crate::pccs::CollateralKey;
 use crate::{Claims, Expected, Verifier, VerifyError};
 
 /// Parses collateral in the JSON form `dcap-qvl` and PCCS tooling write.
 pub fn parse_collateral(json: &[u8]) -> Result<QuoteCollateralV3, VerifyError> {
     serde_json::from_slice(json)
         .map_err(|e| VerifyError::Malformed(format!("DCAP collateral: {e}")))
-}
-
-/// The platform a quote's collateral is for: TDX or SGX, the FMSPC and the PCK CA, all read
-/// from the quote's PCK leaf certificate.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct CollateralKey {
-    /// An SGX quote (else TDX).
-    pub sgx: bool,
-    /// The platform's FMSPC, lowercase hex.
-    pub fmspc: String,
-    /// `processor` or `platform`.
-    pub ca: String,
-}
-
-impl CollateralKey {
-    /// The key of a raw quote. Only quotes carrying their PCK chain (certification data type 5)
-    /// name their platform; others are refused with a message saying so.
-    pub fn of_quote(quote: &[u8]) -> Result<Self, VerifyError> {
-        let q = dcap_qvl::quote::Quote::parse(quote)
-            .map_err(|e| VerifyError::Malformed(format!("DCAP quote: {e}")))?;
-        let fmspc = dcap_qvl::intel::quote_fmspc(&q).map_err(|e| {
-            VerifyError::Malformed(format!(
-                "DCAP quote: cannot read the FMSPC from its PCK certificate chain \
-                 (only quotes carrying the chain, certification data type 5, are supported): {e}"
-            ))
-        })?;
-        let ca = dcap_qvl::intel::quote_ca(&q)
-            .map_err(|e| VerifyError::Malformed(format!("DCAP quote: PCK CA: {e}")))?;
-        Ok(Self {
-            sgx: q.header.is_sgx(),
-            fmspc: hex::encode(fmspc),
-            ca: ca.as_id_str().to_string(),
-        })
-    }
 }
 
 /// Where collateral comes from: files given at start (one per platform), and a PCCS whose

@@ -22,7 +22,7 @@ use dcap_qvl::QuoteCollateralV3;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::dcap::CollateralKey;
+use crate::VerifyError;
 
 /// Intel's Provisioning Certification Service, usable as a PCCS URL.
 pub const INTEL_PCS_URL: &str = "https://api.trustedservices.intel.com";
@@ -34,6 +34,40 @@ const INTEL_ROOT_CA_CRL_URL: &str =
 
 /// How long fetched collateral is used before it is fetched again.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The platform a quote's collateral is for: TDX or SGX, the FMSPC and the PCK CA, all read
+/// from the quote's PCK leaf certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CollateralKey {
+    /// An SGX quote (else TDX).
+    pub sgx: bool,
+    /// The platform's FMSPC, lowercase hex.
+    pub fmspc: String,
+    /// `processor` or `platform`.
+    pub ca: String,
+}
+
+impl CollateralKey {
+    /// The key of a raw quote. Only quotes carrying their PCK chain (certification data type 5)
+    /// name their platform; others are refused with a message saying so.
+    pub fn of_quote(quote: &[u8]) -> Result<Self, VerifyError> {
+        let q = dcap_qvl::quote::Quote::parse(quote)
+            .map_err(|e| VerifyError::Malformed(format!("DCAP quote: {e}")))?;
+        let fmspc = dcap_qvl::intel::quote_fmspc(&q).map_err(|e| {
+            VerifyError::Malformed(format!(
+                "DCAP quote: cannot read the FMSPC from its PCK certificate chain \
+                 (only quotes carrying the chain, certification data type 5, are supported): {e}"
+            ))
+        })?;
+        let ca = dcap_qvl::intel::quote_ca(&q)
+            .map_err(|e| VerifyError::Malformed(format!("DCAP quote: PCK CA: {e}")))?;
+        Ok(Self {
+            sgx: q.header.is_sgx(),
+            fmspc: hex::encode(fmspc),
+            ca: ca.as_id_str().to_string(),
+        })
+    }
+}
 
 /// A failed collateral fetch. The message names the URL and what was wrong.
 #[derive(Debug, thiserror::Error)]
