@@ -155,6 +155,91 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 /// Copies `src` to `dst`, encrypting every layer not yet encrypted. Returns the new manifest's
 /// digest.
+///
+/// The source and destination may be registries (`docker://…`) or OCI layouts (`oci:DIR:TAG`);
+/// the default [`SourceOptions`] and [`Platform`] (`linux/amd64`) fit most uses:
+///
+/// ```
+/// # use std::path::Path;
+/// # /// Writes an OCI image layout tagged `v1` at `dir`: one plain tar layer holding
+/// # /// `etc/greeting`. Returns the layer's digest.
+/// # fn write_layout(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
+/// #     use sha2::{Digest, Sha256};
+/// #     let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+/// #     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+/// #     let blob = |b: &[u8]| -> std::io::Result<String> {
+/// #         let d = digest(b);
+/// #         std::fs::write(dir.join("blobs/sha256").join(&d[7..]), b)?;
+/// #         Ok(d)
+/// #     };
+/// #     let mut tar = tar::Builder::new(Vec::new());
+/// #     let mut h = tar::Header::new_gnu();
+/// #     h.set_entry_type(tar::EntryType::Directory);
+/// #     h.set_mode(0o755);
+/// #     h.set_size(0);
+/// #     tar.append_data(&mut h, "etc", &[][..])?;
+/// #     let mut h = tar::Header::new_gnu();
+/// #     h.set_entry_type(tar::EntryType::Regular);
+/// #     h.set_mode(0o644);
+/// #     h.set_size(6);
+/// #     tar.append_data(&mut h, "etc/greeting", &b"hello\n"[..])?;
+/// #     let layer = tar.into_inner()?;
+/// #     let config = serde_json::to_vec(&serde_json::json!({
+/// #         "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+/// #         "rootfs": {"type": "layers", "diff_ids": [digest(&layer)]}}))?;
+/// #     let layer_digest = blob(&layer)?;
+/// #     let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2,
+/// #         "mediaType": "application/vnd.oci.image.manifest.v1+json",
+/// #         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+/// #                    "digest": blob(&config)?, "size": config.len()},
+/// #         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+/// #                     "digest": layer_digest, "size": layer.len()}]}))?;
+/// #     let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+/// #         "mediaType": "application/vnd.oci.image.manifest.v1+json",
+/// #         "digest": blob(&manifest)?, "size": manifest.len(),
+/// #         "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
+/// #     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+/// #     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+/// #     Ok(layer_digest)
+/// # }
+/// use std::{collections::BTreeMap, sync::Arc};
+///
+/// use coffer_image::{
+///     crypt::{Keyring, WrapWith},
+///     encrypt::encrypt_image,
+///     pull, Error, ImageRef, PullOptions,
+/// };
+/// use zeroize::Zeroizing;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// write_layout(&dir.path().join("plain"))?;
+/// let plain = ImageRef::parse(&format!("oci:{}:v1", dir.path().join("plain").display()))?;
+/// let encrypted = ImageRef::parse(&format!("oci:{}:v1", dir.path().join("enc").display()))?;
+///
+/// // The layer key is wrapped with a key-encryption key that a KBS will hold under `kid`.
+/// let kid = "kbs:///default/image-key/app";
+/// let kek = [0x42u8; 32];
+/// let wrap = WrapWith { recipients: &[], kbs: Some((kid, &kek)) };
+/// encrypt_image(&plain, &encrypted, &Default::default(), &Default::default(), &wrap).await?;
+///
+/// // Without the key the image cannot be pulled.
+/// let refused = pull(&encrypted, &dir.path().join("r1"), &PullOptions::default()).await;
+/// assert!(matches!(refused, Err(Error::Decrypt(_))));
+///
+/// // With it (in a guest, fetched from the KBS after attestation) the layer decrypts.
+/// let keys = Keyring {
+///     kbs_keks: BTreeMap::from([(kid.to_string(), Zeroizing::new(kek.to_vec()))]),
+///     ..Keyring::default()
+/// };
+/// let opts = PullOptions { keys: Arc::new(keys), ..PullOptions::default() };
+/// let rootfs = dir.path().join("r2");
+/// pull(&encrypted, &rootfs, &opts).await?;
+/// assert_eq!(std::fs::read_to_string(rootfs.join("etc/greeting"))?, "hello\n");
+/// # Ok(())
+/// # }
+/// ```
 pub async fn encrypt_image(
     src: &ImageRef,
     dst: &ImageRef,
