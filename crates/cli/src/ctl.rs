@@ -13,9 +13,9 @@ use base64::{engine::general_purpose::STANDARD, Engine};
 use clap::Args;
 use coffer_agent::{
     api::proto::{
-        agent_client::AgentClient, CloseStdinRequest, DestroySandboxRequest, ExecProcessRequest,
-        IssueExecNonceRequest, ListContainersRequest, ReadStreamRequest, TtyWinResizeRequest,
-        WaitProcessRequest, WriteStreamRequest,
+        agent_client::AgentClient, CloseStdinRequest, ExecProcessRequest, IssueExecNonceRequest,
+        ListContainersRequest, ReadStreamRequest, TtyWinResizeRequest, WaitProcessRequest,
+        WriteStreamRequest,
     },
     sealed::{RecipientKey, RecordPlace},
 };
@@ -23,34 +23,13 @@ use coffer_image::sign::PemSigner;
 use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
 
-use crate::sandbox::SandboxDir;
-
-/// Where sandboxes live unless `--state-dir` says otherwise.
-pub const DEFAULT_STATE_DIR: &str = "/run/coffer/sandboxes";
+use coffer_keeper::{SandboxDir, SandboxError, DEFAULT_STATE_DIR};
 
 /// `n` random bytes in hex.
 pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
     hex::encode(b)
-}
-
-/// The agent of a running sandbox.
-pub async fn agent(sandbox: &SandboxDir) -> anyhow::Result<AgentClient<Channel>> {
-    if !sandbox.dir.exists() {
-        bail!("no sandbox named {} (see coffer ps)", sandbox.name);
-    }
-    if let Some(record) = sandbox.failure() {
-        bail!(
-            "sandbox {} failed: {}\n(`coffer rm {}` removes it)",
-            sandbox.name,
-            record.trim_end(),
-            sandbox.name
-        );
-    }
-    coffer_agent::api::connect_unix(&sandbox.agent_sock())
-        .await
-        .with_context(|| format!("cannot reach the agent of sandbox {}", sandbox.name))
 }
 
 /// Explains an agent error in one line.
@@ -235,7 +214,7 @@ pub struct ExecArgs {
 pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let sandbox = SandboxDir::new(&a.state_dir, &a.name)?;
     let keys = a.owner_key.as_deref().map(OwnerKeys::load).transpose()?;
-    let mut c = agent(&sandbox).await?;
+    let mut c = sandbox.connect().await?;
     let mut req = ExecProcessRequest {
         container_id: a.name.clone(),
         exec_id: format!("exec-{}", random_hex(6)),
@@ -457,7 +436,7 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<()> {
         k.log_key()?;
     }
     let sandbox = SandboxDir::new(&a.state_dir, name)?;
-    let c = agent(&sandbox).await?;
+    let c = sandbox.connect().await?;
     stream_output(&c, name, "", a.follow, keys.as_ref()).await
 }
 
@@ -499,7 +478,7 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<()> {
             }
             continue;
         }
-        let listed = match agent(&sandbox).await {
+        let listed = match sandbox.connect().await {
             // A guest that stopped answering shows as such instead of holding `ps`.
             Ok(mut c) => {
                 match tokio::time::timeout(PS_ANSWER, c.list_containers(ListContainersRequest {}))
@@ -582,50 +561,10 @@ pub struct RmArgs {
 /// Runs `coffer rm`: removes the container and tears its sandbox down.
 pub async fn rm(a: RmArgs) -> anyhow::Result<()> {
     let sandbox = SandboxDir::new(&a.state_dir, &a.name)?;
-    if !sandbox.dir.exists() {
-        bail!("no sandbox named {} (see coffer ps)", a.name);
-    }
-    if !sandbox.alive() {
-        return sandbox.reap();
-    }
-    let listed = match agent(&sandbox).await {
-        Ok(mut c) => c
-            .list_containers(ListContainersRequest {})
-            .await
-            .map(|r| (c, r.into_inner().containers))
-            .map_err(|e| refused("rm", e)),
-        Err(e) => Err(e),
-    };
-    match listed {
-        Ok((mut c, list)) => {
-            if !a.force && list.iter().any(|s| s.state == "running") {
-                bail!(
-                    "container {} is running: stop it first or use `coffer rm -f {}`",
-                    a.name,
-                    a.name
-                );
-            }
-            c.destroy_sandbox(DestroySandboxRequest {})
-                .await
-                .map_err(|e| refused("rm", e))?;
+    match sandbox.stop(a.force).await {
+        Err(e @ (SandboxError::Unreachable { .. } | SandboxError::Agent { .. })) if !a.force => {
+            Err(anyhow::Error::from(e).context("`coffer rm -f` tears it down anyway"))
         }
-        Err(e) if !a.force => return Err(e.context("`coffer rm -f` tears it down anyway")),
-        // An unreachable agent: the keeper tears the sandbox down on SIGTERM.
-        Err(_) => {
-            if let Some(pid) = sandbox
-                .keeper_pid()
-                .and_then(rustix::process::Pid::from_raw)
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-        }
+        r => Ok(r?),
     }
-    if !sandbox.wait_gone(Duration::from_secs(15)).await {
-        bail!(
-            "sandbox {} did not stop within 15 s (keeper pid {:?})",
-            a.name,
-            sandbox.keeper_pid()
-        );
-    }
-    Ok(())
 }

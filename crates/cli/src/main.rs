@@ -9,9 +9,7 @@ mod kbs;
 mod measure;
 mod podvm;
 mod run;
-mod sandbox;
 mod secret;
-mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -60,7 +58,7 @@ enum Command {
     Install(install::InstallArgs),
     /// Keep one process sandbox (started by `coffer run`).
     #[command(name = coffer_keeper::SUBCOMMAND, hide = true)]
-    Sandbox(sandbox::KeeperArgs),
+    Sandbox(coffer_keeper::KeeperArgs),
     /// The emulated PSP (development machines without TEE hardware).
     Psp {
         #[command(subcommand)]
@@ -126,7 +124,7 @@ fn run() -> anyhow::Result<()> {
         Command::Install(args) => install::run(args),
         // The keeper runs its own single-threaded runtime on the main thread: the agent's
         // parent-death signal is tied to the thread that started it.
-        Command::Sandbox(args) => sandbox::keep(args),
+        Command::Sandbox(args) => Ok(coffer_keeper::keep(args)?),
         Command::Psp {
             command: PspCommand::Init { dir },
         } => {

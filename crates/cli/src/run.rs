@@ -1,7 +1,7 @@
 //! `coffer run --sandbox vm|process …`: the launcher. It checks the initdata against
-//! `--kbs`, starts the sandbox's keeper ([`crate::sandbox`]: emulated PSP with HOST_DATA =
+//! `--kbs`, starts the sandbox's keeper ([`coffer_keeper`]: emulated PSP with HOST_DATA =
 //! initdata digest and MEASUREMENT of what it launches — a pod VM's kernel, initrd and command
-//! line ([`crate::vm`], QEMU), or the agent binary and launch configuration of a process
+//! line ([`coffer_keeper::vm`], QEMU), or the agent binary and launch configuration of a process
 //! sandbox (`coffer-agent` under `unshare`)), asks the agent for the container, and then either streams the output and
 //! exits with the container's status, tearing the sandbox down (the default), or prints the
 //! name and leaves the sandbox running (`-d`; see `coffer exec|logs|ps|rm`). The emulated TEE
@@ -14,12 +14,9 @@ use clap::Args;
 use coffer_agent::api::proto::{
     CreateContainerRequest, DestroySandboxRequest, StartContainerRequest, WaitProcessRequest,
 };
-use coffer_keeper::{Keeper, KeeperArgs, KeeperError};
+use coffer_keeper::{Keeper, KeeperArgs, KeeperError, SandboxDir};
 
-use crate::{
-    ctl::{agent, attach, OwnerKeys},
-    sandbox::SandboxDir,
-};
+use crate::ctl::{attach, OwnerKeys};
 
 /// `coffer run` arguments.
 #[derive(Args)]
@@ -74,7 +71,7 @@ pub struct RunArgs {
     #[arg(long)]
     agent: Option<PathBuf>,
     /// Where sandboxes keep their state.
-    #[arg(long, default_value = crate::ctl::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = coffer_keeper::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Cache of verified image blobs shared by sandboxes [default: STATE_DIR/../image-cache].
     #[arg(long)]
@@ -172,7 +169,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             Ok(()) | Err(KeeperError::Timeout { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let mut c = agent(&sandbox).await?;
+        let mut c = sandbox.connect().await?;
         c.create_container(CreateContainerRequest {
             container_id: name.clone(),
             image: a.image.clone(),
@@ -197,7 +194,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(e) => {
             // The keeper tears the sandbox down once asked.
-            if let Ok(mut c) = agent(&sandbox).await {
+            if let Ok(mut c) = sandbox.connect().await {
                 let _ = c.destroy_sandbox(DestroySandboxRequest {}).await;
             }
             drop(keeper.take_stdin());

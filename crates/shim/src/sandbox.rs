@@ -4,9 +4,10 @@
 //! The keeper's stdin is a pipe whose writing end only this shim holds: when the shim goes away
 //! for any reason, `kill -9` included, the keeper sees the end of its input and tears the whole
 //! sandbox down (VM or agent, containers, cgroups, directory). A keeper killed on its own is
-//! reaped by `coffer rm -f`, which the shim's `delete` action runs.
+//! reaped as `coffer rm -f` does ([`coffer_keeper::SandboxDir::stop`]), which the shim's
+//! `delete` action runs.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use coffer_agent::api::proto::{agent_client::AgentClient, DestroySandboxRequest};
 use coffer_keeper::{Keeper, KeeperArgs, KeeperError};
@@ -166,28 +167,16 @@ async fn watch_keeper(mut keeper: Child, gone: watch::Sender<bool>) {
     let _ = gone.send(true);
 }
 
-/// Removes what a sandbox whose keeper was killed left (its cgroups and directory), with
-/// `coffer rm -f`.
+/// Removes what a sandbox whose keeper was killed left (its cgroups and directory), or tears
+/// down one that still runs, as `coffer rm -f` does.
 pub async fn reap(config: &ShimConfig, name: &str) {
-    if !config.state_dir.join(name).exists() {
+    let Ok(sandbox) = coffer_keeper::SandboxDir::new(&config.state_dir, name) else {
+        return;
+    };
+    if !sandbox.dir.exists() {
         return;
     }
-    let out = tokio::process::Command::new(config.coffer_bin())
-        .arg("rm")
-        .arg("-f")
-        .arg("--state-dir")
-        .arg(&config.state_dir)
-        .arg(name)
-        .stdin(Stdio::null())
-        .output()
-        .await;
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => tracing::warn!(
-            sandbox = name,
-            error = %String::from_utf8_lossy(&o.stderr).trim(),
-            "cannot reap the sandbox"
-        ),
-        Err(e) => tracing::warn!(sandbox = name, error = %e, "cannot run coffer rm"),
+    if let Err(e) = sandbox.stop(true).await {
+        tracing::warn!(sandbox = name, error = %e, "cannot reap the sandbox");
     }
 }

@@ -17,7 +17,11 @@ use anyhow::{bail, Context};
 use coffer_podvm::{mux, Accel, Launch, PodVm, Tee};
 use tokio::io::AsyncReadExt;
 
-use crate::sandbox::{die_with_keeper, forward, owner_gone, KeeperArgs};
+use crate::{
+    egress::forward,
+    run::{die_with_keeper, owner_gone},
+    KeeperArgs,
+};
 use coffer_fsutil::last_line;
 
 /// Whether a KVM guest runs here: with the CPU model the launch uses (`host`), a 64 KiB
@@ -85,7 +89,12 @@ fn kvm_is_pvm(modules: &Path) -> bool {
 }
 
 /// Runs the pod VM until it ends (or the keeper is asked to stop).
-pub async fn serve(a: &KeeperArgs, podvm: &Path, text: &str, digest: &[u8]) -> anyhow::Result<()> {
+pub(crate) async fn serve(
+    a: &KeeperArgs,
+    podvm: &Path,
+    text: &str,
+    digest: &[u8],
+) -> anyhow::Result<()> {
     let vm = PodVm::open(podvm)?;
     let measured = {
         let vm = vm.clone();

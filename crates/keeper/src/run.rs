@@ -1,0 +1,93 @@
+//! The keeper's life (`coffer __sandbox`): it holds an exclusive lock on `<dir>/keeper.lock`
+//! for its whole life, runs the sandbox (a process sandbox, [`crate::process`], or a pod VM,
+//! [`crate::vm`]), and tears it down — agent and every container process killed, cgroups under
+//! `/coffer/<name>` removed, the directory deleted — when the agent or the VM ends
+//! (DestroySandbox, a crash, `kill -9`), when it is asked to (SIGTERM, SIGINT), or, for a
+//! foreground launcher, when that process goes away (its pipe to the keeper's stdin closes). A
+//! sandbox that failed keeps its reason and logs (`failed`) until it is removed; one whose keeper
+//! was itself killed is reaped by the next `coffer ps`, `coffer rm` or launch of that name.
+
+use anyhow::Context as _;
+use rustix::fs::{flock, FlockOperation};
+
+use crate::{dir::check_name, KeeperArgs, SandboxDir, SandboxError};
+
+/// Waits until the keeper's stdin ends when `watch` (the foreground `coffer run` went away);
+/// never otherwise.
+pub(crate) async fn owner_gone(watch: bool) {
+    if !watch {
+        return std::future::pending::<()>().await;
+    }
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Makes a child die with this keeper (parent-death signal): a keeper killed with SIGKILL
+/// takes the sandbox with it.
+pub(crate) fn die_with_keeper(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec and only makes one async-signal-safe
+    // system call (prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Runs the keeper (`coffer __sandbox`) until the sandbox ends, then tears it down. A sandbox
+/// that ended with an error is retired (its reason recorded, see [`crate::FAILED`]) and the
+/// error returned.
+pub fn keep(a: KeeperArgs) -> Result<(), SandboxError> {
+    check_name(&a.name)?;
+    let io = |what: String| move |source| SandboxError::Io { what, source };
+    let lock_path = a.dir.join("keeper.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(io(format!("cannot create {}", lock_path.display())))?;
+    flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(|e| SandboxError::Io {
+        what: format!("another keeper holds sandbox {}", a.name),
+        source: e.into(),
+    })?;
+    let pid_path = a.dir.join("keeper.pid");
+    std::fs::write(&pid_path, std::process::id().to_string())
+        .map_err(io(format!("cannot write {}", pid_path.display())))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the keeper's runtime".into()))?;
+    let result = runtime.block_on(serve(&a));
+    // A read of stdin may still be pending on the blocking pool; do not wait for it.
+    runtime.shutdown_background();
+    // Everything below runs however the sandbox ended. A failed sandbox leaves its reason
+    // and logs for `coffer ps`, `coffer logs` and the launcher.
+    let sandbox = SandboxDir {
+        dir: a.dir.clone(),
+        name: a.name.clone(),
+    };
+    let result = result.map_err(|e| format!("{e:#}"));
+    let cleaned = match &result {
+        Ok(()) => sandbox.remove(),
+        Err(why) => {
+            tracing::error!(error = %why, "the sandbox failed");
+            sandbox.retire(why)
+        }
+    };
+    drop(lock);
+    result.map_err(SandboxError::Ended).and(cleaned)
+}
+
+/// Runs the sandbox the arguments name until it ends.
+async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.initdata)
+        .with_context(|| format!("cannot read {}", a.initdata.display()))?;
+    let digest = coffer_wire::initdata::digest(&text)?;
+    match &a.podvm {
+        Some(podvm) => crate::vm::serve(a, podvm, &text, &digest).await,
+        None => crate::process::serve(a, &digest).await,
+    }
+}
