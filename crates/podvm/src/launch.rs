@@ -4,9 +4,9 @@
 //! `MEASUREMENT = SHA-384("coffer pod VM launch v1\0" ‖ SHA-256(kernel) ‖ SHA-256(initrd) ‖
 //! SHA-256(cmdline ‖ NUL))`, computed by the launcher from the very files it hands to QEMU.
 //! The three SHA-256 digests are the ones AMD's measured direct boot puts in OVMF's hashes table
-//! (and TDX's TDVF measures the same three into RTMR[1]/[2]); `docs/podvm.md` says how they map
-//! to a real SNP launch digest and TDX MRTD/RTMRs. The dm-verity root hash is on the command
-//! line, so the measurement covers the root filesystem too.
+//! (and TDX's TDVF measures the same three into `RTMR[1]`/`RTMR[2]`); `docs/podvm.md` says how
+//! they map to a real SNP launch digest and TDX MRTD/RTMRs. The dm-verity root hash is on the
+//! command line, so the measurement covers the root filesystem too.
 
 use std::{
     ffi::OsString,

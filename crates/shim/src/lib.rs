@@ -3,7 +3,7 @@
 //!
 //! containerd starts the shim binary for a pod's sandbox container (`start` action); the shim
 //! starts its server process, grouped by the pod's sandbox id so that every container of the pod
-//! reaches the same process ([`Shim::start_shim`]). The server maps the Task API onto the agent
+//! reaches the same process ([`Shim`]'s `start_shim`). The server maps the Task API onto the agent
 //! API ([`service`]); the sandbox itself is the `coffer __sandbox` keeper ([`sandbox`]). Images
 //! are pulled inside the sandbox only: the shim hands the agent the image reference, never
 //! layers (see the `coffer-snapshotter` crate for the node side). The shim is untrusted: the
