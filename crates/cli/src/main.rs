@@ -2,6 +2,7 @@
 
 mod attest;
 mod ctl;
+mod doctor;
 mod image;
 mod initdata;
 mod install;
@@ -28,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check this host for what each sandbox kind and TEE needs; say what to install.
+    Doctor(doctor::DoctorArgs),
     /// Talk to a Key Broker Service: admin changes, resource fetches as a TEE, benchmarks.
     Kbs(kbs::KbsArgs),
     /// Verify TEE evidence offline.
@@ -103,6 +106,7 @@ fn run() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Doctor(args) => runtime.block_on(doctor::run(args)),
         Command::Kbs(args) => runtime.block_on(kbs::run(args)),
         Command::Attest(args) => runtime.block_on(attest::run(args)),
         Command::Image(args) => runtime.block_on(image::run(args)),

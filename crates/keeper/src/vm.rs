@@ -24,30 +24,40 @@ use crate::{
 };
 use coffer_fsutil::last_line;
 
+/// The QEMU binary pod VMs run in (found on PATH).
+pub const QEMU: &str = "qemu-system-x86_64";
+
 /// Whether a KVM guest runs here: with the CPU model the launch uses (`host`), a 64 KiB
 /// firmware whose reset vector writes to QEMU's isa-debug-exit port must make QEMU exit with
-/// status 3 within two seconds. (Nested KVM on this project's CI machine fails this.)
-pub async fn kvm_works(dir: &Path) -> bool {
-    if kvm_is_pvm(Path::new("/sys/module")) {
-        tracing::info!("KVM here is PVM, which runs only PVM guest kernels: using TCG");
-        return false;
+/// status 3 within two seconds. (Nested KVM on this project's CI machine fails this.) PVM
+/// (`kvm_pvm` without a hardware KVM) does not count: it runs only kernels built for it.
+/// `dev_kvm` is the KVM device, `modules` `/sys/module`, `dir` a writable directory for the
+/// probe's firmware, `qemu` the QEMU binary (paths of a host mounted elsewhere, as `coffer
+/// doctor --root` checks). Says why a guest does not run.
+pub async fn kvm_probe(
+    qemu: &Path,
+    dev_kvm: &Path,
+    modules: &Path,
+    dir: &Path,
+) -> Result<(), String> {
+    if kvm_is_pvm(modules) {
+        return Err("KVM here is PVM (kvm_pvm), which runs only PVM guest kernels".into());
     }
-    if std::fs::OpenOptions::new()
+    if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/kvm")
-        .is_err()
+        .open(dev_kvm)
     {
-        return false;
+        return Err(format!("cannot open {}: {e}", dev_kvm.display()));
     }
     let mut fw = vec![0u8; 65536];
     // At 0xfffffff0: mov al, 1; out 0xf4, al; hlt; jmp $-1.
     fw[0xfff0..0xfff7].copy_from_slice(&[0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
     let path = dir.join("kvm-probe.fd");
-    if std::fs::write(&path, &fw).is_err() {
-        return false;
+    if let Err(e) = std::fs::write(&path, &fw) {
+        return Err(format!("cannot write {}: {e}", path.display()));
     }
-    let child = tokio::process::Command::new("qemu-system-x86_64")
+    let child = tokio::process::Command::new(qemu)
         .args([
             "-accel",
             "kvm",
@@ -67,15 +77,17 @@ pub async fn kvm_works(dir: &Path) -> bool {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn();
-    let ok = match child {
-        Ok(mut c) => matches!(
-            tokio::time::timeout(Duration::from_secs(2), c.wait()).await,
-            Ok(Ok(s)) if s.code() == Some(3)
-        ),
-        Err(_) => false,
+    let outcome = match child {
+        Ok(mut c) => match tokio::time::timeout(Duration::from_secs(2), c.wait()).await {
+            Ok(Ok(s)) if s.code() == Some(3) => Ok(()),
+            Ok(Ok(s)) => Err(format!("a KVM guest did not run ({s})")),
+            Ok(Err(e)) => Err(format!("cannot wait for {}: {e}", qemu.display())),
+            Err(_) => Err("a KVM guest hung (nested KVM that does not run guests)".into()),
+        },
+        Err(e) => Err(format!("cannot run {}: {e}", qemu.display())),
     };
     let _ = std::fs::remove_file(&path);
-    ok
+    outcome
 }
 
 /// Whether the host's KVM is PVM (the `kvm_pvm` module, pagetable-based virtualization for
@@ -132,8 +144,20 @@ pub(crate) async fn serve(
         ),
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,
-        "auto" if kvm_works(&a.dir).await => Accel::Kvm,
-        "auto" => Accel::Tcg,
+        "auto" => match kvm_probe(
+            Path::new(QEMU),
+            Path::new("/dev/kvm"),
+            Path::new("/sys/module"),
+            &a.dir,
+        )
+        .await
+        {
+            Ok(()) => Accel::Kvm,
+            Err(why) => {
+                tracing::info!(%why, "no usable KVM here: the pod VM runs under TCG");
+                Accel::Tcg
+            }
+        },
         other => bail!("--accel {other}: use kvm, tcg or auto"),
     };
     tracing::info!(?accel, measurement = %hex::encode(measured), "starting the pod VM");
@@ -149,7 +173,7 @@ pub(crate) async fn serve(
         accel,
         tee: Tee::Emulated,
     };
-    let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+    let mut cmd = tokio::process::Command::new(QEMU);
     cmd.args(launch.qemu_args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
