@@ -1,0 +1,295 @@
+//! Tasks: containers, and the pod's sandbox container (which is the sandbox itself), created,
+//! started, killed and deleted on the agent and the keeper.
+
+use std::{path::Path, sync::Arc};
+
+use coffer_agent::api::proto::{
+    CreateContainerRequest, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest,
+};
+use containerd_shim::{
+    api,
+    protos::{
+        events::task::{TaskCreate, TaskDelete, TaskStart},
+        topics,
+    },
+};
+
+use super::{
+    process::{Process, TaskEntry},
+    rpc::{agent_error, timestamp},
+    spec::{read_spec, Spec},
+    Service,
+};
+use crate::{
+    annotations::{self, Role},
+    sandbox::{self, Sandbox},
+    ShimError,
+};
+
+/// The image reference as the agent takes it.
+fn agent_image(reference: &str) -> String {
+    if reference.contains("://") {
+        reference.to_string()
+    } else {
+        format!("docker://{reference}")
+    }
+}
+
+impl Service {
+    /// The initdata of a sandbox: the annotation's, else the configured default.
+    fn initdata(&self, spec: &Spec) -> Result<String, ShimError> {
+        if let Some(text) = annotations::initdata(&spec.annotations)? {
+            return Ok(text);
+        }
+        match &self.config()?.default_initdata {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ShimError::Config(format!("default_initdata {}: {e}", p.display()))),
+            None => Err(ShimError::Refused(format!(
+                "the pod has no initdata ({}) and the node sets no default_initdata",
+                annotations::INITDATA
+            ))),
+        }
+    }
+
+    pub(super) async fn create_task(&self, req: api::CreateTaskRequest) -> Result<u32, ShimError> {
+        let config = self.config()?.clone();
+        if self.inner.tasks.lock().await.contains_key(&req.id) {
+            return Err(ShimError::Invalid(format!("task {} exists", req.id)));
+        }
+        let spec = read_spec(Path::new(&req.bundle))?;
+        annotations::refuse_overrides(&spec.annotations)?;
+        let role = annotations::role(&spec.annotations)?;
+        let (sandbox, image, is_sandbox, owns_sandbox) = match role {
+            Role::Sandbox => {
+                let initdata = self.initdata(&spec)?;
+                let name = sandbox::name_for(&req.id);
+                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata).await?);
+                self.inner
+                    .sandboxes
+                    .lock()
+                    .await
+                    .insert(req.id.clone(), sb.clone());
+                (sb, None, true, false)
+            }
+            Role::PodContainer { sandbox_id, image } => {
+                let sb = self
+                    .inner
+                    .sandboxes
+                    .lock()
+                    .await
+                    .get(&sandbox_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ShimError::NotFound(format!(
+                            "pod sandbox {sandbox_id} is not served by this shim"
+                        ))
+                    })?;
+                (sb, Some(image), false, false)
+            }
+            Role::Standalone => {
+                let image = crate::containerd::image_of(
+                    &self.inner.containerd,
+                    &self.inner.namespace,
+                    &req.id,
+                )
+                .await?;
+                let initdata = self.initdata(&spec)?;
+                let name = sandbox::name_for(&req.id);
+                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata).await?);
+                (sb, Some(image), false, true)
+            }
+        };
+        if let Some(image) = &image {
+            let mut c = sandbox.client.clone();
+            let created = c
+                .create_container(CreateContainerRequest {
+                    container_id: req.id.clone(),
+                    image: agent_image(image),
+                    args: spec.args.clone(),
+                    env: spec.env.clone(),
+                    working_dir: spec.cwd.clone(),
+                    read_only_rootfs: spec.readonly_rootfs,
+                    tty: req.terminal,
+                    stdin: !req.stdin.is_empty(),
+                    memory_limit_bytes: spec.memory_limit,
+                })
+                .await
+                .map_err(|e| agent_error(&format!("creating container {}", req.id), e));
+            if let Err(e) = created {
+                if owns_sandbox {
+                    sandbox.destroy().await;
+                }
+                return Err(e);
+            }
+        }
+        let entry = Arc::new(TaskEntry {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            is_sandbox,
+            owns_sandbox,
+            init: Arc::new(Process::new(
+                &req.id,
+                "",
+                sandbox.clone(),
+                Vec::new(),
+                Vec::new(),
+                [&req.stdin, &req.stdout, &req.stderr],
+                req.terminal,
+            )),
+            execs: Default::default(),
+            kill_signal: Default::default(),
+        });
+        self.inner
+            .tasks
+            .lock()
+            .await
+            .insert(req.id.clone(), entry.clone());
+        // Every task ends when its sandbox does; unasked, that is a crash (VM or agent gone).
+        let me = self.clone();
+        tokio::spawn(async move {
+            entry.sandbox().wait_gone().await;
+            let asked = entry.kill_signal.load(std::sync::atomic::Ordering::SeqCst);
+            let status = if asked > 0 { 128 + asked } else { 255 };
+            if entry.init.record_exit(status) {
+                if asked == 0 {
+                    tracing::warn!(task = %entry.id, sandbox = %entry.sandbox().name, "the sandbox ended");
+                }
+                me.publish_exit(&entry.init).await;
+            }
+        });
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                pid: sandbox.pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(sandbox.pid)
+    }
+
+    pub(super) async fn start_task(&self, id: &str) -> Result<u32, ShimError> {
+        let t = self.task(id).await?;
+        if t.is_sandbox {
+            t.init.mark_started();
+        } else {
+            let mut c = t.sandbox().client.clone();
+            c.start_container(StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(|e| agent_error(&format!("starting container {id}"), e))?;
+            t.init.mark_started();
+            let me = self.clone();
+            let t2 = t.clone();
+            tokio::spawn(async move { me.follow(t2.init.clone()).await });
+        }
+        self.publish(
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: id.into(),
+                pid: t.sandbox().pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(t.sandbox().pid)
+    }
+
+    pub(super) async fn kill_task(&self, req: api::KillRequest) -> Result<(), ShimError> {
+        let t = self.task(&req.id).await?;
+        let p = t.process(&req.exec_id)?;
+        tracing::debug!(task = %req.id, exec = %req.exec_id, signal = req.signal, sandbox = t.is_sandbox, "kill");
+        if p.exited().is_some() {
+            return Err(ShimError::NotFound(format!(
+                "task {}: process already finished",
+                p.event_id()
+            )));
+        }
+        if t.is_sandbox {
+            // The sandbox's "process" is the sandbox: any signal ends it. This answers once the
+            // teardown has begun, as a runc shim answers once the signal is sent; the exit is
+            // recorded and published when the keeper is gone (the watcher in `create_task`,
+            // with this signal). containerd deletes the task and shuts the shim down as soon as
+            // it sees that exit, so publishing it before this answer could cut the answer off.
+            t.kill_signal
+                .store(req.signal.max(1), std::sync::atomic::Ordering::SeqCst);
+            t.sandbox().stop().await;
+            return Ok(());
+        }
+        if !p.is_started() {
+            // Never started: nothing runs; it ends here.
+            if p.record_exit(128 + req.signal) {
+                self.publish_exit(&p).await;
+            }
+            return Ok(());
+        }
+        let mut c = t.sandbox().client.clone();
+        c.signal_process(SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+        })
+        .await
+        .map_err(|e| agent_error(&format!("signalling {}", p.event_id()), e))?;
+        Ok(())
+    }
+
+    pub(super) async fn delete_task(&self, id: &str) -> Result<api::DeleteResponse, ShimError> {
+        let t = self.task(id).await?;
+        tracing::debug!(task = %id, sandbox = t.is_sandbox, "delete");
+        if t.is_sandbox {
+            t.sandbox().destroy().await;
+            self.inner.sandboxes.lock().await.remove(id);
+        } else {
+            if t.sandbox().alive() {
+                let mut c = t.sandbox().client.clone();
+                let _ = c
+                    .remove_container(RemoveContainerRequest {
+                        container_id: id.into(),
+                    })
+                    .await;
+            }
+            if t.owns_sandbox {
+                t.sandbox().destroy().await;
+            }
+        }
+        t.init.record_exit(255);
+        self.inner.tasks.lock().await.remove(id);
+        let exit = t.init.exited().expect("recorded above");
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: id.into(),
+                id: id.into(),
+                pid: t.sandbox().pid,
+                exit_status: exit.status,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::DeleteResponse {
+            pid: t.sandbox().pid,
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_get_the_registry_transport() {
+        assert_eq!(
+            agent_image("r.example:5000/app:v1"),
+            "docker://r.example:5000/app:v1"
+        );
+        assert_eq!(agent_image("docker://r/app:v1"), "docker://r/app:v1");
+    }
+}
