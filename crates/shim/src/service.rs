@@ -1,7 +1,7 @@
 //! The containerd Task API (runtime v2, `containerd.task.v2.Task`) mapped onto the agent API.
 //!
 //! One shim process serves one pod: containerd starts the shim for the pod's sandbox container
-//! and, through the grouping of [`crate::Shim::start_shim`], reaches the same process for the
+//! and, through the grouping of [`crate::Shim`]'s `start_shim`, reaches the same process for the
 //! pod's other containers.
 //!
 //! | Task API | what the shim does |
