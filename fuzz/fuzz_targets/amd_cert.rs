@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     thread_local!(static ROOTS: Vec<GenerationRoots> = GenerationRoots::builtin());
-    let Ok(cert) = certs::parse_der(data, "fuzz") else { return };
+    let Ok(cert) = certs::parse_der(data, "fuzz") else {
+        return;
+    };
     let _ = certs::tcb_extensions(&cert, "fuzz");
     ROOTS.with(|r| {
         let _ = certs::verify_endorsement(

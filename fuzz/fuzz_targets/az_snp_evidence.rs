@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     thread_local!(static V: AzSnpVtpmVerifier = AzSnpVtpmVerifier::default());
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
     let e = Expected {
         report_data: Some(b"challenge"),
         init_data_digest: None,
