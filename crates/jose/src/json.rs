@@ -117,6 +117,53 @@ impl RecipientKey {
     }
 }
 
+impl crate::TeeKeyPair {
+    /// A TEE key pair from a PEM private key (the forms [`RecipientKey::from_pem`] reads; EC on
+    /// P-256 or P-521, or RSA with `RSA-OAEP-256`). TEEs generate their keys
+    /// ([`crate::TeeKeyPair::generate`]); a fixed key is for tests and fuzzing, which need the
+    /// same key in every run.
+    pub fn from_pem(pem_text: &[u8]) -> Result<Self> {
+        use rsa::{pkcs8::DecodePublicKey, traits::PublicKeyParts};
+        match RecipientKey::from_pem(pem_text)?.0 {
+            Priv::Ec(key, c) => {
+                let curve = crate::curve(c.name)?;
+                let point = key
+                    .compute_public_key()
+                    .map_err(|_| JoseError::Crypto("EC public key"))?;
+                let (x, y) = crate::split_point(point.as_ref(), curve.coord_len)?;
+                let public = coffer_wire::TeePubKey::EC {
+                    crv: curve.name.into(),
+                    alg: ALG_ECDH_ES_A256KW.into(),
+                    x,
+                    y,
+                };
+                Ok(Self {
+                    secret: crate::Secret::Ec(key, curve),
+                    public,
+                })
+            }
+            Priv::Rsa(key) => {
+                use aws_lc_rs::encoding::AsDer;
+                let der = key
+                    .public_key()
+                    .as_der()
+                    .map_err(|_| JoseError::Crypto("RSA public key encoding"))?;
+                let parsed = rsa::RsaPublicKey::from_public_key_der(der.as_ref())
+                    .map_err(|_| JoseError::Crypto("RSA public key decoding"))?;
+                let public = coffer_wire::TeePubKey::RSA {
+                    alg: ALG_RSA_OAEP_256.into(),
+                    k_mod: B64.encode(parsed.n().to_bytes_be()),
+                    k_exp: B64.encode(parsed.e().to_bytes_be()),
+                };
+                Ok(Self {
+                    secret: crate::Secret::Rsa(key),
+                    public,
+                })
+            }
+        }
+    }
+}
+
 /// A recipient's public key (EC P-256/P-384/P-521 or RSA), loaded from PEM.
 pub struct RecipientPublicKey(Pub);
 
@@ -414,6 +461,62 @@ mod tests {
 
     fn hex_of(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn tee_key_pair_from_pem_decrypts_what_its_jwk_receives() {
+        let dir = tempdir();
+        let gen = |args: &[&str]| {
+            let ok = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "openssl {args:?}");
+            std::fs::read(dir.join("k.pem")).unwrap()
+        };
+        let pems = [
+            gen(&["genrsa", "-out", "k.pem", "2048"]),
+            gen(&[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "k.pem",
+            ]),
+            gen(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-521",
+                "-out",
+                "k.pem",
+            ]),
+        ];
+        let p384 = gen(&[
+            "ecparam",
+            "-name",
+            "secp384r1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "k.pem",
+        ]);
+        let _ = std::fs::remove_dir_all(&dir);
+        for pem in &pems {
+            let tee = crate::TeeKeyPair::from_pem(pem).unwrap();
+            crate::validate_public_key(tee.public_jwk()).unwrap();
+            let jwe = crate::encrypt(tee.public_jwk(), b"resource").unwrap();
+            assert_eq!(&tee.decrypt(&jwe).unwrap()[..], b"resource");
+        }
+        // A TEE key is P-256, P-521 or RSA.
+        assert!(crate::TeeKeyPair::from_pem(&p384).is_err());
+        assert!(crate::TeeKeyPair::from_pem(b"not pem").is_err());
     }
 
     #[test]
