@@ -1,6 +1,10 @@
 //! Administrator authentication: each admin request carries `Authorization: Bearer <JWT>`, an
-//! EdDSA (Ed25519) JWT with `iat` and `exp` signed by a key whose public half the KBS was
-//! configured with. With no key configured every admin request is refused.
+//! EdDSA (Ed25519) JWT with `iat` and `exp` (and optionally `nbf`) signed by a key whose public
+//! half the KBS was configured with. With no key configured every admin request is refused.
+//!
+//! A token is valid for at most [`MAX_ADMIN_TOKEN_LIFETIME`] counted both from its `iat` and
+//! from now, `iat` may not lie in the future beyond [`CLOCK_SKEW`], and `nbf` is honoured: a
+//! token dated ahead cannot outlive the cap. Each refusal names the claim that failed.
 
 use std::path::Path;
 
@@ -11,8 +15,10 @@ use serde::Deserialize;
 
 use crate::error::KbsError;
 
-/// Longest accepted admin token lifetime (`exp - iat`), in seconds.
+/// Longest accepted admin token lifetime (`exp - iat`, and `exp - now`), in seconds.
 pub const MAX_ADMIN_TOKEN_LIFETIME: u64 = 3600;
+/// Clock difference tolerated between the admin's machine and the KBS, in seconds.
+pub const CLOCK_SKEW: u64 = 30;
 
 /// The configured admin public keys.
 pub struct AdminAuth {
@@ -20,10 +26,30 @@ pub struct AdminAuth {
     validation: Validation,
 }
 
+/// The claims checked here; both are required (the validation says which is missing).
 #[derive(Deserialize)]
 struct AdminClaims {
+    #[serde(default)]
     iat: u64,
+    #[serde(default)]
     exp: u64,
+}
+
+/// Why a token whose signature verified is refused, if it is.
+fn lifetime_error(c: &AdminClaims, now: u64) -> Option<String> {
+    if c.iat > now + CLOCK_SKEW {
+        return Some(format!(
+            "admin token `iat` lies {}s in the future (at most {CLOCK_SKEW}s of clock skew is allowed)",
+            c.iat - now
+        ));
+    }
+    if c.exp.saturating_sub(c.iat) > MAX_ADMIN_TOKEN_LIFETIME {
+        return Some("admin token lifetime (`exp` - `iat`) exceeds one hour".into());
+    }
+    if c.exp.saturating_sub(now) > MAX_ADMIN_TOKEN_LIFETIME + CLOCK_SKEW {
+        return Some("admin token `exp` is more than one hour from now".into());
+    }
+    None
 }
 
 impl AdminAuth {
@@ -45,7 +71,8 @@ impl AdminAuth {
         }
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_required_spec_claims(&["exp", "iat"]);
-        validation.leeway = 30;
+        validation.leeway = CLOCK_SKEW;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         Ok(Self { keys, validation })
     }
@@ -66,15 +93,31 @@ impl AdminAuth {
         let token = crate::api::bearer(headers)
             .ok_or_else(|| deny("admin request without an Authorization: Bearer token"))?;
         for (name, key) in &self.keys {
-            if let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token, key, &self.validation) {
-                if data.claims.exp.saturating_sub(data.claims.iat) > MAX_ADMIN_TOKEN_LIFETIME {
-                    return Err(deny("admin token lifetime exceeds one hour"));
+            use jsonwebtoken::errors::ErrorKind as Jwt;
+            match jsonwebtoken::decode::<AdminClaims>(token, key, &self.validation) {
+                Ok(data) => {
+                    return match lifetime_error(&data.claims, crate::store::now_secs()) {
+                        Some(why) => Err(deny(&why)),
+                        None => Ok(name.clone()),
+                    }
                 }
-                return Ok(name.clone());
+                // The signature verified; a claim did not.
+                Err(e) => match e.kind() {
+                    Jwt::ExpiredSignature => {
+                        return Err(deny("admin token expired (`exp` has passed)"))
+                    }
+                    Jwt::ImmatureSignature => {
+                        return Err(deny("admin token not valid yet (`nbf` lies in the future)"))
+                    }
+                    Jwt::MissingRequiredClaim(c) => {
+                        return Err(deny(&format!("admin token has no `{c}` claim")))
+                    }
+                    _ => {}
+                },
             }
         }
         Err(deny(
-            "admin token is not signed by a configured admin key, or it expired",
+            "admin token is not signed by a configured admin key, or it is malformed",
         ))
     }
 }

@@ -130,7 +130,16 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, KbsError> {
+/// Reads a request body of at most `limit` bytes within the body read timeout. A body larger
+/// than the limit is `PayloadTooLarge` (413), one that ends before its declared length
+/// `IncompleteBody` (400), one that does not arrive in time `RequestTimeout` (408).
+async fn read_body(
+    kbs: &Kbs,
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, KbsError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         KbsError::new(
             ErrorKind::PayloadTooLarge,
@@ -146,9 +155,32 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             return Err(too_large());
         }
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large())
+    let wait = std::time::Duration::from_secs(kbs.config.body_read_timeout_secs);
+    let read = async {
+        let mut body = body;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                KbsError::new(
+                    ErrorKind::IncompleteBody,
+                    format!("the request body ended early: {e}"),
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
+        Err(KbsError::new(
+            ErrorKind::RequestTimeout,
+            format!("the request body did not arrive within {}s", wait.as_secs()),
+        ))
+    })
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, KbsError> {
@@ -178,7 +210,7 @@ fn binding_hash(tee: Tee) -> HashAlgorithm {
 }
 
 async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Response, KbsError> {
-    let bytes = read_body(body, &headers, MAX_PROTOCOL_BODY).await?;
+    let bytes = read_body(&kbs, body, &headers, MAX_PROTOCOL_BODY).await?;
     let req: AuthRequest = parse_json(&bytes, "auth request")?;
     if req.version != PROTOCOL_VERSION {
         return Err(KbsError::new(
@@ -229,7 +261,7 @@ async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Resp
 }
 
 async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Response, KbsError> {
-    let bytes = read_body(body, &headers, MAX_PROTOCOL_BODY).await?;
+    let bytes = read_body(&kbs, body, &headers, MAX_PROTOCOL_BODY).await?;
     let att: Attestation = parse_json(&bytes, "attestation request")?;
     let id = session_cookie(&headers)
         .ok_or_else(|| {
@@ -526,7 +558,7 @@ async fn set_resource(
 ) -> Result<StatusCode, KbsError> {
     let who = admin(&kbs, &headers)?;
     let (path, _) = resource_path(&raw)?;
-    let bytes = read_body(body, &headers, MAX_ADMIN_BODY).await?;
+    let bytes = read_body(&kbs, body, &headers, MAX_ADMIN_BODY).await?;
     kbs.store.put_resource(&path, &bytes).await?;
     kbs.audit.admin(&who, "set-resource", &path, "ok");
     Ok(StatusCode::OK)
@@ -572,13 +604,24 @@ async fn set_policy(
     body: Body,
 ) -> Result<StatusCode, KbsError> {
     let who = admin(kbs, headers)?;
-    let bytes = read_body(body, headers, MAX_ADMIN_BODY).await?;
+    let bytes = read_body(kbs, body, headers, MAX_ADMIN_BODY).await?;
     let text = decode_policy(&bytes)?;
-    policy::validate(kind, &text).map_err(|e| {
-        kbs.audit
-            .admin(&who, &format!("set-{}-policy", kind.key()), "-", "rejected");
-        KbsError::new(ErrorKind::InvalidRequest, e.to_string())
-    })?;
+    // Compiled now, within the limits and off the async workers; the compiled form serves the
+    // requests after the write.
+    kbs.policies
+        .prepare(kind, &text, &kbs.store)
+        .await
+        .map_err(|e| {
+            kbs.audit
+                .admin(&who, &format!("set-{}-policy", kind.key()), "-", "rejected");
+            match e {
+                policy::PolicyError::TooComplex { .. } => {
+                    KbsError::new(ErrorKind::PolicyTooComplex, e.to_string())
+                }
+                policy::PolicyError::Store(s) => s.into(),
+                _ => KbsError::new(ErrorKind::InvalidRequest, e.to_string()),
+            }
+        })?;
     kbs.store.put_policy(kind, &text).await?;
     kbs.audit
         .admin(&who, &format!("set-{}-policy", kind.key()), "-", "ok");
@@ -629,13 +672,17 @@ async fn set_reference_values(
     body: Body,
 ) -> Result<StatusCode, KbsError> {
     let who = admin(&kbs, &headers)?;
-    let bytes = read_body(body, &headers, MAX_ADMIN_BODY).await?;
+    let bytes = read_body(&kbs, body, &headers, MAX_ADMIN_BODY).await?;
     let values = reference::parse(&bytes)
         .map_err(|e| KbsError::new(ErrorKind::InvalidRequest, e.to_string()))?;
     kbs.store.set_reference_values(&values).await?;
     let names: Vec<&str> = values.keys().map(String::as_str).collect();
     kbs.audit
         .admin(&who, "set-reference-values", &names.join(","), "ok");
+    // The attestation policy's data changed: compile it now rather than on the next attestation.
+    if let Err(e) = kbs.policies.get(&kbs.store).await {
+        tracing::warn!(error = %e, "the policies do not compile with the new reference values");
+    }
     Ok(StatusCode::OK)
 }
 

@@ -11,6 +11,26 @@ pub const DEFAULT_SESSION_TTL: u64 = 300;
 pub const DEFAULT_TOKEN_TTL: u64 = 300;
 /// Default bound on live sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+/// Default time a client has to send a request's header (seconds).
+pub const DEFAULT_HEADER_READ_TIMEOUT: u64 = 10;
+/// Default time a client has to send a request's body once its header arrived (seconds); at
+/// the 1 MiB protocol body limit this asks for about 35 KB/s.
+pub const DEFAULT_BODY_READ_TIMEOUT: u64 = 30;
+/// Default time a client has to complete the TLS handshake (seconds).
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: u64 = 10;
+/// Default time a kept-alive connection may sit idle between requests (seconds).
+pub const DEFAULT_IDLE_TIMEOUT: u64 = 60;
+/// Default bound on open client connections (lowered to fit the process's file limit).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default largest policy text (bytes).
+pub const DEFAULT_MAX_POLICY_BYTES: usize = 256 << 10;
+/// Default deepest bracket nesting (`[`, `{`, `(`) in a policy text. The Rego parser's time
+/// grows exponentially with unclosed nesting; at this depth a worst-case text still compiles
+/// in milliseconds (depth 10: about 40 ms in a debug build, each level more about 5 times
+/// that), and real policies nest far less.
+pub const DEFAULT_MAX_POLICY_NESTING: usize = 10;
+/// Default time budget of one policy compilation (milliseconds).
+pub const DEFAULT_POLICY_COMPILE_TIMEOUT_MS: u64 = 2000;
 
 /// Effective configuration of coffer-kbs.
 #[derive(Clone, Debug, Deserialize)]
@@ -52,6 +72,24 @@ pub struct Config {
     pub max_sessions: usize,
     /// Audit log file (default: `<data-dir>/audit.jsonl`).
     pub audit_log: Option<PathBuf>,
+    /// Seconds a client has to send a request's header; also how long a new connection may
+    /// stay silent.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request's body after its header.
+    pub body_read_timeout_secs: u64,
+    /// Seconds a client has to complete the TLS handshake.
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds a kept-alive connection may stay idle between requests.
+    pub idle_timeout_secs: u64,
+    /// Bound on open client connections; at the bound the longest-idle connection makes room,
+    /// or, when every connection is busy, the new one is refused.
+    pub max_connections: usize,
+    /// Largest accepted policy text in bytes.
+    pub max_policy_bytes: usize,
+    /// Deepest accepted bracket nesting in a policy text.
+    pub max_policy_nesting: usize,
+    /// Time budget of one policy compilation in milliseconds.
+    pub policy_compile_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -74,6 +112,14 @@ impl Default for Config {
             token_ttl_secs: DEFAULT_TOKEN_TTL,
             max_sessions: DEFAULT_MAX_SESSIONS,
             audit_log: None,
+            header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout_secs: DEFAULT_BODY_READ_TIMEOUT,
+            tls_handshake_timeout_secs: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_policy_bytes: DEFAULT_MAX_POLICY_BYTES,
+            max_policy_nesting: DEFAULT_MAX_POLICY_NESTING,
+            policy_compile_timeout_ms: DEFAULT_POLICY_COMPILE_TIMEOUT_MS,
         }
     }
 }
@@ -110,6 +156,25 @@ impl Config {
         }
         if self.session_ttl_secs == 0 || self.token_ttl_secs == 0 {
             anyhow::bail!("session and token lifetimes must be positive");
+        }
+        for (key, v) in [
+            ("header-read-timeout-secs", self.header_read_timeout_secs),
+            ("body-read-timeout-secs", self.body_read_timeout_secs),
+            (
+                "tls-handshake-timeout-secs",
+                self.tls_handshake_timeout_secs,
+            ),
+            ("idle-timeout-secs", self.idle_timeout_secs),
+            ("policy-compile-timeout-ms", self.policy_compile_timeout_ms),
+        ] {
+            if v == 0 {
+                anyhow::bail!("{key} must be positive: a zero timeout would let stalled clients stay forever or refuse everyone");
+            }
+        }
+        if self.max_connections == 0 || self.max_policy_bytes == 0 || self.max_policy_nesting == 0 {
+            anyhow::bail!(
+                "max-connections, max-policy-bytes and max-policy-nesting must be positive"
+            );
         }
         Ok(())
     }

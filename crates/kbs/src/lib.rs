@@ -121,7 +121,7 @@ impl Kbs {
         }
         let kbs = Arc::new(Self {
             verifiers,
-            policies: policy::PolicyCache::default(),
+            policies: policy::PolicyCache::new(policy::PolicyLimits::of(&config)),
             metrics: metrics::Metrics::new(),
             config,
             store,

@@ -154,7 +154,8 @@ fn run() -> anyhow::Result<()> {
         println!("wrote {} and {}", cert.display(), key.display());
         return Ok(());
     }
-    let config = cli.serve.into_config()?;
+    let mut config = cli.serve.into_config()?;
+    server::fit_file_limit(&mut config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,9 +163,8 @@ fn run() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listen = config.listen;
         let kbs = Kbs::new(config).await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+        let listener =
+            server::listen(listen).with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(addr = %listener.local_addr()?, "coffer-kbs ready");
         server::serve(kbs, listener).await
     })

@@ -11,7 +11,7 @@
 //!   "resource-path": "/<repo>/<type>/<tag>", "repository", "type", "tag"}`; rule `allow`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -51,9 +51,141 @@ pub enum PolicyError {
         /// What failed.
         detail: String,
     },
+    /// The text exceeds a limit, or its compilation its time budget.
+    #[error("{kind} policy refused: {detail}")]
+    TooComplex {
+        /// Which policy.
+        kind: &'static str,
+        /// Which limit.
+        detail: String,
+    },
     /// Loading policies from the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What a policy text may cost before the Rego parser sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyLimits {
+    /// Largest text in bytes.
+    pub max_bytes: usize,
+    /// Deepest nesting of `[`, `{` and `(` outside strings and comments.
+    pub max_nesting: usize,
+    /// Time budget of one compilation (on the blocking pool, never on an async worker).
+    pub compile_timeout: std::time::Duration,
+}
+
+impl PolicyLimits {
+    /// The limits `config` sets.
+    pub fn of(config: &crate::Config) -> Self {
+        Self {
+            max_bytes: config.max_policy_bytes,
+            max_nesting: config.max_policy_nesting,
+            compile_timeout: std::time::Duration::from_millis(config.policy_compile_timeout_ms),
+        }
+    }
+}
+
+impl Default for PolicyLimits {
+    fn default() -> Self {
+        Self::of(&crate::Config::default())
+    }
+}
+
+/// The deepest nesting of `[`, `{` and `(` in a Rego text, outside string literals (`"…"` with
+/// escapes, raw `` `…` ``) and comments (`#` to the end of the line).
+pub fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '`' => {
+                for c in chars.by_ref() {
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            '[' | '{' | '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | '}' | ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Checks `text` against `limits` before any parsing.
+pub fn check_limits(
+    kind: PolicyKind,
+    text: &str,
+    limits: &PolicyLimits,
+) -> Result<(), PolicyError> {
+    let refuse = |detail: String| PolicyError::TooComplex {
+        kind: kind.key(),
+        detail,
+    };
+    if text.len() > limits.max_bytes {
+        return Err(refuse(format!(
+            "{} bytes exceeds max-policy-bytes ({})",
+            text.len(),
+            limits.max_bytes
+        )));
+    }
+    let depth = nesting_depth(text);
+    if depth > limits.max_nesting {
+        return Err(refuse(format!(
+            "brackets nest {depth} deep, more than max-policy-nesting ({})",
+            limits.max_nesting
+        )));
+    }
+    Ok(())
+}
+
+/// Compiles a policy within `limits`: the limits are checked first, then the compilation runs
+/// on the blocking pool with its time budget.
+pub async fn compile(
+    kind: PolicyKind,
+    text: String,
+    data: Value,
+    limits: &PolicyLimits,
+) -> Result<Arc<Compiled>, PolicyError> {
+    check_limits(kind, &text, limits)?;
+    let job = tokio::task::spawn_blocking(move || Compiled::new(kind, &text, data).map(Arc::new));
+    match tokio::time::timeout(limits.compile_timeout, job).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(PolicyError::Invalid {
+            kind: kind.key(),
+            detail: format!("the compilation failed: {e}"),
+        }),
+        Err(_) => Err(PolicyError::TooComplex {
+            kind: kind.key(),
+            detail: format!(
+                "its compilation exceeded {} ms (policy-compile-timeout-ms)",
+                limits.compile_timeout.as_millis()
+            ),
+        }),
+    }
 }
 
 /// A compiled policy with its data, ready to evaluate.
@@ -251,8 +383,10 @@ fn policy_data(kind: PolicyKind, refs: &ReferenceValues) -> Value {
     }
 }
 
-/// Compiles a policy text as it would be used, without storing it (admin validation).
+/// Checks a policy text against the default limits and compiles it with empty reference
+/// values, synchronously (tests and tools; the server uses [`PolicyCache::prepare`]).
 pub fn validate(kind: PolicyKind, text: &str) -> Result<(), PolicyError> {
+    check_limits(kind, text, &PolicyLimits::default())?;
     Compiled::new(kind, text, policy_data(kind, &ReferenceValues::new())).map(|_| ())
 }
 
@@ -265,14 +399,90 @@ pub struct Policies {
     pub attestation: Arc<Compiled>,
 }
 
-/// Compiled policies, rebuilt whenever the store's generation changes (on this replica or any
-/// other sharing the store).
-#[derive(Default)]
+/// The cache key of a policy compiled with its data.
+fn cache_key(kind: PolicyKind, text: &str, data: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(kind.key().as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    h.update([0]);
+    h.update(data.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Compiled policies. The policies in force are looked up again whenever the store's
+/// generation changes (on this replica or any other sharing the store), but a policy is
+/// compiled only when its text or data changed: compiled forms are kept by the digest of kind,
+/// text and data. An admin write compiles its policy on its own request ([`Self::prepare`]), so
+/// the attestations after it find it compiled; a replica that did not take the write compiles
+/// it once, within the limits, off the async workers.
 pub struct PolicyCache {
     current: RwLock<Option<(u64, Policies)>>,
+    compiled: Mutex<HashMap<String, Arc<Compiled>>>,
+    limits: PolicyLimits,
+}
+
+impl Default for PolicyCache {
+    fn default() -> Self {
+        Self::new(PolicyLimits::default())
+    }
 }
 
 impl PolicyCache {
+    /// An empty cache whose compilations keep to `limits`.
+    pub fn new(limits: PolicyLimits) -> Self {
+        Self {
+            current: RwLock::new(None),
+            compiled: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// The limits compilations keep to.
+    pub fn limits(&self) -> &PolicyLimits {
+        &self.limits
+    }
+
+    /// `text` compiled with `data`, from the cache or compiled now.
+    async fn compiled(
+        &self,
+        kind: PolicyKind,
+        text: String,
+        data: Value,
+    ) -> Result<Arc<Compiled>, PolicyError> {
+        let key = cache_key(kind, &text, &data);
+        if let Some(c) = self.lock().get(&key) {
+            return Ok(c.clone());
+        }
+        let c = compile(kind, text, data, &self.limits).await?;
+        let mut map = self.lock();
+        // Forms no generation uses pile up with every policy or reference-value change.
+        if map.len() >= 16 {
+            map.clear();
+        }
+        map.insert(key, c.clone());
+        Ok(c)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Compiled>>> {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Compiles `text` as it would be used with the reference values in `store` now, within
+    /// the limits, and keeps the compiled form for the requests after the write (admin
+    /// validation).
+    pub async fn prepare(
+        &self,
+        kind: PolicyKind,
+        text: &str,
+        store: &Store,
+    ) -> Result<(), PolicyError> {
+        let refs = store.reference_values().await?;
+        self.compiled(kind, text.to_string(), policy_data(kind, &refs))
+            .await
+            .map(|_| ())
+    }
+
     /// The policies in force now.
     pub async fn get(&self, store: &Store) -> Result<Policies, PolicyError> {
         let generation = store.generation().await?;
@@ -288,21 +498,29 @@ impl PolicyCache {
             }
         }
         let refs = store.reference_values().await?;
-        let load = |kind: PolicyKind, text: Option<String>, default: &str| {
-            let text = text.unwrap_or_else(|| default.to_string());
-            Compiled::new(kind, &text, policy_data(kind, &refs)).map(Arc::new)
-        };
+        let resource_text = store
+            .get_policy(PolicyKind::Resource)
+            .await?
+            .unwrap_or_else(|| DEFAULT_RESOURCE_POLICY.to_string());
+        let attestation_text = store
+            .get_policy(PolicyKind::Attestation)
+            .await?
+            .unwrap_or_else(|| DEFAULT_ATTESTATION_POLICY.to_string());
         let policies = Policies {
-            resource: load(
-                PolicyKind::Resource,
-                store.get_policy(PolicyKind::Resource).await?,
-                DEFAULT_RESOURCE_POLICY,
-            )?,
-            attestation: load(
-                PolicyKind::Attestation,
-                store.get_policy(PolicyKind::Attestation).await?,
-                DEFAULT_ATTESTATION_POLICY,
-            )?,
+            resource: self
+                .compiled(
+                    PolicyKind::Resource,
+                    resource_text,
+                    policy_data(PolicyKind::Resource, &refs),
+                )
+                .await?,
+            attestation: self
+                .compiled(
+                    PolicyKind::Attestation,
+                    attestation_text,
+                    policy_data(PolicyKind::Attestation, &refs),
+                )
+                .await?,
         };
         *slot = Some((generation, policies.clone()));
         Ok(policies)

@@ -64,6 +64,7 @@ impl TokenKeys {
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_required_spec_claims(&["exp", "iat"]);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         Ok(Self {
             signer: pair,
@@ -119,10 +120,16 @@ impl TokenKeys {
         format!("sha256:{}", hex::encode(Sha256::digest(payload)))
     }
 
-    /// Verifies a token's signature and lifetime and returns its claims.
+    /// Verifies a token's signature and lifetime (`exp` required and not passed, `nbf` when
+    /// present, `iat` not in the future) and returns its claims.
     pub fn verify(&self, token: &str) -> Result<EarClaims, TokenError> {
-        jsonwebtoken::decode::<EarClaims>(token, &self.decoding, &self.validation)
+        let claims = jsonwebtoken::decode::<EarClaims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| TokenError::Invalid(e.to_string()))
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        // This KBS's own clock dated it: a token from the future was not issued here as it is.
+        if claims.iat > crate::store::now_secs() + self.validation.leeway {
+            return Err(TokenError::Invalid("token `iat` lies in the future".into()));
+        }
+        Ok(claims)
     }
 }

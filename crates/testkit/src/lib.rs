@@ -45,7 +45,7 @@ pub async fn start_kbs(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestKbs {
     };
     tweak(&mut config);
     let kbs = Kbs::new(config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = coffer_kbs::server::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
         let _ = server::serve(kbs, listener).await;

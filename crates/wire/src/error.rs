@@ -35,6 +35,12 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The storage backend failed.
     StorageError,
+    /// The request body ended before its declared length (the client closed or sent less).
+    IncompleteBody,
+    /// The request body did not arrive within the server's body read timeout.
+    RequestTimeout,
+    /// The policy text exceeds a size or nesting limit, or took too long to compile.
+    PolicyTooComplex,
 }
 
 impl ErrorKind {
@@ -53,13 +59,16 @@ impl ErrorKind {
             Self::JweError => "JweError",
             Self::PayloadTooLarge => "PayloadTooLarge",
             Self::StorageError => "StorageError",
+            Self::IncompleteBody => "IncompleteBody",
+            Self::RequestTimeout => "RequestTimeout",
+            Self::PolicyTooComplex => "PolicyTooComplex",
         }
     }
 
     /// The HTTP status code for this kind.
     pub fn http_status(self) -> u16 {
         match self {
-            Self::InvalidRequest => 400,
+            Self::InvalidRequest | Self::IncompleteBody | Self::PolicyTooComplex => 400,
             Self::AttestationError
             | Self::TokenNotFound
             | Self::TokenVerifierError
@@ -67,6 +76,7 @@ impl ErrorKind {
             | Self::JweError => 401,
             Self::PolicyDeny => 403,
             Self::InvalidRequestPath | Self::ResourceNotFound => 404,
+            Self::RequestTimeout => 408,
             Self::PayloadTooLarge => 413,
             Self::PolicyEngineError | Self::StorageError => 500,
         }
@@ -87,7 +97,7 @@ impl ErrorKind {
     }
 }
 
-const ALL: [ErrorKind; 12] = [
+const ALL: [ErrorKind; 15] = [
     ErrorKind::AttestationError,
     ErrorKind::InvalidRequest,
     ErrorKind::InvalidRequestPath,
@@ -100,6 +110,9 @@ const ALL: [ErrorKind; 12] = [
     ErrorKind::JweError,
     ErrorKind::PayloadTooLarge,
     ErrorKind::StorageError,
+    ErrorKind::IncompleteBody,
+    ErrorKind::RequestTimeout,
+    ErrorKind::PolicyTooComplex,
 ];
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ impl TestKbs {
     pub async fn serve(cfg: Config, dir: tempfile::TempDir, admin_private: Vec<u8>) -> Self {
         let scheme = if cfg.insecure_http { "http" } else { "https" };
         let kbs = Kbs::new(cfg).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = server::listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let k = kbs.clone();
         let task = tokio::spawn(async move {
