@@ -22,7 +22,7 @@ pub struct ImageArgs {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Pull an image (docker://REG/REPO:TAG or oci:DIR[:TAG]) into a new root filesystem.
+    /// Pull an image (docker://REG/REPO:TAG or oci:DIR or oci:DIR:TAG) into a new root filesystem.
     Pull(Box<PullArgs>),
     /// Copy an image, encrypting its layers (ocicrypt) for JWE recipients and/or a KBS key.
     Encrypt(EncryptArgs),
@@ -71,9 +71,9 @@ struct SignArgs {
 
 #[derive(Args)]
 struct EncryptArgs {
-    /// Source image (docker://… or oci:DIR[:TAG]).
+    /// Source image (docker://…, oci:DIR or oci:DIR:TAG).
     src: String,
-    /// Destination image (docker://… or oci:DIR[:TAG]).
+    /// Destination image (docker://…, oci:DIR or oci:DIR:TAG).
     dst: String,
     /// Talk to registries over plain HTTP instead of HTTPS.
     #[arg(long)]
@@ -98,7 +98,7 @@ struct EncryptArgs {
 
 #[derive(Args)]
 struct PullArgs {
-    /// The image: docker://REGISTRY/REPOSITORY:TAG (or @sha256:…) or oci:DIRECTORY[:TAG].
+    /// The image: docker://REGISTRY/REPOSITORY:TAG (or @sha256:…) or oci:DIRECTORY or oci:DIRECTORY:TAG.
     image: String,
     /// The root filesystem to create (must not exist, or be empty).
     #[arg(long)]

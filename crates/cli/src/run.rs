@@ -76,7 +76,7 @@ pub struct RunArgs {
     /// Cache of verified image blobs shared by sandboxes [default: STATE_DIR/../image-cache].
     #[arg(long)]
     image_cache: Option<PathBuf>,
-    /// The image: docker://REG/REPO:TAG or oci:DIR[:TAG].
+    /// The image: docker://REG/REPO:TAG or oci:DIR or oci:DIR:TAG.
     image: String,
     /// The command and its arguments [default: the image's].
     #[arg(last = true)]
