@@ -173,17 +173,28 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
     }
 }
 
-/// The image manifest for `platform`, resolving an index; returns (manifest, index digest).
-pub(crate) async fn resolve(
-    source: &Source,
+/// A top-level manifest document as parsed by [`parse_root_manifest`].
+#[derive(Debug)]
+pub enum RootManifest {
+    /// An image manifest.
+    Manifest(Box<OciImageManifest>),
+    /// An image index; the digest of its image manifest for the platform asked for.
+    Index(String),
+}
+
+/// Parses the manifest document a reference resolves to (`digest` names it in errors), exactly
+/// as bytes from a registry or layout: an image index, from which the entry for `platform` is
+/// picked, or an image manifest. Docker schema 1 is refused.
+pub fn parse_root_manifest(
+    bytes: &[u8],
+    digest: &str,
     platform: &Platform,
-) -> Result<(Fetched, OciImageManifest, Option<String>), Error> {
-    let root = source.root_manifest().await?;
-    let kind: Value = serde_json::from_slice(&root.bytes)
-        .map_err(|e| Error::Manifest(format!("manifest {} is not JSON: {e}", root.digest)))?;
+) -> Result<RootManifest, Error> {
+    let kind: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Manifest(format!("manifest {digest} is not JSON: {e}")))?;
     if kind.get("manifests").is_some() {
         let index: OciImageIndex = serde_json::from_value(kind)
-            .map_err(|e| Error::Manifest(format!("image index {}: {e}", root.digest)))?;
+            .map_err(|e| Error::Manifest(format!("image index {digest}: {e}")))?;
         let entry = index
             .manifests
             .iter()
@@ -195,22 +206,67 @@ pub(crate) async fn resolve(
                 })
             })
             .ok_or_else(|| Error::Platform(platform.to_string()))?;
-        let fetched = source.manifest(&entry.digest).await?;
-        let manifest = parse_manifest(&fetched)?;
-        return Ok((fetched, manifest, Some(root.digest)));
+        return Ok(RootManifest::Index(entry.digest.clone()));
     }
     if kind.get("fsLayers").is_some() {
         return Err(Error::Unsupported(
             "Docker image manifest schema 1; push the image again with a current tool".into(),
         ));
     }
-    let manifest = parse_manifest(&root)?;
-    Ok((root, manifest, None))
+    parse_manifest(bytes, digest).map(|m| RootManifest::Manifest(Box::new(m)))
 }
 
-fn parse_manifest(f: &Fetched) -> Result<OciImageManifest, Error> {
-    serde_json::from_slice(&f.bytes)
-        .map_err(|e| Error::Manifest(format!("image manifest {}: {e}", f.digest)))
+/// The image manifest for `platform`, resolving an index; returns (manifest, index digest).
+pub(crate) async fn resolve(
+    source: &Source,
+    platform: &Platform,
+) -> Result<(Fetched, OciImageManifest, Option<String>), Error> {
+    let root = source.root_manifest().await?;
+    match parse_root_manifest(&root.bytes, &root.digest, platform)? {
+        RootManifest::Index(entry) => {
+            let fetched = source.manifest(&entry).await?;
+            let manifest = parse_manifest(&fetched.bytes, &fetched.digest)?;
+            Ok((fetched, manifest, Some(root.digest)))
+        }
+        RootManifest::Manifest(manifest) => Ok((root, *manifest, None)),
+    }
+}
+
+/// Parses an image manifest (`digest` names it in errors).
+pub fn parse_manifest(bytes: &[u8], digest: &str) -> Result<OciImageManifest, Error> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Manifest(format!("image manifest {digest}: {e}")))
+}
+
+/// Parses an image config (`bytes`) for `manifest` and checks them against each other before
+/// any layer is fetched: rootfs type `layers`, one `diff_id` per layer, every layer's media type
+/// supported and every digest a SHA-256 one. Returns the `diff_id`s and the config's `config`
+/// section.
+pub fn check_config(
+    bytes: &[u8],
+    manifest: &OciImageManifest,
+) -> Result<(Vec<String>, Value), Error> {
+    let config: ConfigDoc = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Manifest(format!("image config {}: {e}", manifest.config.digest)))?;
+    if config.rootfs.kind != "layers" {
+        return Err(Error::Manifest(format!(
+            "image config rootfs type is {:?}, not \"layers\"",
+            config.rootfs.kind
+        )));
+    }
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(Error::Manifest(format!(
+            "the manifest has {} layers but the config lists {} diff_ids",
+            manifest.layers.len(),
+            config.rootfs.diff_ids.len()
+        )));
+    }
+    for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+        layer_compression(&layer.media_type)?;
+        digest::sha256_hex(&layer.digest)?;
+        digest::sha256_hex(diff_id)?;
+    }
+    Ok((config.rootfs.diff_ids, config.config))
 }
 
 /// A layer blob on local disk, with what to do with it once applied.
@@ -454,26 +510,7 @@ pub async fn pull(
     };
 
     let config_bytes = source.small_blob(&manifest.config).await?;
-    let config: ConfigDoc = serde_json::from_slice(&config_bytes)
-        .map_err(|e| Error::Manifest(format!("image config {}: {e}", manifest.config.digest)))?;
-    if config.rootfs.kind != "layers" {
-        return Err(Error::Manifest(format!(
-            "image config rootfs type is {:?}, not \"layers\"",
-            config.rootfs.kind
-        )));
-    }
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(Error::Manifest(format!(
-            "the manifest has {} layers but the config lists {} diff_ids",
-            manifest.layers.len(),
-            config.rootfs.diff_ids.len()
-        )));
-    }
-    for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-        layer_compression(&layer.media_type)?;
-        digest::sha256_hex(&layer.digest)?;
-        digest::sha256_hex(diff_id)?;
-    }
+    let (diff_ids, image_config) = check_config(&config_bytes, &manifest)?;
     // Keys for encrypted layers, before any layer is fetched: KBS-held key-encryption keys
     // named by the layers are fetched (after attestation) when a key broker is configured.
     let mut keks = opts.keys.kbs_keks.clone();
@@ -551,10 +588,7 @@ pub async fn pull(
             .await
             .map_err(|e| Error::Registry(format!("layer download task failed: {e}")))??;
         cached_layers += usize::from(blob.from_cache);
-        let (desc, diff_id) = (
-            manifest.layers[i].clone(),
-            config.rootfs.diff_ids[i].clone(),
-        );
+        let (desc, diff_id) = (manifest.layers[i].clone(), diff_ids[i].clone());
         let (root, limits, path) = (staged.clone(), opts.limits, blob.path.clone());
         let key = layer_keys[i].clone();
         let (result, t) = tokio::task::spawn_blocking(move || {
@@ -609,10 +643,73 @@ pub async fn pull(
         manifest_digest: manifest_fetched.digest,
         index_digest,
         config_digest: manifest.config.digest.clone(),
-        config: config.config,
+        config: image_config,
         layers: manifest.layers.len(),
         cached_layers,
         totals,
         policy: decision,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAYER: &str = "sha256:0a63aec1ce927267c6bda844ec602d14c17209ad0a63aec1ce927267c6bda844";
+
+    fn manifest(layers: usize) -> String {
+        let layer = format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{LAYER}","size":1}}"#
+        );
+        format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{LAYER}","size":1}},"layers":[{}]}}"#,
+            vec![layer; layers].join(",")
+        )
+    }
+
+    #[test]
+    fn root_manifests_indexes_pick_the_platform_and_schema_1_is_refused() {
+        let linux = Platform::default();
+        let m = manifest(1);
+        assert!(matches!(
+            parse_root_manifest(m.as_bytes(), "sha256:m", &linux),
+            Ok(RootManifest::Manifest(x)) if x.layers.len() == 1
+        ));
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[
+                {{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:arm","size":1,"platform":{{"architecture":"arm64","os":"linux"}}}},
+                {{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":1,"platform":{{"architecture":"{}","os":"linux"}}}}]}}"#,
+            "ab".repeat(32),
+            linux.architecture
+        );
+        match parse_root_manifest(index.as_bytes(), "sha256:i", &linux).unwrap() {
+            RootManifest::Index(d) => assert_eq!(d, format!("sha256:{}", "ab".repeat(32))),
+            other => panic!("{other:?}"),
+        }
+        let riscv: Platform = "linux/riscv64".parse().unwrap();
+        assert!(matches!(
+            parse_root_manifest(index.as_bytes(), "sha256:i", &riscv),
+            Err(Error::Platform(_))
+        ));
+        assert!(matches!(
+            parse_root_manifest(br#"{"fsLayers":[]}"#, "sha256:s", &linux),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(parse_root_manifest(b"[", "sha256:x", &linux).is_err());
+    }
+
+    #[test]
+    fn configs_must_match_their_manifest() {
+        let m = parse_manifest(manifest(2).as_bytes(), "sha256:m").unwrap();
+        let config = |ids: &[&str]| {
+            serde_json::json!({"rootfs": {"type": "layers", "diff_ids": ids}, "config": {"Cmd": ["sh"]}})
+                .to_string()
+        };
+        let (ids, cfg) = check_config(config(&[LAYER, LAYER]).as_bytes(), &m).unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(cfg["Cmd"][0], "sh");
+        assert!(check_config(config(&[LAYER]).as_bytes(), &m).is_err());
+        assert!(check_config(config(&[LAYER, "md5:00"]).as_bytes(), &m).is_err());
+        assert!(check_config(br#"{"rootfs":{"type":"other","diff_ids":[]}}"#, &m).is_err());
+    }
 }
