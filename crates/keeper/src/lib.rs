@@ -18,6 +18,7 @@ pub mod dir;
 pub mod egress;
 mod error;
 pub mod launch;
+mod lifetime;
 pub mod process;
 pub mod run;
 pub mod vm;

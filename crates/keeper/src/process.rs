@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use crate::{
     cgroup::cgroup_parent,
     egress::forward,
-    run::{die_with_keeper, owner_gone},
+    lifetime::{die_with_keeper, owner_gone},
     KeeperArgs, SandboxDir,
 };
 

@@ -19,7 +19,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::{
     egress::forward,
-    run::{die_with_keeper, owner_gone},
+    lifetime::{die_with_keeper, owner_gone},
     KeeperArgs,
 };
 use coffer_fsutil::last_line;
