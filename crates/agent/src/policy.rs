@@ -86,6 +86,20 @@ struct Compiled {
 
 impl Compiled {
     fn new(text: &str) -> Result<Self, PolicyError> {
+        use coffer_wire::rego::{nesting_depth, MAX_BYTES, MAX_NESTING};
+        // Before the parser, whose time grows exponentially with nesting.
+        if text.len() > MAX_BYTES {
+            return Err(PolicyError::Invalid(format!(
+                "{} bytes, more than the {MAX_BYTES} an agent policy may have",
+                text.len()
+            )));
+        }
+        let depth = nesting_depth(text);
+        if depth > MAX_NESTING {
+            return Err(PolicyError::Invalid(format!(
+                "brackets nest {depth} deep, more than the {MAX_NESTING} an agent policy may"
+            )));
+        }
         let mut engine = Engine::new();
         let package = engine
             .add_policy("policy.rego".into(), text.to_string())
@@ -285,5 +299,19 @@ default GetGuestDetailsRequest := true
             "package agent_policy\nExecProcessRequest := \"yes\"\n",
         ));
         assert!(odd.check("ExecProcessRequest", &json!({})).is_err());
+    }
+
+    #[test]
+    fn a_policy_bomb_is_refused_before_the_parser() {
+        let bomb = format!("package agent_policy\nx := {}", "[".repeat(30));
+        let err = AgentPolicy::new(Some(&bomb), Arc::new(MemoryAudit::default()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("nest 30 deep"), "{err}");
+        let (p, _) = policy(None);
+        assert!(p.set(&bomb).is_err(), "SetPolicy takes the same check");
+        let huge = format!("package agent_policy\n# {}\n", "x".repeat(300 << 10));
+        assert!(AgentPolicy::new(Some(&huge), Arc::new(MemoryAudit::default())).is_err());
     }
 }

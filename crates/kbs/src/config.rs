@@ -23,12 +23,12 @@ pub const DEFAULT_IDLE_TIMEOUT: u64 = 60;
 /// Default bound on open client connections (lowered to fit the process's file limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default largest policy text (bytes).
-pub const DEFAULT_MAX_POLICY_BYTES: usize = 256 << 10;
+pub const DEFAULT_MAX_POLICY_BYTES: usize = coffer_wire::rego::MAX_BYTES;
 /// Default deepest bracket nesting (`[`, `{`, `(`) in a policy text. The Rego parser's time
 /// grows exponentially with unclosed nesting; at this depth a worst-case text still compiles
 /// in milliseconds (depth 10: about 40 ms in a debug build, each level more about 5 times
 /// that), and real policies nest far less.
-pub const DEFAULT_MAX_POLICY_NESTING: usize = 10;
+pub const DEFAULT_MAX_POLICY_NESTING: usize = coffer_wire::rego::MAX_NESTING;
 /// Default time budget of one policy compilation (milliseconds).
 pub const DEFAULT_POLICY_COMPILE_TIMEOUT_MS: u64 = 2000;
 

@@ -92,49 +92,6 @@ impl Default for PolicyLimits {
     }
 }
 
-/// The deepest nesting of `[`, `{` and `(` in a Rego text, outside string literals (`"…"` with
-/// escapes, raw `` `…` ``) and comments (`#` to the end of the line).
-pub fn nesting_depth(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '#' => {
-                for c in chars.by_ref() {
-                    if c == '\n' {
-                        break;
-                    }
-                }
-            }
-            '"' => {
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\\' => {
-                            chars.next();
-                        }
-                        '"' => break,
-                        _ => {}
-                    }
-                }
-            }
-            '`' => {
-                for c in chars.by_ref() {
-                    if c == '`' {
-                        break;
-                    }
-                }
-            }
-            '[' | '{' | '(' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            ']' | '}' | ')' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    deepest
-}
-
 /// Checks `text` against `limits` before any parsing.
 pub fn check_limits(
     kind: PolicyKind,
@@ -152,7 +109,7 @@ pub fn check_limits(
             limits.max_bytes
         )));
     }
-    let depth = nesting_depth(text);
+    let depth = coffer_wire::rego::nesting_depth(text);
     if depth > limits.max_nesting {
         return Err(refuse(format!(
             "brackets nest {depth} deep, more than max-policy-nesting ({})",

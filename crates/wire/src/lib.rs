@@ -14,6 +14,7 @@ pub mod ear;
 pub mod error;
 pub mod initdata;
 pub mod reference;
+pub mod rego;
 pub mod sample;
 pub mod sealed;
 
