@@ -133,3 +133,36 @@ impl TokenKeys {
         Ok(claims)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coffer_wire::ear::VerifierId;
+
+    fn claims(iat: u64, exp: u64) -> EarClaims {
+        EarClaims {
+            eat_profile: coffer_wire::ear::EAR_PROFILE.into(),
+            iat,
+            exp,
+            verifier_id: VerifierId {
+                developer: "test".into(),
+                build: "0".into(),
+            },
+            tee: "sample".into(),
+            submods: Default::default(),
+        }
+    }
+
+    #[test]
+    fn tokens_dated_ahead_or_expired_are_refused() {
+        let keys = TokenKeys::from_pkcs8(&generate_pkcs8()).unwrap();
+        let now = crate::store::now_secs();
+        keys.verify(&keys.issue(&claims(now, now + 300)).unwrap())
+            .unwrap();
+        let ahead = keys.issue(&claims(now + 3600, now + 3900)).unwrap();
+        let err = keys.verify(&ahead).unwrap_err().to_string();
+        assert!(err.contains("`iat`"), "{err}");
+        let expired = keys.issue(&claims(now - 600, now - 300)).unwrap();
+        assert!(keys.verify(&expired).is_err());
+    }
+}
