@@ -262,6 +262,13 @@ async fn soak(length: Duration, rate: u64) {
         .map(|(_, v)| *v)
         .sum();
     println!("5xx answers: {fives}");
+    let minutes: Vec<String> = rss
+        .iter()
+        .skip(59)
+        .step_by(60)
+        .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+        .collect();
+    println!("server RSS each minute (MiB): {}", minutes.join(" "));
     let warm = rss.get(5).or(rss.first()).copied().unwrap_or(0);
     println!(
         "server RSS: {:.1} MiB after 5 s, peak {:.1} MiB, end {:.1} MiB",

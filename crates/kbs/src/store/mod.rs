@@ -177,13 +177,20 @@ impl Store {
 pub(crate) struct MemorySessions {
     map: Mutex<HashMap<String, Session>>,
     limit: usize,
+    /// When expired sessions are next swept out (seconds since the epoch).
+    next_sweep: std::sync::atomic::AtomicU64,
 }
+
+/// How often the in-memory sessions are swept of expired ones, so that memory follows the live
+/// sessions (rate × lifetime) instead of growing to `max-sessions`.
+const SWEEP_EVERY: u64 = 10;
 
 impl MemorySessions {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             limit,
+            next_sweep: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -192,9 +199,14 @@ impl MemorySessions {
     }
 
     pub(crate) fn insert(&self, id: &str, session: &Session) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
         let mut map = self.lock();
+        let now = now_secs();
+        if now >= self.next_sweep.load(Ordering::Relaxed) {
+            self.next_sweep.store(now + SWEEP_EVERY, Ordering::Relaxed);
+            map.retain(|_, s| s.expires_at > now);
+        }
         if map.len() >= self.limit {
-            let now = now_secs();
             map.retain(|_, s| s.expires_at > now);
             if map.len() >= self.limit {
                 return Err(StoreError::Full);
@@ -240,4 +252,35 @@ pub(crate) fn decode_refs(raw: Vec<(String, Vec<u8>)>) -> Result<ReferenceValues
             Ok((k, list))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(expires_at: u64) -> Session {
+        Session {
+            tee: Tee::Sample,
+            nonce: "n".into(),
+            nonce_used: false,
+            expires_at,
+            token: None,
+        }
+    }
+
+    #[test]
+    fn expired_sessions_are_swept_before_the_bound_is_reached() {
+        let s = MemorySessions::new(1000);
+        let now = now_secs();
+        for i in 0..100 {
+            s.insert(&format!("old{i}"), &session(now - 1)).unwrap();
+        }
+        // The first insert swept (nothing had expired then); the next sweep is due later.
+        assert_eq!(s.lock().len(), 100);
+        s.next_sweep
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        s.insert("live", &session(now + 300)).unwrap();
+        assert_eq!(s.lock().len(), 1, "expired sessions stayed in memory");
+        assert!(s.get("live").is_some());
+    }
 }
