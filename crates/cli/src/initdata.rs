@@ -92,7 +92,12 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
             }
             let policy_text = match &policy {
                 Some(p) => read(p)?,
-                None => coffer_agent::policy::DEFAULT_POLICY.to_string(),
+                None => {
+                    eprintln!(
+                        "coffer: no --policy: the built-in development policy lets whoever runs the node create any container in this sandbox (any image, command, environment or mount), with the keys the KBS releases to it; give the workload's own policy with --policy"
+                    );
+                    coffer_agent::policy::DEFAULT_POLICY.to_string()
+                }
             };
             // Refuse a policy the agent would refuse at start.
             coffer_agent::policy::AgentPolicy::new(

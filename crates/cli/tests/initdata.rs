@@ -17,6 +17,11 @@ fn new_initdata_parses_names_the_kbs_and_digests_as_sha384_of_its_bytes() {
         "kbs:///default/image-keys/app",
     ]);
     assert!(ok, "{stderr}");
+    // Without a policy of its own, the sandbox runs whatever the node asks: said plainly.
+    assert!(
+        stderr.contains("no --policy") && stderr.contains("any container"),
+        "{stderr}"
+    );
     let parsed = coffer_wire::initdata::Initdata::parse(&text).unwrap();
     assert!(parsed.data["aa.toml"].contains("http://127.0.0.1:8080"));
     assert!(parsed.data["cdh.toml"].contains("kbs:///default/image-keys/app"));
