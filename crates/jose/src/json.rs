@@ -423,16 +423,7 @@ mod tests {
     // Keys made with openssl (genrsa / ecparam -genkey), public halves with -pubout.
     fn keypair(kind: &str) -> (RecipientKey, RecipientPublicKey) {
         let dir = tempdir();
-        let run = |args: &[&str]| {
-            let ok = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "openssl {args:?}");
-        };
+        let run = |args: &[&str]| openssl(&dir, args);
         match kind {
             "rsa" => {
                 run(&["genrsa", "-traditional", "-out", "k.pem", "2048"]);
@@ -451,6 +442,18 @@ mod tests {
         (k, p)
     }
 
+    /// Runs `openssl ARGS` in `dir`, which must succeed.
+    fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl {args:?}");
+    }
+
     fn tempdir() -> std::path::PathBuf {
         let mut r = [0u8; 8];
         SystemRandom::new().fill(&mut r).unwrap();
@@ -467,14 +470,7 @@ mod tests {
     fn tee_key_pair_from_pem_decrypts_what_its_jwk_receives() {
         let dir = tempdir();
         let gen = |args: &[&str]| {
-            let ok = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "openssl {args:?}");
+            openssl(&dir, args);
             std::fs::read(dir.join("k.pem")).unwrap()
         };
         let pems = [
