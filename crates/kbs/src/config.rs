@@ -237,5 +237,27 @@ audit-log = "/var/log/kbs-audit.jsonl"
             ..Config::default()
         };
         assert!(half.validate().is_err());
+        // A zero timeout would keep stalled clients forever or refuse everyone.
+        let zero = Config {
+            insecure_http: true,
+            header_read_timeout_secs: 0,
+            ..Config::default()
+        };
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("header-read-timeout-secs"), "{err}");
+        let limits: Config = toml::from_str(
+            "insecure-http = true\nheader-read-timeout-secs = 5\nbody-read-timeout-secs = 6\ntls-handshake-timeout-secs = 7\nidle-timeout-secs = 8\nmax-connections = 9\nmax-policy-bytes = 10\nmax-policy-nesting = 11\npolicy-compile-timeout-ms = 12\n",
+        )
+        .unwrap();
+        limits.validate().unwrap();
+        assert_eq!(
+            (
+                limits.header_read_timeout_secs,
+                limits.idle_timeout_secs,
+                limits.max_connections,
+                limits.max_policy_nesting
+            ),
+            (5, 8, 9, 11)
+        );
     }
 }
