@@ -15,6 +15,11 @@ pub struct Metrics {
     pub releases: IntCounterVec,
     /// Request latency by endpoint.
     pub latency: HistogramVec,
+    /// Client connections by event: `accepted`, `evicted` (closed at the bound to admit a new
+    /// one), `refused` (at the bound with every connection busy), `tls_timeout`.
+    pub connections: IntCounterVec,
+    /// Client connections open now.
+    pub open_connections: IntGauge,
     /// Resident set size of this process, refreshed at each scrape.
     rss: IntGauge,
 }
@@ -68,7 +73,20 @@ impl Metrics {
             &["endpoint"],
         )
         .expect("valid metric");
-        for c in [&requests, &attestations, &releases] {
+        let connections = IntCounterVec::new(
+            Opts::new(
+                "kbs_connections_total",
+                "Client connections by event (accepted, evicted, refused, tls_timeout)",
+            ),
+            &["event"],
+        )
+        .expect("valid metric");
+        let open_connections = IntGauge::new("kbs_open_connections", "Client connections open now")
+            .expect("valid metric");
+        registry
+            .register(Box::new(open_connections.clone()))
+            .expect("unique metric");
+        for c in [&requests, &attestations, &releases, &connections] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -90,6 +108,8 @@ impl Metrics {
             attestations,
             releases,
             latency,
+            connections,
+            open_connections,
             rss,
         }
     }

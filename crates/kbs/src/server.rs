@@ -163,6 +163,8 @@ impl ConnState {
 /// flight: a silent client, one stuck in its header, a kept-alive one) is closed to make room.
 struct Connections {
     open: Mutex<HashMap<u64, Arc<ConnState>>>,
+    events: prometheus::IntCounterVec,
+    gauge: prometheus::IntGauge,
     next: AtomicU64,
     max: usize,
     epoch: Instant,
@@ -179,18 +181,18 @@ struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.table
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.remove(&self.id);
+        self.table.gauge.set(open.len() as i64);
     }
 }
 
 impl Connections {
-    fn new(max: usize) -> Arc<Self> {
+    fn new(max: usize, metrics: &crate::metrics::Metrics) -> Arc<Self> {
         Arc::new(Self {
             open: Mutex::new(HashMap::new()),
+            events: metrics.connections.clone(),
+            gauge: metrics.open_connections.clone(),
             next: AtomicU64::new(0),
             max,
             epoch: Instant::now(),
@@ -209,10 +211,15 @@ impl Connections {
                 .max_by_key(|(_, c)| c.idle_for())
                 .map(|(id, c)| (*id, c.clone()));
             self.log_bound(victim.is_some());
-            let (id, c) = victim?;
+            let Some((id, c)) = victim else {
+                self.events.with_label_values(&["refused"]).inc();
+                return None;
+            };
             open.remove(&id);
             c.evict.notify_one();
+            self.events.with_label_values(&["evicted"]).inc();
         }
+        self.events.with_label_values(&["accepted"]).inc();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState {
             last_active: AtomicU64::new(0),
@@ -221,6 +228,7 @@ impl Connections {
             epoch: Instant::now(),
         });
         open.insert(id, state.clone());
+        self.gauge.set(open.len() as i64);
         Some(Admitted {
             id,
             state,
@@ -378,7 +386,7 @@ pub async fn serve(kbs: Arc<Kbs>, listener: TcpListener) -> anyhow::Result<()> {
         }
         Some(_) => tracing::info!(%addr, ?limits, "serving HTTPS"),
     }
-    let table = Connections::new(limits.max_connections);
+    let table = Connections::new(limits.max_connections, &kbs.metrics);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -396,6 +404,7 @@ pub async fn serve(kbs: Arc<Kbs>, listener: TcpListener) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
+        let tls_timeouts = kbs.metrics.connections.with_label_values(&["tls_timeout"]);
         tokio::spawn(async move {
             match tls {
                 None => serve_connection(tcp, app, limits, place).await,
@@ -412,6 +421,7 @@ pub async fn serve(kbs: Arc<Kbs>, listener: TcpListener) -> anyhow::Result<()> {
                             }
                             Err(_) => {
                                 tracing::debug!(%peer, "TLS handshake timed out");
+                                tls_timeouts.inc();
                                 return;
                             }
                         },

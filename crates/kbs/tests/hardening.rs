@@ -161,6 +161,22 @@ async fn at_the_connection_bound_the_longest_idle_connection_makes_room() {
         .filter_map(|s| closed_within(s, Duration::from_millis(50)))
         .count();
     assert!(closed >= 1, "no stalled connection was closed");
+    // Operators see it in the metrics.
+    let metrics = client
+        .get(format!("{}/metrics", kbs.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let evicted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kbs_connections_total{event=\"evicted\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eviction count in:\n{metrics}"));
+    assert!(evicted >= 1, "{metrics}");
+    assert!(metrics.contains("kbs_open_connections "), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
