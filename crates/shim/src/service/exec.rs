@@ -14,7 +14,7 @@ use containerd_shim::{
 
 use super::{
     process::Process,
-    rpc::{agent_error, timestamp},
+    rpc::{bounded, timestamp, QUICK_CALL},
     spec::exec_spec,
     Service,
 };
@@ -82,17 +82,20 @@ impl Service {
             )));
         }
         let mut c = p.sandbox.client.clone();
-        c.exec_process(ExecProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            args: p.args.clone(),
-            env: p.env.clone(),
-            tty: p.terminal,
-            stdin: !p.stdin.is_empty(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| agent_error(&format!("exec {exec_id} in container {id}"), e))?;
+        bounded(
+            &format!("exec {exec_id} in container {id}"),
+            QUICK_CALL,
+            c.exec_process(ExecProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                args: p.args.clone(),
+                env: p.env.clone(),
+                tty: p.terminal,
+                stdin: !p.stdin.is_empty(),
+                ..Default::default()
+            }),
+        )
+        .await?;
         p.mark_started();
         let me = self.clone();
         let p2 = p.clone();

@@ -6,7 +6,10 @@ use containerd_shim::protos::{
     protobuf::{well_known_types::any::Any, Message},
 };
 
-use super::{rpc::agent_error, Service};
+use super::{
+    rpc::{bounded, QUICK_CALL},
+    Service,
+};
 use crate::ShimError;
 
 impl Service {
@@ -15,13 +18,14 @@ impl Service {
         let mut metrics = Metrics::new();
         if !t.is_sandbox {
             let mut c = t.sandbox().client.clone();
-            let s = c
-                .stats_container(StatsContainerRequest {
+            let s = bounded(
+                &format!("stats of container {id}"),
+                QUICK_CALL,
+                c.stats_container(StatsContainerRequest {
                     container_id: id.into(),
-                })
-                .await
-                .map_err(|e| agent_error(&format!("stats of container {id}"), e))?
-                .into_inner();
+                }),
+            )
+            .await?;
             metrics.memory = Some(MemoryStat {
                 usage: Some(MemoryEntry {
                     usage: s.memory_bytes,

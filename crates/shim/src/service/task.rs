@@ -16,7 +16,7 @@ use containerd_shim::{
 
 use super::{
     process::{Process, TaskEntry},
-    rpc::{agent_error, timestamp},
+    rpc::{bounded, timestamp, CREATE_CALL, QUICK_CALL},
     spec::{read_spec, Spec},
     Service,
 };
@@ -101,8 +101,10 @@ impl Service {
         };
         if let Some(image) = &image {
             let mut c = sandbox.client.clone();
-            let created = c
-                .create_container(CreateContainerRequest {
+            let created = bounded(
+                &format!("creating container {}", req.id),
+                CREATE_CALL,
+                c.create_container(CreateContainerRequest {
                     container_id: req.id.clone(),
                     image: agent_image(image),
                     args: spec.args.clone(),
@@ -112,9 +114,9 @@ impl Service {
                     tty: req.terminal,
                     stdin: !req.stdin.is_empty(),
                     memory_limit_bytes: spec.memory_limit,
-                })
-                .await
-                .map_err(|e| agent_error(&format!("creating container {}", req.id), e));
+                }),
+            )
+            .await;
             if let Err(e) = created {
                 if owns_sandbox {
                     sandbox.destroy().await;
@@ -176,11 +178,14 @@ impl Service {
             t.init.mark_started();
         } else {
             let mut c = t.sandbox().client.clone();
-            c.start_container(StartContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .map_err(|e| agent_error(&format!("starting container {id}"), e))?;
+            bounded(
+                &format!("starting container {id}"),
+                QUICK_CALL,
+                c.start_container(StartContainerRequest {
+                    container_id: id.into(),
+                }),
+            )
+            .await?;
             t.init.mark_started();
             let me = self.clone();
             let t2 = t.clone();
@@ -227,13 +232,16 @@ impl Service {
             return Ok(());
         }
         let mut c = t.sandbox().client.clone();
-        c.signal_process(SignalProcessRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            signal: req.signal,
-        })
-        .await
-        .map_err(|e| agent_error(&format!("signalling {}", p.event_id()), e))?;
+        bounded(
+            &format!("signalling {}", p.event_id()),
+            QUICK_CALL,
+            c.signal_process(SignalProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                signal: req.signal,
+            }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -246,11 +254,14 @@ impl Service {
         } else {
             if t.sandbox().alive() {
                 let mut c = t.sandbox().client.clone();
-                let _ = c
-                    .remove_container(RemoveContainerRequest {
+                let _ = bounded(
+                    &format!("removing container {id}"),
+                    QUICK_CALL,
+                    c.remove_container(RemoveContainerRequest {
                         container_id: id.into(),
-                    })
-                    .await;
+                    }),
+                )
+                .await;
             }
             if t.owns_sandbox {
                 t.sandbox().destroy().await;
