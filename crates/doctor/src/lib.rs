@@ -160,7 +160,7 @@ pub async fn run(host: &Host, o: &Options) -> Vec<Check> {
     let mut out = vec![kernel(host), user(host)];
     out.extend(process_sandbox(host).await);
     let qemu = host.which(coffer_keeper::vm::QEMU);
-    out.extend(qemu_checks(host, qemu.as_deref()).await);
+    out.extend(qemu_checks(qemu.as_deref()).await);
     out.push(kvm(host, qemu.as_deref(), &o.scratch).await);
     out.push(tee_host(host));
     out.push(tee_guest(host));
@@ -179,8 +179,8 @@ pub async fn run(host: &Host, o: &Options) -> Vec<Check> {
     out
 }
 
-/// The first line `program args` prints (stdout, else stderr), within [`COMMAND_WAIT`].
-async fn first_line(program: &Path, args: &[&str]) -> Result<String, String> {
+/// What `program args` prints (stdout, else stderr), within [`COMMAND_WAIT`].
+async fn printed(program: &Path, args: &[&str]) -> Result<String, String> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -195,14 +195,15 @@ async fn first_line(program: &Path, args: &[&str]) -> Result<String, String> {
             } else {
                 o.stdout
             };
-            Ok(String::from_utf8_lossy(&text)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string())
+            Ok(String::from_utf8_lossy(&text).into_owned())
         }
     }
+}
+
+/// The first line `program args` prints (stdout, else stderr), within [`COMMAND_WAIT`].
+async fn first_line(program: &Path, args: &[&str]) -> Result<String, String> {
+    let text = printed(program, args).await?;
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
 fn kernel(host: &Host) -> Check {
@@ -277,7 +278,7 @@ async fn process_sandbox(host: &Host) -> Vec<Check> {
 /// The confidential-guest objects QEMU can create, from `-object help`.
 const CVM_OBJECTS: [&str; 3] = ["sev-guest", "sev-snp-guest", "tdx-guest"];
 
-async fn qemu_checks(_host: &Host, qemu: Option<&Path>) -> Vec<Check> {
+async fn qemu_checks(qemu: Option<&Path>) -> Vec<Check> {
     let Some(qemu) = qemu else {
         return vec![fixable(
             "qemu",
@@ -305,24 +306,12 @@ async fn qemu_checks(_host: &Host, qemu: Option<&Path>) -> Vec<Check> {
         Status::Ok,
         format!("{version} ({}): pod VMs can start", qemu.display()),
     )];
-    let objects = tokio::time::timeout(
-        COMMAND_WAIT,
-        tokio::process::Command::new(qemu)
-            .args(["-object", "help"])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await;
-    let listed: Vec<&str> = match &objects {
-        Ok(Ok(o)) => {
-            let text = String::from_utf8_lossy(&o.stdout);
-            CVM_OBJECTS
-                .into_iter()
-                .filter(|name| text.lines().any(|l| l.trim() == *name))
-                .collect()
-        }
-        _ => Vec::new(),
+    let listed: Vec<&str> = match printed(qemu, &["-object", "help"]).await {
+        Ok(text) => CVM_OBJECTS
+            .into_iter()
+            .filter(|name| text.lines().any(|l| l.trim() == *name))
+            .collect(),
+        Err(_) => Vec::new(),
     };
     let snp_or_tdx = listed.iter().any(|o| *o != "sev-guest");
     out.push(if snp_or_tdx {

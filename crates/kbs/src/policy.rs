@@ -340,13 +340,6 @@ fn policy_data(kind: PolicyKind, refs: &ReferenceValues) -> Value {
     }
 }
 
-/// Checks a policy text against the default limits and compiles it with empty reference
-/// values, synchronously (tests and tools; the server uses [`PolicyCache::prepare`]).
-pub fn validate(kind: PolicyKind, text: &str) -> Result<(), PolicyError> {
-    check_limits(kind, text, &PolicyLimits::default())?;
-    Compiled::new(kind, text, policy_data(kind, &ReferenceValues::new())).map(|_| ())
-}
-
 /// The compiled policies of one store generation.
 #[derive(Clone)]
 pub struct Policies {
@@ -393,11 +386,6 @@ impl PolicyCache {
             compiled: Mutex::new(HashMap::new()),
             limits,
         }
-    }
-
-    /// The limits compilations keep to.
-    pub fn limits(&self) -> &PolicyLimits {
-        &self.limits
     }
 
     /// `text` compiled with `data`, from the cache or compiled now.
@@ -487,6 +475,13 @@ impl PolicyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checks a policy text against the default limits and compiles it with empty reference
+    /// values, synchronously (the server uses [`PolicyCache::prepare`]).
+    fn validate(kind: PolicyKind, text: &str) -> Result<(), PolicyError> {
+        check_limits(kind, text, &PolicyLimits::default())?;
+        Compiled::new(kind, text, policy_data(kind, &ReferenceValues::new())).map(|_| ())
+    }
 
     fn attest(refs: Value, input: Value) -> Appraisal {
         let refs: ReferenceValues = serde_json::from_value(refs).unwrap();

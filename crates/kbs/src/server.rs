@@ -163,7 +163,10 @@ impl ConnState {
 /// flight: a silent client, one stuck in its header, a kept-alive one) is closed to make room.
 struct Connections {
     open: Mutex<HashMap<u64, Arc<ConnState>>>,
-    events: prometheus::IntCounterVec,
+    /// `kbs_connections_total` by event, resolved once rather than per connection.
+    accepted: prometheus::IntCounter,
+    evicted: prometheus::IntCounter,
+    refused: prometheus::IntCounter,
     gauge: prometheus::IntGauge,
     next: AtomicU64,
     max: usize,
@@ -191,7 +194,9 @@ impl Connections {
     fn new(max: usize, metrics: &crate::metrics::Metrics) -> Arc<Self> {
         Arc::new(Self {
             open: Mutex::new(HashMap::new()),
-            events: metrics.connections.clone(),
+            accepted: metrics.connections.with_label_values(&["accepted"]),
+            evicted: metrics.connections.with_label_values(&["evicted"]),
+            refused: metrics.connections.with_label_values(&["refused"]),
             gauge: metrics.open_connections.clone(),
             next: AtomicU64::new(0),
             max,
@@ -212,14 +217,14 @@ impl Connections {
                 .map(|(id, c)| (*id, c.clone()));
             self.log_bound(victim.is_some());
             let Some((id, c)) = victim else {
-                self.events.with_label_values(&["refused"]).inc();
+                self.refused.inc();
                 return None;
             };
             open.remove(&id);
             c.evict.notify_one();
-            self.events.with_label_values(&["evicted"]).inc();
+            self.evicted.inc();
         }
-        self.events.with_label_values(&["accepted"]).inc();
+        self.accepted.inc();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState {
             last_active: AtomicU64::new(0),
@@ -387,6 +392,7 @@ pub async fn serve(kbs: Arc<Kbs>, listener: TcpListener) -> anyhow::Result<()> {
         Some(_) => tracing::info!(%addr, ?limits, "serving HTTPS"),
     }
     let table = Connections::new(limits.max_connections, &kbs.metrics);
+    let tls_timeouts = kbs.metrics.connections.with_label_values(&["tls_timeout"]);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -404,7 +410,7 @@ pub async fn serve(kbs: Arc<Kbs>, listener: TcpListener) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
-        let tls_timeouts = kbs.metrics.connections.with_label_values(&["tls_timeout"]);
+        let tls_timeouts = tls_timeouts.clone();
         tokio::spawn(async move {
             match tls {
                 None => serve_connection(tcp, app, limits, place).await,
