@@ -88,12 +88,59 @@ impl AgentService {
     }
 
     fn check<T: serde::Serialize>(&self, name: &str, req: &T) -> Result<(), Status> {
-        let input = serde_json::to_value(req)
+        self.check_then(name, req, None).map(|_| ())
+    }
+
+    /// The policy gate: `req` as the policy's `input`, with what the agent itself knows added
+    /// (see [`Self::facts`]); on an allow, the string value of rule `then`.
+    fn check_then<T: serde::Serialize>(
+        &self,
+        name: &str,
+        req: &T,
+        then: Option<&str>,
+    ) -> Result<Option<String>, Status> {
+        let mut input = serde_json::to_value(req)
             .map_err(|e| Status::internal(format!("cannot encode {name}: {e}")))?;
-        self.policy.check(name, &input).map_err(|e| match e {
-            PolicyError::Denied(_) => Status::permission_denied(e.to_string()),
-            PolicyError::Invalid(_) => Status::internal(e.to_string()),
-        })
+        self.facts(name, &mut input);
+        self.policy
+            .check_then(name, &input, then)
+            .map_err(|e| match e {
+                PolicyError::Denied(_) => Status::permission_denied(e.to_string()),
+                PolicyError::Invalid(_) => Status::internal(e.to_string()),
+            })
+    }
+
+    /// Adds to a request's policy input what the agent knows rather than what the node
+    /// claims: for CreateContainer, the image reference as parsed (`image_ref`: registry,
+    /// repository, tag, digest; null when not a registry image); for a request naming an
+    /// existing container, that container (`container`: its name in the pod, stdin, tty).
+    fn facts(&self, name: &str, input: &mut serde_json::Value) {
+        let Some(obj) = input.as_object_mut() else {
+            return;
+        };
+        if name == "CreateContainerRequest" {
+            let image_ref = obj
+                .get("image")
+                .and_then(|i| i.as_str())
+                .and_then(|i| coffer_image::reference::ImageRef::parse(i).ok())
+                .and_then(|r| match r {
+                    coffer_image::reference::ImageRef::Docker(r) => Some(serde_json::json!({
+                        "registry": r.resolve_registry(),
+                        "repository": r.repository(),
+                        // A reference without tag or digest means `latest`.
+                        "tag": if r.digest().is_some() { None } else { Some(r.tag().unwrap_or("latest")) },
+                        "digest": r.digest(),
+                    })),
+                    _ => None,
+                });
+            obj.insert("image_ref".into(), image_ref.unwrap_or_default());
+        } else if let Some(container) = obj
+            .get("container_id")
+            .and_then(|c| c.as_str())
+            .and_then(|id| self.containers.describe(id))
+        {
+            obj.insert("container".into(), container);
+        }
     }
 }
 
@@ -236,8 +283,12 @@ agent_impl! {
         &self,
         r: Request<CreateContainerRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.check("CreateContainerRequest", r.get_ref())?;
-        self.containers.create(r.get_ref()).await.map_err(status)?;
+        // The policy may pin the image: the agent then pulls that digest, not what the node named.
+        let pinned = self.check_then("CreateContainerRequest", r.get_ref(), Some("pull_image"))?;
+        self.containers
+            .create_pinned(r.get_ref(), pinned.as_deref())
+            .await
+            .map_err(status)?;
         Ok(Response::new(Empty {}))
     }
 

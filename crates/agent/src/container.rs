@@ -25,7 +25,9 @@ use tokio::sync::watch;
 pub use pull::KbsKeys;
 use runtime::Process;
 pub use runtime::Stats;
-pub use spec::{resolve_user, spec, DEFAULT_CAPABILITIES, DENIED_SYSCALLS};
+pub use spec::{
+    check_capabilities, resolve_user, spec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES, DENIED_SYSCALLS,
+};
 pub use stdio::Chunk;
 
 use crate::proto::CreateContainerRequest;
@@ -77,6 +79,8 @@ struct Container {
     /// The init process has a terminal.
     tty: bool,
     image: String,
+    /// The container's name in its pod (the CRI annotation), else its id.
+    name: String,
     created: i64,
     /// The init process once started.
     init: Option<Arc<Process>>,
@@ -93,6 +97,9 @@ pub struct Containers {
     map: Mutex<HashMap<String, Container>>,
     changed: watch::Sender<u64>,
 }
+
+/// The CRI annotation naming a container within its pod.
+pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
 /// Whether `id` is a usable container (or exec, or sandbox) name: 1-64 ASCII letters, digits,
 /// `-` or `_` (it becomes a path component and a cgroup name).
@@ -187,12 +194,34 @@ impl Containers {
 
     /// Pulls the image and writes the bundle.
     pub async fn create(&self, req: &CreateContainerRequest) -> Result<()> {
+        self.create_pinned(req, None).await
+    }
+
+    /// [`Self::create`], pulling `pinned` (a `docker://…@sha256:…` reference the policy gave
+    /// for this request) instead of the image the request names; the pull must yield that
+    /// digest.
+    pub async fn create_pinned(
+        &self,
+        req: &CreateContainerRequest,
+        pinned: Option<&str>,
+    ) -> Result<()> {
         let id = req.container_id.as_str();
         valid_id(id)?;
         if self.lock().contains_key(id) {
             return Err(ContainerError::Exists(id.into()));
         }
-        let image = ImageRef::parse(&req.image)?;
+        check_capabilities(&req.capabilities)?;
+        let image = match pinned {
+            None => ImageRef::parse(&req.image)?,
+            Some(p) => match ImageRef::parse(p)? {
+                ImageRef::Docker(r) if r.digest().is_some() => ImageRef::Docker(r),
+                _ => {
+                    return Err(ContainerError::Invalid(format!(
+                        "the policy pins {p:?}, which is not a registry image by digest"
+                    )))
+                }
+            },
+        };
         let bundle = self.root.join(id);
         if bundle.exists() {
             return Err(ContainerError::Exists(id.into()));
@@ -212,8 +241,24 @@ impl Containers {
                 return Err(e);
             }
         };
+        if let Some(p) = pinned {
+            let digest = p.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
+            if report.manifest_digest != digest && report.index_digest.as_deref() != Some(digest) {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(ContainerError::Invalid(format!(
+                    "pulled manifest {} for {p}, not the pinned digest",
+                    report.manifest_digest
+                )));
+            }
+        }
         let rootfs = bundle.join("rootfs");
-        let user = match resolve_user(&rootfs, report.config["User"].as_str().unwrap_or("")) {
+        // The node's spec names the user (runAsUser, or what containerd resolved); without
+        // one, the image config's User, resolved inside the image.
+        let user = match &req.user {
+            Some(u) => Ok((u.uid, u.gid)),
+            None => resolve_user(&rootfs, report.config["User"].as_str().unwrap_or("")),
+        };
+        let user = match user {
             Ok(u) => u,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
@@ -238,13 +283,26 @@ impl Containers {
                 stdin: req.stdin,
                 tty: req.tty,
                 image: req.image.clone(),
+                name: req
+                    .annotations
+                    .get(CONTAINER_NAME)
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string()),
                 created: now(),
                 init: None,
                 execs: HashMap::new(),
             },
         );
-        tracing::info!(container = id, image = %image, manifest = %report.manifest_digest, "container created");
+        tracing::info!(container = id, image = %image, pinned = pinned.is_some(), manifest = %report.manifest_digest, "container created");
         Ok(())
+    }
+
+    /// What the policy learns of container `id` for requests that name it: its name in the
+    /// pod, and whether its stdin is kept open and it has a terminal (`None`: no such container).
+    pub fn describe(&self, id: &str) -> Option<serde_json::Value> {
+        self.lock()
+            .get(id)
+            .map(|c| serde_json::json!({"name": c.name, "stdin": c.stdin, "tty": c.tty}))
     }
 
     /// Stops (if needed) and removes the container and its bundle.

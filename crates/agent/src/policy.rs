@@ -118,17 +118,72 @@ impl Compiled {
         })
     }
 
-    fn allows(&self, request: &str, input: &Value) -> Result<bool, String> {
+    /// Decides `request` on `input`; when it is allowed and `then` names a rule, that rule's
+    /// string value too (e.g. the digest to pull), and when it is denied, the policy's
+    /// `denial[request]` explanation if it gives one.
+    fn decide(&self, request: &str, input: &Value, then: Option<&str>) -> Decision {
         let mut engine = self.engine.clone();
         engine.set_input(RegoValue::from(input.clone()));
+        let string_rule = |engine: &mut Engine, path: String| match engine.eval_rule(path) {
+            Ok(RegoValue::String(s)) => Some(s.to_string()),
+            _ => None,
+        };
         match engine.eval_rule(format!("{PACKAGE}.{request}")) {
-            Ok(v) => Ok(v == RegoValue::from(true)),
-            Err(e) if e.to_string().contains("not a valid rule path") => {
-                Err(format!("the policy has no rule {request}"))
-            }
-            Err(e) => Err(e.to_string()),
+            Ok(v) if v == RegoValue::from(true) => Decision {
+                allowed: true,
+                error: None,
+                reason: None,
+                then: then.and_then(|rule| string_rule(&mut engine, format!("{PACKAGE}.{rule}"))),
+            },
+            Ok(_) => Decision {
+                allowed: false,
+                error: None,
+                reason: string_rule(&mut engine, format!("{PACKAGE}.denial.{request}"))
+                    .map(|r| printable(&r, MAX_REASON)),
+                then: None,
+            },
+            Err(e) if e.to_string().contains("not a valid rule path") => Decision {
+                allowed: false,
+                error: Some(format!("the policy has no rule {request}")),
+                reason: None,
+                then: None,
+            },
+            Err(e) => Decision {
+                allowed: false,
+                error: Some(e.to_string()),
+                reason: None,
+                then: None,
+            },
         }
     }
+}
+
+/// One decision.
+struct Decision {
+    allowed: bool,
+    /// Why the policy could not decide (counts as a denial).
+    error: Option<String>,
+    /// The policy's own explanation of a denial.
+    reason: Option<String>,
+    /// The value of the rule asked for after an allow.
+    then: Option<String>,
+}
+
+/// The longest denial explanation passed on (it reaches the node's events).
+const MAX_REASON: usize = 1024;
+
+/// `text` with control characters replaced and cut to `max` bytes (at a character boundary).
+fn printable(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > max {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The policy in force, replaceable by an allowed `SetPolicy`.
@@ -157,29 +212,46 @@ impl AgentPolicy {
     }
 
     /// Allows or denies `request` (e.g. `ExecProcessRequest`) with `input` (the full request);
-    /// the decision is audited. Denials name the request.
+    /// the decision is audited. Denials name the request, and the policy's explanation when it
+    /// gives one ("denied by policy: CreateContainerRequest: args[1] is …").
     pub fn check(&self, request: &str, input: &Value) -> Result<(), PolicyError> {
+        self.check_then(request, input, None).map(|_| ())
+    }
+
+    /// [`Self::check`], and on an allow the string value of rule `then` for the same input
+    /// (`None`: the policy does not define it for this request).
+    pub fn check_then(
+        &self,
+        request: &str,
+        input: &Value,
+        then: Option<&str>,
+    ) -> Result<Option<String>, PolicyError> {
         let compiled = self
             .current
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let (allowed, why) = match compiled.allows(request, input) {
-            Ok(a) => (a, None),
-            Err(e) => (false, Some(e)),
-        };
+        let d = compiled.decide(request, input, then);
         self.audit.record(json!({
             "request": request,
-            "decision": if allowed { "allow" } else { "deny" },
+            "decision": if d.allowed { "allow" } else { "deny" },
             "policy": compiled.id,
-            "error": why,
+            "error": d.error,
+            "reason": d.reason,
         }));
-        if allowed {
+        if d.allowed {
             tracing::debug!(request, "allowed by policy");
-            Ok(())
+            Ok(d.then)
         } else {
-            tracing::info!(request, "denied by policy");
-            Err(PolicyError::Denied(request.to_string()))
+            tracing::info!(
+                request,
+                reason = d.reason.as_deref().unwrap_or(""),
+                "denied by policy"
+            );
+            Err(PolicyError::Denied(match d.reason {
+                Some(r) => format!("{request}: {r}"),
+                None => request.to_string(),
+            }))
         }
     }
 
@@ -299,6 +371,39 @@ default GetGuestDetailsRequest := true
             "package agent_policy\nExecProcessRequest := \"yes\"\n",
         ));
         assert!(odd.check("ExecProcessRequest", &json!({})).is_err());
+    }
+
+    #[test]
+    fn a_denial_carries_the_policys_reason_and_an_allow_the_rule_asked_for() {
+        let text = r#"package agent_policy
+import rego.v1
+default CreateContainerRequest := false
+CreateContainerRequest if input.args == ["/app"]
+pull_image := "docker://r/app@sha256:aa" if CreateContainerRequest
+denial["CreateContainerRequest"] := sprintf("args is %v\u0007, the policy allows [\"/app\"]", [input.args])
+"#;
+        let (p, audit) = policy(Some(text));
+        let pinned = p
+            .check_then(
+                "CreateContainerRequest",
+                &json!({"args": ["/app"]}),
+                Some("pull_image"),
+            )
+            .unwrap();
+        assert_eq!(pinned.as_deref(), Some("docker://r/app@sha256:aa"));
+        let e = p
+            .check("CreateContainerRequest", &json!({"args": ["/bin/sh"]}))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "denied by policy: CreateContainerRequest: args is [\"/bin/sh\"] , the policy allows [\"/app\"]"
+        );
+        assert_eq!(
+            audit.0.lock().unwrap()[1]["reason"],
+            "args is [\"/bin/sh\"] , the policy allows [\"/app\"]"
+        );
+        assert_eq!(printable(&"é".repeat(10), 5), "éé…");
     }
 
     #[test]

@@ -103,10 +103,7 @@ pub fn initdata(annotations: &BTreeMap<String, String>) -> Result<Option<String>
 
 /// Encodes initdata as the [`INITDATA`] annotation's value (for tools and tests).
 pub fn encode_initdata(text: &str) -> String {
-    use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(text.as_bytes()).expect("writing to memory");
-    base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("writing to memory"))
+    coffer_wire::initdata::encode_annotation(text)
 }
 
 #[cfg(test)]

@@ -31,6 +31,51 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
     "CAP_AUDIT_WRITE",
 ];
 
+/// Every Linux capability (as of Linux 6.x), the set a privileged container gets.
+pub const ALL_CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
 /// System calls the default seccomp profile refuses (EPERM).
 pub const DENIED_SYSCALLS: [&str; 38] = [
     "acct",
@@ -195,7 +240,7 @@ pub fn spec(
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     }
-    env.extend(req.env.iter().cloned());
+    merge_env(&mut env, &req.env);
     let cwd = if !req.working_dir.is_empty() {
         req.working_dir.clone()
     } else {
@@ -206,12 +251,23 @@ pub fn spec(
             .to_string()
     };
     let (uid, gid) = user;
-    let caps = DEFAULT_CAPABILITIES.to_vec();
-    json!({
+    let additional_gids = req
+        .user
+        .as_ref()
+        .map(|u| u.additional_gids.clone())
+        .unwrap_or_default();
+    let caps: Vec<String> = if req.privileged {
+        ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect()
+    } else if req.capabilities.is_empty() {
+        DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect()
+    } else {
+        req.capabilities.clone()
+    };
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": req.tty,
-            "user": {"uid": uid, "gid": gid},
+            "user": {"uid": uid, "gid": gid, "additionalGids": additional_gids},
             "args": args,
             "env": env,
             "cwd": cwd,
@@ -254,12 +310,100 @@ pub fn spec(
                 "syscalls": [{"names": DENIED_SYSCALLS.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
             },
         },
-    })
+    });
+    if req.privileged {
+        // As runc runs a privileged container: no seccomp filter, nothing masked, /sys writable.
+        let linux = &mut spec["linux"];
+        if let Some(l) = linux.as_object_mut() {
+            l.remove("seccomp");
+            l.insert("maskedPaths".into(), json!([]));
+            l.insert("readonlyPaths".into(), json!([]));
+        }
+        if let Some(mounts) = spec["mounts"].as_array_mut() {
+            for m in mounts.iter_mut().filter(|m| m["destination"] == "/sys") {
+                m["options"] = json!(["nosuid", "noexec", "nodev", "rw"]);
+            }
+        }
+    }
+    spec
+}
+
+/// Adds `extra` (`NAME=value` entries) to `env`, each replacing an entry of the same name in
+/// place: one entry per name, so that what the request sets is what the process sees.
+fn merge_env(env: &mut Vec<String>, extra: &[String]) {
+    let name = |e: &str| e.split_once('=').map(|(n, _)| n).unwrap_or(e).to_string();
+    for e in extra {
+        let n = name(e);
+        match env.iter_mut().find(|x| name(x) == n) {
+            Some(slot) => *slot = e.clone(),
+            None => env.push(e.clone()),
+        }
+    }
+}
+
+/// Checks the capabilities a request asks for: each must be a Linux capability's name.
+pub fn check_capabilities(caps: &[String]) -> Result<()> {
+    match caps
+        .iter()
+        .find(|c| !ALL_CAPABILITIES.contains(&c.as_str()))
+    {
+        Some(c) => Err(ContainerError::Invalid(format!(
+            "capability {c:?} is not a Linux capability (CAP_CHOWN, CAP_NET_ADMIN, …)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_overrides_image_env_in_place_and_sets_user_and_capabilities() {
+        let req = CreateContainerRequest {
+            container_id: "c".into(),
+            env: vec!["A=2".into(), "B=x=y".into()],
+            user: Some(crate::proto::User {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![5],
+            }),
+            capabilities: vec!["CAP_KILL".into()],
+            ..Default::default()
+        };
+        let config = json!({"Env": ["A=1", "PATH=/bin", "C=3"]});
+        let s = spec("c", "/p", &config, (1000, 1000), &req);
+        assert_eq!(
+            s["process"]["env"],
+            json!(["A=2", "PATH=/bin", "C=3", "B=x=y"])
+        );
+        assert_eq!(s["process"]["user"]["additionalGids"], json!([5]));
+        assert_eq!(
+            s["process"]["capabilities"]["bounding"],
+            json!(["CAP_KILL"])
+        );
+        assert!(s["linux"]["seccomp"].is_object());
+
+        let privileged = CreateContainerRequest {
+            privileged: true,
+            ..req
+        };
+        let s = spec("c", "/p", &config, (0, 0), &privileged);
+        assert_eq!(
+            s["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            ALL_CAPABILITIES.len()
+        );
+        assert!(s["linux"]["seccomp"].is_null());
+        assert_eq!(s["linux"]["maskedPaths"], json!([]));
+        check_capabilities(&["CAP_SYS_ADMIN".into()]).unwrap();
+        let e = check_capabilities(&["CAP_EVERYTHING".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CAP_EVERYTHING"), "{e}");
+    }
 
     #[test]
     fn users_resolve_inside_the_image() {

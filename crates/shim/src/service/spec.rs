@@ -3,7 +3,13 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+use coffer_agent::api::proto::{Mount, User};
+
 use crate::ShimError;
+
+/// The CRI annotations passed on to the agent (the policy decides on them): every
+/// `io.kubernetes.cri.*` key but the sandbox's own initdata and the like.
+const CRI_PREFIX: &str = "io.kubernetes.cri.";
 
 /// The parts of the bundle's OCI spec the shim uses.
 pub(super) struct Spec {
@@ -14,6 +20,15 @@ pub(super) struct Spec {
     pub(super) readonly_rootfs: bool,
     /// `linux.resources.memory.limit` (0: none).
     pub(super) memory_limit: u64,
+    /// `mounts`, as the node asks them.
+    pub(super) mounts: Vec<Mount>,
+    /// `process.user` (absent: the image's User applies).
+    pub(super) user: Option<User>,
+    /// `process.capabilities.bounding`.
+    pub(super) capabilities: Vec<String>,
+    /// Whether the spec is a privileged container's: no masked or read-only /proc paths and
+    /// CAP_SYS_ADMIN (what containerd's CRI writes for `privileged: true`).
+    pub(super) privileged: bool,
 }
 
 pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
@@ -38,8 +53,57 @@ pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
                 .collect()
         })
         .unwrap_or_default();
+    let mounts = v["mounts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| Mount {
+                    destination: m["destination"].as_str().unwrap_or_default().into(),
+                    r#type: m["type"].as_str().unwrap_or_default().into(),
+                    source: m["source"].as_str().unwrap_or_default().into(),
+                    options: strings(&m["options"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let user = match &v["process"]["user"] {
+        serde_json::Value::Object(u) => {
+            let id = |k: &str| -> Result<u32, ShimError> {
+                match u.get(k) {
+                    None | Some(serde_json::Value::Null) => Ok(0),
+                    Some(n) => n
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| bad(format!("process.user.{k} is not a uid/gid"))),
+                }
+            };
+            Some(User {
+                uid: id("uid")?,
+                gid: id("gid")?,
+                additional_gids: u
+                    .get("additionalGids")
+                    .and_then(|g| g.as_array())
+                    .map(|g| {
+                        g.iter()
+                            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        }
+        _ => None,
+    };
+    let capabilities = strings(&v["process"]["capabilities"]["bounding"]);
+    let empty = |k: &str| v["linux"][k].as_array().is_none_or(|a| a.is_empty());
+    let privileged = capabilities.iter().any(|c| c == "CAP_SYS_ADMIN")
+        && empty("maskedPaths")
+        && empty("readonlyPaths");
     Ok(Spec {
         annotations,
+        mounts,
+        user,
+        capabilities,
+        privileged,
         args: strings(&v["process"]["args"]),
         env: strings(&v["process"]["env"]),
         cwd: v["process"]["cwd"].as_str().unwrap_or_default().to_string(),
@@ -49,6 +113,17 @@ pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
             .filter(|l| *l > 0)
             .unwrap_or(0) as u64,
     })
+}
+
+impl Spec {
+    /// The CRI annotations the agent's policy sees (which container of which pod).
+    pub(super) fn cri_annotations(&self) -> std::collections::HashMap<String, String> {
+        self.annotations
+            .iter()
+            .filter(|(k, _)| k.starts_with(CRI_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
 }
 
 /// What the shim takes of an exec's process spec (runtime-spec `Process`, as JSON).
@@ -114,6 +189,47 @@ mod tests {
         assert!(s.readonly_rootfs);
         assert_eq!(s.memory_limit, 32 << 20);
         assert_eq!(s.annotations["n"], "v");
+        assert_eq!(
+            s.cri_annotations().into_iter().collect::<Vec<_>>(),
+            [(
+                annotations::CONTAINER_TYPE.to_string(),
+                "container".to_string()
+            )]
+        );
+        assert!(s.user.is_none() && s.mounts.is_empty() && !s.privileged);
+
+        // What containerd's CRI writes: the user, the mounts, the capabilities; privileged
+        // when nothing is masked and CAP_SYS_ADMIN is given.
+        let spec = |masked: serde_json::Value| {
+            serde_json::json!({
+                "process": {"args": ["/app"], "user": {"uid": 1000, "gid": 3000, "additionalGids": [3000, 4]},
+                            "capabilities": {"bounding": ["CAP_SYS_ADMIN", "CAP_KILL"]}},
+                "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/k/etc-hosts",
+                            "options": ["rbind", "rprivate", "ro"]}],
+                "linux": {"maskedPaths": masked, "readonlyPaths": []},
+            })
+        };
+        std::fs::write(
+            d.path().join("config.json"),
+            spec(serde_json::json!(["/proc/kcore"])).to_string(),
+        )
+        .unwrap();
+        let s = read_spec(d.path()).unwrap();
+        let u = s.user.clone().unwrap();
+        assert_eq!(
+            (u.uid, u.gid, u.additional_gids),
+            (1000, 3000, vec![3000, 4])
+        );
+        assert_eq!(s.mounts[0].destination, "/etc/hosts");
+        assert_eq!(s.mounts[0].options, ["rbind", "rprivate", "ro"]);
+        assert_eq!(s.capabilities, ["CAP_SYS_ADMIN", "CAP_KILL"]);
+        assert!(!s.privileged);
+        std::fs::write(
+            d.path().join("config.json"),
+            spec(serde_json::json!([])).to_string(),
+        )
+        .unwrap();
+        assert!(read_spec(d.path()).unwrap().privileged);
 
         std::fs::write(d.path().join("config.json"), "{").unwrap();
         let e = read_spec(d.path()).err().unwrap().to_string();

@@ -114,6 +114,11 @@ impl Service {
                     tty: req.terminal,
                     stdin: !req.stdin.is_empty(),
                     memory_limit_bytes: spec.memory_limit,
+                    mounts: spec.mounts.clone(),
+                    user: spec.user.clone(),
+                    capabilities: spec.capabilities.clone(),
+                    privileged: spec.privileged,
+                    annotations: spec.cri_annotations(),
                 }),
             )
             .await;
