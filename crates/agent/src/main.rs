@@ -56,6 +56,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    coffer_agent::policy::quiet_library_backtraces();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -105,71 +105,36 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                 std::sync::Arc::new(coffer_agent::policy::MemoryAudit::default()),
             )
             .context("--policy")?;
-            let mut aa = toml::Table::new();
-            aa.insert(
-                "token_configs".into(),
-                toml::Value::Table(toml::Table::from_iter([(
-                    "kbs".to_string(),
-                    toml::Value::Table(toml::Table::from_iter([(
-                        "url".to_string(),
-                        toml::Value::String(kbs_url.clone()),
-                    )])),
-                )])),
-            );
-            let mut cdh = toml::Table::new();
-            cdh.insert(
-                "kbc".into(),
-                toml::Value::Table(toml::Table::from_iter([
-                    ("name".to_string(), toml::Value::String("cc_kbc".into())),
-                    ("url".to_string(), toml::Value::String(kbs_url)),
-                ])),
-            );
-            let mut image = toml::Table::new();
-            if !image_keys.is_empty() {
-                image.insert(
-                    "decryption_keys".into(),
-                    toml::Value::Array(image_keys.into_iter().map(toml::Value::String).collect()),
-                );
-            }
-            // The upstream confidential data hub's key names.
-            if let Some(u) = registry_auth {
-                image.insert(
-                    "authenticated_registry_credentials_uri".into(),
-                    toml::Value::String(u),
-                );
-            }
-            if let Some(u) = signature_policy {
-                image.insert("image_security_policy_uri".into(), toml::Value::String(u));
-            }
-            if !image.is_empty() {
-                cdh.insert("image".into(), toml::Value::Table(image));
-            }
-            let mut data = toml::Table::new();
-            data.insert("aa.toml".into(), toml::Value::String(toml::to_string(&aa)?));
-            data.insert(
-                "cdh.toml".into(),
-                toml::Value::String(toml::to_string(&cdh)?),
-            );
-            data.insert("policy.rego".into(), toml::Value::String(policy_text));
-            if let Some(p) = &owner_key {
-                let pem_text = read(p)?;
-                coffer_agent::owner::validate_key(&pem_text)
-                    .map_err(|e| anyhow::anyhow!("--owner-key {}: {e}", p.display()))?;
-                data.insert("owner-key.pem".into(), toml::Value::String(pem_text));
-            }
-            if let Some(p) = &log_recipient {
-                let pem_text = read(p)?;
-                coffer_agent::sealed::Recipient::from_pem(&pem_text)
-                    .with_context(|| format!("--log-recipient {}", p.display()))?;
-                data.insert("log-recipient.pem".into(), toml::Value::String(pem_text));
-            }
-            let mut doc = toml::Table::new();
-            doc.insert("version".into(), toml::Value::String("0.1.0".into()));
-            doc.insert("algorithm".into(), toml::Value::String(algorithm));
-            doc.insert("data".into(), toml::Value::Table(data));
-            let text = toml::to_string(&doc)?;
-            // What we print must parse as initdata (algorithm checked here).
-            coffer_wire::initdata::Initdata::parse(&text)?;
+            let owner_key = match &owner_key {
+                Some(p) => {
+                    let pem_text = read(p)?;
+                    coffer_agent::owner::validate_key(&pem_text)
+                        .map_err(|e| anyhow::anyhow!("--owner-key {}: {e}", p.display()))?;
+                    Some(pem_text)
+                }
+                None => None,
+            };
+            let log_recipient = match &log_recipient {
+                Some(p) => {
+                    let pem_text = read(p)?;
+                    coffer_agent::sealed::Recipient::from_pem(&pem_text)
+                        .with_context(|| format!("--log-recipient {}", p.display()))?;
+                    Some(pem_text)
+                }
+                None => None,
+            };
+            // The one implementation, shared with `coffer policy generate`; the algorithm is
+            // checked there.
+            let text = coffer_wire::initdata::build(&coffer_wire::initdata::InitdataSpec {
+                kbs_url,
+                image_keys,
+                policy: policy_text,
+                owner_key,
+                log_recipient,
+                registry_auth,
+                signature_policy,
+                algorithm,
+            })?;
             print!("{text}");
             Ok(())
         }

@@ -9,6 +9,7 @@ mod install;
 mod kbs;
 mod measure;
 mod podvm;
+mod policy;
 mod run;
 mod secret;
 
@@ -41,6 +42,8 @@ enum Command {
     Secret(secret::SecretArgs),
     /// Write initdata and print its digest.
     Initdata(initdata::InitdataArgs),
+    /// Generate agent policies and initdata that pin every container of Kubernetes workloads.
+    Policy(policy::PolicyArgs),
     /// Print the reference values for a sandbox and initdata (set-reference-values format).
     Measure(measure::MeasureArgs),
     /// Build pod VM images.
@@ -112,6 +115,7 @@ fn run() -> anyhow::Result<()> {
         Command::Image(args) => runtime.block_on(image::run(args)),
         Command::Secret(args) => runtime.block_on(secret::run(args)),
         Command::Initdata(args) => initdata::run(args),
+        Command::Policy(args) => runtime.block_on(policy::run(args)),
         Command::Measure(args) => measure::run(args),
         Command::Podvm(args) => podvm::run(args),
         Command::Run(args) => {

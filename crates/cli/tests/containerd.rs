@@ -463,3 +463,433 @@ fn a_pod_vm_runs_through_the_cri() {
     });
     assert_nothing_left(&n, &[&pod]);
 }
+
+/// The workload of the pinned-pod test: a Deployment with an init container, two containers,
+/// environment from a ConfigMap, an emptyDir and an exec readiness probe.
+const WORKLOAD: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web-config
+data:
+  GREETING: hello from a pinned pod
+  MODE: strict
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+  labels:
+    app: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      initContainers:
+      - name: init
+        image: REGISTRY/app:v1
+        command: ["/bin/sh", "-c", "echo init ran"]
+      containers:
+      - name: app
+        image: REGISTRY/app:v1
+        command: ["/bin/sh", "-c"]
+        args: ["echo $GREETING level $(LEVEL); exec sleep 120"]
+        env:
+        - name: LEVEL
+          value: "3"
+        envFrom:
+        - configMapRef:
+            name: web-config
+        volumeMounts:
+        - name: work
+          mountPath: /work
+        readinessProbe:
+          exec:
+            command: ["/bin/cat", "/etc/hostname"]
+      - name: sidecar
+        image: REGISTRY/app:v1
+        command: ["/bin/sh", "-c", "exec sleep 120"]
+        workingDir: /tmp
+        volumeMounts:
+        - name: work
+          mountPath: /work
+          readOnly: true
+      volumes:
+      - name: work
+        emptyDir: {}
+"#;
+
+/// What a kubelet sends for the containers of [`WORKLOAD`]'s pod `uid`: the command and
+/// arguments with `$(VAR)` expanded, the environment (the ConfigMap's, the container's, the
+/// API server's service variables), the volumes, the service-account token, `/etc/hosts` and
+/// the termination log, all under `kubelet` on this host.
+struct Kubelet {
+    root: std::path::PathBuf,
+    image: String,
+}
+
+impl Kubelet {
+    fn mount(&self, path: &str, host: &str, readonly: bool) -> coffer_shim::cri::Mount {
+        let host = self.root.join(host);
+        if host.extension().is_some() || host.ends_with("etc-hosts") {
+            std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+            std::fs::write(&host, "").unwrap();
+        } else {
+            std::fs::create_dir_all(&host).unwrap();
+        }
+        coffer_shim::cri::Mount {
+            container_path: path.into(),
+            host_path: host.display().to_string(),
+            readonly,
+            ..Default::default()
+        }
+    }
+
+    fn config(&self, name: &str, attempt: u32) -> coffer_shim::cri::ContainerConfig {
+        use coffer_shim::cri::*;
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| KeyValue {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let service = [
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+            ("KUBERNETES_PORT", "tcp://10.96.0.1:443"),
+            ("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443"),
+            ("KUBERNETES_PORT_443_TCP_PROTO", "tcp"),
+            ("KUBERNETES_PORT_443_TCP_PORT", "443"),
+            ("KUBERNETES_PORT_443_TCP_ADDR", "10.96.0.1"),
+        ];
+        let mut mounts = vec![
+            self.mount(
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+                "pods/uid-web/volumes/kubernetes.io~projected/kube-api-access-x7k2p",
+                true,
+            ),
+            self.mount("/etc/hosts", "pods/uid-web/etc-hosts", false),
+            self.mount(
+                "/dev/termination-log",
+                &format!("pods/uid-web/containers/{name}/{attempt}.log"),
+                false,
+            ),
+        ];
+        let (command, args, envs, working_dir) = match name {
+            "init" => (
+                strings(&["/bin/sh", "-c", "echo init ran"]),
+                vec![],
+                env(&service),
+                String::new(),
+            ),
+            "app" => {
+                let mut e = vec![
+                    ("GREETING", "hello from a pinned pod"),
+                    ("MODE", "strict"),
+                    ("LEVEL", "3"),
+                ];
+                e.extend(service);
+                mounts.push(self.mount(
+                    "/work",
+                    "pods/uid-web/volumes/kubernetes.io~empty-dir/work",
+                    false,
+                ));
+                (
+                    strings(&["/bin/sh", "-c"]),
+                    strings(&["echo $GREETING level 3; exec sleep 120"]),
+                    env(&e),
+                    String::new(),
+                )
+            }
+            _ => {
+                mounts.push(self.mount(
+                    "/work",
+                    "pods/uid-web/volumes/kubernetes.io~empty-dir/work",
+                    true,
+                ));
+                (
+                    strings(&["/bin/sh", "-c", "exec sleep 120"]),
+                    vec![],
+                    env(&service),
+                    "/tmp".to_string(),
+                )
+            }
+        };
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt,
+            }),
+            image: Some(ImageSpec {
+                image: self.image.clone(),
+                ..Default::default()
+            }),
+            command,
+            args,
+            working_dir,
+            envs,
+            mounts,
+            log_path: format!("{name}-{attempt}.log"),
+            linux: Some(LinuxContainerConfig::default()),
+            ..Default::default()
+        }
+    }
+}
+
+#[test]
+fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let n = node(d, None);
+    let reg = n.world.registry.addr.clone();
+    let workload = d.join("web.yaml");
+    std::fs::write(&workload, WORKLOAD.replace("REGISTRY", &reg)).unwrap();
+    let (ok, out, err) = common::coffer(&[
+        "policy",
+        "generate",
+        "-f",
+        workload.to_str().unwrap(),
+        "--kbs-url",
+        &n.world.kbs.url,
+        "--image-key",
+        "kbs:///default/image-keys/app",
+        "--plain-http",
+        "--reference-values",
+        d.join("refs.json").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    // The Deployment's pod template now carries the runtime class and the initdata.
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&out)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 2, "{out}");
+    let template = &docs[1]["spec"]["template"];
+    assert_eq!(template["spec"]["runtimeClassName"], "coffer");
+    let annotation = template["metadata"]["annotations"][INITDATA]
+        .as_str()
+        .expect("the initdata annotation")
+        .to_string();
+    let initdata = coffer_shim::annotations::initdata(
+        &[(INITDATA.to_string(), annotation.clone())]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap()
+    .unwrap();
+    std::fs::write(d.join("web-initdata.toml"), &initdata).unwrap();
+    // What --reference-values wrote is this initdata's digest; register it with the launch
+    // measurement.
+    let refs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("refs.json")).unwrap()).unwrap();
+    let measured: serde_json::Value = serde_json::from_str(&common::run_ok(
+        Command::new(common::coffer_bin())
+            .args(["measure", "--sandbox", "process", "--initdata"])
+            .arg(d.join("web-initdata.toml"))
+            .arg("--agent")
+            .arg(common::agent_binary())
+            .arg("--psp-dir")
+            .arg(&n.world.psp_dir),
+    ))
+    .unwrap();
+    assert_eq!(refs["init_data"], measured["init_data"]);
+    n.rt.block_on(
+        n.world
+            .kbs
+            .admin
+            .set_reference_values(measured.to_string().as_bytes()),
+    )
+    .unwrap();
+
+    // After generation the tag moves to another image (the same busybox, unencrypted).
+    let pinned = layers(&n.app);
+    common::skopeo_push(
+        &format!("oci:{}:v1", d.join("plain").display()),
+        &format!("docker://{reg}/app:v1"),
+        false,
+    );
+    let moved = layers(&n.app);
+    assert_ne!(pinned, moved);
+    let moved_digest = common::run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{reg}/app:v1"),
+    ]));
+
+    let kubelet = Kubelet {
+        root: d.join("kubelet"),
+        image: n.app.clone(),
+    };
+    let pod = n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        let moved_ref = format!("{reg}/app@{}", moved_digest.trim());
+        p.pull(&moved_ref).await.unwrap();
+        let mut sandbox = p.sandbox_config("web-5d8f7c9b4-x2x7z", &[(INITDATA, &annotation)]);
+        // containerd runs a privileged container only in a privileged sandbox: the refusal
+        // below must come from the policy.
+        sandbox
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .privileged = true;
+        let pod = p.run_pod(&sandbox).await.expect("RunPodSandbox");
+
+        // The pod as the Deployment describes it runs: the init container, then both others.
+        let init = p
+            .create_config(&pod, &sandbox, kubelet.config("init", 0))
+            .await
+            .expect("the init container");
+        p.start(&init).await.unwrap();
+        assert_eq!(p.wait_exited(&init, Duration::from_secs(60)).await, 0);
+        let app = p
+            .create_config(&pod, &sandbox, kubelet.config("app", 0))
+            .await
+            .expect("the app container");
+        p.start(&app).await.unwrap();
+        let sidecar = p
+            .create_config(&pod, &sandbox, kubelet.config("sidecar", 0))
+            .await
+            .expect("the sidecar");
+        p.start(&sidecar).await.unwrap();
+        let log = p.log_dir.join("web-5d8f7c9b4-x2x7z/app-0.log");
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("hello from a pinned pod level 3")
+        {
+            assert!(std::time::Instant::now() < until, "app's log: {log:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        // The readiness probe's exec is allowed; any other exec is refused, naming it.
+        let probe = p
+            .exec_sync(&app, &["/bin/cat", "/etc/hostname"])
+            .await
+            .expect("the probe");
+        assert_eq!(probe.exit_code, 0);
+        let e = p.exec_sync(&app, &["/bin/cat", "/etc/passwd"]).await.unwrap_err();
+        assert!(
+            e.message().contains(
+                "denied by policy: ExecProcessRequest: exec of [\"/bin/cat\", \"/etc/passwd\"] in container \"app\" is not allowed"
+            ),
+            "{e:?}"
+        );
+
+        // Each single change to a container is refused, naming the field.
+        type Change = Box<dyn Fn(&mut coffer_shim::cri::ContainerConfig)>;
+        let changes: Vec<(&str, Change, String)> = vec![
+            (
+                "app",
+                Box::new(|c| c.args = vec!["echo evil; exec sleep 120".into()]),
+                "args[2] is \"echo evil; exec sleep 120\", the policy allows \"echo $GREETING level 3; exec sleep 120\"".into(),
+            ),
+            (
+                "app",
+                Box::new(|c| {
+                    c.envs.push(coffer_shim::cri::KeyValue {
+                        key: "LD_PRELOAD".into(),
+                        value: "/tmp/evil.so".into(),
+                    })
+                }),
+                "env LD_PRELOAD is not allowed by the policy".into(),
+            ),
+            (
+                "app",
+                {
+                    let moved_ref = moved_ref.clone();
+                    Box::new(move |c| c.image.as_mut().unwrap().image = moved_ref.clone())
+                },
+                format!("image is \"docker://{moved_ref}\""),
+            ),
+            (
+                "app",
+                Box::new(|c| c.working_dir = "/etc".into()),
+                "working_dir is \"/etc\", the policy allows \"/\"".into(),
+            ),
+            (
+                "app",
+                Box::new(|c| {
+                    c.linux.as_mut().unwrap().security_context = Some(
+                        coffer_shim::cri::LinuxContainerSecurityContext {
+                            run_as_user: Some(coffer_shim::cri::Int64Value { value: 1234 }),
+                            ..Default::default()
+                        },
+                    )
+                }),
+                "user uid is 1234, the policy allows 0".into(),
+            ),
+            (
+                "app",
+                {
+                    let host = d.join("host-secrets");
+                    std::fs::create_dir_all(&host).unwrap();
+                    Box::new(move |c| {
+                        c.mounts.push(coffer_shim::cri::Mount {
+                            container_path: "/host".into(),
+                            host_path: host.display().to_string(),
+                            ..Default::default()
+                        })
+                    })
+                },
+                "mounts: /host (bind from".into(),
+            ),
+            (
+                "app",
+                Box::new(|c| {
+                    c.linux.as_mut().unwrap().security_context = Some(
+                        coffer_shim::cri::LinuxContainerSecurityContext {
+                            privileged: true,
+                            ..Default::default()
+                        },
+                    )
+                }),
+                "privileged is true, the policy allows false".into(),
+            ),
+            (
+                "intruder",
+                Box::new(|c| c.metadata.as_mut().unwrap().name = "intruder".into()),
+                "container \"intruder\" is not in the policy, which allows [\"app\", \"init\", \"sidecar\"]".into(),
+            ),
+        ];
+        for (attempt, (name, change, why)) in changes.into_iter().enumerate() {
+            let mut config = kubelet.config(name, attempt as u32 + 1);
+            change(&mut config);
+            let e = p
+                .create_config(&pod, &sandbox, config)
+                .await
+                .expect_err(&why);
+            assert!(
+                e.message()
+                    .contains(&format!("denied by policy: CreateContainerRequest: {why}")),
+                "expected {why:?}: {e:?}"
+            );
+        }
+
+        // The guest pulled the pinned image: the moved tag's layers were never fetched.
+        for l in &moved {
+            assert_eq!(fetched_by(&n.world.registry, l), (0, 0), "moved layer {l}");
+        }
+        for l in &pinned {
+            assert!(fetched_by(&n.world.registry, l).1 > 0, "pinned layer {l}");
+        }
+        p.remove_pod(&pod).await.unwrap();
+        pod
+    });
+    assert_nothing_left(&n, &[&pod]);
+}

@@ -100,7 +100,7 @@ pub mod signature;
 pub mod source;
 pub mod unpack;
 
-pub use pull::{pull, PullOptions, PullReport};
+pub use pull::{inspect, pull, PullOptions, PullReport};
 pub use reference::ImageRef;
 
 /// A failed image operation. Messages name the image, blob or path and what was wrong.

@@ -269,6 +269,24 @@ pub fn check_config(
     Ok((config.rootfs.diff_ids, config.config))
 }
 
+/// Resolves `image` and reads its config without fetching any layer: returns the digest of the
+/// manifest the reference names (the image index's when it names one, which pins every
+/// platform's manifest by digest; else the image manifest's) and the image config's `config`
+/// section (Entrypoint, Cmd, Env, WorkingDir, User). The manifest for `platform` is resolved and
+/// its config fetched, verified against its digest and checked against the manifest as a pull
+/// does.
+pub async fn inspect(
+    image: &ImageRef,
+    source: &SourceOptions,
+    platform: &Platform,
+) -> Result<(String, Value), Error> {
+    let source = Source::new(image, source)?;
+    let (fetched, manifest, index_digest) = resolve(&source, platform).await?;
+    let config_bytes = source.small_blob(&manifest.config).await?;
+    let (_, config) = check_config(&config_bytes, &manifest)?;
+    Ok((index_digest.unwrap_or(fetched.digest), config))
+}
+
 /// A layer blob on local disk, with what to do with it once applied.
 struct LocalBlob {
     path: PathBuf,

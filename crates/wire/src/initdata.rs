@@ -79,6 +79,106 @@ pub fn digest(text: &str) -> Result<Vec<u8>, InitdataError> {
     Ok(parsed.algorithm.digest(text.as_bytes()))
 }
 
+/// What [`build`] writes into an initdata document: the guest components' configuration and
+/// the agent policy.
+#[derive(Clone, Debug, Default)]
+pub struct InitdataSpec {
+    /// The KBS the guest attests to (`aa.toml` `token_configs.kbs.url`, `cdh.toml` `kbc.url`).
+    pub kbs_url: String,
+    /// KBS resources holding image decryption keys (`kbs:///repo/type/tag`).
+    pub image_keys: Vec<String>,
+    /// The agent policy (Rego, package `agent_policy`).
+    pub policy: String,
+    /// The workload owner's public key (PEM), for owner-signed exec.
+    pub owner_key: Option<String>,
+    /// The X25519 public key (PEM) container output is sealed to.
+    pub log_recipient: Option<String>,
+    /// KBS resource with the registry credentials the agent pulls with.
+    pub registry_auth: Option<String>,
+    /// KBS resource with the image signature policy the agent enforces.
+    pub signature_policy: Option<String>,
+    /// Digest algorithm: `sha256`, `sha384` or `sha512`.
+    pub algorithm: String,
+}
+
+/// Writes the initdata document for `spec` (version [`INITDATA_VERSION`]): `aa.toml` with the
+/// KBS, `cdh.toml` with the `cc_kbc` client and image settings (the upstream confidential data
+/// hub's key names), `policy.rego`, and the owner's and log recipient's keys when given. The
+/// values are written as given (callers check URIs and keys); the text is checked to parse as
+/// initdata, which checks the algorithm.
+pub fn build(spec: &InitdataSpec) -> Result<String, InitdataError> {
+    use toml::{Table, Value};
+    let ser = |t: &Table| toml::to_string(t).map_err(|e| InitdataError::Parse(e.to_string()));
+    let mut aa = Table::new();
+    aa.insert(
+        "token_configs".into(),
+        Value::Table(Table::from_iter([(
+            "kbs".to_string(),
+            Value::Table(Table::from_iter([(
+                "url".to_string(),
+                Value::String(spec.kbs_url.clone()),
+            )])),
+        )])),
+    );
+    let mut cdh = Table::new();
+    cdh.insert(
+        "kbc".into(),
+        Value::Table(Table::from_iter([
+            ("name".to_string(), Value::String("cc_kbc".into())),
+            ("url".to_string(), Value::String(spec.kbs_url.clone())),
+        ])),
+    );
+    let mut image = Table::new();
+    if !spec.image_keys.is_empty() {
+        image.insert(
+            "decryption_keys".into(),
+            Value::Array(spec.image_keys.iter().cloned().map(Value::String).collect()),
+        );
+    }
+    if let Some(u) = &spec.registry_auth {
+        image.insert(
+            "authenticated_registry_credentials_uri".into(),
+            Value::String(u.clone()),
+        );
+    }
+    if let Some(u) = &spec.signature_policy {
+        image.insert("image_security_policy_uri".into(), Value::String(u.clone()));
+    }
+    if !image.is_empty() {
+        cdh.insert("image".into(), Value::Table(image));
+    }
+    let mut data = Table::new();
+    data.insert("aa.toml".into(), Value::String(ser(&aa)?));
+    data.insert("cdh.toml".into(), Value::String(ser(&cdh)?));
+    data.insert("policy.rego".into(), Value::String(spec.policy.clone()));
+    if let Some(k) = &spec.owner_key {
+        data.insert("owner-key.pem".into(), Value::String(k.clone()));
+    }
+    if let Some(k) = &spec.log_recipient {
+        data.insert("log-recipient.pem".into(), Value::String(k.clone()));
+    }
+    let mut doc = Table::new();
+    doc.insert("version".into(), Value::String(INITDATA_VERSION.into()));
+    doc.insert("algorithm".into(), Value::String(spec.algorithm.clone()));
+    doc.insert("data".into(), Value::Table(data));
+    let text = ser(&doc)?;
+    Initdata::parse(&text)?;
+    Ok(text)
+}
+
+/// Encodes initdata as the value of the pod annotation
+/// `io.katacontainers.config.hypervisor.cc_init_data`: base64 (standard, padded) of the gzip
+/// (best compression) of the text.
+pub fn encode_annotation(text: &str) -> String {
+    use base64::Engine;
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    // Writing into a Vec cannot fail.
+    let _ = gz.write_all(text.as_bytes());
+    let bytes = gz.finish().unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +194,53 @@ mod tests {
         );
         let parsed = Initdata::parse(DOC).unwrap();
         assert_eq!(parsed.data["policy.rego"], "package agent_policy");
+    }
+
+    #[test]
+    fn build_writes_the_documented_shape() {
+        let spec = InitdataSpec {
+            kbs_url: "http://127.0.0.1:8080".into(),
+            image_keys: vec!["kbs:///default/key/1".into()],
+            policy: "package agent_policy\n".into(),
+            algorithm: "sha384".into(),
+            ..Default::default()
+        };
+        let text = build(&spec).unwrap();
+        let parsed = Initdata::parse(&text).unwrap();
+        assert_eq!(parsed.algorithm, HashAlgorithm::Sha384);
+        assert_eq!(parsed.data["policy.rego"], "package agent_policy\n");
+        let aa: toml::Table = toml::from_str(&parsed.data["aa.toml"]).unwrap();
+        assert_eq!(
+            aa["token_configs"]["kbs"]["url"].as_str(),
+            Some("http://127.0.0.1:8080")
+        );
+        let cdh: toml::Table = toml::from_str(&parsed.data["cdh.toml"]).unwrap();
+        assert_eq!(cdh["kbc"]["name"].as_str(), Some("cc_kbc"));
+        assert_eq!(
+            cdh["image"]["decryption_keys"][0].as_str(),
+            Some("kbs:///default/key/1")
+        );
+        assert!(!parsed.data.contains_key("owner-key.pem"));
+        let bad = InitdataSpec {
+            algorithm: "md5".into(),
+            ..spec
+        };
+        assert!(matches!(build(&bad), Err(InitdataError::Algorithm(_))));
+    }
+
+    #[test]
+    fn the_annotation_is_base64_of_gzip() {
+        use base64::Engine;
+        use std::io::Read;
+        let encoded = encode_annotation(DOC);
+        let gz = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, DOC);
     }
 
     #[test]

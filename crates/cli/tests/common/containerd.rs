@@ -531,6 +531,23 @@ impl Pods {
             .map(|r| r.into_inner().container_id)
     }
 
+    /// CreateContainer with a configuration as the kubelet writes it.
+    pub async fn create_config(
+        &mut self,
+        pod: &str,
+        sandbox: &coffer_shim::cri::PodSandboxConfig,
+        config: coffer_shim::cri::ContainerConfig,
+    ) -> Result<String, tonic::Status> {
+        self.rt
+            .create_container(coffer_shim::cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(sandbox.clone()),
+            })
+            .await
+            .map(|r| r.into_inner().container_id)
+    }
+
     /// StartContainer.
     pub async fn start(&mut self, id: &str) -> Result<(), tonic::Status> {
         self.rt
