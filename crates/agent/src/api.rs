@@ -134,6 +134,11 @@ impl AgentService {
                     _ => None,
                 });
             obj.insert("image_ref".into(), image_ref.unwrap_or_default());
+            // The environment as the container gets it: one entry per name, the last value the
+            // request gives (containerd 1.6 repeats a name the image config also sets).
+            if let Some(env) = obj.get_mut("env").and_then(|e| e.as_array_mut()) {
+                effective_env(env);
+            }
         } else if let Some(container) = obj
             .get("container_id")
             .and_then(|c| c.as_str())
@@ -142,6 +147,23 @@ impl AgentService {
             obj.insert("container".into(), container);
         }
     }
+}
+
+/// Keeps one `NAME=value` entry per name: the last value, at the first entry's place (as the
+/// container's spec merges them).
+fn effective_env(env: &mut Vec<serde_json::Value>) {
+    let name = |v: &serde_json::Value| {
+        let s = v.as_str().unwrap_or_default();
+        s.split_once('=').map(|(n, _)| n).unwrap_or(s).to_string()
+    };
+    let mut out: Vec<serde_json::Value> = Vec::with_capacity(env.len());
+    for v in env.drain(..) {
+        match out.iter_mut().find(|o| name(o) == name(&v)) {
+            Some(slot) => *slot = v,
+            None => out.push(v),
+        }
+    }
+    *env = out;
 }
 
 fn not_built<T>(what: &str) -> Result<Response<T>, Status> {
@@ -530,4 +552,19 @@ pub async fn unix_channel(
             }
         }))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_sees_the_environment_the_container_gets() {
+        let mut env: Vec<serde_json::Value> = ["GREETING=hi", "PATH=/bin", "GREETING=hello", "X"]
+            .iter()
+            .map(|s| serde_json::json!(s))
+            .collect();
+        effective_env(&mut env);
+        assert_eq!(env, ["GREETING=hello", "PATH=/bin", "X"]);
+    }
 }
