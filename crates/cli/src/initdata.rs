@@ -24,8 +24,28 @@ enum InitdataCommand {
         #[arg(long = "image-key")]
         image_keys: Vec<String>,
         /// Agent policy (Rego, package agent_policy) [default: the built-in policy].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "container")]
         policy: Option<PathBuf>,
+        /// Pin the policy to one container, as `coffer run --name NAME [-t] [-i] IMAGE
+        /// [COMMAND…]` will ask for it: this registry image by the digest its tag names now,
+        /// this command (after `--`; none: the image's), nothing else and no exec.
+        #[arg(long, value_name = "docker://…", requires = "name")]
+        container: Option<String>,
+        /// The pinned container's name (`coffer run --name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The pinned container has a terminal (`coffer run -t`).
+        #[arg(long, requires = "container")]
+        tty: bool,
+        /// The pinned container's stdin is open (`coffer run -i`).
+        #[arg(long, requires = "container")]
+        interactive: bool,
+        /// Resolve the pinned image over plain HTTP (development registries).
+        #[arg(long, requires = "container")]
+        plain_http: bool,
+        /// The pinned container's command.
+        #[arg(last = true, requires = "container")]
+        command: Vec<String>,
         /// The workload owner's public key (PEM: Ed25519, ECDSA P-256/P-384 or RSA), for
         /// owner-signed exec.
         #[arg(long)]
@@ -56,6 +76,22 @@ fn read(p: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
+/// The policy pinning one container, its image resolved now.
+fn pin(c: coffer_policy::RunContainer, plain_http: bool) -> anyhow::Result<String> {
+    let resolver = coffer_policy::RegistryResolver {
+        source: coffer_image::source::SourceOptions {
+            plain_http,
+            ..Default::default()
+        },
+        platform: coffer_image::pull::Platform::default(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(coffer_policy::run_container_policy(&c, &resolver))
+        .context("--container")
+}
+
 /// Runs `coffer initdata …`.
 pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
     match args.command {
@@ -75,6 +111,12 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
             registry_auth,
             signature_policy,
             algorithm,
+            container,
+            name,
+            tty,
+            interactive,
+            plain_http,
+            command,
         } => {
             if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
                 bail!("--kbs-url {kbs_url}: use http(s)://HOST:PORT");
@@ -90,9 +132,19 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                     coffer_cdh::ResourceUri::parse(u).with_context(|| format!("{flag} {u}"))?;
                 }
             }
-            let policy_text = match &policy {
-                Some(p) => read(p)?,
-                None => {
+            let policy_text = match (&policy, container) {
+                (Some(p), _) => read(p)?,
+                (None, Some(image)) => pin(
+                    coffer_policy::RunContainer {
+                        name: name.unwrap_or_default(),
+                        image,
+                        args: command,
+                        tty,
+                        stdin: interactive,
+                    },
+                    plain_http,
+                )?,
+                (None, None) => {
                     eprintln!(
                         "coffer: no --policy: the built-in development policy lets whoever runs the node create any container in this sandbox (any image, command, environment or mount), with the keys the KBS releases to it; give the workload's own policy with --policy"
                     );

@@ -107,6 +107,12 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             a.kbs
         );
     }
+    match parsed.data.get("policy.rego").map(String::as_str) {
+        None | Some(coffer_agent::policy::DEFAULT_POLICY) => eprintln!(
+            "coffer: this initdata's policy is the built-in development policy: whoever runs this host can create any container in the sandbox, with the keys the KBS releases to it; pin this one with `coffer initdata new --container IMAGE --name NAME -- COMMAND…`"
+        ),
+        Some(_) => {}
+    }
     let keys = a.owner_key.as_deref().map(OwnerKeys::load).transpose()?;
     let agent_bin = crate::measure::agent_path(&a.agent)?;
     let name = a

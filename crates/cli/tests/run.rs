@@ -405,6 +405,72 @@ async fn a_registered_run_prints_the_output_of_an_image_only_the_kbs_can_open() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_initdata_pinned_to_one_container_runs_it_and_refuses_any_other() {
+    let w = world().await;
+    let cmd = ["/bin/sh", "-c", "echo pinned run"];
+    let mut extra = vec![
+        "--container",
+        &w.image,
+        "--name",
+        "pinned",
+        "--plain-http",
+        "--",
+    ];
+    extra.extend(cmd);
+    let init = w.initdata("pinned.toml", &extra).await;
+    w.register(&[&init]).await;
+
+    let (code, stdout, stderr) = cli(w.run(&init, "pinned", &[], &cmd)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "pinned run\n");
+    // Another command, another name, a terminal: each refused, naming what differs.
+    for (name, flags, command, why) in [
+        (
+            "pinned",
+            &[][..],
+            &["/bin/sh", "-c", "cat /etc/passwd"][..],
+            "args[2] is \"cat /etc/passwd\", the policy allows \"echo pinned run\"",
+        ),
+        (
+            "other",
+            &[],
+            &cmd,
+            "container \"other\" is not in the policy, which allows [\"pinned\"]",
+        ),
+        (
+            "pinned",
+            &["-t"],
+            &cmd,
+            "tty is true, the policy allows false",
+        ),
+    ] {
+        let (code, stdout, stderr) = cli(w.run(&init, name, flags, command)).await;
+        assert_ne!(code, Some(0));
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(
+            stderr.contains(&format!("denied by policy: CreateContainerRequest: {why}")),
+            "{stderr}"
+        );
+    }
+    // A policy file and a pinned container are one or the other.
+    let (code, _, stderr) = cli(s(&[
+        "initdata",
+        "new",
+        "--kbs-url",
+        &w.kbs.url,
+        "--policy",
+        "x.rego",
+        "--container",
+        &w.image,
+        "--name",
+        "n",
+    ]))
+    .await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn detached_containers_take_exec_only_as_the_policy_or_the_owner_allows() {
     let w = world().await;
     let d = w.d();

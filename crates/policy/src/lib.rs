@@ -509,3 +509,85 @@ fn image_of(
         },
     })
 }
+
+/// One container as `coffer run` asks the agent for it (no pod, no CRI annotations): the
+/// container id is its name, the args are the command given (empty: the image's Entrypoint and
+/// Cmd, which the digest pins), and nothing else is set.
+#[derive(Clone, Debug)]
+pub struct RunContainer {
+    /// The container's name (`coffer run --name`).
+    pub name: String,
+    /// The image (`docker://REG/REPO:TAG` or `…@sha256:…`).
+    pub image: String,
+    /// The command (`coffer run IMAGE COMMAND…`); empty: the image's.
+    pub args: Vec<String>,
+    /// `coffer run -t`.
+    pub tty: bool,
+    /// `coffer run -i`.
+    pub stdin: bool,
+}
+
+/// The policy that allows exactly `c` (image pinned to the digest `resolver` gives), the
+/// sandbox's lifecycle and reads, and no exec (an owner-signed exec stands on its signature).
+pub async fn run_container_policy(
+    c: &RunContainer,
+    resolver: &dyn ImageResolver,
+) -> Result<String, PolicyGenError> {
+    let written = c.image.strip_prefix("docker://").ok_or_else(|| {
+        PolicyGenError::Input(format!(
+            "{}: only a registry image (docker://…) can be pinned by digest",
+            c.image
+        ))
+    })?;
+    // The agent's rule for container ids.
+    let valid = !c.name.is_empty()
+        && c.name.len() <= 64
+        && c.name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(PolicyGenError::Input(format!(
+            "container name {:?}: use 1-64 letters, digits, '-' or '_'",
+            c.name
+        )));
+    }
+    let resolved = resolver.resolve(&c.image).await?;
+    let mut images = BTreeMap::new();
+    images.insert(written.to_string(), resolved);
+    let spec = spec::Container {
+        name: c.name.clone(),
+        image: Some(written.to_string()),
+        ..Default::default()
+    };
+    let image = image_of(&format!("container {}", c.name), &spec, &images)?;
+    let data = json!({
+        "pod": null,
+        "containers": {
+            c.name.clone(): {
+                "init": false,
+                "image": {
+                    "registry": image.registry,
+                    "repository": image.repository,
+                    "tag": image.tag,
+                    "digest": image.digest,
+                },
+                "pull": format!("docker://{}/{}@{}", image.registry, image.repository, image.digest),
+                "args": c.args,
+                "working_dir": "",
+                "env": {"pinned": {}, "any_value": [], "values": {}, "patterns": []},
+                "user": {"uid": null, "gid": null},
+                "read_only_rootfs": false,
+                "privileged": false,
+                "capabilities": [],
+                "tty": c.tty,
+                "stdin": c.stdin,
+                "mounts": [],
+                "exec": [],
+                "exec_any": false,
+            }
+        }
+    });
+    let policy = policy_for(&data);
+    validate_policy(&policy)?;
+    Ok(policy)
+}
