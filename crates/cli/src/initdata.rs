@@ -16,60 +16,64 @@ pub struct InitdataArgs {
 enum InitdataCommand {
     /// Print a complete initdata (TOML): the KBS the guest attests to, image keys, the agent
     /// policy (default: the built-in one), the workload owner's and log recipient's keys.
-    New {
-        /// The KBS the guest attests to.
-        #[arg(long)]
-        kbs_url: String,
-        /// A KBS resource holding an image decryption key (kbs:///repo/type/tag); repeatable.
-        #[arg(long = "image-key")]
-        image_keys: Vec<String>,
-        /// Agent policy (Rego, package agent_policy) [default: the built-in policy].
-        #[arg(long, conflicts_with = "container")]
-        policy: Option<PathBuf>,
-        /// Pin the policy to one container, as `coffer run --name NAME [-t] [-i] IMAGE
-        /// [COMMAND…]` will ask for it: this registry image by the digest its tag names now,
-        /// this command (after `--`; none: the image's), nothing else and no exec.
-        #[arg(long, value_name = "docker://…", requires = "name")]
-        container: Option<String>,
-        /// The pinned container's name (`coffer run --name`).
-        #[arg(long)]
-        name: Option<String>,
-        /// The pinned container has a terminal (`coffer run -t`).
-        #[arg(long, requires = "container")]
-        tty: bool,
-        /// The pinned container's stdin is open (`coffer run -i`).
-        #[arg(long, requires = "container")]
-        interactive: bool,
-        /// Resolve the pinned image over plain HTTP (development registries).
-        #[arg(long, requires = "container")]
-        plain_http: bool,
-        /// The pinned container's command.
-        #[arg(last = true, requires = "container")]
-        command: Vec<String>,
-        /// The workload owner's public key (PEM: Ed25519, ECDSA P-256/P-384 or RSA), for
-        /// owner-signed exec.
-        #[arg(long)]
-        owner_key: Option<PathBuf>,
-        /// The X25519 public key (PEM) container output is sealed to (HPKE).
-        #[arg(long)]
-        log_recipient: Option<PathBuf>,
-        /// KBS resource with the registry credentials (auth.json) the agent pulls with.
-        #[arg(long, value_name = "kbs:///…")]
-        registry_auth: Option<String>,
-        /// KBS resource with the image signature policy (containers-policy.json) the agent
-        /// enforces.
-        #[arg(long, value_name = "kbs:///…")]
-        signature_policy: Option<String>,
-        /// Digest algorithm: sha256, sha384 or sha512.
-        #[arg(long, default_value = "sha384")]
-        algorithm: String,
-    },
+    New(Box<NewArgs>),
     /// Print the digest (hex) of an initdata file under its declared algorithm: what SNP
     /// HOST_DATA, TDX MRCONFIGID and the KBS's `init_data` reference value hold.
     Digest {
         /// The initdata file.
         file: PathBuf,
     },
+}
+
+/// `coffer initdata new` arguments.
+#[derive(Args)]
+struct NewArgs {
+    /// The KBS the guest attests to.
+    #[arg(long)]
+    kbs_url: String,
+    /// A KBS resource holding an image decryption key (kbs:///repo/type/tag); repeatable.
+    #[arg(long = "image-key")]
+    image_keys: Vec<String>,
+    /// Agent policy (Rego, package agent_policy) [default: the built-in policy].
+    #[arg(long, conflicts_with = "container")]
+    policy: Option<PathBuf>,
+    /// Pin the policy to one container, as `coffer run --name NAME [-t] [-i] IMAGE
+    /// [COMMAND…]` will ask for it: this registry image by the digest its tag names now,
+    /// this command (after `--`; none: the image's), nothing else and no exec.
+    #[arg(long, value_name = "docker://…", requires = "name")]
+    container: Option<String>,
+    /// The pinned container's name (`coffer run --name`).
+    #[arg(long)]
+    name: Option<String>,
+    /// The pinned container has a terminal (`coffer run -t`).
+    #[arg(long, requires = "container")]
+    tty: bool,
+    /// The pinned container's stdin is open (`coffer run -i`).
+    #[arg(long, requires = "container")]
+    interactive: bool,
+    /// Resolve the pinned image over plain HTTP (development registries).
+    #[arg(long, requires = "container")]
+    plain_http: bool,
+    /// The pinned container's command.
+    #[arg(last = true, requires = "container")]
+    command: Vec<String>,
+    /// The workload owner's public key (PEM: Ed25519, ECDSA P-256/P-384 or RSA), for
+    /// owner-signed exec.
+    #[arg(long)]
+    owner_key: Option<PathBuf>,
+    /// The X25519 public key (PEM) container output is sealed to (HPKE).
+    #[arg(long)]
+    log_recipient: Option<PathBuf>,
+    /// KBS resource with the registry credentials (auth.json) the agent pulls with.
+    #[arg(long, value_name = "kbs:///…")]
+    registry_auth: Option<String>,
+    /// KBS resource with the image signature policy (containers-policy.json) the agent
+    /// enforces.
+    #[arg(long, value_name = "kbs:///…")]
+    signature_policy: Option<String>,
+    /// Digest algorithm: sha256, sha384 or sha512.
+    #[arg(long, default_value = "sha384")]
+    algorithm: String,
 }
 
 fn read(p: &PathBuf) -> anyhow::Result<String> {
@@ -102,22 +106,23 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
             println!("{}", hex::encode(digest));
             Ok(())
         }
-        InitdataCommand::New {
-            kbs_url,
-            image_keys,
-            policy,
-            owner_key,
-            log_recipient,
-            registry_auth,
-            signature_policy,
-            algorithm,
-            container,
-            name,
-            tty,
-            interactive,
-            plain_http,
-            command,
-        } => {
+        InitdataCommand::New(new) => {
+            let NewArgs {
+                kbs_url,
+                image_keys,
+                policy,
+                owner_key,
+                log_recipient,
+                registry_auth,
+                signature_policy,
+                algorithm,
+                container,
+                name,
+                tty,
+                interactive,
+                plain_http,
+                command,
+            } = *new;
             if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
                 bail!("--kbs-url {kbs_url}: use http(s)://HOST:PORT");
             }

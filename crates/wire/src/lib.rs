@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod binding;
+pub mod capabilities;
 pub mod ear;
 pub mod error;
 pub mod initdata;
