@@ -252,7 +252,7 @@ impl AgentPolicy {
 
     /// Allows or denies `request` (e.g. `ExecProcessRequest`) with `input` (the full request);
     /// the decision is audited. Denials name the request, and the policy's explanation when it
-    /// gives one ("denied by policy: CreateContainerRequest: args[1] is …").
+    /// gives one (`denied by policy: CreateContainerRequest: args[1] is …`).
     pub fn check(&self, request: &str, input: &Value) -> Result<(), PolicyError> {
         self.check_then(request, input, None).map(|_| ())
     }

@@ -46,7 +46,7 @@ struct GenerateArgs {
     /// Write the YAML here instead of stdout.
     #[arg(short = 'o', long)]
     output: Option<PathBuf>,
-    /// Write the KBS reference values ({"init_data": [digests]}) here.
+    /// Write the KBS reference values (`{"init_data": [DIGEST, …]}`) here.
     #[arg(long)]
     reference_values: Option<PathBuf>,
     /// Talk to registries over plain HTTP instead of HTTPS.
