@@ -270,13 +270,19 @@ fn kill9(pid: &str) {
         .success());
 }
 
-/// Whether process `pid` has fully exited: gone, or a zombie. A process killed a moment ago
-/// can still hold its files (the keeper's lock among them) after its command line reads empty.
+/// Whether process `pid` has fully exited: gone, or a zombie whose every thread has exited. A
+/// process killed a moment ago can still hold its files (the keeper's lock among them) after its
+/// command line reads empty, and after its main thread is a zombie while another thread of it
+/// is still exiting (the files go with the last thread).
 fn exited(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                && std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map(|threads| threads.count() <= 1)
+                    .unwrap_or(true)
+        }
         Err(_) => true,
     }
 }
