@@ -108,9 +108,10 @@ enum KbsCommand {
 /// How the CLI acts as a TEE towards a KBS.
 #[derive(Args, Clone)]
 pub(crate) struct TeeArgs {
-    /// Attester: `sample` (unsigned; the KBS must run with --allow-sample) or `emulated`
-    /// (SEV-SNP reports from the emulated PSP in --psp-dir; the KBS must run with
-    /// --allow-emulated --emulated-root DIR/roots.pem).
+    /// Attester: `auto` (this guest's TEE, found by probing: configfs-tsm's `sev_guest`; never
+    /// the emulated one), `tsm` (SEV-SNP through configfs-tsm), `sample` (unsigned; the KBS must
+    /// run with --allow-sample) or `emulated` (SEV-SNP reports from the emulated PSP in
+    /// --psp-dir; the KBS must run with --allow-emulated --emulated-root DIR/roots.pem).
     #[arg(long, default_value = "sample")]
     attester: String,
     /// The emulated PSP's state directory (created on first use).
@@ -143,7 +144,15 @@ fn attester(tee: &TeeArgs) -> anyhow::Result<Box<dyn Attester>> {
             }
             Ok(Box::new(EmulatedSnpAttester::new(psp, measurement)))
         }
-        other => bail!("attester {other:?} is not available; supported: sample, emulated"),
+        "auto" => Ok(coffer_attester::probe(std::path::Path::new(
+            coffer_attester::TSM_REPORT_ROOT,
+        ))?),
+        "tsm" => Ok(Box::new(coffer_attester::TsmSnpAttester::new(
+            std::path::Path::new(coffer_attester::TSM_REPORT_ROOT),
+        ))),
+        other => {
+            bail!("attester {other:?} is not available; supported: auto, tsm, sample, emulated")
+        }
     }
 }
 

@@ -1,0 +1,253 @@
+//! The kernel's configfs-tsm report interface (Linux 6.7 and later,
+//! `Documentation/ABI/testing/configfs-tsm`): a directory made under
+//! `/sys/kernel/config/tsm/report/` gets the attributes `inblob` (up to 64 bytes of report data
+//! to write), `outblob` (the TEE's report, produced when read), `auxblob` (what the host adds: for
+//! SEV-SNP the certificate table), `provider` (`sev_guest`, `tdx_guest`, …) and `generation`
+//! (incremented by every write, so that a reader can tell whether another writer interleaved).
+//!
+//! [`TsmReport::request`] makes an entry of its own, reads `generation`, writes `inblob`, reads
+//! the blobs and `generation` again: anything but exactly one write in between (its own) is a
+//! [`AttesterError::Race`]. [`TsmSnpAttester`] turns an `sev_guest` report into the evidence the
+//! SNP verifier takes.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use kbs_types::Tee;
+use serde_json::{json, Value};
+use sev::parser::ByteParser;
+
+use crate::AttesterError;
+
+/// Where the kernel offers report entries.
+pub const TSM_REPORT_ROOT: &str = "/sys/kernel/config/tsm/report";
+
+/// How long an attribute of a just-made entry may take to appear. The kernel makes them with
+/// the directory; an emulation of the interface may lag a moment.
+const ATTRIBUTE_WAIT: Duration = Duration::from_secs(1);
+
+/// The size of an SEV-SNP attestation report (ABI version 2 and later).
+const SNP_REPORT_LEN: usize = 1184;
+
+/// One report from configfs-tsm.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Who produced it (`provider`: `sev_guest`, `tdx_guest`, …).
+    pub provider: String,
+    /// The TEE's report (`outblob`).
+    pub outblob: Vec<u8>,
+    /// What the host added (`auxblob`; empty when it added nothing).
+    pub auxblob: Vec<u8>,
+}
+
+/// The report interface under one root (normally [`TSM_REPORT_ROOT`]).
+#[derive(Clone, Debug)]
+pub struct TsmReport {
+    root: PathBuf,
+}
+
+/// Entry names made by this process are unique among its requests.
+static NEXT_ENTRY: AtomicU64 = AtomicU64::new(0);
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> AttesterError {
+    move |source| AttesterError::Io { what, source }
+}
+
+/// Opens an attribute of a just-made entry, waiting up to [`ATTRIBUTE_WAIT`] for it to appear.
+fn attribute(path: &Path, write: bool) -> Result<std::fs::File, AttesterError> {
+    let until = Instant::now() + ATTRIBUTE_WAIT;
+    loop {
+        let r = if write {
+            std::fs::OpenOptions::new().write(true).open(path)
+        } else {
+            std::fs::File::open(path)
+        };
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => return r.map_err(io(format!("cannot open {}", path.display()))),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, AttesterError> {
+    let mut f = attribute(path, false)?;
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut buf)
+        .map_err(io(format!("cannot read {}", path.display())))?;
+    Ok(buf)
+}
+
+fn read_text(path: &Path) -> Result<String, AttesterError> {
+    String::from_utf8(read(path)?)
+        .map(|s| s.trim().to_string())
+        .map_err(|_| AttesterError::Invalid(format!("{} is not text", path.display())))
+}
+
+fn generation(entry: &Path) -> Result<u64, AttesterError> {
+    let path = entry.join("generation");
+    let text = read_text(&path)?;
+    text.parse().map_err(|_| {
+        AttesterError::Invalid(format!("{} reads {text:?}, not a number", path.display()))
+    })
+}
+
+/// An entry of ours, removed when dropped (configfs removes its attributes with it).
+struct Entry(PathBuf);
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+impl TsmReport {
+    /// The interface under `root`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn entry(&self) -> Result<Entry, AttesterError> {
+        let name = format!(
+            "coffer-{}-{}",
+            std::process::id(),
+            NEXT_ENTRY.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.root.join(name);
+        std::fs::create_dir(&path).map_err(io(format!(
+            "cannot make a report entry under {} (configfs-tsm)",
+            self.root.display()
+        )))?;
+        Ok(Entry(path))
+    }
+
+    /// Who provides reports here (`sev_guest`, `tdx_guest`, …).
+    pub fn provider(&self) -> Result<String, AttesterError> {
+        let entry = self.entry()?;
+        read_text(&entry.0.join("provider"))
+    }
+
+    /// A report over `report_data`, checked against concurrent writers.
+    pub fn request(&self, report_data: &[u8; 64]) -> Result<Report, AttesterError> {
+        let entry = self.entry()?;
+        let dir = &entry.0;
+        let provider = read_text(&dir.join("provider"))?;
+        let before = generation(dir)?;
+        let inblob = dir.join("inblob");
+        attribute(&inblob, true)?
+            .write_all(report_data)
+            .map_err(io(format!("cannot write {}", inblob.display())))?;
+        let outblob = read(&dir.join("outblob"))?;
+        let auxblob = match read(&dir.join("auxblob")) {
+            Ok(b) => b,
+            // Providers without host data have no auxblob.
+            Err(AttesterError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        let after = generation(dir)?;
+        if after != before + 1 {
+            return Err(AttesterError::Race(format!(
+                "{} (generation {before} before the request, {after} after)",
+                dir.display()
+            )));
+        }
+        Ok(Report {
+            provider,
+            outblob,
+            auxblob,
+        })
+    }
+}
+
+/// Whether configfs-tsm is offered under `root`, and by whom.
+pub fn provider(root: &Path) -> Result<Option<String>, AttesterError> {
+    if !root.is_dir() {
+        return Ok(None);
+    }
+    TsmReport::new(root).provider().map(Some)
+}
+
+/// SEV-SNP evidence from configfs-tsm (`provider` `sev_guest`): the report over the runtime-data
+/// digest, with the VCEK or VLEK (and whatever else) from the host's certificate table when the
+/// host supplies one; without it the KBS takes the VCEK from its cache or AMD's KDS.
+#[derive(Clone, Debug)]
+pub struct TsmSnpAttester {
+    tsm: TsmReport,
+}
+
+impl TsmSnpAttester {
+    /// The attester over the interface under `root`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            tsm: TsmReport::new(root),
+        }
+    }
+
+    /// The evidence JSON the SNP verifier takes, over `report_data` (at most 64 bytes, zero
+    /// padded). The report's own HOST_DATA carries the initdata digest the launcher set.
+    pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
+        if report_data.len() > 64 {
+            return Err(AttesterError::Invalid(format!(
+                "report data of {} bytes; SEV-SNP takes at most 64",
+                report_data.len()
+            )));
+        }
+        let mut rd = [0u8; 64];
+        rd[..report_data.len()].copy_from_slice(report_data);
+        let r = self.tsm.request(&rd)?;
+        if r.provider != "sev_guest" {
+            return Err(AttesterError::Invalid(format!(
+                "configfs-tsm's provider is {:?}, not sev_guest",
+                r.provider
+            )));
+        }
+        if r.outblob.len() != SNP_REPORT_LEN {
+            return Err(AttesterError::Invalid(format!(
+                "the SEV-SNP report is {} bytes, not {SNP_REPORT_LEN}",
+                r.outblob.len()
+            )));
+        }
+        let report = sev::firmware::guest::AttestationReport::from_bytes(&r.outblob)
+            .map_err(|e| AttesterError::Invalid(format!("the SEV-SNP report: {e}")))?;
+        if report.report_data[..] != rd[..] {
+            return Err(AttesterError::Invalid(
+                "the SEV-SNP report carries other report data than was asked for".into(),
+            ));
+        }
+        let mut evidence = json!({ "attestation_report": report });
+        if !r.auxblob.is_empty() {
+            let chain: Vec<Value> = crate::certs::parse(&r.auxblob)?
+                .into_iter()
+                .map(|c| json!({"cert_type": c.kind, "data": c.data}))
+                .collect();
+            evidence["cert_chain"] = Value::Array(chain);
+        }
+        Ok(evidence)
+    }
+}
+
+impl coffer_kbs_client::Attester for TsmSnpAttester {
+    fn tee(&self) -> Tee {
+        Tee::Snp
+    }
+
+    fn evidence(
+        &self,
+        report_data: &[u8],
+        _init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, coffer_kbs_client::AttesterError> {
+        self.gather(report_data)
+            .map_err(|e| coffer_kbs_client::AttesterError(e.to_string()))
+    }
+}

@@ -1,0 +1,230 @@
+//! configfs-tsm against a directory laid out like the kernel's interface, served by a helper
+//! thread that writes real-format SEV-SNP reports (signed by the emulated PSP) and a host
+//! certificate table: the attester gathers evidence, a KBS that trusts the emulated roots
+//! verifies it and releases a resource; a concurrent writer (`generation` moved twice), another
+//! provider and a missing interface are each refused, naming what was wrong.
+
+use std::{
+    io::{Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use coffer_attester::{certs, AttesterError, TsmSnpAttester};
+use coffer_psp::{EmulatedPsp, Launch, Tcb};
+
+const INITDATA: &str =
+    "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
+const MEASUREMENT: [u8; 48] = [0x5a; 48];
+
+/// The kernel's side of configfs-tsm, emulated: each entry made under the root gets its
+/// attributes; reading `outblob` (a FIFO) yields a report over what `inblob` holds, and bumps
+/// `generation` (twice when `interleave`: another writer came between).
+struct FakeTsm {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl FakeTsm {
+    fn start(root: &Path, psp: EmulatedPsp, provider: &'static str, interleave: bool) -> Self {
+        std::fs::create_dir_all(root).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let psp = Arc::new(Mutex::new(psp));
+        let (root, flag) = (root.to_path_buf(), stop.clone());
+        let watcher = std::thread::spawn(move || {
+            let mut seen = std::collections::HashSet::new();
+            let mut servers = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                for e in std::fs::read_dir(&root).unwrap().flatten() {
+                    let dir = e.path();
+                    if !dir.is_dir() || !seen.insert(dir.clone()) {
+                        continue;
+                    }
+                    std::fs::write(dir.join("provider"), format!("{provider}\n")).unwrap();
+                    std::fs::write(dir.join("generation"), "0\n").unwrap();
+                    std::fs::write(dir.join("inblob"), "").unwrap();
+                    for blob in ["outblob", "auxblob"] {
+                        let path = dir.join(blob);
+                        assert!(std::process::Command::new("mkfifo")
+                            .arg(&path)
+                            .status()
+                            .unwrap()
+                            .success());
+                    }
+                    let (psp, flag) = (psp.clone(), flag.clone());
+                    servers.push(std::thread::spawn(move || {
+                        serve(&dir, &psp, &flag, interleave)
+                    }));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for s in servers {
+                s.join().unwrap();
+            }
+        });
+        Self {
+            stop,
+            threads: vec![watcher],
+        }
+    }
+}
+
+impl Drop for FakeTsm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens FIFO `path` for writing once a reader has it open (or returns `None` when stopped).
+fn writer(path: &Path, stop: &AtomicBool) -> Option<std::fs::File> {
+    while !stop.load(Ordering::Relaxed) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)
+        {
+            Ok(f) => return Some(f),
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    None
+}
+
+fn serve(dir: &Path, psp: &Mutex<EmulatedPsp>, stop: &AtomicBool, interleave: bool) {
+    let Some(mut out) = writer(&dir.join("outblob"), stop) else {
+        return;
+    };
+    let mut rd = [0u8; 64];
+    let mut inblob = Vec::new();
+    std::fs::File::open(dir.join("inblob"))
+        .unwrap()
+        .read_to_end(&mut inblob)
+        .unwrap();
+    rd[..inblob.len().min(64)].copy_from_slice(&inblob[..inblob.len().min(64)]);
+    let psp = psp.lock().unwrap();
+    let report = psp.report(&rd).unwrap();
+    let generation = if interleave { 2 } else { 1 };
+    std::fs::write(dir.join("generation"), format!("{generation}\n")).unwrap();
+    out.write_all(&report).unwrap();
+    drop(out);
+    let table = certs::encode(&[(certs::VCEK_GUID, psp.vcek_der())]);
+    drop(psp);
+    if let Some(mut aux) = writer(&dir.join("auxblob"), stop) {
+        aux.write_all(&table).unwrap();
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn psp(dir: &Path) -> EmulatedPsp {
+    let mut psp = EmulatedPsp::load_or_generate(dir).unwrap();
+    let digest = coffer_wire::initdata::digest(INITDATA).unwrap();
+    let mut host_data = [0u8; 32];
+    host_data.copy_from_slice(&digest[..32]);
+    psp.set_launch(Launch {
+        measurement: MEASUREMENT,
+        host_data,
+        ..Launch::default()
+    });
+    psp
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configfs_tsm_report_attests_to_the_kbs() {
+    let d = tempfile::tempdir().unwrap();
+    let psp_dir = d.path().join("psp");
+    let root = d.path().join("tsm/report");
+    let _tsm = FakeTsm::start(&root, psp(&psp_dir), "sev_guest", false);
+
+    // The probe finds it.
+    let attester = coffer_attester::probe(&root).expect("the probe");
+    assert_eq!(attester.tee(), kbs_types::Tee::Snp);
+
+    let kbs = coffer_testkit::start_kbs(d.path(), |c| {
+        c.allow_emulated = true;
+        c.emulated_root = Some(psp_dir.join("roots.pem"));
+    })
+    .await;
+    kbs.admin
+        .set_resource("default/app/secret", b"from the kbs".to_vec())
+        .await
+        .unwrap();
+    let tcb = Tcb::default();
+    let refs = serde_json::json!({
+        "measurement": [hex(&MEASUREMENT)],
+        "init_data": [hex(&coffer_wire::initdata::digest(INITDATA).unwrap())],
+        "snp_tcb_min": [{"bootloader": tcb.bootloader, "tee": tcb.tee, "snp": tcb.snp, "microcode": tcb.microcode}],
+    });
+    kbs.admin
+        .set_reference_values(refs.to_string().as_bytes())
+        .await
+        .unwrap();
+    let client = coffer_kbs_client::KbsClient::new(
+        &kbs.url,
+        coffer_kbs_client::http_client(None).unwrap(),
+        Box::new(TsmSnpAttester::new(&root)),
+        coffer_jose::TeeKeyAlgorithm::EcP256,
+    )
+    .unwrap()
+    .with_initdata(INITDATA.to_string());
+    assert_eq!(
+        client
+            .get_resource("default/app/secret")
+            .await
+            .expect("released")
+            .as_slice(),
+        b"from the kbs"
+    );
+
+    // The evidence: the report over the asked data, the VCEK from the host's table.
+    let ev = TsmSnpAttester::new(&root).gather(&[7u8; 48]).unwrap();
+    assert_eq!(ev["cert_chain"][0]["cert_type"], "VCEK");
+    let rd: Vec<u8> =
+        serde_json::from_value(ev["attestation_report"]["report_data"].clone()).unwrap();
+    assert_eq!(rd.len(), 64);
+    assert_eq!((&rd[..48], &rd[48..]), (&[7u8; 48][..], &[0u8; 16][..]));
+    assert!(TsmSnpAttester::new(&root).gather(&[0u8; 65]).is_err());
+}
+
+#[test]
+fn a_concurrent_writer_another_provider_or_no_interface_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let raced: PathBuf = d.path().join("raced");
+    let _a = FakeTsm::start(&raced, psp(&d.path().join("psp")), "sev_guest", true);
+    let e = TsmSnpAttester::new(&raced).gather(&[1u8; 32]).unwrap_err();
+    assert!(matches!(e, AttesterError::Race(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("generation 0 before the request, 2 after"),
+        "{e}"
+    );
+
+    let tdx = d.path().join("tdx");
+    let _b = FakeTsm::start(&tdx, psp(&d.path().join("psp")), "tdx_guest", false);
+    let e = coffer_attester::probe(&tdx).err().unwrap().to_string();
+    assert!(e.contains("provided by \"tdx_guest\""), "{e}");
+    let e = TsmSnpAttester::new(&tdx)
+        .gather(&[1u8; 32])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not sev_guest"), "{e}");
+
+    let e = coffer_attester::probe(&d.path().join("absent"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("no TEE found in this guest: no configfs-tsm report interface"),
+        "{e}"
+    );
+}
