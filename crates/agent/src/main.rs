@@ -23,9 +23,14 @@ struct Args {
     /// The initdata (TOML) this guest was launched with.
     #[arg(long)]
     initdata: PathBuf,
-    /// The PSP channel (unix socket) the launcher provides (emulated SEV-SNP).
+    /// The PSP channel (unix socket) the launcher provides (emulated SEV-SNP, development
+    /// only). Without it the agent uses the TEE it runs in, found by probing (configfs-tsm),
+    /// and refuses to start when there is none.
     #[arg(long)]
-    psp_socket: PathBuf,
+    psp_socket: Option<PathBuf>,
+    /// Where the kernel's configfs-tsm report interface is.
+    #[arg(long, default_value = coffer_attester::TSM_REPORT_ROOT, hide = true)]
+    tsm_root: PathBuf,
     /// Audit log of policy decisions (JSON lines, appended).
     #[arg(long)]
     audit_log: PathBuf,
@@ -101,7 +106,8 @@ fn vm_main() -> anyhow::Result<()> {
     run(Args {
         listen: format!("serial:{}", boot.agent_port.display()),
         initdata,
-        psp_socket: boot.psp_port,
+        psp_socket: Some(boot.psp_port),
+        tsm_root: coffer_attester::TSM_REPORT_ROOT.into(),
         audit_log: scratch.join("audit.jsonl"),
         state_dir: scratch.join("state"),
         runtime: PathBuf::from("/usr/sbin/runc"),
@@ -110,6 +116,14 @@ fn vm_main() -> anyhow::Result<()> {
         private_state: false,
         image_cache: Some(scratch.join("images")),
         egress: Some("port".into()),
+    })
+}
+
+/// The attester: the launcher's emulated PSP channel when given, else this guest's own TEE.
+fn attester(args: &Args) -> anyhow::Result<Box<dyn coffer_kbs_client::Attester>> {
+    Ok(match &args.psp_socket {
+        Some(socket) => Box::new(coffer_kbs_client::PspChannelAttester::new(socket.clone())),
+        None => coffer_attester::probe(&args.tsm_root)?,
     })
 }
 
@@ -127,13 +141,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let text = std::fs::read_to_string(&args.initdata)
         .with_context(|| format!("cannot read {}", args.initdata.display()))?;
-    let evidence = coffer_psp::channel::request_evidence(&args.psp_socket, &[0u8; 64])
-        .map_err(anyhow::Error::msg)?;
+    let evidence = attester(&args)?
+        .evidence(&[0u8; 64], None)
+        .map_err(|e| anyhow::anyhow!("{}", e.0))?;
     tracing::debug!("evidence from the TEE");
     let (initdata, digest) = check_initdata(&text, &evidence)?;
-    eprintln!(
-        "coffer-agent: EMULATED TEE: the emulated PSP gives no confidentiality (development only)"
-    );
+    if args.psp_socket.is_some() {
+        eprintln!(
+            "coffer-agent: EMULATED TEE: the emulated PSP gives no confidentiality (development only)"
+        );
+    }
     let audit = Arc::new(FileAudit::open(&args.audit_log)?);
     tracing::debug!("compiling the policy");
     let policy = Arc::new(AgentPolicy::new(
@@ -205,9 +222,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let client = coffer_kbs_client::KbsClient::new(
             url,
             coffer_kbs_client::http_client_via(None, proxy.as_deref())?,
-            Box::new(coffer_kbs_client::PspChannelAttester::new(
-                args.psp_socket.clone(),
-            )),
+            attester(&args)?,
             coffer_jose::TeeKeyAlgorithm::EcP256,
         )?
         .with_initdata(text.clone());

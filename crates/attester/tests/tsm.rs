@@ -4,123 +4,15 @@
 //! verifies it and releases a resource; a concurrent writer (`generation` moved twice), another
 //! provider and a missing interface are each refused, naming what was wrong.
 
-use std::{
-    io::{Read, Write},
-    os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
-use coffer_attester::{certs, AttesterError, TsmSnpAttester};
+use coffer_attester::{AttesterError, TsmSnpAttester};
 use coffer_psp::{EmulatedPsp, Launch, Tcb};
+use coffer_testkit::tsm::FakeTsm;
 
 const INITDATA: &str =
     "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
 const MEASUREMENT: [u8; 48] = [0x5a; 48];
-
-/// The kernel's side of configfs-tsm, emulated: each entry made under the root gets its
-/// attributes; reading `outblob` (a FIFO) yields a report over what `inblob` holds, and bumps
-/// `generation` (twice when `interleave`: another writer came between).
-struct FakeTsm {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl FakeTsm {
-    fn start(root: &Path, psp: EmulatedPsp, provider: &'static str, interleave: bool) -> Self {
-        std::fs::create_dir_all(root).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let psp = Arc::new(Mutex::new(psp));
-        let (root, flag) = (root.to_path_buf(), stop.clone());
-        let watcher = std::thread::spawn(move || {
-            let mut seen = std::collections::HashSet::new();
-            let mut servers = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                for e in std::fs::read_dir(&root).unwrap().flatten() {
-                    let dir = e.path();
-                    if !dir.is_dir() || !seen.insert(dir.clone()) {
-                        continue;
-                    }
-                    std::fs::write(dir.join("provider"), format!("{provider}\n")).unwrap();
-                    std::fs::write(dir.join("generation"), "0\n").unwrap();
-                    std::fs::write(dir.join("inblob"), "").unwrap();
-                    for blob in ["outblob", "auxblob"] {
-                        let path = dir.join(blob);
-                        assert!(std::process::Command::new("mkfifo")
-                            .arg(&path)
-                            .status()
-                            .unwrap()
-                            .success());
-                    }
-                    let (psp, flag) = (psp.clone(), flag.clone());
-                    servers.push(std::thread::spawn(move || {
-                        serve(&dir, &psp, &flag, interleave)
-                    }));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            for s in servers {
-                s.join().unwrap();
-            }
-        });
-        Self {
-            stop,
-            threads: vec![watcher],
-        }
-    }
-}
-
-impl Drop for FakeTsm {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Opens FIFO `path` for writing once a reader has it open (or returns `None` when stopped).
-fn writer(path: &Path, stop: &AtomicBool) -> Option<std::fs::File> {
-    while !stop.load(Ordering::Relaxed) {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-            .open(path)
-        {
-            Ok(f) => return Some(f),
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
-        }
-    }
-    None
-}
-
-fn serve(dir: &Path, psp: &Mutex<EmulatedPsp>, stop: &AtomicBool, interleave: bool) {
-    let Some(mut out) = writer(&dir.join("outblob"), stop) else {
-        return;
-    };
-    let mut rd = [0u8; 64];
-    let mut inblob = Vec::new();
-    std::fs::File::open(dir.join("inblob"))
-        .unwrap()
-        .read_to_end(&mut inblob)
-        .unwrap();
-    rd[..inblob.len().min(64)].copy_from_slice(&inblob[..inblob.len().min(64)]);
-    let psp = psp.lock().unwrap();
-    let report = psp.report(&rd).unwrap();
-    let generation = if interleave { 2 } else { 1 };
-    std::fs::write(dir.join("generation"), format!("{generation}\n")).unwrap();
-    out.write_all(&report).unwrap();
-    drop(out);
-    let table = certs::encode(&[(certs::VCEK_GUID, psp.vcek_der())]);
-    drop(psp);
-    if let Some(mut aux) = writer(&dir.join("auxblob"), stop) {
-        aux.write_all(&table).unwrap();
-    }
-}
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

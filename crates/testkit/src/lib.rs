@@ -1,10 +1,13 @@
 //! Test support shared by the integration tests of several crates: a real coffer-kbs served in
-//! the test's process, and an OCI image layout holding a static busybox (the containers' image).
+//! the test's process, an OCI image layout holding a static busybox (the containers' image), and
+//! an emulated configfs-tsm report interface ([`tsm`]).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::{io::Write, path::Path};
+
+pub mod tsm;
 
 use coffer_kbs::{server, Config, Kbs};
 use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};
