@@ -15,7 +15,7 @@ pub mod tsm;
 
 use std::path::Path;
 
-pub use tsm::{TsmReport, TsmSnpAttester, TSM_REPORT_ROOT};
+pub use tsm::{TsmReport, TsmSnpAttester, TsmTdxAttester, CCEL_TABLE, TSM_REPORT_ROOT};
 
 /// Why evidence could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +41,18 @@ pub enum AttesterError {
 }
 
 /// The attester for the TEE this guest runs in, found under `tsm_root` (normally
-/// [`TSM_REPORT_ROOT`]): the configfs-tsm provider `sev_guest` gives SEV-SNP evidence. Anything
+/// [`TSM_REPORT_ROOT`]): the configfs-tsm provider `sev_guest` gives SEV-SNP evidence, `tdx_guest`
+/// TDX evidence (with the CCEL event log at [`CCEL_TABLE`] when present). Anything
 /// else is an error naming what was looked for; the emulated TEE is never chosen here.
 pub fn probe(tsm_root: &Path) -> Result<Box<dyn coffer_kbs_client::Attester>, AttesterError> {
     match tsm::provider(tsm_root)? {
         Some(p) if p == "sev_guest" => Ok(Box::new(TsmSnpAttester::new(tsm_root))),
+        Some(p) if p == "tdx_guest" => Ok(Box::new(TsmTdxAttester::new(
+            tsm_root,
+            Path::new(CCEL_TABLE),
+        ))),
         Some(p) => Err(AttesterError::NoTee(format!(
-            "configfs-tsm at {} is provided by {p:?}, which this build does not gather evidence from (it does: sev_guest)",
+            "configfs-tsm at {} is provided by {p:?}, which this build does not gather evidence from (it does: sev_guest, tdx_guest)",
             tsm_root.display()
         ))),
         None => Err(AttesterError::NoTee(format!(

@@ -251,3 +251,83 @@ impl coffer_kbs_client::Attester for TsmSnpAttester {
             .map_err(|e| coffer_kbs_client::AttesterError(e.to_string()))
     }
 }
+
+/// Where the firmware's CC event log (CCEL, the measurements into the RTMRs) is exposed.
+pub const CCEL_TABLE: &str = "/sys/firmware/acpi/tables/data/CCEL";
+
+/// TDX evidence from configfs-tsm (`provider` `tdx_guest`): the TD quote the host's quote
+/// generation service signs over the runtime-data digest (as REPORTDATA), and the CCEL event
+/// log when the firmware exposes one, in the form the TDX verifier takes (`{"quote": base64,
+/// "cc_eventlog": base64}`). The KBS checks REPORTDATA and MRCONFIGID (the initdata digest).
+#[derive(Clone, Debug)]
+pub struct TsmTdxAttester {
+    tsm: TsmReport,
+    ccel: PathBuf,
+}
+
+impl TsmTdxAttester {
+    /// The attester over the interface under `root`, with the event log at `ccel` (normally
+    /// [`CCEL_TABLE`]; absent: no log).
+    pub fn new(root: &Path, ccel: &Path) -> Self {
+        Self {
+            tsm: TsmReport::new(root),
+            ccel: ccel.to_path_buf(),
+        }
+    }
+
+    /// The evidence JSON over `report_data` (at most 64 bytes, zero padded).
+    pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
+        use base64::Engine;
+        if report_data.len() > 64 {
+            return Err(AttesterError::Invalid(format!(
+                "report data of {} bytes; TDX takes at most 64",
+                report_data.len()
+            )));
+        }
+        let mut rd = [0u8; 64];
+        rd[..report_data.len()].copy_from_slice(report_data);
+        let r = self.tsm.request(&rd)?;
+        if r.provider != "tdx_guest" {
+            return Err(AttesterError::Invalid(format!(
+                "configfs-tsm's provider is {:?}, not tdx_guest",
+                r.provider
+            )));
+        }
+        // A quote is a 48-byte header, a TD report body and a signature section; anything
+        // shorter than header and body is not one.
+        if r.outblob.len() < 48 + 584 {
+            return Err(AttesterError::Invalid(format!(
+                "the TD quote is {} bytes, too short to be one",
+                r.outblob.len()
+            )));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut evidence = json!({ "quote": b64.encode(&r.outblob) });
+        match std::fs::read(&self.ccel) {
+            Ok(log) => evidence["cc_eventlog"] = Value::String(b64.encode(log)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AttesterError::Io {
+                    what: format!("cannot read {}", self.ccel.display()),
+                    source: e,
+                })
+            }
+        }
+        Ok(evidence)
+    }
+}
+
+impl coffer_kbs_client::Attester for TsmTdxAttester {
+    fn tee(&self) -> Tee {
+        Tee::Tdx
+    }
+
+    fn evidence(
+        &self,
+        report_data: &[u8],
+        _init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, coffer_kbs_client::AttesterError> {
+        self.gather(report_data)
+            .map_err(|e| coffer_kbs_client::AttesterError(e.to_string()))
+    }
+}

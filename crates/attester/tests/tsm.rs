@@ -101,11 +101,11 @@ fn a_concurrent_writer_another_provider_or_no_interface_is_refused() {
         "{e}"
     );
 
-    let tdx = d.path().join("tdx");
-    let _b = FakeTsm::start(&tdx, psp(&d.path().join("psp")), "tdx_guest", false);
-    let e = coffer_attester::probe(&tdx).err().unwrap().to_string();
-    assert!(e.contains("provided by \"tdx_guest\""), "{e}");
-    let e = TsmSnpAttester::new(&tdx)
+    let other = d.path().join("other");
+    let _b = FakeTsm::start(&other, psp(&d.path().join("psp")), "arm_cca_guest", false);
+    let e = coffer_attester::probe(&other).err().unwrap().to_string();
+    assert!(e.contains("provided by \"arm_cca_guest\""), "{e}");
+    let e = TsmSnpAttester::new(&other)
         .gather(&[1u8; 32])
         .unwrap_err()
         .to_string();
@@ -119,4 +119,67 @@ fn a_concurrent_writer_another_provider_or_no_interface_is_refused() {
         e.contains("no TEE found in this guest: no configfs-tsm report interface"),
         "{e}"
     );
+}
+
+/// A TD quote through configfs-tsm (`tdx_guest`): here a real quote captured from TDX hardware,
+/// served as `outblob`; the evidence the attester writes is what the TDX verifier takes, and
+/// it verifies with the quote's collateral. The CCEL event log goes with it when present.
+#[test]
+fn a_configfs_tsm_td_quote_is_evidence_the_tdx_verifier_takes() {
+    use coffer_verifier::Verifier;
+    const QUOTE: &[u8] = include_bytes!("../../verifier/testdata/tdx/dcapqvl_tdx_quote");
+    const COLLATERAL: &[u8] =
+        include_bytes!("../../verifier/testdata/tdx/dcapqvl_tdx_quote_collateral.json");
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("tsm/report");
+    let _tsm = FakeTsm::serving(
+        &root,
+        "tdx_guest",
+        false,
+        std::sync::Arc::new(|_: &[u8; 64]| (QUOTE.to_vec(), Vec::new())),
+    );
+    let attester = coffer_attester::probe(&root).expect("the probe");
+    assert_eq!(attester.tee(), kbs_types::Tee::Tdx);
+
+    let ev = coffer_attester::TsmTdxAttester::new(&root, &d.path().join("no-ccel"))
+        .gather(&[3u8; 48])
+        .unwrap();
+    assert!(ev.get("cc_eventlog").is_none());
+    let verifier = coffer_verifier::dcap::DcapVerifier::new(
+        kbs_types::Tee::Tdx,
+        vec![coffer_verifier::dcap::parse_collateral(COLLATERAL).unwrap()],
+    );
+    // Inside the collateral's validity window (July 2025).
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_751_328_000);
+    let claims = verifier
+        .verify(
+            &ev,
+            &coffer_verifier::Expected {
+                report_data: None,
+                init_data_digest: None,
+                now,
+            },
+        )
+        .expect("the TDX verifier takes it");
+    assert_eq!(claims["mr_td"].as_str().unwrap().len(), 96);
+
+    std::fs::write(d.path().join("CCEL"), b"event log bytes").unwrap();
+    let ev = coffer_attester::TsmTdxAttester::new(&root, &d.path().join("CCEL"))
+        .gather(&[3u8; 48])
+        .unwrap();
+    assert_eq!(ev["cc_eventlog"], "ZXZlbnQgbG9nIGJ5dGVz");
+
+    // A short outblob is not a quote.
+    let short = d.path().join("short");
+    let _s = FakeTsm::serving(
+        &short,
+        "tdx_guest",
+        false,
+        std::sync::Arc::new(|_: &[u8; 64]| (vec![0u8; 100], Vec::new())),
+    );
+    let e = coffer_attester::TsmTdxAttester::new(&short, &d.path().join("no-ccel"))
+        .gather(&[3u8; 48])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too short"), "{e}");
 }

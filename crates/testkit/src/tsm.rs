@@ -28,9 +28,29 @@ impl FakeTsm {
     /// Serves entries under `root` (created) with reports from `psp` as `provider`;
     /// `interleave` makes every request look raced (`generation` moves by two).
     pub fn start(root: &Path, psp: EmulatedPsp, provider: &'static str, interleave: bool) -> Self {
+        let psp = Mutex::new(psp);
+        Self::serving(
+            root,
+            provider,
+            interleave,
+            Arc::new(move |rd: &[u8; 64]| {
+                let psp = psp.lock().unwrap();
+                (psp.report(rd).unwrap(), cert_table(psp.vcek_der()))
+            }),
+        )
+    }
+
+    /// Serves entries under `root` (created) as `provider`: `respond` gives `outblob` and
+    /// `auxblob` for what `inblob` holds.
+    pub fn serving(
+        root: &Path,
+        provider: &'static str,
+        interleave: bool,
+        respond: Responder,
+    ) -> Self {
         std::fs::create_dir_all(root).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let psp = Arc::new(Mutex::new(psp));
+        let psp = respond;
         let (root, flag) = (root.to_path_buf(), stop.clone());
         let watcher = std::thread::spawn(move || {
             let mut seen = std::collections::HashSet::new();
@@ -94,7 +114,10 @@ fn writer(path: &Path, stop: &AtomicBool) -> Option<std::fs::File> {
     None
 }
 
-fn serve(dir: &Path, psp: &Mutex<EmulatedPsp>, stop: &AtomicBool, interleave: bool) {
+/// What a fake provider answers for the report data `inblob` holds: `outblob`, `auxblob`.
+pub type Responder = Arc<dyn Fn(&[u8; 64]) -> (Vec<u8>, Vec<u8>) + Send + Sync>;
+
+fn serve(dir: &Path, respond: &Responder, stop: &AtomicBool, interleave: bool) {
     let Some(mut out) = writer(&dir.join("outblob"), stop) else {
         return;
     };
@@ -105,14 +128,11 @@ fn serve(dir: &Path, psp: &Mutex<EmulatedPsp>, stop: &AtomicBool, interleave: bo
         .read_to_end(&mut inblob)
         .unwrap();
     rd[..inblob.len().min(64)].copy_from_slice(&inblob[..inblob.len().min(64)]);
-    let psp = psp.lock().unwrap();
-    let report = psp.report(&rd).unwrap();
+    let (report, table) = respond(&rd);
     let generation = if interleave { 2 } else { 1 };
     std::fs::write(dir.join("generation"), format!("{generation}\n")).unwrap();
     out.write_all(&report).unwrap();
     drop(out);
-    let table = cert_table(psp.vcek_der());
-    drop(psp);
     if let Some(mut aux) = writer(&dir.join("auxblob"), stop) {
         aux.write_all(&table).unwrap();
     }
