@@ -1,7 +1,11 @@
 //! `coffer measure`: the reference values (launch measurement, initdata digest, TCB minimum) for
 //! a sandbox and an initdata, in the format `coffer kbs set-reference-values` loads.
+//!
+//! The raw form, `coffer measure --tee snp --firmware OVMF.fd [--kernel K --initrd I --append S]
+//! --vcpus N --cpu TYPE --guest-features F`, prints just the SEV-SNP launch digest (hex) of a QEMU
+//! launch of those inputs, as AMD's `sev-snp-measure --mode snp` does ([`coffer_podvm::snp`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -11,20 +15,85 @@ use serde_json::json;
 #[derive(Args)]
 pub struct MeasureArgs {
     /// The sandbox: `vm` (a pod VM) or `process` (development).
-    #[arg(long)]
-    sandbox: String,
+    #[arg(long, required_unless_present = "firmware")]
+    sandbox: Option<String>,
     /// The pod VM (`coffer podvm build --out DIR`), for `--sandbox vm`.
     #[arg(long)]
     podvm: Option<PathBuf>,
     /// The initdata the sandbox is launched with.
-    #[arg(long)]
-    initdata: PathBuf,
+    #[arg(long, required_unless_present = "firmware")]
+    initdata: Option<PathBuf>,
     /// The agent binary [default: coffer-agent beside this program].
     #[arg(long)]
     agent: Option<PathBuf>,
     /// The emulated PSP's directory (its TCB becomes the minimum).
     #[arg(long, default_value = "coffer-psp")]
     psp_dir: PathBuf,
+    /// Raw form: the TEE whose launch digest to print (`snp`); needs `--firmware`.
+    #[arg(long, requires = "firmware")]
+    tee: Option<String>,
+    /// Raw form: the firmware image (OVMF with SEV metadata) QEMU is given with `-bios`.
+    #[arg(long, requires = "tee")]
+    firmware: Option<PathBuf>,
+    /// Raw form: the kernel of a measured direct boot (QEMU `-kernel`, `kernel-hashes=on`).
+    #[arg(long, requires = "firmware")]
+    kernel: Option<PathBuf>,
+    /// Raw form: the initrd (QEMU `-initrd`); needs `--kernel`.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Raw form: the kernel command line (QEMU `-append`); needs `--kernel`.
+    #[arg(long, requires = "kernel")]
+    append: Option<String>,
+    /// Raw form: the number of vCPUs (QEMU `-smp`).
+    #[arg(long, default_value_t = 1, requires = "firmware")]
+    vcpus: u32,
+    /// Raw form: the vCPU model (QEMU `-cpu`): EPYC, EPYC-Rome, EPYC-Milan, EPYC-Genoa, EPYC-Turin
+    /// or a versioned alias such as EPYC-Milan-v2.
+    #[arg(long, default_value = "EPYC-Milan", requires = "firmware")]
+    cpu: coffer_podvm::snp::CpuType,
+    /// Raw form: the guest's SEV features (VMSA SEV_FEATURES), `0x`-prefixed hex or decimal
+    /// [default: 0x1, SNPActive, as sev-snp-measure].
+    #[arg(long, value_parser = parse_features, requires = "firmware")]
+    guest_features: Option<u64>,
+}
+
+/// A `--guest-features` value: `0x`-prefixed hex or decimal (as `sev-snp-measure` reads it).
+fn parse_features(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?}: {e} (give 0x-prefixed hex, e.g. 0x1, or decimal)"))
+}
+
+/// The raw form: prints the SEV-SNP launch digest of `a`'s launch inputs.
+fn run_raw(a: &MeasureArgs, firmware: &Path) -> anyhow::Result<()> {
+    match a.tee.as_deref() {
+        Some("snp") => {}
+        Some(other) => bail!("--tee {other}: the raw form computes `snp` launch digests only"),
+        None => bail!("--firmware needs --tee snp"),
+    }
+    if a.podvm.is_some() || a.sandbox.is_some() || a.initdata.is_some() {
+        bail!("--tee snp --firmware prints a launch digest only; --podvm, --sandbox and --initdata belong to the reference-values form");
+    }
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let fw = read(firmware)?;
+    let kernel = a.kernel.as_deref().map(read).transpose()?;
+    let initrd = a.initrd.as_deref().map(read).transpose()?;
+    let digest = coffer_podvm::snp::launch_digest(&coffer_podvm::snp::LaunchInputs {
+        firmware: &fw,
+        kernel: kernel.as_deref(),
+        initrd: initrd.as_deref(),
+        append: a.append.as_deref(),
+        vcpus: a.vcpus,
+        cpu: a.cpu,
+        guest_features: a
+            .guest_features
+            .unwrap_or(coffer_podvm::snp::DEFAULT_GUEST_FEATURES),
+    })
+    .with_context(|| firmware.display().to_string())?;
+    println!("{}", hex::encode(digest));
+    Ok(())
 }
 
 /// The agent binary: given, or `coffer-agent` next to this executable.
@@ -42,11 +111,17 @@ pub fn agent_path(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Runs `coffer measure`.
 pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.initdata)
-        .with_context(|| format!("cannot read {}", a.initdata.display()))?;
+    if let Some(firmware) = &a.firmware {
+        return run_raw(&a, firmware);
+    }
+    let (Some(sandbox), Some(initdata)) = (&a.sandbox, &a.initdata) else {
+        bail!("give --sandbox and --initdata (or --tee snp --firmware F for a launch digest)");
+    };
+    let text = std::fs::read_to_string(initdata)
+        .with_context(|| format!("cannot read {}", initdata.display()))?;
     let digest =
-        coffer_wire::initdata::digest(&text).with_context(|| a.initdata.display().to_string())?;
-    let measurement = match (a.sandbox.as_str(), &a.podvm) {
+        coffer_wire::initdata::digest(&text).with_context(|| initdata.display().to_string())?;
+    let measurement = match (sandbox.as_str(), &a.podvm) {
         ("vm", Some(dir)) => coffer_podvm::PodVm::open(dir)?.measurement()?,
         ("vm", None) => bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)"),
         ("process", None) => {

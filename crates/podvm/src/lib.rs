@@ -10,6 +10,7 @@ pub mod build;
 pub mod initrd;
 pub mod launch;
 pub mod mux;
+pub mod snp;
 pub mod verity;
 
 pub use launch::{Accel, Launch, PodVm, Tee};
