@@ -61,9 +61,9 @@ impl FakeTsm {
                     if !dir.is_dir() || !seen.insert(dir.clone()) {
                         continue;
                     }
-                    std::fs::write(dir.join("provider"), format!("{provider}\n")).unwrap();
-                    std::fs::write(dir.join("generation"), "0\n").unwrap();
-                    std::fs::write(dir.join("inblob"), "").unwrap();
+                    put(&dir, "provider", &format!("{provider}\n"));
+                    put(&dir, "generation", "0\n");
+                    put(&dir, "inblob", "");
                     for blob in ["outblob", "auxblob"] {
                         let path = dir.join(blob);
                         assert!(std::process::Command::new("mkfifo")
@@ -114,6 +114,14 @@ fn writer(path: &Path, stop: &AtomicBool) -> Option<std::fs::File> {
     None
 }
 
+/// Writes attribute `name` of entry `dir` whole: a reader sees the old content or the new, never
+/// a file just created and not yet written (the kernel makes its attributes with the entry).
+fn put(dir: &Path, name: &str, content: &str) {
+    let tmp = dir.with_extension(format!("{name}.tmp"));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
 /// What a fake provider answers for the report data `inblob` holds: `outblob`, `auxblob`.
 pub type Responder = Arc<dyn Fn(&[u8; 64]) -> (Vec<u8>, Vec<u8>) + Send + Sync>;
 
@@ -130,7 +138,7 @@ fn serve(dir: &Path, respond: &Responder, stop: &AtomicBool, interleave: bool) {
     rd[..inblob.len().min(64)].copy_from_slice(&inblob[..inblob.len().min(64)]);
     let (report, table) = respond(&rd);
     let generation = if interleave { 2 } else { 1 };
-    std::fs::write(dir.join("generation"), format!("{generation}\n")).unwrap();
+    put(dir, "generation", &format!("{generation}\n"));
     out.write_all(&report).unwrap();
     drop(out);
     if let Some(mut aux) = writer(&dir.join("auxblob"), stop) {
