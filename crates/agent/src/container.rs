@@ -98,6 +98,10 @@ pub struct Containers {
     changed: watch::Sender<u64>,
 }
 
+/// Where the sandbox's emptyDir volumes live, under the containers' root (not a container id:
+/// ids have no dot).
+const VOLUMES: &str = ".volumes";
+
 /// The CRI annotation naming a container within its pod.
 pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
@@ -265,7 +269,18 @@ impl Containers {
                 return Err(e);
             }
         };
-        let spec = spec(id, &self.cgroup_parent, &report.config, user, req);
+        let mut spec = spec(id, &self.cgroup_parent, &report.config, user, req);
+        match spec::volume_mounts(&self.root.join(VOLUMES), req) {
+            Ok(volumes) => {
+                if let Some(mounts) = spec["mounts"].as_array_mut() {
+                    mounts.extend(volumes);
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(e);
+            }
+        }
         if let Err(e) = coffer_fsutil::write_atomic(
             &bundle.join("config.json"),
             spec.to_string().as_bytes(),

@@ -494,12 +494,15 @@ spec:
       initContainers:
       - name: init
         image: REGISTRY/app:v1
-        command: ["/bin/sh", "-c", "echo init ran"]
+        command: ["/bin/sh", "-c", "echo init ran > /work/init-ran"]
+        volumeMounts:
+        - name: work
+          mountPath: /work
       containers:
       - name: app
         image: REGISTRY/app:v1
         command: ["/bin/sh", "-c"]
-        args: ["echo $GREETING level $(LEVEL); exec sleep 120"]
+        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); exec sleep 120"]
         env:
         - name: LEVEL
           value: "3"
@@ -525,7 +528,7 @@ spec:
         emptyDir: {}
 "#;
 
-/// What a kubelet sends for the containers of [`WORKLOAD`]'s pod `uid`: the command and
+/// What a kubelet sends for the containers of [`WORKLOAD`]'s pod: the command and
 /// arguments with `$(VAR)` expanded, the environment (the ConfigMap's, the container's, the
 /// API server's service variables), the volumes, the service-account token, `/etc/hosts` and
 /// the termination log, all under `kubelet` on this host.
@@ -587,12 +590,19 @@ impl Kubelet {
             ),
         ];
         let (command, args, envs, working_dir) = match name {
-            "init" => (
-                strings(&["/bin/sh", "-c", "echo init ran"]),
-                vec![],
-                env(&service),
-                String::new(),
-            ),
+            "init" => {
+                mounts.push(self.mount(
+                    "/work",
+                    "pods/uid-web/volumes/kubernetes.io~empty-dir/work",
+                    false,
+                ));
+                (
+                    strings(&["/bin/sh", "-c", "echo init ran > /work/init-ran"]),
+                    vec![],
+                    env(&service),
+                    String::new(),
+                )
+            }
             "app" => {
                 let mut e = vec![
                     ("GREETING", "hello from a pinned pod"),
@@ -607,7 +617,9 @@ impl Kubelet {
                 ));
                 (
                     strings(&["/bin/sh", "-c"]),
-                    strings(&["echo $GREETING level 3; exec sleep 120"]),
+                    strings(&[
+                        "echo $GREETING level 3 after $(cat /work/init-ran); exec sleep 120",
+                    ]),
                     env(&e),
                     String::new(),
                 )
@@ -777,7 +789,7 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
         let until = std::time::Instant::now() + Duration::from_secs(30);
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains("hello from a pinned pod level 3")
+            .contains("hello from a pinned pod level 3 after init ran")
         {
             assert!(std::time::Instant::now() < until, "app's log: {log:?}");
             std::thread::sleep(Duration::from_millis(100));
@@ -803,7 +815,7 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
             (
                 "app",
                 Box::new(|c| c.args = vec!["echo evil; exec sleep 120".into()]),
-                "args[2] is \"echo evil; exec sleep 120\", the policy allows \"echo $GREETING level 3; exec sleep 120\"".into(),
+                "args[2] is \"echo evil; exec sleep 120\", the policy allows \"echo $GREETING level 3 after $(cat /work/init-ran); exec sleep 120\"".into(),
             ),
             (
                 "app",

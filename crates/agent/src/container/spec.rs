@@ -271,6 +271,55 @@ pub fn spec(
     spec
 }
 
+/// The guest-side mounts for the node's mounts the guest can honour: each emptyDir volume (a
+/// bind mount whose source ends in the kubelet's `volumes/kubernetes.io~empty-dir/NAME`)
+/// becomes a directory of this sandbox, `volumes/NAME`, made on first use and shared by every
+/// container that mounts the same volume, read-only where the node's mount is. The host's
+/// directory is never mounted: nothing the node writes reaches the guest through it. Other
+/// host paths are not mounted (the policy decides on them all the same).
+pub fn volume_mounts(volumes: &Path, req: &CreateContainerRequest) -> Result<Vec<Value>> {
+    const EMPTY_DIR: &str = "/volumes/kubernetes.io~empty-dir/";
+    let mut out = Vec::new();
+    for m in &req.mounts {
+        let Some((_, name)) = m.source.rsplit_once(EMPTY_DIR) else {
+            continue;
+        };
+        // A DNS label, as Kubernetes requires of volume names: never a path.
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(ContainerError::Invalid(format!(
+                "mount {}: emptyDir volume name {name:?} is not a DNS label",
+                m.destination
+            )));
+        }
+        if !m.destination.starts_with('/') || m.destination.split('/').any(|c| c == "..") {
+            return Err(ContainerError::Invalid(format!(
+                "mount destination {:?} is not an absolute path without '..'",
+                m.destination
+            )));
+        }
+        let dir = volumes.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            ContainerError::Runtime(format!("cannot make emptyDir volume {name}: {e}"))
+        })?;
+        // World-writable with the sticky bit off, as the kubelet makes an emptyDir.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .map_err(|e| ContainerError::Runtime(format!("emptyDir volume {name}: {e}")))?;
+        let ro = m.options.iter().any(|o| o == "ro");
+        out.push(json!({
+            "destination": m.destination,
+            "type": "bind",
+            "source": dir,
+            "options": ["rbind", "rprivate", if ro { "ro" } else { "rw" }],
+        }));
+    }
+    Ok(out)
+}
+
 /// Adds `extra` (`NAME=value` entries) to `env`, each replacing an entry of the same name in
 /// place: one entry per name, so that what the request sets is what the process sees.
 fn merge_env(env: &mut Vec<String>, extra: &[String]) {
@@ -346,6 +395,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CAP_EVERYTHING"), "{e}");
+    }
+
+    #[test]
+    fn empty_dirs_become_sandbox_directories_and_other_host_paths_stay_out() {
+        let d = tempfile::tempdir().unwrap();
+        let mount = |dest: &str, source: &str, ro: bool| crate::proto::Mount {
+            destination: dest.into(),
+            r#type: "bind".into(),
+            source: source.into(),
+            options: vec!["rbind".into(), if ro { "ro" } else { "rw" }.into()],
+        };
+        let req = CreateContainerRequest {
+            mounts: vec![
+                mount(
+                    "/work",
+                    "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/work",
+                    false,
+                ),
+                mount(
+                    "/in",
+                    "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/work",
+                    true,
+                ),
+                mount("/etc/hosts", "/var/lib/kubelet/pods/u/etc-hosts", false),
+                mount("/host", "/", false),
+            ],
+            ..Default::default()
+        };
+        let m = volume_mounts(d.path(), &req).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0]["source"], json!(d.path().join("work")));
+        assert_eq!(m[1]["options"][2], "ro");
+        assert!(d.path().join("work").is_dir());
+        for bad in ["..", "a/b", "", "UPPER"] {
+            let req = CreateContainerRequest {
+                mounts: vec![mount(
+                    "/w",
+                    &format!("/x/volumes/kubernetes.io~empty-dir/{bad}"),
+                    false,
+                )],
+                ..Default::default()
+            };
+            assert!(volume_mounts(d.path(), &req).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
