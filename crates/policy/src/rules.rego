@@ -233,7 +233,10 @@ rw_text(ro) := "read-only" if ro
 
 else := "read-write"
 
-mount_source_ok(p, m) if p.source_regex == null
+mount_source_ok(p, m) if {
+	p.source_regex == null
+	not empty_dir(m)
+}
 
 mount_source_ok(p, m) if {
 	p.source_regex != null
@@ -245,7 +248,12 @@ mount_ok(m) if runtime_filesystems[m.destination] == m.type
 mount_ok(m) if {
 	m.destination in runtime_binds
 	m.type == "bind"
+	not empty_dir(m)
 }
+
+# The agent mounts an emptyDir wherever the node's spec names one, so an emptyDir is allowed only
+# where the policy names its source: never over the runtime's files or a mount of any source.
+empty_dir(m) if contains(m.source, "/volumes/kubernetes.io~empty-dir/")
 
 mount_ok(m) if {
 	some p in entry.mounts

@@ -686,6 +686,18 @@ fn mutations(input: &Value, data: &Value) -> Vec<(&'static str, Value)> {
         "destination": "/host", "type": "bind", "source": "/etc", "options": ["rbind", "ro"]}));
     out.push(("an extra hostPath mount", m));
     let mut m = input.clone();
+    m["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/dev/shm", "type": "bind",
+        "source": "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/other",
+        "options": ["rbind", "rw"]}));
+    out.push(("a volume over a runtime path", m));
+    let mut m = input.clone();
+    m["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/etc/hosts", "type": "bind",
+        "source": "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/other",
+        "options": ["rbind", "rw"]}));
+    out.push(("a volume over the kubelet's hosts file", m));
+    let mut m = input.clone();
     m["privileged"] = json!(true);
     out.push(("privileged", m));
     let mut m = input.clone();
