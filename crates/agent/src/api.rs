@@ -124,13 +124,15 @@ impl AgentService {
                 .and_then(|i| i.as_str())
                 .and_then(|i| coffer_image::reference::ImageRef::parse(i).ok())
                 .and_then(|r| match r {
-                    coffer_image::reference::ImageRef::Docker(r) => Some(serde_json::json!({
-                        "registry": r.resolve_registry(),
-                        "repository": r.repository(),
-                        // A reference without tag or digest means `latest`.
-                        "tag": if r.digest().is_some() { None } else { Some(r.tag().unwrap_or("latest")) },
-                        "digest": r.digest(),
-                    })),
+                    coffer_image::reference::ImageRef::Docker(r) => {
+                        let p = coffer_image::reference::PolicyParts::of(&r);
+                        Some(serde_json::json!({
+                            "registry": p.registry,
+                            "repository": p.repository,
+                            "tag": p.tag,
+                            "digest": p.digest,
+                        }))
+                    }
                     _ => None,
                 });
             obj.insert("image_ref".into(), image_ref.unwrap_or_default());

@@ -128,6 +128,38 @@ pub fn docker_reference(s: &str) -> Result<Reference, String> {
     })
 }
 
+/// What a pod policy compares of a registry image: the registry as it is reached
+/// (`index.docker.io` for Docker Hub), the repository, the tag (`latest` when the reference
+/// names neither tag nor digest; none when it names a digest) and the digest. The agent derives
+/// these from the image a request names and the generator from the image a pod spec names, so
+/// both sides of a comparison come from this one function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyParts<'a> {
+    /// The registry as it is reached.
+    pub registry: &'a str,
+    /// The repository.
+    pub repository: &'a str,
+    /// The tag; `None` when the reference names a digest.
+    pub tag: Option<&'a str>,
+    /// The digest, when the reference names one.
+    pub digest: Option<&'a str>,
+}
+
+impl<'a> PolicyParts<'a> {
+    /// The parts of `r`.
+    pub fn of(r: &'a Reference) -> Self {
+        Self {
+            registry: r.resolve_registry(),
+            repository: r.repository(),
+            tag: match r.digest() {
+                Some(_) => None,
+                None => Some(r.tag().unwrap_or("latest")),
+            },
+            digest: r.digest(),
+        }
+    }
+}
+
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

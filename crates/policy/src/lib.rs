@@ -482,26 +482,21 @@ fn image_of(
     let resolved = images
         .get(written)
         .ok_or_else(|| err("not resolved".into()))?;
-    let digest = match reference.digest() {
-        Some(d) => {
-            if d != resolved.digest {
-                return Err(err(format!(
-                    "the spec names digest {d}, the resolver gives {}",
-                    resolved.digest
-                )));
-            }
-            d.to_string()
+    // The same parts the agent derives from the image a request names.
+    let parts = coffer_image::reference::PolicyParts::of(&reference);
+    if let Some(d) = parts.digest {
+        if d != resolved.digest {
+            return Err(err(format!(
+                "the spec names digest {d}, the resolver gives {}",
+                resolved.digest
+            )));
         }
-        None => resolved.digest.clone(),
-    };
+    }
     Ok(container::Image {
-        registry: reference.resolve_registry().to_string(),
-        repository: reference.repository().to_string(),
-        tag: match reference.digest() {
-            Some(_) => None,
-            None => Some(reference.tag().unwrap_or("latest").to_string()),
-        },
-        digest,
+        registry: parts.registry.to_string(),
+        repository: parts.repository.to_string(),
+        tag: parts.tag.map(str::to_string),
+        digest: resolved.digest.clone(),
         config: if resolved.config.is_object() {
             resolved.config.clone()
         } else {
