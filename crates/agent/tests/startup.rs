@@ -17,8 +17,8 @@ use sha2::{Digest, Sha384};
 const INITDATA_A: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault GetGuestDetailsRequest := true\\n\"\n";
 const INITDATA_B: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault ExecProcessRequest := true\\n\"\n";
 
-/// Starts an emulated PSP channel whose HOST_DATA is the digest of `launched_with`.
-fn psp(dir: &Path, launched_with: &str) -> std::path::PathBuf {
+/// An emulated PSP whose HOST_DATA is the digest of `launched_with`.
+fn launched(launched_with: &str) -> EmulatedPsp {
     let mut psp = EmulatedPsp::generate(Tcb::default()).unwrap();
     let mut host_data = [0u8; 32];
     host_data.copy_from_slice(&fit_report_data(
@@ -29,11 +29,52 @@ fn psp(dir: &Path, launched_with: &str) -> std::path::PathBuf {
         host_data,
         ..Launch::default()
     });
+    psp
+}
+
+/// Starts an emulated PSP channel whose HOST_DATA is the digest of `launched_with`.
+fn psp(dir: &Path, launched_with: &str) -> std::path::PathBuf {
     let sock = dir.join("psp.sock");
     let listener = UnixListener::bind(&sock).unwrap();
-    let psp = Arc::new(psp);
+    let psp = Arc::new(launched(launched_with));
     std::thread::spawn(move || coffer_psp::channel::serve(psp, listener));
     sock
+}
+
+/// The agent in `d` with initdata file `initdata` and its TEE given by `tee` (`--psp-socket
+/// PATH` or `--tsm-root PATH`); stderr piped.
+fn agent(d: &Path, initdata: &str, tee: [&std::ffi::OsStr; 2]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffer-agent"));
+    cmd.arg("--listen")
+        .arg(format!("unix:{}", d.join("agent.sock").display()))
+        .arg("--initdata")
+        .arg(d.join(initdata))
+        .args(tee)
+        .arg("--audit-log")
+        .arg(d.join("audit.jsonl"))
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The initdata digest the agent serving at `d/agent.sock` reports, once its socket appears.
+async fn served_initdata(d: &Path) -> String {
+    let sock = d.join("agent.sock");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    coffer_agent::api::connect_unix(&sock)
+        .await
+        .unwrap()
+        .get_guest_details(GetGuestDetailsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .initdata_digest
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -43,47 +84,22 @@ async fn the_agent_serves_only_with_the_initdata_it_was_launched_with() {
     let psp_sock = psp(d, INITDATA_A);
     std::fs::write(d.join("a.toml"), INITDATA_A).unwrap();
     std::fs::write(d.join("b.toml"), INITDATA_B).unwrap();
-    let agent = |initdata: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffer-agent"));
-        cmd.arg("--listen")
-            .arg(format!("unix:{}", d.join("agent.sock").display()))
-            .arg("--initdata")
-            .arg(d.join(initdata))
-            .arg("--psp-socket")
-            .arg(&psp_sock)
-            .arg("--audit-log")
-            .arg(d.join("audit.jsonl"))
-            .env_remove("RUST_BACKTRACE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd
-    };
+    let tee = ["--psp-socket".as_ref(), psp_sock.as_os_str()];
 
     // Initdata B was not launched: refused before serving anything.
-    let out = agent("b.toml").output().unwrap();
+    let out = agent(d, "b.toml", tee).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not match HOST_DATA"), "{stderr}");
     assert!(!d.join("agent.sock").exists());
 
     // Initdata A: served, and the guest details name its digest and its policy.
-    let mut child = agent("a.toml").stderr(Stdio::null()).spawn().unwrap();
-    let sock = d.join("agent.sock");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let details = coffer_agent::api::connect_unix(&sock)
-        .await
-        .unwrap()
-        .get_guest_details(GetGuestDetailsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut child = agent(d, "a.toml", tee)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     assert_eq!(
-        details.initdata_digest,
+        served_initdata(d).await,
         hex::encode(Sha384::digest(INITDATA_A.as_bytes()))
     );
     child.kill().unwrap();
@@ -99,61 +115,32 @@ async fn the_agent_serves_only_with_the_initdata_it_was_launched_with() {
 async fn without_a_psp_channel_the_agent_uses_its_own_tee_or_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut psp = EmulatedPsp::generate(Tcb::default()).unwrap();
-    let mut host_data = [0u8; 32];
-    host_data.copy_from_slice(&fit_report_data(&Sha384::digest(INITDATA_A.as_bytes()), 32));
-    psp.set_launch(Launch {
-        host_data,
-        ..Launch::default()
-    });
     let root = d.join("tsm/report");
-    let _tsm = coffer_testkit::tsm::FakeTsm::start(&root, psp, "sev_guest", false);
+    let _tsm = coffer_testkit::tsm::FakeTsm::start(&root, launched(INITDATA_A), "sev_guest", false);
     std::fs::write(d.join("a.toml"), INITDATA_A).unwrap();
     std::fs::write(d.join("b.toml"), INITDATA_B).unwrap();
-    let agent = |initdata: &str, tsm_root: &Path| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffer-agent"));
-        cmd.arg("--listen")
-            .arg(format!("unix:{}", d.join("agent.sock").display()))
-            .arg("--initdata")
-            .arg(d.join(initdata))
-            .arg("--tsm-root")
-            .arg(tsm_root)
-            .arg("--audit-log")
-            .arg(d.join("audit.jsonl"))
-            .env_remove("RUST_BACKTRACE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd
+    let no_tsm = d.join("no-tsm");
+    let tsm = |root: &Path| -> [std::ffi::OsString; 2] { ["--tsm-root".into(), root.into()] };
+    let run = |initdata: &str, root: &Path| {
+        let [flag, value] = tsm(root);
+        agent(d, initdata, [&flag, &value]).output().unwrap()
     };
 
-    let out = agent("a.toml", &d.join("no-tsm")).output().unwrap();
+    let out = run("a.toml", &no_tsm);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no TEE found in this guest"), "{stderr}");
     assert!(!stderr.contains("EMULATED"), "{stderr}");
 
-    let out = agent("b.toml", &root).output().unwrap();
+    let out = run("b.toml", &root);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not match HOST_DATA"), "{stderr}");
 
-    let mut child = agent("a.toml", &root).spawn().unwrap();
-    let sock = d.join("agent.sock");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let details = coffer_agent::api::connect_unix(&sock)
-        .await
-        .unwrap()
-        .get_guest_details(GetGuestDetailsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let [flag, value] = tsm(&root);
+    let mut child = agent(d, "a.toml", [&flag, &value]).spawn().unwrap();
     assert_eq!(
-        details.initdata_digest,
+        served_initdata(d).await,
         hex::encode(Sha384::digest(INITDATA_A.as_bytes()))
     );
     child.kill().unwrap();

@@ -170,6 +170,35 @@ impl TsmReport {
     }
 }
 
+impl TsmReport {
+    /// [`Self::request`] over `report_data` zero-padded to 64 bytes (`tee` names the TEE in the
+    /// error when it is longer), refused unless `provider` produced it; returns the padded data
+    /// with the report.
+    fn request_from(
+        &self,
+        provider: &str,
+        tee: &str,
+        report_data: &[u8],
+    ) -> Result<([u8; 64], Report), AttesterError> {
+        if report_data.len() > 64 {
+            return Err(AttesterError::Invalid(format!(
+                "report data of {} bytes; {tee} takes at most 64",
+                report_data.len()
+            )));
+        }
+        let mut rd = [0u8; 64];
+        rd[..report_data.len()].copy_from_slice(report_data);
+        let r = self.request(&rd)?;
+        if r.provider != provider {
+            return Err(AttesterError::Invalid(format!(
+                "configfs-tsm's provider is {:?}, not {provider}",
+                r.provider
+            )));
+        }
+        Ok((rd, r))
+    }
+}
+
 /// Whether configfs-tsm is offered under `root`, and by whom.
 pub fn provider(root: &Path) -> Result<Option<String>, AttesterError> {
     if !root.is_dir() {
@@ -197,21 +226,7 @@ impl TsmSnpAttester {
     /// The evidence JSON the SNP verifier takes, over `report_data` (at most 64 bytes, zero
     /// padded). The report's own HOST_DATA carries the initdata digest the launcher set.
     pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
-        if report_data.len() > 64 {
-            return Err(AttesterError::Invalid(format!(
-                "report data of {} bytes; SEV-SNP takes at most 64",
-                report_data.len()
-            )));
-        }
-        let mut rd = [0u8; 64];
-        rd[..report_data.len()].copy_from_slice(report_data);
-        let r = self.tsm.request(&rd)?;
-        if r.provider != "sev_guest" {
-            return Err(AttesterError::Invalid(format!(
-                "configfs-tsm's provider is {:?}, not sev_guest",
-                r.provider
-            )));
-        }
+        let (rd, r) = self.tsm.request_from("sev_guest", "SEV-SNP", report_data)?;
         if r.outblob.len() != SNP_REPORT_LEN {
             return Err(AttesterError::Invalid(format!(
                 "the SEV-SNP report is {} bytes, not {SNP_REPORT_LEN}",
@@ -278,21 +293,7 @@ impl TsmTdxAttester {
     /// The evidence JSON over `report_data` (at most 64 bytes, zero padded).
     pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
         use base64::Engine;
-        if report_data.len() > 64 {
-            return Err(AttesterError::Invalid(format!(
-                "report data of {} bytes; TDX takes at most 64",
-                report_data.len()
-            )));
-        }
-        let mut rd = [0u8; 64];
-        rd[..report_data.len()].copy_from_slice(report_data);
-        let r = self.tsm.request(&rd)?;
-        if r.provider != "tdx_guest" {
-            return Err(AttesterError::Invalid(format!(
-                "configfs-tsm's provider is {:?}, not tdx_guest",
-                r.provider
-            )));
-        }
+        let (_, r) = self.tsm.request_from("tdx_guest", "TDX", report_data)?;
         // A quote is a 48-byte header, a TD report body and a signature section; anything
         // shorter than header and body is not one.
         if r.outblob.len() < 48 + 584 {

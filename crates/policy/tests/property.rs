@@ -14,22 +14,7 @@ const POD_NAME: &str = "web-5d8f7c9b4-x2x7z";
 const POD_UID: &str = "6c1f4e38-1b6f-4bb0-a4d4-0c4b1d7c8e11";
 const CONTAINER_ID: &str = "0f5a4c1e2d3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const DEFAULT_CAPS: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+const DEFAULT_CAPS: [&str; 14] = coffer_wire::capabilities::DEFAULT;
 const CONFIG_DATA: [(&str, &str); 2] = [("level", "debug"), ("mode", "fast x")];
 
 fn digest(c: char) -> String {
