@@ -31,6 +31,12 @@ struct Args {
     /// Where the kernel's configfs-tsm report interface is.
     #[arg(long, default_value = coffer_attester::TSM_REPORT_ROOT, hide = true)]
     tsm_root: PathBuf,
+    /// The vTPM's TCTI, when it is not `/dev/tpmrm0` (a TPM simulator in tests).
+    #[arg(long, hide = true)]
+    tpm_tcti: Option<String>,
+    /// Azure's instance metadata service, when it is not at its link-local address.
+    #[arg(long, default_value = coffer_attester::AZURE_IMDS, hide = true)]
+    imds: String,
     /// Audit log of policy decisions (JSON lines, appended).
     #[arg(long)]
     audit_log: PathBuf,
@@ -108,6 +114,8 @@ fn vm_main() -> anyhow::Result<()> {
         initdata,
         psp_socket: Some(boot.psp_port),
         tsm_root: coffer_attester::TSM_REPORT_ROOT.into(),
+        tpm_tcti: None,
+        imds: coffer_attester::AZURE_IMDS.into(),
         audit_log: scratch.join("audit.jsonl"),
         state_dir: scratch.join("state"),
         runtime: PathBuf::from("/usr/sbin/runc"),
@@ -123,7 +131,14 @@ fn vm_main() -> anyhow::Result<()> {
 fn attester(args: &Args) -> anyhow::Result<Box<dyn coffer_kbs_client::Attester>> {
     Ok(match &args.psp_socket {
         Some(socket) => Box::new(coffer_kbs_client::PspChannelAttester::new(socket.clone())),
-        None => coffer_attester::probe(&args.tsm_root)?,
+        None => {
+            let mut guest = coffer_attester::Guest::with_tsm_root(&args.tsm_root);
+            if args.tpm_tcti.is_some() {
+                guest.tpm = args.tpm_tcti.clone();
+            }
+            guest.imds = args.imds.clone();
+            coffer_attester::probe(&guest)?
+        }
     })
 }
 

@@ -11,11 +11,17 @@
 #![warn(missing_docs)]
 
 pub mod certs;
+// The one ioctl of `/dev/sev-guest` passes raw pointers to the kernel.
+#[allow(unsafe_code)]
+pub mod sevguest;
 pub mod tsm;
+pub mod vtpm;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+pub use sevguest::{SevGuestAttester, SEV_GUEST_DEVICE};
 pub use tsm::{TsmReport, TsmSnpAttester, TsmTdxAttester, CCEL_TABLE, TSM_REPORT_ROOT};
+pub use vtpm::{AzSnpVtpmAttester, AzTdxVtpmAttester, Vtpm, AZURE_IMDS, TPM_DEVICE_TCTI};
 
 /// Why evidence could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -40,24 +46,81 @@ pub enum AttesterError {
     Invalid(String),
 }
 
-/// The attester for the TEE this guest runs in, found under `tsm_root` (normally
-/// [`TSM_REPORT_ROOT`]): the configfs-tsm provider `sev_guest` gives SEV-SNP evidence, `tdx_guest`
-/// TDX evidence (with the CCEL event log at [`CCEL_TABLE`] when present). Anything
-/// else is an error naming what was looked for; the emulated TEE is never chosen here.
-pub fn probe(tsm_root: &Path) -> Result<Box<dyn coffer_kbs_client::Attester>, AttesterError> {
-    match tsm::provider(tsm_root)? {
-        Some(p) if p == "sev_guest" => Ok(Box::new(TsmSnpAttester::new(tsm_root))),
-        Some(p) if p == "tdx_guest" => Ok(Box::new(TsmTdxAttester::new(
-            tsm_root,
-            Path::new(CCEL_TABLE),
-        ))),
-        Some(p) => Err(AttesterError::NoTee(format!(
-            "configfs-tsm at {} is provided by {p:?}, which this build does not gather evidence from (it does: sev_guest, tdx_guest)",
-            tsm_root.display()
-        ))),
-        None => Err(AttesterError::NoTee(format!(
-            "no configfs-tsm report interface at {} (Linux 6.7 or later with the sev-guest or tdx-guest driver, and configfs mounted)",
-            tsm_root.display()
-        ))),
+/// Where [`probe`] looks for a TEE. [`Guest::default`] is a real guest's layout; tests point
+/// it at emulated interfaces.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// The configfs-tsm report directory ([`TSM_REPORT_ROOT`]).
+    pub tsm_root: PathBuf,
+    /// The SEV guest device ([`SEV_GUEST_DEVICE`]).
+    pub sev_guest: PathBuf,
+    /// The TDX firmware's CC event log ([`CCEL_TABLE`]).
+    pub ccel: PathBuf,
+    /// The vTPM's TCTI ([`TPM_DEVICE_TCTI`]); `None`: do not look for a vTPM.
+    pub tpm: Option<String>,
+    /// Azure's instance metadata service ([`AZURE_IMDS`]).
+    pub imds: String,
+}
+
+impl Default for Guest {
+    fn default() -> Self {
+        Self {
+            tsm_root: TSM_REPORT_ROOT.into(),
+            sev_guest: SEV_GUEST_DEVICE.into(),
+            ccel: CCEL_TABLE.into(),
+            tpm: Path::new("/dev/tpmrm0")
+                .exists()
+                .then(|| TPM_DEVICE_TCTI.to_string()),
+            imds: AZURE_IMDS.into(),
+        }
     }
+}
+
+impl Guest {
+    /// A real guest's layout with the configfs-tsm directory at `tsm_root`.
+    pub fn with_tsm_root(tsm_root: &Path) -> Self {
+        Self {
+            tsm_root: tsm_root.to_path_buf(),
+            ..Self::default()
+        }
+    }
+}
+
+/// The attester for the TEE this guest runs in, tried in this order:
+/// 1. configfs-tsm: provider `sev_guest` gives SEV-SNP evidence, `tdx_guest` TDX evidence (with
+///    the CCEL event log when present);
+/// 2. `/dev/sev-guest` (SEV-SNP on kernels without configfs-tsm);
+/// 3. a vTPM holding an Azure HCL report: `az-snp-vtpm` or `az-tdx-vtpm` by the report's type.
+///
+/// Anything else is an error naming what was looked for; the emulated TEE is never chosen here.
+pub fn probe(guest: &Guest) -> Result<Box<dyn coffer_kbs_client::Attester>, AttesterError> {
+    let tsm_root = guest.tsm_root.as_path();
+    match tsm::provider(tsm_root)? {
+        Some(p) if p == "sev_guest" => return Ok(Box::new(TsmSnpAttester::new(tsm_root))),
+        Some(p) if p == "tdx_guest" => {
+            return Ok(Box::new(TsmTdxAttester::new(tsm_root, &guest.ccel)))
+        }
+        Some(p) => {
+            return Err(AttesterError::NoTee(format!(
+                "configfs-tsm at {} is provided by {p:?}, which this build does not gather evidence from (it does: sev_guest, tdx_guest)",
+                tsm_root.display()
+            )))
+        }
+        None => {}
+    }
+    if guest.sev_guest.exists() {
+        return Ok(Box::new(SevGuestAttester::new(&guest.sev_guest)));
+    }
+    let vtpm = match &guest.tpm {
+        Some(tcti) => match vtpm::probe(tcti, &guest.imds) {
+            Ok(a) => return Ok(a),
+            Err(e) => format!("; the vTPM: {e}"),
+        },
+        None => String::new(),
+    };
+    Err(AttesterError::NoTee(format!(
+        "no configfs-tsm report interface at {} (Linux 6.7 or later with the sev-guest or tdx-guest driver, and configfs mounted), no {}{vtpm}",
+        tsm_root.display(),
+        guest.sev_guest.display()
+    )))
 }

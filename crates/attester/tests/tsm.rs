@@ -14,6 +14,17 @@ const INITDATA: &str =
     "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
 const MEASUREMENT: [u8; 48] = [0x5a; 48];
 
+/// This test's guest: only the configfs-tsm tree under `root`, no device, no vTPM.
+fn guest(root: &Path) -> coffer_attester::Guest {
+    coffer_attester::Guest {
+        tsm_root: root.to_path_buf(),
+        sev_guest: root.join("no-sev-guest"),
+        ccel: root.join("no-ccel"),
+        tpm: None,
+        imds: "http://127.0.0.1:9".into(),
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -39,7 +50,7 @@ async fn a_configfs_tsm_report_attests_to_the_kbs() {
     let _tsm = FakeTsm::start(&root, psp(&psp_dir), "sev_guest", false);
 
     // The probe finds it.
-    let attester = coffer_attester::probe(&root).expect("the probe");
+    let attester = coffer_attester::probe(&guest(&root)).expect("the probe");
     assert_eq!(attester.tee(), kbs_types::Tee::Snp);
 
     let kbs = coffer_testkit::start_kbs(d.path(), |c| {
@@ -103,7 +114,10 @@ fn a_concurrent_writer_another_provider_or_no_interface_is_refused() {
 
     let other = d.path().join("other");
     let _b = FakeTsm::start(&other, psp(&d.path().join("psp")), "arm_cca_guest", false);
-    let e = coffer_attester::probe(&other).err().unwrap().to_string();
+    let e = coffer_attester::probe(&guest(&other))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("provided by \"arm_cca_guest\""), "{e}");
     let e = TsmSnpAttester::new(&other)
         .gather(&[1u8; 32])
@@ -111,7 +125,7 @@ fn a_concurrent_writer_another_provider_or_no_interface_is_refused() {
         .to_string();
     assert!(e.contains("not sev_guest"), "{e}");
 
-    let e = coffer_attester::probe(&d.path().join("absent"))
+    let e = coffer_attester::probe(&guest(&d.path().join("absent")))
         .err()
         .unwrap()
         .to_string();
@@ -138,7 +152,7 @@ fn a_configfs_tsm_td_quote_is_evidence_the_tdx_verifier_takes() {
         false,
         std::sync::Arc::new(|_: &[u8; 64]| (QUOTE.to_vec(), Vec::new())),
     );
-    let attester = coffer_attester::probe(&root).expect("the probe");
+    let attester = coffer_attester::probe(&guest(&root)).expect("the probe");
     assert_eq!(attester.tee(), kbs_types::Tee::Tdx);
 
     let ev = coffer_attester::TsmTdxAttester::new(&root, &d.path().join("no-ccel"))

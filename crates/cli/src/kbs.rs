@@ -108,8 +108,9 @@ enum KbsCommand {
 /// How the CLI acts as a TEE towards a KBS.
 #[derive(Args, Clone)]
 pub(crate) struct TeeArgs {
-    /// Attester: `auto` (this guest's TEE, found by probing: configfs-tsm's `sev_guest`; never
-    /// the emulated one), `tsm` (SEV-SNP through configfs-tsm), `sample` (unsigned; the KBS must
+    /// Attester: `auto` (this guest's TEE, found by probing: configfs-tsm's `sev_guest` or
+    /// `tdx_guest`, `/dev/sev-guest`, an Azure vTPM; never the emulated one), `tsm` (SEV-SNP
+    /// through configfs-tsm), `sev-guest` (SEV-SNP through /dev/sev-guest), `sample` (unsigned; the KBS must
     /// run with --allow-sample) or `emulated` (SEV-SNP reports from the emulated PSP in
     /// --psp-dir; the KBS must run with --allow-emulated --emulated-root DIR/roots.pem).
     #[arg(long, default_value = "sample")]
@@ -144,14 +145,15 @@ fn attester(tee: &TeeArgs) -> anyhow::Result<Box<dyn Attester>> {
             }
             Ok(Box::new(EmulatedSnpAttester::new(psp, measurement)))
         }
-        "auto" => Ok(coffer_attester::probe(std::path::Path::new(
-            coffer_attester::TSM_REPORT_ROOT,
-        ))?),
+        "auto" => Ok(coffer_attester::probe(&coffer_attester::Guest::default())?),
         "tsm" => Ok(Box::new(coffer_attester::TsmSnpAttester::new(
             std::path::Path::new(coffer_attester::TSM_REPORT_ROOT),
         ))),
+        "sev-guest" => Ok(Box::new(coffer_attester::SevGuestAttester::new(
+            std::path::Path::new(coffer_attester::SEV_GUEST_DEVICE),
+        ))),
         other => {
-            bail!("attester {other:?} is not available; supported: auto, tsm, sample, emulated")
+            bail!("attester {other:?} is not available; supported: auto, tsm, sev-guest, sample, emulated")
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! * `vmlinuz` — the kernel of `linux-image-cloud-amd64`.
 //! * `initrd.img` — `/init` is `coffer-agent` (debug info stripped) with the C libraries it links
-//!   (`libc6`, `libgcc-s1`) and the kernel modules it loads (virtio, device-mapper targets,
+//!   (`libc6`, `libgcc-s1`; the TPM 2.0 software stack for the Azure vTPM attesters: Debian's
+//!   `libtss2-*` ESAPI, marshalling, TCTI loader and device TCTI, and `libssl3`'s libcrypto,
+//!   which the ESAPI uses) and the kernel modules it loads (virtio, device-mapper targets,
 //!   squashfs, fw_cfg, AES-XTS), listed in load order in `/etc/coffer/modules`.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
 //!   `libseccomp2`, `libc6`, `busybox-static` and the CA bundle of `ca-certificates` (the
@@ -40,6 +42,41 @@ pub const PACKAGES: &[&str] = &[
     "libseccomp2",
     "busybox-static",
     "ca-certificates",
+    "libtss2-esys-3.0.2-0",
+    "libtss2-sys1",
+    "libtss2-mu0",
+    "libtss2-tctildr0",
+    "libtss2-tcti-device0",
+    "libssl3",
+];
+
+/// The C runtime, each library from its package: in the initrd for the agent, in the root for
+/// runc.
+const C_LIBS: &[(&str, &str)] = &[
+    ("libc6", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    ("libc6", "lib/x86_64-linux-gnu/libc.so.6"),
+    ("libc6", "lib/x86_64-linux-gnu/libm.so.6"),
+    ("libgcc-s1", "lib/x86_64-linux-gnu/libgcc_s.so.1"),
+];
+
+/// The TPM 2.0 stack the agent links (`DT_NEEDED`, transitively) and the TCTI the TSS loader
+/// opens at run time for `/dev/tpmrm0`: initrd only.
+const TSS_LIBS: &[(&str, &str)] = &[
+    (
+        "libtss2-esys-3.0.2-0",
+        "usr/lib/x86_64-linux-gnu/libtss2-esys.so.0",
+    ),
+    ("libtss2-sys1", "usr/lib/x86_64-linux-gnu/libtss2-sys.so.1"),
+    ("libtss2-mu0", "usr/lib/x86_64-linux-gnu/libtss2-mu.so.0"),
+    (
+        "libtss2-tctildr0",
+        "usr/lib/x86_64-linux-gnu/libtss2-tctildr.so.0",
+    ),
+    (
+        "libtss2-tcti-device0",
+        "usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0",
+    ),
+    ("libssl3", "usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
 ];
 
 /// Kernel modules the agent loads at boot (their dependencies are added, in order).
@@ -324,16 +361,15 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .arg(&stripped))?;
     let agent = std::fs::read(&stripped).map_err(io("the stripped agent"))?;
     initrd.add("init", Node::File(agent, 0o755));
-    let libs: [(&str, &str); 4] = [
-        ("libc6", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
-        ("libc6", "lib/x86_64-linux-gnu/libc.so.6"),
-        ("libc6", "lib/x86_64-linux-gnu/libm.so.6"),
-        ("libgcc-s1", "lib/x86_64-linux-gnu/libgcc_s.so.1"),
-    ];
-    for (pkg, path) in libs {
-        let file = resolve_in(&trees[pkg], path)?;
+    for (pkg, path) in C_LIBS.iter().chain(TSS_LIBS) {
+        let file = resolve_in(&trees[*pkg], path)?;
         let bytes = std::fs::read(&file).map_err(io(file.display().to_string()))?;
-        initrd.add(path, Node::File(bytes, 0o755));
+        // One library directory in the initrd, where the loader's default path looks.
+        let name = Path::new(path).file_name().expect("a file name");
+        initrd.add(
+            &format!("lib/x86_64-linux-gnu/{}", name.to_string_lossy()),
+            Node::File(bytes, 0o755),
+        );
     }
     initrd.add(
         "lib64/ld-linux-x86-64.so.2",
@@ -382,7 +418,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     };
     copy("runc", "usr/sbin/runc")?;
     copy("busybox-static", "bin/busybox")?;
-    for (pkg, path) in libs {
+    for (pkg, path) in C_LIBS {
         copy(pkg, path)?;
     }
     let seccomp_dir = trees["libseccomp2"].join("usr/lib/x86_64-linux-gnu");

@@ -8,6 +8,7 @@
 use std::{io::Write, path::Path};
 
 pub mod tsm;
+pub mod vtpm;
 
 use coffer_kbs::{server, Config, Kbs};
 use coffer_kbs_client::{generate_admin_key, http_client, AdminClient};

@@ -209,7 +209,8 @@ impl Verifiers {
         self.by_tee.insert(verifier.tee(), verifier);
     }
 
-    /// Trusts the emulated PSP whose roots (ARK and ASK, PEM) are given, for SNP evidence.
+    /// Trusts the emulated PSP whose roots (ARK and ASK, PEM) are given, for SNP evidence (and
+    /// the SNP report inside Azure vTPM evidence).
     /// Refused unless the trust switches allow emulation.
     pub fn trust_emulated_roots(&mut self, pem: &str) -> Result<(), VerifyError> {
         if !self.trust.allow_emulated {
@@ -222,6 +223,10 @@ impl Verifiers {
             "trusting the EMULATED PSP's roots: its evidence proves nothing about confidentiality"
         );
         self.register(Box::new(snp::SnpVerifier::with_emulated_roots(pem)?));
+        // An emulated PSP's report may also stand inside an HCL report (Azure vTPM tests).
+        self.register(Box::new(az_snp::AzSnpVtpmVerifier::with_snp(
+            snp::SnpVerifier::with_emulated_roots(pem)?,
+        )));
         Ok(())
     }
 

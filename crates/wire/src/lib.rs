@@ -13,6 +13,7 @@ pub mod binding;
 pub mod capabilities;
 pub mod ear;
 pub mod error;
+pub mod hcl;
 pub mod initdata;
 pub mod reference;
 pub mod rego;

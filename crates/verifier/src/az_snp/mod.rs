@@ -16,74 +16,27 @@ use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE},
     Engine,
 };
-use coffer_wire::Tee;
+use coffer_wire::{
+    hcl::{self, HclReport},
+    Tee,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{snp::SnpVerifier, tpm, Claims, Expected, Verifier, VerifyError};
 
-const HCL_MAGIC: &[u8] = b"HCLA";
-const SNP_REPORT: std::ops::Range<usize> = 0x20..0x20 + 0x4A0;
-const TD_REPORT: std::ops::Range<usize> = 0x20..0x20 + 0x400;
-const REQUEST_DATA: usize = 0x4C0;
 /// HCL report type of an SNP report.
-pub const HCL_REPORT_TYPE_SNP: u32 = 2;
+pub const HCL_REPORT_TYPE_SNP: u32 = hcl::REPORT_TYPE_SNP;
 /// HCL report type of a TDX TD report.
-pub const HCL_REPORT_TYPE_TDX: u32 = 4;
-const HCL_HASH_SHA256: u32 = 1;
+pub const HCL_REPORT_TYPE_TDX: u32 = hcl::REPORT_TYPE_TDX;
 
 fn bad(msg: impl Into<String>) -> VerifyError {
     VerifyError::Malformed(msg.into())
 }
 
-/// A parsed HCL report.
-pub struct HclReport<'a> {
-    /// The hardware report (SNP: 1184 bytes).
-    pub hw_report: &'a [u8],
-    /// The variable data (JSON with the AK).
-    pub var_data: &'a [u8],
-    /// Report type (2 = SNP, 4 = TDX).
-    pub report_type: u32,
-}
-
-fn le32(b: &[u8], at: usize) -> Result<u32, VerifyError> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
-        .ok_or_else(|| bad("HCL report truncated"))
-}
-
-/// Parses an HCL report.
+/// Parses an HCL report (layout: [`coffer_wire::hcl`]).
 pub fn parse_hcl(b: &[u8]) -> Result<HclReport<'_>, VerifyError> {
-    if !b.starts_with(HCL_MAGIC) {
-        return Err(bad("not an HCL report (magic)"));
-    }
-    let report_type = le32(b, REQUEST_DATA + 8)?;
-    let hash_type = le32(b, REQUEST_DATA + 12)?;
-    let var_len = le32(b, REQUEST_DATA + 16)? as usize;
-    if hash_type != HCL_HASH_SHA256 {
-        return Err(bad(format!(
-            "HCL report hash type {hash_type} is not SHA-256"
-        )));
-    }
-    let start = REQUEST_DATA + 20;
-    let var_data = b
-        .get(start..start.saturating_add(var_len))
-        .ok_or_else(|| bad("HCL variable data truncated"))?;
-    let range = match report_type {
-        HCL_REPORT_TYPE_SNP => SNP_REPORT,
-        HCL_REPORT_TYPE_TDX => TD_REPORT,
-        other => {
-            return Err(bad(format!(
-                "HCL report type {other} is neither SNP nor TDX"
-            )))
-        }
-    };
-    let hw_report = b.get(range).ok_or_else(|| bad("HCL report truncated"))?;
-    Ok(HclReport {
-        hw_report,
-        var_data,
-        report_type,
-    })
+    hcl::parse(b).map_err(|e| bad(e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -260,6 +213,12 @@ pub struct AzSnpVtpmVerifier {
 }
 
 impl AzSnpVtpmVerifier {
+    /// A verifier whose SNP checks (the hardware report inside the HCL report) are `snp`'s:
+    /// e.g. one that also trusts the emulated PSP's roots.
+    pub fn with_snp(snp: SnpVerifier) -> Self {
+        Self { snp }
+    }
+
     /// Verifies normalized evidence.
     fn verify_parts(
         &self,

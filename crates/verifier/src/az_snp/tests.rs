@@ -70,7 +70,7 @@ fn altered_parts_and_wrong_nonce_fail() {
     // The variable data (its SHA-256 is in the SNP REPORT_DATA).
     let mut b = hcl.clone();
     let n = b.len();
-    b[REQUEST_DATA + 20 + 40.min(n - REQUEST_DATA - 21)] ^= 1;
+    b[hcl::REQUEST_DATA_OFFSET + 20 + 40.min(n - hcl::REQUEST_DATA_OFFSET - 21)] ^= 1;
     let err = v.verify(&with_hcl(b), &at(Some(b"challenge"))).unwrap_err();
     assert!(err.to_string().contains("variable data"), "{err}");
     // The quote's signature.
