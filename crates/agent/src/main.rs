@@ -112,7 +112,7 @@ fn vm_main() -> anyhow::Result<()> {
     run(Args {
         listen: format!("serial:{}", boot.agent_port.display()),
         initdata,
-        psp_socket: Some(boot.psp_port),
+        psp_socket: boot.psp_port,
         tsm_root: coffer_attester::TSM_REPORT_ROOT.into(),
         tpm_tcti: None,
         imds: coffer_attester::AZURE_IMDS.into(),

@@ -57,8 +57,9 @@ fn fail(what: impl std::fmt::Display) -> BootError {
 pub struct Boot {
     /// The agent's virtio-serial port.
     pub agent_port: PathBuf,
-    /// The emulated PSP's virtio-serial port.
-    pub psp_port: PathBuf,
+    /// The emulated PSP's virtio-serial port, when the launch is emulated; `None` when the
+    /// launcher asked for a hardware TEE, whose interfaces the agent probes for.
+    pub psp_port: Option<PathBuf>,
     /// The initdata (TOML), as the host handed it over.
     pub initdata: String,
     /// Pull over plain HTTP (development registries).
@@ -70,6 +71,13 @@ struct LaunchConfig {
     initdata: String,
     #[serde(default)]
     plain_http: bool,
+    /// `emulated` (the default), `snp` or `tdx`.
+    #[serde(default = "emulated")]
+    tee: String,
+}
+
+fn emulated() -> String {
+    "emulated".into()
 }
 
 fn mount(src: &str, target: &str, fs: &str, flags: MountFlags) -> Result<(), BootError> {
@@ -345,7 +353,22 @@ pub fn boot() -> Result<Boot, BootError> {
     let config: LaunchConfig =
         serde_json::from_slice(&raw).map_err(|e| fail(format!("the launch configuration: {e}")))?;
     let agent_port = port(coffer_podvm::launch::AGENT_PORT)?;
-    let psp_port = port(coffer_podvm::launch::PSP_PORT)?;
+    let psp_port = match config.tee.as_str() {
+        "emulated" => Some(port(coffer_podvm::launch::PSP_PORT)?),
+        _ => {
+            // configfs-tsm lives in configfs; without it the probe tries /dev/sev-guest and a
+            // vTPM, and says what it found missing.
+            if let Err(e) = mount(
+                "configfs",
+                "/sys/kernel/config",
+                "configfs",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            ) {
+                tracing::warn!(error = %e, "configfs not mounted");
+            }
+            None
+        }
+    };
 
     // Into the verity root.
     for m in ["dev", "proc", "sys"] {

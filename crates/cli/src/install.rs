@@ -62,8 +62,12 @@ struct ContainerdArgs {
     /// agents (development registries).
     #[arg(long)]
     insecure_registry: Vec<String>,
-    /// Launch sandboxes with the emulated TEE (required: the pod VM has no hardware attester
-    /// yet; the emulated TEE gives no confidentiality from the node).
+    /// The TEE pod VMs are launched in: `snp` or `tdx` on such a host (under KVM), or
+    /// `emulated` with --emulated-tee.
+    #[arg(long, default_value = "emulated")]
+    tee: String,
+    /// Launch sandboxes with the emulated TEE (required with `--tee emulated`, the default: it
+    /// gives no confidentiality from the node).
     #[arg(long)]
     emulated_tee: bool,
 }
@@ -97,11 +101,15 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
     if sandbox == "process" && a.podvm.is_some() {
         bail!("--podvm belongs to --sandbox vm");
     }
-    if !a.emulated_tee {
-        bail!(
-            "the pod VM has no hardware attester yet: pass --emulated-tee to run pods with the \
-             emulated TEE (development only: no confidentiality from this node)"
-        );
+    match (a.tee.as_str(), sandbox) {
+        ("emulated", _) if !a.emulated_tee => bail!(
+            "--tee emulated (the default) gives no confidentiality from this node: pass \
+             --emulated-tee to run pods with it (development only), or --tee snp / --tee tdx on such a host"
+        ),
+        ("emulated", _) => {}
+        ("snp" | "tdx", "vm") => {}
+        ("snp" | "tdx", _) => bail!("--tee {} needs --sandbox vm", a.tee),
+        (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
     }
     for r in &a.insecure_registry {
         if r.is_empty() || r.contains(['/', '"', ' ']) {
@@ -135,11 +143,13 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| under(root, "/var/lib/coffer/psp"));
     shim.push_str(&format!(
-        "coffer = {}\nagent = {}\nstate_dir = {}\npsp_dir = {}\nemulated_tee = true\nplain_http = {}\n",
+        "coffer = {}\nagent = {}\nstate_dir = {}\npsp_dir = {}\ntee = {}\nemulated_tee = {}\nplain_http = {}\n",
         q(a.bin_dir.join("coffer").display().to_string()),
         q(agent.display().to_string()),
         q(under(root, "/run/coffer/pods").display().to_string()),
         q(psp.display().to_string()),
+        q(&a.tee),
+        a.tee == "emulated",
         !a.insecure_registry.is_empty(),
     ));
 
@@ -241,6 +251,7 @@ mod tests {
             psp_dir: None,
             sandbox_image: "r.example/pause:3.9".into(),
             insecure_registry: vec!["127.0.0.1:5000".into()],
+            tee: "emulated".into(),
             emulated_tee: true,
         }
     }
@@ -300,5 +311,16 @@ mod tests {
         a.emulated_tee = false;
         let e = containerd(a).unwrap_err().to_string();
         assert!(e.contains("--emulated-tee"), "{e}");
+
+        // A hardware TEE needs no such switch, and the shim reads it back.
+        let mut a = args(d.path());
+        a.emulated_tee = false;
+        a.tee = "snp".into();
+        a.sandbox = "vm".into();
+        containerd(a).unwrap();
+        let shim =
+            coffer_shim::config::ShimConfig::read(&d.path().join("etc/coffer/shim.toml")).unwrap();
+        assert_eq!(shim.tee, coffer_shim::config::TeeKind::Snp);
+        assert!(!shim.emulated_tee);
     }
 }

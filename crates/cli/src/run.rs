@@ -30,6 +30,14 @@ pub struct RunArgs {
     /// The pod VM's accelerator: kvm, tcg, or auto (KVM when a guest runs under it here).
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// The TEE: `emulated` (the emulated PSP: no confidentiality, development only), or for a
+    /// pod VM on such a host under KVM `snp` (AMD SEV-SNP) or `tdx` (Intel TDX).
+    #[arg(long, default_value = "emulated")]
+    tee: String,
+    /// The firmware a hardware TEE boots [default: the pod VM's firmware-snp.fd or
+    /// firmware-tdx.fd].
+    #[arg(long)]
+    firmware: Option<PathBuf>,
     /// The pod VM's memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u32,
@@ -120,10 +128,12 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| format!("coffer-{}", crate::ctl::random_hex(6)));
     let sandbox = SandboxDir::new(&a.state_dir, &name)?;
-    if podvm.is_some() {
-        eprintln!("coffer: EMULATED TEE (pod VM without TEE hardware): no confidentiality from this host, development only");
-    } else {
-        eprintln!("coffer: EMULATED TEE (process sandbox): no confidentiality, development only");
+    match (a.tee.as_str(), podvm.is_some()) {
+        ("emulated", true) => eprintln!("coffer: EMULATED TEE (pod VM without TEE hardware): no confidentiality from this host, development only"),
+        ("emulated", false) => eprintln!("coffer: EMULATED TEE (process sandbox): no confidentiality, development only"),
+        ("snp" | "tdx", true) => {}
+        ("snp" | "tdx", false) => bail!("--tee {} needs --sandbox vm: a process sandbox has no TEE", a.tee),
+        (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
     }
 
     if sandbox.dir.exists() {
@@ -155,6 +165,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     if let Some(dir) = &podvm {
         args.podvm = Some(dir.clone());
         args.accel = a.accel.clone();
+        args.tee = a.tee.clone();
+        args.firmware = a.firmware.clone();
         args.memory = a.memory;
         args.ready_timeout = a.ready_timeout;
         args.cpus = a.cpus;

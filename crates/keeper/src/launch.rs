@@ -89,6 +89,15 @@ pub struct KeeperArgs {
     /// The pod VM's accelerator: kvm, tcg, or auto (KVM when a guest runs under it here).
     #[arg(long, default_value = "auto")]
     pub accel: String,
+    /// The pod VM's TEE: `emulated` (the keeper's emulated PSP: no confidentiality), `snp`
+    /// (AMD SEV-SNP, measured direct boot, HOST_DATA = the initdata digest) or `tdx` (Intel
+    /// TDX, MRCONFIGID = the initdata digest). A hardware TEE needs KVM on such a host.
+    #[arg(long, default_value = "emulated")]
+    pub tee: String,
+    /// The firmware a hardware TEE boots [default: the pod VM's `firmware-snp.fd` or
+    /// `firmware-tdx.fd`].
+    #[arg(long)]
+    pub firmware: Option<PathBuf>,
     /// The pod VM's memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub memory: u32,
@@ -184,6 +193,8 @@ impl KeeperArgs {
             watch_stdin: false,
             podvm: None,
             accel: "auto".into(),
+            tee: "emulated".into(),
+            firmware: None,
             memory: 512,
             scratch_mib: 2048,
             cpus: 0,
@@ -210,6 +221,10 @@ impl KeeperArgs {
             opt("podvm", p.clone().into());
         }
         opt("accel", self.accel.clone().into());
+        opt("tee", self.tee.clone().into());
+        if let Some(f) = &self.firmware {
+            opt("firmware", f.clone().into());
+        }
         opt("memory", self.memory.to_string().into());
         opt("scratch-mib", self.scratch_mib.to_string().into());
         opt("cpus", self.cpus.to_string().into());
@@ -409,6 +424,8 @@ mod tests {
         a.image_cache = Some("/var/cache/coffer".into());
         a.podvm = Some("/usr/share/coffer/podvm".into());
         a.accel = "tcg".into();
+        a.tee = "snp".into();
+        a.firmware = Some("/usr/share/coffer/OVMF.amdsev.fd".into());
         a.memory = 1024;
         a.scratch_mib = 4096;
         a.ready_timeout = 30;

@@ -11,7 +11,12 @@
 //! keeper (parent-death signal); the sandbox ends when QEMU does (the agent powers the VM off
 //! after DestroySandbox).
 
-use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{bail, Context};
 use coffer_podvm::{mux, Accel, Launch, PodVm, Tee};
@@ -100,6 +105,44 @@ fn kvm_is_pvm(modules: &Path) -> bool {
         && !modules.join("kvm_amd").exists()
 }
 
+/// The TEE of this launch from `--tee`: the emulated PSP, or SEV-SNP / TDX with the firmware
+/// (`--firmware`, else the pod VM's `firmware-snp.fd` / `firmware-tdx.fd`) and the initdata
+/// digest as HOST_DATA / MRCONFIGID.
+fn launch_tee(a: &KeeperArgs, podvm: &Path, digest: &[u8]) -> anyhow::Result<Tee> {
+    let firmware = |name: &str| -> anyhow::Result<PathBuf> {
+        let f = a.firmware.clone().unwrap_or_else(|| podvm.join(name));
+        if !f.is_file() {
+            bail!(
+                "--tee {}: no firmware at {} (build the pod VM with `coffer podvm build --tee {} --firmware FILE`, or pass --firmware)",
+                a.tee,
+                f.display(),
+                a.tee
+            );
+        }
+        Ok(f)
+    };
+    Ok(match a.tee.as_str() {
+        "emulated" => Tee::Emulated,
+        "snp" => {
+            let mut host_data = [0u8; 32];
+            host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
+            Tee::SevSnp {
+                firmware: firmware(coffer_podvm::FIRMWARE_SNP)?,
+                host_data,
+            }
+        }
+        "tdx" => {
+            let mut mrconfigid = [0u8; 48];
+            mrconfigid.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 48));
+            Tee::Tdx {
+                firmware: firmware(coffer_podvm::FIRMWARE_TDX)?,
+                mrconfigid,
+            }
+        }
+        other => bail!("--tee {other}: use emulated, snp or tdx"),
+    })
+}
+
 /// Runs the pod VM until it ends (or the keeper is asked to stop).
 pub(crate) async fn serve(
     a: &KeeperArgs,
@@ -114,17 +157,20 @@ pub(crate) async fn serve(
     };
     let mut host_data = [0u8; 32];
     host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
-    let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
-    psp.set_launch(coffer_psp::Launch {
-        measurement: measured,
-        host_data,
-        ..coffer_psp::Launch::default()
-    });
+    let tee = launch_tee(a, podvm, digest)?;
     let psp_chan = a.dir.join("psp-chan.sock");
-    let psp_listener = std::os::unix::net::UnixListener::bind(&psp_chan)
-        .with_context(|| format!("cannot listen on {}", psp_chan.display()))?;
-    let psp = Arc::new(psp);
-    std::thread::spawn(move || coffer_psp::channel::serve(psp, psp_listener));
+    if matches!(tee, Tee::Emulated) {
+        let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
+        psp.set_launch(coffer_psp::Launch {
+            measurement: measured,
+            host_data,
+            ..coffer_psp::Launch::default()
+        });
+        let psp_listener = std::os::unix::net::UnixListener::bind(&psp_chan)
+            .with_context(|| format!("cannot listen on {}", psp_chan.display()))?;
+        let psp = Arc::new(psp);
+        std::thread::spawn(move || coffer_psp::channel::serve(psp, psp_listener));
+    }
 
     let agent_chan = a.dir.join("agent-chan.sock");
     let chan = tokio::net::UnixListener::bind(&agent_chan)
@@ -136,7 +182,8 @@ pub(crate) async fn serve(
     let config = a.dir.join("launch.json");
     std::fs::write(
         &config,
-        serde_json::json!({ "initdata": text, "plain_http": a.plain_http }).to_string(),
+        serde_json::json!({ "initdata": text, "plain_http": a.plain_http, "tee": a.tee })
+            .to_string(),
     )?;
     let accel = match a.accel.as_str() {
         "kvm" if kvm_is_pvm(Path::new("/sys/module")) => bail!(
@@ -160,6 +207,12 @@ pub(crate) async fn serve(
         },
         other => bail!("--accel {other}: use kvm, tcg or auto"),
     };
+    if accel == Accel::Tcg && !matches!(tee, Tee::Emulated) {
+        bail!(
+            "--tee {}: a hardware TEE runs only under KVM on a host with that TEE; this launch would use TCG",
+            a.tee
+        );
+    }
     tracing::info!(?accel, measurement = %hex::encode(measured), "starting the pod VM");
     let launch = Launch {
         vm,
@@ -171,7 +224,7 @@ pub(crate) async fn serve(
         memory_mib: a.memory,
         cpus: a.vcpus(accel == Accel::Kvm),
         accel,
-        tee: Tee::Emulated,
+        tee,
     };
     let mut cmd = tokio::process::Command::new(QEMU);
     cmd.args(launch.qemu_args())

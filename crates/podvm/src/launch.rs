@@ -120,14 +120,16 @@ pub enum Accel {
 pub enum Tee {
     /// No hardware TEE: the launcher's emulated PSP, reached over its own serial port.
     Emulated,
-    /// AMD SEV-SNP with measured direct boot: HOST_DATA = the initdata digest. Untested here.
+    /// AMD SEV-SNP with measured direct boot: HOST_DATA = the initdata digest. QEMU 10 accepts
+    /// the command line up to asking KVM for an SNP VM (tests/qemu_tee.rs).
     SevSnp {
         /// The SNP-capable firmware (OVMF built for SEV, `OVMF.amdsev.fd`).
         firmware: PathBuf,
         /// HOST_DATA.
         host_data: [u8; 32],
     },
-    /// Intel TDX: MRCONFIGID = the initdata digest (SHA-384 fills it). Untested here.
+    /// Intel TDX: MRCONFIGID = the initdata digest (SHA-384 fills it). QEMU gained `tdx-guest`
+    /// in 10.1; Debian's 10.0 rejects the object type (tests/qemu_tee.rs).
     Tdx {
         /// TDVF (`OVMF.fd` built for TDX).
         firmware: PathBuf,

@@ -14,3 +14,9 @@ pub mod snp;
 pub mod verity;
 
 pub use launch::{Accel, Launch, PodVm, Tee};
+
+/// The firmware an SEV-SNP launch of a pod VM boots (OVMF's AmdSev build, which carries the
+/// kernel-hashes table), in the pod VM directory.
+pub const FIRMWARE_SNP: &str = "firmware-snp.fd";
+/// The firmware a TDX launch of a pod VM boots (TDVF), in the pod VM directory.
+pub const FIRMWARE_TDX: &str = "firmware-tdx.fd";

@@ -25,6 +25,30 @@ pub enum SandboxKind {
     Process,
 }
 
+/// The TEE each pod VM is launched in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeeKind {
+    /// The keeper's emulated PSP (no confidentiality); needs `emulated_tee = true` as well.
+    #[default]
+    Emulated,
+    /// AMD SEV-SNP (a pod VM under KVM on an SNP host).
+    Snp,
+    /// Intel TDX (a pod VM under KVM on a TDX host).
+    Tdx,
+}
+
+impl TeeKind {
+    /// The keeper's `--tee` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TeeKind::Emulated => "emulated",
+            TeeKind::Snp => "snp",
+            TeeKind::Tdx => "tdx",
+        }
+    }
+}
+
 /// `shim.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,8 +79,15 @@ pub struct ShimConfig {
     /// The emulated PSP's directory.
     #[serde(default = "default_psp_dir")]
     pub psp_dir: PathBuf,
-    /// Launch sandboxes with the emulated TEE. Must be set: this build has no hardware attester
-    /// in the guest yet, and the emulated TEE gives no confidentiality from this node.
+    /// The TEE pod VMs are launched in: `emulated` (default), `snp` or `tdx`.
+    #[serde(default)]
+    pub tee: TeeKind,
+    /// The firmware a hardware TEE boots [default: the pod VM's firmware-snp.fd or
+    /// firmware-tdx.fd].
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
+    /// Launch sandboxes with the emulated TEE. Must be set when `tee` is `emulated`: the
+    /// emulated TEE gives no confidentiality from this node.
     #[serde(default)]
     pub emulated_tee: bool,
     /// Pull images over plain HTTP (development registries).
@@ -103,12 +134,21 @@ impl ShimConfig {
     }
 
     fn check(&self) -> Result<(), String> {
-        if !self.emulated_tee {
-            return Err(
-                "no TEE attester is built into the pod VM yet; set `emulated_tee = true` \
-                        to run sandboxes with the emulated TEE (development: no confidentiality)"
-                    .into(),
-            );
+        match (self.tee, self.sandbox) {
+            (TeeKind::Emulated, _) if !self.emulated_tee => {
+                return Err(
+                    "tee = \"emulated\" (the default) gives no confidentiality: set `emulated_tee = true` \
+                     to run sandboxes with it (development), or `tee = \"snp\"` / `tee = \"tdx\"` on such a host"
+                        .into(),
+                )
+            }
+            (TeeKind::Snp | TeeKind::Tdx, SandboxKind::Process) => {
+                return Err(format!(
+                    "tee = \"{}\" needs sandbox = \"vm\": a process sandbox has no TEE",
+                    self.tee.as_str()
+                ))
+            }
+            _ => {}
         }
         match (self.sandbox, &self.podvm) {
             (SandboxKind::Vm, None) => Err("sandbox = \"vm\" needs `podvm = DIR`".into()),
@@ -162,6 +202,12 @@ mod tests {
         let e = parse("sandbox = \"process\"").unwrap_err();
         assert!(e.contains("emulated_tee = true"), "{e}");
         parse("sandbox = \"process\"\nemulated_tee = true").unwrap();
+        let c = parse("sandbox = \"vm\"\npodvm = \"/p\"\ntee = \"snp\"").unwrap();
+        assert_eq!(c.tee, TeeKind::Snp);
+        let e = parse("sandbox = \"process\"\ntee = \"tdx\"").unwrap_err();
+        assert!(e.contains("needs sandbox = \"vm\""), "{e}");
+        let e = parse("sandbox = \"vm\"\npodvm = \"/p\"\ntee = \"sgx\"").unwrap_err();
+        assert!(e.contains("sgx"), "{e}");
     }
 
     #[test]

@@ -85,12 +85,16 @@ impl Sandbox {
         if let (SandboxKind::Vm, Some(podvm)) = (config.sandbox, &config.podvm) {
             args.podvm = Some(podvm.clone());
             args.accel = config.accel.clone();
+            args.tee = config.tee.as_str().into();
+            args.firmware = config.firmware.clone();
             args.memory = config.memory_mib;
         }
-        tracing::warn!(
-            sandbox = name,
-            "EMULATED TEE: this sandbox has no confidentiality from the node (development only)"
-        );
+        if config.tee == crate::config::TeeKind::Emulated {
+            tracing::warn!(
+                sandbox = name,
+                "EMULATED TEE: this sandbox has no confidentiality from the node (development only)"
+            );
+        }
         let sandbox_err = |e: KeeperError| ShimError::Sandbox(e.to_string());
         let mut keeper = Keeper::spawn(&config.coffer_bin(), &args, true).map_err(sandbox_err)?;
         let pid = keeper.pid().unwrap_or_default();
