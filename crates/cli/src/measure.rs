@@ -29,11 +29,14 @@ pub struct MeasureArgs {
     /// The emulated PSP's directory (its TCB becomes the minimum).
     #[arg(long, default_value = "coffer-psp")]
     psp_dir: PathBuf,
-    /// Raw form: the TEE whose launch digest to print (`snp`); needs `--firmware`.
-    #[arg(long, requires = "firmware")]
+    /// The TEE: with `--sandbox vm`, `snp` gives the SEV-SNP launch digest of the pod VM's
+    /// launch (`emulated`, the default, the emulated PSP's measurement); in the raw form, the
+    /// TEE whose launch digest to print (`snp`).
+    #[arg(long)]
     tee: Option<String>,
-    /// Raw form: the firmware image (OVMF with SEV metadata) QEMU is given with `-bios`.
-    #[arg(long, requires = "tee")]
+    /// The firmware image (OVMF with SEV metadata) QEMU is given with `-bios` [with `--sandbox
+    /// vm --tee snp`: the pod VM's firmware-snp.fd].
+    #[arg(long)]
     firmware: Option<PathBuf>,
     /// Raw form: the kernel of a measured direct boot (QEMU `-kernel`, `kernel-hashes=on`).
     #[arg(long, requires = "firmware")]
@@ -44,16 +47,18 @@ pub struct MeasureArgs {
     /// Raw form: the kernel command line (QEMU `-append`); needs `--kernel`.
     #[arg(long, requires = "kernel")]
     append: Option<String>,
-    /// Raw form: the number of vCPUs (QEMU `-smp`).
-    #[arg(long, default_value_t = 1, requires = "firmware")]
-    vcpus: u32,
-    /// Raw form: the vCPU model (QEMU `-cpu`): EPYC, EPYC-Rome, EPYC-Milan, EPYC-Genoa, EPYC-Turin
-    /// or a versioned alias such as EPYC-Milan-v2.
-    #[arg(long, default_value = "EPYC-Milan", requires = "firmware")]
+    /// SEV-SNP: the number of vCPUs (QEMU `-smp`) [default: 1 in the raw form; with `--sandbox
+    /// vm`, 2, as the launcher starts a pod VM under KVM].
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// SEV-SNP: the vCPU model (QEMU `-cpu`): EPYC, EPYC-Rome, EPYC-Milan, EPYC-Genoa, EPYC-Turin
+    /// or a versioned alias such as EPYC-Milan-v2. A pod VM under KVM runs `-cpu host`: name the
+    /// host's generation.
+    #[arg(long, default_value = "EPYC-Milan")]
     cpu: coffer_podvm::snp::CpuType,
-    /// Raw form: the guest's SEV features (VMSA SEV_FEATURES), `0x`-prefixed hex or decimal
-    /// [default: 0x1, SNPActive, as sev-snp-measure].
-    #[arg(long, value_parser = parse_features, requires = "firmware")]
+    /// SEV-SNP: the guest's SEV features (VMSA SEV_FEATURES), `0x`-prefixed hex or decimal
+    /// [default: 0x1, SNPActive, as sev-snp-measure and QEMU].
+    #[arg(long, value_parser = parse_features)]
     guest_features: Option<u64>,
 }
 
@@ -85,7 +90,7 @@ fn run_raw(a: &MeasureArgs, firmware: &Path) -> anyhow::Result<()> {
         kernel: kernel.as_deref(),
         initrd: initrd.as_deref(),
         append: a.append.as_deref(),
-        vcpus: a.vcpus,
+        vcpus: a.vcpus.unwrap_or(1),
         cpu: a.cpu,
         guest_features: a
             .guest_features
@@ -94,6 +99,35 @@ fn run_raw(a: &MeasureArgs, firmware: &Path) -> anyhow::Result<()> {
     .with_context(|| firmware.display().to_string())?;
     println!("{}", hex::encode(digest));
     Ok(())
+}
+
+/// The SEV-SNP launch digest of the pod VM in `dir` as the launcher starts it with `--tee snp`:
+/// its kernel, initrd and command line hashed into the firmware's kernel-hashes page, the
+/// firmware (`--firmware` or the pod VM's firmware-snp.fd), one VMSA per vCPU.
+fn snp_measurement(a: &MeasureArgs, dir: &Path) -> anyhow::Result<[u8; 48]> {
+    let vm = coffer_podvm::PodVm::open(dir)?;
+    let firmware = a
+        .firmware
+        .clone()
+        .unwrap_or_else(|| dir.join(coffer_podvm::FIRMWARE_SNP));
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let fw = read(&firmware).context(
+        "the pod VM has no SEV-SNP firmware: build it with `coffer podvm build --tee snp --firmware FILE` or give --firmware",
+    )?;
+    let kernel = read(&vm.kernel)?;
+    let initrd = read(&vm.initrd)?;
+    coffer_podvm::snp::launch_digest(&coffer_podvm::snp::LaunchInputs {
+        firmware: &fw,
+        kernel: Some(&kernel),
+        initrd: Some(&initrd),
+        append: Some(&vm.cmdline),
+        vcpus: a.vcpus.unwrap_or(2),
+        cpu: a.cpu,
+        guest_features: a
+            .guest_features
+            .unwrap_or(coffer_podvm::snp::DEFAULT_GUEST_FEATURES),
+    })
+    .with_context(|| firmware.display().to_string())
 }
 
 /// The agent binary: given, or `coffer-agent` next to this executable.
@@ -111,8 +145,11 @@ pub fn agent_path(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Runs `coffer measure`.
 pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
-    if let Some(firmware) = &a.firmware {
+    if let (None, Some(firmware)) = (&a.sandbox, &a.firmware) {
         return run_raw(&a, firmware);
+    }
+    if a.kernel.is_some() || a.initrd.is_some() || a.append.is_some() {
+        bail!("--kernel, --initrd and --append belong to the raw form (--tee snp --firmware F without --sandbox); a pod VM's come from --podvm");
     }
     let (Some(sandbox), Some(initdata)) = (&a.sandbox, &a.initdata) else {
         bail!("give --sandbox and --initdata (or --tee snp --firmware F for a launch digest)");
@@ -121,6 +158,30 @@ pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", initdata.display()))?;
     let digest =
         coffer_wire::initdata::digest(&text).with_context(|| initdata.display().to_string())?;
+    let tee = a.tee.as_deref().unwrap_or("emulated");
+    match (sandbox.as_str(), tee) {
+        (_, "emulated") | ("vm", "snp") => {}
+        ("vm", other) => bail!("--tee {other}: pod VM reference values are computed for emulated and snp (TDX's MRTD/RTMRs are not built yet)"),
+        (_, other) => bail!("--tee {other}: a process sandbox has only the emulated TEE"),
+    }
+    if tee == "snp" {
+        let Some(dir) = &a.podvm else {
+            bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)");
+        };
+        let measurement = snp_measurement(&a, dir)?;
+        eprintln!("coffer: SEV-SNP reference values: add snp_tcb_min (your platforms' minimum TCB) before the KBS accepts this launch");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "measurement": [hex::encode(measurement)],
+                "init_data": [hex::encode(digest)],
+            }))?
+        );
+        return Ok(());
+    }
+    if a.firmware.is_some() || a.vcpus.is_some() || a.guest_features.is_some() {
+        bail!("--firmware, --vcpus and --guest-features describe an SEV-SNP launch: add --tee snp");
+    }
     let measurement = match (sandbox.as_str(), &a.podvm) {
         ("vm", Some(dir)) => coffer_podvm::PodVm::open(dir)?.measurement()?,
         ("vm", None) => bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)"),

@@ -28,6 +28,13 @@ enum PodvmCommand {
         /// Where downloaded package files are kept (and reused) [default: ~/.cache/coffer/debs].
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Also make the pod VM launchable as this TEE's guest (`snp`), with `--firmware`.
+        #[arg(long, requires = "firmware")]
+        tee: Option<String>,
+        /// The firmware of `--tee snp`: OVMF's AmdSev build (SEV metadata and the SNP
+        /// kernel-hashes table; firmware without them is refused), kept as firmware-snp.fd.
+        #[arg(long, requires = "tee")]
+        firmware: Option<PathBuf>,
     },
 }
 
@@ -48,13 +55,23 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
             agent,
             debs,
             cache,
+            tee,
+            firmware,
         } => {
+            match tee.as_deref() {
+                None | Some("snp") => {}
+                Some("tdx") => anyhow::bail!(
+                    "--tee tdx: pod VM builds for TDX are not built yet (TDVF and MRTD/RTMR reference values); use --tee snp"
+                ),
+                Some(other) => anyhow::bail!("--tee {other}: use snp"),
+            }
             let agent = crate::measure::agent_path(&agent)?;
             let manifest = coffer_podvm::build::build(&coffer_podvm::build::BuildOptions {
                 out: out.clone(),
                 agent,
                 debs,
                 cache: cache.unwrap_or_else(default_cache),
+                snp_firmware: firmware,
             })?;
             eprintln!(
                 "coffer: pod VM in {} (measurement {}, verity root {})",

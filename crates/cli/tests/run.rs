@@ -1381,3 +1381,110 @@ async fn a_test_killed_with_sigkill_leaves_no_process_and_no_files() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_vm_built_for_sev_snp_measures_as_amds_reference_tool_does() {
+    let w = world().await;
+    let debian = std::fs::read("/usr/share/ovmf/OVMF.fd")
+        .expect("Debian's OVMF (apt-get install -y ovmf; .ci/run and scripts/test do)");
+    let plain = w.d().join("OVMF.fd");
+    std::fs::write(&plain, &debian).unwrap();
+    let hashes = w.d().join("OVMF-hashes.fd");
+    std::fs::write(&hashes, coffer_testkit::ovmf::with_hashes_page(&debian)).unwrap();
+    let build = |firmware: &Path, out: &str| {
+        let out = w.d().join(out);
+        let args = vec![
+            "podvm".to_string(),
+            "build".into(),
+            "--out".into(),
+            out.display().to_string(),
+            "--agent".into(),
+            w.agent.display().to_string(),
+            "--tee".into(),
+            "snp".into(),
+            "--firmware".into(),
+            firmware.display().to_string(),
+        ];
+        async move { (cli(args).await, out) }
+    };
+
+    // Firmware without the kernel-hashes table would measure nothing of the kernel: refused
+    // before anything is built.
+    let ((code, _, stderr), out) = build(&plain, "podvm-plain").await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("kernel-hashes table"), "{stderr}");
+    assert!(!out.exists());
+
+    let ((code, _, stderr), dir) = build(&hashes, "podvm-snp").await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        std::fs::read(dir.join("firmware-snp.fd")).unwrap(),
+        std::fs::read(&hashes).unwrap()
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("measurements.json")).unwrap()).unwrap();
+    assert_eq!(manifest["snp"]["firmware"], "firmware-snp.fd");
+
+    // The reference values' measurement is the launch digest AMD's sev-snp-measure computes for
+    // the same firmware, kernel, initrd, command line, vCPUs and model.
+    let init = w.initdata("initdata.toml", &[]).await;
+    let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap();
+    for (vcpus, cpu) in [("2", "EPYC-Milan"), ("4", "EPYC-Genoa")] {
+        let (code, out, err) = cli(s(&[
+            "measure",
+            "--sandbox",
+            "vm",
+            "--tee",
+            "snp",
+            "--podvm",
+            &dir.display().to_string(),
+            "--initdata",
+            &init.display().to_string(),
+            "--vcpus",
+            vcpus,
+            "--cpu",
+            cpu,
+        ]))
+        .await;
+        assert_eq!(code, Some(0), "{err}");
+        let refs: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let reference = std::process::Command::new("sev-snp-measure")
+            .args([
+                "--mode",
+                "snp",
+                "--vcpus",
+                vcpus,
+                "--vcpu-type",
+                cpu,
+                "--output-format",
+                "hex",
+            ])
+            .arg("--ovmf")
+            .arg(dir.join("firmware-snp.fd"))
+            .arg("--kernel")
+            .arg(dir.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(dir.join("initrd.img"))
+            .arg("--append")
+            .arg(cmdline.trim())
+            .output()
+            .expect("sev-snp-measure (pip install sev-snp-measure==0.0.13; .ci/run does)");
+        assert!(
+            reference.status.success(),
+            "{}",
+            String::from_utf8_lossy(&reference.stderr)
+        );
+        assert_eq!(
+            refs["measurement"][0].as_str().unwrap(),
+            String::from_utf8_lossy(&reference.stdout).trim(),
+            "{vcpus} vCPUs, {cpu}"
+        );
+        assert_eq!(
+            refs["init_data"][0].as_str().unwrap(),
+            hex::encode(
+                coffer_wire::initdata::digest(&std::fs::read_to_string(&init).unwrap()).unwrap()
+            )
+        );
+        assert!(refs.get("snp_tcb_min").is_none(), "{refs}");
+    }
+}

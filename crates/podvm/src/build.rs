@@ -107,6 +107,10 @@ pub struct BuildOptions {
     pub debs: Option<PathBuf>,
     /// Where downloaded package files are kept.
     pub cache: PathBuf,
+    /// Firmware for SEV-SNP launches, copied into the pod VM as [`crate::FIRMWARE_SNP`]: it
+    /// must carry SEV metadata and the SNP kernel-hashes table (OVMF's AmdSev build), or
+    /// measured direct boot would measure nothing of the kernel.
+    pub snp_firmware: Option<PathBuf>,
 }
 
 /// A failed build.
@@ -304,6 +308,31 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let stage = work.path().join("out");
     std::fs::create_dir(&stage).map_err(io("cannot create the staging directory"))?;
 
+    // SEV-SNP firmware: checked before anything is built.
+    let snp_firmware = match &o.snp_firmware {
+        Some(f) => {
+            let fw =
+                std::fs::read(f).map_err(io(format!("the SEV-SNP firmware {}", f.display())))?;
+            crate::snp::launch_digest(&crate::snp::LaunchInputs {
+                firmware: &fw,
+                kernel: Some(&[]),
+                initrd: None,
+                append: None,
+                vcpus: 1,
+                cpu: crate::snp::CpuType::EpycMilan,
+                guest_features: crate::snp::DEFAULT_GUEST_FEATURES,
+            })
+            .map_err(|e| {
+                BuildError::Missing(format!(
+                    "{} cannot be the SEV-SNP firmware: {e}",
+                    f.display()
+                ))
+            })?;
+            Some(fw)
+        }
+        None => None,
+    };
+
     // Packages: resolve, record, extract.
     let meta = deb(o, PACKAGES[0])?;
     let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
@@ -488,7 +517,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let i = sha256_file(&stage.join("initrd.img")).map_err(io("initrd.img"))?;
     let r = sha256_file(&root_img).map_err(io("root.img"))?;
     let measurement = launch_digest(&k, &i, &cmdline);
-    let manifest = json!({
+    let mut manifest = json!({
         "inputs": { "packages": inputs, "agent": hex::encode(sha256_file(&o.agent).map_err(io("the agent"))?) },
         "kernel_release": release,
         "modules": mods.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
@@ -497,6 +526,16 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         "verity": { "data_blocks": params.data_blocks, "root_hash": hex::encode(params.root_hash), "salt": hex::encode(params.salt) },
         "measurement": { "emulated": hex::encode(measurement) },
     });
+    if let Some(fw) = &snp_firmware {
+        std::fs::write(stage.join(crate::FIRMWARE_SNP), fw)
+            .map_err(io("cannot write the SEV-SNP firmware"))?;
+        // The launch digest also depends on the vCPU count and model chosen at launch:
+        // `coffer measure --sandbox vm --tee snp` computes it for those.
+        manifest["snp"] = json!({
+            "firmware": crate::FIRMWARE_SNP,
+            "firmware_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fw)),
+        });
+    }
     let mut text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     text.push('\n');
     std::fs::write(stage.join("measurements.json"), text).map_err(io("measurements.json"))?;
