@@ -1,11 +1,13 @@
 //! `coffer podvm build`: a pod VM image from Debian packages and the agent binary.
 //!
-//! * `vmlinuz` — the kernel of `linux-image-cloud-amd64`.
+//! * `vmlinuz` — the kernel of `linux-image-cloud-amd64` from bookworm-backports ([`KERNEL_SUITE`]:
+//!   6.12, with the SEV-SNP and TDX guest drivers and configfs-tsm).
 //! * `initrd.img` — `/init` is `coffer-agent` (debug info stripped) with the C libraries it links
 //!   (`libc6`, `libgcc-s1`; the TPM 2.0 software stack for the Azure vTPM attesters: Debian's
 //!   `libtss2-*` ESAPI, marshalling, TCTI loader and device TCTI, and `libssl3`'s libcrypto,
 //!   which the ESAPI uses) and the kernel modules it loads (virtio, device-mapper targets,
-//!   squashfs, fw_cfg, AES-XTS), listed in load order in `/etc/coffer/modules`.
+//!   squashfs, fw_cfg, AES-XTS, the TEE guest drivers; compressed modules stored decompressed),
+//!   listed in load order in `/etc/coffer/modules`.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
 //!   `libseccomp2`, `libc6`, `busybox-static` and the CA bundle of `ca-certificates` (the
 //!   Mozilla roots, concatenated in name order), followed by its dm-verity hash tree.
@@ -79,6 +81,14 @@ const TSS_LIBS: &[(&str, &str)] = &[
     ("libssl3", "usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
 ];
 
+/// The suite the kernel comes from: bookworm-backports' kernel (6.12) has the SEV-SNP and TDX
+/// guest drivers and configfs-tsm (`CONFIG_SEV_GUEST`, `CONFIG_TDX_GUEST_DRIVER`,
+/// `CONFIG_TSM_REPORTS`), which bookworm's 6.1 lacks; one image serves every launch.
+pub const KERNEL_SUITE: &str = "bookworm-backports";
+
+/// The TEE guest drivers: loaded at boot where the hardware is, refused (ENODEV) elsewhere.
+pub const TEE_MODULES: &[&str] = &["tsm", "sev_guest", "tdx_guest"];
+
 /// Kernel modules the agent loads at boot (their dependencies are added, in order).
 pub const MODULES: &[&str] = &[
     "virtio_pci",
@@ -91,6 +101,9 @@ pub const MODULES: &[&str] = &[
     "dm_crypt",
     "xts",
     "aesni_intel",
+    "tsm",
+    "sev_guest",
+    "tdx_guest",
 ];
 
 /// The kernel command line, without the verity parameters.
@@ -159,15 +172,15 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, BuildError> {
 
 /// The package file of `name` in `dir` (`NAME_VERSION_ARCH.deb`), if any; the newest by name
 /// when several are there.
-fn find_deb(dir: &Path, name: &str) -> Option<PathBuf> {
+fn find_deb(dir: &Path, name: &str, backports: bool) -> Option<PathBuf> {
     let prefix = format!("{name}_");
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&prefix) && n.ends_with(".deb") && (!backports || n.contains("~bpo"))
+            })
         })
         .collect();
     found.sort();
@@ -175,8 +188,14 @@ fn find_deb(dir: &Path, name: &str) -> Option<PathBuf> {
 }
 
 fn deb(o: &BuildOptions, name: &str) -> Result<PathBuf, BuildError> {
+    deb_from(o, name, None)
+}
+
+/// A package file of `name`, from `suite` (its version then carries `~bpo`) when given.
+fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf, BuildError> {
     let dir = o.debs.as_ref().unwrap_or(&o.cache);
-    if let Some(p) = find_deb(dir, name) {
+    let backports = suite.is_some();
+    if let Some(p) = find_deb(dir, name, backports) {
         return Ok(p);
     }
     if o.debs.is_some() {
@@ -187,10 +206,20 @@ fn deb(o: &BuildOptions, name: &str) -> Result<PathBuf, BuildError> {
     }
     std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
     tracing::info!(package = name, "downloading");
+    let what = match suite {
+        Some(suite) => format!("{name}/{suite}"),
+        None => name.to_string(),
+    };
     run(Command::new("apt-get")
-        .args(["download", "-q", name])
-        .current_dir(dir))?;
-    find_deb(dir, name)
+        .args(["download", "-q", &what])
+        .current_dir(dir))
+    .map_err(|e| match suite {
+        Some(suite) => BuildError::Missing(format!(
+            "{e} (the kernel comes from Debian {suite}: add `deb http://deb.debian.org/debian {suite} main` to apt's sources and run apt-get update)"
+        )),
+        None => e,
+    })?;
+    find_deb(dir, name, backports)
         .ok_or_else(|| BuildError::Missing(format!("apt-get download {name} left no package file")))
 }
 
@@ -243,7 +272,7 @@ fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
             if e.file_type()?.is_dir() {
                 walk(&p, into)?;
             } else if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
-                if let Some(stem) = n.strip_suffix(".ko") {
+                if let Some(stem) = n.strip_suffix(".ko").or_else(|| n.strip_suffix(".ko.xz")) {
                     into.insert(stem.replace('-', "_"), p.clone());
                 }
             }
@@ -268,7 +297,12 @@ fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
         let Some(path) = files.get(name) else {
             return Ok(());
         };
-        let ko = std::fs::read(path).map_err(io(path.display().to_string()))?;
+        // Compressed modules are stored decompressed: the agent loads plain ELF objects.
+        let ko = if path.extension().is_some_and(|x| x == "xz") {
+            run(Command::new("xz").arg("-dc").arg(path))?
+        } else {
+            std::fs::read(path).map_err(io(path.display().to_string()))?
+        };
         for dep in modinfo_field(&ko, "depends")
             .into_iter()
             .chain(modinfo_field(&ko, "softdep"))
@@ -279,10 +313,22 @@ fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
         order.push((name.to_string(), ko));
         Ok(())
     }
+    // What the kernel has built in (`modules.builtin`: one module path per line) needs no file.
+    let listing = moddir.parent().unwrap_or(moddir).join("modules.builtin");
+    let builtin: BTreeSet<String> = std::fs::read_to_string(listing)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter_map(|n| n.strip_suffix(".ko"))
+        .map(|n| n.replace('-', "_"))
+        .collect();
     for m in MODULES {
         if !files.contains_key(*m) {
+            if builtin.contains(*m) {
+                continue;
+            }
             return Err(BuildError::Missing(format!(
-                "the kernel package has no module {m}"
+                "the kernel package has no module {m}, and does not build it in"
             )));
         }
         visit(m, &files, &mut done, &mut order, 0)?;
@@ -334,7 +380,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     };
 
     // Packages: resolve, record, extract.
-    let meta = deb(o, PACKAGES[0])?;
+    let meta = deb_from(o, PACKAGES[0], Some(KERNEL_SUITE))?;
     let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
         .arg("-f")
         .arg(&meta)
