@@ -40,4 +40,7 @@ default WriteStreamRequest := false
 
 default CopyFileRequest := false
 
+# Files of configMap, secret, projected and downwardAPI volumes, copied in by the shim.
+default SetVolumeRequest := true
+
 default SetPolicyRequest := false

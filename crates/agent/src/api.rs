@@ -249,6 +249,30 @@ agent_impl! {
         Ok(Response::new(Empty {}))
     }
 
+    async fn set_volume(&self, r: Request<SetVolumeRequest>) -> Result<Response<Empty>, Status> {
+        let req = r.into_inner();
+        // The policy (and the audit log) see each file's path, mode and size: never the
+        // content, which may be a Secret's.
+        let summary = serde_json::json!({
+            "volume": req.volume,
+            "kind": req.kind,
+            "files": req.files.iter().map(|f| serde_json::json!({
+                "path": f.path, "mode": f.mode, "size": f.content.len(),
+            })).collect::<Vec<_>>(),
+        });
+        self.check("SetVolumeRequest", &summary)?;
+        let files = req
+            .files
+            .into_iter()
+            .map(|f| (f.path, f.mode, f.content))
+            .collect();
+        self.containers
+            .set_volume(req.volume, req.kind, files)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
     async fn issue_exec_nonce(
         &self,
         r: Request<IssueExecNonceRequest>,

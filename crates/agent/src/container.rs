@@ -7,6 +7,7 @@
 //! the runtime (`runtime`) and their output buffers (`output`), and a process's stdio (`stdio`);
 //! this module keeps the table of containers and their lifecycle (create, list, remove).
 
+pub mod files;
 mod output;
 mod pull;
 mod runtime;
@@ -101,6 +102,8 @@ pub struct Containers {
 /// Where the sandbox's emptyDir volumes live, under the containers' root (not a container id:
 /// ids have no dot).
 const VOLUMES: &str = ".volumes";
+/// Where the file volumes copied in from the node live ([`files`]).
+const FILES: &str = ".files";
 
 /// The CRI annotation naming a container within its pod.
 pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
@@ -270,7 +273,7 @@ impl Containers {
             }
         };
         let mut spec = spec(id, &self.cgroup_parent, &report.config, user, req);
-        match spec::volume_mounts(&self.root.join(VOLUMES), req) {
+        match spec::volume_mounts(&self.root.join(VOLUMES), &self.root.join(FILES), req) {
             Ok(volumes) => {
                 if let Some(mounts) = spec["mounts"].as_array_mut() {
                     mounts.extend(volumes);
@@ -341,6 +344,30 @@ impl Containers {
             .map_err(|e| ContainerError::Runtime(format!("cannot remove the bundle: {e}")))?;
         tracing::info!(container = id, "container removed");
         Ok(())
+    }
+
+    /// Replaces the sandbox's copy of file volume `volume` ([`files`]), blocking I/O on a
+    /// worker thread.
+    pub async fn set_volume(
+        &self,
+        volume: String,
+        kind: String,
+        files: Vec<(String, u32, Vec<u8>)>,
+    ) -> Result<()> {
+        let root = self.root.join(FILES);
+        tokio::task::spawn_blocking(move || {
+            let list: Vec<files::File<'_>> = files
+                .iter()
+                .map(|(path, mode, content)| files::File {
+                    path,
+                    mode: *mode,
+                    content,
+                })
+                .collect();
+            files::store(&root, &volume, &kind, &list)
+        })
+        .await
+        .map_err(|e| ContainerError::Runtime(format!("the volume writer failed: {e}")))?
     }
 
     /// Removes every container.

@@ -465,7 +465,8 @@ fn a_pod_vm_runs_through_the_cri() {
 }
 
 /// The workload of the pinned-pod test: a Deployment with an init container, two containers,
-/// environment from a ConfigMap, an emptyDir and an exec readiness probe.
+/// environment from a ConfigMap, the ConfigMap as a volume, an emptyDir and an exec readiness
+/// probe; the app prints its ConfigMap file and service-account token every second.
 const WORKLOAD: &str = r#"apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -502,7 +503,7 @@ spec:
       - name: app
         image: REGISTRY/app:v1
         command: ["/bin/sh", "-c"]
-        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); exec sleep 120"]
+        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token); sleep 1; done"]
         env:
         - name: LEVEL
           value: "3"
@@ -512,6 +513,8 @@ spec:
         volumeMounts:
         - name: work
           mountPath: /work
+        - name: config
+          mountPath: /etc/web
         readinessProbe:
           exec:
             command: ["/bin/sh", "-c", "test -d /proc/self"]
@@ -526,6 +529,9 @@ spec:
       volumes:
       - name: work
         emptyDir: {}
+      - name: config
+        configMap:
+          name: web-config
 "#;
 
 /// What a kubelet sends for the containers of [`WORKLOAD`]'s pod: the command and
@@ -535,6 +541,33 @@ spec:
 struct Kubelet {
     root: std::path::PathBuf,
     image: String,
+    /// The pod directory the app's ConfigMap volume comes from.
+    config_pod: &'static str,
+}
+
+/// The app's script as the kubelet hands it over (`$(LEVEL)` expanded).
+const APP_SCRIPT: &str = "echo $GREETING level 3 after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token); sleep 1; done";
+
+/// Writes a volume as the kubelet does (its `AtomicWriter`): the files into a new timestamped
+/// directory, then `..data` swapped to it with one rename, each visible name a link through
+/// `..data`.
+fn kubelet_write(dir: &std::path::Path, generation: u32, files: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let gen = format!("..2026_12_04_00_00_{generation:02}.000000001");
+    for (name, content) in files {
+        std::fs::create_dir_all(dir.join(&gen)).unwrap();
+        std::fs::write(dir.join(&gen).join(name), content).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&gen, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), link).unwrap();
+        }
+    }
 }
 
 impl Kubelet {
@@ -615,11 +648,17 @@ impl Kubelet {
                     "pods/uid-web/volumes/kubernetes.io~empty-dir/work",
                     false,
                 ));
+                mounts.push(self.mount(
+                    "/etc/web",
+                    &format!(
+                        "pods/{}/volumes/kubernetes.io~configmap/config",
+                        self.config_pod
+                    ),
+                    true,
+                ));
                 (
                     strings(&["/bin/sh", "-c"]),
-                    strings(&[
-                        "echo $GREETING level 3 after $(cat /work/init-ran); exec sleep 120",
-                    ]),
+                    strings(&[APP_SCRIPT]),
                     env(&e),
                     String::new(),
                 )
@@ -746,10 +785,26 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
     let moved = layers(&n.app);
     assert_ne!(pinned, moved);
 
-    let kubelet = Kubelet {
+    let mut kubelet = Kubelet {
         root: d.join("kubelet"),
         image: n.app.clone(),
+        config_pod: "uid-web",
     };
+    // The kubelet's copies of the ConfigMap volume and the projected service-account token.
+    let config_dir = d.join("kubelet/pods/uid-web/volumes/kubernetes.io~configmap/config");
+    kubelet_write(
+        &config_dir,
+        1,
+        &[("GREETING", "hello from a pinned pod"), ("MODE", "strict")],
+    );
+    kubelet_write(
+        &d.join("kubelet/pods/uid-web/volumes/kubernetes.io~projected/kube-api-access-x7k2p"),
+        1,
+        &[
+            ("token", "eyJ-a-service-account-token"),
+            ("namespace", "default"),
+        ],
+    );
     let pod = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         p.pull(&n.app).await.unwrap();
@@ -794,6 +849,33 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
             assert!(std::time::Instant::now() < until, "app's log: {log:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The ConfigMap volume and the token, copied into the sandbox by the shim; an edit of
+        // the ConfigMap (the kubelet's `..data` swap) reaches the container within 10 s.
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("mode strict token eyJ-a-service-account-token")
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "app's log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        kubelet_write(&config_dir, 2, &[("GREETING", "hello from a pinned pod"), ("MODE", "relaxed")]);
+        let edited = std::time::Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("mode relaxed token")
+        {
+            assert!(
+                edited.elapsed() < Duration::from_secs(10),
+                "the ConfigMap edit did not reach the container in 10 s: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
 
         // The readiness probe's exec is allowed; any other exec is refused, naming it.
         let probe = p
@@ -815,7 +897,7 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
             (
                 "app",
                 Box::new(|c| c.args = vec!["echo evil; exec sleep 120".into()]),
-                "args[2] is \"echo evil; exec sleep 120\", the policy allows \"echo $GREETING level 3 after $(cat /work/init-ran); exec sleep 120\"".into(),
+                format!("args[2] is \"echo evil; exec sleep 120\", the policy allows {APP_SCRIPT:?}"),
             ),
             (
                 "app",
@@ -899,6 +981,25 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
                 "expected {why:?}: {e:?}"
             );
         }
+
+        // A volume whose file links out of it (to the node's own files): refused, naming it,
+        // before anything reaches the guest.
+        let evil = d.join("kubelet/pods/uid-evil/volumes/kubernetes.io~configmap/config");
+        std::fs::create_dir_all(&evil).unwrap();
+        std::fs::write(d.join("node-secret"), "the node's own file").unwrap();
+        std::os::unix::fs::symlink(d.join("node-secret"), evil.join("MODE")).unwrap();
+        kubelet.config_pod = "uid-evil";
+        let config = kubelet.config("app", 40);
+        let e = match p.create_config(&pod, &sandbox, config).await {
+            Ok(id) => p.start(&id).await.expect_err("a volume linking out of itself"),
+            Err(e) => e,
+        };
+        assert!(
+            e.message().contains("configmap volume config: MODE is a link to")
+                && e.message().contains("outside the volume"),
+            "{e:?}"
+        );
+        kubelet.config_pod = "uid-web";
 
         // The guest pulled the pinned image: the moved tag's layers were never fetched.
         for l in &moved {

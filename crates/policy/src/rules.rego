@@ -35,10 +35,30 @@ default GetGuestDetailsRequest := true
 # Nonces for owner-signed exec: such an exec still needs the owner's signature over it.
 default IssueExecNonceRequest := true
 
-# Never: files from the node, and a policy the node chooses.
+# Never: files from the node outside a volume, and a policy the node chooses.
 default CopyFileRequest := false
 
 default SetPolicyRequest := false
+
+# A file volume (configMap, secret, projected, downwardAPI) the shim copies in: only one that a
+# container's mount in the policy names, with that kind (the kubelet's directory for it is
+# `…/volumes/kubernetes.io~KIND/NAME`). Its files are the node's; the agent keeps them inside
+# the volume and read-only.
+default SetVolumeRequest := false
+
+SetVolumeRequest if {
+	input.kind in {"configmap", "secret", "projected", "downward-api"}
+	source := sprintf("/var/lib/kubelet/pods/uid/volumes/kubernetes.io~%s/%s", [input.kind, input.volume])
+	some c in policy_data.containers
+	some p in c.mounts
+	p.source_regex != null
+	regex.match(p.source_regex, source)
+}
+
+denial["SetVolumeRequest"] := msg if {
+	not SetVolumeRequest
+	msg := sprintf("no container of the policy mounts a %s volume named %q", [input.kind, input.volume])
+}
 
 # ---------------------------------------------------------------------------------------------
 # CreateContainer: the container the node names must be one of the workload's, exactly.

@@ -756,6 +756,49 @@ fn check(c: &Case, rt: &tokio::runtime::Runtime) -> Result<(), TestCaseError> {
     for (what, m) in mutations(&input, &policy.data) {
         prop_assert!(!policy.allows(&m), "allowed after {what}: {m:#}");
     }
+    // File volumes: the shim may copy in exactly those the containers mount, as their kind.
+    let set_volume = |volume: &str, kind: &str| {
+        policy.eval(
+            "SetVolumeRequest",
+            &json!({"volume": volume, "kind": kind, "files": [{"path": "a", "mode": 420, "size": 1}]}),
+        )
+    };
+    for (i, m) in c.mounts.iter().enumerate() {
+        let kind = match m.kind {
+            "configMap" => "configmap",
+            "secret" => "secret",
+            "projected" => "projected",
+            _ => continue,
+        };
+        if m.sub_path {
+            continue;
+        }
+        prop_assert_eq!(
+            set_volume(&volume_name(i), kind),
+            json!(true),
+            "{} {}",
+            kind,
+            i
+        );
+        let other = if kind == "secret" {
+            "configmap"
+        } else {
+            "secret"
+        };
+        let shared = c
+            .mounts
+            .iter()
+            .enumerate()
+            .any(|(j, n)| volume_name(j) == volume_name(i) && n.kind != m.kind);
+        if !shared {
+            prop_assert_eq!(set_volume(&volume_name(i), other), json!(false));
+        }
+    }
+    prop_assert_eq!(
+        set_volume("not-a-volume-of-the-pod", "configmap"),
+        json!(false)
+    );
+    prop_assert_eq!(set_volume(&volume_name(0), "host-path"), json!(false));
     Ok(())
 }
 

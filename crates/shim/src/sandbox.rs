@@ -36,6 +36,8 @@ pub struct Sandbox {
     stdin: Mutex<Option<ChildStdin>>,
     /// Whether the keeper has exited.
     gone: watch::Receiver<bool>,
+    /// The file volumes whose node directories are followed for changes.
+    watched: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The sandbox name for a containerd id: the id itself when it is a valid sandbox name of at
@@ -131,7 +133,16 @@ impl Sandbox {
             client,
             stdin: Mutex::new(stdin),
             gone,
+            watched: Default::default(),
         })
+    }
+
+    /// Records that file volume `name` is followed; false when it already was.
+    pub fn watch_volume(&self, name: &str) -> bool {
+        self.watched
+            .lock()
+            .map(|mut w| w.insert(name.to_string()))
+            .unwrap_or(false)
     }
 
     /// Whether the sandbox is still running.

@@ -274,25 +274,33 @@ pub fn spec(
 /// The guest-side mounts for the node's mounts the guest can honour: each emptyDir volume (a
 /// bind mount whose source ends in the kubelet's `volumes/kubernetes.io~empty-dir/NAME`)
 /// becomes a directory of this sandbox, `volumes/NAME`, made on first use and shared by every
-/// container that mounts the same volume, read-only where the node's mount is. The host's
-/// directory is never mounted: nothing the node writes reaches the guest through it. Other
-/// host paths are not mounted (the policy decides on them all the same).
-pub fn volume_mounts(volumes: &Path, req: &CreateContainerRequest) -> Result<Vec<Value>> {
-    const EMPTY_DIR: &str = "/volumes/kubernetes.io~empty-dir/";
+/// container that mounts the same volume, read-only where the node's mount is. A configMap,
+/// secret, projected or downwardAPI volume (`kubernetes.io~configmap/NAME`, …) binds the
+/// sandbox's copy `files/NAME` read-only, which the shim must have sent first (`SetVolume`). The
+/// host's directory is never mounted: nothing the node writes reaches the guest through it.
+/// Other host paths are not mounted (the policy decides on them all the same).
+pub fn volume_mounts(
+    volumes: &Path,
+    files: &Path,
+    req: &CreateContainerRequest,
+) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for m in &req.mounts {
-        let Some((_, name)) = m.source.rsplit_once(EMPTY_DIR) else {
+        // The kubelet's volume directory: `…/volumes/kubernetes.io~PLUGIN/NAME`.
+        let Some((plugin, name)) = m.source.rsplit_once('/').and_then(|(dir, name)| {
+            dir.rsplit_once("/volumes/kubernetes.io~")
+                .map(|(_, p)| (p, name))
+        }) else {
             continue;
         };
+        let file_volume = super::files::KINDS.contains(&plugin);
+        if plugin != "empty-dir" && !file_volume {
+            continue;
+        }
         // A DNS label, as Kubernetes requires of volume names: never a path.
-        let valid = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
+        if !super::files::is_dns_label(name) {
             return Err(ContainerError::Invalid(format!(
-                "mount {}: emptyDir volume name {name:?} is not a DNS label",
+                "mount {}: volume name {name:?} is not a DNS label",
                 m.destination
             )));
         }
@@ -302,19 +310,32 @@ pub fn volume_mounts(volumes: &Path, req: &CreateContainerRequest) -> Result<Vec
                 m.destination
             )));
         }
-        let dir = volumes.join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            ContainerError::Runtime(format!("cannot make emptyDir volume {name}: {e}"))
-        })?;
-        // World-writable with the sticky bit off, as the kubelet makes an emptyDir.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .map_err(|e| ContainerError::Runtime(format!("emptyDir volume {name}: {e}")))?;
         let ro = m.options.iter().any(|o| o == "ro");
+        let dir = if file_volume {
+            // Copied in by the shim before the container (SetVolume); always read-only.
+            let dir = files.join(name);
+            if !dir.join("..data").exists() {
+                return Err(ContainerError::Invalid(format!(
+                    "mount {}: {plugin} volume {name} was not copied into the sandbox (SetVolume) before the container",
+                    m.destination
+                )));
+            }
+            dir
+        } else {
+            let dir = volumes.join(name);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                ContainerError::Runtime(format!("cannot make emptyDir volume {name}: {e}"))
+            })?;
+            // World-writable with the sticky bit off, as the kubelet makes an emptyDir.
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .map_err(|e| ContainerError::Runtime(format!("emptyDir volume {name}: {e}")))?;
+            dir
+        };
         out.push(json!({
             "destination": m.destination,
             "type": "bind",
             "source": dir,
-            "options": ["rbind", "rprivate", if ro { "ro" } else { "rw" }],
+            "options": ["rbind", "rprivate", if ro || file_volume { "ro" } else { "rw" }],
         }));
     }
     Ok(out)
@@ -423,7 +444,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let m = volume_mounts(d.path(), &req).unwrap();
+        let m = volume_mounts(d.path(), &d.path().join("files"), &req).unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m[0]["source"], json!(d.path().join("work")));
         assert_eq!(m[1]["options"][2], "ro");
@@ -437,7 +458,10 @@ mod tests {
                 )],
                 ..Default::default()
             };
-            assert!(volume_mounts(d.path(), &req).is_err(), "{bad:?}");
+            assert!(
+                volume_mounts(d.path(), &d.path().join("files"), &req).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

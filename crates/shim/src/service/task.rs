@@ -100,6 +100,12 @@ impl Service {
             }
         };
         if let Some(image) = &image {
+            if let Err(e) = super::volumes::sync(&sandbox, &spec.mounts).await {
+                if owns_sandbox {
+                    sandbox.destroy().await;
+                }
+                return Err(e);
+            }
             let mut c = sandbox.client.clone();
             let created = bounded(
                 &format!("creating container {}", req.id),

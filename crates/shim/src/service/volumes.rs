@@ -1,0 +1,278 @@
+//! File volumes from the node into the sandbox: configMap, secret, projected and downwardAPI.
+//!
+//! The kubelet writes such a volume into `…/volumes/kubernetes.io~KIND/NAME` on the node and
+//! asks for a bind mount of it. The guest never mounts a node directory: the shim reads the
+//! volume as a container would see it (the visible names, following the kubelet's `..data`
+//! links, never a link that leaves the volume) and sends its files to the agent (`SetVolume`),
+//! which keeps its own copy. The shim then polls the node's directory every
+//! [`POLL`] and sends the volume again when it changed (a ConfigMap edit, a token rotation: the
+//! kubelet's atomic `..data` swap), for as long as the sandbox runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coffer_agent::container::files::{KINDS, MAX_FILES, MAX_FILE_BYTES, MAX_TOTAL_BYTES};
+use coffer_agent::proto::{Mount, SetVolumeRequest, VolumeFile};
+
+use crate::{sandbox::Sandbox, ShimError};
+
+/// How often a file volume's node directory is checked for changes.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// A file volume a mount names: its kind (the kubelet plugin) and name, and the node directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileVolume {
+    /// `configmap`, `secret`, `projected` or `downward-api`.
+    pub kind: String,
+    /// The pod's volume name.
+    pub name: String,
+    /// The kubelet's directory of it on the node.
+    pub dir: PathBuf,
+}
+
+/// The file volume `m` binds, if it binds one.
+pub fn file_volume(m: &Mount) -> Option<FileVolume> {
+    let (dir, name) = m.source.rsplit_once('/')?;
+    let (_, kind) = dir.rsplit_once("/volumes/kubernetes.io~")?;
+    KINDS.contains(&kind).then(|| FileVolume {
+        kind: kind.to_string(),
+        name: name.to_string(),
+        dir: PathBuf::from(&m.source),
+    })
+}
+
+fn refused(v: &FileVolume, why: String) -> ShimError {
+    ShimError::Refused(format!("{} volume {}: {why}", v.kind, v.name))
+}
+
+/// The files of `v` as a container would see them, sorted by path.
+pub fn read(v: &FileVolume) -> Result<Vec<VolumeFile>, ShimError> {
+    let root = std::fs::canonicalize(&v.dir)
+        .map_err(|e| refused(v, format!("cannot open {}: {e}", v.dir.display())))?;
+    let mut out = BTreeMap::new();
+    let mut total = 0usize;
+    walk(v, &root, &root, "", &mut out, &mut total, 0)?;
+    Ok(out.into_values().collect())
+}
+
+fn walk(
+    v: &FileVolume,
+    root: &Path,
+    dir: &Path,
+    prefix: &str,
+    out: &mut BTreeMap<String, VolumeFile>,
+    total: &mut usize,
+    depth: usize,
+) -> Result<(), ShimError> {
+    if depth > 16 {
+        return Err(refused(v, "directories nested more than 16 deep".into()));
+    }
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| refused(v, format!("cannot list {}: {e}", dir.display())))?;
+    for e in entries {
+        let e = e.map_err(|e| refused(v, format!("cannot list {}: {e}", dir.display())))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        // The kubelet's own names (`..data`, `..2024_…`): not what a container sees.
+        if depth == 0 && name.starts_with("..") {
+            continue;
+        }
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let real =
+            std::fs::canonicalize(e.path()).map_err(|err| refused(v, format!("{path}: {err}")))?;
+        if !real.starts_with(root) {
+            return Err(refused(
+                v,
+                format!("{path} is a link to {}, outside the volume", real.display()),
+            ));
+        }
+        let meta = std::fs::metadata(&real).map_err(|err| refused(v, format!("{path}: {err}")))?;
+        if meta.is_dir() {
+            walk(v, root, &real, &path, out, total, depth + 1)?;
+            continue;
+        }
+        if !meta.is_file() {
+            return Err(refused(v, format!("{path} is not a regular file")));
+        }
+        if meta.len() > MAX_FILE_BYTES as u64 {
+            return Err(refused(
+                v,
+                format!("{path} is {} bytes, more than {MAX_FILE_BYTES}", meta.len()),
+            ));
+        }
+        let content = std::fs::read(&real).map_err(|err| refused(v, format!("{path}: {err}")))?;
+        *total += content.len();
+        if *total > MAX_TOTAL_BYTES || out.len() >= MAX_FILES {
+            return Err(refused(
+                v,
+                format!("more than {MAX_FILES} files or {MAX_TOTAL_BYTES} bytes"),
+            ));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        out.insert(
+            path.clone(),
+            VolumeFile {
+                path,
+                mode: meta.permissions().mode() & 0o777,
+                content,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Sends `v` to the sandbox's agent.
+async fn send(sandbox: &Sandbox, v: &FileVolume, files: Vec<VolumeFile>) -> Result<(), ShimError> {
+    let mut c = sandbox.client.clone();
+    c.set_volume(SetVolumeRequest {
+        volume: v.name.clone(),
+        kind: v.kind.clone(),
+        files,
+    })
+    .await
+    .map_err(|s| ShimError::Agent(format!("{} volume {}: {}", v.kind, v.name, s.message())))?;
+    Ok(())
+}
+
+/// Copies every file volume `mounts` name into the sandbox (before the container that mounts
+/// them is created), and keeps each one up to date while the sandbox runs.
+pub async fn sync(sandbox: &Arc<Sandbox>, mounts: &[Mount]) -> Result<(), ShimError> {
+    for m in mounts {
+        let Some(v) = file_volume(m) else {
+            continue;
+        };
+        let files = read(&v)?;
+        let digest = fingerprint(&files);
+        send(sandbox, &v, files).await?;
+        if sandbox.watch_volume(&v.name) {
+            tokio::spawn(follow(sandbox.clone(), v, digest));
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(files: &[VolumeFile]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for f in files {
+        h.update((f.path.len() as u64).to_le_bytes());
+        h.update(f.path.as_bytes());
+        h.update(f.mode.to_le_bytes());
+        h.update((f.content.len() as u64).to_le_bytes());
+        h.update(&f.content);
+    }
+    h.finalize().into()
+}
+
+/// Resends `v` whenever its node directory changes, until the sandbox is gone.
+async fn follow(sandbox: Arc<Sandbox>, v: FileVolume, mut last: [u8; 32]) {
+    while sandbox.alive() {
+        tokio::time::sleep(POLL).await;
+        let files = match tokio::task::spawn_blocking({
+            let v = v.clone();
+            move || read(&v)
+        })
+        .await
+        {
+            Ok(Ok(files)) => files,
+            Ok(Err(e)) => {
+                // The kubelet removes the directory when the pod goes; keep the last copy.
+                tracing::debug!(volume = %v.name, error = %e, "file volume not read");
+                continue;
+            }
+            Err(_) => return,
+        };
+        let digest = fingerprint(&files);
+        if digest == last {
+            continue;
+        }
+        match send(&sandbox, &v, files).await {
+            Ok(()) => {
+                tracing::info!(sandbox = %sandbox.name, volume = %v.name, "file volume updated");
+                last = digest;
+            }
+            Err(e) => tracing::warn!(volume = %v.name, error = %e, "file volume update refused"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(source: &str) -> Mount {
+        Mount {
+            destination: "/etc/config".into(),
+            r#type: "bind".into(),
+            source: source.into(),
+            options: vec!["rbind".into(), "ro".into()],
+        }
+    }
+
+    /// A volume as the kubelet writes it: files in a timestamped directory, `..data` linking
+    /// to it, each visible name linking through `..data`.
+    fn kubelet_volume(dir: &Path, files: &[(&str, &str)]) {
+        let gen = dir.join("..2026_12_04_22_00_00.000000001");
+        for (name, content) in files {
+            let p = gen.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        std::os::unix::fs::symlink(gen.file_name().unwrap(), dir.join("..data")).unwrap();
+        for (name, _) in files {
+            let top = name.split('/').next().unwrap();
+            let link = dir.join(top);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{top}"), link).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_kubelet_volume_is_read_as_a_container_sees_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d
+            .path()
+            .join("pods/u/volumes/kubernetes.io~configmap/config");
+        std::fs::create_dir_all(&dir).unwrap();
+        kubelet_volume(&dir, &[("app.conf", "a=1"), ("sub/x.txt", "x")]);
+        let v = file_volume(&mount(&dir.display().to_string())).unwrap();
+        assert_eq!((v.kind.as_str(), v.name.as_str()), ("configmap", "config"));
+        let files = read(&v).unwrap();
+        let got: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|f| (f.path.as_str(), f.content.as_slice()))
+            .collect();
+        assert_eq!(got, [("app.conf", &b"a=1"[..]), ("sub/x.txt", &b"x"[..])]);
+        assert!(file_volume(&mount(
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/w"
+        ))
+        .is_none());
+        assert!(file_volume(&mount("/var/lib/kubelet/pods/u/etc-hosts")).is_none());
+    }
+
+    #[test]
+    fn links_out_of_the_volume_and_oversized_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("volumes/kubernetes.io~secret/creds");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(d.path().join("outside"), "the node's file").unwrap();
+        std::os::unix::fs::symlink(d.path().join("outside"), dir.join("leak")).unwrap();
+        let v = file_volume(&mount(&dir.display().to_string())).unwrap();
+        let e = read(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("leak is a link to") && e.contains("outside the volume"),
+            "{e}"
+        );
+
+        std::fs::remove_file(dir.join("leak")).unwrap();
+        std::fs::write(dir.join("big"), vec![0u8; MAX_FILE_BYTES + 1]).unwrap();
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("big is") && e.contains("more than"), "{e}");
+    }
+}
