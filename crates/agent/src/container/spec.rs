@@ -287,10 +287,11 @@ pub fn volume_mounts(
     let mut out = Vec::new();
     for m in &req.mounts {
         // The kubelet's volume directory: `…/volumes/kubernetes.io~PLUGIN/NAME`.
-        let Some((plugin, name)) = m.source.rsplit_once('/').and_then(|(dir, name)| {
-            dir.rsplit_once("/volumes/kubernetes.io~")
-                .map(|(_, p)| (p, name))
-        }) else {
+        let Some((plugin, name)) = m
+            .source
+            .rsplit_once("/volumes/kubernetes.io~")
+            .and_then(|(_, rest)| rest.split_once('/'))
+        else {
             continue;
         };
         let file_volume = super::files::KINDS.contains(&plugin);

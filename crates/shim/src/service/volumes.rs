@@ -34,8 +34,8 @@ pub struct FileVolume {
 
 /// The file volume `m` binds, if it binds one.
 pub fn file_volume(m: &Mount) -> Option<FileVolume> {
-    let (dir, name) = m.source.rsplit_once('/')?;
-    let (_, kind) = dir.rsplit_once("/volumes/kubernetes.io~")?;
+    let (_, rest) = m.source.rsplit_once("/volumes/kubernetes.io~")?;
+    let (kind, name) = rest.split_once('/')?;
     KINDS.contains(&kind).then(|| FileVolume {
         kind: kind.to_string(),
         name: name.to_string(),
