@@ -373,7 +373,16 @@ agent_impl! {
             .containers
             .oom_killed(&req.container_id, &req.exec_id)
             .unwrap_or(false);
-        Ok(Response::new(WaitProcessResponse { status, oom_killed }))
+        let termination_message = if req.exec_id.is_empty() {
+            self.containers.termination_message(&req.container_id)
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(WaitProcessResponse {
+            status,
+            oom_killed,
+            termination_message,
+        }))
     }
 
     async fn signal_process(

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 pub use pull::KbsKeys;
 use runtime::Process;
 pub use runtime::Stats;
+pub use spec::is_termination_log;
 pub use spec::{
     check_capabilities, resolve_user, spec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES, DENIED_SYSCALLS,
 };
@@ -273,7 +274,12 @@ impl Containers {
             }
         };
         let mut spec = spec(id, &self.cgroup_parent, &report.config, user, req);
-        match spec::volume_mounts(&self.root.join(VOLUMES), &self.root.join(FILES), req) {
+        match spec::volume_mounts(
+            &self.root.join(VOLUMES),
+            &self.root.join(FILES),
+            &bundle,
+            req,
+        ) {
             Ok(volumes) => {
                 if let Some(mounts) = spec["mounts"].as_array_mut() {
                     mounts.extend(volumes);
@@ -344,6 +350,20 @@ impl Containers {
             .map_err(|e| ContainerError::Runtime(format!("cannot remove the bundle: {e}")))?;
         tracing::info!(container = id, "container removed");
         Ok(())
+    }
+
+    /// What the container wrote to its termination log (the kubelet's limit: the first 4096
+    /// bytes), when its spec had one.
+    pub fn termination_message(&self, id: &str) -> Vec<u8> {
+        let Some(bundle) = self.lock().get(id).map(|c| c.bundle.clone()) else {
+            return Vec::new();
+        };
+        let mut buf = Vec::new();
+        if let Ok(f) = std::fs::File::open(bundle.join(spec::TERMINATION_LOG)) {
+            use std::io::Read;
+            let _ = f.take(4096).read_to_end(&mut buf);
+        }
+        buf
     }
 
     /// Replaces the sandbox's copy of file volume `volume` ([`files`]), blocking I/O on a

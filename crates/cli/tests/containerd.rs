@@ -495,7 +495,7 @@ spec:
       initContainers:
       - name: init
         image: REGISTRY/app:v1
-        command: ["/bin/sh", "-c", "echo init ran > /work/init-ran"]
+        command: ["/bin/sh", "-c", "echo init ran > /work/init-ran; echo init is done > /dev/termination-log"]
         volumeMounts:
         - name: work
           mountPath: /work
@@ -630,7 +630,11 @@ impl Kubelet {
                     false,
                 ));
                 (
-                    strings(&["/bin/sh", "-c", "echo init ran > /work/init-ran"]),
+                    strings(&[
+                        "/bin/sh",
+                        "-c",
+                        "echo init ran > /work/init-ran; echo init is done > /dev/termination-log",
+                    ]),
                     vec![],
                     env(&service),
                     String::new(),
@@ -830,6 +834,11 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
             .expect("the init container");
         p.start(&init).await.unwrap();
         assert_eq!(p.wait_exited(&init, Duration::from_secs(60)).await, 0);
+        // Its termination message, written in the guest, is in the kubelet's file on the node.
+        assert_eq!(
+            std::fs::read_to_string(d.join("kubelet/pods/uid-web/containers/init/0.log")).unwrap(),
+            "init is done\n"
+        );
         let app = p
             .create_config(&pod, &sandbox, kubelet.config("app", 0))
             .await

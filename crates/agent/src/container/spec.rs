@@ -282,10 +282,31 @@ pub fn spec(
 pub fn volume_mounts(
     volumes: &Path,
     files: &Path,
+    bundle: &Path,
     req: &CreateContainerRequest,
 ) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for m in &req.mounts {
+        if is_termination_log(&m.source) {
+            // The container's own file, read back when it exits (the node's copy is the
+            // shim's to write then).
+            let file = bundle.join(TERMINATION_LOG);
+            std::fs::write(&file, b"")
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &file,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+                    )
+                })
+                .map_err(|e| ContainerError::Runtime(format!("the termination log: {e}")))?;
+            out.push(json!({
+                "destination": m.destination,
+                "type": "bind",
+                "source": file,
+                "options": ["rbind", "rprivate", "rw"],
+            }));
+            continue;
+        }
         // The kubelet's volume directory: `…/volumes/kubernetes.io~PLUGIN/NAME`.
         let Some((plugin, name)) = m
             .source
@@ -340,6 +361,16 @@ pub fn volume_mounts(
         }));
     }
     Ok(out)
+}
+
+/// The container's termination log in its bundle.
+pub const TERMINATION_LOG: &str = "termination-log";
+
+/// Whether `source` is the kubelet's termination-log file of a container:
+/// `…/pods/UID/containers/NAME/ID`.
+pub fn is_termination_log(source: &str) -> bool {
+    let parts: Vec<&str> = source.rsplit('/').take(5).collect();
+    parts.len() == 5 && parts[2] == "containers" && parts[4] == "pods"
 }
 
 /// Adds `extra` (`NAME=value` entries) to `env`, each replacing an entry of the same name in
@@ -445,7 +476,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let m = volume_mounts(d.path(), &d.path().join("files"), &req).unwrap();
+        let m = volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m[0]["source"], json!(d.path().join("work")));
         assert_eq!(m[1]["options"][2], "ro");
@@ -460,9 +491,24 @@ mod tests {
                 ..Default::default()
             };
             assert!(
-                volume_mounts(d.path(), &d.path().join("files"), &req).is_err(),
+                volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).is_err(),
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_kubelets_termination_log_is_recognized_by_its_place() {
+        assert!(is_termination_log(
+            "/var/lib/kubelet/pods/0f3c/containers/app/5d1e2a4b"
+        ));
+        for other in [
+            "/var/lib/kubelet/pods/0f3c/etc-hosts",
+            "/var/lib/kubelet/pods/0f3c/volumes/kubernetes.io~empty-dir/containers",
+            "/containers/app/x",
+            "/srv/containers/app/x",
+        ] {
+            assert!(!is_termination_log(other), "{other}");
         }
     }
 

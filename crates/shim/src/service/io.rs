@@ -40,6 +40,9 @@ impl Service {
         let (status, oom) = match waited {
             Ok(r) => {
                 let r = r.into_inner();
+                if let Some(log) = p.termination_log.get() {
+                    write_termination_log(log, &r.termination_message);
+                }
                 (r.status.max(0) as u32, r.oom_killed)
             }
             Err(e) => {
@@ -61,6 +64,16 @@ impl Service {
         if p.record_exit(status) {
             self.publish_exit(&p).await;
         }
+    }
+}
+
+/// Hands the guest's termination message to the kubelet: its file on the node, rewritten in
+/// place (the kubelet reads it when the container has exited). At most 4096 bytes, as the
+/// kubelet reads.
+fn write_termination_log(path: &Path, message: &[u8]) {
+    let message = &message[..message.len().min(4096)];
+    if let Err(e) = std::fs::write(path, message) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the termination message");
     }
 }
 

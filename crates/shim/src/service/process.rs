@@ -29,6 +29,9 @@ pub(super) struct Process {
     pub(super) terminal: bool,
     pub(super) started: std::sync::atomic::AtomicBool,
     pub(super) exit: watch::Sender<Option<Exit>>,
+    /// The kubelet's termination-log file on the node, for a container's own process whose
+    /// spec mounts one: the guest's message is written there at the exit.
+    pub(super) termination_log: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Process {
@@ -53,6 +56,7 @@ impl Process {
             terminal,
             started: Default::default(),
             exit: watch::channel(None).0,
+            termination_log: Default::default(),
         }
     }
 

@@ -135,6 +135,11 @@ impl Service {
                 return Err(e);
             }
         }
+        let termination_log = spec
+            .mounts
+            .iter()
+            .find(|m| coffer_agent::container::is_termination_log(&m.source))
+            .map(|m| std::path::PathBuf::from(&m.source));
         let entry = Arc::new(TaskEntry {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -152,6 +157,9 @@ impl Service {
             execs: Default::default(),
             kill_signal: Default::default(),
         });
+        if let Some(log) = termination_log {
+            let _ = entry.init.termination_log.set(log);
+        }
         self.inner
             .tasks
             .lock()
