@@ -348,6 +348,9 @@ pub fn volume_mounts(
             std::fs::create_dir_all(&dir).map_err(|e| {
                 ContainerError::Runtime(format!("cannot make emptyDir volume {name}: {e}"))
             })?;
+            if m.options.iter().any(|o| o == "coffer.medium=memory") {
+                memory_medium(&dir, name, &m.options)?;
+            }
             // World-writable with the sticky bit off, as the kubelet makes an emptyDir.
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
                 .map_err(|e| ContainerError::Runtime(format!("emptyDir volume {name}: {e}")))?;
@@ -361,6 +364,40 @@ pub fn volume_mounts(
         }));
     }
     Ok(out)
+}
+
+/// Makes emptyDir `name` at `dir` a tmpfs (`medium: Memory`) of the size the node's mount had
+/// (`coffer.size=BYTES`), once: the containers that share the volume share that tmpfs. In a
+/// pod VM it is guest memory, which the TEE encrypts.
+fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let size: u64 = options
+        .iter()
+        .find_map(|o| o.strip_prefix("coffer.size="))
+        .and_then(|s| s.parse().ok())
+        .filter(|s| *s > 0)
+        .ok_or_else(|| {
+            ContainerError::Invalid(format!(
+                "emptyDir volume {name}: medium memory without a size (coffer.size=BYTES)"
+            ))
+        })?;
+    if rustix::fs::statfs(dir).is_ok_and(|st| st.f_type as i64 == TMPFS_MAGIC) {
+        return Ok(());
+    }
+    let opts = std::ffi::CString::new(format!("size={size},mode=0777"))
+        .map_err(|_| ContainerError::Invalid("tmpfs options".into()))?;
+    rustix::mount::mount(
+        "tmpfs",
+        dir,
+        "tmpfs",
+        rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+        Some(opts.as_c_str()),
+    )
+    .map_err(|e| {
+        ContainerError::Runtime(format!(
+            "emptyDir volume {name}: cannot mount its tmpfs: {e}"
+        ))
+    })
 }
 
 /// The container's termination log in its bundle.
@@ -495,6 +532,41 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_memory_medium_empty_dir_is_a_tmpfs_of_the_nodes_size() {
+        let d = tempfile::tempdir().unwrap();
+        let req = CreateContainerRequest {
+            mounts: vec![crate::proto::Mount {
+                destination: "/cache".into(),
+                r#type: "bind".into(),
+                source: "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache".into(),
+                options: vec![
+                    "rbind".into(),
+                    "rw".into(),
+                    "coffer.medium=memory".into(),
+                    format!("coffer.size={}", 8 << 20),
+                ],
+            }],
+            ..Default::default()
+        };
+        let m = volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
+        let dir = d.path().join("cache");
+        assert_eq!(m[0]["source"], json!(dir));
+        let st = rustix::fs::statfs(&dir).unwrap();
+        assert_eq!(st.f_type as i64, 0x0102_1994, "a tmpfs");
+        assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, 8 << 20);
+        // A second container sharing it: the same tmpfs, not a second one.
+        volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
+        rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).unwrap();
+        assert!(rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).is_err());
+        let mut no_size = req.clone();
+        no_size.mounts[0].options.pop();
+        let e = volume_mounts(d.path(), &d.path().join("files"), d.path(), &no_size)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without a size"), "{e}");
     }
 
     #[test]

@@ -120,7 +120,11 @@ impl Service {
                     tty: req.terminal,
                     stdin: !req.stdin.is_empty(),
                     memory_limit_bytes: spec.memory_limit,
-                    mounts: spec.mounts.clone(),
+                    mounts: {
+                        let mut m = spec.mounts.clone();
+                        super::volumes::mark_memory_media(&mut m);
+                        m
+                    },
                     user: spec.user.clone(),
                     capabilities: spec.capabilities.clone(),
                     privileged: spec.privileged,

@@ -126,6 +126,27 @@ fn walk(
     Ok(())
 }
 
+/// The size of the tmpfs at `dir` when the kubelet backed an emptyDir with memory (`medium:
+/// Memory`: it mounts a tmpfs there, sized by `sizeLimit` or the pod's memory), else `None`.
+pub fn memory_medium(dir: &Path) -> Option<u64> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let st = rustix::fs::statfs(dir).ok()?;
+    (st.f_type as i64 == TMPFS_MAGIC).then(|| st.f_blocks as u64 * st.f_bsize as u64)
+}
+
+/// Marks each memory-backed emptyDir mount for the agent (`coffer.medium=memory`,
+/// `coffer.size=BYTES`), which then makes that volume a tmpfs of the same size in the guest.
+pub fn mark_memory_media(mounts: &mut [Mount]) {
+    for m in mounts {
+        if m.source.contains("/volumes/kubernetes.io~empty-dir/") {
+            if let Some(size) = memory_medium(Path::new(&m.source)) {
+                m.options.push("coffer.medium=memory".into());
+                m.options.push(format!("coffer.size={size}"));
+            }
+        }
+    }
+}
+
 /// Sends `v` to the sandbox's agent.
 async fn send(sandbox: &Sandbox, v: &FileVolume, files: Vec<VolumeFile>) -> Result<(), ShimError> {
     let mut c = sandbox.client.clone();
@@ -254,6 +275,21 @@ mod tests {
         ))
         .is_none());
         assert!(file_volume(&mount("/var/lib/kubelet/pods/u/etc-hosts")).is_none());
+    }
+
+    #[test]
+    fn a_memory_backed_empty_dir_is_told_by_its_tmpfs() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(memory_medium(d.path()), None);
+        // /dev/shm is a tmpfs on Linux.
+        let size = memory_medium(Path::new("/dev/shm")).expect("/dev/shm is a tmpfs");
+        assert!(size > 0);
+        let mut mounts = vec![mount(&format!(
+            "{}/volumes/kubernetes.io~empty-dir/cache",
+            d.path().display()
+        ))];
+        mark_memory_media(&mut mounts);
+        assert_eq!(mounts[0].options, ["rbind", "ro"]);
     }
 
     #[test]
