@@ -29,7 +29,7 @@ mod rpc;
 mod spec;
 mod stats;
 mod task;
-mod volumes;
+pub mod volumes;
 
 use std::{collections::HashMap, sync::Arc};
 
