@@ -381,7 +381,7 @@ fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
                 "emptyDir volume {name}: medium memory without a size (coffer.size=BYTES)"
             ))
         })?;
-    if rustix::fs::statfs(dir).is_ok_and(|st| st.f_type as i64 == TMPFS_MAGIC) {
+    if rustix::fs::statfs(dir).is_ok_and(|st| st.f_type == TMPFS_MAGIC) {
         return Ok(());
     }
     let opts = std::ffi::CString::new(format!("size={size},mode=0777"))
@@ -555,8 +555,8 @@ mod tests {
         let dir = d.path().join("cache");
         assert_eq!(m[0]["source"], json!(dir));
         let st = rustix::fs::statfs(&dir).unwrap();
-        assert_eq!(st.f_type as i64, 0x0102_1994, "a tmpfs");
-        assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, 8 << 20);
+        assert_eq!(st.f_type, 0x0102_1994, "a tmpfs");
+        assert_eq!(st.f_blocks * st.f_bsize as u64, 8 << 20);
         // A second container sharing it: the same tmpfs, not a second one.
         volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
         rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).unwrap();

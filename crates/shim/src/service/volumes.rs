@@ -131,7 +131,7 @@ fn walk(
 pub fn memory_medium(dir: &Path) -> Option<u64> {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     let st = rustix::fs::statfs(dir).ok()?;
-    (st.f_type as i64 == TMPFS_MAGIC).then(|| st.f_blocks as u64 * st.f_bsize as u64)
+    (st.f_type == TMPFS_MAGIC).then(|| st.f_blocks as u64 * st.f_bsize as u64)
 }
 
 /// Marks each memory-backed emptyDir mount for the agent (`coffer.medium=memory`,
