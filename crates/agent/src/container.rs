@@ -105,6 +105,8 @@ pub struct Containers {
 const VOLUMES: &str = ".volumes";
 /// Where the file volumes copied in from the node live ([`files`]).
 const FILES: &str = ".files";
+/// Where the pod's own files copied in from the node live ([`files::POD_FILES`]).
+const POD_FILES: &str = ".podfiles";
 
 /// The CRI annotation naming a container within its pod.
 pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
@@ -277,6 +279,7 @@ impl Containers {
         match spec::volume_mounts(
             &self.root.join(VOLUMES),
             &self.root.join(FILES),
+            &self.root.join(POD_FILES),
             &bundle,
             req,
         ) {
@@ -374,7 +377,11 @@ impl Containers {
         kind: String,
         files: Vec<(String, u32, Vec<u8>)>,
     ) -> Result<()> {
-        let root = self.root.join(FILES);
+        let root = self.root.join(if kind == files::POD_FILE {
+            POD_FILES
+        } else {
+            FILES
+        });
         tokio::task::spawn_blocking(move || {
             let list: Vec<files::File<'_>> = files
                 .iter()

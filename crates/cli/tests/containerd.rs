@@ -503,7 +503,7 @@ spec:
       - name: app
         image: REGISTRY/app:v1
         command: ["/bin/sh", "-c"]
-        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token); sleep 1; done"]
+        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token) hosts $(cat /etc/hosts); sleep 1; done"]
         env:
         - name: LEVEL
           value: "3"
@@ -546,7 +546,7 @@ struct Kubelet {
 }
 
 /// The app's script as the kubelet hands it over (`$(LEVEL)` expanded).
-const APP_SCRIPT: &str = "echo $GREETING level 3 after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token); sleep 1; done";
+const APP_SCRIPT: &str = "echo $GREETING level 3 after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token) hosts $(cat /etc/hosts); sleep 1; done";
 
 /// Writes a volume as the kubelet does (its `AtomicWriter`): the files into a new timestamped
 /// directory, then `..data` swapped to it with one rename, each visible name a link through
@@ -573,7 +573,11 @@ fn kubelet_write(dir: &std::path::Path, generation: u32, files: &[(&str, &str)])
 impl Kubelet {
     fn mount(&self, path: &str, host: &str, readonly: bool) -> coffer_shim::cri::Mount {
         let host = self.root.join(host);
-        if host.extension().is_some() || host.ends_with("etc-hosts") {
+        if host.ends_with("etc-hosts") {
+            // The kubelet's /etc/hosts for the pod.
+            std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+            std::fs::write(&host, "10.244.0.7 web-5d8f7c9b4-x2x7z\n").unwrap();
+        } else if host.extension().is_some() {
             std::fs::create_dir_all(host.parent().unwrap()).unwrap();
             std::fs::write(&host, "").unwrap();
         } else {
@@ -858,12 +862,13 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
             assert!(std::time::Instant::now() < until, "app's log: {log:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
-        // The ConfigMap volume and the token, copied into the sandbox by the shim; an edit of
+        // The ConfigMap volume, the token and the kubelet's /etc/hosts, copied into the sandbox
+        // by the shim; an edit of
         // the ConfigMap (the kubelet's `..data` swap) reaches the container within 10 s.
         let until = std::time::Instant::now() + Duration::from_secs(30);
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains("mode strict token eyJ-a-service-account-token")
+            .contains("mode strict token eyJ-a-service-account-token hosts 10.244.0.7 web-5d8f7c9b4-x2x7z")
         {
             assert!(
                 std::time::Instant::now() < until,

@@ -55,6 +55,13 @@ SetVolumeRequest if {
 	regex.match(p.source_regex, source)
 }
 
+# The pod's own files: the kubelet's /etc/hosts, containerd's /etc/hostname and /etc/resolv.conf
+# (one named file each, which the agent binds only at those places).
+SetVolumeRequest if {
+	input.kind == "pod-file"
+	input.volume in {"hosts", "hostname", "resolv-conf"}
+}
+
 denial["SetVolumeRequest"] := msg if {
 	not SetVolumeRequest
 	msg := sprintf("no container of the policy mounts a %s volume named %q", [input.kind, input.volume])

@@ -23,6 +23,17 @@ use super::{ContainerError, Result};
 
 /// The volume kinds whose files are copied in (the kubelet's plugin directory names).
 pub const KINDS: [&str; 4] = ["configmap", "secret", "projected", "downward-api"];
+/// The kind of the pod's own files: the kubelet's `/etc/hosts` and containerd's
+/// `/etc/hostname` and `/etc/resolv.conf` of the pod sandbox.
+pub const POD_FILE: &str = "pod-file";
+/// Each pod file: its volume name, its one file's name, where containers see it.
+pub const POD_FILES: [(&str, &str, &str); 3] = [
+    ("hosts", "hosts", "/etc/hosts"),
+    ("hostname", "hostname", "/etc/hostname"),
+    ("resolv-conf", "resolv.conf", "/etc/resolv.conf"),
+];
+/// The largest pod file.
+pub const MAX_POD_FILE_BYTES: usize = 64 << 10;
 /// The most files one volume may hold.
 pub const MAX_FILES: usize = 4096;
 /// The largest file (a Secret or ConfigMap is at most 1 MiB in all).
@@ -65,10 +76,29 @@ pub fn check(volume: &str, kind: &str, files: &[File<'_>]) -> Result<()> {
             "volume name {volume:?} is not a DNS label"
         )));
     }
+    if kind == POD_FILE {
+        let Some((_, file, _)) = POD_FILES.iter().find(|(v, _, _)| *v == volume) else {
+            return Err(invalid(
+                volume,
+                "is not one of the pod's files (hosts, hostname, resolv-conf)".into(),
+            ));
+        };
+        return match files {
+            [f] if f.path == *file && f.content.len() <= MAX_POD_FILE_BYTES => Ok(()),
+            [f] if f.path == *file => Err(invalid(
+                volume,
+                format!("{} bytes, more than {MAX_POD_FILE_BYTES}", f.content.len()),
+            )),
+            _ => Err(invalid(
+                volume,
+                format!("must hold exactly the file {file}"),
+            )),
+        };
+    }
     if !KINDS.contains(&kind) {
         return Err(invalid(
             volume,
-            format!("kind {kind:?} is not a file volume (it is one of {KINDS:?})"),
+            format!("kind {kind:?} is not a file volume (it is one of {KINDS:?} or {POD_FILE})"),
         ));
     }
     if files.len() > MAX_FILES {
@@ -264,6 +294,45 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o400);
+    }
+
+    #[test]
+    fn pod_files_are_one_named_file_each() {
+        let d = tempfile::tempdir().unwrap();
+        store(
+            d.path(),
+            "hosts",
+            POD_FILE,
+            &[f("hosts", b"127.0.0.1 localhost\n")],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("hosts/..data/hosts")).unwrap(),
+            b"127.0.0.1 localhost\n"
+        );
+        for (volume, files, want) in [
+            (
+                "passwd",
+                vec![f("passwd", b"")],
+                "not one of the pod's files",
+            ),
+            ("hosts", vec![f("other", b"")], "exactly the file hosts"),
+            (
+                "hosts",
+                vec![f("hosts", b""), f("hosts2", b"")],
+                "exactly the file hosts",
+            ),
+            (
+                "resolv-conf",
+                vec![f("resolv.conf", &[b'#'; MAX_POD_FILE_BYTES + 1])],
+                "more than",
+            ),
+        ] {
+            let e = store(d.path(), volume, POD_FILE, &files)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{volume}: {e}");
+        }
     }
 
     #[test]

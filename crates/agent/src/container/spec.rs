@@ -282,11 +282,32 @@ pub fn spec(
 pub fn volume_mounts(
     volumes: &Path,
     files: &Path,
+    pod_files: &Path,
     bundle: &Path,
     req: &CreateContainerRequest,
 ) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for m in &req.mounts {
+        // The pod's /etc/hosts, /etc/hostname, /etc/resolv.conf: the copy the shim sent, if
+        // any (else the image's own file stays).
+        if !m.source.contains("/volumes/kubernetes.io~") {
+            if let Some((volume, file, _)) = super::files::POD_FILES
+                .iter()
+                .find(|(_, _, dest)| *dest == m.destination)
+            {
+                let copy = pod_files.join(volume).join("..data").join(file);
+                if copy.is_file() {
+                    let ro = m.options.iter().any(|o| o == "ro");
+                    out.push(json!({
+                        "destination": m.destination,
+                        "type": "bind",
+                        "source": copy,
+                        "options": ["rbind", "rprivate", if ro { "ro" } else { "rw" }],
+                    }));
+                }
+                continue;
+            }
+        }
         if is_termination_log(&m.source) {
             // The container's own file, read back when it exits (the node's copy is the
             // shim's to write then).
@@ -513,7 +534,14 @@ mod tests {
             ],
             ..Default::default()
         };
-        let m = volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
+        let m = volume_mounts(
+            d.path(),
+            &d.path().join("files"),
+            &d.path().join("podfiles"),
+            d.path(),
+            &req,
+        )
+        .unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m[0]["source"], json!(d.path().join("work")));
         assert_eq!(m[1]["options"][2], "ro");
@@ -528,7 +556,14 @@ mod tests {
                 ..Default::default()
             };
             assert!(
-                volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).is_err(),
+                volume_mounts(
+                    d.path(),
+                    &d.path().join("files"),
+                    &d.path().join("podfiles"),
+                    d.path(),
+                    &req
+                )
+                .is_err(),
                 "{bad:?}"
             );
         }
@@ -551,21 +586,41 @@ mod tests {
             }],
             ..Default::default()
         };
-        let m = volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
+        let m = volume_mounts(
+            d.path(),
+            &d.path().join("files"),
+            &d.path().join("podfiles"),
+            d.path(),
+            &req,
+        )
+        .unwrap();
         let dir = d.path().join("cache");
         assert_eq!(m[0]["source"], json!(dir));
         let st = rustix::fs::statfs(&dir).unwrap();
         assert_eq!(st.f_type, 0x0102_1994, "a tmpfs");
         assert_eq!(st.f_blocks * st.f_bsize as u64, 8 << 20);
         // A second container sharing it: the same tmpfs, not a second one.
-        volume_mounts(d.path(), &d.path().join("files"), d.path(), &req).unwrap();
+        volume_mounts(
+            d.path(),
+            &d.path().join("files"),
+            &d.path().join("podfiles"),
+            d.path(),
+            &req,
+        )
+        .unwrap();
         rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).unwrap();
         assert!(rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).is_err());
         let mut no_size = req.clone();
         no_size.mounts[0].options.pop();
-        let e = volume_mounts(d.path(), &d.path().join("files"), d.path(), &no_size)
-            .unwrap_err()
-            .to_string();
+        let e = volume_mounts(
+            d.path(),
+            &d.path().join("files"),
+            &d.path().join("podfiles"),
+            d.path(),
+            &no_size,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("without a size"), "{e}");
     }
 

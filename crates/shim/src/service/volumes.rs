@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_agent::container::files::{KINDS, MAX_FILES, MAX_FILE_BYTES, MAX_TOTAL_BYTES};
+use coffer_agent::container::files::{
+    KINDS, MAX_FILES, MAX_FILE_BYTES, MAX_POD_FILE_BYTES, MAX_TOTAL_BYTES, POD_FILE, POD_FILES,
+};
 use coffer_agent::proto::{Mount, SetVolumeRequest, VolumeFile};
 
 use crate::{sandbox::Sandbox, ShimError};
@@ -160,10 +162,57 @@ async fn send(sandbox: &Sandbox, v: &FileVolume, files: Vec<VolumeFile>) -> Resu
     Ok(())
 }
 
+/// The pod file `m` binds (the kubelet's `/etc/hosts`, containerd's `/etc/hostname` or
+/// `/etc/resolv.conf`): its volume name and the node file's content.
+pub fn pod_file(m: &Mount) -> Option<Result<(String, String, Vec<u8>), ShimError>> {
+    if m.source.contains("/volumes/kubernetes.io~") {
+        return None;
+    }
+    let (volume, file, _) = POD_FILES.iter().find(|(_, _, d)| *d == m.destination)?;
+    let read = || -> Result<Vec<u8>, String> {
+        let meta = std::fs::metadata(&m.source).map_err(|e| e.to_string())?;
+        if !meta.is_file() {
+            return Err("not a regular file".into());
+        }
+        if meta.len() > MAX_POD_FILE_BYTES as u64 {
+            return Err(format!(
+                "{} bytes, more than {MAX_POD_FILE_BYTES}",
+                meta.len()
+            ));
+        }
+        std::fs::read(&m.source).map_err(|e| e.to_string())
+    };
+    Some(
+        read()
+            .map(|content| (volume.to_string(), file.to_string(), content))
+            .map_err(|e| ShimError::Refused(format!("{} ({}): {e}", m.destination, m.source))),
+    )
+}
+
 /// Copies every file volume `mounts` name into the sandbox (before the container that mounts
-/// them is created), and keeps each one up to date while the sandbox runs.
+/// them is created), and keeps each one up to date while the sandbox runs; and the pod's own
+/// files, once. A pod file the policy refuses is left out (the container keeps the image's).
 pub async fn sync(sandbox: &Arc<Sandbox>, mounts: &[Mount]) -> Result<(), ShimError> {
     for m in mounts {
+        if let Some(found) = pod_file(m) {
+            let (volume, file, content) = found?;
+            let mut c = sandbox.client.clone();
+            let sent = c
+                .set_volume(SetVolumeRequest {
+                    volume: volume.clone(),
+                    kind: POD_FILE.into(),
+                    files: vec![VolumeFile {
+                        path: file,
+                        mode: 0o644,
+                        content,
+                    }],
+                })
+                .await;
+            if let Err(s) = sent {
+                tracing::warn!(sandbox = %sandbox.name, file = %m.destination, error = %s.message(), "pod file not copied: the container keeps the image's");
+            }
+            continue;
+        }
         let Some(v) = file_volume(m) else {
             continue;
         };
@@ -275,6 +324,27 @@ mod tests {
         ))
         .is_none());
         assert!(file_volume(&mount("/var/lib/kubelet/pods/u/etc-hosts")).is_none());
+    }
+
+    #[test]
+    fn pod_files_are_the_runtime_files_at_their_places() {
+        let d = tempfile::tempdir().unwrap();
+        let hosts = d.path().join("etc-hosts");
+        std::fs::write(&hosts, "10.1.2.3 web-0\n").unwrap();
+        let mut m = mount(&hosts.display().to_string());
+        m.destination = "/etc/hosts".into();
+        let (volume, file, content) = pod_file(&m).unwrap().unwrap();
+        assert_eq!((volume.as_str(), file.as_str()), ("hosts", "hosts"));
+        assert_eq!(content, b"10.1.2.3 web-0\n");
+        m.destination = "/etc/other".into();
+        assert!(pod_file(&m).is_none());
+        m.destination = "/etc/resolv.conf".into();
+        m.source = d.path().display().to_string();
+        let e = pod_file(&m).unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("/etc/resolv.conf") && e.contains("not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]
