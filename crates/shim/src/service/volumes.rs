@@ -162,9 +162,20 @@ async fn send(sandbox: &Sandbox, v: &FileVolume, files: Vec<VolumeFile>) -> Resu
     Ok(())
 }
 
+/// A pod file read on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFile {
+    /// Its volume name (`hosts`, `hostname`, `resolv-conf`).
+    pub volume: String,
+    /// Its file name in that volume.
+    pub file: String,
+    /// The node file's content.
+    pub content: Vec<u8>,
+}
+
 /// The pod file `m` binds (the kubelet's `/etc/hosts`, containerd's `/etc/hostname` or
-/// `/etc/resolv.conf`): its volume name and the node file's content.
-pub fn pod_file(m: &Mount) -> Option<Result<(String, String, Vec<u8>), ShimError>> {
+/// `/etc/resolv.conf`), read.
+pub fn pod_file(m: &Mount) -> Option<Result<PodFile, ShimError>> {
     if m.source.contains("/volumes/kubernetes.io~") {
         return None;
     }
@@ -184,7 +195,11 @@ pub fn pod_file(m: &Mount) -> Option<Result<(String, String, Vec<u8>), ShimError
     };
     Some(
         read()
-            .map(|content| (volume.to_string(), file.to_string(), content))
+            .map(|content| PodFile {
+                volume: volume.to_string(),
+                file: file.to_string(),
+                content,
+            })
             .map_err(|e| ShimError::Refused(format!("{} ({}): {e}", m.destination, m.source))),
     )
 }
@@ -195,16 +210,16 @@ pub fn pod_file(m: &Mount) -> Option<Result<(String, String, Vec<u8>), ShimError
 pub async fn sync(sandbox: &Arc<Sandbox>, mounts: &[Mount]) -> Result<(), ShimError> {
     for m in mounts {
         if let Some(found) = pod_file(m) {
-            let (volume, file, content) = found?;
+            let found = found?;
             let mut c = sandbox.client.clone();
             let sent = c
                 .set_volume(SetVolumeRequest {
-                    volume: volume.clone(),
+                    volume: found.volume,
                     kind: POD_FILE.into(),
                     files: vec![VolumeFile {
-                        path: file,
+                        path: found.file,
                         mode: 0o644,
-                        content,
+                        content: found.content,
                     }],
                 })
                 .await;
@@ -333,9 +348,12 @@ mod tests {
         std::fs::write(&hosts, "10.1.2.3 web-0\n").unwrap();
         let mut m = mount(&hosts.display().to_string());
         m.destination = "/etc/hosts".into();
-        let (volume, file, content) = pod_file(&m).unwrap().unwrap();
-        assert_eq!((volume.as_str(), file.as_str()), ("hosts", "hosts"));
-        assert_eq!(content, b"10.1.2.3 web-0\n");
+        let found = pod_file(&m).unwrap().unwrap();
+        assert_eq!(
+            (found.volume.as_str(), found.file.as_str()),
+            ("hosts", "hosts")
+        );
+        assert_eq!(found.content, b"10.1.2.3 web-0\n");
         m.destination = "/etc/other".into();
         assert!(pod_file(&m).is_none());
         m.destination = "/etc/resolv.conf".into();
