@@ -13,10 +13,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use kbs_types::Tee;
-use serde_json::{json, Value};
-use sev::parser::ByteParser;
+use serde_json::Value;
 
-use crate::AttesterError;
+use crate::{tsm::SNP_REPORT_LEN, AttesterError};
 
 /// The SEV guest device.
 pub const SEV_GUEST_DEVICE: &str = "/dev/sev-guest";
@@ -73,8 +72,6 @@ pub const SNP_GET_EXT_REPORT: u64 =
 
 /// The VMM error meaning the certificate buffer was too small.
 pub const SNP_GUEST_VMM_ERR_INVALID_LEN: u32 = 1;
-/// The size of an SEV-SNP attestation report.
-pub const SNP_REPORT_LEN: usize = 1184;
 const PAGE: usize = 4096;
 /// The certificate buffer the first request offers (the host's table is a few KiB).
 const FIRST_CERTS_PAGES: usize = 4;
@@ -242,22 +239,9 @@ impl SevGuestAttester {
     /// The evidence JSON the SNP verifier takes (as [`crate::TsmSnpAttester`] gives it).
     pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
         let (raw, table) = self.request(report_data)?;
-        let report = sev::firmware::guest::AttestationReport::from_bytes(&raw)
-            .map_err(|e| AttesterError::Invalid(format!("the SEV-SNP report: {e}")))?;
-        if report.report_data[..report_data.len()] != report_data[..] {
-            return Err(AttesterError::Invalid(
-                "the SEV-SNP report carries other report data than was asked for".into(),
-            ));
-        }
-        let mut evidence = json!({ "attestation_report": report });
-        if !table.is_empty() {
-            let chain: Vec<Value> = crate::certs::parse(&table)?
-                .into_iter()
-                .map(|c| json!({"cert_type": c.kind, "data": c.data}))
-                .collect();
-            evidence["cert_chain"] = Value::Array(chain);
-        }
-        Ok(evidence)
+        let mut rd = [0u8; 64];
+        rd[..report_data.len()].copy_from_slice(report_data);
+        crate::tsm::snp_evidence(&raw, &rd, &table)
     }
 }
 

@@ -31,7 +31,8 @@ pub const TSM_REPORT_ROOT: &str = "/sys/kernel/config/tsm/report";
 const ATTRIBUTE_WAIT: Duration = Duration::from_secs(1);
 
 /// The size of an SEV-SNP attestation report (ABI version 2 and later).
-const SNP_REPORT_LEN: usize = 1184;
+/// The size of an SEV-SNP attestation report.
+pub(crate) const SNP_REPORT_LEN: usize = 1184;
 
 /// One report from configfs-tsm.
 #[derive(Clone, Debug)]
@@ -227,29 +228,40 @@ impl TsmSnpAttester {
     /// padded). The report's own HOST_DATA carries the initdata digest the launcher set.
     pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
         let (rd, r) = self.tsm.request_from("sev_guest", "SEV-SNP", report_data)?;
-        if r.outblob.len() != SNP_REPORT_LEN {
-            return Err(AttesterError::Invalid(format!(
-                "the SEV-SNP report is {} bytes, not {SNP_REPORT_LEN}",
-                r.outblob.len()
-            )));
-        }
-        let report = sev::firmware::guest::AttestationReport::from_bytes(&r.outblob)
-            .map_err(|e| AttesterError::Invalid(format!("the SEV-SNP report: {e}")))?;
-        if report.report_data[..] != rd[..] {
-            return Err(AttesterError::Invalid(
-                "the SEV-SNP report carries other report data than was asked for".into(),
-            ));
-        }
-        let mut evidence = json!({ "attestation_report": report });
-        if !r.auxblob.is_empty() {
-            let chain: Vec<Value> = crate::certs::parse(&r.auxblob)?
-                .into_iter()
-                .map(|c| json!({"cert_type": c.kind, "data": c.data}))
-                .collect();
-            evidence["cert_chain"] = Value::Array(chain);
-        }
-        Ok(evidence)
+        snp_evidence(&r.outblob, &rd, &r.auxblob)
     }
+}
+
+/// The evidence JSON the SNP verifier takes, from a raw report that must carry `report_data`
+/// (64 bytes, as padded) and the host's certificate table (empty: none; the KBS then takes the
+/// VCEK from its cache or AMD's KDS). Shared by the configfs-tsm and `/dev/sev-guest` paths.
+pub(crate) fn snp_evidence(
+    raw: &[u8],
+    report_data: &[u8; 64],
+    table: &[u8],
+) -> Result<Value, AttesterError> {
+    if raw.len() != SNP_REPORT_LEN {
+        return Err(AttesterError::Invalid(format!(
+            "the SEV-SNP report is {} bytes, not {SNP_REPORT_LEN}",
+            raw.len()
+        )));
+    }
+    let report = sev::firmware::guest::AttestationReport::from_bytes(raw)
+        .map_err(|e| AttesterError::Invalid(format!("the SEV-SNP report: {e}")))?;
+    if report.report_data[..] != report_data[..] {
+        return Err(AttesterError::Invalid(
+            "the SEV-SNP report carries other report data than was asked for".into(),
+        ));
+    }
+    let mut evidence = json!({ "attestation_report": report });
+    if !table.is_empty() {
+        let chain: Vec<Value> = crate::certs::parse(table)?
+            .into_iter()
+            .map(|c| json!({"cert_type": c.kind, "data": c.data}))
+            .collect();
+        evidence["cert_chain"] = Value::Array(chain);
+    }
+    Ok(evidence)
 }
 
 impl coffer_kbs_client::Attester for TsmSnpAttester {

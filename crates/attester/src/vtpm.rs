@@ -277,13 +277,17 @@ pub fn extend_value(old: &[u8], digest: &[u8]) -> Vec<u8> {
     h.finish().as_ref().to_vec()
 }
 
-fn imds_get(base: &str, path: &str) -> Result<Value, AttesterError> {
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// An HTTP client for IMDS, bounded by [`IMDS_TIMEOUT`].
+fn imds_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .timeout_global(Some(IMDS_TIMEOUT))
         .build()
-        .into();
-    let body = agent
+        .into()
+}
+
+fn imds_get(base: &str, path: &str) -> Result<Value, AttesterError> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let body = imds_agent()
         .get(&url)
         .header("Metadata", "true")
         .call()
@@ -295,11 +299,7 @@ fn imds_get(base: &str, path: &str) -> Result<Value, AttesterError> {
 
 fn imds_post(base: &str, path: &str, body: &Value) -> Result<Value, AttesterError> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(IMDS_TIMEOUT))
-        .build()
-        .into();
-    let text = agent
+    let text = imds_agent()
         .post(&url)
         .header("Metadata", "true")
         .header("Content-Type", "application/json")
@@ -310,15 +310,30 @@ fn imds_post(base: &str, path: &str, body: &Value) -> Result<Value, AttesterErro
         .map_err(|e| AttesterError::Invalid(format!("Azure IMDS {url}: not JSON: {e}")))
 }
 
-fn expect_type(report: &[u8], want: u32, name: &str) -> Result<(), AttesterError> {
-    let r = hcl::parse(report).map_err(|e| AttesterError::Invalid(format!("vTPM: {e}")))?;
-    if r.report_type != want {
-        return Err(AttesterError::Invalid(format!(
-            "vTPM: the HCL report holds report type {}, not {name}",
-            r.report_type
-        )));
+impl Vtpm {
+    /// What both Azure attesters send: initdata bound first (when given), the HCL report of
+    /// type `want` (`name` in errors), and the quote over `report_data`.
+    fn hcl_and_quote(
+        &self,
+        report_data: &[u8],
+        init_data_digest: Option<&[u8]>,
+        want: u32,
+        name: &str,
+    ) -> Result<(Vec<u8>, TpmQuote), AttesterError> {
+        if let Some(d) = init_data_digest {
+            self.bind_init_data(d)?;
+        }
+        let report = self.hcl_report()?;
+        let r = hcl::parse(&report).map_err(|e| AttesterError::Invalid(format!("vTPM: {e}")))?;
+        if r.report_type != want {
+            return Err(AttesterError::Invalid(format!(
+                "vTPM: the HCL report holds report type {}, not {name}",
+                r.report_type
+            )));
+        }
+        let quote = self.quote(report_data)?;
+        Ok((report, quote))
     }
-    Ok(())
 }
 
 /// Evidence of an Azure SEV-SNP CVM (`az-snp-vtpm`, format version 1): `{"version": "1",
@@ -344,12 +359,12 @@ impl AzSnpVtpmAttester {
         report_data: &[u8],
         init_data_digest: Option<&[u8]>,
     ) -> Result<Value, AttesterError> {
-        if let Some(d) = init_data_digest {
-            self.vtpm.bind_init_data(d)?;
-        }
-        let report = self.vtpm.hcl_report()?;
-        expect_type(&report, hcl::REPORT_TYPE_SNP, "SEV-SNP")?;
-        let quote = self.vtpm.quote(report_data)?;
+        let (report, quote) = self.vtpm.hcl_and_quote(
+            report_data,
+            init_data_digest,
+            hcl::REPORT_TYPE_SNP,
+            "SEV-SNP",
+        )?;
         let certs = imds_get(&self.imds, "/metadata/THIM/amd/certification")?;
         let vcek = certs
             .get("vcekCert")
@@ -406,15 +421,12 @@ impl AzTdxVtpmAttester {
         init_data_digest: Option<&[u8]>,
     ) -> Result<Value, AttesterError> {
         use base64::engine::general_purpose::URL_SAFE as B64;
-        if let Some(d) = init_data_digest {
-            self.vtpm.bind_init_data(d)?;
-        }
-        let report = self.vtpm.hcl_report()?;
-        expect_type(&report, hcl::REPORT_TYPE_TDX, "TDX")?;
+        let (report, quote) =
+            self.vtpm
+                .hcl_and_quote(report_data, init_data_digest, hcl::REPORT_TYPE_TDX, "TDX")?;
         let td_report = hcl::parse(&report)
             .map_err(|e| AttesterError::Invalid(format!("vTPM: {e}")))?
             .hw_report;
-        let quote = self.vtpm.quote(report_data)?;
         let resp = imds_post(
             &self.imds,
             "/acc/tdquote",
