@@ -97,6 +97,9 @@ snp_tcb_ok if {
 #   data.reference.mr_td            accepted MRTD values (hex)
 #   data.reference.init_data        accepted initdata digests (hex), bound through MRCONFIGID
 #   data.reference.tdx_tcb_status   accepted TCB statuses (default: ["UpToDate"])
+#   data.reference.rtmr0 … rtmr3    accepted RTMR values (hex), each checked only when registered:
+#                                   RTMR0 the firmware's configuration, RTMR1 the kernel, RTMR2 the
+#                                   command line and initrd (as TDVF extends them), RTMR3 the OS's
 status := "affirming" if {
 	input.tee == "tdx"
 	count(tdx_failures) == 0
@@ -130,6 +133,13 @@ tdx_failures contains "initdata digest is not in reference value init_data" if {
 tdx_failures contains "TCB status is not in reference value tdx_tcb_status" if {
 	input.tee == "tdx"
 	not input.tdx.tcb_status in object.get(data.reference, "tdx_tcb_status", ["UpToDate"])
+}
+
+tdx_failures contains sprintf("%s is not in reference value %s", [upper(r), r]) if {
+	input.tee == "tdx"
+	some r in ["rtmr0", "rtmr1", "rtmr2", "rtmr3"]
+	accepted := data.reference[r]
+	not input.tdx[r] in accepted
 }
 
 # Azure confidential VMs on SEV-SNP with a vTPM: the SNP report (bound to the vTPM key) is judged
@@ -213,6 +223,13 @@ az_tdx_failures contains "initdata digest is not in reference value init_data" i
 az_tdx_failures contains "TCB status is not in reference value tdx_tcb_status" if {
 	input.tee == "az-tdx-vtpm"
 	not input["az-tdx-vtpm"].tdx.tcb_status in object.get(data.reference, "tdx_tcb_status", ["UpToDate"])
+}
+
+az_tdx_failures contains sprintf("%s is not in reference value %s", [upper(r), r]) if {
+	input.tee == "az-tdx-vtpm"
+	some r in ["rtmr0", "rtmr1", "rtmr2", "rtmr3"]
+	accepted := data.reference[r]
+	not input["az-tdx-vtpm"].tdx[r] in accepted
 }
 
 # NVIDIA GPUs (additional evidence, submodules gpu0, gpu1, …): affirming only when the GPU's

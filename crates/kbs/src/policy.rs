@@ -573,9 +573,16 @@ mod tests {
         let good = json!({"tee": "az-tdx-vtpm", "init_data": "bb", "az-tdx-vtpm": {"tdx": {
             "mr_td": "aa", "debug": false, "tcb_status": "UpToDate"}}});
         assert_eq!(attest(refs.clone(), good.clone()).status, Status::Affirming);
-        let mut debug = good;
+        let mut debug = good.clone();
         debug["az-tdx-vtpm"]["tdx"]["debug"] = json!(true);
         assert!(attest(refs, debug).reason.unwrap().contains("debuggable"));
+        let mut rtmr = good;
+        rtmr["az-tdx-vtpm"]["tdx"]["rtmr2"] = json!("21");
+        let pinned = json!({"mr_td": ["aa"], "init_data": ["bb"], "rtmr2": ["22"]});
+        assert_eq!(
+            attest(pinned, rtmr).reason.unwrap(),
+            "RTMR2 is not in reference value rtmr2"
+        );
     }
 
     #[test]
@@ -612,9 +619,28 @@ mod tests {
         assert!(a.reason.unwrap().contains("tdx_tcb_status"));
         let tolerant = json!({"mr_td": ["aa"], "init_data": ["bb"], "tdx_tcb_status": ["UpToDate", "OutOfDate"]});
         assert_eq!(attest(tolerant, old).status, Status::Affirming);
-        let mut debug = good;
+        let mut debug = good.clone();
         debug["tdx"]["debug"] = json!(true);
         assert!(attest(refs, debug).reason.unwrap().contains("debuggable"));
+        // RTMRs are checked only where reference values name them.
+        let mut with_rtmr = good.clone();
+        with_rtmr["tdx"]["rtmr1"] = json!("11");
+        with_rtmr["tdx"]["rtmr2"] = json!("22");
+        let pinned = json!({"mr_td": ["aa"], "init_data": ["bb"], "rtmr1": ["11", "12"]});
+        assert_eq!(
+            attest(pinned.clone(), with_rtmr.clone()).status,
+            Status::Affirming
+        );
+        with_rtmr["tdx"]["rtmr1"] = json!("13");
+        let a = attest(pinned, with_rtmr.clone());
+        assert_eq!(a.status, Status::Contraindicated);
+        assert_eq!(a.reason.unwrap(), "RTMR1 is not in reference value rtmr1");
+        let both = json!({"mr_td": ["aa"], "init_data": ["bb"], "rtmr1": ["11"], "rtmr2": ["99"]});
+        let a = attest(both, with_rtmr);
+        assert_eq!(
+            a.reason.unwrap(),
+            "RTMR1 is not in reference value rtmr1; RTMR2 is not in reference value rtmr2"
+        );
     }
 
     #[test]
