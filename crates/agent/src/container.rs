@@ -98,6 +98,14 @@ pub struct Containers {
     kbs: Option<KbsKeys>,
     map: Mutex<HashMap<String, Container>>,
     changed: watch::Sender<u64>,
+    /// The pod's network namespace once made ([`make_pod_netns`]).
+    netns: Mutex<Option<PathBuf>>,
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        self.release_netns();
+    }
 }
 
 /// Where the sandbox's emptyDir volumes live, under the containers' root (not a container id:
@@ -107,6 +115,34 @@ const VOLUMES: &str = ".volumes";
 const FILES: &str = ".files";
 /// Where the pod's own files copied in from the node live ([`files::POD_FILES`]).
 const POD_FILES: &str = ".podfiles";
+/// The pod's network namespace, bound to a file (as `ip netns add` does).
+const POD_NETNS: &str = ".netns";
+
+/// Makes a network namespace with its loopback interface up and keeps it by binding it to
+/// `path`: the namespace the pod's containers share (so they reach each other on localhost,
+/// as a Kubernetes pod's containers do), apart from the agent's own (where a process sandbox's
+/// forwarder listens).
+fn make_pod_netns(path: &Path) -> Result<()> {
+    let fail = |what: &str, e: String| {
+        ContainerError::Runtime(format!("the pod's network namespace: {what}: {e}"))
+    };
+    std::fs::File::create(path).map_err(|e| fail("creating its mount point", e.to_string()))?;
+    let at = path.to_path_buf();
+    // The namespace is made on a thread of its own, which then ends: the agent's other
+    // threads stay in theirs.
+    std::thread::spawn(move || -> Result<()> {
+        // SAFETY: only the network namespace is unshared (not the file table, the case that
+        // makes unshare unsafe for the other threads).
+        #[allow(unsafe_code)]
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+            .map_err(|e| fail("unshare", e.to_string()))?;
+        crate::egress::loopback_up().map_err(|e| fail("loopback", e))?;
+        rustix::mount::mount_bind("/proc/thread-self/ns/net", &at)
+            .map_err(|e| fail("binding it", e.to_string()))
+    })
+    .join()
+    .map_err(|_| fail("its thread", "panicked".into()))?
+}
 
 /// The CRI annotation naming a container within its pod.
 pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
@@ -151,6 +187,30 @@ impl Containers {
             kbs: None,
             map: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
+            netns: Mutex::new(None),
+        }
+    }
+
+    /// The pod's network namespace, made on first use.
+    fn pod_netns(&self) -> Result<PathBuf> {
+        let mut slot = self.netns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = &*slot {
+            return Ok(p.clone());
+        }
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| ContainerError::Runtime(format!("{}: {e}", self.root.display())))?;
+        let path = self.root.join(POD_NETNS);
+        make_pod_netns(&path)?;
+        *slot = Some(path.clone());
+        Ok(path)
+    }
+
+    /// Lets the pod's network namespace go (when the sandbox ends).
+    fn release_netns(&self) {
+        let mut slot = self.netns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = slot.take() {
+            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+            let _ = std::fs::remove_file(&p);
         }
     }
 
@@ -276,6 +336,19 @@ impl Containers {
             }
         };
         let mut spec = spec(id, &self.cgroup_parent, &report.config, user, req);
+        // The pod's containers share one network namespace.
+        let netns = match self.pod_netns() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(e);
+            }
+        };
+        if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+            for n in ns.iter_mut().filter(|n| n["type"] == "network") {
+                n["path"] = serde_json::json!(netns);
+            }
+        }
         match spec::volume_mounts(
             &self.root.join(VOLUMES),
             &self.root.join(FILES),
@@ -402,6 +475,7 @@ impl Containers {
         for id in self.list() {
             self.remove(&id).await?;
         }
+        self.release_netns();
         Ok(())
     }
 

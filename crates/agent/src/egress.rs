@@ -4,7 +4,9 @@
 //! forwarding socket (a unix socket in the sandbox directory), which speaks SOCKS5 and makes the
 //! outbound connection on the host (`coffer run` logs each destination). The agent's KBS client
 //! and registry client use `socks5h://127.0.0.1:<port>` as their proxy, so names are resolved
-//! on the host, as a VM's host would route them. Containers get no network.
+//! on the host, as a VM's host would route them. Containers do not share this namespace: a
+//! pod's containers share one of their own, with only a loopback interface
+//! ([`crate::container`]).
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -13,12 +15,20 @@ use tokio::{
     net::{TcpListener, UnixStream},
 };
 
-/// Brings up `lo` in this (new) network namespace with `ip(8)`.
+/// Brings up `lo` in the calling thread's network namespace with `ip(8)` (iproute2's, or
+/// busybox's where there is no other, as in a pod VM).
 pub fn loopback_up() -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
+    let args = ["link", "set", "lo", "up"];
+    let out = match std::process::Command::new("ip").args(args).output() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::process::Command::new("/bin/busybox")
+                .arg("ip")
+                .args(args)
+                .output()
+        }
+        other => other,
+    }
+    .map_err(|e| format!("cannot run ip: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "cannot bring up the loopback interface: {}",

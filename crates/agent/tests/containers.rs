@@ -377,3 +377,52 @@ async fn a_terminals_output_is_translated_once_under_load() {
     assert_eq!(c.wait(&id, "").await.unwrap(), 128 + 9);
     c.remove(&id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_containers_share_one_network_namespace_of_their_own() {
+    let Setup {
+        dir: _dir,
+        image,
+        containers: c,
+        id,
+        _cleanup,
+    } = setup();
+    let req = |id: &str, script: &str| CreateContainerRequest {
+        container_id: id.into(),
+        image: image.clone(),
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    // A server on the pod's loopback, and a client in another container reaching it there.
+    let server = format!("{id}-3");
+    let client = format!("{id}-4");
+    c.create(&req(
+        &server,
+        "echo served on the pod localhost | nc -l -p 38611",
+    ))
+    .await
+    .unwrap();
+    c.start(&server).await.unwrap();
+    c.create(&req(
+        &client,
+        "for i in $(seq 1 50); do nc 127.0.0.1 38611 && exit 0; sleep 0.1; done; exit 1",
+    ))
+    .await
+    .unwrap();
+    c.start(&client).await.unwrap();
+    assert_eq!(c.wait(&client, "").await.unwrap(), 0);
+    assert_eq!(
+        output(&c, &client, "stdout").await,
+        "served on the pod localhost\n"
+    );
+    assert_eq!(c.wait(&server, "").await.unwrap(), 0);
+    // The pod's namespace is not the agent's: nothing of the pod listens on this loopback.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 38611)).is_err());
+    c.remove(&server).await.unwrap();
+    c.remove(&client).await.unwrap();
+    // The sandbox's end lets the namespace go.
+    let netns = _dir.path().join("bundles/.netns");
+    assert!(netns.exists());
+    c.remove_all().await.unwrap();
+    assert!(!netns.exists());
+}

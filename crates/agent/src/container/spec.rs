@@ -1,7 +1,8 @@
 //! The OCI runtime spec a container's bundle gets: its process (arguments, environment, working
 //! directory and user from the image config and the request), and its confinement.
 //!
-//! The spec: new PID, IPC, UTS, mount and network namespaces; a cgroup per container; the
+//! The spec: new PID, IPC, UTS and mount namespaces, and the pod's network namespace, which the
+//! pod's containers share (the agent makes it, with only a loopback interface); a cgroup per container; the
 //! runtime's default masked and read-only paths; `noNewPrivileges`; Docker's default capability
 //! set (everything else dropped); a default seccomp profile denying kernel-module, keyring,
 //! mount, reboot, clock, swap, BPF, ptrace and similar system calls; a read-only rootfs when asked.
