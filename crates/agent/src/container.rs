@@ -100,6 +100,8 @@ pub struct Containers {
     changed: watch::Sender<u64>,
     /// The pod's network namespace once made ([`make_pod_netns`]).
     netns: Mutex<Option<PathBuf>>,
+    /// A pod network namespace given from outside (the CNI's): joined, never made or let go.
+    given_netns: Option<PathBuf>,
 }
 
 impl Drop for Containers {
@@ -188,11 +190,22 @@ impl Containers {
             map: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
             netns: Mutex::new(None),
+            given_netns: None,
         }
+    }
+
+    /// Runs the containers in network namespace `path` (the pod network the CNI configured on
+    /// the node, for a process sandbox) instead of one made here.
+    pub fn with_pod_netns(mut self, path: PathBuf) -> Self {
+        self.given_netns = Some(path);
+        self
     }
 
     /// The pod's network namespace, made on first use.
     fn pod_netns(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.given_netns {
+            return Ok(p.clone());
+        }
         let mut slot = self.netns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = &*slot {
             return Ok(p.clone());

@@ -37,6 +37,10 @@ struct Args {
     /// Azure's instance metadata service, when it is not at its link-local address.
     #[arg(long, default_value = coffer_attester::AZURE_IMDS, hide = true)]
     imds: String,
+    /// The pod's network namespace (a path, e.g. the CNI's), which containers join instead of
+    /// one the agent makes.
+    #[arg(long)]
+    pod_netns: Option<PathBuf>,
     /// Audit log of policy decisions (JSON lines, appended).
     #[arg(long)]
     audit_log: PathBuf,
@@ -116,6 +120,7 @@ fn vm_main() -> anyhow::Result<()> {
         tsm_root: coffer_attester::TSM_REPORT_ROOT.into(),
         tpm_tcti: None,
         imds: coffer_attester::AZURE_IMDS.into(),
+        pod_netns: None,
         audit_log: scratch.join("audit.jsonl"),
         state_dir: scratch.join("state"),
         runtime: PathBuf::from("/usr/sbin/runc"),
@@ -230,6 +235,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut containers = Containers::new(args.state_dir.clone(), args.runtime.clone(), pull)
         .with_cgroup_parent(&args.cgroup_parent);
+    if let Some(ns) = &args.pod_netns {
+        containers = containers.with_pod_netns(ns.clone());
+    }
     let kbs = coffer_agent::keys::kbs_config(&initdata).map_err(anyhow::Error::msg)?;
     tracing::debug!("building the KBS client");
     if let Some(url) = &kbs.url {

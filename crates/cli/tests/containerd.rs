@@ -1027,3 +1027,113 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
     });
     assert_nothing_left(&n, &[&pod]);
 }
+
+/// Reads `http://addr:port/` over HTTP/1.0 (busybox httpd), retrying until `until`.
+fn http_get(addr: &str, port: u16, until: std::time::Instant) -> String {
+    use std::io::{Read, Write};
+    loop {
+        let got = std::net::TcpStream::connect((addr, port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match got {
+            Ok(page) if page.contains("200 OK") => return page,
+            other => {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "{addr}:{port}: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_process_sandbox_pod_is_on_the_pod_network_the_cni_made() {
+    // Everything of this test, the CNI bridge and the pods' addresses included, lives in a
+    // network namespace of its own.
+    let _netns = common::containerd::TestNetns::enter();
+    let dir = tempfile::tempdir().unwrap();
+    common::containerd::TestNetns::cni_config(&dir.path().join("node"), "10.88.7.0/24");
+    let n = node(dir.path(), None);
+    let pod = n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        let mut config = p.sandbox_config("net", &[(INITDATA, &n.annotation)]);
+        // The pod's own network (the CNI's), not the node's; the kubelet's DNS settings.
+        config
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .namespace_options
+            .as_mut()
+            .unwrap()
+            .network = coffer_shim::cri::NamespaceMode::Pod as i32;
+        config.dns_config = Some(coffer_shim::cri::DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        });
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox with CNI");
+        let status =
+            p.rt.pod_sandbox_status(coffer_shim::cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        let ip = status.network.unwrap().ip;
+        assert!(ip.starts_with("10.88.7."), "the pod's address: {ip:?}");
+
+        // A web server in the pod, and a second container that fetches from it by the pod's
+        // address: both are on the pod's network.
+        p.start_container(
+            &pod,
+            &config,
+            "web",
+            &n.app,
+            &[
+                "/bin/sh",
+                "-c",
+                "mkdir -p /www && echo hello over the pod network > /www/index.html && cat /etc/resolv.conf && exec httpd -f -p 8080 -h /www",
+            ],
+        )
+        .await
+        .expect("the web server");
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        let page = http_get(&ip, 8080, until);
+        assert!(page.contains("hello over the pod network"), "{page}");
+        let fetch = format!(
+            "for i in $(seq 1 50); do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.2; done; exit 1"
+        );
+        let client = p
+            .start_container(&pod, &config, "client", &n.app, &["/bin/sh", "-c", &fetch])
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&client, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("net/client.log")).unwrap();
+        assert!(log.contains("hello over the pod network"), "{log}");
+        // The CRI's DNS settings are the containers' /etc/resolv.conf.
+        let log = std::fs::read_to_string(p.log_dir.join("net/web.log")).unwrap();
+        assert!(
+            log.contains("nameserver 10.96.0.10") && log.contains("search default.svc.cluster.local"),
+            "{log}"
+        );
+        p.remove_pod(&pod).await.expect("Stop/RemovePodSandbox");
+        pod
+    });
+    assert_nothing_left(&n, &[&pod]);
+    // The CNI's interface of the pod is gone with it.
+    let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
+    assert!(!links.contains("veth"), "{links}");
+}

@@ -82,6 +82,10 @@ pub struct KeeperArgs {
     /// Tear down when stdin reaches its end (the launcher went away).
     #[arg(long)]
     pub watch_stdin: bool,
+    /// The pod's network namespace (the CNI's), which a process sandbox's containers join
+    /// instead of one of their own.
+    #[arg(long)]
+    pub pod_netns: Option<PathBuf>,
     /// Run the agent in this pod VM (`coffer podvm build --out DIR`) instead of a process
     /// sandbox.
     #[arg(long)]
@@ -191,6 +195,7 @@ impl KeeperArgs {
             plain_http: false,
             image_cache: None,
             watch_stdin: false,
+            pod_netns: None,
             podvm: None,
             accel: "auto".into(),
             tee: "emulated".into(),
@@ -219,6 +224,9 @@ impl KeeperArgs {
         }
         if let Some(p) = &self.podvm {
             opt("podvm", p.clone().into());
+        }
+        if let Some(p) = &self.pod_netns {
+            opt("pod-netns", p.clone().into());
         }
         opt("accel", self.accel.clone().into());
         opt("tee", self.tee.clone().into());
@@ -423,6 +431,7 @@ mod tests {
         a.watch_stdin = true;
         a.image_cache = Some("/var/cache/coffer".into());
         a.podvm = Some("/usr/share/coffer/podvm".into());
+        a.pod_netns = Some("/var/run/netns/cni-1234".into());
         a.accel = "tcg".into();
         a.tee = "snp".into();
         a.firmware = Some("/usr/share/coffer/OVMF.amdsev.fd".into());

@@ -92,6 +92,9 @@ pub(crate) async fn serve(a: &KeeperArgs, digest: &[u8]) -> anyhow::Result<()> {
     if a.plain_http {
         cmd.arg("--plain-http");
     }
+    if let Some(ns) = &a.pod_netns {
+        cmd.arg("--pod-netns").arg(ns);
+    }
     if let Some(c) = &a.image_cache {
         cmd.arg("--image-cache").arg(c);
     }

@@ -53,11 +53,13 @@ pub fn name_for(id: &str) -> String {
 }
 
 impl Sandbox {
-    /// Starts the sandbox `name` with `initdata` and waits until its agent serves.
+    /// Starts the sandbox `name` with `initdata` and waits until its agent serves; a process
+    /// sandbox's containers join the pod network namespace `netns` (the CNI's) when given.
     pub async fn launch(
         config: &ShimConfig,
         name: &str,
         initdata: &str,
+        netns: Option<&str>,
     ) -> Result<Sandbox, ShimError> {
         let dir = config.state_dir.join(name);
         if dir.exists() {
@@ -84,6 +86,16 @@ impl Sandbox {
         args.image_cache = Some(config.image_cache());
         args.plain_http = config.plain_http;
         args.watch_stdin = true;
+        match (config.sandbox, netns) {
+            // The process sandbox's containers join the pod network the CNI configured.
+            (SandboxKind::Process, Some(ns)) => args.pod_netns = Some(ns.into()),
+            (SandboxKind::Vm, Some(ns)) => tracing::warn!(
+                sandbox = name,
+                netns = ns,
+                "the pod VM does not join the pod network yet: its containers have only their pod's loopback"
+            ),
+            (_, None) => {}
+        }
         if let (SandboxKind::Vm, Some(podvm)) = (config.sandbox, &config.podvm) {
             args.podvm = Some(podvm.clone());
             args.accel = config.accel.clone();

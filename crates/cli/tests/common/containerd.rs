@@ -617,3 +617,56 @@ impl Pods {
         Ok(())
     }
 }
+
+/// A network namespace of this test's own (`ip netns add`, loopback up), which the calling
+/// thread enters and every thread and process it starts afterwards inherits: the registry, the
+/// KBS, containerd, the CNI bridge and the pods' addresses then exist only there. Removed when
+/// dropped. Call it first, before any runtime or server starts.
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    /// Makes and enters the namespace.
+    pub fn enter() -> Self {
+        let name = format!("coffer-t{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        super::run_ok(Command::new("ip").args(["netns", "add", &name]));
+        super::run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        let ns = fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&ns),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("entering the test's network namespace");
+        Self { name }
+    }
+
+    /// Writes a CNI configuration for the tests' containerd under `root`
+    /// (`ROOT/etc/cni/net.d`): Debian's bridge plugin on bridge `cfr0` with host-local
+    /// addresses from `subnet` (its state under `root`), and loopback; no masquerading.
+    pub fn cni_config(root: &Path, subnet: &str) {
+        let dir = root.join("etc/cni/net.d");
+        fs::create_dir_all(&dir).unwrap();
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "coffer-test",
+            "plugins": [
+                {"type": "bridge", "bridge": "cfr0", "isGateway": true, "ipMasq": false,
+                 "ipam": {"type": "host-local", "subnet": subnet,
+                          "dataDir": root.join("var/lib/cni").display().to_string(),
+                          "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "loopback"}
+            ]
+        });
+        fs::write(dir.join("10-coffer-test.conflist"), conf.to_string()).unwrap();
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

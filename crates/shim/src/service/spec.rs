@@ -29,6 +29,9 @@ pub(super) struct Spec {
     /// Whether the spec is a privileged container's: no masked or read-only /proc paths and
     /// CAP_SYS_ADMIN (what containerd's CRI writes for `privileged: true`).
     pub(super) privileged: bool,
+    /// The network namespace the spec joins (`linux.namespaces` of type `network` with a
+    /// path): for a pod sandbox, the one the CRI made and the CNI configured.
+    pub(super) netns: Option<String>,
 }
 
 pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
@@ -98,8 +101,16 @@ pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
     let privileged = capabilities.iter().any(|c| c == "CAP_SYS_ADMIN")
         && empty("maskedPaths")
         && empty("readonlyPaths");
+    let netns = v["linux"]["namespaces"].as_array().and_then(|ns| {
+        ns.iter()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+    });
     Ok(Spec {
         annotations,
+        netns,
         mounts,
         user,
         capabilities,

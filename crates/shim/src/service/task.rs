@@ -63,7 +63,9 @@ impl Service {
             Role::Sandbox => {
                 let initdata = self.initdata(&spec)?;
                 let name = sandbox::name_for(&req.id);
-                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata).await?);
+                let sb = Arc::new(
+                    Sandbox::launch(&config, &name, &initdata, spec.netns.as_deref()).await?,
+                );
                 self.inner
                     .sandboxes
                     .lock()
@@ -95,7 +97,7 @@ impl Service {
                 .await?;
                 let initdata = self.initdata(&spec)?;
                 let name = sandbox::name_for(&req.id);
-                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata).await?);
+                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata, None).await?);
                 (sb, Some(image), false, true)
             }
         };
