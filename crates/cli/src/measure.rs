@@ -52,8 +52,8 @@ pub struct MeasureArgs {
     #[arg(long)]
     vcpus: Option<u32>,
     /// SEV-SNP: the vCPU model (QEMU `-cpu`): EPYC, EPYC-Rome, EPYC-Milan, EPYC-Genoa, EPYC-Turin
-    /// or a versioned alias such as EPYC-Milan-v2. A pod VM under KVM runs `-cpu host`: name the
-    /// host's generation.
+    /// or a versioned alias such as EPYC-Milan-v2; the default is what `coffer run --tee snp`
+    /// launches with (`--snp-cpu`, shim.toml `snp_cpu`).
     #[arg(long, default_value = "EPYC-Milan")]
     cpu: coffer_podvm::snp::CpuType,
     /// SEV-SNP: the guest's SEV features (VMSA SEV_FEATURES), `0x`-prefixed hex or decimal

@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// firmware-tdx.fd].
     #[arg(long)]
     firmware: Option<PathBuf>,
+    /// An SEV-SNP pod VM's vCPU model (QEMU `-cpu`), which its launch digest covers: what
+    /// `coffer measure --tee snp --cpu` must name.
+    #[arg(long, default_value = "EPYC-Milan")]
+    snp_cpu: String,
     /// The pod VM's memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u32,
@@ -167,6 +171,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         args.accel = a.accel.clone();
         args.tee = a.tee.clone();
         args.firmware = a.firmware.clone();
+        args.snp_cpu = a.snp_cpu.clone();
         args.memory = a.memory;
         args.ready_timeout = a.ready_timeout;
         args.cpus = a.cpus;

@@ -102,6 +102,10 @@ pub struct KeeperArgs {
     /// `firmware-tdx.fd`].
     #[arg(long)]
     pub firmware: Option<PathBuf>,
+    /// An SEV-SNP pod VM's vCPU model (QEMU `-cpu`; the launch digest covers it; the host must
+    /// be that generation or later).
+    #[arg(long, default_value = "EPYC-Milan")]
+    pub snp_cpu: String,
     /// The pod VM's memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub memory: u32,
@@ -200,6 +204,7 @@ impl KeeperArgs {
             accel: "auto".into(),
             tee: "emulated".into(),
             firmware: None,
+            snp_cpu: "EPYC-Milan".into(),
             memory: 512,
             scratch_mib: 2048,
             cpus: 0,
@@ -230,6 +235,7 @@ impl KeeperArgs {
         }
         opt("accel", self.accel.clone().into());
         opt("tee", self.tee.clone().into());
+        opt("snp-cpu", self.snp_cpu.clone().into());
         if let Some(f) = &self.firmware {
             opt("firmware", f.clone().into());
         }
@@ -435,6 +441,7 @@ mod tests {
         a.accel = "tcg".into();
         a.tee = "snp".into();
         a.firmware = Some("/usr/share/coffer/OVMF.amdsev.fd".into());
+        a.snp_cpu = "EPYC-Genoa".into();
         a.memory = 1024;
         a.scratch_mib = 4096;
         a.ready_timeout = 30;

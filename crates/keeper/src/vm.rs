@@ -129,6 +129,10 @@ fn launch_tee(a: &KeeperArgs, podvm: &Path, digest: &[u8]) -> anyhow::Result<Tee
             Tee::SevSnp {
                 firmware: firmware(coffer_podvm::FIRMWARE_SNP)?,
                 host_data,
+                cpu: a
+                    .snp_cpu
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--snp-cpu: {e}"))?,
             }
         }
         "tdx" => {

@@ -127,6 +127,9 @@ pub enum Tee {
         firmware: PathBuf,
         /// HOST_DATA.
         host_data: [u8; 32],
+        /// The vCPU model (`-cpu`): named rather than `host`, because the launch digest covers
+        /// it (each VMSA's reset state), so that reference values do not depend on the host.
+        cpu: crate::snp::CpuType,
     },
     /// Intel TDX: MRCONFIGID = the initdata digest (SHA-384 fills it). QEMU gained `tdx-guest`
     /// in 10.1; Debian's 10.0 rejects the object type (tests/qemu_tee.rs).
@@ -193,6 +196,7 @@ impl Launch {
             Tee::SevSnp {
                 firmware,
                 host_data,
+                ..
             } => {
                 use base64::Engine;
                 let hd = base64::engine::general_purpose::STANDARD.encode(host_data);
@@ -224,14 +228,20 @@ impl Launch {
                 push(&p(firmware));
             }
         }
-        match self.accel {
-            Accel::Kvm => {
+        match (self.accel, &self.tee) {
+            (Accel::Kvm, Tee::SevSnp { cpu, .. }) => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push(cpu.name());
+            }
+            (Accel::Kvm, _) => {
                 push("-accel");
                 push("kvm");
                 push("-cpu");
                 push("host");
             }
-            Accel::Tcg => {
+            (Accel::Tcg, _) => {
                 push("-accel");
                 push("tcg");
                 push("-cpu");
@@ -331,12 +341,15 @@ mod tests {
             Tee::SevSnp {
                 firmware: "/fw/OVMF.amdsev.fd".into(),
                 host_data: [0xab; 32],
+                cpu: crate::snp::CpuType::EpycGenoa,
             },
             Accel::Kvm,
         )
         .join(" ");
         assert!(snp.contains("sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data=q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s="), "{snp}");
-        assert!(snp.contains("-bios /fw/OVMF.amdsev.fd") && snp.contains("-accel kvm -cpu host"));
+        assert!(
+            snp.contains("-bios /fw/OVMF.amdsev.fd") && snp.contains("-accel kvm -cpu EPYC-Genoa")
+        );
         assert!(!snp.contains("coffer.psp"), "{snp}");
         let tdx = launch(
             Tee::Tdx {

@@ -111,6 +111,7 @@ fn qemu_takes_the_sev_snp_command_line_up_to_the_hardware() {
         Tee::SevSnp {
             firmware: firmware.clone(),
             host_data: [0xab; 32],
+            cpu: coffer_podvm::snp::CpuType::EpycMilan,
         },
     );
     let args = l.qemu_args();

@@ -86,6 +86,10 @@ pub struct ShimConfig {
     /// firmware-tdx.fd].
     #[serde(default)]
     pub firmware: Option<PathBuf>,
+    /// An SEV-SNP pod VM's vCPU model (QEMU `-cpu`, default `EPYC-Milan`), which its launch
+    /// digest covers.
+    #[serde(default = "default_snp_cpu")]
+    pub snp_cpu: String,
     /// Launch sandboxes with the emulated TEE. Must be set when `tee` is `emulated`: the
     /// emulated TEE gives no confidentiality from this node.
     #[serde(default)]
@@ -101,6 +105,10 @@ pub struct ShimConfig {
 
 fn default_accel() -> String {
     "auto".into()
+}
+
+fn default_snp_cpu() -> String {
+    "EPYC-Milan".into()
 }
 
 fn default_memory() -> u32 {

@@ -101,6 +101,7 @@ impl Sandbox {
             args.accel = config.accel.clone();
             args.tee = config.tee.as_str().into();
             args.firmware = config.firmware.clone();
+            args.snp_cpu = config.snp_cpu.clone();
             args.memory = config.memory_mib;
         }
         if config.tee == crate::config::TeeKind::Emulated {
