@@ -335,11 +335,15 @@ pub fn volume_mounts(
             .rsplit_once("/volumes/kubernetes.io~")
             .and_then(|(_, rest)| rest.split_once('/'))
         else {
+            refuse_node_path(m)?;
             continue;
         };
         let file_volume = super::files::KINDS.contains(&plugin);
         if plugin != "empty-dir" && !file_volume {
-            continue;
+            return Err(ContainerError::Invalid(format!(
+                "mount {}: volume kind {plugin:?} is not available in the sandbox (its files would be the node's); use an emptyDir, a configMap, secret, projected or downwardAPI volume, or a KBS resource",
+                m.destination
+            )));
         }
         // A DNS label, as Kubernetes requires of volume names: never a path.
         if !super::files::is_dns_label(name) {
@@ -420,6 +424,39 @@ fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
             "emptyDir volume {name}: cannot mount its tmpfs: {e}"
         ))
     })
+}
+
+/// The runtime's own binds for every container (`/etc/hostname`, `/etc/resolv.conf`,
+/// `/etc/hosts`, `/dev/shm`): the sandbox has its own (or the copies the shim sent).
+const RUNTIME_BINDS: [&str; 4] = [
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/dev/shm",
+];
+
+/// A bind mount of a node path the sandbox cannot honour is refused, naming it, rather than
+/// left out: a `hostPath` (the node's files), a `subPath` of a volume (not built yet), or any
+/// other node directory. The runtime's own binds and non-bind mounts (the sandbox makes
+/// its own `/proc`, `/dev`, `/sys`) pass.
+fn refuse_node_path(m: &crate::proto::Mount) -> Result<()> {
+    let bind = m.r#type == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind");
+    if !bind || RUNTIME_BINDS.contains(&m.destination.as_str()) {
+        return Ok(());
+    }
+    let why = if m.source.contains("/volume-subpaths/") {
+        "a subPath of a volume is not available in the sandbox yet: mount the whole volume"
+            .to_string()
+    } else {
+        format!(
+            "a bind of the node's {} is not available in the sandbox (the node's files stay on the node); use an emptyDir, a configMap, secret, projected or downwardAPI volume, or a KBS resource",
+            m.source
+        )
+    };
+    Err(ContainerError::Invalid(format!(
+        "mount {}: {why}",
+        m.destination
+    )))
 }
 
 /// The container's termination log in its bundle.
@@ -531,7 +568,6 @@ mod tests {
                     true,
                 ),
                 mount("/etc/hosts", "/var/lib/kubelet/pods/u/etc-hosts", false),
-                mount("/host", "/", false),
             ],
             ..Default::default()
         };
@@ -568,6 +604,58 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn node_paths_the_sandbox_cannot_honour_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let bind = |dest: &str, source: &str| CreateContainerRequest {
+            mounts: vec![crate::proto::Mount {
+                destination: dest.into(),
+                r#type: "bind".into(),
+                source: source.into(),
+                options: vec!["rbind".into(), "rw".into()],
+            }],
+            ..Default::default()
+        };
+        let files = d.path().join("files");
+        let pods = d.path().join("podfiles");
+        for (req, want) in [
+            (
+                bind("/host", "/"),
+                "a bind of the node's / is not available",
+            ),
+            (
+                bind(
+                    "/data",
+                    "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv-1/mount",
+                ),
+                "volume kind \"csi\" is not available",
+            ),
+            (
+                bind(
+                    "/etc/app.conf",
+                    "/var/lib/kubelet/pods/u/volume-subpaths/config/app/0",
+                ),
+                "a subPath of a volume is not available",
+            ),
+        ] {
+            let e = volume_mounts(d.path(), &files, &pods, d.path(), &req)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // The runtime's own binds and the sandbox's own filesystems pass (left to the sandbox).
+        let mut ok = bind("/dev/shm", "/run/containerd/sandboxes/x/shm");
+        ok.mounts.push(crate::proto::Mount {
+            destination: "/proc".into(),
+            r#type: "proc".into(),
+            source: "proc".into(),
+            options: vec![],
+        });
+        assert!(volume_mounts(d.path(), &files, &pods, d.path(), &ok)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
