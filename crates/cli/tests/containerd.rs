@@ -503,7 +503,7 @@ spec:
       - name: app
         image: REGISTRY/app:v1
         command: ["/bin/sh", "-c"]
-        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token) hosts $(cat /etc/hosts); sleep 1; done"]
+        args: ["echo $GREETING level $(LEVEL) after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token) hosts $(cat /etc/hosts) sub $(cat /etc/web-mode); sleep 1; done"]
         env:
         - name: LEVEL
           value: "3"
@@ -515,6 +515,9 @@ spec:
           mountPath: /work
         - name: config
           mountPath: /etc/web
+        - name: config
+          mountPath: /etc/web-mode
+          subPath: MODE
         readinessProbe:
           exec:
             command: ["/bin/sh", "-c", "test -d /proc/self"]
@@ -545,8 +548,17 @@ struct Kubelet {
     config_pod: &'static str,
 }
 
+/// Unmounts a bind the test made, when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// The app's script as the kubelet hands it over (`$(LEVEL)` expanded).
-const APP_SCRIPT: &str = "echo $GREETING level 3 after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token) hosts $(cat /etc/hosts); sleep 1; done";
+const APP_SCRIPT: &str = "echo $GREETING level 3 after $(cat /work/init-ran); while true; do echo mode $(cat /etc/web/MODE) token $(cat /var/run/secrets/kubernetes.io/serviceaccount/token) hosts $(cat /etc/hosts) sub $(cat /etc/web-mode); sleep 1; done";
 
 /// Writes a volume as the kubelet does (its `AtomicWriter`): the files into a new timestamped
 /// directory, then `..data` swapped to it with one rename, each visible name a link through
@@ -664,6 +676,17 @@ impl Kubelet {
                     ),
                     true,
                 ));
+                // The kubelet binds a subPath from its own directory (the test makes that bind).
+                mounts.push(coffer_shim::cri::Mount {
+                    container_path: "/etc/web-mode".into(),
+                    host_path: self
+                        .root
+                        .join("pods/uid-web/volume-subpaths/config/app/2")
+                        .display()
+                        .to_string(),
+                    readonly: true,
+                    ..Default::default()
+                });
                 (
                     strings(&["/bin/sh", "-c"]),
                     strings(&[APP_SCRIPT]),
@@ -805,6 +828,18 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
         1,
         &[("GREETING", "hello from a pinned pod"), ("MODE", "strict")],
     );
+    // The kubelet's subPath bind of the ConfigMap key MODE, as it makes it: the key's file in
+    // the generation current at the container's start, bound onto a file of its own.
+    let subpath = d.join("kubelet/pods/uid-web/volume-subpaths/config/app/2");
+    std::fs::create_dir_all(subpath.parent().unwrap()).unwrap();
+    std::fs::write(&subpath, "").unwrap();
+    common::run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(config_dir.join("..2026_12_04_00_00_01.000000001/MODE"))
+            .arg(&subpath),
+    );
+    let _unbind = Unmount(subpath.clone());
     kubelet_write(
         &d.join("kubelet/pods/uid-web/volumes/kubernetes.io~projected/kube-api-access-x7k2p"),
         1,
@@ -868,7 +903,7 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
         let until = std::time::Instant::now() + Duration::from_secs(30);
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains("mode strict token eyJ-a-service-account-token hosts 10.244.0.7 web-5d8f7c9b4-x2x7z")
+            .contains("mode strict token eyJ-a-service-account-token hosts 10.244.0.7 web-5d8f7c9b4-x2x7z sub strict")
         {
             assert!(
                 std::time::Instant::now() < until,
@@ -890,6 +925,10 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        // A subPath keeps the file it was bound to, as with the kubelet and runc.
+        let log_now = std::fs::read_to_string(&log).unwrap_or_default();
+        let relaxed = log_now.lines().find(|l| l.contains("mode relaxed")).unwrap();
+        assert!(relaxed.contains("sub strict"), "{relaxed}");
 
         // The readiness probe's exec is allowed; any other exec is refused, naming it.
         let probe = p

@@ -55,6 +55,16 @@ SetVolumeRequest if {
 	regex.match(p.source_regex, source)
 }
 
+# A file volume that containers mount only through subPaths (the kubelet binds those from
+# `…/volume-subpaths/NAME/CONTAINER/INDEX`): the policy's mounts name it there.
+SetVolumeRequest if {
+	input.kind in {"configmap", "secret", "projected", "downward-api"}
+	some name, c in policy_data.containers
+	some i, p in c.mounts
+	p.source_regex != null
+	regex.match(p.source_regex, sprintf("/var/lib/kubelet/pods/uid/volume-subpaths/%s/%s/%d", [input.volume, name, i]))
+}
+
 # The pod's own files: the kubelet's /etc/hosts, containerd's /etc/hostname and /etc/resolv.conf
 # (one named file each, which the agent binds only at those places).
 SetVolumeRequest if {

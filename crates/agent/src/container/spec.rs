@@ -335,6 +335,10 @@ pub fn volume_mounts(
             .rsplit_once("/volumes/kubernetes.io~")
             .and_then(|(_, rest)| rest.split_once('/'))
         else {
+            if let Some(bind) = subpath_mount(volumes, files, m)? {
+                out.push(bind);
+                continue;
+            }
             refuse_node_path(m)?;
             continue;
         };
@@ -426,6 +430,86 @@ fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
     })
 }
 
+/// A `subPath` mount (the kubelet's `volume-subpaths/` bind) whose origin the shim traced
+/// (`coffer.volume=KIND/NAME`, `coffer.subpath=PATH`): the same path inside the sandbox's copy of
+/// that volume. An emptyDir's subpath is made as a directory when absent (as the kubelet
+/// does); no component of it may be a symbolic link, which a container could have planted to
+/// reach outside the volume. A file volume's subpath must exist in its current generation
+/// (and, as with the kubelet, does not follow later updates). `None`: not a traced subPath.
+fn subpath_mount(volumes: &Path, files: &Path, m: &crate::proto::Mount) -> Result<Option<Value>> {
+    if !m.source.contains("/volume-subpaths/") {
+        return Ok(None);
+    }
+    let opt = |k: &str| m.options.iter().find_map(|o| o.strip_prefix(k));
+    let (Some(volume), Some(sub)) = (opt("coffer.volume="), opt("coffer.subpath=")) else {
+        return Ok(None);
+    };
+    let bad = |why: String| ContainerError::Invalid(format!("mount {}: {why}", m.destination));
+    let (kind, name) = volume
+        .split_once('/')
+        .ok_or_else(|| bad(format!("subPath volume {volume:?} is not KIND/NAME")))?;
+    if !super::files::is_dns_label(name) {
+        return Err(bad(format!("volume name {name:?} is not a DNS label")));
+    }
+    let comps: Vec<&str> = sub.split('/').collect();
+    if sub.is_empty()
+        || sub.starts_with('/')
+        || comps
+            .iter()
+            .any(|c| c.is_empty() || *c == "." || *c == "..")
+        || comps[0].starts_with("..")
+    {
+        return Err(bad(format!(
+            "subPath {sub:?} is not a relative path inside the volume"
+        )));
+    }
+    let ro = m.options.iter().any(|o| o == "ro");
+    let (source, ro) = if kind == "empty-dir" {
+        let dir = volumes.join(name);
+        let mut at = dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| bad(format!("emptyDir volume {name}: {e}")))?;
+        for c in &comps {
+            at.push(c);
+            match std::fs::symlink_metadata(&at) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    return Err(bad(format!(
+                        "subPath {sub} of emptyDir {name} passes through a symbolic link, which could lead outside the volume"
+                    )))
+                }
+                Ok(_) => {}
+                Err(_) => std::fs::create_dir(&at)
+                    .map_err(|e| bad(format!("subPath {sub} of emptyDir {name}: {e}")))?,
+            }
+        }
+        (at, ro)
+    } else if super::files::KINDS.contains(&kind) {
+        let root = files.join(name);
+        let at = root.join("..data").join(sub);
+        let real = std::fs::canonicalize(&at).map_err(|e| {
+            bad(format!(
+                "subPath {sub} of {kind} volume {name}: {e} (was the volume copied in first?)"
+            ))
+        })?;
+        let root = std::fs::canonicalize(&root).map_err(|e| bad(e.to_string()))?;
+        if !real.starts_with(&root) {
+            return Err(bad(format!(
+                "subPath {sub} leads outside {kind} volume {name}"
+            )));
+        }
+        (real, true)
+    } else {
+        return Err(bad(format!(
+            "volume kind {kind:?} is not available in the sandbox"
+        )));
+    };
+    Ok(Some(json!({
+        "destination": m.destination,
+        "type": "bind",
+        "source": source,
+        "options": ["rbind", "rprivate", if ro { "ro" } else { "rw" }],
+    })))
+}
+
 /// The runtime's own binds for every container (`/etc/hostname`, `/etc/resolv.conf`,
 /// `/etc/hosts`, `/dev/shm`): the sandbox has its own (or the copies the shim sent).
 const RUNTIME_BINDS: [&str; 4] = [
@@ -445,7 +529,7 @@ fn refuse_node_path(m: &crate::proto::Mount) -> Result<()> {
         return Ok(());
     }
     let why = if m.source.contains("/volume-subpaths/") {
-        "a subPath of a volume is not available in the sandbox yet: mount the whole volume"
+        "the volume this subPath comes from is not known (the node's mount table does not say, as for a memory-backed emptyDir): mount the whole volume"
             .to_string()
     } else {
         format!(
@@ -637,7 +721,7 @@ mod tests {
                     "/etc/app.conf",
                     "/var/lib/kubelet/pods/u/volume-subpaths/config/app/0",
                 ),
-                "a subPath of a volume is not available",
+                "the volume this subPath comes from is not known",
             ),
         ] {
             let e = volume_mounts(d.path(), &files, &pods, d.path(), &req)
@@ -656,6 +740,69 @@ mod tests {
         assert!(volume_mounts(d.path(), &files, &pods, d.path(), &ok)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn subpaths_bind_inside_the_sandboxs_copy_and_never_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let (volumes, files) = (d.path().join("volumes"), d.path().join("files"));
+        let sub = |volume: &str, path: &str| CreateContainerRequest {
+            mounts: vec![crate::proto::Mount {
+                destination: "/x".into(),
+                r#type: "bind".into(),
+                source: "/var/lib/kubelet/pods/u/volume-subpaths/v/app/0".into(),
+                options: vec![
+                    "rbind".into(),
+                    "rw".into(),
+                    format!("coffer.volume={volume}"),
+                    format!("coffer.subpath={path}"),
+                ],
+            }],
+            ..Default::default()
+        };
+        let run =
+            |r: &CreateContainerRequest| volume_mounts(&volumes, &files, d.path(), d.path(), r);
+        // An emptyDir subpath is made on first use.
+        let m = run(&sub("empty-dir/work", "logs/app")).unwrap();
+        assert_eq!(m[0]["source"], json!(volumes.join("work/logs/app")));
+        assert!(volumes.join("work/logs/app").is_dir());
+        // A link a container planted in the emptyDir is never followed.
+        std::os::unix::fs::symlink("/", volumes.join("work/escape")).unwrap();
+        let e = run(&sub("empty-dir/work", "escape/etc"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("passes through a symbolic link"), "{e}");
+        // A configMap key, from the sandbox's copy, read-only.
+        super::super::files::store(
+            &files,
+            "config",
+            "configmap",
+            &[super::super::files::File {
+                path: "app.conf",
+                mode: 0,
+                content: b"a=1",
+            }],
+        )
+        .unwrap();
+        let m = run(&sub("configmap/config", "app.conf")).unwrap();
+        assert_eq!(m[0]["options"][2], "ro");
+        assert_eq!(
+            std::fs::read(m[0]["source"].as_str().unwrap()).unwrap(),
+            b"a=1"
+        );
+        for (volume, path, want) in [
+            (
+                "configmap/config",
+                "missing",
+                "was the volume copied in first",
+            ),
+            ("configmap/config", "../x", "not a relative path"),
+            ("csi/pv", "a", "not available in the sandbox"),
+            ("configmap/Bad", "a", "not a DNS label"),
+        ] {
+            let e = run(&sub(volume, path)).unwrap_err().to_string();
+            assert!(e.contains(want), "{volume} {path}: {e}");
+        }
     }
 
     #[test]

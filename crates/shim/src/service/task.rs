@@ -101,8 +101,11 @@ impl Service {
                 (sb, Some(image), false, true)
             }
         };
+        let mut mounts = spec.mounts.clone();
+        super::volumes::mark_subpaths(&mut mounts);
+        super::volumes::mark_memory_media(&mut mounts);
         if let Some(image) = &image {
-            if let Err(e) = super::volumes::sync(&sandbox, &spec.mounts).await {
+            if let Err(e) = super::volumes::sync(&sandbox, &mounts).await {
                 if owns_sandbox {
                     sandbox.destroy().await;
                 }
@@ -122,11 +125,7 @@ impl Service {
                     tty: req.terminal,
                     stdin: !req.stdin.is_empty(),
                     memory_limit_bytes: spec.memory_limit,
-                    mounts: {
-                        let mut m = spec.mounts.clone();
-                        super::volumes::mark_memory_media(&mut m);
-                        m
-                    },
+                    mounts: mounts.clone(),
                     user: spec.user.clone(),
                     capabilities: spec.capabilities.clone(),
                     privileged: spec.privileged,

@@ -136,6 +136,49 @@ pub fn memory_medium(dir: &Path) -> Option<u64> {
     (st.f_type == TMPFS_MAGIC).then(|| st.f_blocks as u64 * st.f_bsize as u64)
 }
 
+/// Where a kubelet `subPath` bind (`…/pods/UID/volume-subpaths/NAME/CONTAINER/INDEX`) comes
+/// from, read from `mountinfo` (`/proc/self/mountinfo`): the volume's kind and name and the
+/// path inside it (for a configMap or secret, the key, without the kubelet's generation
+/// directory).
+pub fn subpath_origin(source: &str, mountinfo: &str) -> Option<(String, String, String)> {
+    if !source.contains("/volume-subpaths/") {
+        return None;
+    }
+    // Field 4 is the root of the mount within its filesystem, field 5 the mount point; octal
+    // escapes (`\040`) stand for spaces.
+    let root = mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 5 && f[4] == source).then(|| f[3].to_string())
+    })?;
+    let (_, rest) = root.rsplit_once("/volumes/kubernetes.io~")?;
+    let (kind, rest) = rest.split_once('/')?;
+    let (name, inner) = rest.split_once('/')?;
+    let inner = match inner.split_once('/') {
+        // A file volume's key, bound through the generation the kubelet had then.
+        Some((gen, key)) if gen.starts_with("..") => key,
+        _ => inner,
+    };
+    Some((kind.to_string(), name.to_string(), inner.to_string()))
+}
+
+/// Tells the agent where each `subPath` mount comes from (`coffer.volume=KIND/NAME`,
+/// `coffer.subpath=PATH`), as far as the node's mount table says; the agent checks both.
+pub fn mark_subpaths(mounts: &mut [Mount]) {
+    if !mounts
+        .iter()
+        .any(|m| m.source.contains("/volume-subpaths/"))
+    {
+        return;
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for m in mounts {
+        if let Some((kind, name, path)) = subpath_origin(&m.source, &info) {
+            m.options.push(format!("coffer.volume={kind}/{name}"));
+            m.options.push(format!("coffer.subpath={path}"));
+        }
+    }
+}
+
 /// Marks each memory-backed emptyDir mount for the agent (`coffer.medium=memory`,
 /// `coffer.size=BYTES`), which then makes that volume a tmpfs of the same size in the guest.
 pub fn mark_memory_media(mounts: &mut [Mount]) {
@@ -147,6 +190,22 @@ pub fn mark_memory_media(mounts: &mut [Mount]) {
             }
         }
     }
+}
+
+/// The file volume a marked `subPath` mount ([`mark_subpaths`]) is part of: the kubelet's
+/// directory of it beside the subpath's.
+fn subpath_volume(m: &Mount) -> Option<FileVolume> {
+    let (pod, _) = m.source.split_once("/volume-subpaths/")?;
+    let (kind, name) = m
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("coffer.volume="))?
+        .split_once('/')?;
+    KINDS.contains(&kind).then(|| FileVolume {
+        kind: kind.to_string(),
+        name: name.to_string(),
+        dir: PathBuf::from(format!("{pod}/volumes/kubernetes.io~{kind}/{name}")),
+    })
 }
 
 /// Sends `v` to the sandbox's agent.
@@ -228,7 +287,7 @@ pub async fn sync(sandbox: &Arc<Sandbox>, mounts: &[Mount]) -> Result<(), ShimEr
             }
             continue;
         }
-        let Some(v) = file_volume(m) else {
+        let Some(v) = file_volume(m).or_else(|| subpath_volume(m)) else {
             continue;
         };
         let files = read(&v)?;
@@ -339,6 +398,38 @@ mod tests {
         ))
         .is_none());
         assert!(file_volume(&mount("/var/lib/kubelet/pods/u/etc-hosts")).is_none());
+    }
+
+    #[test]
+    fn a_subpath_bind_is_traced_to_its_volume_through_mountinfo() {
+        let info = "\
+36 25 0:32 / /run rw,nosuid - tmpfs tmpfs rw
+812 29 254:1 /var/lib/kubelet/pods/u/volumes/kubernetes.io~configmap/config/..2026_12_04_00_00_01.000000001/app.conf /var/lib/kubelet/pods/u/volume-subpaths/config/web/1 rw - ext4 /dev/vda1 rw
+813 29 0:60 /cache/sub /var/lib/kubelet/pods/u/volume-subpaths/cache/web/2 rw - tmpfs tmpfs rw
+814 29 254:1 /var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/work/logs/web /var/lib/kubelet/pods/u/volume-subpaths/work/web/3 rw - ext4 /dev/vda1 rw";
+        let at = |i: u32, v: &str| format!("/var/lib/kubelet/pods/u/volume-subpaths/{v}/web/{i}");
+        assert_eq!(
+            subpath_origin(&at(1, "config"), info),
+            Some(("configmap".into(), "config".into(), "app.conf".into()))
+        );
+        assert_eq!(
+            subpath_origin(&at(3, "work"), info),
+            Some(("empty-dir".into(), "work".into(), "logs/web".into()))
+        );
+        // A memory-backed emptyDir is a filesystem of its own: its root says nothing of the
+        // volume, so the mount stays unmarked (and the agent refuses it, naming it).
+        assert_eq!(subpath_origin(&at(2, "cache"), info), None);
+        assert_eq!(
+            subpath_origin("/var/lib/kubelet/pods/u/etc-hosts", info),
+            None
+        );
+        let mut m = mount(&at(1, "config"));
+        m.options.push("coffer.volume=configmap/config".into());
+        let v = subpath_volume(&m).unwrap();
+        assert_eq!(
+            v.dir,
+            Path::new("/var/lib/kubelet/pods/u/volumes/kubernetes.io~configmap/config")
+        );
     }
 
     #[test]
