@@ -700,6 +700,9 @@ impl Pod<'_> {
                 "destination": m.mount_path,
                 "source_regex": source_regex,
                 "read_only": m.read_only == Some(true) || forced_ro,
+                // The volume and its kind (the kubelet's plugin name), for SetVolume.
+                "volume": m.name,
+                "kind": plugin,
             }));
         }
         let has = |out: &[Value], d: &str| out.iter().any(|m| m["destination"] == d);

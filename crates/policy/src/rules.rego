@@ -56,13 +56,13 @@ SetVolumeRequest if {
 }
 
 # A file volume that containers mount only through subPaths (the kubelet binds those from
-# `…/volume-subpaths/NAME/CONTAINER/INDEX`): the policy's mounts name it there.
+# `…/volume-subpaths/NAME/CONTAINER/INDEX`): the policy's mounts name it and its kind.
 SetVolumeRequest if {
 	input.kind in {"configmap", "secret", "projected", "downward-api"}
-	some name, c in policy_data.containers
-	some i, p in c.mounts
-	p.source_regex != null
-	regex.match(p.source_regex, sprintf("/var/lib/kubelet/pods/uid/volume-subpaths/%s/%s/%d", [input.volume, name, i]))
+	some c in policy_data.containers
+	some p in c.mounts
+	object.get(p, "volume", null) == input.volume
+	object.get(p, "kind", null) == input.kind
 }
 
 # The pod's own files: the kubelet's /etc/hosts, containerd's /etc/hostname and /etc/resolv.conf
