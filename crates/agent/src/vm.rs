@@ -293,6 +293,8 @@ pub fn boot() -> Result<Boot, BootError> {
         "proc",
         MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
     )?;
+    // How long the kernel took to start this init (its boot and the initramfs unpacking).
+    tracing::info!(uptime_ms = uptime_ms(), "the agent starts as init");
     mount(
         "sysfs",
         "/sys",
@@ -393,7 +395,11 @@ pub fn boot() -> Result<Boot, BootError> {
     run_tool("/bin/busybox", &["ip", "link", "set", "lo", "up"])?;
     // Where the programs the agent starts (runc) are found.
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    tracing::info!(ms = t0.elapsed().as_millis() as u64, "booted");
+    tracing::info!(
+        ms = t0.elapsed().as_millis() as u64,
+        uptime_ms = uptime_ms(),
+        "booted"
+    );
     BOOTED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Boot {
         agent_port,
@@ -401,6 +407,15 @@ pub fn boot() -> Result<Boot, BootError> {
         initdata: config.initdata,
         plain_http: config.plain_http,
     })
+}
+
+/// The kernel's uptime in ms (`/proc/uptime`), 0 when unreadable.
+fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|s| (s * 1000.0) as u64)
+        .unwrap_or(0)
 }
 
 fn kib(text: &str, key: &str) -> u64 {

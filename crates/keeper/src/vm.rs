@@ -230,6 +230,7 @@ pub(crate) async fn serve(
         accel,
         tee,
     };
+    let spawned = std::time::Instant::now();
     let mut cmd = tokio::process::Command::new(QEMU);
     cmd.args(launch.qemu_args())
         .stdin(Stdio::null())
@@ -283,7 +284,12 @@ pub(crate) async fn serve(
     let tmp = a.dir.join("agent.sock.tmp");
     let api = tokio::net::UnixListener::bind(&tmp)?;
     std::fs::rename(&tmp, &sock)?;
-    tracing::info!("the agent serves");
+    // With the guest's own marks (the kernel's uptime when the agent started and when it had
+    // booted), the phases of a start: QEMU and firmware, kernel and initramfs, the agent's boot.
+    tracing::info!(
+        ms = spawned.elapsed().as_millis() as u64,
+        "the agent serves"
+    );
     tokio::spawn(async move {
         loop {
             let mut c = match api.accept().await {
