@@ -700,9 +700,14 @@ impl Pod<'_> {
                 "destination": m.mount_path,
                 "source_regex": source_regex,
                 "read_only": m.read_only == Some(true) || forced_ro,
-                // The volume and its kind (the kubelet's plugin name), for SetVolume.
+                // The volume and its kind (the kubelet's plugin name), for SetVolume and for what
+                // the shim says a subPath comes from; a static subPath is pinned, an expanded one
+                // (subPathExpr) is any path inside the volume.
                 "volume": m.name,
                 "kind": plugin,
+                "sub_path": m.sub_path.as_deref().filter(|s| !s.is_empty()),
+                "sub_path_any": m.sub_path.as_deref().is_none_or(str::is_empty)
+                    && m.sub_path_expr.as_deref().is_some_and(|s| !s.is_empty()),
             }));
         }
         let has = |out: &[Value], d: &str| out.iter().any(|m| m["destination"] == d);

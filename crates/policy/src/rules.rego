@@ -280,12 +280,43 @@ mount_source_ok(p, m) if {
 	regex.match(p.source_regex, m.source)
 }
 
-mount_ok(m) if runtime_filesystems[m.destination] == m.type
+mount_ok(m) if {
+	runtime_filesystems[m.destination] == m.type
+	no_subpath_origin(m)
+}
 
 mount_ok(m) if {
 	m.destination in runtime_binds
 	m.type == "bind"
 	not empty_dir(m)
+	no_subpath_origin(m)
+}
+
+# What the shim says a subPath mount comes from (`coffer.volume=KIND/NAME`,
+# `coffer.subpath=PATH`): the agent binds that path of that volume, so it must be the volume
+# (and the subPath, when static) the policy names for that mount.
+subpath_option(m, key) := substring(o, count(key), -1) if {
+	some o in m.options
+	startswith(o, key)
+}
+
+no_subpath_origin(m) if {
+	not subpath_option(m, "coffer.volume=")
+	not subpath_option(m, "coffer.subpath=")
+}
+
+subpath_ok(p, m) if no_subpath_origin(m)
+
+subpath_ok(p, m) if {
+	object.get(p, "sub_path", null) != null
+	subpath_option(m, "coffer.volume=") == sprintf("%s/%s", [p.kind, p.volume])
+	subpath_option(m, "coffer.subpath=") == p.sub_path
+}
+
+subpath_ok(p, m) if {
+	object.get(p, "sub_path_any", false) == true
+	subpath_option(m, "coffer.volume=") == sprintf("%s/%s", [p.kind, p.volume])
+	subpath_option(m, "coffer.subpath=")
 }
 
 # The agent mounts an emptyDir wherever the node's spec names one, so an emptyDir is allowed only
@@ -297,6 +328,7 @@ mount_ok(m) if {
 	p.destination == m.destination
 	mount_source_ok(p, m)
 	is_read_only(m) == p.read_only
+	subpath_ok(p, m)
 }
 
 create_problems contains [12, msg] if {
@@ -306,6 +338,13 @@ create_problems contains [12, msg] if {
 }
 
 mount_problem(m) := msg if {
+	some p in entry.mounts
+	p.destination == m.destination
+	mount_source_ok(p, m)
+	is_read_only(m) == p.read_only
+	not subpath_ok(p, m)
+	msg := sprintf("mounts: %s is said to come from volume %q, path %q, which the policy does not allow there", [m.destination, object.get({"v": subpath_option(m, "coffer.volume=")}, "v", ""), object.get({"v": subpath_option(m, "coffer.subpath=")}, "v", "")])
+} else := msg if {
 	some p in entry.mounts
 	p.destination == m.destination
 	mount_source_ok(p, m)

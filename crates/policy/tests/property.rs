@@ -560,7 +560,14 @@ fn simulate(c: &Case) -> Result<Value, Refused> {
             )
         };
         let ro = m.read_only || m.kind != "emptyDir";
-        mounts.push(bind(&format!("/mnt/{i}"), source, ro));
+        let mut b = bind(&format!("/mnt/{i}"), source, ro);
+        if m.sub_path {
+            // What the shim traces from the node's mount table.
+            let opts = b["options"].as_array_mut().unwrap();
+            opts.push(json!(format!("coffer.volume={plugin}/{}", volume_name(i))));
+            opts.push(json!("coffer.subpath=sub"));
+        }
+        mounts.push(b);
     }
     Ok(json!({
         "container_id": CONTAINER_ID,
@@ -755,6 +762,60 @@ fn check(c: &Case, rt: &tokio::runtime::Runtime) -> Result<(), TestCaseError> {
     prop_assert_eq!(policy.eval("ExecProcessRequest", &other), json!(false));
     for (what, m) in mutations(&input, &policy.data) {
         prop_assert!(!policy.allows(&m), "allowed after {what}: {m:#}");
+    }
+    // What the shim says a subPath comes from must be that mount's volume and subPath; and
+    // no other mount may claim one.
+    let mounts = input["mounts"].as_array().unwrap();
+    for (k, m) in mounts.iter().enumerate() {
+        let opts: Vec<String> = m["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap().to_string())
+            .collect();
+        let claims = opts.iter().any(|o| o.starts_with("coffer.volume="));
+        let changes: Vec<(&str, Vec<String>)> = if claims {
+            vec![
+                (
+                    "another volume",
+                    opts.iter()
+                        .map(|o| {
+                            if o.starts_with("coffer.volume=") {
+                                format!("{}-x", o)
+                            } else {
+                                o.clone()
+                            }
+                        })
+                        .collect(),
+                ),
+                (
+                    "another subPath",
+                    opts.iter()
+                        .map(|o| {
+                            if o.starts_with("coffer.subpath=") {
+                                "coffer.subpath=other".into()
+                            } else {
+                                o.clone()
+                            }
+                        })
+                        .collect(),
+                ),
+            ]
+        } else {
+            let mut more = opts.clone();
+            more.push(format!("coffer.volume=empty-dir/{}", volume_name(0)));
+            more.push("coffer.subpath=x".into());
+            vec![("a subPath claim", more)]
+        };
+        for (what, new) in changes {
+            let mut changed = input.clone();
+            changed["mounts"][k]["options"] = json!(new);
+            prop_assert!(
+                !policy.allows(&changed),
+                "allowed after {what} on {}",
+                m["destination"]
+            );
+        }
     }
     // File volumes: the shim may copy in exactly those the containers mount, as their kind.
     let set_volume = |volume: &str, kind: &str| {

@@ -451,6 +451,17 @@ fn subpath_mount(volumes: &Path, files: &Path, m: &crate::proto::Mount) -> Resul
     if !super::files::is_dns_label(name) {
         return Err(bad(format!("volume name {name:?} is not a DNS label")));
     }
+    // The kubelet's bind names its volume (`…/volume-subpaths/NAME/CONTAINER/INDEX`): what the
+    // shim traced must be that volume.
+    let named = m
+        .source
+        .split_once("/volume-subpaths/")
+        .and_then(|(_, rest)| rest.split('/').next());
+    if named != Some(name) {
+        return Err(bad(format!(
+            "subPath said to come from volume {name}, but the node's mount names {named:?}"
+        )));
+    }
     let comps: Vec<&str> = sub.split('/').collect();
     if sub.is_empty()
         || sub.starts_with('/')
@@ -750,7 +761,10 @@ mod tests {
             mounts: vec![crate::proto::Mount {
                 destination: "/x".into(),
                 r#type: "bind".into(),
-                source: "/var/lib/kubelet/pods/u/volume-subpaths/v/app/0".into(),
+                source: format!(
+                    "/var/lib/kubelet/pods/u/volume-subpaths/{}/app/0",
+                    volume.split('/').nth(1).unwrap_or("")
+                ),
                 options: vec![
                     "rbind".into(),
                     "rw".into(),
@@ -800,6 +814,15 @@ mod tests {
             ("csi/pv", "a", "not available in the sandbox"),
             ("configmap/Bad", "a", "not a DNS label"),
         ] {
+            let e = run(&sub(volume, path)).unwrap_err().to_string();
+            assert!(e.contains(want), "{volume} {path}: {e}");
+        }
+        // The shim's word against the kubelet's bind: another volume than the mount names.
+        let mut other = sub("configmap/config", "app.conf");
+        other.mounts[0].source = "/var/lib/kubelet/pods/u/volume-subpaths/work/app/0".into();
+        let e = run(&other).unwrap_err().to_string();
+        assert!(e.contains("but the node's mount names"), "{e}");
+        for (volume, path, want) in [("empty-dir/work", "..x", "not a relative path")] {
             let e = run(&sub(volume, path)).unwrap_err().to_string();
             assert!(e.contains(want), "{volume} {path}: {e}");
         }
