@@ -146,6 +146,26 @@ fn make_pod_netns(path: &Path) -> Result<()> {
     .map_err(|_| fail("its thread", "panicked".into()))?
 }
 
+/// Removes a container's bundle: first the subPath binds under it (lazily detached, so that
+/// removing the bundle can never reach into the volume they show), then the rest. When a bind
+/// cannot be detached the bundle is left in place rather than risk the volume's files.
+fn remove_bundle(bundle: &Path) -> std::io::Result<()> {
+    if let Ok(entries) = std::fs::read_dir(bundle.join(spec::SUBPATHS)) {
+        for e in entries.flatten() {
+            match rustix::mount::unmount(e.path(), rustix::mount::UnmountFlags::DETACH) {
+                Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+                Err(err) => {
+                    return Err(std::io::Error::other(format!(
+                        "cannot detach the subPath bind {}: {err}; the bundle is kept",
+                        e.path().display()
+                    )))
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(bundle)
+}
+
 /// The CRI annotation naming a container within its pod.
 pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
@@ -320,14 +340,14 @@ impl Containers {
         let report = match pulled {
             Ok(r) => r,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = remove_bundle(&bundle);
                 return Err(e);
             }
         };
         if let Some(p) = pinned {
             let digest = p.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
             if report.manifest_digest != digest && report.index_digest.as_deref() != Some(digest) {
-                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = remove_bundle(&bundle);
                 return Err(ContainerError::Invalid(format!(
                     "pulled manifest {} for {p}, not the pinned digest",
                     report.manifest_digest
@@ -344,7 +364,7 @@ impl Containers {
         let user = match user {
             Ok(u) => u,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = remove_bundle(&bundle);
                 return Err(e);
             }
         };
@@ -353,7 +373,7 @@ impl Containers {
         let netns = match self.pod_netns() {
             Ok(p) => p,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = remove_bundle(&bundle);
                 return Err(e);
             }
         };
@@ -375,7 +395,7 @@ impl Containers {
                 }
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = remove_bundle(&bundle);
                 return Err(e);
             }
         }
@@ -384,7 +404,7 @@ impl Containers {
             spec.to_string().as_bytes(),
             0o600,
         ) {
-            let _ = std::fs::remove_dir_all(&bundle);
+            let _ = remove_bundle(&bundle);
             return Err(ContainerError::Runtime(format!(
                 "cannot write the spec: {e}"
             )));
@@ -435,7 +455,7 @@ impl Containers {
             .await;
         }
         self.changed.send_modify(|g| *g += 1);
-        std::fs::remove_dir_all(&c.bundle)
+        remove_bundle(&c.bundle)
             .map_err(|e| ContainerError::Runtime(format!("cannot remove the bundle: {e}")))?;
         tracing::info!(container = id, "container removed");
         Ok(())

@@ -335,7 +335,7 @@ pub fn volume_mounts(
             .rsplit_once("/volumes/kubernetes.io~")
             .and_then(|(_, rest)| rest.split_once('/'))
         else {
-            if let Some(bind) = subpath_mount(volumes, files, m)? {
+            if let Some(bind) = subpath_mount(volumes, files, bundle, m)? {
                 out.push(bind);
                 continue;
             }
@@ -436,7 +436,12 @@ fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
 /// does); no component of it may be a symbolic link, which a container could have planted to
 /// reach outside the volume. A file volume's subpath must exist in its current generation
 /// (and, as with the kubelet, does not follow later updates). `None`: not a traced subPath.
-fn subpath_mount(volumes: &Path, files: &Path, m: &crate::proto::Mount) -> Result<Option<Value>> {
+fn subpath_mount(
+    volumes: &Path,
+    files: &Path,
+    bundle: &Path,
+    m: &crate::proto::Mount,
+) -> Result<Option<Value>> {
     if !m.source.contains("/volume-subpaths/") {
         return Ok(None);
     }
@@ -476,23 +481,11 @@ fn subpath_mount(volumes: &Path, files: &Path, m: &crate::proto::Mount) -> Resul
     }
     let ro = m.options.iter().any(|o| o == "ro");
     let (source, ro) = if kind == "empty-dir" {
-        let dir = volumes.join(name);
-        let mut at = dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| bad(format!("emptyDir volume {name}: {e}")))?;
-        for c in &comps {
-            at.push(c);
-            match std::fs::symlink_metadata(&at) {
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(bad(format!(
-                        "subPath {sub} of emptyDir {name} passes through a symbolic link, which could lead outside the volume"
-                    )))
-                }
-                Ok(_) => {}
-                Err(_) => std::fs::create_dir(&at)
-                    .map_err(|e| bad(format!("subPath {sub} of emptyDir {name}: {e}")))?,
-            }
-        }
-        (at, ro)
+        (
+            bind_beneath(&volumes.join(name), &comps, bundle, &m.destination)
+                .map_err(|e| bad(format!("subPath {sub} of emptyDir {name}: {e}")))?,
+            ro,
+        )
     } else if super::files::KINDS.contains(&kind) {
         let root = files.join(name);
         let at = root.join("..data").join(sub);
@@ -519,6 +512,66 @@ fn subpath_mount(volumes: &Path, files: &Path, m: &crate::proto::Mount) -> Resul
         "source": source,
         "options": ["rbind", "rprivate", if ro { "ro" } else { "rw" }],
     })))
+}
+
+/// Where a container's subPath binds live in its bundle (out of every container's reach).
+pub const SUBPATHS: &str = "subpaths";
+
+/// Opens `comps` under `root` one component at a time, never following a symbolic link
+/// (`O_PATH | O_NOFOLLOW`; a missing directory is made, mode 0777 as the volume's), and binds
+/// the object reached — through its descriptor, so a link swapped in meanwhile cannot redirect
+/// it — at a place of the bundle's own, which the container's spec then binds. A container that
+/// shares the volume can plant links there; they are refused, and a later swap changes nothing.
+fn bind_beneath(
+    root: &Path,
+    comps: &[&str],
+    bundle: &Path,
+    destination: &str,
+) -> std::result::Result<std::path::PathBuf, String> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    std::fs::create_dir_all(root).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .map_err(|e| e.to_string())?;
+    let mut fd = rustix::fs::open(root, flags | OFlags::DIRECTORY, Mode::empty())
+        .map_err(|e| e.to_string())?;
+    for c in comps {
+        let next = match rustix::fs::openat(&fd, *c, flags, Mode::empty()) {
+            Ok(next) => next,
+            Err(rustix::io::Errno::NOENT) => {
+                rustix::fs::mkdirat(&fd, *c, Mode::from_raw_mode(0o777))
+                    .map_err(|e| e.to_string())?;
+                rustix::fs::openat(&fd, *c, flags | OFlags::DIRECTORY, Mode::empty())
+                    .map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let st = rustix::fs::fstat(&next).map_err(|e| e.to_string())?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            return Err(
+                "passes through a symbolic link, which could lead outside the volume".into(),
+            );
+        }
+        fd = next;
+    }
+    let st = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?;
+    let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+    let dir = bundle.join(SUBPATHS);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // One place per destination (a container has each destination once).
+    let slot = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(destination.as_bytes())[..8])
+    };
+    let target = dir.join(slot);
+    if is_dir {
+        std::fs::create_dir(&target).map_err(|e| e.to_string())?;
+    } else {
+        std::fs::write(&target, b"").map_err(|e| e.to_string())?;
+    }
+    let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::mount::mount_bind(via.as_str(), &target).map_err(|e| e.to_string())?;
+    Ok(target)
 }
 
 /// The runtime's own binds for every container (`/etc/hostname`, `/etc/resolv.conf`,
@@ -776,10 +829,18 @@ mod tests {
         };
         let run =
             |r: &CreateContainerRequest| volume_mounts(&volumes, &files, d.path(), d.path(), r);
-        // An emptyDir subpath is made on first use.
+        // An emptyDir subpath is made on first use and bound, through its descriptor, at a
+        // place of the bundle's own: what is written there lands in the volume.
         let m = run(&sub("empty-dir/work", "logs/app")).unwrap();
-        assert_eq!(m[0]["source"], json!(volumes.join("work/logs/app")));
+        let bound = std::path::PathBuf::from(m[0]["source"].as_str().unwrap());
+        assert!(bound.starts_with(d.path().join(SUBPATHS)), "{bound:?}");
         assert!(volumes.join("work/logs/app").is_dir());
+        std::fs::write(bound.join("x"), b"through the bind").unwrap();
+        assert_eq!(
+            std::fs::read(volumes.join("work/logs/app/x")).unwrap(),
+            b"through the bind"
+        );
+        rustix::mount::unmount(&bound, rustix::mount::UnmountFlags::DETACH).unwrap();
         // A link a container planted in the emptyDir is never followed.
         std::os::unix::fs::symlink("/", volumes.join("work/escape")).unwrap();
         let e = run(&sub("empty-dir/work", "escape/etc"))
