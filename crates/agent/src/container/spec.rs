@@ -883,10 +883,8 @@ mod tests {
         other.mounts[0].source = "/var/lib/kubelet/pods/u/volume-subpaths/work/app/0".into();
         let e = run(&other).unwrap_err().to_string();
         assert!(e.contains("but the node's mount names"), "{e}");
-        for (volume, path, want) in [("empty-dir/work", "..x", "not a relative path")] {
-            let e = run(&sub(volume, path)).unwrap_err().to_string();
-            assert!(e.contains(want), "{volume} {path}: {e}");
-        }
+        let e = run(&sub("empty-dir/work", "..x")).unwrap_err().to_string();
+        assert!(e.contains("not a relative path"), "{e}");
     }
 
     #[test]
