@@ -373,7 +373,9 @@ agent_impl! {
             .containers
             .oom_killed(&req.container_id, &req.exec_id)
             .unwrap_or(false);
-        let termination_message = if req.exec_id.is_empty() {
+        // Output sealed to the owner stays sealed: the termination message, which the node
+        // would read in the clear, is then withheld.
+        let termination_message = if req.exec_id.is_empty() && self.log_recipient.is_none() {
             self.containers.termination_message(&req.container_id)
         } else {
             Vec::new()

@@ -102,6 +102,8 @@ pub struct Containers {
     netns: Mutex<Option<PathBuf>>,
     /// A pod network namespace given from outside (the CNI's): joined, never made or let go.
     given_netns: Option<PathBuf>,
+    /// One volume write at a time: two writes of one volume would race for its generation.
+    volume_writes: std::sync::Arc<Mutex<()>>,
 }
 
 impl Drop for Containers {
@@ -211,6 +213,7 @@ impl Containers {
             changed: watch::channel(0).0,
             netns: Mutex::new(None),
             given_netns: None,
+            volume_writes: Default::default(),
         }
     }
 
@@ -488,7 +491,9 @@ impl Containers {
         } else {
             FILES
         });
+        let writes = self.volume_writes.clone();
         tokio::task::spawn_blocking(move || {
+            let _one = writes.lock().unwrap_or_else(|p| p.into_inner());
             let list: Vec<files::File<'_>> = files
                 .iter()
                 .map(|(path, mode, content)| files::File {
@@ -505,11 +510,14 @@ impl Containers {
 
     /// Removes every container.
     pub async fn remove_all(&self) -> Result<()> {
+        let mut first_error = None;
         for id in self.list() {
-            self.remove(&id).await?;
+            if let Err(e) = self.remove(&id).await {
+                first_error.get_or_insert(e);
+            }
         }
         self.release_netns();
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The bundle directory of a container (tests, diagnostics).

@@ -75,8 +75,9 @@ pub const SNP_GUEST_VMM_ERR_INVALID_LEN: u32 = 1;
 const PAGE: usize = 4096;
 /// The certificate buffer the first request offers (the host's table is a few KiB).
 const FIRST_CERTS_PAGES: usize = 4;
-/// The most the host may ask for (a VCEK, an ASK and an ARK are far below this).
-const MAX_CERTS_LEN: usize = 64 * PAGE;
+/// The most the kernel accepts (`SEV_FW_BLOB_MAX_SIZE`, 16 KiB; a VCEK, an ASK and an ARK are
+/// well below it).
+const MAX_CERTS_LEN: usize = 4 * PAGE;
 
 /// Linux's `_IOWR(type, nr, size)` on x86, arm64 and s390x.
 const fn ioc_iowr(ty: u8, nr: u8, size: usize) -> u64 {

@@ -411,7 +411,13 @@ fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
                 "emptyDir volume {name}: medium memory without a size (coffer.size=BYTES)"
             ))
         })?;
-    if rustix::fs::statfs(dir).is_ok_and(|st| st.f_type == TMPFS_MAGIC) {
+    // Already this volume's own tmpfs (a second container sharing it): a mount point whose
+    // device differs from its parent's, of type tmpfs. (The state directory may itself be a
+    // tmpfs, as in a process sandbox, so the type alone says nothing.)
+    let dev = |p: &Path| rustix::fs::stat(p).map(|st| st.st_dev).ok();
+    if dev(dir) != dir.parent().and_then(dev)
+        && rustix::fs::statfs(dir).is_ok_and(|st| st.f_type == TMPFS_MAGIC)
+    {
         return Ok(());
     }
     let opts = std::ffi::CString::new(format!("size={size},mode=0777"))
@@ -593,7 +599,7 @@ fn refuse_node_path(m: &crate::proto::Mount) -> Result<()> {
         return Ok(());
     }
     let why = if m.source.contains("/volume-subpaths/") {
-        "the volume this subPath comes from is not known (the node's mount table does not say, as for a memory-backed emptyDir): mount the whole volume"
+        "the volume this subPath comes from is not known (the node's mount table does not trace it to a volume): mount the whole volume"
             .to_string()
     } else {
         format!(

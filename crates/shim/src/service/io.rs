@@ -71,8 +71,17 @@ impl Service {
 /// place (the kubelet reads it when the container has exited). At most 4096 bytes, as the
 /// kubelet reads.
 fn write_termination_log(path: &Path, message: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let message = &message[..message.len().min(4096)];
-    if let Err(e) = std::fs::write(path, message) {
+    // The kubelet made the file: it is written in place, never through a link, never created.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .and_then(|mut f| f.write_all(message));
+    if let Err(e) = written {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the termination message");
     }
 }

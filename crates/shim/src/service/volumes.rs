@@ -144,21 +144,40 @@ pub fn subpath_origin(source: &str, mountinfo: &str) -> Option<(String, String, 
     if !source.contains("/volume-subpaths/") {
         return None;
     }
-    // Field 4 is the root of the mount within its filesystem, field 5 the mount point; octal
-    // escapes (`\040`) stand for spaces.
-    let root = mountinfo.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.len() > 5 && f[4] == source).then(|| f[3].to_string())
-    })?;
-    let (_, rest) = root.rsplit_once("/volumes/kubernetes.io~")?;
-    let (kind, rest) = rest.split_once('/')?;
-    let (name, inner) = rest.split_once('/')?;
+    // Fields (from 0): 2 the device, 3 the root of the mount within its filesystem, 4 the mount
+    // point.
+    let lines: Vec<Vec<&str>> = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.len() > 5)
+        .collect();
+    let sub = lines.iter().rev().find(|f| f[4] == source)?;
+    let (kind, name, inner) = match sub[3].split_once("/volumes/kubernetes.io~") {
+        // The volume is a directory of the node's filesystem: its path is in the root.
+        Some((_, rest)) => {
+            let (kind, rest) = rest.split_once('/')?;
+            let (name, inner) = rest.split_once('/')?;
+            (kind.to_string(), name.to_string(), inner.to_string())
+        }
+        // The volume is a filesystem of its own (a secret's or projected volume's tmpfs, a
+        // memory-backed emptyDir): the kubelet's mount of it, on the same device, says which.
+        None => {
+            let vol = lines.iter().rev().find(|f| {
+                f[2] == sub[2] && f[4].contains("/volumes/kubernetes.io~") && f[4] != source
+            })?;
+            let (_, rest) = vol[4].split_once("/volumes/kubernetes.io~")?;
+            let (kind, name) = rest.split_once('/')?;
+            let base = vol[3].trim_end_matches('/');
+            let inner = sub[3].strip_prefix(base)?.trim_start_matches('/');
+            (kind.to_string(), name.to_string(), inner.to_string())
+        }
+    };
     let inner = match inner.split_once('/') {
         // A file volume's key, bound through the generation the kubelet had then.
-        Some((gen, key)) if gen.starts_with("..") => key,
+        Some((gen, key)) if gen.starts_with("..") => key.to_string(),
         _ => inner,
     };
-    Some((kind.to_string(), name.to_string(), inner.to_string()))
+    Some((kind, name, inner))
 }
 
 /// Tells the agent where each `subPath` mount comes from (`coffer.volume=KIND/NAME`,
@@ -405,7 +424,11 @@ mod tests {
         let info = "\
 36 25 0:32 / /run rw,nosuid - tmpfs tmpfs rw
 812 29 254:1 /var/lib/kubelet/pods/u/volumes/kubernetes.io~configmap/config/..2026_12_04_00_00_01.000000001/app.conf /var/lib/kubelet/pods/u/volume-subpaths/config/web/1 rw - ext4 /dev/vda1 rw
-813 29 0:60 /cache/sub /var/lib/kubelet/pods/u/volume-subpaths/cache/web/2 rw - tmpfs tmpfs rw
+700 29 0:60 / /var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache rw - tmpfs tmpfs rw
+701 29 0:61 / /var/lib/kubelet/pods/u/volumes/kubernetes.io~secret/creds rw - tmpfs tmpfs rw
+813 29 0:60 /sub /var/lib/kubelet/pods/u/volume-subpaths/cache/web/2 rw - tmpfs tmpfs rw
+815 29 0:61 /..2026_12_04_00_00_01.000000001/tls.key /var/lib/kubelet/pods/u/volume-subpaths/creds/web/4 rw - tmpfs tmpfs rw
+816 29 0:62 /x /var/lib/kubelet/pods/u/volume-subpaths/lost/web/5 rw - tmpfs tmpfs rw
 814 29 254:1 /var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/work/logs/web /var/lib/kubelet/pods/u/volume-subpaths/work/web/3 rw - ext4 /dev/vda1 rw";
         let at = |i: u32, v: &str| format!("/var/lib/kubelet/pods/u/volume-subpaths/{v}/web/{i}");
         assert_eq!(
@@ -416,9 +439,18 @@ mod tests {
             subpath_origin(&at(3, "work"), info),
             Some(("empty-dir".into(), "work".into(), "logs/web".into()))
         );
-        // A memory-backed emptyDir is a filesystem of its own: its root says nothing of the
-        // volume, so the mount stays unmarked (and the agent refuses it, naming it).
-        assert_eq!(subpath_origin(&at(2, "cache"), info), None);
+        // A volume that is a filesystem of its own (a memory-backed emptyDir, a secret's
+        // tmpfs): traced through the kubelet's mount of it on the same device.
+        assert_eq!(
+            subpath_origin(&at(2, "cache"), info),
+            Some(("empty-dir".into(), "cache".into(), "sub".into()))
+        );
+        assert_eq!(
+            subpath_origin(&at(4, "creds"), info),
+            Some(("secret".into(), "creds".into(), "tls.key".into()))
+        );
+        // Nothing on its device is a volume: unmarked (and the agent refuses it, naming it).
+        assert_eq!(subpath_origin(&at(5, "lost"), info), None);
         assert_eq!(
             subpath_origin("/var/lib/kubelet/pods/u/etc-hosts", info),
             None
