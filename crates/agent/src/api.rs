@@ -257,17 +257,12 @@ agent_impl! {
             "volume": req.volume,
             "kind": req.kind,
             "files": req.files.iter().map(|f| serde_json::json!({
-                "path": f.path, "mode": f.mode, "size": f.content.len(),
+                "path": f.path, "mode": f.mode, "gid": f.gid, "size": f.content.len(),
             })).collect::<Vec<_>>(),
         });
         self.check("SetVolumeRequest", &summary)?;
-        let files = req
-            .files
-            .into_iter()
-            .map(|f| (f.path, f.mode, f.content))
-            .collect();
         self.containers
-            .set_volume(req.volume, req.kind, files)
+            .set_volume(req.volume, req.kind, req.files)
             .await
             .map_err(status)?;
         Ok(Response::new(Empty {}))

@@ -484,7 +484,7 @@ impl Containers {
         &self,
         volume: String,
         kind: String,
-        files: Vec<(String, u32, Vec<u8>)>,
+        files: Vec<crate::proto::VolumeFile>,
     ) -> Result<()> {
         let root = self.root.join(if kind == files::POD_FILE {
             POD_FILES
@@ -496,10 +496,11 @@ impl Containers {
             let _one = writes.lock().unwrap_or_else(|p| p.into_inner());
             let list: Vec<files::File<'_>> = files
                 .iter()
-                .map(|(path, mode, content)| files::File {
-                    path,
-                    mode: *mode,
-                    content,
+                .map(|f| files::File {
+                    path: &f.path,
+                    mode: f.mode,
+                    content: &f.content,
+                    gid: f.gid,
                 })
                 .collect();
             files::store(&root, &volume, &kind, &list)

@@ -42,6 +42,7 @@ fn main() {
                 path: &f.path,
                 mode: f.mode,
                 content: &f.content,
+                gid: f.gid,
             })
             .collect();
         let t = Instant::now();

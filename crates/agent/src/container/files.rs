@@ -52,6 +52,8 @@ pub struct File<'a> {
     pub mode: u32,
     /// Content.
     pub content: &'a [u8],
+    /// Group (the pod's fsGroup as the kubelet applied it; 0: root).
+    pub gid: u32,
 }
 
 fn invalid(volume: &str, why: String) -> ContainerError {
@@ -209,6 +211,11 @@ pub fn store(root: &Path, volume: &str, kind: &str, files: &[File<'_>]) -> Resul
         };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(io(volume, "setting a file's mode"))?;
+        if f.gid != 0 {
+            // The pod's fsGroup: the group may read what the mode gives it, as on the node.
+            std::os::unix::fs::chown(&path, None, Some(f.gid))
+                .map_err(io(volume, "setting a file's group"))?;
+        }
         top.insert(f.path.split('/').next().unwrap_or(f.path).to_string());
     }
     swap_link(&dir, DATA, &new, volume)?;
@@ -241,6 +248,7 @@ mod tests {
             path,
             mode: 0,
             content,
+            gid: 0,
         }
     }
 
@@ -279,8 +287,9 @@ mod tests {
             &[
                 File {
                     path: "app.conf",
-                    mode: 0o400,
+                    mode: 0o440,
                     content: b"v2",
+                    gid: 2000,
                 },
                 f("nested/a.txt", b"a"),
             ],
@@ -289,11 +298,10 @@ mod tests {
         assert_eq!(std::fs::read(v.join("app.conf")).unwrap(), b"v2");
         assert!(!v.join("gone").exists() && std::fs::symlink_metadata(v.join("gone")).is_err());
         assert!(!v.join("..v1").exists() && v.join("..v2").is_dir());
-        let mode = std::fs::metadata(v.join("app.conf"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o400);
+        let md = std::fs::metadata(v.join("app.conf")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o440);
+        // The pod's fsGroup, as the kubelet set it on the node's copy.
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&md), 2000);
     }
 
     #[test]

@@ -862,6 +862,7 @@ mod tests {
                 path: "app.conf",
                 mode: 0,
                 content: b"a=1",
+                gid: 0,
             }],
         )
         .unwrap();

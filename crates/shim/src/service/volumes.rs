@@ -122,6 +122,8 @@ fn walk(
                 path,
                 mode: meta.permissions().mode() & 0o777,
                 content,
+                // The pod's fsGroup, where the kubelet applied one to its copy.
+                gid: std::os::unix::fs::MetadataExt::gid(&meta),
             },
         );
     }
@@ -298,6 +300,7 @@ pub async fn sync(sandbox: &Arc<Sandbox>, mounts: &[Mount]) -> Result<(), ShimEr
                         path: found.file,
                         mode: 0o644,
                         content: found.content,
+                        gid: 0,
                     }],
                 })
                 .await;
@@ -326,6 +329,7 @@ fn fingerprint(files: &[VolumeFile]) -> [u8; 32] {
         h.update((f.path.len() as u64).to_le_bytes());
         h.update(f.path.as_bytes());
         h.update(f.mode.to_le_bytes());
+        h.update(f.gid.to_le_bytes());
         h.update((f.content.len() as u64).to_le_bytes());
         h.update(&f.content);
     }
@@ -412,6 +416,14 @@ mod tests {
             .map(|f| (f.path.as_str(), f.content.as_slice()))
             .collect();
         assert_eq!(got, [("app.conf", &b"a=1"[..]), ("sub/x.txt", &b"x"[..])]);
+        // The kubelet's fsGroup on its copy goes with each file.
+        std::os::unix::fs::chown(
+            dir.join("..2026_12_04_22_00_00.000000001/app.conf"),
+            None,
+            Some(2000),
+        )
+        .unwrap();
+        assert_eq!(read(&v).unwrap()[0].gid, 2000);
         assert!(file_volume(&mount(
             "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/w"
         ))
