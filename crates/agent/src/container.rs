@@ -385,13 +385,7 @@ impl Containers {
                 n["path"] = serde_json::json!(netns);
             }
         }
-        match spec::volume_mounts(
-            &self.root.join(VOLUMES),
-            &self.root.join(FILES),
-            &self.root.join(POD_FILES),
-            &bundle,
-            req,
-        ) {
+        match spec::volume_mounts(&self.root, &bundle, req) {
             Ok(volumes) => {
                 if let Some(mounts) = spec["mounts"].as_array_mut() {
                     mounts.extend(volumes);

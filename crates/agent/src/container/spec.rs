@@ -272,21 +272,23 @@ pub fn spec(
     spec
 }
 
-/// The guest-side mounts for the node's mounts the guest can honour: each emptyDir volume (a
-/// bind mount whose source ends in the kubelet's `volumes/kubernetes.io~empty-dir/NAME`)
-/// becomes a directory of this sandbox, `volumes/NAME`, made on first use and shared by every
-/// container that mounts the same volume, read-only where the node's mount is. A configMap,
-/// secret, projected or downwardAPI volume (`kubernetes.io~configmap/NAME`, …) binds the
-/// sandbox's copy `files/NAME` read-only, which the shim must have sent first (`SetVolume`). The
-/// host's directory is never mounted: nothing the node writes reaches the guest through it.
-/// Other host paths are not mounted (the policy decides on them all the same).
+/// The guest-side mounts for the node's mounts the guest can honour, with the sandbox's
+/// volumes under `root` (the containers' root): each emptyDir volume (a bind mount whose source
+/// ends in the kubelet's `volumes/kubernetes.io~empty-dir/NAME`) becomes a directory of this
+/// sandbox, `root/.volumes/NAME`, made on first use and shared by every container that mounts
+/// the same volume, read-only where the node's mount is. A configMap, secret, projected or
+/// downwardAPI volume (`kubernetes.io~configmap/NAME`, …) binds the sandbox's copy
+/// `root/.files/NAME` read-only, which the shim must have sent first (`SetVolume`); the pod's
+/// files come from `root/.podfiles`. The host's directory is never mounted: nothing the node
+/// writes reaches the guest through it. Other node paths are refused, naming them.
 pub fn volume_mounts(
-    volumes: &Path,
-    files: &Path,
-    pod_files: &Path,
+    root: &Path,
     bundle: &Path,
     req: &CreateContainerRequest,
 ) -> Result<Vec<Value>> {
+    let volumes = root.join(super::VOLUMES);
+    let files = root.join(super::FILES);
+    let pod_files = root.join(super::POD_FILES);
     let mut out = Vec::new();
     for m in &req.mounts {
         // The pod's /etc/hosts, /etc/hostname, /etc/resolv.conf: the copy the shim sent, if
@@ -335,7 +337,7 @@ pub fn volume_mounts(
             .rsplit_once("/volumes/kubernetes.io~")
             .and_then(|(_, rest)| rest.split_once('/'))
         else {
-            if let Some(bind) = subpath_mount(volumes, files, bundle, m)? {
+            if let Some(bind) = subpath_mount(&volumes, &files, bundle, m)? {
                 out.push(bind);
                 continue;
             }
@@ -725,18 +727,11 @@ mod tests {
             ],
             ..Default::default()
         };
-        let m = volume_mounts(
-            d.path(),
-            &d.path().join("files"),
-            &d.path().join("podfiles"),
-            d.path(),
-            &req,
-        )
-        .unwrap();
+        let m = volume_mounts(d.path(), d.path(), &req).unwrap();
         assert_eq!(m.len(), 2);
-        assert_eq!(m[0]["source"], json!(d.path().join("work")));
+        assert_eq!(m[0]["source"], json!(d.path().join(".volumes/work")));
         assert_eq!(m[1]["options"][2], "ro");
-        assert!(d.path().join("work").is_dir());
+        assert!(d.path().join(".volumes/work").is_dir());
         for bad in ["..", "a/b", "", "UPPER"] {
             let req = CreateContainerRequest {
                 mounts: vec![mount(
@@ -746,17 +741,7 @@ mod tests {
                 )],
                 ..Default::default()
             };
-            assert!(
-                volume_mounts(
-                    d.path(),
-                    &d.path().join("files"),
-                    &d.path().join("podfiles"),
-                    d.path(),
-                    &req
-                )
-                .is_err(),
-                "{bad:?}"
-            );
+            assert!(volume_mounts(d.path(), d.path(), &req).is_err(), "{bad:?}");
         }
     }
 
@@ -772,8 +757,6 @@ mod tests {
             }],
             ..Default::default()
         };
-        let files = d.path().join("files");
-        let pods = d.path().join("podfiles");
         for (req, want) in [
             (
                 bind("/host", "/"),
@@ -794,7 +777,7 @@ mod tests {
                 "the volume this subPath comes from is not known",
             ),
         ] {
-            let e = volume_mounts(d.path(), &files, &pods, d.path(), &req)
+            let e = volume_mounts(d.path(), d.path(), &req)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{e}");
@@ -807,15 +790,13 @@ mod tests {
             source: "proc".into(),
             options: vec![],
         });
-        assert!(volume_mounts(d.path(), &files, &pods, d.path(), &ok)
-            .unwrap()
-            .is_empty());
+        assert!(volume_mounts(d.path(), d.path(), &ok).unwrap().is_empty());
     }
 
     #[test]
     fn subpaths_bind_inside_the_sandboxs_copy_and_never_through_a_link() {
         let d = tempfile::tempdir().unwrap();
-        let (volumes, files) = (d.path().join("volumes"), d.path().join("files"));
+        let (volumes, files) = (d.path().join(".volumes"), d.path().join(".files"));
         let sub = |volume: &str, path: &str| CreateContainerRequest {
             mounts: vec![crate::proto::Mount {
                 destination: "/x".into(),
@@ -833,8 +814,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let run =
-            |r: &CreateContainerRequest| volume_mounts(&volumes, &files, d.path(), d.path(), r);
+        let run = |r: &CreateContainerRequest| volume_mounts(d.path(), d.path(), r);
         // An emptyDir subpath is made on first use and bound, through its descriptor, at a
         // place of the bundle's own: what is written there lands in the volume.
         let m = run(&sub("empty-dir/work", "logs/app")).unwrap();
@@ -911,41 +891,21 @@ mod tests {
             }],
             ..Default::default()
         };
-        let m = volume_mounts(
-            d.path(),
-            &d.path().join("files"),
-            &d.path().join("podfiles"),
-            d.path(),
-            &req,
-        )
-        .unwrap();
-        let dir = d.path().join("cache");
+        let m = volume_mounts(d.path(), d.path(), &req).unwrap();
+        let dir = d.path().join(".volumes/cache");
         assert_eq!(m[0]["source"], json!(dir));
         let st = rustix::fs::statfs(&dir).unwrap();
         assert_eq!(st.f_type, 0x0102_1994, "a tmpfs");
         assert_eq!(st.f_blocks * st.f_bsize as u64, 8 << 20);
         // A second container sharing it: the same tmpfs, not a second one.
-        volume_mounts(
-            d.path(),
-            &d.path().join("files"),
-            &d.path().join("podfiles"),
-            d.path(),
-            &req,
-        )
-        .unwrap();
+        volume_mounts(d.path(), d.path(), &req).unwrap();
         rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).unwrap();
         assert!(rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).is_err());
         let mut no_size = req.clone();
         no_size.mounts[0].options.pop();
-        let e = volume_mounts(
-            d.path(),
-            &d.path().join("files"),
-            &d.path().join("podfiles"),
-            d.path(),
-            &no_size,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = volume_mounts(d.path(), d.path(), &no_size)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("without a size"), "{e}");
     }
 
