@@ -1,7 +1,7 @@
 //! Durable file writes: a file is written to a temporary file beside it, synced, given its mode,
 //! renamed into place and its directory synced, so that after a crash the path holds either the
 //! old content or the whole new content — never a prefix. Also the last words of a log, which
-//! the launchers quote when a sandbox fails to start.
+//! the launchers quote when a sandbox fails to start, and whether a directory is a tmpfs.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -49,6 +49,14 @@ pub fn last_line_of(f: &fs::File) -> String {
         return String::new();
     }
     last_line(&String::from_utf8_lossy(&buf)).to_string()
+}
+
+/// The size in bytes of the tmpfs that `path` is on, or `None` when it is on another file
+/// system (or cannot be examined).
+pub fn tmpfs_size(path: &Path) -> Option<u64> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let st = rustix::fs::statfs(path).ok()?;
+    (st.f_type == TMPFS_MAGIC).then(|| st.f_blocks * st.f_bsize as u64)
 }
 
 #[cfg(test)]

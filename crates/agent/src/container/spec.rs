@@ -402,7 +402,6 @@ pub fn volume_mounts(
 /// (`coffer.size=BYTES`), once: the containers that share the volume share that tmpfs. In a
 /// pod VM it is guest memory, which the TEE encrypts.
 fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
     let size: u64 = options
         .iter()
         .find_map(|o| o.strip_prefix("coffer.size="))
@@ -417,9 +416,7 @@ fn memory_medium(dir: &Path, name: &str, options: &[String]) -> Result<()> {
     // device differs from its parent's, of type tmpfs. (The state directory may itself be a
     // tmpfs, as in a process sandbox, so the type alone says nothing.)
     let dev = |p: &Path| rustix::fs::stat(p).map(|st| st.st_dev).ok();
-    if dev(dir) != dir.parent().and_then(dev)
-        && rustix::fs::statfs(dir).is_ok_and(|st| st.f_type == TMPFS_MAGIC)
-    {
+    if dev(dir) != dir.parent().and_then(dev) && coffer_fsutil::tmpfs_size(dir).is_some() {
         return Ok(());
     }
     let opts = std::ffi::CString::new(format!("size={size},mode=0777"))
@@ -894,9 +891,11 @@ mod tests {
         let m = volume_mounts(d.path(), d.path(), &req).unwrap();
         let dir = d.path().join(".volumes/cache");
         assert_eq!(m[0]["source"], json!(dir));
-        let st = rustix::fs::statfs(&dir).unwrap();
-        assert_eq!(st.f_type, 0x0102_1994, "a tmpfs");
-        assert_eq!(st.f_blocks * st.f_bsize as u64, 8 << 20);
+        assert_eq!(
+            coffer_fsutil::tmpfs_size(&dir),
+            Some(8 << 20),
+            "a tmpfs of 8 MiB"
+        );
         // A second container sharing it: the same tmpfs, not a second one.
         volume_mounts(d.path(), d.path(), &req).unwrap();
         rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).unwrap();

@@ -133,9 +133,7 @@ fn walk(
 /// The size of the tmpfs at `dir` when the kubelet backed an emptyDir with memory (`medium:
 /// Memory`: it mounts a tmpfs there, sized by `sizeLimit` or the pod's memory), else `None`.
 pub fn memory_medium(dir: &Path) -> Option<u64> {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    let st = rustix::fs::statfs(dir).ok()?;
-    (st.f_type == TMPFS_MAGIC).then(|| st.f_blocks as u64 * st.f_bsize as u64)
+    coffer_fsutil::tmpfs_size(dir)
 }
 
 /// Where a kubelet `subPath` bind (`…/pods/UID/volume-subpaths/NAME/CONTAINER/INDEX`) comes
