@@ -4,14 +4,15 @@
 //! verifies it and releases a resource; a concurrent writer (`generation` moved twice), another
 //! provider and a missing interface are each refused, naming what was wrong.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use coffer_attester::{AttesterError, TsmSnpAttester};
-use coffer_psp::{EmulatedPsp, Launch, Tcb};
+use coffer_psp::{EmulatedPsp, Launch};
 use coffer_testkit::tsm::FakeTsm;
+use common::INITDATA;
 
-const INITDATA: &str =
-    "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
 const MEASUREMENT: [u8; 48] = [0x5a; 48];
 
 /// This test's guest: only the configfs-tsm tree under `root`, no device, no vTPM.
@@ -23,10 +24,6 @@ fn guest(root: &Path) -> coffer_attester::Guest {
         tpm: None,
         imds: "http://127.0.0.1:9".into(),
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn psp(dir: &Path) -> EmulatedPsp {
@@ -53,25 +50,7 @@ async fn a_configfs_tsm_report_attests_to_the_kbs() {
     let attester = coffer_attester::probe(&guest(&root)).expect("the probe");
     assert_eq!(attester.tee(), kbs_types::Tee::Snp);
 
-    let kbs = coffer_testkit::start_kbs(d.path(), |c| {
-        c.allow_emulated = true;
-        c.emulated_root = Some(psp_dir.join("roots.pem"));
-    })
-    .await;
-    kbs.admin
-        .set_resource("default/app/secret", b"from the kbs".to_vec())
-        .await
-        .unwrap();
-    let tcb = Tcb::default();
-    let refs = serde_json::json!({
-        "measurement": [hex(&MEASUREMENT)],
-        "init_data": [hex(&coffer_wire::initdata::digest(INITDATA).unwrap())],
-        "snp_tcb_min": [{"bootloader": tcb.bootloader, "tee": tcb.tee, "snp": tcb.snp, "microcode": tcb.microcode}],
-    });
-    kbs.admin
-        .set_reference_values(refs.to_string().as_bytes())
-        .await
-        .unwrap();
+    let kbs = common::emulated_snp_kbs(d.path(), &psp_dir, &MEASUREMENT, b"from the kbs").await;
     let client = coffer_kbs_client::KbsClient::new(
         &kbs.url,
         coffer_kbs_client::http_client(None).unwrap(),

@@ -6,22 +6,19 @@
 //! of the other TEE are refused. TDX: the evidence carries the TD quote IMDS made from the HCL
 //! report's TDREPORT, and its TPM quote verifies with the AK the HCL report binds.
 
+mod common;
+
 use std::path::Path;
 
 use base64::Engine;
 use coffer_attester::{vtpm, AzSnpVtpmAttester, AzTdxVtpmAttester, Guest};
 use coffer_kbs_client::Attester;
-use coffer_psp::{EmulatedPsp, Launch, Tcb};
+use coffer_psp::{EmulatedPsp, Launch};
 use coffer_testkit::vtpm::{provision_az_snp, provision_az_tdx, Imds, Swtpm};
+use common::{hex, INITDATA};
 use serde_json::Value;
 
-const INITDATA: &str =
-    "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
 const MEASUREMENT: [u8; 48] = [0x3c; 48];
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 fn pem(label: &str, der: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
@@ -85,25 +82,8 @@ async fn an_azure_snp_vtpm_attests_to_the_kbs_and_a_wrong_nonce_or_initdata_is_r
     let found = coffer_attester::probe(&guest(d.path(), &tpm, &imds.url)).expect("the probe");
     assert_eq!(found.tee(), kbs_types::Tee::AzSnpVtpm);
 
-    let kbs = coffer_testkit::start_kbs(d.path(), |c| {
-        c.allow_emulated = true;
-        c.emulated_root = Some(psp_dir.join("roots.pem"));
-    })
-    .await;
-    kbs.admin
-        .set_resource("default/app/secret", b"for the azure guest".to_vec())
-        .await
-        .unwrap();
-    let tcb = Tcb::default();
-    let refs = serde_json::json!({
-        "measurement": [hex(&MEASUREMENT)],
-        "init_data": [hex(&coffer_wire::initdata::digest(INITDATA).unwrap())],
-        "snp_tcb_min": [{"bootloader": tcb.bootloader, "tee": tcb.tee, "snp": tcb.snp, "microcode": tcb.microcode}],
-    });
-    kbs.admin
-        .set_reference_values(refs.to_string().as_bytes())
-        .await
-        .unwrap();
+    let kbs =
+        common::emulated_snp_kbs(d.path(), &psp_dir, &MEASUREMENT, b"for the azure guest").await;
     let client = |a: Box<dyn Attester>, initdata: &str| {
         coffer_kbs_client::KbsClient::new(
             &kbs.url,
