@@ -98,6 +98,25 @@ pub struct Image {
     pub config: Value,
 }
 
+impl Image {
+    /// What a container's policy entry says of its image: `image` (the parts a request's image
+    /// is compared by) and `pull` (the pinned reference the agent pulls instead).
+    pub fn policy_fields(&self) -> (Value, String) {
+        (
+            json!({
+                "registry": self.registry,
+                "repository": self.repository,
+                "tag": self.tag,
+                "digest": self.digest,
+            }),
+            format!(
+                "docker://{}/{}@{}",
+                self.registry, self.repository, self.digest
+            ),
+        )
+    }
+}
+
 /// What every container of one pod shares.
 pub struct Pod<'a> {
     /// "document 2 (deployment web)".
@@ -474,15 +493,11 @@ impl Pod<'_> {
             }
         }
 
+        let (image_parts, pull) = image.policy_fields();
         Ok(json!({
             "init": init,
-            "image": {
-                "registry": image.registry,
-                "repository": image.repository,
-                "tag": image.tag,
-                "digest": image.digest,
-            },
-            "pull": format!("docker://{}/{}@{}", image.registry, image.repository, image.digest),
+            "image": image_parts,
+            "pull": pull,
             "args": command,
             "working_dir": working_dir,
             "env": env,

@@ -555,18 +555,14 @@ pub async fn run_container_policy(
         ..Default::default()
     };
     let image = image_of(&format!("container {}", c.name), &spec, &images)?;
+    let (image_parts, pull) = image.policy_fields();
     let data = json!({
         "pod": null,
         "containers": {
             c.name.clone(): {
                 "init": false,
-                "image": {
-                    "registry": image.registry,
-                    "repository": image.repository,
-                    "tag": image.tag,
-                    "digest": image.digest,
-                },
-                "pull": format!("docker://{}/{}@{}", image.registry, image.repository, image.digest),
+                "image": image_parts,
+                "pull": pull,
                 "args": c.args,
                 "working_dir": "",
                 "env": {"pinned": {}, "any_value": [], "values": {}, "patterns": []},
