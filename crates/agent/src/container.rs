@@ -488,15 +488,7 @@ impl Containers {
         let writes = self.volume_writes.clone();
         tokio::task::spawn_blocking(move || {
             let _one = writes.lock().unwrap_or_else(|p| p.into_inner());
-            let list: Vec<files::File<'_>> = files
-                .iter()
-                .map(|f| files::File {
-                    path: &f.path,
-                    mode: f.mode,
-                    content: &f.content,
-                    gid: f.gid,
-                })
-                .collect();
+            let list: Vec<files::File<'_>> = files.iter().map(files::File::from).collect();
             files::store(&root, &volume, &kind, &list)
         })
         .await

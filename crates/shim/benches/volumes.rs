@@ -36,15 +36,7 @@ fn main() {
         let got = volumes::read(&v).unwrap();
         read_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(got.len(), 1000);
-        let list: Vec<files::File<'_>> = got
-            .iter()
-            .map(|f| files::File {
-                path: &f.path,
-                mode: f.mode,
-                content: &f.content,
-                gid: f.gid,
-            })
-            .collect();
+        let list: Vec<files::File<'_>> = got.iter().map(files::File::from).collect();
         let t = Instant::now();
         files::store(&guest, "bulk", "projected", &list).unwrap();
         store_ms.push(t.elapsed().as_secs_f64() * 1e3);

@@ -56,6 +56,17 @@ pub struct File<'a> {
     pub gid: u32,
 }
 
+impl<'a> From<&'a crate::proto::VolumeFile> for File<'a> {
+    fn from(f: &'a crate::proto::VolumeFile) -> Self {
+        Self {
+            path: &f.path,
+            mode: f.mode,
+            content: &f.content,
+            gid: f.gid,
+        }
+    }
+}
+
 fn invalid(volume: &str, why: String) -> ContainerError {
     ContainerError::Invalid(format!("volume {volume}: {why}"))
 }
