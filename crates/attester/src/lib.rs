@@ -46,6 +46,13 @@ pub enum AttesterError {
     Invalid(String),
 }
 
+/// The KBS client takes an attester's failure as its message.
+impl From<AttesterError> for coffer_kbs_client::AttesterError {
+    fn from(e: AttesterError) -> Self {
+        coffer_kbs_client::AttesterError(e.to_string())
+    }
+}
+
 /// Where [`probe`] looks for a TEE. [`Guest::default`] is a real guest's layout; tests point
 /// it at emulated interfaces.
 #[derive(Debug, Clone)]

@@ -256,8 +256,7 @@ impl coffer_kbs_client::Attester for SevGuestAttester {
         report_data: &[u8],
         _init_data_digest: Option<&[u8]>,
     ) -> Result<Value, coffer_kbs_client::AttesterError> {
-        self.gather(report_data)
-            .map_err(|e| coffer_kbs_client::AttesterError(e.to_string()))
+        Ok(self.gather(report_data)?)
     }
 }
 

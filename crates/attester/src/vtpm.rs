@@ -391,8 +391,7 @@ impl coffer_kbs_client::Attester for AzSnpVtpmAttester {
         report_data: &[u8],
         init_data_digest: Option<&[u8]>,
     ) -> Result<Value, coffer_kbs_client::AttesterError> {
-        self.gather(report_data, init_data_digest)
-            .map_err(|e| coffer_kbs_client::AttesterError(e.to_string()))
+        Ok(self.gather(report_data, init_data_digest)?)
     }
 }
 
@@ -465,8 +464,7 @@ impl coffer_kbs_client::Attester for AzTdxVtpmAttester {
         report_data: &[u8],
         init_data_digest: Option<&[u8]>,
     ) -> Result<Value, coffer_kbs_client::AttesterError> {
-        self.gather(report_data, init_data_digest)
-            .map_err(|e| coffer_kbs_client::AttesterError(e.to_string()))
+        Ok(self.gather(report_data, init_data_digest)?)
     }
 }
 
