@@ -46,6 +46,20 @@ pub enum AttesterError {
     Invalid(String),
 }
 
+/// `report_data` zero-padded to the 64 bytes of a report-data field, or an error naming `tee`
+/// when it is longer.
+pub(crate) fn padded_report_data(report_data: &[u8], tee: &str) -> Result<[u8; 64], AttesterError> {
+    if report_data.len() > 64 {
+        return Err(AttesterError::Invalid(format!(
+            "report data of {} bytes; {tee} takes at most 64",
+            report_data.len()
+        )));
+    }
+    let mut rd = [0u8; 64];
+    rd[..report_data.len()].copy_from_slice(report_data);
+    Ok(rd)
+}
+
 /// The KBS client takes an attester's failure as its message.
 impl From<AttesterError> for coffer_kbs_client::AttesterError {
     fn from(e: AttesterError) -> Self {

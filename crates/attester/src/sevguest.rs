@@ -153,15 +153,9 @@ impl SevGuestAttester {
         }
     }
 
-    /// The raw report over `report_data` (at most 64 bytes, zero padded) and the host's
-    /// certificate table (empty when the host supplies none).
-    pub fn request(&self, report_data: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AttesterError> {
-        if report_data.len() > 64 {
-            return Err(AttesterError::Invalid(format!(
-                "report data is {} bytes; SEV-SNP takes at most 64",
-                report_data.len()
-            )));
-        }
+    /// The raw report over `report_data` and the host's certificate table (empty when the host
+    /// supplies none).
+    pub fn request(&self, report_data: &[u8; 64]) -> Result<(Vec<u8>, Vec<u8>), AttesterError> {
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
@@ -170,8 +164,7 @@ impl SevGuestAttester {
                 what: format!("opening {}", self.device.display()),
                 source,
             })?;
-        let mut user_data = [0u8; 64];
-        user_data[..report_data.len()].copy_from_slice(report_data);
+        let user_data = *report_data;
         let mut certs_len = FIRST_CERTS_PAGES * PAGE;
         for _ in 0..2 {
             let certs = PageBuf::new(certs_len);
@@ -239,9 +232,8 @@ impl SevGuestAttester {
 
     /// The evidence JSON the SNP verifier takes (as [`crate::TsmSnpAttester`] gives it).
     pub fn gather(&self, report_data: &[u8]) -> Result<Value, AttesterError> {
-        let (raw, table) = self.request(report_data)?;
-        let mut rd = [0u8; 64];
-        rd[..report_data.len()].copy_from_slice(report_data);
+        let rd = crate::padded_report_data(report_data, "SEV-SNP")?;
+        let (raw, table) = self.request(&rd)?;
         crate::tsm::snp_evidence(&raw, &rd, &table)
     }
 }

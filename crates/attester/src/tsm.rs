@@ -181,14 +181,7 @@ impl TsmReport {
         tee: &str,
         report_data: &[u8],
     ) -> Result<([u8; 64], Report), AttesterError> {
-        if report_data.len() > 64 {
-            return Err(AttesterError::Invalid(format!(
-                "report data of {} bytes; {tee} takes at most 64",
-                report_data.len()
-            )));
-        }
-        let mut rd = [0u8; 64];
-        rd[..report_data.len()].copy_from_slice(report_data);
+        let rd = crate::padded_report_data(report_data, tee)?;
         let r = self.request(&rd)?;
         if r.provider != provider {
             return Err(AttesterError::Invalid(format!(
