@@ -43,4 +43,8 @@ default CopyFileRequest := false
 # Files of configMap, secret, projected and downwardAPI volumes, copied in by the shim.
 default SetVolumeRequest := true
 
+# A pod VM's network, as the pod's network namespace on the node has it (the agent itself
+# refuses malformed configurations and routes that would steer the KBS's traffic).
+default SetNetworkRequest := true
+
 default SetPolicyRequest := false

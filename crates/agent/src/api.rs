@@ -36,6 +36,7 @@ pub struct AgentService {
     containers: Arc<Containers>,
     owner: OwnerExec,
     log_recipient: Option<Recipient>,
+    network: Option<Arc<crate::net::Network>>,
     shutdown: Option<tokio::sync::mpsc::Sender<()>>,
 }
 
@@ -65,6 +66,7 @@ impl AgentService {
             containers,
             owner: OwnerExec::new(None),
             log_recipient: None,
+            network: None,
             shutdown: None,
         }
     }
@@ -78,6 +80,13 @@ impl AgentService {
     /// Seals all container output to the initdata's log recipient.
     pub fn with_log_recipient(mut self, r: Option<Recipient>) -> Self {
         self.log_recipient = r;
+        self
+    }
+
+    /// The pod VM's network, which `SetNetwork` configures; without it (a process sandbox,
+    /// whose containers join the CNI's namespace directly) `SetNetwork` is refused.
+    pub fn with_network(mut self, n: Option<crate::net::Network>) -> Self {
+        self.network = n.map(Arc::new);
         self
     }
 
@@ -265,6 +274,28 @@ agent_impl! {
             .set_volume(req.volume, req.kind, req.files)
             .await
             .map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn set_network(
+        &self,
+        r: Request<SetNetworkRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.check("SetNetworkRequest", r.get_ref())?;
+        let Some(net) = self.network.clone() else {
+            return Err(Status::failed_precondition(
+                "this sandbox takes no network configuration: its containers join the pod's network namespace on the node",
+            ));
+        };
+        let req = r.into_inner();
+        tokio::task::spawn_blocking(move || net.configure(&req))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                crate::net::NetError::Invalid(_) => Status::invalid_argument(e.to_string()),
+                crate::net::NetError::Unavailable(_) => Status::failed_precondition(e.to_string()),
+                crate::net::NetError::Apply(_) => Status::internal(e.to_string()),
+            })?;
         Ok(Response::new(Empty {}))
     }
 

@@ -19,6 +19,7 @@ pub mod container;
 pub mod dm;
 pub mod egress;
 pub mod keys;
+pub mod net;
 pub mod owner;
 pub mod policy;
 pub mod port;

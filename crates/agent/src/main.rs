@@ -68,6 +68,10 @@ struct Args {
     /// through streams of the serial port given to --listen (pod VM).
     #[arg(long)]
     egress: Option<String>,
+    /// Take the pod VM's network configuration (SetNetwork) and apply it to this guest, whose
+    /// network namespace the containers share (pod VM on a pod network).
+    #[arg(long, hide = true)]
+    pod_network: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -120,7 +124,9 @@ fn vm_main() -> anyhow::Result<()> {
         tsm_root: coffer_attester::TSM_REPORT_ROOT.into(),
         tpm_tcti: None,
         imds: coffer_attester::AZURE_IMDS.into(),
-        pod_netns: None,
+        // On a pod network the containers share the guest's namespace, which SetNetwork
+        // configures; else they get one of their own with only a loopback interface.
+        pod_netns: boot.pod_network.then(|| PathBuf::from("/proc/1/ns/net")),
         audit_log: scratch.join("audit.jsonl"),
         state_dir: scratch.join("state"),
         runtime: PathBuf::from("/usr/sbin/runc"),
@@ -128,7 +134,10 @@ fn vm_main() -> anyhow::Result<()> {
         cgroup_parent: "/coffer".into(),
         private_state: false,
         image_cache: Some(scratch.join("images")),
-        egress: Some("port".into()),
+        // The guest's own traffic (the KBS, registries) takes the pod network when there is
+        // one, else the host's forwarder over the agent port.
+        egress: (!boot.pod_network).then(|| "port".into()),
+        pod_network: boot.pod_network,
     })
 }
 
@@ -239,6 +248,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         containers = containers.with_pod_netns(ns.clone());
     }
     let kbs = coffer_agent::keys::kbs_config(&initdata).map_err(anyhow::Error::msg)?;
+    let kbs_address = kbs.url.as_deref().and_then(coffer_agent::net::kbs_address);
     tracing::debug!("building the KBS client");
     if let Some(url) = &kbs.url {
         // Attests with this TEE (the PSP channel) and the initdata, on first need.
@@ -257,7 +267,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         sealed_logs = log_recipient.is_some(),
         "initdata options"
     );
+    let network = args
+        .pod_network
+        .then(|| coffer_agent::net::Network::pod_vm(kbs_address));
     let service = AgentService::new(policy, hex::encode(&digest), containers)
+        .with_network(network)
         .with_owner_key(owner_key)
         .with_log_recipient(log_recipient);
     match (listen, port) {

@@ -64,6 +64,8 @@ pub struct Boot {
     pub initdata: String,
     /// Pull over plain HTTP (development registries).
     pub plain_http: bool,
+    /// The VM has the pod's network interfaces, which the host configures with SetNetwork.
+    pub pod_network: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -74,6 +76,9 @@ struct LaunchConfig {
     /// `emulated` (the default), `snp` or `tdx`.
     #[serde(default = "emulated")]
     tee: String,
+    /// `pod`: the pod network's interfaces are plugged in; else there is no network device.
+    #[serde(default)]
+    network: String,
 }
 
 fn emulated() -> String {
@@ -406,6 +411,7 @@ pub fn boot() -> Result<Boot, BootError> {
         psp_port,
         initdata: config.initdata,
         plain_http: config.plain_http,
+        pod_network: config.network == "pod",
     })
 }
 

@@ -94,6 +94,7 @@ pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "virtio_net",
     "qemu_fw_cfg",
     "squashfs",
     "dm_verity",
@@ -535,6 +536,9 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")
         .map_err(io("cannot stage /etc/passwd"))?;
     std::fs::write(root.join("etc/group"), "root:x:0:\n").map_err(io("cannot stage /etc/group"))?;
+    // The guest's resolver, written by the agent from the pod's DNS settings (SetNetwork).
+    std::os::unix::fs::symlink("/run/resolv.conf", root.join("etc/resolv.conf"))
+        .map_err(io("cannot stage /etc/resolv.conf"))?;
     let root_img = stage.join("root.img");
     run(Command::new("mksquashfs").arg(&root).arg(&root_img).args([
         "-noappend",

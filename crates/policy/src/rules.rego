@@ -32,6 +32,10 @@ default ListContainersRequest := true
 
 default GetGuestDetailsRequest := true
 
+# A pod VM's network from the pod's namespace on the node: untrusted for confidentiality either
+# way; the agent refuses malformed configurations and routes that would steer the KBS's traffic.
+default SetNetworkRequest := true
+
 # Nonces for owner-signed exec: such an exec still needs the owner's signature over it.
 default IssueExecNonceRequest := true
 
