@@ -599,6 +599,23 @@ pub async fn connect_unix(
     Ok(agent_client::AgentClient::new(unix_channel(path).await?))
 }
 
+/// A client of the agent API over a pod VM's agent port (the keeper's own connection, before
+/// it serves `agent.sock`).
+pub async fn connect_mux(
+    opener: coffer_podvm::mux::Opener,
+) -> Result<agent_client::AgentClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel =
+        tonic::transport::Endpoint::from_static("http://agent.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let opener = opener.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(opener.open().await?))
+                }
+            }))
+            .await?;
+    Ok(agent_client::AgentClient::new(channel))
+}
+
 /// A gRPC channel to a server on the unix socket `path` (the agent, containerd).
 pub async fn unix_channel(
     path: &Path,

@@ -93,8 +93,7 @@ fn valid_name(n: &str) -> bool {
         && n != "lo"
         && n != "."
         && n != ".."
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
@@ -217,7 +216,12 @@ pub fn plan(req: &SetNetworkRequest, kbs: Option<IpAddr>) -> Result<Plan, NetErr
             mtu,
         });
     }
-    let ours = |a: IpAddr| links.iter().flat_map(|l| &l.addresses).any(|n| n.addr() == a);
+    let ours = |a: IpAddr| {
+        links
+            .iter()
+            .flat_map(|l| &l.addresses)
+            .any(|n| n.addr() == a)
+    };
     if req.routes.len() > MAX_ROUTES {
         return Err(invalid(format!(
             "{} routes (at most {MAX_ROUTES})",
@@ -226,25 +230,34 @@ pub fn plan(req: &SetNetworkRequest, kbs: Option<IpAddr>) -> Result<Plan, NetErr
     }
     let mut routes = Vec::new();
     for r in &req.routes {
-        let link = links.iter().find(|l| l.name == r.interface).ok_or_else(|| {
-            invalid(format!(
-                "route {} names interface {:?}, which the request does not configure",
-                r.destination, r.interface
-            ))
-        })?;
+        let link = links
+            .iter()
+            .find(|l| l.name == r.interface)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "route {} names interface {:?}, which the request does not configure",
+                    r.destination, r.interface
+                ))
+            })?;
         let gateway = match r.gateway.as_str() {
             "" => None,
-            g => Some(
-                g.parse::<IpAddr>()
-                    .map_err(|_| invalid(format!("route {}: gateway {g:?} is not an address", r.destination)))?,
-            ),
+            g => Some(g.parse::<IpAddr>().map_err(|_| {
+                invalid(format!(
+                    "route {}: gateway {g:?} is not an address",
+                    r.destination
+                ))
+            })?),
         };
         let destination: IpNet = match (r.destination.as_str(), gateway) {
             ("default", Some(IpAddr::V6(_))) => "::/0".parse().expect("literal"),
             ("default", _) => "0.0.0.0/0".parse().expect("literal"),
             (d, _) => d
                 .parse::<IpNet>()
-                .map_err(|_| invalid(format!("route destination {d:?} is not PREFIX/LENGTH or default")))?
+                .map_err(|_| {
+                    invalid(format!(
+                        "route destination {d:?} is not PREFIX/LENGTH or default"
+                    ))
+                })?
                 .trunc(),
         };
         if let Some(g) = gateway {
@@ -572,7 +585,10 @@ mod tests {
     #[test]
     fn malformed_configurations_are_refused_naming_what_is_wrong() {
         let e = refused(&pod("10.88.7.0/24", &[]), None);
-        assert!(e.contains("10.88.7.0/24 is outside the subnet's hosts"), "{e}");
+        assert!(
+            e.contains("10.88.7.0/24 is outside the subnet's hosts"),
+            "{e}"
+        );
         let e = refused(&pod("10.88.7.255/24", &[]), None);
         assert!(e.contains("broadcast"), "{e}");
         let e = refused(&pod("10.88.7.5", &[]), None);
@@ -633,14 +649,13 @@ mod tests {
             kbs,
         );
         assert!(
-            e.contains("route 10.96.0.0/24 via 10.88.7.66 would carry the traffic to the KBS (10.96.0.3"),
+            e.contains(
+                "route 10.96.0.0/24 via 10.88.7.66 would carry the traffic to the KBS (10.96.0.3"
+            ),
             "{e}"
         );
         // Even more specific than the KBS's own subnet.
-        let e = refused(
-            &pod("10.96.0.5/16", &[("10.96.0.3/32", "10.96.0.1")]),
-            kbs,
-        );
+        let e = refused(&pod("10.96.0.5/16", &[("10.96.0.3/32", "10.96.0.1")]), kbs);
         assert!(e.contains("would carry the traffic to the KBS"), "{e}");
         // The guest taking the KBS's address.
         let e = refused(&pod("10.96.0.3/16", &[]), kbs);
@@ -684,14 +699,18 @@ mod tests {
                 String::from_utf8(out.stdout).unwrap()
             };
             run(&[
-                "link", "add", "veth7", "address", "0a:58:0a:58:07:05", "type", "veth", "peer",
-                "name", "veth8",
+                "link",
+                "add",
+                "veth7",
+                "address",
+                "0a:58:0a:58:07:05",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "veth8",
             ]);
-            let net = Network::new(
-                Some("10.96.0.3".parse().unwrap()),
-                vec!["ip".into()],
-                r,
-            );
+            let net = Network::new(Some("10.96.0.3".parse().unwrap()), vec!["ip".into()], r);
             let req = pod("10.88.7.5/24", &[("default", "10.88.7.1")]);
             net.configure(&req).unwrap();
             let again = net.configure(&req).unwrap_err();
@@ -705,8 +724,16 @@ mod tests {
         .join()
         .unwrap();
         assert!(shown.0.contains("inet 10.88.7.5/24"), "{}", shown.0);
-        assert!(shown.1.contains("mtu 1450") && shown.1.contains("0a:58:0a:58:07:05"), "{}", shown.1);
-        assert!(shown.2.contains("default via 10.88.7.1 dev eth0"), "{}", shown.2);
+        assert!(
+            shown.1.contains("mtu 1450") && shown.1.contains("0a:58:0a:58:07:05"),
+            "{}",
+            shown.1
+        );
+        assert!(
+            shown.2.contains("default via 10.88.7.1 dev eth0"),
+            "{}",
+            shown.2
+        );
         assert!(std::fs::read_to_string(&resolv)
             .unwrap()
             .contains("nameserver 10.96.0.10"));

@@ -391,10 +391,53 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     assert_nothing_left(&n, &[&pod]);
 }
 
+/// Sets a pod's network to the pod's own (the CNI's), with the kubelet's DNS settings.
+fn on_pod_network(config: &mut coffer_shim::cri::PodSandboxConfig) {
+    config
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap()
+        .network = coffer_shim::cri::NamespaceMode::Pod as i32;
+    config.dns_config = Some(coffer_shim::cri::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["default.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+}
+
+/// The pod's address and its network namespace, from PodSandboxStatus.
+async fn pod_ip(p: &mut Pods, pod: &str) -> (String, String) {
+    let r =
+        p.rt.pod_sandbox_status(coffer_shim::cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: serde_json::Value = serde_json::from_str(&r.info["info"]).unwrap();
+    (
+        r.status.unwrap().network.unwrap().ip,
+        info["netNamespacePath"].as_str().unwrap().to_string(),
+    )
+}
+
 #[test]
-fn a_pod_vm_runs_through_the_cri() {
+fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
+    // Everything of this test, the CNI bridge and the pods' addresses included, lives in a
+    // network namespace of its own. The KBS and the registry listen on the bridge's address,
+    // which the pod VM reaches over the pod network, not through the host.
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.9.1/24");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.9.0/24");
     let podvm = d.join("podvm");
     common::run_ok(
         Command::new(common::coffer_bin())
@@ -403,13 +446,31 @@ fn a_pod_vm_runs_through_the_cri() {
             .arg("--agent")
             .arg(common::agent_binary()),
     );
-    let n = node(d, Some(&podvm));
+    let n = common::containerd::node_at(d, Some(&podvm), "10.88.9.1");
     let app_layers = layers(&n.app);
+    let registry_port = n
+        .world
+        .registry
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
     let pod = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         p.pull(&n.app).await.unwrap();
-        let config = p.sandbox_config("vm-pod", &[(INITDATA, &n.annotation)]);
+        let mut config = p.sandbox_config("vm-pod", &[(INITDATA, &n.annotation)]);
+        on_pod_network(&mut config);
+        config.port_mappings = vec![coffer_shim::cri::PortMapping {
+            protocol: coffer_shim::cri::Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port: 18080,
+            host_ip: String::new(),
+        }];
         let pod = p.run_pod(&config).await.expect("RunPodSandbox (pod VM)");
+        let (ip, netns) = pod_ip(&mut p, &pod).await;
+        assert!(std::path::Path::new(&netns).exists(), "{netns}");
+        assert!(ip.starts_with("10.88.9."), "the pod's address: {ip:?}");
         let id = p
             .start_container(
                 &pod,
@@ -423,9 +484,88 @@ fn a_pod_vm_runs_through_the_cri() {
         assert_eq!(p.wait_exited(&id, Duration::from_secs(120)).await, 5);
         let log = std::fs::read_to_string(p.log_dir.join("vm-pod/app.log")).unwrap();
         assert!(log.contains(" stdout F hello from the pod VM"), "{log}");
+
+        // A web server in the pod VM: the node reaches it at the pod's address and through
+        // the hostPort (CNI portmap), as with any runtime.
+        p.start_container(
+            &pod,
+            &config,
+            "web",
+            &n.app,
+            &[
+                "/bin/sh",
+                "-c",
+                "mkdir -p /www && echo hello from the pod VM over the pod network > /www/index.html && exec httpd -f -p 8080 -h /www",
+            ],
+        )
+        .await
+        .expect("the web server");
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        let page = http_get(&ip, 8080, until);
+        assert!(page.contains("hello from the pod VM over the pod network"), "{page}");
+        let page = http_get("10.88.9.1", 18080, until);
+        assert!(page.contains("hello from the pod VM over the pod network"), "hostPort: {page}");
+        // And the pod reaches the node: the registry's API root, the pod's resolver as the
+        // CRI's DNS settings made it, its own address on eth0.
+        let fetch = format!(
+            "cat /etc/resolv.conf; ip -o addr show dev eth0; wget -q -O - http://10.88.9.1:{registry_port}/v2/ && echo && echo fetched from the node"
+        );
+        let client = p
+            .start_container(&pod, &config, "client", &n.app, &["/bin/sh", "-c", &fetch])
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&client, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("vm-pod/client.log")).unwrap();
+        for want in [
+            "fetched from the node",
+            "nameserver 10.96.0.10",
+            "search default.svc.cluster.local",
+            &format!("inet {ip}/24"),
+        ] {
+            assert!(log.contains(want), "{want} missing in {log}");
+        }
+        // The guest pulled its image over the pod network: the registry saw the pod's address.
+        let gets = n.world.registry.blob_gets();
+        assert!(
+            gets.iter().any(|l| l.starts_with(&format!("{ip} "))),
+            "no blob request from {ip}: {gets:#?}"
+        );
+
+        // The node cannot reconfigure the guest's network: a second configuration, or a
+        // malformed one, is refused naming what is wrong.
+        let sock = n
+            .containerd
+            .dir
+            .join("node/run/coffer/pods")
+            .join(coffer_shim::sandbox::name_for(&pod))
+            .join("agent.sock");
+        let mut agent = coffer_agent::api::connect_unix(&sock).await.unwrap();
+        let mut bad = coffer_agent::proto::SetNetworkRequest {
+            interfaces: vec![coffer_agent::proto::NetworkInterface {
+                name: "eth0".into(),
+                mac: "0a:58:0a:58:09:63".into(),
+                addresses: vec!["10.88.9.99/24".into()],
+                mtu: 1500,
+            }],
+            routes: vec![coffer_agent::proto::NetworkRoute {
+                destination: "default".into(),
+                gateway: "10.77.0.1".into(),
+                interface: "eth0".into(),
+            }],
+            ..Default::default()
+        };
+        let e = agent.set_network(bad.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("gateway 10.77.0.1 is outside the subnets of eth0"), "{e:?}");
+        bad.routes.clear();
+        let e = agent.set_network(bad).await.unwrap_err();
+        assert!(e.message().contains("already configured"), "{e:?}");
+
         p.remove_pod(&pod).await.unwrap();
-        pod
+        (pod, netns)
     });
+    let (pod, netns) = pod;
+    assert!(!std::path::Path::new(&netns).exists(), "{netns} remains");
     for l in &app_layers {
         let (ctrd, others) = fetched_by(&n.world.registry, l);
         assert_eq!(ctrd, 0, "containerd fetched layer {l}");
@@ -436,8 +576,10 @@ fn a_pod_vm_runs_through_the_cri() {
     // kill -9 of the shim of a running pod VM: QEMU goes with it.
     let pod = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
-        let config = p.sandbox_config("vm-victim", &[(INITDATA, &n.annotation)]);
+        let mut config = p.sandbox_config("vm-victim", &[(INITDATA, &n.annotation)]);
+        on_pod_network(&mut config);
         let pod = p.run_pod(&config).await.unwrap();
+        let (_, netns) = pod_ip(&mut p, &pod).await;
         p.start_container(
             &pod,
             &config,
@@ -454,14 +596,22 @@ fn a_pod_vm_runs_through_the_cri() {
                 .any(|l| l.contains("qemu-system")),
             "the pod VM runs under QEMU"
         );
-        pod
+        (pod, netns)
     });
+    let (pod, netns) = pod;
     kill9(shim_pid(&n));
     n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         p.remove_pod(&pod).await.unwrap();
     });
     assert_nothing_left(&n, &[&pod]);
+    // Nothing of the pods' networks remains: no pod namespace, veth or tap.
+    assert!(!std::path::Path::new(&netns).exists(), "{netns} remains");
+    let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
+    assert!(
+        !links.contains("veth") && !links.contains("coffertap"),
+        "{links}"
+    );
 }
 
 /// The workload of the pinned-pod test: a Deployment with an init container, two containers,

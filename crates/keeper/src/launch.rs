@@ -83,9 +83,13 @@ pub struct KeeperArgs {
     #[arg(long)]
     pub watch_stdin: bool,
     /// The pod's network namespace (the CNI's), which a process sandbox's containers join
-    /// instead of one of their own.
+    /// instead of one of their own, and whose interfaces a pod VM takes over (`podnet`).
     #[arg(long)]
     pub pod_netns: Option<PathBuf>,
+    /// The pod's resolver configuration (a resolv.conf), which a pod VM on the pod network
+    /// uses itself.
+    #[arg(long)]
+    pub resolv_conf: Option<PathBuf>,
     /// Run the agent in this pod VM (`coffer podvm build --out DIR`) instead of a process
     /// sandbox.
     #[arg(long)]
@@ -200,6 +204,7 @@ impl KeeperArgs {
             image_cache: None,
             watch_stdin: false,
             pod_netns: None,
+            resolv_conf: None,
             podvm: None,
             accel: "auto".into(),
             tee: "emulated".into(),
@@ -232,6 +237,9 @@ impl KeeperArgs {
         }
         if let Some(p) = &self.pod_netns {
             opt("pod-netns", p.clone().into());
+        }
+        if let Some(p) = &self.resolv_conf {
+            opt("resolv-conf", p.clone().into());
         }
         opt("accel", self.accel.clone().into());
         opt("tee", self.tee.clone().into());
@@ -438,6 +446,7 @@ mod tests {
         a.image_cache = Some("/var/cache/coffer".into());
         a.podvm = Some("/usr/share/coffer/podvm".into());
         a.pod_netns = Some("/var/run/netns/cni-1234".into());
+        a.resolv_conf = Some("/run/containerd/sandboxes/p1/resolv.conf".into());
         a.accel = "tcg".into();
         a.tee = "snp".into();
         a.firmware = Some("/usr/share/coffer/OVMF.amdsev.fd".into());

@@ -19,6 +19,7 @@ pub mod egress;
 mod error;
 pub mod launch;
 mod lifetime;
+pub mod podnet;
 pub mod process;
 pub mod run;
 pub mod vm;

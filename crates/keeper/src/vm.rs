@@ -5,8 +5,9 @@
 //! channel is a virtio-serial port of this VM alone (`psp-chan.sock`, QEMU connects). The
 //! agent's port (`agent-chan.sock`) carries, multiplexed (`coffer_podvm::mux`), the API
 //! connections the keeper accepts on `agent.sock` once the agent said it serves, and the
-//! guest's outbound connections (SOCKS5, each destination logged to `egress.log`). The VM has
-//! no network device. `scratch.img` is the guest's scratch disk, which the guest encrypts and
+//! guest's outbound connections (SOCKS5, each destination logged to `egress.log`) when the VM
+//! has no network device. On a pod network (`--pod-netns`) the VM instead takes over the
+//! interfaces the CNI configured ([`crate::podnet`]) and its own traffic goes there. `scratch.img` is the guest's scratch disk, which the guest encrypts and
 //! integrity-protects; `agent.log` is the VM's console (kernel and agent). QEMU dies with the
 //! keeper (parent-death signal); the sandbox ends when QEMU does (the agent powers the VM off
 //! after DestroySandbox).
@@ -25,6 +26,7 @@ use tokio::io::AsyncReadExt;
 use crate::{
     egress::forward,
     lifetime::{die_with_keeper, owner_gone},
+    podnet::PodNetwork,
     KeeperArgs,
 };
 use coffer_fsutil::last_line;
@@ -183,11 +185,24 @@ pub(crate) async fn serve(
     std::fs::File::create(&scratch)
         .and_then(|f| f.set_len(a.scratch_mib << 20))
         .with_context(|| format!("cannot create {}", scratch.display()))?;
+    // The pod network, as the CNI configured it in the pod's namespace.
+    let podnet = match &a.pod_netns {
+        Some(ns) => {
+            let ns = ns.clone();
+            Some(tokio::task::spawn_blocking(move || PodNetwork::read(&ns)).await??)
+        }
+        None => None,
+    };
     let config = a.dir.join("launch.json");
     std::fs::write(
         &config,
-        serde_json::json!({ "initdata": text, "plain_http": a.plain_http, "tee": a.tee })
-            .to_string(),
+        serde_json::json!({
+            "initdata": text,
+            "plain_http": a.plain_http,
+            "tee": a.tee,
+            "network": if podnet.is_some() { "pod" } else { "none" },
+        })
+        .to_string(),
     )?;
     let accel = match a.accel.as_str() {
         "kvm" if kvm_is_pvm(Path::new("/sys/module")) => bail!(
@@ -229,9 +244,20 @@ pub(crate) async fn serve(
         cpus: a.vcpus(accel == Accel::Kvm),
         accel,
         tee,
+        nics: podnet.as_ref().map(PodNetwork::nics).unwrap_or_default(),
     };
     let spawned = std::time::Instant::now();
-    let mut cmd = tokio::process::Command::new(QEMU);
+    // On a pod network QEMU runs in the pod's namespace, where it makes its taps.
+    let mut cmd = match &podnet {
+        Some(net) => {
+            let mut c = tokio::process::Command::new("nsenter");
+            c.arg(format!("--net={}", net.netns.display()))
+                .arg("--")
+                .arg(QEMU);
+            c
+        }
+        None => tokio::process::Command::new(QEMU),
+    };
     cmd.args(launch.qemu_args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -241,6 +267,27 @@ pub(crate) async fn serve(
     let mut qemu = cmd
         .spawn()
         .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    // The taps take the pod's traffic once QEMU made them; the redirection is removed when
+    // the keeper ends (and goes with the pod's namespace if the keeper is killed).
+    let _plugged = match podnet.clone() {
+        Some(net) => {
+            let plugged = tokio::task::spawn_blocking(move || {
+                net.connect(Duration::from_secs(30)).map(|()| Plugged(net))
+            })
+            .await?;
+            match plugged {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    stop(&mut qemu).await?;
+                    return Err(e.context(format!(
+                        "cannot plug the pod network into the VM ({})",
+                        qemu_error(&a.dir)
+                    )));
+                }
+            }
+        }
+        None => None,
+    };
 
     let conn = tokio::select! {
         c = chan.accept() => c?.0,
@@ -248,7 +295,9 @@ pub(crate) async fn serve(
     };
     let (opener, inbound) = mux::start(conn, mux::Side::Host);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(1);
-    tokio::spawn(guest_streams(inbound, a.dir.join("egress.log"), ready_tx));
+    // On a pod network the guest's traffic is its own: no forwarding on the host.
+    let egress = podnet.is_none().then(|| a.dir.join("egress.log"));
+    tokio::spawn(guest_streams(inbound, egress, ready_tx));
 
     let watch = owner_gone(a.watch_stdin);
     tokio::pin!(watch);
@@ -279,6 +328,34 @@ pub(crate) async fn serve(
         _ = &mut watch => { tracing::info!("the launcher went away"); return stop(&mut qemu).await }
         _ = term.recv() => return stop(&mut qemu).await,
         _ = int.recv() => return stop(&mut qemu).await,
+    }
+    if let Some(net) = &podnet {
+        // The guest takes the pod's addresses, routes and resolver before anything else may
+        // ask it for work.
+        let resolv = match &a.resolv_conf {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read the pod's resolver {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let configured = async {
+            coffer_agent::api::connect_mux(opener.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach the agent: {e}"))?
+                .set_network(net.request(resolv.as_deref()))
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        };
+        if let Err(e) = configured.await {
+            stop(&mut qemu).await?;
+            return Err(e.context("the pod VM's agent did not take the pod network"));
+        }
+        tracing::info!(
+            ms = spawned.elapsed().as_millis() as u64,
+            interfaces = net.links.len(),
+            "the pod VM is on the pod network"
+        );
     }
     let sock = a.dir.join("agent.sock");
     let tmp = a.dir.join("agent.sock.tmp");
@@ -322,10 +399,20 @@ pub(crate) async fn serve(
     stop(&mut qemu).await
 }
 
-/// Serves the streams the guest opens: egress (SOCKS5, logged to `log`) and the ready notice.
+/// The pod network plugged into the VM; unplugged when dropped.
+struct Plugged(PodNetwork);
+
+impl Drop for Plugged {
+    fn drop(&mut self) {
+        self.0.disconnect();
+    }
+}
+
+/// Serves the streams the guest opens: egress (SOCKS5, logged to `log`; refused without one)
+/// and the ready notice.
 async fn guest_streams(
     mut inbound: tokio::sync::mpsc::UnboundedReceiver<mux::MuxStream>,
-    log: std::path::PathBuf,
+    log: Option<std::path::PathBuf>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) {
     while let Some(mut s) = inbound.recv().await {
@@ -340,11 +427,16 @@ async fn guest_streams(
                 mux::GUEST_READY => {
                     let _ = ready.send(()).await;
                 }
-                mux::GUEST_EGRESS => {
-                    if let Err(e) = forward(s, &log).await {
-                        tracing::info!(error = %e, "a forwarded connection failed");
+                mux::GUEST_EGRESS => match log {
+                    Some(log) => {
+                        if let Err(e) = forward(s, &log).await {
+                            tracing::info!(error = %e, "a forwarded connection failed");
+                        }
                     }
-                }
+                    None => tracing::warn!(
+                        "the guest asked for the host's forwarder, which a VM on the pod network does not have"
+                    ),
+                },
                 t => tracing::warn!(tag = t, "the guest opened a stream of unknown kind"),
             }
         });
@@ -402,7 +494,7 @@ mod tests {
         let (ready_tx, _ready_rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(guest_streams(
             inbound,
-            dir.path().join("egress.log"),
+            Some(dir.path().join("egress.log")),
             ready_tx,
         ));
         let (guest, _) = mux::start(guest_io, mux::Side::Guest);

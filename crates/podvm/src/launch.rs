@@ -164,6 +164,18 @@ pub struct Launch {
     pub accel: Accel,
     /// The TEE.
     pub tee: Tee,
+    /// The pod network's interfaces, each a tap QEMU makes (QEMU then runs in the pod's
+    /// network namespace); none: the VM has no network device.
+    pub nics: Vec<Nic>,
+}
+
+/// A network interface of the guest: a tap on the host, a virtio-net device in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap's name (QEMU makes it, and it goes when QEMU does).
+    pub tap: String,
+    /// The guest device's MAC.
+    pub mac: String,
 }
 
 /// The name of the agent's virtio-serial port in the guest.
@@ -286,6 +298,19 @@ impl Launch {
                 "virtserialport,bus=ports.0,chardev=psp,name={PSP_PORT}"
             ));
         }
+        for (i, n) in self.nics.iter().enumerate() {
+            push("-netdev");
+            push(&format!(
+                "tap,id=pod{i},ifname={},script=no,downscript=no",
+                n.tap
+            ));
+            push("-device");
+            // No option ROM: the guest boots its kernel directly, never from the network.
+            push(&format!(
+                "virtio-net-pci,netdev=pod{i},mac={},romfile=",
+                n.mac
+            ));
+        }
         push("-fw_cfg");
         push(&format!("name={CONFIG_FW_CFG},file={}", p(&self.config)));
         a
@@ -297,6 +322,10 @@ mod tests {
     use super::*;
 
     fn launch(tee: Tee, accel: Accel) -> Vec<String> {
+        launch_with(tee, accel, Vec::new())
+    }
+
+    fn launch_with(tee: Tee, accel: Accel, nics: Vec<Nic>) -> Vec<String> {
         let vm = PodVm {
             kernel: "/p/vmlinuz".into(),
             initrd: "/p/initrd.img".into(),
@@ -314,6 +343,7 @@ mod tests {
             cpus: 2,
             accel,
             tee,
+            nics,
         }
         .qemu_args()
         .into_iter()
@@ -335,6 +365,17 @@ mod tests {
             assert!(a.contains(want), "{want} missing in {a}");
         }
         assert!(!a.contains("-netdev") && !a.contains("nic"), "{a}");
+        // On a pod network: a tap per interface, the guest's device with its MAC.
+        let net = launch_with(
+            Tee::Emulated,
+            Accel::Tcg,
+            vec![Nic {
+                tap: "coffertap0".into(),
+                mac: "0a:58:0a:58:07:05".into(),
+            }],
+        )
+        .join(" ");
+        assert!(net.contains("-netdev tap,id=pod0,ifname=coffertap0,script=no,downscript=no -device virtio-net-pci,netdev=pod0,mac=0a:58:0a:58:07:05,romfile="), "{net}");
         // SEV-SNP: HOST_DATA in base64, the hashes of kernel, initrd and command line measured
         // by the firmware, and no emulated PSP port.
         let snp = launch(

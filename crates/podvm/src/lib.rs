@@ -13,7 +13,7 @@ pub mod mux;
 pub mod snp;
 pub mod verity;
 
-pub use launch::{Accel, Launch, PodVm, Tee};
+pub use launch::{Accel, Launch, Nic, PodVm, Tee};
 
 /// The firmware an SEV-SNP launch of a pod VM boots (OVMF's AmdSev build, which carries the
 /// kernel-hashes table), in the pod VM directory.

@@ -7,7 +7,10 @@
 //! reaped as `coffer rm -f` does ([`coffer_keeper::SandboxDir::stop`]), which the shim's
 //! `delete` action runs.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use coffer_agent::api::proto::{agent_client::AgentClient, DestroySandboxRequest};
 use coffer_keeper::{Keeper, KeeperArgs, KeeperError};
@@ -52,14 +55,24 @@ pub fn name_for(id: &str) -> String {
     }
 }
 
+/// The pod's network as containerd hands it to the sandbox.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PodNet<'a> {
+    /// The network namespace the CNI configured (none: the node's network).
+    pub netns: Option<&'a str>,
+    /// The pod's resolv.conf (from the CRI's DNS settings), for a pod VM's own resolver.
+    pub resolv_conf: Option<&'a Path>,
+}
+
 impl Sandbox {
-    /// Starts the sandbox `name` with `initdata` and waits until its agent serves; a process
-    /// sandbox's containers join the pod network namespace `netns` (the CNI's) when given.
+    /// Starts the sandbox `name` with `initdata` and waits until its agent serves. On a pod
+    /// network (`net.netns`, the CNI's namespace) a process sandbox's containers join that
+    /// namespace, and a pod VM takes over its interfaces.
     pub async fn launch(
         config: &ShimConfig,
         name: &str,
         initdata: &str,
-        netns: Option<&str>,
+        net: PodNet<'_>,
     ) -> Result<Sandbox, ShimError> {
         let dir = config.state_dir.join(name);
         if dir.exists() {
@@ -86,15 +99,11 @@ impl Sandbox {
         args.image_cache = Some(config.image_cache());
         args.plain_http = config.plain_http;
         args.watch_stdin = true;
-        match (config.sandbox, netns) {
-            // The process sandbox's containers join the pod network the CNI configured.
-            (SandboxKind::Process, Some(ns)) => args.pod_netns = Some(ns.into()),
-            (SandboxKind::Vm, Some(ns)) => tracing::warn!(
-                sandbox = name,
-                netns = ns,
-                "the pod VM does not join the pod network yet: its containers have only their pod's loopback"
-            ),
-            (_, None) => {}
+        if let Some(ns) = net.netns {
+            args.pod_netns = Some(ns.into());
+            if config.sandbox == SandboxKind::Vm {
+                args.resolv_conf = net.resolv_conf.map(Path::to_path_buf);
+            }
         }
         if let (SandboxKind::Vm, Some(podvm)) = (config.sandbox, &config.podvm) {
             args.podvm = Some(podvm.clone());

@@ -39,6 +39,16 @@ impl Drop for TestKbs {
 /// Starts a coffer-kbs with its store and admin key under `dir`; `tweak` adjusts the config
 /// (trust switches, emulated roots, …).
 pub async fn start_kbs(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestKbs {
+    start_kbs_at(dir, [127, 0, 0, 1].into(), tweak).await
+}
+
+/// [`start_kbs`] listening on `ip` (loopback, or an address of a network namespace that the
+/// test made).
+pub async fn start_kbs_at(
+    dir: &Path,
+    ip: std::net::IpAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> TestKbs {
     let (admin_private, admin_public) = generate_admin_key().unwrap();
     std::fs::write(dir.join("admin.pub"), admin_public).unwrap();
     let mut config = Config {
@@ -50,7 +60,7 @@ pub async fn start_kbs(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestKbs {
     };
     tweak(&mut config);
     let kbs = Kbs::new(config).await.unwrap();
-    let listener = coffer_kbs::server::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = coffer_kbs::server::listen((ip, 0).into()).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
         let _ = server::serve(kbs, listener).await;

@@ -290,8 +290,14 @@ pub const EXEC_ALLOWED: [&str; 3] = [
 ];
 
 pub fn node(d: &Path, podvm: Option<&Path>) -> Node {
+    node_at(d, podvm, "127.0.0.1")
+}
+
+/// A [`node`] whose KBS and registry listen on `ip` (an address of the test's network
+/// namespace that the pods' network reaches, e.g. its CNI bridge's).
+pub fn node_at(d: &Path, podvm: Option<&Path>, ip: &str) -> Node {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let world = super::bench_world(&rt, d);
+    let world = super::bench_world_at(&rt, d, ip);
     // A second initdata: the default policy, plus one exec.
     let policy = d.join("exec.rego");
     fs::write(
@@ -642,9 +648,19 @@ impl TestNetns {
         Self { name }
     }
 
+    /// Makes the CNI's bridge `cfr0` ahead of the plugin, with the gateway address `cidr`
+    /// (the plugin keeps both), so that the test's servers can listen on that address for the
+    /// pods before the first pod exists.
+    pub fn bridge(cidr: &str) {
+        super::run_ok(Command::new("ip").args(["link", "add", "cfr0", "type", "bridge"]));
+        super::run_ok(Command::new("ip").args(["addr", "add", cidr, "dev", "cfr0"]));
+        super::run_ok(Command::new("ip").args(["link", "set", "cfr0", "up"]));
+    }
+
     /// Writes a CNI configuration for the tests' containerd under `root`
     /// (`ROOT/etc/cni/net.d`): Debian's bridge plugin on bridge `cfr0` with host-local
-    /// addresses from `subnet` (its state under `root`), and loopback; no masquerading.
+    /// addresses from `subnet` (its state under `root`), portmap for hostPorts, and loopback;
+    /// no masquerading.
     pub fn cni_config(root: &Path, subnet: &str) {
         let dir = root.join("etc/cni/net.d");
         fs::create_dir_all(&dir).unwrap();
@@ -656,6 +672,7 @@ impl TestNetns {
                  "ipam": {"type": "host-local", "subnet": subnet,
                           "dataDir": root.join("var/lib/cni").display().to_string(),
                           "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "portmap", "capabilities": {"portMappings": true}},
                 {"type": "loopback"}
             ]
         });

@@ -74,13 +74,19 @@ impl Registry {
 
     /// A registry that requires HTTP basic auth from an htpasswd (bcrypt) line `user:hash`.
     pub fn start_with_auth(htpasswd: Option<&str>) -> Self {
+        Self::start_at("127.0.0.1", htpasswd)
+    }
+
+    /// A registry listening on `ip` (loopback, or an address of a network namespace that the
+    /// test made).
+    pub fn start_at(ip: &str, htpasswd: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
+        let port = TcpListener::bind((ip, 0))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{ip}:{port}");
         let config = dir.path().join("config.yml");
         let mut text = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
@@ -390,13 +396,19 @@ pub struct BenchWorld {
 
 /// Sets up a [`BenchWorld`] in `d`.
 pub fn bench_world(rt: &tokio::runtime::Runtime, d: &Path) -> BenchWorld {
+    bench_world_at(rt, d, "127.0.0.1")
+}
+
+/// A [`BenchWorld`] whose KBS and registry listen on `ip` (loopback, or an address of a
+/// network namespace that the test made, for pods on its pod network).
+pub fn bench_world_at(rt: &tokio::runtime::Runtime, d: &Path, ip: &str) -> BenchWorld {
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
-    let kbs = rt.block_on(coffer_testkit::start_kbs(d, |c| {
+    let kbs = rt.block_on(coffer_testkit::start_kbs_at(d, ip.parse().unwrap(), |c| {
         c.allow_emulated = true;
         c.emulated_root = Some(psp_dir.join("roots.pem"));
     }));
-    let registry = Registry::start();
+    let registry = Registry::start_at(ip, None);
     let image = push_encrypted_busybox(d, &registry.addr, None);
     rt.block_on(kbs.admin.set_resource(
         "default/image-keys/app",

@@ -63,9 +63,17 @@ impl Service {
             Role::Sandbox => {
                 let initdata = self.initdata(&spec)?;
                 let name = sandbox::name_for(&req.id);
-                let sb = Arc::new(
-                    Sandbox::launch(&config, &name, &initdata, spec.netns.as_deref()).await?,
-                );
+                // The pod's resolver, where containerd binds one into the sandbox.
+                let resolv = spec
+                    .mounts
+                    .iter()
+                    .find(|m| m.destination == "/etc/resolv.conf" && !m.source.is_empty())
+                    .map(|m| Path::new(&m.source));
+                let net = sandbox::PodNet {
+                    netns: spec.netns.as_deref(),
+                    resolv_conf: resolv,
+                };
+                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata, net).await?);
                 self.inner
                     .sandboxes
                     .lock()
@@ -97,7 +105,9 @@ impl Service {
                 .await?;
                 let initdata = self.initdata(&spec)?;
                 let name = sandbox::name_for(&req.id);
-                let sb = Arc::new(Sandbox::launch(&config, &name, &initdata, None).await?);
+                let sb = Arc::new(
+                    Sandbox::launch(&config, &name, &initdata, sandbox::PodNet::default()).await?,
+                );
                 (sb, Some(image), false, true)
             }
         };
