@@ -422,10 +422,15 @@ async fn pod_ip(p: &mut Pods, pod: &str) -> (String, String) {
         .unwrap()
         .into_inner();
     let info: serde_json::Value = serde_json::from_str(&r.info["info"]).unwrap();
-    (
-        r.status.unwrap().network.unwrap().ip,
-        info["netNamespacePath"].as_str().unwrap().to_string(),
-    )
+    let netns = info["runtimeSpec"]["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str())
+        .unwrap()
+        .to_string();
+    (r.status.unwrap().network.unwrap().ip, netns)
 }
 
 #[test]
