@@ -117,8 +117,10 @@ fn parse_mac(m: &str) -> Result<String, NetError> {
 }
 
 fn usable(a: IpAddr) -> bool {
-    !(a.is_unspecified() || a.is_loopback() || a.is_multicast())
-        && !matches!(a, IpAddr::V4(v) if v.is_broadcast())
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || matches!(a, IpAddr::V4(v) if v.is_broadcast()))
 }
 
 /// The IP literal of the KBS's URL, when it names one.

@@ -186,6 +186,7 @@ pub(crate) async fn serve(
         .and_then(|f| f.set_len(a.scratch_mib << 20))
         .with_context(|| format!("cannot create {}", scratch.display()))?;
     // The pod network, as the CNI configured it in the pod's namespace.
+    let t = std::time::Instant::now();
     let podnet = match &a.pod_netns {
         Some(ns) => {
             let ns = ns.clone();
@@ -193,6 +194,7 @@ pub(crate) async fn serve(
         }
         None => None,
     };
+    let read_ms = t.elapsed().as_millis() as u64;
     let config = a.dir.join("launch.json");
     std::fs::write(
         &config,
@@ -269,6 +271,7 @@ pub(crate) async fn serve(
         .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     // The taps take the pod's traffic once QEMU made them; the redirection is removed when
     // the keeper ends (and goes with the pod's namespace if the keeper is killed).
+    let t = std::time::Instant::now();
     let _plugged = match podnet.clone() {
         Some(net) => {
             let plugged = tokio::task::spawn_blocking(move || {
@@ -288,6 +291,7 @@ pub(crate) async fn serve(
         }
         None => None,
     };
+    let plug_ms = t.elapsed().as_millis() as u64;
 
     let conn = tokio::select! {
         c = chan.accept() => c?.0,
@@ -347,13 +351,19 @@ pub(crate) async fn serve(
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))
         };
+        let t = std::time::Instant::now();
         if let Err(e) = configured.await {
             stop(&mut qemu).await?;
             return Err(e.context("the pod VM's agent did not take the pod network"));
         }
+        // What networking adds to the start: reading the CNI's namespace, plugging the taps
+        // in, the guest's SetNetwork.
         tracing::info!(
             ms = spawned.elapsed().as_millis() as u64,
             interfaces = net.links.len(),
+            read_ms,
+            plug_ms,
+            configure_ms = t.elapsed().as_millis() as u64,
             "the pod VM is on the pod network"
         );
     }

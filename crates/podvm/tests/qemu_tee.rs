@@ -83,6 +83,7 @@ fn launch(dir: &Path, tee: Tee) -> (Launch, std::os::unix::net::UnixListener) {
         cpus: 2,
         accel: Accel::Kvm,
         tee,
+        nics: Vec::new(),
     };
     (l, chan)
 }
