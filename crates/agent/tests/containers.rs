@@ -44,18 +44,26 @@ fn setup() -> Setup {
         "runc".into(),
         Default::default(),
     );
-    let suffix = std::process::id();
+    // Unique across the test cells that run at once: each test is PID 1 or so of its own PID
+    // namespace, while cgroups (/coffer/ID) and the runtime's names are the machine's.
+    let suffix = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches('.')
+        .to_string();
     Setup {
         image,
         containers,
         id: format!("coffer-test-{suffix}"),
-        _cleanup: Cleanup(dir.path().join("bundles/.runtime"), suffix),
+        _cleanup: Cleanup(dir.path().join("bundles/.runtime"), suffix.clone()),
         dir,
     }
 }
 
 /// A test that fails half-way leaves no container (process, cgroup) behind.
-struct Cleanup(std::path::PathBuf, u32);
+struct Cleanup(std::path::PathBuf, String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {

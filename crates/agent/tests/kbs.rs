@@ -155,7 +155,13 @@ async fn encrypted_images_run_only_in_a_registered_launch() {
         ],
         ..Default::default()
     };
-    let suffix = std::process::id();
+    // Unique across the test cells that run at once (the cgroup /coffer/ID is the machine's).
+    let suffix = d
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches('.')
+        .to_string();
 
     // The registered launch: attests, gets the key, decrypts, runs.
     let agent = launch(d, "good", &psp_dir, &good).await;

@@ -635,8 +635,13 @@ pub struct TestNetns {
 impl TestNetns {
     /// Makes and enters the namespace.
     pub fn enter() -> Self {
-        let name = format!("coffer-t{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // Unique across the test cells that run at once (each its own PID namespace, where
+        // the process id says little); network namespace names are the machine's.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("coffer-t{}-{nanos:x}", std::process::id());
         super::run_ok(Command::new("ip").args(["netns", "add", &name]));
         super::run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
         let ns = fs::File::open(format!("/var/run/netns/{name}")).unwrap();
