@@ -200,24 +200,6 @@ impl Drop for Baseline {
     }
 }
 
-fn pod_network(config: &mut coffer_shim::cri::PodSandboxConfig, on: bool) {
-    config
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap()
-        .network = if on {
-        coffer_shim::cri::NamespaceMode::Pod
-    } else {
-        coffer_shim::cri::NamespaceMode::Node
-    } as i32;
-}
-
 /// What one node gave.
 struct Run {
     /// The baseline's figures and the pod's, measured in turn.
@@ -245,21 +227,9 @@ fn coffer_pod(
         let mut p = Pods::new(&n.containerd).await;
         p.pull(&n.app).await.unwrap();
         let mut config = p.sandbox_config("bench", &[(INITDATA, &n.annotation)]);
-        pod_network(&mut config, true);
+        p.on_pod_network(&mut config);
         let pod = p.run_pod(&config).await.expect("RunPodSandbox");
-        let ip =
-            p.rt.pod_sandbox_status(coffer_shim::cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap()
-            .network
-            .unwrap()
-            .ip;
+        let (ip, _) = p.address(&pod).await;
         let keeper_log = std::fs::read_to_string(
             n.containerd
                 .dir
@@ -289,7 +259,9 @@ fn coffer_pod(
             for network in [true, false] {
                 let mut c =
                     p.sandbox_config(&format!("start{i}{network}"), &[(INITDATA, &n.annotation)]);
-                pod_network(&mut c, network);
+                if network {
+                    p.on_pod_network(&mut c);
+                }
                 let t = Instant::now();
                 let pod = p.run_pod(&c).await.expect("RunPodSandbox");
                 let ms = t.elapsed().as_secs_f64() * 1e3;

@@ -391,48 +391,6 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
     assert_nothing_left(&n, &[&pod]);
 }
 
-/// Sets a pod's network to the pod's own (the CNI's), with the kubelet's DNS settings.
-fn on_pod_network(config: &mut coffer_shim::cri::PodSandboxConfig) {
-    config
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap()
-        .network = coffer_shim::cri::NamespaceMode::Pod as i32;
-    config.dns_config = Some(coffer_shim::cri::DnsConfig {
-        servers: vec!["10.96.0.10".into()],
-        searches: vec!["default.svc.cluster.local".into()],
-        options: vec!["ndots:5".into()],
-    });
-}
-
-/// The pod's address and its network namespace, from PodSandboxStatus.
-async fn pod_ip(p: &mut Pods, pod: &str) -> (String, String) {
-    let r =
-        p.rt.pod_sandbox_status(coffer_shim::cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(&r.info["info"]).unwrap();
-    let netns = info["runtimeSpec"]["linux"]["namespaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["type"] == "network")
-        .and_then(|n| n["path"].as_str())
-        .unwrap()
-        .to_string();
-    (r.status.unwrap().network.unwrap().ip, netns)
-}
-
 #[test]
 fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
     // Everything of this test, the CNI bridge and the pods' addresses included, lives in a
@@ -465,7 +423,7 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
         let mut p = Pods::new(&n.containerd).await;
         p.pull(&n.app).await.unwrap();
         let mut config = p.sandbox_config("vm-pod", &[(INITDATA, &n.annotation)]);
-        on_pod_network(&mut config);
+        p.on_pod_network(&mut config);
         config.port_mappings = vec![coffer_shim::cri::PortMapping {
             protocol: coffer_shim::cri::Protocol::Tcp as i32,
             container_port: 8080,
@@ -473,7 +431,7 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
             host_ip: String::new(),
         }];
         let pod = p.run_pod(&config).await.expect("RunPodSandbox (pod VM)");
-        let (ip, netns) = pod_ip(&mut p, &pod).await;
+        let (ip, netns) = p.address(&pod).await;
         assert!(std::path::Path::new(&netns).exists(), "{netns}");
         assert!(ip.starts_with("10.88.9."), "the pod's address: {ip:?}");
         let id = p
@@ -582,9 +540,9 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
     let pod = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         let mut config = p.sandbox_config("vm-victim", &[(INITDATA, &n.annotation)]);
-        on_pod_network(&mut config);
+        p.on_pod_network(&mut config);
         let pod = p.run_pod(&config).await.unwrap();
-        let (_, netns) = pod_ip(&mut p, &pod).await;
+        let (_, netns) = p.address(&pod).await;
         p.start_container(
             &pod,
             &config,
@@ -1259,34 +1217,9 @@ fn a_process_sandbox_pod_is_on_the_pod_network_the_cni_made() {
         p.pull(&n.app).await.unwrap();
         let mut config = p.sandbox_config("net", &[(INITDATA, &n.annotation)]);
         // The pod's own network (the CNI's), not the node's; the kubelet's DNS settings.
-        config
-            .linux
-            .as_mut()
-            .unwrap()
-            .security_context
-            .as_mut()
-            .unwrap()
-            .namespace_options
-            .as_mut()
-            .unwrap()
-            .network = coffer_shim::cri::NamespaceMode::Pod as i32;
-        config.dns_config = Some(coffer_shim::cri::DnsConfig {
-            servers: vec!["10.96.0.10".into()],
-            searches: vec!["default.svc.cluster.local".into()],
-            options: vec!["ndots:5".into()],
-        });
+        p.on_pod_network(&mut config);
         let pod = p.run_pod(&config).await.expect("RunPodSandbox with CNI");
-        let status =
-            p.rt.pod_sandbox_status(coffer_shim::cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        let ip = status.network.unwrap().ip;
+        let (ip, _) = p.address(&pod).await;
         assert!(ip.starts_with("10.88.7."), "the pod's address: {ip:?}");
 
         // A web server in the pod, and a second container that fetches from it by the pod's

@@ -437,6 +437,48 @@ impl Pods {
         }
     }
 
+    /// Puts a pod on its own network (the CNI's) rather than the node's, with DNS settings as
+    /// a kubelet sends them (server 10.96.0.10, search default.svc.cluster.local, ndots:5).
+    pub fn on_pod_network(&self, config: &mut coffer_shim::cri::PodSandboxConfig) {
+        use coffer_shim::cri::*;
+        if let Some(ns) = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+        {
+            ns.network = NamespaceMode::Pod as i32;
+        }
+        config.dns_config = Some(DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        });
+    }
+
+    /// A pod's address and its network namespace (PodSandboxStatus, verbose).
+    pub async fn address(&mut self, pod: &str) -> (String, String) {
+        let r = self
+            .rt
+            .pod_sandbox_status(coffer_shim::cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let info: serde_json::Value = serde_json::from_str(&r.info["info"]).unwrap();
+        let netns = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        (r.status.unwrap().network.unwrap_or_default().ip, netns)
+    }
+
     /// PullImage (`image` without a transport: `host:port/repo:tag`).
     pub async fn pull(&mut self, image: &str) -> Result<String, tonic::Status> {
         use coffer_shim::cri::*;
