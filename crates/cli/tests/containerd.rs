@@ -524,50 +524,60 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
         let e = agent.set_network(bad).await.unwrap_err();
         assert!(e.message().contains("already configured"), "{e:?}");
 
+        // Another pod VM on the pod network reaches this one's server, pod to pod (and stays,
+        // for the kill -9 below).
+        let mut victim = p.sandbox_config("vm-victim", &[(INITDATA, &n.annotation)]);
+        p.on_pod_network(&mut victim);
+        let other = p.run_pod(&victim).await.unwrap();
+        let (other_ip, other_netns) = p.address(&other).await;
+        assert!(other_ip.starts_with("10.88.9.") && other_ip != ip, "{other_ip}");
+        let peer = format!(
+            "wget -q -O - http://{ip}:8080/ && echo fetched from the other pod VM; exec sleep 300"
+        );
+        p.start_container(&other, &victim, "app", &n.app, &["/bin/sh", "-c", &peer])
+            .await
+            .unwrap();
+        let log = p.log_dir.join("vm-victim/app.log");
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("fetched from the other pod VM") {
+                assert!(
+                    text.contains("hello from the pod VM over the pod network"),
+                    "{text}"
+                );
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "pod to pod: {text}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+
         p.remove_pod(&pod).await.unwrap();
-        (pod, netns)
+        (pod, netns, other, other_netns)
     });
-    let (pod, netns) = pod;
+    let (first, netns, pod, victim_netns) = pod;
     assert!(!std::path::Path::new(&netns).exists(), "{netns} remains");
     for l in &app_layers {
         let (ctrd, others) = fetched_by(&n.world.registry, l);
         assert_eq!(ctrd, 0, "containerd fetched layer {l}");
         assert!(others > 0, "layer {l} was never fetched by the pod VM");
     }
-    assert_nothing_left(&n, &[&pod]);
 
     // kill -9 of the shim of a running pod VM: QEMU goes with it.
-    let pod = n.rt.block_on(async {
-        let mut p = Pods::new(&n.containerd).await;
-        let mut config = p.sandbox_config("vm-victim", &[(INITDATA, &n.annotation)]);
-        p.on_pod_network(&mut config);
-        let pod = p.run_pod(&config).await.unwrap();
-        let (_, netns) = p.address(&pod).await;
-        p.start_container(
-            &pod,
-            &config,
-            "app",
-            &n.app,
-            &["/bin/sh", "-c", "exec sleep 300"],
-        )
-        .await
-        .unwrap();
-        let pods = n.containerd.dir.join("node/run/coffer/pods");
-        assert!(
-            processes_mentioning(&pods.display().to_string())
-                .iter()
-                .any(|l| l.contains("qemu-system")),
-            "the pod VM runs under QEMU"
-        );
-        (pod, netns)
-    });
-    let (pod, netns) = pod;
+    let netns = victim_netns;
+    let pods = n.containerd.dir.join("node/run/coffer/pods");
+    assert!(
+        processes_mentioning(&pods.display().to_string())
+            .iter()
+            .any(|l| l.contains("qemu-system")),
+        "the pod VM runs under QEMU"
+    );
     kill9(shim_pid(&n));
     n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         p.remove_pod(&pod).await.unwrap();
     });
-    assert_nothing_left(&n, &[&pod]);
+    assert_nothing_left(&n, &[&first, &pod]);
     // Nothing of the pods' networks remains: no pod namespace, veth or tap.
     assert!(!std::path::Path::new(&netns).exists(), "{netns} remains");
     let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
