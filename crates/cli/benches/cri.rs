@@ -11,10 +11,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use coffer_shim::annotations::INITDATA;
 use common::{containerd::Pods, ms};
@@ -35,13 +32,7 @@ fn main() {
     let d = dir.path();
     let podvm = vm.then(|| {
         let out = d.join("podvm");
-        common::run_ok(
-            Command::new(common::coffer_bin())
-                .args(["podvm", "build", "--out"])
-                .arg(&out)
-                .arg("--agent")
-                .arg(common::agent_binary()),
-        );
+        common::build_podvm(&out);
         out
     });
     let n = common::containerd::node(d, podvm.as_deref());

@@ -279,13 +279,6 @@ fn coffer_pod(
     })
 }
 
-/// `key=value` of a log line.
-fn field(line: &str, key: &str) -> Option<f64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.trim_matches(|c| c == '"' || c == '\\').parse().ok())
-}
-
 fn main() {
     let vm = std::env::args().any(|a| a == "--vm");
     // The keepers (started by containerd's shims, which inherit this) log their start phases.
@@ -309,26 +302,18 @@ fn main() {
         let d = dir.path().join("vm");
         std::fs::create_dir_all(&d).unwrap();
         let podvm = d.join("podvm");
-        common::run_ok(
-            Command::new(common::coffer_bin())
-                .args(["podvm", "build", "--out"])
-                .arg(&podvm)
-                .arg("--agent")
-                .arg(common::agent_binary()),
-        );
+        common::build_podvm(&podvm);
         let r = coffer_pod(&d, Some(&podvm), 16, 100, 0);
         print("veth (baseline)", &r.base, None);
         print("pod VM", &r.pod, Some(&r.base));
-        if let Some(line) = r
-            .keeper_log
-            .lines()
-            .find(|l| l.contains("the pod VM is on the pod network"))
-        {
+        const MARK: &str = "the pod VM is on the pod network";
+        if r.keeper_log.contains(MARK) {
+            let ms = |key| common::log_field(&r.keeper_log, MARK, key).unwrap_or(f64::NAN);
             println!(
                 "pod VM networking at start: read the namespace {} ms, plug the taps {} ms, SetNetwork {} ms",
-                field(line, "read_ms").unwrap_or(f64::NAN),
-                field(line, "plug_ms").unwrap_or(f64::NAN),
-                field(line, "configure_ms").unwrap_or(f64::NAN)
+                ms("read_ms"),
+                ms("plug_ms"),
+                ms("configure_ms")
             );
         }
     }

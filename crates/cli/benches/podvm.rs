@@ -41,14 +41,6 @@ fn worst(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-/// `key=value` of the last console line containing `needle`.
-fn field(console: &str, needle: &str, key: &str) -> Option<f64> {
-    let line = console.lines().rev().find(|l| l.contains(needle))?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.trim_matches('"').parse().ok())
-}
-
 /// How long one run may take before it counts as stalled.
 const RUN_BOUND: Duration = Duration::from_secs(240);
 
@@ -63,7 +55,8 @@ fn main() {
         .and_then(|i| args.get(i + 1).cloned());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = common::agent_binary();
+    // The agent is built (when missing) here, before the timed pod VM build.
+    let _ = common::agent_binary();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let common::BenchWorld {
         kbs,
@@ -74,13 +67,7 @@ fn main() {
     } = common::bench_world(&rt, d);
     let podvm = d.join("podvm");
     let t = Instant::now();
-    run_ok(
-        Command::new(coffer())
-            .args(["podvm", "build", "--out"])
-            .arg(&podvm)
-            .arg("--agent")
-            .arg(&agent),
-    );
+    common::build_podvm(&podvm);
     println!("podvm build: {:.0} ms", ms(t.elapsed()));
     if verbose {
         let cmdline = std::fs::read_to_string(podvm.join("cmdline")).unwrap();
@@ -221,14 +208,14 @@ fn main() {
         "encrypted scratch mounted",
         "booted",
     ] {
-        if let Some(v) = field(&console, step, "ms") {
+        if let Some(v) = common::log_field(&console, step, "ms") {
             println!("  {step}: {v:.0}");
         }
     }
     for when in ["agent ready", "container running"] {
         let needle = format!("when=\"{when}\"");
-        let used = field(&console, &needle, "guest_used_kib");
-        let rss = field(&console, &needle, "agent_rss_kib");
+        let used = common::log_field(&console, &needle, "guest_used_kib");
+        let rss = common::log_field(&console, &needle, "agent_rss_kib");
         if let (Some(u), Some(r)) = (used, rss) {
             println!(
                 "guest memory at {when}: {:.1} MiB in use (MemTotal - MemAvailable), agent RSS {:.1} MiB",

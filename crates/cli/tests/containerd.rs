@@ -402,13 +402,7 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
     let d = dir.path();
     common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.9.0/24");
     let podvm = d.join("podvm");
-    common::run_ok(
-        Command::new(common::coffer_bin())
-            .args(["podvm", "build", "--out"])
-            .arg(&podvm)
-            .arg("--agent")
-            .arg(common::agent_binary()),
-    );
+    common::build_podvm(&podvm);
     let n = common::containerd::node_at(d, Some(&podvm), "10.88.9.1");
     let app_layers = layers(&n.app);
     let registry_port = n

@@ -356,6 +356,25 @@ pub fn push_encrypted_busybox(dir: &Path, registry: &str, creds: Option<&str>) -
     image
 }
 
+/// The number in `key=value` on the last line of a log (`text`) containing `needle`.
+pub fn log_field(text: &str, needle: &str, key: &str) -> Option<f64> {
+    let line = text.lines().rev().find(|l| l.contains(needle))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+}
+
+/// Builds a pod VM into `out` with `coffer podvm build` and this package's agent.
+pub fn build_podvm(out: &Path) {
+    run_ok(
+        Command::new(coffer_bin())
+            .args(["podvm", "build", "--out"])
+            .arg(out)
+            .arg("--agent")
+            .arg(agent_binary()),
+    );
+}
+
 /// The `coffer-agent` binary beside this package's `coffer`. Workspace test runs build it; a
 /// benchmark (release profile, this package only) or a lone `cargo test -p coffer` builds it here.
 pub fn agent_binary() -> PathBuf {
