@@ -52,6 +52,20 @@ pub struct RunArgs {
     /// The pod VM's virtual CPUs [default: 2 under KVM, 1 under TCG].
     #[arg(long, default_value_t = 0)]
     cpus: u32,
+    /// The sandbox's network: `none` (the containers have only their loopback; the sandbox's
+    /// own traffic, to the KBS and registries, goes through a forwarder on this host that logs
+    /// each destination), `host` (a process sandbox's containers share this host's network) or
+    /// `cni` (a network namespace of the sandbox's own from the CNI plugins of
+    /// --cni-conf-dir, as a pod gets one; a pod VM takes its interfaces over and its own traffic
+    /// goes there).
+    #[arg(long, default_value = "none")]
+    network: String,
+    /// Where `--network cni` finds its network configuration (the first by name).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where `--network cni` finds the CNI plugins (`:`-separated).
+    #[arg(long, default_value = "/usr/lib/cni:/opt/cni/bin")]
+    cni_bin_dir: String,
     /// The KBS; must be the one the initdata names.
     #[arg(long)]
     kbs: String,
@@ -139,6 +153,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         ("snp" | "tdx", false) => bail!("--tee {} needs --sandbox vm: a process sandbox has no TEE", a.tee),
         (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
     }
+    match (a.network.as_str(), podvm.is_some()) {
+        ("none" | "cni", _) | ("host", false) => {}
+        ("host", true) => {
+            bail!("--network host: a pod VM cannot share this host's network; use none or cni")
+        }
+        (other, _) => bail!("--network {other}: use none, host or cni"),
+    }
 
     if sandbox.dir.exists() {
         if sandbox.alive() {
@@ -166,6 +187,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     args.image_cache = Some(cache);
     args.plain_http = a.plain_http;
     args.watch_stdin = !a.detach;
+    args.network = a.network.clone();
+    args.cni_conf_dir = a.cni_conf_dir.clone();
+    args.cni_bin_dir = a.cni_bin_dir.clone();
     if let Some(dir) = &podvm {
         args.podvm = Some(dir.clone());
         args.accel = a.accel.clone();
@@ -193,6 +217,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             Err(e) => return Err(e.into()),
         }
         let mut c = sandbox.connect().await?;
+        if let Some(address) = coffer_keeper::cni::address(&sandbox.dir) {
+            eprintln!("coffer: sandbox {name} is on the CNI network at {address}");
+        }
         c.create_container(CreateContainerRequest {
             container_id: name.clone(),
             image: a.image.clone(),

@@ -458,9 +458,9 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
         .await
         .expect("the web server");
         let until = std::time::Instant::now() + Duration::from_secs(120);
-        let page = http_get(&ip, 8080, until);
+        let page = common::http_get(&ip, 8080, until);
         assert!(page.contains("hello from the pod VM over the pod network"), "{page}");
-        let page = http_get("10.88.9.1", 18080, until);
+        let page = common::http_get("10.88.9.1", 18080, until);
         assert!(page.contains("hello from the pod VM over the pod network"), "hostPort: {page}");
         // And the pod reaches the node: the registry's API root, the pod's resolver as the
         // CRI's DNS settings made it, its own address on eth0.
@@ -1184,30 +1184,6 @@ fn a_pod_policy_generated_from_its_deployment_runs_it_and_refuses_every_change()
     assert_nothing_left(&n, &[&pod]);
 }
 
-/// Reads `http://addr:port/` over HTTP/1.0 (busybox httpd), retrying until `until`.
-fn http_get(addr: &str, port: u16, until: std::time::Instant) -> String {
-    use std::io::{Read, Write};
-    loop {
-        let got = std::net::TcpStream::connect((addr, port)).and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match got {
-            Ok(page) if page.contains("200 OK") => return page,
-            other => {
-                assert!(
-                    std::time::Instant::now() < until,
-                    "{addr}:{port}: {other:?}"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
 #[test]
 fn a_process_sandbox_pod_is_on_the_pod_network_the_cni_made() {
     // Everything of this test, the CNI bridge and the pods' addresses included, lives in a
@@ -1242,7 +1218,7 @@ fn a_process_sandbox_pod_is_on_the_pod_network_the_cni_made() {
         .await
         .expect("the web server");
         let until = std::time::Instant::now() + Duration::from_secs(60);
-        let page = http_get(&ip, 8080, until);
+        let page = common::http_get(&ip, 8080, until);
         assert!(page.contains("hello over the pod network"), "{page}");
         let fetch = format!(
             "for i in $(seq 1 50); do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.2; done; exit 1"

@@ -1488,3 +1488,92 @@ async fn a_pod_vm_built_for_sev_snp_measures_as_amds_reference_tool_does() {
         assert!(refs.get("snp_tcb_min").is_none(), "{refs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_on_a_cni_network_serves_at_its_address_and_gives_it_back() {
+    // The CNI bridge and the sandbox's address exist only in this test's network namespace.
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.13.1/24");
+    let w = world().await;
+    let root = w.d().join("cni");
+    common::containerd::TestNetns::cni_config(&root, "10.88.13.0/24");
+    let conf = root.join("etc/cni/net.d").display().to_string();
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register(&[&init]).await;
+
+    // What --network takes, refused before anything starts.
+    let (code, _, stderr) = cli(w.run(&init, "n0", &["--network", "bridge"], &["true"])).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("--network bridge: use none, host or cni"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli(w.run_in(
+        &["--sandbox", "vm", "--podvm", w.d().to_str().unwrap()],
+        &init,
+        "n0",
+        &["--network", "host"],
+        &["true"],
+    ))
+    .await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("pod VM"), "{stderr}");
+
+    // A web server on the CNI network: reached from here at the address the plugins gave it.
+    // The sandbox name is unique on this machine: it names the network namespace.
+    let name = format!(
+        "w{}",
+        w.d()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
+    let (code, stdout, stderr) = cli(w.run(
+        &init,
+        &name,
+        &["-d", "--network", "cni", "--cni-conf-dir", &conf],
+        &[
+            "/bin/sh",
+            "-c",
+            "mkdir -p /www && echo hello on the cni network > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, format!("{name}\n"));
+    let address = stderr
+        .lines()
+        .find_map(|l| l.split("on the CNI network at ").nth(1))
+        .unwrap_or_else(|| panic!("no address in {stderr}"))
+        .to_string();
+    let ip = address.split('/').next().unwrap().to_string();
+    assert!(ip.starts_with("10.88.13."), "{address}");
+    let netns = PathBuf::from(format!("/run/netns/coffer-{name}"));
+    assert!(netns.exists());
+    let page = tokio::task::spawn_blocking({
+        let ip = ip.clone();
+        move || common::http_get(&ip, 8080, Instant::now() + Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(page.contains("hello on the cni network"), "{page}");
+    let leases = root.join("var/lib/cni/coffer-test");
+    assert!(leases.join(&ip).exists(), "host-local leased {ip}");
+
+    // kill -9 of its keeper, then `coffer rm`: the plugins give the address back and the
+    // namespace goes.
+    let keeper = std::fs::read_to_string(w.state.join(&name).join("keeper.pid")).unwrap();
+    kill9(keeper.trim());
+    eventually("the keeper to die", || exited(keeper.trim())).await;
+    let (code, _, stderr) = w.ctl(&["rm", &name]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    nothing_left(&w, &name, "hello on the cni network").await;
+    assert!(!netns.exists(), "{} remains", netns.display());
+    assert!(
+        !leases.join(&ip).exists(),
+        "the address {ip} is still leased"
+    );
+    let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
+    assert!(!links.contains("veth"), "{links}");
+}

@@ -6,7 +6,8 @@
 //! agent's log, or a pod VM's console), `egress.log`, `audit.jsonl` (the agent's policy
 //! decisions), and per kind: `psp.sock`, `net.sock` and `state/` (a process sandbox), or
 //! `psp-chan.sock`, `agent-chan.sock`, `scratch.img`, `launch.json` and `qemu.log` (a pod VM);
-//! `failed` when the sandbox failed (see [`crate::FAILED`]).
+//! `cni.json` while the sandbox is attached to a CNI network ([`crate::cni`]); `failed` when
+//! the sandbox failed (see [`crate::FAILED`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -82,6 +83,7 @@ impl SandboxDir {
     /// Removes the sandbox's cgroups (waiting for their processes to die) and its directory.
     pub(crate) fn remove(&self) -> Result<(), SandboxError> {
         remove_cgroups(&self.name)?;
+        crate::cni::release(&self.dir);
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -116,6 +118,7 @@ impl SandboxDir {
     /// (the keeper's, QEMU's and the console): its cgroups, sockets, scratch disk and state.
     pub(crate) fn retire(&self, why: &str) -> Result<(), SandboxError> {
         remove_cgroups(&self.name)?;
+        crate::cni::release(&self.dir);
         let tail = crate::console_tail(&self.dir, crate::CONSOLE_LINES);
         let mut record = format!("{}\n", why.replace('\n', " "));
         if !tail.is_empty() {

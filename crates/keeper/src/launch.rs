@@ -90,6 +90,18 @@ pub struct KeeperArgs {
     /// uses itself.
     #[arg(long)]
     pub resolv_conf: Option<PathBuf>,
+    /// The sandbox's network when no `--pod-netns` is given: `none` (containers have only
+    /// their loopback; the sandbox's own traffic goes through the keeper's logged forwarder),
+    /// `host` (a process sandbox's containers share the host's network), or `cni` (a
+    /// namespace of its own from the CNI plugins, [`crate::cni`]).
+    #[arg(long, default_value = "none")]
+    pub network: String,
+    /// Where `--network cni` finds its network configuration.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Where `--network cni` finds the plugins (`:`-separated).
+    #[arg(long, default_value = "/usr/lib/cni:/opt/cni/bin")]
+    pub cni_bin_dir: String,
     /// Run the agent in this pod VM (`coffer podvm build --out DIR`) instead of a process
     /// sandbox.
     #[arg(long)]
@@ -205,6 +217,9 @@ impl KeeperArgs {
             watch_stdin: false,
             pod_netns: None,
             resolv_conf: None,
+            network: "none".into(),
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dir: "/usr/lib/cni:/opt/cni/bin".into(),
             podvm: None,
             accel: "auto".into(),
             tee: "emulated".into(),
@@ -241,6 +256,9 @@ impl KeeperArgs {
         if let Some(p) = &self.resolv_conf {
             opt("resolv-conf", p.clone().into());
         }
+        opt("network", self.network.clone().into());
+        opt("cni-conf-dir", self.cni_conf_dir.clone().into());
+        opt("cni-bin-dir", self.cni_bin_dir.clone().into());
         opt("accel", self.accel.clone().into());
         opt("tee", self.tee.clone().into());
         opt("snp-cpu", self.snp_cpu.clone().into());
@@ -447,6 +465,9 @@ mod tests {
         a.podvm = Some("/usr/share/coffer/podvm".into());
         a.pod_netns = Some("/var/run/netns/cni-1234".into());
         a.resolv_conf = Some("/run/containerd/sandboxes/p1/resolv.conf".into());
+        a.network = "cni".into();
+        a.cni_conf_dir = "/etc/coffer/cni".into();
+        a.cni_bin_dir = "/opt/cni/bin".into();
         a.accel = "tcg".into();
         a.tee = "snp".into();
         a.firmware = Some("/usr/share/coffer/OVMF.amdsev.fd".into());

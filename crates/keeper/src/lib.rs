@@ -14,6 +14,7 @@
 //! are argument parsing and protocol translation over this crate.
 
 pub mod cgroup;
+pub mod cni;
 pub mod dir;
 pub mod egress;
 mod error;

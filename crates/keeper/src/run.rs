@@ -58,8 +58,40 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.initdata)
         .with_context(|| format!("cannot read {}", a.initdata.display()))?;
     let digest = coffer_wire::initdata::digest(&text)?;
+    let a = &with_network(a)?;
     match &a.podvm {
         Some(podvm) => crate::vm::serve(a, podvm, &text, &digest).await,
         None => crate::process::serve(a, &digest).await,
     }
+}
+
+/// The arguments with the pod network `--network` asks for as `pod_netns` (a CNI attachment
+/// is released when the sandbox is removed, [`SandboxDir`]).
+fn with_network(a: &KeeperArgs) -> anyhow::Result<KeeperArgs> {
+    let mut a = a.clone();
+    match (a.network.as_str(), &a.pod_netns, &a.podvm) {
+        ("none", _, _) => {}
+        (_, Some(_), _) => anyhow::bail!(
+            "--network {} and --pod-netns: the pod's network is already given",
+            a.network
+        ),
+        ("host", None, Some(_)) => anyhow::bail!(
+            "--network host: a pod VM cannot share the host's network; use none or cni"
+        ),
+        ("host", None, None) => a.pod_netns = Some("/proc/1/ns/net".into()),
+        ("cni", None, _) => {
+            a.pod_netns = Some(crate::cni::attach(
+                &a.dir,
+                &a.name,
+                &a.cni_conf_dir,
+                &a.cni_bin_dir,
+            )?);
+            tracing::info!(
+                address = crate::cni::address(&a.dir).unwrap_or_default(),
+                "the sandbox is on the CNI network"
+            );
+        }
+        (other, None, _) => anyhow::bail!("--network {other}: use none, host or cni"),
+    }
+    Ok(a)
 }

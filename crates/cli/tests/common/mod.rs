@@ -356,6 +356,30 @@ pub fn push_encrypted_busybox(dir: &Path, registry: &str, creds: Option<&str>) -
     image
 }
 
+/// Reads `http://addr:port/` over HTTP/1.0 (busybox httpd), retrying until `until`.
+pub fn http_get(addr: &str, port: u16, until: std::time::Instant) -> String {
+    use std::io::{Read, Write};
+    loop {
+        let got = std::net::TcpStream::connect((addr, port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match got {
+            Ok(page) if page.contains("200 OK") => return page,
+            other => {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "{addr}:{port}: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// The number in `key=value` on the last line of a log (`text`) containing `needle`.
 pub fn log_field(text: &str, needle: &str, key: &str) -> Option<f64> {
     let line = text.lines().rev().find(|l| l.contains(needle))?;
