@@ -191,6 +191,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     args.cni_conf_dir = a.cni_conf_dir.clone();
     args.cni_bin_dir = a.cni_bin_dir.clone();
     if let Some(dir) = &podvm {
+        // A pod VM on a CNI network resolves names as this host does.
+        if a.network == "cni" && std::path::Path::new("/etc/resolv.conf").is_file() {
+            args.resolv_conf = Some("/etc/resolv.conf".into());
+        }
         args.podvm = Some(dir.clone());
         args.accel = a.accel.clone();
         args.tee = a.tee.clone();

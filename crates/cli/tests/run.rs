@@ -45,7 +45,7 @@ struct World {
     kbs: coffer_testkit::TestKbs,
     image: String,
     state: PathBuf,
-    _registry: common::Registry,
+    registry: common::Registry,
 }
 
 async fn world() -> World {
@@ -54,12 +54,18 @@ async fn world() -> World {
 
 /// A world whose registry wants basic auth `creds` ("user:password") when given.
 async fn world_with(creds: Option<&str>) -> World {
+    world_at("127.0.0.1", creds).await
+}
+
+/// A world whose KBS and registry listen on `ip` (loopback, or an address of the test's own
+/// network namespace that a sandbox on its CNI network reaches).
+async fn world_at(ip: &str, creds: Option<&str>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = common::agent_binary();
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
-    let kbs = coffer_testkit::start_kbs(d, |c| {
+    let kbs = coffer_testkit::start_kbs_at(d, ip.parse().unwrap(), |c| {
         c.allow_emulated = true;
         c.emulated_root = Some(psp_dir.join("roots.pem"));
     })
@@ -67,11 +73,11 @@ async fn world_with(creds: Option<&str>) -> World {
 
     // The image, pushed by skopeo encrypted to a JWE key whose private half only the KBS holds.
     let registry = match creds {
-        None => common::Registry::start(),
+        None => common::Registry::start_at(ip, None),
         Some(c) => {
             let (user, pass) = c.split_once(':').unwrap();
             let hash = bcrypt::hash(pass, 4).unwrap();
-            common::Registry::start_with_auth(Some(&format!("{user}:{hash}")))
+            common::Registry::start_at(ip, Some(&format!("{user}:{hash}")))
         }
     };
     let image = common::push_encrypted_busybox(d, &registry.addr, creds);
@@ -89,7 +95,7 @@ async fn world_with(creds: Option<&str>) -> World {
         agent,
         kbs,
         image,
-        _registry: registry,
+        registry,
     }
 }
 
@@ -1574,6 +1580,65 @@ async fn a_sandbox_on_a_cni_network_serves_at_its_address_and_gives_it_back() {
         !leases.join(&ip).exists(),
         "the address {ip} is still leased"
     );
+    let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
+    assert!(!links.contains("veth"), "{links}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_vm_on_a_cni_network_attests_and_pulls_over_it() {
+    // The KBS and the registry listen on the CNI bridge's address in this test's own network
+    // namespace: the pod VM reaches them over its CNI interface, not through this host's
+    // forwarder.
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.14.1/24");
+    let w = world_at("10.88.14.1", None).await;
+    let root = w.d().join("cni");
+    common::containerd::TestNetns::cni_config(&root, "10.88.14.0/24");
+    let conf = root.join("etc/cni/net.d").display().to_string();
+    let podvm = podvm(&w, "podvm").await;
+    let vm = vm_args(&podvm);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register_for(&vm, &[&init]).await;
+    let name = format!(
+        "v{}",
+        w.d()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
+    let registry = w.registry.addr.clone();
+    let script = format!(
+        "ip -o addr show dev eth0; wget -q -O - http://{registry}/v2/ && echo && echo reached the registry"
+    );
+    let (code, stdout, stderr) = cli(w.run_in(
+        &vm,
+        &init,
+        &name,
+        &["--network", "cni", "--cni-conf-dir", &conf],
+        &["/bin/sh", "-c", &script],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let address = stderr
+        .lines()
+        .find_map(|l| l.split("on the CNI network at ").nth(1))
+        .unwrap_or_else(|| panic!("no address in {stderr}"))
+        .to_string();
+    let ip = address.split('/').next().unwrap().to_string();
+    assert!(ip.starts_with("10.88.14."), "{address}");
+    assert!(stdout.contains(&format!("inet {address}")), "{stdout}");
+    assert!(stdout.contains("reached the registry"), "{stdout}");
+    // The guest pulled its image itself, from its CNI address.
+    let gets = w.registry.blob_gets();
+    assert!(
+        gets.iter().any(|l| l.starts_with(&format!("{ip} "))),
+        "no blob request from {ip}: {gets:#?}"
+    );
+    nothing_left(&w, &name, "reached the registry").await;
+    assert!(!PathBuf::from(format!("/run/netns/coffer-{name}")).exists());
+    assert!(!root.join("var/lib/cni/coffer-test").join(&ip).exists());
     let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
     assert!(!links.contains("veth"), "{links}");
 }

@@ -188,7 +188,8 @@ impl PodNetwork {
     }
 
     /// The guest's configuration: these interfaces and routes, and the resolver of
-    /// `resolv_conf` (the pod's, as the CRI's DNS settings made it) when given.
+    /// `resolv_conf` (the pod's, as the CRI's DNS settings made it, or the host's for `coffer
+    /// run`) when given, less loopback name servers (the guest's loopback is not the host's).
     pub fn request(&self, resolv_conf: Option<&str>) -> SetNetworkRequest {
         let mut req = SetNetworkRequest {
             interfaces: self
@@ -207,12 +208,19 @@ impl PodNetwork {
         for line in resolv_conf.unwrap_or_default().lines() {
             let mut words = line.split_whitespace();
             match words.next() {
-                Some("nameserver") => req.dns_servers.extend(words.next().map(str::to_string)),
+                Some("nameserver") => req.dns_servers.extend(
+                    words
+                        .next()
+                        .filter(|a| !a.parse::<IpAddr>().is_ok_and(|a| a.is_loopback()))
+                        .map(str::to_string),
+                ),
                 Some("search") => req.dns_searches.extend(words.map(str::to_string)),
                 Some("options") => req.dns_options.extend(words.map(str::to_string)),
                 _ => {}
             }
         }
+        // The resolver reads three (glibc's MAXNS), and the agent takes no more.
+        req.dns_servers.truncate(3);
         req
     }
 }
@@ -316,7 +324,7 @@ mod tests {
             routes,
         };
         let req = net.request(Some(
-            "search default.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n",
+            "search default.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver 127.0.0.53\noptions ndots:5\n",
         ));
         assert_eq!(req.dns_servers, ["10.96.0.10"]);
         assert_eq!(req.dns_searches.len(), 2);
