@@ -604,15 +604,11 @@ pub async fn connect_unix(
 pub async fn connect_mux(
     opener: coffer_podvm::mux::Opener,
 ) -> Result<agent_client::AgentClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let channel =
-        tonic::transport::Endpoint::from_static("http://agent.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let opener = opener.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(opener.open().await?))
-                }
-            }))
-            .await?;
+    let channel = channel_via(move || {
+        let opener = opener.clone();
+        async move { opener.open().await }
+    })
+    .await?;
     Ok(agent_client::AgentClient::new(channel))
 }
 
@@ -621,15 +617,23 @@ pub async fn unix_channel(
     path: &Path,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let path = path.to_path_buf();
-    // The URI is required by the transport and unused: the connector dials the socket.
-    tonic::transport::Endpoint::from_static("http://unix.invalid")
+    channel_via(move || tokio::net::UnixStream::connect(path.clone())).await
+}
+
+/// A gRPC channel whose connections `connect` makes (the endpoint's URI is required by the
+/// transport and unused).
+async fn channel_via<F, Fut, S>(
+    connect: F,
+) -> Result<tonic::transport::Channel, tonic::transport::Error>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    tonic::transport::Endpoint::from_static("http://agent.invalid")
         .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
+            let connect = connect.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(connect().await?)) }
         }))
         .await
 }

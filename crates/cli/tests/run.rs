@@ -1525,6 +1525,27 @@ async fn a_sandbox_on_a_cni_network_serves_at_its_address_and_gives_it_back() {
     assert_ne!(code, Some(0));
     assert!(stderr.contains("pod VM"), "{stderr}");
 
+    // --network host: a process sandbox's containers see this (the test's) namespace, with
+    // its bridge; nothing of the sandbox remains afterwards, its bind of the namespace included.
+    let (code, stdout, stderr) = cli(w.run(
+        &init,
+        "h1",
+        &["--network", "host"],
+        &["/bin/sh", "-c", "ip -o link; echo on the host network"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("cfr0"), "{stdout}");
+    nothing_left(&w, "h1", "on the host network").await;
+    // --network none (the default): only the loopback.
+    let (code, stdout, stderr) =
+        cli(w.run(&init, "h2", &[], &["/bin/sh", "-c", "ip -o link"])).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("lo:") && !stdout.contains("cfr0"),
+        "{stdout}"
+    );
+
     // A web server on the CNI network: reached from here at the address the plugins gave it.
     // The sandbox name is unique on this machine: it names the network namespace.
     let name = format!(

@@ -6,8 +6,9 @@
 //! agent's log, or a pod VM's console), `egress.log`, `audit.jsonl` (the agent's policy
 //! decisions), and per kind: `psp.sock`, `net.sock` and `state/` (a process sandbox), or
 //! `psp-chan.sock`, `agent-chan.sock`, `scratch.img`, `launch.json` and `qemu.log` (a pod VM);
-//! `cni.json` while the sandbox is attached to a CNI network ([`crate::cni`]); `failed` when
-//! the sandbox failed (see [`crate::FAILED`]).
+//! `cni.json` while the sandbox is attached to a CNI network ([`crate::cni`]), `host.netns`
+//! (the host's network namespace, bound) with `--network host`; `failed` when the sandbox
+//! failed (see [`crate::FAILED`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -80,10 +81,19 @@ impl SandboxDir {
         self.remove()
     }
 
+    /// Gives back the sandbox's network: its CNI attachment, or the host namespace's bind.
+    fn release_network(&self) {
+        crate::cni::release(&self.dir);
+        let host = self.dir.join(crate::run::HOST_NETNS);
+        if host.exists() {
+            let _ = rustix::mount::unmount(&host, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+
     /// Removes the sandbox's cgroups (waiting for their processes to die) and its directory.
     pub(crate) fn remove(&self) -> Result<(), SandboxError> {
         remove_cgroups(&self.name)?;
-        crate::cni::release(&self.dir);
+        self.release_network();
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -118,7 +128,7 @@ impl SandboxDir {
     /// (the keeper's, QEMU's and the console): its cgroups, sockets, scratch disk and state.
     pub(crate) fn retire(&self, why: &str) -> Result<(), SandboxError> {
         remove_cgroups(&self.name)?;
-        crate::cni::release(&self.dir);
+        self.release_network();
         let tail = crate::console_tail(&self.dir, crate::CONSOLE_LINES);
         let mut record = format!("{}\n", why.replace('\n', " "));
         if !tail.is_empty() {

@@ -7,10 +7,10 @@
 //! connections the keeper accepts on `agent.sock` once the agent said it serves, and the
 //! guest's outbound connections (SOCKS5, each destination logged to `egress.log`) when the VM
 //! has no network device. On a pod network (`--pod-netns`) the VM instead takes over the
-//! interfaces the CNI configured ([`crate::podnet`]) and its own traffic goes there. `scratch.img` is the guest's scratch disk, which the guest encrypts and
-//! integrity-protects; `agent.log` is the VM's console (kernel and agent). QEMU dies with the
-//! keeper (parent-death signal); the sandbox ends when QEMU does (the agent powers the VM off
-//! after DestroySandbox).
+//! interfaces the CNI configured ([`crate::podnet`]) and its own traffic goes there.
+//! `scratch.img` is the guest's scratch disk, which the guest encrypts and integrity-protects;
+//! `agent.log` is the VM's console (kernel and agent). QEMU dies with the keeper (parent-death
+//! signal); the sandbox ends when QEMU does (the agent powers the VM off after DestroySandbox).
 
 use std::{
     path::{Path, PathBuf},
@@ -195,6 +195,14 @@ pub(crate) async fn serve(
         None => None,
     };
     let read_ms = t.elapsed().as_millis() as u64;
+    // The pod's resolver, for the guest's SetNetwork (read now: a bad path fails before boot).
+    let resolv = match (&podnet, &a.resolv_conf) {
+        (Some(_), Some(p)) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the pod's resolver {}", p.display()))?,
+        ),
+        _ => None,
+    };
     let config = a.dir.join("launch.json");
     std::fs::write(
         &config,
@@ -336,13 +344,6 @@ pub(crate) async fn serve(
     if let Some(net) = &podnet {
         // The guest takes the pod's addresses, routes and resolver before anything else may
         // ask it for work.
-        let resolv = match &a.resolv_conf {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read the pod's resolver {}", p.display()))?,
-            ),
-            None => None,
-        };
         let configured = async {
             coffer_agent::api::connect_mux(opener.clone())
                 .await
