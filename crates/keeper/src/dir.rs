@@ -26,6 +26,9 @@ use crate::{cgroup::remove_cgroups, SandboxError};
 /// Where sandboxes live unless a launcher is told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/coffer/sandboxes";
 
+/// Where `--network host` binds the keeper's network namespace for the agent.
+pub(crate) const HOST_NETNS: &str = "host.netns";
+
 /// How long [`SandboxDir::stop`] waits for the keeper's teardown.
 pub const STOP_WAIT: Duration = Duration::from_secs(15);
 
@@ -84,7 +87,7 @@ impl SandboxDir {
     /// Gives back the sandbox's network: its CNI attachment, or the host namespace's bind.
     fn release_network(&self) {
         crate::cni::release(&self.dir);
-        let host = self.dir.join(crate::run::HOST_NETNS);
+        let host = self.dir.join(HOST_NETNS);
         if host.exists() {
             let _ = rustix::mount::unmount(&host, rustix::mount::UnmountFlags::DETACH);
         }

@@ -65,9 +65,6 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Where `--network host` binds the keeper's network namespace for the agent.
-pub(crate) const HOST_NETNS: &str = "host.netns";
-
 /// The arguments with the pod network `--network` asks for as `pod_netns` (a CNI attachment
 /// is released when the sandbox is removed, [`SandboxDir`]).
 fn with_network(a: &KeeperArgs) -> anyhow::Result<KeeperArgs> {
@@ -84,7 +81,7 @@ fn with_network(a: &KeeperArgs) -> anyhow::Result<KeeperArgs> {
         ("host", None, None) => {
             // The keeper's own namespace, bound to a file the agent's mount namespace (with its
             // own /proc) still shows; unmounted when the sandbox is removed.
-            let file = a.dir.join(HOST_NETNS);
+            let file = a.dir.join(crate::dir::HOST_NETNS);
             std::fs::File::create(&file)
                 .and_then(|_| {
                     rustix::mount::mount_bind("/proc/thread-self/ns/net", &file).map_err(Into::into)
