@@ -404,6 +404,16 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
     let podvm = d.join("podvm");
     common::build_podvm(&podvm);
     let n = common::containerd::node_at(d, Some(&podvm), "10.88.9.1");
+    // A second node on the same bridge and address pool runs process sandboxes (one containerd
+    // configuration runs one sandbox kind): its pod and the pod VM reach each other.
+    let pn_dir = d.join("process-node");
+    std::fs::create_dir_all(&pn_dir).unwrap();
+    common::containerd::TestNetns::cni_config_with(
+        &pn_dir.join("node"),
+        "10.88.9.0/24",
+        &d.join("node/var/lib/cni"),
+    );
+    let pn = common::containerd::node_at(&pn_dir, None, "10.88.9.1");
     let app_layers = layers(&n.app);
     let registry_port = n
         .world
@@ -462,6 +472,47 @@ fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
         assert!(page.contains("hello from the pod VM over the pod network"), "{page}");
         let page = common::http_get("10.88.9.1", 18080, until);
         assert!(page.contains("hello from the pod VM over the pod network"), "hostPort: {page}");
+        // A process-sandbox pod of the other node serves too: each fetches from the other.
+        let mut q = Pods::new(&pn.containerd).await;
+        q.pull(&pn.app).await.unwrap();
+        let mut pc = q.sandbox_config("proc-pod", &[(INITDATA, &pn.annotation)]);
+        q.on_pod_network(&mut pc);
+        let ppod = q.run_pod(&pc).await.expect("RunPodSandbox (process sandbox)");
+        let (pip, _) = q.address(&ppod).await;
+        assert!(pip.starts_with("10.88.9.") && pip != ip, "{pip}");
+        q.start_container(
+            &ppod,
+            &pc,
+            "web",
+            &pn.app,
+            &[
+                "/bin/sh",
+                "-c",
+                "mkdir -p /www && echo hello from the process sandbox > /www/index.html && exec httpd -f -p 8080 -h /www",
+            ],
+        )
+        .await
+        .unwrap();
+        let fetch_from = |addr: &str| {
+            format!(
+                "for i in $(seq 1 100); do wget -q -O - http://{addr}:8080/ && exit 0; sleep 0.2; done; exit 1"
+            )
+        };
+        let to_vm = q
+            .start_container(&ppod, &pc, "client", &pn.app, &["/bin/sh", "-c", &fetch_from(&ip)])
+            .await
+            .unwrap();
+        assert_eq!(q.wait_exited(&to_vm, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(q.log_dir.join("proc-pod/client.log")).unwrap();
+        assert!(log.contains("hello from the pod VM over the pod network"), "{log}");
+        let to_process = p
+            .start_container(&pod, &config, "peer", &n.app, &["/bin/sh", "-c", &fetch_from(&pip)])
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&to_process, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("vm-pod/peer.log")).unwrap();
+        assert!(log.contains("hello from the process sandbox"), "{log}");
+        q.remove_pod(&ppod).await.unwrap();
         // And the pod reaches the node: the registry's API root, the pod's resolver as the
         // CRI's DNS settings made it, its own address on eth0.
         let fetch = format!(

@@ -709,6 +709,12 @@ impl TestNetns {
     /// addresses from `subnet` (its state under `root`), portmap for hostPorts, and loopback;
     /// no masquerading.
     pub fn cni_config(root: &Path, subnet: &str) {
+        Self::cni_config_with(root, subnet, &root.join("var/lib/cni"));
+    }
+
+    /// [`Self::cni_config`] whose address pool's state is at `pool` (nodes that share one
+    /// bridge share their pool, so that their pods' addresses differ).
+    pub fn cni_config_with(root: &Path, subnet: &str, pool: &Path) {
         let dir = root.join("etc/cni/net.d");
         fs::create_dir_all(&dir).unwrap();
         let conf = serde_json::json!({
@@ -717,7 +723,7 @@ impl TestNetns {
             "plugins": [
                 {"type": "bridge", "bridge": "cfr0", "isGateway": true, "ipMasq": false,
                  "ipam": {"type": "host-local", "subnet": subnet,
-                          "dataDir": root.join("var/lib/cni").display().to_string(),
+                          "dataDir": pool.display().to_string(),
                           "routes": [{"dst": "0.0.0.0/0"}]}},
                 {"type": "portmap", "capabilities": {"portMappings": true}},
                 {"type": "loopback"}
