@@ -251,7 +251,9 @@ agent_impl! {
         r: Request<DestroySandboxRequest>,
     ) -> Result<Response<Empty>, Status> {
         self.check("DestroySandboxRequest", r.get_ref())?;
-        self.containers.remove_all().await.map_err(status)?;
+        let removed = self.containers.remove_all().await;
+        self.containers.close_block_volumes().await;
+        removed.map_err(status)?;
         if let Some(tx) = &self.shutdown {
             let _ = tx.try_send(());
         }

@@ -7,6 +7,7 @@
 //! the runtime (`runtime`) and their output buffers (`output`), and a process's stdio (`stdio`);
 //! this module keeps the table of containers and their lifecycle (create, list, remove).
 
+pub mod block;
 pub mod files;
 mod output;
 mod pull;
@@ -104,6 +105,8 @@ pub struct Containers {
     given_netns: Option<PathBuf>,
     /// One volume write at a time: two writes of one volume would race for its generation.
     volume_writes: std::sync::Arc<Mutex<()>>,
+    /// The encrypted block volumes opened in this sandbox.
+    block: block::BlockVolumes,
 }
 
 impl Drop for Containers {
@@ -214,6 +217,7 @@ impl Containers {
             netns: Mutex::new(None),
             given_netns: None,
             volume_writes: Default::default(),
+            block: Default::default(),
         }
     }
 
@@ -396,6 +400,10 @@ impl Containers {
                 return Err(e);
             }
         }
+        if let Err(e) = self.block_devices(req, &mut spec).await {
+            let _ = remove_bundle(&bundle);
+            return Err(e);
+        }
         if let Err(e) = coffer_fsutil::write_atomic(
             &bundle.join("config.json"),
             spec.to_string().as_bytes(),
@@ -425,6 +433,63 @@ impl Containers {
         );
         tracing::info!(container = id, image = %image, pinned = pinned.is_some(), manifest = %report.manifest_digest, "container created");
         Ok(())
+    }
+
+    /// Opens the request's block volumes ([`block`]) and gives the container each plaintext
+    /// device at its path.
+    async fn block_devices(
+        &self,
+        req: &CreateContainerRequest,
+        spec: &mut serde_json::Value,
+    ) -> Result<()> {
+        if req.block_devices.is_empty() {
+            return Ok(());
+        }
+        if !crate::vm::booted() {
+            return Err(ContainerError::Invalid(
+                "block volumes need a pod VM: a process sandbox would hand the container the node's own device".into(),
+            ));
+        }
+        for d in &req.block_devices {
+            let path = Path::new(&d.container_path);
+            if !path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(ContainerError::Invalid(format!(
+                    "block volume {}: the container path {:?} is not an absolute path",
+                    d.serial, d.container_path
+                )));
+            }
+            let kbs = self.kbs.as_ref().ok_or_else(|| {
+                ContainerError::Invalid(format!(
+                    "block volume at {}: the initdata names no KBS to get its key from; a confidential pod gets no unencrypted volume",
+                    d.container_path
+                ))
+            })?;
+            let uri = kbs.config.block_volumes.get(&d.container_path).ok_or_else(|| {
+                ContainerError::Invalid(format!(
+                    "block volume at {}: the initdata names no key for it (cdh.toml [block_volumes]); a confidential pod gets no unencrypted volume",
+                    d.container_path
+                ))
+            })?;
+            let key = kbs.client.get_resource(uri).await.map_err(|e| {
+                ContainerError::Keys(format!(
+                    "the key {uri} of the block volume at {}: {e}",
+                    d.container_path
+                ))
+            })?;
+            let opened = self.block.open(&d.serial, uri, &key).await?;
+            drop(key);
+            spec::add_block_device(spec, &d.container_path, &opened);
+        }
+        Ok(())
+    }
+
+    /// Closes the sandbox's block volumes (at its end: what is cached is written back).
+    pub async fn close_block_volumes(&self) {
+        self.block.close_all().await;
     }
 
     /// What the policy learns of container `id` for requests that name it: its name in the

@@ -21,6 +21,9 @@ pub struct KbsConfig {
     pub registry_auth: Option<String>,
     /// KBS resource holding the image signature policy (containers-policy.json).
     pub signature_policy: Option<String>,
+    /// The key of each encrypted block volume, by the container path it is given at
+    /// (`cdh.toml` `[block_volumes]`).
+    pub block_volumes: std::collections::BTreeMap<String, String>,
 }
 
 /// Reads `aa.toml` and `cdh.toml` from the initdata.
@@ -75,6 +78,24 @@ pub fn kbs_config(initdata: &Initdata) -> Result<KbsConfig, String> {
                     .ok_or("cdh.toml: decryption_keys must be strings")?;
                 coffer_cdh::ResourceUri::parse(k).map_err(|e| e.to_string())?;
                 cfg.image_keys.push(k.to_string());
+            }
+        }
+        if let Some(v) = cdh.get("block_volumes") {
+            let t = v.as_table().ok_or(
+                "cdh.toml: [block_volumes] must be a table of container path = \"kbs:///…\"",
+            )?;
+            for (path, uri) in t {
+                let uri = uri.as_str().ok_or_else(|| {
+                    format!("cdh.toml: [block_volumes] {path:?} must be a kbs:/// resource")
+                })?;
+                if !path.starts_with('/') {
+                    return Err(format!(
+                        "cdh.toml: [block_volumes] {path:?} is not an absolute container path"
+                    ));
+                }
+                coffer_cdh::ResourceUri::parse(uri)
+                    .map_err(|e| format!("cdh.toml: [block_volumes] {path:?}: {e}"))?;
+                cfg.block_volumes.insert(path.clone(), uri.to_string());
             }
         }
     }
@@ -164,5 +185,39 @@ mod tests {
         assert_eq!(cfg.registry_auth.as_deref(), Some("kbs:///default/cred/c"));
         let bad = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = \"[image]\\ndecryption_keys = [\\\"http://x\\\"]\\n\"\n";
         assert!(kbs_config(&Initdata::parse(bad).unwrap()).is_err());
+    }
+
+    #[test]
+    fn block_volume_keys_come_from_cdh_toml_by_container_path() {
+        let doc = |cdh: &str| {
+            format!(
+                "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = '''{cdh}'''\n"
+            )
+        };
+        let cfg = kbs_config(
+            &Initdata::parse(&doc(
+                "[block_volumes]\n\"/dev/xvda\" = \"kbs:///default/pv/data\"\n",
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.block_volumes.get("/dev/xvda").map(String::as_str),
+            Some("kbs:///default/pv/data")
+        );
+        for (bad, names) in [
+            (
+                "[block_volumes]\n\"/dev/xvda\" = \"http://x\"\n",
+                "/dev/xvda",
+            ),
+            (
+                "[block_volumes]\n\"xvda\" = \"kbs:///default/pv/data\"\n",
+                "absolute",
+            ),
+            ("block_volumes = 1\n", "[block_volumes]"),
+        ] {
+            let e = kbs_config(&Initdata::parse(&doc(bad)).unwrap()).unwrap_err();
+            assert!(e.contains(names), "{e}");
+        }
     }
 }

@@ -283,11 +283,17 @@ fn main() {
     let vm = std::env::args().any(|a| a == "--vm");
     // The keepers (started by containerd's shims, which inherit this) log their start phases.
     std::env::set_var("RUST_LOG", "warn,coffer_keeper=info");
+    // The pod VM is built before the bench's namespace is entered: its Debian packages may have
+    // to be downloaded, which the namespace cannot reach.
+    let dir = tempfile::tempdir().unwrap();
+    let podvm = dir.path().join("podvm");
+    if vm {
+        common::build_podvm(&podvm);
+    }
     let _netns = TestNetns::enter();
     TestNetns::bridge(&format!("{BRIDGE}/24"));
     let _baseline = Baseline::start();
     println!("pod-to-pod over the CNI bridge, client on the node, busybox httpd serving; medians of 5 rounds, each case in turn with the baseline:");
-    let dir = tempfile::tempdir().unwrap();
     let mut r = coffer_pod(&dir.path().join("process"), None, 64, 300, 5);
     print("veth (baseline)", &r.base, None);
     print("process sandbox", &r.pod, Some(&r.base));
@@ -301,8 +307,6 @@ fn main() {
     if vm {
         let d = dir.path().join("vm");
         std::fs::create_dir_all(&d).unwrap();
-        let podvm = d.join("podvm");
-        common::build_podvm(&podvm);
         let r = coffer_pod(&d, Some(&podvm), 16, 100, 0);
         print("veth (baseline)", &r.base, None);
         print("pod VM", &r.pod, Some(&r.base));

@@ -74,6 +74,10 @@ struct NewArgs {
     /// Digest algorithm: sha256, sha384 or sha512.
     #[arg(long, default_value = "sha384")]
     algorithm: String,
+    /// An encrypted block volume (a pod's `volumeDevices` entry): the container path it is given
+    /// at and the KBS resource holding its key (at least 32 random bytes); repeatable.
+    #[arg(long = "block-volume", value_name = "PATH=kbs:///…")]
+    block_volumes: Vec<String>,
 }
 
 fn read(p: &PathBuf) -> anyhow::Result<String> {
@@ -122,6 +126,7 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                 interactive,
                 plain_http,
                 command,
+                block_volumes,
             } = *new;
             if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
                 bail!("--kbs-url {kbs_url}: use http(s)://HOST:PORT");
@@ -137,6 +142,21 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                     coffer_cdh::ResourceUri::parse(u).with_context(|| format!("{flag} {u}"))?;
                 }
             }
+            let mut volumes = std::collections::BTreeMap::new();
+            for v in &block_volumes {
+                let (path, uri) = v.split_once('=').with_context(|| {
+                    format!("--block-volume {v}: use CONTAINER_PATH=kbs:///REPO/TYPE/TAG")
+                })?;
+                if !path.starts_with('/') {
+                    bail!("--block-volume {v}: {path} is not an absolute container path");
+                }
+                coffer_cdh::ResourceUri::parse(uri)
+                    .with_context(|| format!("--block-volume {v}"))?;
+                if volumes.insert(path.to_string(), uri.to_string()).is_some() {
+                    bail!("--block-volume {v}: {path} is named twice");
+                }
+            }
+            let block_volumes = volumes;
             let policy_text = match (&policy, container) {
                 (Some(p), _) => read(p)?,
                 (None, Some(image)) => pin(
@@ -191,6 +211,7 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                 registry_auth,
                 signature_policy,
                 algorithm,
+                block_volumes,
             })?;
             print!("{text}");
             Ok(())

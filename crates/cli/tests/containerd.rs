@@ -395,14 +395,15 @@ fn killing_the_shim_or_containerd_mid_run_leaks_nothing() {
 fn a_pod_vm_runs_through_the_cri_on_the_pod_network() {
     // Everything of this test, the CNI bridge and the pods' addresses included, lives in a
     // network namespace of its own. The KBS and the registry listen on the bridge's address,
-    // which the pod VM reaches over the pod network, not through the host.
-    let _netns = common::containerd::TestNetns::enter();
-    common::containerd::TestNetns::bridge("10.88.9.1/24");
+    // which the pod VM reaches over the pod network, not through the host. The pod VM is built
+    // first: its Debian packages may have to be downloaded, which the namespace cannot reach.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.9.0/24");
     let podvm = d.join("podvm");
     common::build_podvm(&podvm);
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.9.1/24");
+    common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.9.0/24");
     let n = common::containerd::node_at(d, Some(&podvm), "10.88.9.1");
     // A second node on the same bridge and address pool runs process sandboxes (one containerd
     // configuration runs one sandbox kind): its pod and the pod VM reach each other.
@@ -1294,4 +1295,211 @@ fn a_process_sandbox_pod_is_on_the_pod_network_the_cni_made() {
     // The CNI's interface of the pod is gone with it.
     let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
     assert!(!links.contains("veth"), "{links}");
+}
+
+/// A loop device on a file, detached when dropped.
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn on(file: &std::path::Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// An initdata with the default policy whose block volume at `/dev/xvda` is keyed by `key`, as
+/// the pod annotation carries it; its reference values go to the KBS beside the node's.
+fn block_volume_initdata(
+    n: &Node,
+    d: &std::path::Path,
+    podvm: &std::path::Path,
+    keys: &[&str],
+) -> Vec<String> {
+    let mut refs: Option<serde_json::Value> = None;
+    let mut annotations = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let (ok, text, err) = common::coffer(&[
+            "initdata",
+            "new",
+            "--kbs-url",
+            &n.world.kbs.url,
+            "--image-key",
+            "kbs:///default/image-keys/app",
+            "--block-volume",
+            &format!("/dev/xvda={key}"),
+        ]);
+        assert!(ok, "{err}");
+        let file = d.join(format!("block-initdata-{i}.toml"));
+        std::fs::write(&file, &text).unwrap();
+        annotations.push(coffer_shim::annotations::encode_initdata(&text));
+        let r: serde_json::Value = serde_json::from_str(&common::run_ok(
+            Command::new(common::coffer_bin())
+                .args(["measure", "--sandbox", "vm", "--podvm"])
+                .arg(podvm)
+                .arg("--initdata")
+                .arg(&file),
+        ))
+        .unwrap();
+        match &mut refs {
+            None => refs = Some(r),
+            Some(a) => {
+                let more = r["init_data"].as_array().unwrap().clone();
+                a["init_data"].as_array_mut().unwrap().extend(more);
+            }
+        }
+    }
+    n.rt.block_on(
+        n.world
+            .kbs
+            .admin
+            .set_reference_values(refs.unwrap().to_string().as_bytes()),
+    )
+    .unwrap();
+    annotations
+}
+
+#[test]
+fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_ciphertext() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let podvm = d.join("podvm");
+    common::build_podvm(&podvm);
+    let n = node(d, Some(&podvm));
+    // The volume: a blank 64 MiB file on a loop device, as a local block PV would be.
+    let backing = d.join("pv.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let lo = Loop::on(&backing);
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .unwrap();
+    n.rt.block_on(
+        n.world
+            .kbs
+            .admin
+            .set_resource("default/pv/data", key.to_vec()),
+    )
+    .unwrap();
+    n.rt.block_on(
+        n.world
+            .kbs
+            .admin
+            .set_resource("default/pv/other", vec![9u8; 32]),
+    )
+    .unwrap();
+    let annotations = block_volume_initdata(
+        &n,
+        d,
+        &podvm,
+        &["kbs:///default/pv/data", "kbs:///default/pv/other"],
+    );
+    let marker = "coffer-block-volume-marker-8c1f";
+    let container = |name: &str, command: &str| coffer_shim::cri::ContainerConfig {
+        metadata: Some(coffer_shim::cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(coffer_shim::cri::ImageSpec {
+            image: n.app.clone(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
+        log_path: format!("{name}.log"),
+        // What the kubelet sends for `volumeDevices: [{name: data, devicePath: /dev/xvda}]`.
+        devices: vec![coffer_shim::cri::Device {
+            container_path: "/dev/xvda".into(),
+            host_path: lo.dev.clone(),
+            permissions: "mrw".into(),
+        }],
+        ..Default::default()
+    };
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        // The first pod formats the blank volume and writes the marker through it.
+        let config = p.sandbox_config("writer", &[(INITDATA, &annotations[0])]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+        let write = format!(
+            "echo {marker} | dd of=/dev/xvda bs=4096 conv=sync,fsync && dd if=/dev/xvda bs=4096 count=1 | head -c 64"
+        );
+        let id = p
+            .create_config(&pod, &config, container("writer", &write))
+            .await
+            .expect("CreateContainer with a block volume");
+        p.start(&id).await.unwrap();
+        assert_eq!(p.wait_exited(&id, Duration::from_secs(300)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("writer/writer.log")).unwrap();
+        assert!(log.contains(marker), "{log}");
+        p.remove_pod(&pod).await.unwrap();
+    });
+    assert_nothing_left(&n, &[]);
+    // The node holds only ciphertext: a LUKS2 header, and the marker nowhere.
+    let bytes = std::fs::read(&backing).unwrap();
+    assert_eq!(&bytes[..6], b"LUKS\xba\xbe", "no LUKS header on the volume");
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker is in the backing file in plaintext"
+    );
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        // A second pod with the same initdata reads it back.
+        let config = p.sandbox_config("reader", &[(INITDATA, &annotations[0])]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+        let id = p
+            .create_config(
+                &pod,
+                &config,
+                container("reader", "dd if=/dev/xvda bs=4096 count=1 | head -c 64"),
+            )
+            .await
+            .expect("CreateContainer with the volume again");
+        p.start(&id).await.unwrap();
+        assert_eq!(p.wait_exited(&id, Duration::from_secs(300)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("reader/reader.log")).unwrap();
+        assert!(log.contains(marker), "the second pod read {log}");
+        p.remove_pod(&pod).await.unwrap();
+
+        // A pod whose initdata keys the volume with another key is refused, naming it.
+        let config = p.sandbox_config("stranger", &[(INITDATA, &annotations[1])]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+        let e = p
+            .create_config(
+                &pod,
+                &config,
+                container("stranger", "dd if=/dev/xvda count=1"),
+            )
+            .await
+            .expect_err("a volume opened with another key");
+        assert!(
+            e.message()
+                .contains("does not open with the key kbs:///default/pv/other"),
+            "{e:?}"
+        );
+        p.remove_pod(&pod).await.unwrap();
+    });
+    assert_nothing_left(&n, &[]);
+    let after = std::fs::read(&backing).unwrap();
+    assert!(!after.windows(marker.len()).any(|w| w == marker.as_bytes()));
 }

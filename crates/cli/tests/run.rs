@@ -1609,14 +1609,17 @@ async fn a_sandbox_on_a_cni_network_serves_at_its_address_and_gives_it_back() {
 async fn a_pod_vm_on_a_cni_network_attests_and_pulls_over_it() {
     // The KBS and the registry listen on the CNI bridge's address in this test's own network
     // namespace: the pod VM reaches them over its CNI interface, not through this host's
-    // forwarder.
+    // forwarder. The pod VM is built first: its Debian packages may have to be downloaded,
+    // which the test's namespace cannot reach.
+    let built = tempfile::tempdir().unwrap();
+    let podvm = built.path().join("podvm");
+    common::build_podvm(&podvm);
     let _netns = common::containerd::TestNetns::enter();
     common::containerd::TestNetns::bridge("10.88.14.1/24");
     let w = world_at("10.88.14.1", None).await;
     let root = w.d().join("cni");
     common::containerd::TestNetns::cni_config(&root, "10.88.14.0/24");
     let conf = root.join("etc/cni/net.d").display().to_string();
-    let podvm = podvm(&w, "podvm").await;
     let vm = vm_args(&podvm);
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     let init = w.initdata("initdata.toml", &[]).await;

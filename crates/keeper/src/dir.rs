@@ -5,7 +5,8 @@
 //! life), `keeper.pid`, `keeper.log`, `agent.sock` (once the agent serves), `agent.log` (the
 //! agent's log, or a pod VM's console), `egress.log`, `audit.jsonl` (the agent's policy
 //! decisions), and per kind: `psp.sock`, `net.sock` and `state/` (a process sandbox), or
-//! `psp-chan.sock`, `agent-chan.sock`, `scratch.img`, `launch.json` and `qemu.log` (a pod VM);
+//! `psp-chan.sock`, `agent-chan.sock`, `qmp.sock`, `scratch.img`, `launch.json` and `qemu.log` (a
+//! pod VM);
 //! `cni.json` while the sandbox is attached to a CNI network ([`crate::cni`]), `host.netns`
 //! (the host's network namespace, bound) with `--network host`; `failed` when the sandbox
 //! failed (see [`crate::FAILED`]).
@@ -25,6 +26,10 @@ use crate::{cgroup::remove_cgroups, SandboxError};
 
 /// Where sandboxes live unless a launcher is told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/coffer/sandboxes";
+
+/// A pod VM's QEMU monitor (QMP), through which block volumes are hot-plugged
+/// ([`crate::hotplug`]).
+pub const QMP_SOCK: &str = "qmp.sock";
 
 /// Where `--network host` binds the keeper's network namespace for the agent.
 pub(crate) const HOST_NETNS: &str = "host.netns";

@@ -18,6 +18,7 @@ pub mod cni;
 pub mod dir;
 pub mod egress;
 mod error;
+pub mod hotplug;
 pub mod launch;
 mod lifetime;
 pub mod podnet;

@@ -255,6 +255,7 @@ pub(crate) async fn serve(
         accel,
         tee,
         nics: podnet.as_ref().map(PodNetwork::nics).unwrap_or_default(),
+        qmp: Some(a.dir.join(crate::dir::QMP_SOCK)),
     };
     let spawned = std::time::Instant::now();
     // On a pod network QEMU runs in the pod's namespace, where it makes its taps.

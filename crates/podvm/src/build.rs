@@ -9,7 +9,8 @@
 //!   squashfs, fw_cfg, AES-XTS, the TEE guest drivers; compressed modules stored decompressed),
 //!   listed in load order in `/etc/coffer/modules`.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
-//!   `libseccomp2`, `libc6`, `busybox-static` and the CA bundle of `ca-certificates` (the
+//!   `libseccomp2`, `libc6`, `busybox-static`, `cryptsetup` (for encrypted block volumes: LUKS2
+//!   with dm-integrity) with the libraries it links, and the CA bundle of `ca-certificates` (the
 //!   Mozilla roots, concatenated in name order), followed by its dm-verity hash tree.
 //! * `cmdline` — the kernel command line; `coffer.verity=` carries the root hash.
 //! * `measurements.json` — the inputs (package files and their SHA-256), the outputs' SHA-256,
@@ -50,6 +51,18 @@ pub const PACKAGES: &[&str] = &[
     "libtss2-tctildr0",
     "libtss2-tcti-device0",
     "libssl3",
+    // cryptsetup and the libraries it links (`DT_NEEDED`, transitively).
+    "cryptsetup-bin",
+    "libcryptsetup12",
+    "libpopt0",
+    "libuuid1",
+    "libblkid1",
+    "libdevmapper1.02.1",
+    "libargon2-1",
+    "libjson-c5",
+    "libselinux1",
+    "libpcre2-8-0",
+    "libudev1",
 ];
 
 /// The C runtime, each library from its package: in the initrd for the agent, in the root for
@@ -102,6 +115,12 @@ pub const MODULES: &[&str] = &[
     "dm_crypt",
     "xts",
     "aesni_intel",
+    // LUKS2 with integrity: dm-crypt's AEAD (authenc of HMAC and XTS) and the kernel crypto
+    // API's socket interface, which cryptsetup uses for its key slots.
+    "authenc",
+    "af_alg",
+    "algif_skcipher",
+    "algif_hash",
     "tsm",
     "sev_guest",
     "tdx_guest",
@@ -211,10 +230,22 @@ fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf
         Some(suite) => format!("{name}/{suite}"),
         None => name.to_string(),
     };
-    run(Command::new("apt-get")
+    let downloaded = run(Command::new("apt-get")
         .args(["download", "-q", &what])
-        .current_dir(dir))
-    .map_err(|e| match suite {
+        .current_dir(dir));
+    // The installed version (e.g. a security update) may be one the mirror does not serve:
+    // then the newest version the sources list.
+    let downloaded = match (downloaded, suite) {
+        (Err(e), None) => match mirror_version(name) {
+            Some(v) => run(Command::new("apt-get")
+                .args(["download", "-q", &format!("{name}={v}")])
+                .current_dir(dir))
+            .map_err(|_| e),
+            None => Err(e),
+        },
+        (r, _) => r,
+    };
+    downloaded.map_err(|e| match suite {
         Some(suite) => BuildError::Missing(format!(
             "{e} (the kernel comes from Debian {suite}: add `deb http://deb.debian.org/debian {suite} main` to apt's sources and run apt-get update)"
         )),
@@ -222,6 +253,71 @@ fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf
     })?;
     find_deb(dir, name, backports)
         .ok_or_else(|| BuildError::Missing(format!("apt-get download {name} left no package file")))
+}
+
+/// The newest version of `name` that apt's sources serve (`apt-cache madison`), if any.
+fn mirror_version(name: &str) -> Option<String> {
+    let out = run(Command::new("apt-cache").args(["madison", name])).ok()?;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .find(|l| l.contains("Packages"))
+        .and_then(|l| l.split('|').nth(1))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The shared libraries `elf` needs (`DT_NEEDED`), as `readelf -d` lists them.
+fn needed(elf: &Path) -> Result<Vec<String>, BuildError> {
+    let out = run(Command::new("readelf").arg("-d").arg(elf))?;
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next().map(str::to_string))
+        .collect())
+}
+
+/// Copies `elf` to `to` in `root` and every library it needs, transitively, into `root`'s
+/// `lib/x86_64-linux-gnu` (found in the extracted package `trees`; what is already there is
+/// kept).
+fn stage_elf(
+    root: &Path,
+    trees: &BTreeMap<String, PathBuf>,
+    elf: &Path,
+    to: &str,
+) -> Result<(), BuildError> {
+    let dest = root.join(to);
+    if let Some(p) = dest.parent() {
+        std::fs::create_dir_all(p).map_err(io("cannot stage the root"))?;
+    }
+    std::fs::copy(elf, &dest).map_err(io(format!("cannot stage {to}")))?;
+    let mut todo = needed(elf)?;
+    let mut seen = BTreeSet::new();
+    while let Some(lib) = todo.pop() {
+        if !seen.insert(lib.clone()) {
+            continue;
+        }
+        let into = root.join("lib/x86_64-linux-gnu").join(&lib);
+        if into.exists() {
+            continue;
+        }
+        let from = trees
+            .values()
+            .flat_map(|t| {
+                ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
+                    .map(|d| format!("{d}/{lib}"))
+                    .into_iter()
+                    .filter_map(|rel| resolve_in(t, &rel).ok())
+            })
+            .next()
+            .ok_or_else(|| {
+                BuildError::Missing(format!(
+                    "{lib}, which {to} needs, is in none of the packages"
+                ))
+            })?;
+        std::fs::copy(&from, &into).map_err(io(format!("cannot stage {lib}")))?;
+        todo.extend(needed(&from)?);
+    }
+    Ok(())
 }
 
 /// Resolves a symbolic link inside an extracted tree (absolute targets stay inside `root`).
@@ -497,6 +593,12 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     for (pkg, path) in C_LIBS {
         copy(pkg, path)?;
     }
+    stage_elf(
+        &root,
+        &trees,
+        &resolve_in(&trees["cryptsetup-bin"], "sbin/cryptsetup")?,
+        "usr/sbin/cryptsetup",
+    )?;
     let seccomp_dir = trees["libseccomp2"].join("usr/lib/x86_64-linux-gnu");
     let seccomp = std::fs::read_dir(&seccomp_dir)
         .map_err(io(format!("{}", seccomp_dir.display())))?

@@ -167,6 +167,18 @@ pub struct Launch {
     /// The pod network's interfaces, each a tap QEMU makes (QEMU then runs in the pod's
     /// network namespace); none: the VM has no network device.
     pub nics: Vec<Nic>,
+    /// QEMU's monitor socket (QMP), through which block volumes are hot-plugged into
+    /// [`HOTPLUG_PORTS`] empty PCIe root ports; none: no monitor, no hotplug.
+    pub qmp: Option<PathBuf>,
+}
+
+/// Empty PCIe root ports a pod VM has for hot-plugged block volumes (`coffer-hp0`, …): the most
+/// block volumes one pod VM takes.
+pub const HOTPLUG_PORTS: u32 = 4;
+
+/// The id of hot-plug root port `i`.
+pub fn hotplug_port(i: u32) -> String {
+    format!("coffer-hp{i}")
 }
 
 /// A network interface of the guest: a tap on the host, a virtio-net device in the guest.
@@ -311,6 +323,18 @@ impl Launch {
                 n.mac
             ));
         }
+        if let Some(qmp) = &self.qmp {
+            push("-qmp");
+            push(&format!("unix:{},server=on,wait=off", p(qmp)));
+            for i in 0..HOTPLUG_PORTS {
+                push("-device");
+                push(&format!(
+                    "pcie-root-port,id={},chassis={}",
+                    hotplug_port(i),
+                    i + 1
+                ));
+            }
+        }
         push("-fw_cfg");
         push(&format!("name={CONFIG_FW_CFG},file={}", p(&self.config)));
         a
@@ -344,6 +368,7 @@ mod tests {
             accel,
             tee,
             nics,
+            qmp: Some("/s/qmp.sock".into()),
         }
         .qemu_args()
         .into_iter()
@@ -355,6 +380,9 @@ mod tests {
     fn the_command_line_names_what_is_measured_and_each_tees_options() {
         let a = launch(Tee::Emulated, Accel::Tcg).join(" ");
         for want in [
+            "-qmp unix:/s/qmp.sock,server=on,wait=off",
+            "-device pcie-root-port,id=coffer-hp0,chassis=1",
+            "-device pcie-root-port,id=coffer-hp3,chassis=4",
             "-accel tcg -cpu max",
             "-kernel /p/vmlinuz -initrd /p/initrd.img -append console=ttyS0 coffer.verity=2,aa,bb",
             "file=/p/root.img,if=none,id=root,format=raw,readonly=on",

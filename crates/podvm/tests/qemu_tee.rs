@@ -84,6 +84,7 @@ fn launch(dir: &Path, tee: Tee) -> (Launch, std::os::unix::net::UnixListener) {
         accel: Accel::Kvm,
         tee,
         nics: Vec::new(),
+        qmp: Some(dir.join("qmp.sock")),
     };
     (l, chan)
 }

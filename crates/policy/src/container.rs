@@ -473,6 +473,11 @@ impl Pod<'_> {
         };
 
         let mounts = self.mounts(c, warnings)?;
+        let devices: Vec<String> = self
+            .block_devices(c)?
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect();
 
         let mut exec: Vec<Vec<String>> = Vec::new();
         let lifecycle = c.lifecycle.clone().unwrap_or_default();
@@ -508,6 +513,7 @@ impl Pod<'_> {
             "tty": c.tty == Some(true),
             "stdin": c.stdin == Some(true),
             "mounts": mounts,
+            "devices": devices,
             "exec": exec,
             "exec_any": self.settings.exec_any,
         }))
@@ -638,6 +644,71 @@ impl Pod<'_> {
             None => None,
         };
         json!({"uid": uid, "gid": gid})
+    }
+
+    /// The container's block volumes (`volumeDevices`): each device path and the KBS resource
+    /// keying it (settings `volume_keys`, by claim name). Only PersistentVolumeClaims (and
+    /// generic ephemeral volumes) can be block volumes; each needs a key.
+    pub fn block_devices(&self, c: &Container) -> Result<Vec<(String, String)>, PolicyGenError> {
+        let mut out = Vec::new();
+        for (i, d) in c.volume_devices.iter().enumerate() {
+            if !d.device_path.starts_with('/') {
+                return Err(self.err(
+                    &c.name,
+                    format!(
+                        "volumeDevices[{i}]: devicePath {:?} is not an absolute path",
+                        d.device_path
+                    ),
+                ));
+            }
+            let volume = self
+                .spec
+                .volumes
+                .iter()
+                .find(|v| v.name == d.name)
+                .ok_or_else(|| {
+                    self.err(
+                        &c.name,
+                        format!(
+                            "volumeDevices[{i}]: no volume named {:?} in the pod",
+                            d.name
+                        ),
+                    )
+                })?;
+            let claim = match volume.source.iter().next() {
+                Some((kind, v)) if kind == "persistentVolumeClaim" => v
+                    .get("claimName")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or(&d.name)
+                    .to_string(),
+                Some((kind, _)) if kind == "ephemeral" => d.name.clone(),
+                Some((kind, _)) => {
+                    return Err(self.err(
+                        &c.name,
+                        format!(
+                            "volumeDevices[{i}]: volume {} is a {kind}, not a block volume claim",
+                            d.name
+                        ),
+                    ))
+                }
+                None => return Err(self.err(&c.name, format!("volume {:?} has no source", d.name))),
+            };
+            let key = self
+                .settings
+                .volume_keys
+                .get(&claim)
+                .or_else(|| self.settings.volume_keys.get(&d.name))
+                .ok_or_else(|| {
+                    self.err(
+                        &c.name,
+                        format!(
+                            "volumeDevices[{i}]: no key for block volume {claim}: the guest encrypts it under a KBS resource; name one in the settings (volume_keys: {{{claim}: kbs:///…}})"
+                        ),
+                    )
+                })?;
+            out.push((d.device_path.clone(), key.clone()));
+        }
+        Ok(out)
     }
 
     fn mounts(

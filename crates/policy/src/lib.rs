@@ -95,6 +95,9 @@ pub struct Settings {
     pub extra_mounts: Vec<ExtraMount>,
     /// Allow the pods in any namespace (the YAML's namespace is not pinned).
     pub any_namespace: bool,
+    /// The KBS resource keying each encrypted block volume (`volumeDevices`), by the name of
+    /// its PersistentVolumeClaim (or of the pod's volume).
+    pub volume_keys: BTreeMap<String, String>,
 }
 
 impl Settings {
@@ -119,6 +122,11 @@ impl Settings {
         for (field, r) in regexes {
             regex::Regex::new(r)
                 .map_err(|e| PolicyGenError::Input(format!("settings: {field}: {r:?}: {e}")))?;
+        }
+        for (name, uri) in &self.volume_keys {
+            coffer_cdh::ResourceUri::parse(uri).map_err(|e| {
+                PolicyGenError::Input(format!("settings: volume_keys: {name}: {e}"))
+            })?;
         }
         for m in &self.extra_mounts {
             if !m.destination.starts_with('/') {
@@ -388,6 +396,7 @@ pub async fn generate(
             service_account_token: automount != Some(false),
         };
         let mut containers = serde_json::Map::new();
+        let mut block_volumes: BTreeMap<String, String> = BTreeMap::new();
         let all = w
             .spec
             .init_containers
@@ -407,6 +416,18 @@ pub async fn generate(
                 )));
             }
             let image = image_of(&label, c, &images)?;
+            for (path, key) in pod.block_devices(c)? {
+                match block_volumes.get(&path) {
+                    Some(k) if *k != key => {
+                        return Err(PolicyGenError::Input(format!(
+                            "{label}: devicePath {path} is given two different volumes; the guest keys a block volume by its path"
+                        )))
+                    }
+                    _ => {
+                        block_volumes.insert(path, key);
+                    }
+                }
+            }
             containers.insert(
                 c.name.clone(),
                 pod.container(c, init, &image, &mut warnings)?,
@@ -432,6 +453,7 @@ pub async fn generate(
             image_keys: opts.image_keys.clone(),
             policy: policy.clone(),
             algorithm: opts.algorithm.clone(),
+            block_volumes,
             ..Default::default()
         })
         .map_err(|e| PolicyGenError::Initdata(e.to_string()))?;

@@ -358,6 +358,14 @@ mount_problem(m) := msg if {
 	p.destination == m.destination
 } else := sprintf("mounts: %s (%s from %q) is not in the policy", [m.destination, m.type, m.source])
 
+# Block volumes (volumeDevices): only at the device paths the policy names; the agent opens them
+# with the key the initdata names for that path.
+create_problems contains [12, msg] if {
+	some d in input.block_devices
+	not d.container_path in {p | some p in object.get(entry, "devices", [])}
+	msg := sprintf("block device %s is not in the policy (volumeDevices)", [d.container_path])
+}
+
 create_problems contains [13, msg] if {
 	input.tty != entry.tty
 	msg := sprintf("tty is %v, the policy allows %v", [input.tty, entry.tty])

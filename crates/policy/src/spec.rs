@@ -43,6 +43,7 @@ pub struct Container {
     pub env: Vec<EnvVar>,
     pub env_from: Vec<EnvFromSource>,
     pub volume_mounts: Vec<VolumeMount>,
+    pub volume_devices: Vec<VolumeDevice>,
     pub security_context: Option<SecurityContext>,
     pub tty: Option<bool>,
     pub stdin: Option<bool>,
@@ -103,6 +104,14 @@ pub struct EnvFromSource {
 pub struct NameRef {
     pub name: String,
     pub optional: Option<bool>,
+}
+
+/// `VolumeDevice` (a `volumeMode: Block` claim given to the container as a device).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VolumeDevice {
+    pub name: String,
+    pub device_path: String,
 }
 
 /// `VolumeMount`.

@@ -41,6 +41,8 @@ pub struct Sandbox {
     gone: watch::Receiver<bool>,
     /// The file volumes whose node directories are followed for changes.
     watched: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The node's block devices plugged into the pod VM (device number → serial).
+    block: Mutex<std::collections::BTreeMap<(u64, u64), String>>,
 }
 
 /// The sandbox name for a containerd id: the id itself when it is a valid sandbox name of at
@@ -156,7 +158,29 @@ impl Sandbox {
             stdin: Mutex::new(stdin),
             gone,
             watched: Default::default(),
+            block: Default::default(),
         })
+    }
+
+    /// Plugs the node's block device `major:minor` into the pod VM (once; later calls give the
+    /// same serial) and returns the serial the guest finds it by.
+    pub async fn attach_block(&self, major: u64, minor: u64) -> Result<String, ShimError> {
+        let mut block = self.block.lock().await;
+        if let Some(s) = block.get(&(major, minor)) {
+            return Ok(s.clone());
+        }
+        let device = coffer_keeper::hotplug::block_device_path(Path::new("/sys"), major, minor)
+            .ok_or_else(|| {
+                ShimError::Invalid(format!(
+                    "block device {major}:{minor} is not a block device of this node"
+                ))
+            })?;
+        let index = u32::try_from(block.len()).unwrap_or(u32::MAX);
+        let serial = coffer_keeper::hotplug::attach_block(&self.dir, &device, index)
+            .await
+            .map_err(|e| ShimError::Sandbox(format!("sandbox {}: {e}", self.name)))?;
+        block.insert((major, minor), serial.clone());
+        Ok(serial)
     }
 
     /// Records that file volume `name` is followed; false when it already was.

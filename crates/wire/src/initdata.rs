@@ -99,6 +99,9 @@ pub struct InitdataSpec {
     pub signature_policy: Option<String>,
     /// Digest algorithm: `sha256`, `sha384` or `sha512`.
     pub algorithm: String,
+    /// The KBS resource keying each encrypted block volume, by the container path it is given
+    /// at (`cdh.toml` `[block_volumes]`).
+    pub block_volumes: BTreeMap<String, String>,
 }
 
 /// Writes the initdata document for `spec` (version [`INITDATA_VERSION`]): `aa.toml` with the
@@ -146,6 +149,17 @@ pub fn build(spec: &InitdataSpec) -> Result<String, InitdataError> {
     }
     if !image.is_empty() {
         cdh.insert("image".into(), Value::Table(image));
+    }
+    if !spec.block_volumes.is_empty() {
+        cdh.insert(
+            "block_volumes".into(),
+            Value::Table(
+                spec.block_volumes
+                    .iter()
+                    .map(|(p, u)| (p.clone(), Value::String(u.clone())))
+                    .collect(),
+            ),
+        );
     }
     let mut data = Table::new();
     data.insert("aa.toml".into(), Value::String(ser(&aa)?));
@@ -221,6 +235,19 @@ mod tests {
             Some("kbs:///default/key/1")
         );
         assert!(!parsed.data.contains_key("owner-key.pem"));
+        assert!(cdh.get("block_volumes").is_none());
+        let with_volume = InitdataSpec {
+            block_volumes: BTreeMap::from([("/dev/xvda".into(), "kbs:///default/pv/data".into())]),
+            ..spec.clone()
+        };
+        let cdh: toml::Table = toml::from_str(
+            &Initdata::parse(&build(&with_volume).unwrap()).unwrap().data["cdh.toml"],
+        )
+        .unwrap();
+        assert_eq!(
+            cdh["block_volumes"]["/dev/xvda"].as_str(),
+            Some("kbs:///default/pv/data")
+        );
         let bad = InitdataSpec {
             algorithm: "md5".into(),
             ..spec

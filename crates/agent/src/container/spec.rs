@@ -155,6 +155,23 @@ fn resources(memory_limit: u64) -> Value {
     r
 }
 
+/// Gives the container the block device `dev` at `path` (node and cgroup access).
+pub(super) fn add_block_device(spec: &mut Value, path: &str, dev: &super::block::Opened) {
+    let node = json!({
+        "path": path, "type": "b", "major": dev.major, "minor": dev.minor,
+        "fileMode": 0o660, "uid": 0, "gid": 0,
+    });
+    let rule = json!({"allow": true, "type": "b", "major": dev.major, "minor": dev.minor, "access": "rwm"});
+    match spec["linux"]["devices"].as_array_mut() {
+        Some(d) => d.push(node),
+        None => spec["linux"]["devices"] = json!([node]),
+    }
+    match spec["linux"]["resources"]["devices"].as_array_mut() {
+        Some(r) => r.push(rule),
+        None => spec["linux"]["resources"]["devices"] = json!([rule]),
+    }
+}
+
 /// The OCI runtime spec for a container from `image_config` (the image's `config` section), the
 /// resolved `user` (uid, gid) and the request.
 pub fn spec(

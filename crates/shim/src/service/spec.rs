@@ -32,6 +32,21 @@ pub(super) struct Spec {
     /// The network namespace the spec joins (`linux.namespaces` of type `network` with a
     /// path): for a pod sandbox, the one the CRI made and the CNI configured.
     pub(super) netns: Option<String>,
+    /// `linux.devices`: the device nodes the node asks to give the container (the CRI's
+    /// `devices`, a claim's `volumeDevices`).
+    pub(super) devices: Vec<Device>,
+}
+
+/// A device node of the spec (`linux.devices[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Device {
+    /// Where the container sees it.
+    pub(super) path: String,
+    /// `b`, `c`, `u` or `p`.
+    pub(super) kind: String,
+    /// The node's device number.
+    pub(super) major: u64,
+    pub(super) minor: u64,
 }
 
 pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
@@ -108,9 +123,23 @@ pub(super) fn read_spec(bundle: &Path) -> Result<Spec, ShimError> {
             .filter(|p| !p.is_empty())
             .map(String::from)
     });
+    let devices = v["linux"]["devices"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| Device {
+                    path: d["path"].as_str().unwrap_or_default().into(),
+                    kind: d["type"].as_str().unwrap_or_default().into(),
+                    major: d["major"].as_u64().unwrap_or_default(),
+                    minor: d["minor"].as_u64().unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Spec {
         annotations,
         netns,
+        devices,
         mounts,
         user,
         capabilities,

@@ -4,7 +4,8 @@
 use std::{path::Path, sync::Arc};
 
 use coffer_agent::api::proto::{
-    CreateContainerRequest, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest,
+    BlockDevice, CreateContainerRequest, RemoveContainerRequest, SignalProcessRequest,
+    StartContainerRequest,
 };
 use containerd_shim::{
     api,
@@ -17,11 +18,12 @@ use containerd_shim::{
 use super::{
     process::{Process, TaskEntry},
     rpc::{bounded, timestamp, CREATE_CALL, QUICK_CALL},
-    spec::{read_spec, Spec},
+    spec::{read_spec, Device, Spec},
     Service,
 };
 use crate::{
     annotations::{self, Role},
+    config::SandboxKind,
     sandbox::{self, Sandbox},
     ShimError,
 };
@@ -115,6 +117,15 @@ impl Service {
         super::volumes::mark_subpaths(&mut mounts);
         super::volumes::mark_memory_media(&mut mounts);
         if let Some(image) = &image {
+            let block_devices = match block_devices(&sandbox, config.sandbox, &spec).await {
+                Ok(b) => b,
+                Err(e) => {
+                    if owns_sandbox {
+                        sandbox.destroy().await;
+                    }
+                    return Err(e);
+                }
+            };
             if let Err(e) = super::volumes::sync(&sandbox, &mounts).await {
                 if owns_sandbox {
                     sandbox.destroy().await;
@@ -140,6 +151,7 @@ impl Service {
                     capabilities: spec.capabilities.clone(),
                     privileged: spec.privileged,
                     annotations: spec.cri_annotations(),
+                    block_devices,
                 }),
             )
             .await;
@@ -325,6 +337,52 @@ impl Service {
     }
 }
 
+/// The spec's device nodes that the sandbox takes: the block devices (a claim's
+/// `volumeDevices`) of a pod VM, which plugs them in and encrypts them. Anything else is
+/// refused, naming it: the node's devices are not the sandbox's. A privileged container's spec
+/// lists every node device; it gets the guest's own instead (as the policy allowed privileged),
+/// so none is taken.
+fn block_volumes(kind: SandboxKind, spec: &Spec) -> Result<Vec<&Device>, ShimError> {
+    if spec.privileged {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for d in &spec.devices {
+        if d.kind != "b" {
+            return Err(ShimError::Refused(format!(
+                "device {} ({} {}:{}): a confidential sandbox gets none of the node's devices; only block volumes (volumeDevices), which a pod VM encrypts",
+                d.path, d.kind, d.major, d.minor
+            )));
+        }
+        if kind != SandboxKind::Vm {
+            return Err(ShimError::Refused(format!(
+                "block volume {} ({}:{}): block volumes need a pod VM (shim.toml sandbox = \"vm\"), which encrypts them; a process sandbox would give the container the node's plaintext device",
+                d.path, d.major, d.minor
+            )));
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Plugs the spec's block volumes ([`block_volumes`]) into the pod VM; what the agent is told
+/// of them.
+async fn block_devices(
+    sandbox: &Sandbox,
+    kind: SandboxKind,
+    spec: &Spec,
+) -> Result<Vec<BlockDevice>, ShimError> {
+    let mut out = Vec::new();
+    for d in block_volumes(kind, spec)? {
+        let serial = sandbox.attach_block(d.major, d.minor).await?;
+        out.push(BlockDevice {
+            container_path: d.path.clone(),
+            serial,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +394,65 @@ mod tests {
             "docker://r.example:5000/app:v1"
         );
         assert_eq!(agent_image("docker://r/app:v1"), "docker://r/app:v1");
+    }
+
+    fn spec_with(devices: serde_json::Value, privileged: bool) -> Spec {
+        let d = tempfile::tempdir().unwrap();
+        let caps = if privileged {
+            vec!["CAP_SYS_ADMIN"]
+        } else {
+            vec![]
+        };
+        std::fs::write(
+            d.path().join("config.json"),
+            serde_json::json!({
+                "process": {"args": ["/app"], "capabilities": {"bounding": caps}},
+                "linux": {"devices": devices},
+            })
+            .to_string(),
+        )
+        .unwrap();
+        read_spec(d.path()).unwrap()
+    }
+
+    #[test]
+    fn block_volumes_go_to_pod_vms_and_every_other_device_is_refused() {
+        // What containerd's CRI writes for a claim's volumeDevices entry.
+        let block = serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 3, "fileMode": 432}]);
+        let s = spec_with(block.clone(), false);
+        let taken = block_volumes(SandboxKind::Vm, &s).unwrap();
+        assert_eq!(
+            taken
+                .iter()
+                .map(|d| (d.path.as_str(), d.major, d.minor))
+                .collect::<Vec<_>>(),
+            [("/dev/xvda", 7, 3)]
+        );
+        let e = block_volumes(SandboxKind::Process, &s)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/xvda") && e.contains("need a pod VM"),
+            "{e}"
+        );
+        let chr = spec_with(
+            serde_json::json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]),
+            false,
+        );
+        let e = block_volumes(SandboxKind::Vm, &chr)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/dev/fuse (c 10:229)"), "{e}");
+        // A privileged container's list is the node's every device: none is plugged in.
+        let all = serde_json::json!([block[0].clone(), {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]);
+        assert!(block_volumes(SandboxKind::Vm, &spec_with(all, true))
+            .unwrap()
+            .is_empty());
+        assert!(block_volumes(
+            SandboxKind::Process,
+            &spec_with(serde_json::json!([]), false)
+        )
+        .unwrap()
+        .is_empty());
     }
 }

@@ -1,0 +1,247 @@
+//! `cargo bench -p coffer --bench blockvol`: an encrypted block volume's cost.
+//!
+//! A pod VM (through containerd's CRI, under the accelerator `auto` picks: TCG on this project's
+//! CI machine) gets a 160 MiB loop device as a `volumeDevices` block volume, which its agent
+//! opens as LUKS2 with dm-integrity (AES-XTS, HMAC-SHA256) under a KBS key. Printed:
+//!
+//! - CreateContainer with the volume: the first time (hot-plug, attestation for the key,
+//!   `luksFormat` with its integrity wipe of the whole device, open) and the second time in a
+//!   new pod (hot-plug, key, open), each against a CreateContainer of the same image without a
+//!   volume in the same pod VM kind;
+//! - sequential throughput through the encrypted volume in the guest (busybox `dd`, 1 MiB
+//!   blocks, 64 MiB: a write ended by `fsync`, then a read in a fresh pod VM so that nothing is
+//!   in its page cache), against the same loop device read and written on the node with
+//!   `O_DIRECT` (what a runc pod with the plain volume gets).
+//!
+//! Bounded: one pod at a time, each container bounded in time.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use coffer_shim::annotations::INITDATA;
+use common::containerd::{node, Pods};
+
+const MIB: usize = 64;
+
+/// busybox dd's summary line: "… copied, 1.234 seconds, 51.8MB/s" → MiB/s from bytes and time.
+fn dd_rate(log: &str) -> f64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("copied"))
+        .unwrap_or_else(|| panic!("no dd summary in {log}"));
+    let bytes: f64 = line
+        .split(" stderr F ")
+        .last()
+        .unwrap_or(line)
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {line}"));
+    let secs: f64 = line
+        .split("copied, ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {line}"));
+    bytes / (1 << 20) as f64 / secs
+}
+
+/// GNU dd on the node with O_DIRECT: MiB/s.
+fn node_dd(args: &[&str]) -> f64 {
+    let t = Instant::now();
+    let out = Command::new("dd").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    MIB as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let podvm = d.join("podvm");
+    common::build_podvm(&podvm);
+    let n = node(d, Some(&podvm));
+    let backing = d.join("pv.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(160 << 20)
+        .unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lo = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(lo.clone());
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .unwrap();
+    n.rt.block_on(
+        n.world
+            .kbs
+            .admin
+            .set_resource("default/pv/bench", key.to_vec()),
+    )
+    .unwrap();
+    let (ok, text, err) = common::coffer(&[
+        "initdata",
+        "new",
+        "--kbs-url",
+        &n.world.kbs.url,
+        "--image-key",
+        "kbs:///default/image-keys/app",
+        "--block-volume",
+        "/dev/xvda=kbs:///default/pv/bench",
+    ]);
+    assert!(ok, "{err}");
+    let file = d.join("block-initdata.toml");
+    std::fs::write(&file, &text).unwrap();
+    let refs = common::run_ok(
+        Command::new(common::coffer_bin())
+            .args(["measure", "--sandbox", "vm", "--podvm"])
+            .arg(&podvm)
+            .arg("--initdata")
+            .arg(&file),
+    );
+    n.rt.block_on(n.world.kbs.admin.set_reference_values(refs.as_bytes()))
+        .unwrap();
+    let annotation = coffer_shim::annotations::encode_initdata(&text);
+    let container = |name: &str, command: &str, volume: bool| coffer_shim::cri::ContainerConfig {
+        metadata: Some(coffer_shim::cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(coffer_shim::cri::ImageSpec {
+            image: n.app.clone(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
+        log_path: format!("{name}.log"),
+        devices: if volume {
+            vec![coffer_shim::cri::Device {
+                container_path: "/dev/xvda".into(),
+                host_path: lo.clone(),
+                permissions: "mrw".into(),
+            }]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    let (create_plain, create_format, write, create_open, read) = n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        // Pod 1: a container without the volume (the image pulled, attested), then the one
+        // that formats the volume and writes through it.
+        let config = p.sandbox_config("writer", &[(INITDATA, &annotation)]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+        let first = p
+            .create_config(&pod, &config, container("plain", "true", false))
+            .await
+            .unwrap();
+        p.start(&first).await.unwrap();
+        p.wait_exited(&first, Duration::from_secs(300)).await;
+        let t = Instant::now();
+        let plain = p
+            .create_config(&pod, &config, container("plain2", "true", false))
+            .await
+            .unwrap();
+        let create_plain = t.elapsed();
+        p.start(&plain).await.unwrap();
+        p.wait_exited(&plain, Duration::from_secs(300)).await;
+        let t = Instant::now();
+        let w = p
+            .create_config(
+                &pod,
+                &config,
+                container(
+                    "write",
+                    &format!("dd if=/dev/zero of=/dev/xvda bs=1M count={MIB} conv=fsync"),
+                    true,
+                ),
+            )
+            .await
+            .expect("CreateContainer with the volume");
+        let create_format = t.elapsed();
+        p.start(&w).await.unwrap();
+        assert_eq!(p.wait_exited(&w, Duration::from_secs(600)).await, 0);
+        let write = dd_rate(&std::fs::read_to_string(p.log_dir.join("writer/write.log")).unwrap());
+        p.remove_pod(&pod).await.unwrap();
+        // Pod 2: a fresh guest reads it back.
+        let config = p.sandbox_config("reader", &[(INITDATA, &annotation)]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+        let first = p
+            .create_config(&pod, &config, container("plain", "true", false))
+            .await
+            .unwrap();
+        p.start(&first).await.unwrap();
+        p.wait_exited(&first, Duration::from_secs(300)).await;
+        let t = Instant::now();
+        let r = p
+            .create_config(
+                &pod,
+                &config,
+                container(
+                    "read",
+                    &format!("dd if=/dev/xvda of=/dev/null bs=1M count={MIB}"),
+                    true,
+                ),
+            )
+            .await
+            .expect("CreateContainer with the volume again");
+        let create_open = t.elapsed();
+        p.start(&r).await.unwrap();
+        assert_eq!(p.wait_exited(&r, Duration::from_secs(600)).await, 0);
+        let read = dd_rate(&std::fs::read_to_string(p.log_dir.join("reader/read.log")).unwrap());
+        p.remove_pod(&pod).await.unwrap();
+        (create_plain, create_format, write, create_open, read)
+    });
+    let count = format!("count={MIB}");
+    let of = format!("of={lo}");
+    let iff = format!("if={lo}");
+    let node_write = node_dd(&[
+        "if=/dev/zero",
+        &of,
+        "bs=1M",
+        &count,
+        "oflag=direct",
+        "conv=fsync",
+    ]);
+    let node_read = node_dd(&[&iff, "of=/dev/null", "bs=1M", &count, "iflag=direct"]);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("encrypted block volume (LUKS2 + dm-integrity, 160 MiB loop device), pod VM with --accel auto");
+    println!(
+        "CreateContainer          no volume {:>8.0} ms   first use (format) {:>8.0} ms   next pod (open) {:>8.0} ms",
+        ms(create_plain),
+        ms(create_format),
+        ms(create_open)
+    );
+    println!(
+        "write {MIB} MiB (fsync)     guest, encrypted {:>7.1} MiB/s   node, plain O_DIRECT {:>7.1} MiB/s   ratio {:.2}",
+        write,
+        node_write,
+        write / node_write
+    );
+    println!(
+        "read {MIB} MiB (cold)       guest, encrypted {:>7.1} MiB/s   node, plain O_DIRECT {:>7.1} MiB/s   ratio {:.2}",
+        read,
+        node_read,
+        read / node_read
+    );
+}
