@@ -1326,27 +1326,31 @@ impl Drop for Loop {
     }
 }
 
-/// An initdata with the default policy whose block volume at `/dev/xvda` is keyed by `key`, as
-/// the pod annotation carries it; its reference values go to the KBS beside the node's.
+/// Initdata with the default policy whose block volume at `/dev/xvda` is keyed by each `key`
+/// (none: no block volume), as the pod annotation carries it; their reference values are what
+/// the KBS then holds.
 fn block_volume_initdata(
     n: &Node,
     d: &std::path::Path,
     podvm: &std::path::Path,
-    keys: &[&str],
+    keys: &[Option<&str>],
 ) -> Vec<String> {
     let mut refs: Option<serde_json::Value> = None;
     let mut annotations = Vec::new();
     for (i, key) in keys.iter().enumerate() {
-        let (ok, text, err) = common::coffer(&[
+        let volume = key.map(|k| format!("/dev/xvda={k}"));
+        let mut args = vec![
             "initdata",
             "new",
             "--kbs-url",
             &n.world.kbs.url,
             "--image-key",
             "kbs:///default/image-keys/app",
-            "--block-volume",
-            &format!("/dev/xvda={key}"),
-        ]);
+        ];
+        if let Some(v) = &volume {
+            args.extend(["--block-volume", v.as_str()]);
+        }
+        let (ok, text, err) = common::coffer(&args);
         assert!(ok, "{err}");
         let file = d.join(format!("block-initdata-{i}.toml"));
         std::fs::write(&file, &text).unwrap();
@@ -1413,7 +1417,11 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
         &n,
         d,
         &podvm,
-        &["kbs:///default/pv/data", "kbs:///default/pv/other"],
+        &[
+            Some("kbs:///default/pv/data"),
+            Some("kbs:///default/pv/other"),
+            None,
+        ],
     );
     let marker = "coffer-block-volume-marker-8c1f";
     let container = |name: &str, command: &str| coffer_shim::cri::ContainerConfig {
@@ -1484,12 +1492,17 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
         // A pod whose initdata keys the volume with another key is refused, naming it.
         let config = p.sandbox_config("stranger", &[(INITDATA, &annotations[1])]);
         let pod = p.run_pod(&config).await.expect("RunPodSandbox");
-        let e = p
+        // (containerd creates the task, where the agent opens the volume, at StartContainer.)
+        let id = p
             .create_config(
                 &pod,
                 &config,
                 container("stranger", "dd if=/dev/xvda count=1"),
             )
+            .await
+            .unwrap();
+        let e = p
+            .start(&id)
             .await
             .expect_err("a volume opened with another key");
         assert!(
@@ -1497,6 +1510,21 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
                 .contains("does not open with the key kbs:///default/pv/other"),
             "{e:?}"
         );
+        p.remove_pod(&pod).await.unwrap();
+
+        // A pod whose initdata names no key for the device gets no plaintext volume.
+        let config = p.sandbox_config("keyless", &[(INITDATA, &annotations[2])]);
+        let pod = p.run_pod(&config).await.expect("RunPodSandbox");
+        let id = p
+            .create_config(
+                &pod,
+                &config,
+                container("keyless", "dd if=/dev/xvda count=1"),
+            )
+            .await
+            .unwrap();
+        let e = p.start(&id).await.expect_err("a volume without a key");
+        assert!(e.message().contains("names no key for it"), "{e:?}");
         p.remove_pod(&pod).await.unwrap();
     });
     assert_nothing_left(&n, &[]);

@@ -686,7 +686,7 @@ impl Pod<'_> {
                     return Err(self.err(
                         &c.name,
                         format!(
-                            "volumeDevices[{i}]: volume {} is a {kind}, not a block volume claim",
+                            "volumeDevices[{i}]: volume {} ({kind}) is not a block volume claim (persistentVolumeClaim or ephemeral)",
                             d.name
                         ),
                     ))

@@ -473,6 +473,53 @@ async fn mounts_per_volume_type() {
 }
 
 #[tokio::test]
+async fn block_volume_claims_are_pinned_by_path_and_keyed_in_the_initdata() {
+    let yaml = pod(
+        "  - name: db\n    image: busybox\n    volumeDevices: [{name: data, devicePath: /dev/xvda}]\n",
+        "  volumes: [{name: data, persistentVolumeClaim: {claimName: db-data}}]\n",
+    );
+    // Without a key the claim is refused, saying which setting names one.
+    let e = err(&yaml).await;
+    assert!(
+        e.contains("volumeDevices[0]: no key for block volume db-data")
+            && e.contains("volume_keys"),
+        "{e}"
+    );
+    let settings =
+        Settings::parse("volume_keys: {db-data: 'kbs:///default/pv/db-data'}\n").unwrap();
+    let g = gen_with(&yaml, settings).await.unwrap();
+    assert_eq!(
+        data(&g, 0)["containers"]["db"]["devices"],
+        json!(["/dev/xvda"])
+    );
+    let initdata = coffer_wire::initdata::Initdata::parse(&g.pods[0].initdata).unwrap();
+    let cdh = &initdata.data["cdh.toml"];
+    assert!(
+        cdh.contains("[block_volumes]\n\"/dev/xvda\" = \"kbs:///default/pv/db-data\""),
+        "{cdh}"
+    );
+    // Only claims are block volumes; keys must be KBS resources.
+    let e = gen_with(
+        &pod(
+            "  - name: db\n    image: busybox\n    volumeDevices: [{name: data, devicePath: /dev/xvda}]\n",
+            "  volumes: [{name: data, emptyDir: {}}]\n",
+        ),
+        Settings::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("volume data (emptyDir) is not a block volume claim"),
+        "{e}"
+    );
+    let e = Settings::parse("volume_keys: {db-data: 'https://x/k'}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("volume_keys: db-data"), "{e}");
+}
+
+#[tokio::test]
 async fn execs_tty_stdin_and_settings() {
     let containers = "  - name: c\n    image: busybox\n    tty: true\n    stdin: true\n    livenessProbe: {exec: {command: [cat, /tmp/healthy]}}\n    readinessProbe: {exec: {command: [\"$(NOT_EXPANDED)\"]}}\n    startupProbe: {httpGet: {path: /, port: 80}}\n    lifecycle:\n      preStop: {exec: {command: [/stop]}}\n";
     let g = gen(&pod(containers, "")).await;

@@ -652,6 +652,9 @@ fn mutations(input: &Value, data: &Value) -> Vec<(&'static str, Value)> {
     let mut m = input.clone();
     m["env"].as_array_mut().unwrap().push(json!("INJECTED=1"));
     out.push(("an extra variable", m));
+    let mut m = input.clone();
+    m["block_devices"] = json!([{"container_path": "/dev/sneaky", "serial": "coffer-vol0"}]);
+    out.push(("a block device the pod does not claim", m));
     if let Some((name, _)) = app["env"]["pinned"]
         .as_object()
         .and_then(|p| p.iter().next())
