@@ -364,7 +364,7 @@ pub fn volume_mounts(
         let file_volume = super::files::KINDS.contains(&plugin);
         if plugin != "empty-dir" && !file_volume {
             return Err(ContainerError::Invalid(format!(
-                "mount {}: volume kind {plugin:?} is not available in the sandbox (its files would be the node's); use an emptyDir, a configMap, secret, projected or downwardAPI volume, or a KBS resource",
+                "mount {}: volume kind {plugin:?} is not available in the sandbox (its files would be the node's, readable and changeable there); use an emptyDir, a configMap, secret, projected or downwardAPI volume, or a KBS resource, and for persistent data a volumeMode: Block claim, which a pod VM encrypts",
                 m.destination
             )));
         }
@@ -606,8 +606,8 @@ const RUNTIME_BINDS: [&str; 4] = [
 ];
 
 /// A bind mount of a node path the sandbox cannot honour is refused, naming it, rather than
-/// left out: a `hostPath` (the node's files), a `subPath` of a volume (not built yet), or any
-/// other node directory. The runtime's own binds and non-bind mounts (the sandbox makes
+/// left out: a `hostPath` (the node's files), a `subPath` the shim could not trace to its volume,
+/// or any other node directory. The runtime's own binds and non-bind mounts (the sandbox makes
 /// its own `/proc`, `/dev`, `/sys`) pass.
 fn refuse_node_path(m: &crate::proto::Mount) -> Result<()> {
     let bind = m.r#type == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind");
@@ -781,7 +781,7 @@ mod tests {
                     "/data",
                     "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv-1/mount",
                 ),
-                "volume kind \"csi\" is not available",
+                "volume kind \"csi\" is not available in the sandbox (its files would be the node's, readable and changeable there); use an emptyDir, a configMap, secret, projected or downwardAPI volume, or a KBS resource, and for persistent data a volumeMode: Block claim",
             ),
             (
                 bind(
