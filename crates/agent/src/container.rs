@@ -107,6 +107,8 @@ pub struct Containers {
     volume_writes: std::sync::Arc<Mutex<()>>,
     /// The encrypted block volumes opened in this sandbox.
     block: block::BlockVolumes,
+    /// The attested mesh, once set up ([`crate::mesh`]).
+    mesh: tokio::sync::OnceCell<Arc<crate::mesh::Identity>>,
 }
 
 impl Drop for Containers {
@@ -218,6 +220,7 @@ impl Containers {
             given_netns: None,
             volume_writes: Default::default(),
             block: Default::default(),
+            mesh: Default::default(),
         }
     }
 
@@ -384,6 +387,10 @@ impl Containers {
                 return Err(e);
             }
         };
+        if let Err(e) = self.join_mesh(&netns).await {
+            let _ = remove_bundle(&bundle);
+            return Err(e);
+        }
         if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
             for n in ns.iter_mut().filter(|n| n["type"] == "network") {
                 n["path"] = serde_json::json!(netns);
@@ -485,6 +492,39 @@ impl Containers {
             spec::add_block_device(spec, &d.container_path, &opened);
         }
         Ok(())
+    }
+
+    /// Puts the pod in the attested mesh when its initdata says so (once, before its first
+    /// container): certificate, proxy, redirect rules in the pod's namespace `netns`.
+    async fn join_mesh(&self, netns: &Path) -> Result<()> {
+        let Some(kbs) = &self.kbs else { return Ok(()) };
+        let Some(config) = kbs.config.mesh.clone() else {
+            return Ok(());
+        };
+        self.mesh
+            .get_or_try_init(|| async {
+                if crate::vm::booted() {
+                    return Err(ContainerError::Invalid(
+                        "the initdata puts the pod in the mesh (mesh.toml), which pod VMs do not offer yet: run it in a process sandbox".into(),
+                    ));
+                }
+                let fail = |e: crate::mesh::MeshError| {
+                    tracing::warn!(error = %e, "the pod cannot join the mesh");
+                    ContainerError::Keys(e.to_string())
+                };
+                let identity = crate::mesh::Identity::new(config, kbs.client.as_ref())
+                    .await
+                    .map_err(fail)?;
+                let sockets = crate::mesh::NetnsSockets::new(netns.to_path_buf()).map_err(fail)?;
+                crate::mesh::start(identity.clone(), sockets, netns)
+                    .await
+                    .map_err(fail)?;
+                let source: Arc<dyn crate::mesh::CertificateSource> = kbs.client.clone();
+                tokio::spawn(identity.clone().renew_forever(source));
+                Ok(identity)
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Closes the sandbox's block volumes (at its end: what is cached is written back).

@@ -24,6 +24,8 @@ pub struct KbsConfig {
     /// The key of each encrypted block volume, by the container path it is given at
     /// (`cdh.toml` `[block_volumes]`).
     pub block_volumes: std::collections::BTreeMap<String, String>,
+    /// The attested mesh's settings (`mesh.toml`), when the pod is in the mesh.
+    pub mesh: Option<coffer_wire::mesh::MeshConfig>,
 }
 
 /// Reads `aa.toml` and `cdh.toml` from the initdata.
@@ -36,6 +38,9 @@ pub fn kbs_config(initdata: &Initdata) -> Result<KbsConfig, String> {
             .transpose()
     };
     let mut cfg = KbsConfig::default();
+    if let Some(text) = initdata.data.get(coffer_wire::mesh::MESH_TOML) {
+        cfg.mesh = Some(coffer_wire::mesh::MeshConfig::parse(text).map_err(|e| e.to_string())?);
+    }
     if let Some(aa) = table("aa.toml")? {
         cfg.url = aa
             .get("token_configs")

@@ -19,6 +19,7 @@ pub mod container;
 pub mod dm;
 pub mod egress;
 pub mod keys;
+pub mod mesh;
 pub mod net;
 pub mod owner;
 pub mod policy;

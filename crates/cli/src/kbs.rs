@@ -82,6 +82,9 @@ enum KbsCommand {
         /// The name.
         name: String,
     },
+    /// List the mesh certificates that have not expired (admin): identity, TEE, expiry,
+    /// serial, attested initdata.
+    MeshStatus,
     /// Attest as a TEE and write a resource's bytes to stdout.
     GetResource {
         /// repository/type/tag (or kbs:///repository/type/tag)
@@ -269,6 +272,27 @@ pub async fn run(args: KbsArgs) -> anyhow::Result<()> {
         }
         KbsCommand::DeleteReferenceValue { name } => {
             args.admin()?.delete_reference_value(name).await?
+        }
+        KbsCommand::MeshStatus => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            println!(
+                "{:<52} {:<10} {:>12}  {:<32}  INITDATA",
+                "IDENTITY", "TEE", "EXPIRES IN", "SERIAL"
+            );
+            for c in args.admin()?.mesh_certificates().await? {
+                let left = c.not_after.saturating_sub(now);
+                println!(
+                    "{:<52} {:<10} {:>12}  {:<32}  {}",
+                    c.identity,
+                    c.tee,
+                    format!("{}m{:02}s", left / 60, left % 60),
+                    c.serial,
+                    c.init_data.get(..16).unwrap_or(&c.init_data)
+                );
+            }
         }
         KbsCommand::GetResource { path, tee } => {
             let client = args.tee_client(tee)?;

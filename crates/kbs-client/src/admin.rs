@@ -179,6 +179,17 @@ impl AdminClient {
         })
     }
 
+    /// The mesh certificates that have not expired: which workloads hold one, until when.
+    pub async fn mesh_certificates(&self) -> Result<Vec<coffer_wire::mesh::Issued>> {
+        let url = format!("{}/mesh/certificates", self.base);
+        let req = self.http.get(&url);
+        let resp = self.send("mesh-certificates", req, &url).await?;
+        resp.json().await.map_err(|e| ClientError::Protocol {
+            op: "mesh-certificates".into(),
+            detail: e.to_string(),
+        })
+    }
+
     /// Deletes one named reference-value list.
     pub async fn delete_reference_value(&self, name: &str) -> Result<()> {
         let url = format!("{}/reference-values/{name}", self.base);

@@ -419,6 +419,54 @@ impl KbsClient {
 }
 
 impl KbsClient {
+    /// Asks the KBS's mesh CA for a workload certificate for the key of `csr_pem` (a PKCS#10
+    /// request, PEM), attesting first when no valid token is held; the certificate names the
+    /// identity of the attested initdata's `mesh.toml`.
+    pub async fn mesh_certificate(
+        &self,
+        csr_pem: &str,
+    ) -> Result<coffer_wire::mesh::CertificateResponse> {
+        let mut fresh = false;
+        let token = match self.cached_token() {
+            Some(t) => t,
+            None => {
+                fresh = true;
+                self.attest_session().await?
+            }
+        };
+        match self.post_csr(csr_pem, &token).await {
+            Err(e) if !fresh && e.status() == Some(StatusCode::UNAUTHORIZED.as_u16()) => {
+                let token = self.attest_session().await?;
+                self.post_csr(csr_pem, &token).await
+            }
+            other => other,
+        }
+    }
+
+    async fn post_csr(
+        &self,
+        csr_pem: &str,
+        token: &CachedToken,
+    ) -> Result<coffer_wire::mesh::CertificateResponse> {
+        let url = format!("{}{}", self.base, coffer_wire::mesh::CERTIFICATE_PATH);
+        let resp = self
+            .http
+            .post(&url)
+            .header(header::COOKIE, &token.cookie)
+            .bearer_auth(&token.token)
+            .json(&coffer_wire::mesh::CertificateRequest {
+                csr: csr_pem.to_string(),
+            })
+            .send()
+            .await
+            .map_err(http_err(&url))?;
+        let resp = check("mesh certificate", resp).await?;
+        resp.json().await.map_err(|e| ClientError::Protocol {
+            op: "mesh certificate".into(),
+            detail: format!("not a certificate response: {e}"),
+        })
+    }
+
     /// One full handshake without token reuse: `/auth`, `/attest`, then the resource. Used by
     /// benchmarks and by callers that must prove freshness.
     pub async fn handshake(&self, path: &str) -> Result<Zeroizing<Vec<u8>>> {

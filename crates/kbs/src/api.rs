@@ -68,7 +68,10 @@ pub fn router(kbs: Arc<Kbs>) -> Router {
         .route(
             "/reference-values/{name}",
             axum::routing::delete(delete_reference_value),
-        );
+        )
+        .route(coffer_wire::mesh::CERTIFICATE_PATH, post(mesh_certificate))
+        .route(coffer_wire::mesh::CA_PATH, get(mesh_ca))
+        .route("/mesh/certificates", get(mesh_certificates));
     Router::new()
         .nest(BASE_PATH, api)
         .route("/metrics", get(metrics))
@@ -477,18 +480,14 @@ pub fn resource_path(raw: &str) -> Result<(String, [String; 3]), KbsError> {
     ))
 }
 
-async fn get_resource(
-    State(kbs): Shared,
-    Path(raw): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, KbsError> {
-    let (path, [repo, ty, tag]) = resource_path(&raw)?;
-    let stored = match session_cookie(&headers) {
+/// The caller's attestation token (its session's, or a bearer token) and its verified claims.
+async fn attested(kbs: &Kbs, headers: &HeaderMap) -> Result<(EarClaims, String), KbsError> {
+    let stored = match session_cookie(headers) {
         Some(id) => kbs.store.get_session(id).await?.and_then(|s| s.token),
         None => None,
     };
     let (claims, token) =
-        match (stored, bearer(&headers)) {
+        match (stored, bearer(headers)) {
             (Some(token), _) => (kbs.tokens.claims_of_stored(&token), token),
             (None, Some(token)) => (kbs.tokens.verify(token), token.to_string()),
             (None, None) => return Err(KbsError::new(
@@ -497,6 +496,16 @@ async fn get_resource(
             )),
         };
     let claims = claims.map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
+    Ok((claims, token))
+}
+
+async fn get_resource(
+    State(kbs): Shared,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, KbsError> {
+    let (path, [repo, ty, tag]) = resource_path(&raw)?;
+    let (claims, token) = attested(&kbs, &headers).await?;
     let digest = TokenKeys::claims_digest(&token);
     let tee_pubkey = claims.tee_pubkey().ok_or_else(|| {
         KbsError::new(
@@ -544,6 +553,128 @@ async fn get_resource(
         "allowed by resource policy",
     );
     Ok(Json(jwe).into_response())
+}
+
+/// `POST /mesh/certificate`: a workload certificate for the identity the attested initdata's
+/// `mesh.toml` names, when the resource policy allows it (`data.policy.allow` with the
+/// resource path `/mesh/certificate/workload` and `input.mesh` = `{"identity", "peers"}`).
+async fn mesh_certificate(
+    State(kbs): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, KbsError> {
+    use coffer_wire::mesh::{
+        CertificateRequest, CertificateResponse, Issued, MeshConfig, MESH_TOML,
+    };
+    let (claims, token) = attested(&kbs, &headers).await?;
+    let body = read_body(&kbs, body, &headers, MAX_PROTOCOL_BODY).await?;
+    let req: CertificateRequest = serde_json::from_slice(&body).map_err(|e| {
+        KbsError::new(
+            ErrorKind::InvalidRequest,
+            format!("the certificate request: {e}"),
+        )
+    })?;
+    let digest = TokenKeys::claims_digest(&token);
+    let primary = claims.submods.get(ear::PRIMARY_SUBMOD);
+    let init_data = primary
+        .and_then(|a| a.evidence.get("init_data"))
+        .and_then(|d| d.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let mesh_text = primary
+        .and_then(|a| a.evidence.get("init_data_claims"))
+        .and_then(|c| c.get(MESH_TOML))
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| {
+            KbsError::new(
+                ErrorKind::PolicyDeny,
+                "the attested initdata names no mesh identity (its mesh.toml): no mesh certificate",
+            )
+        })?;
+    let mesh = MeshConfig::parse(mesh_text).map_err(|e| {
+        KbsError::new(
+            ErrorKind::InvalidRequest,
+            format!("the attested initdata's {e}"),
+        )
+    })?;
+    let policies = kbs.policies.get(&kbs.store).await?;
+    let mut input = serde_json::to_value(&claims)
+        .map_err(|e| KbsError::new(ErrorKind::PolicyEngineError, e.to_string()))?;
+    input["mesh"] = json!({"identity": mesh.identity, "peers": mesh.peers});
+    let path = "mesh/certificate/workload";
+    if !policies
+        .resource
+        .allow_resource(&input, ["mesh", "certificate", "workload"])?
+    {
+        kbs.metrics.releases.with_label_values(&["denied"]).inc();
+        kbs.audit
+            .release(&claims.tee, &digest, path, "deny", "resource policy denied");
+        return Err(KbsError::new(
+            ErrorKind::PolicyDeny,
+            format!(
+                "the resource policy denies a mesh certificate to {}",
+                mesh.identity
+            ),
+        ));
+    }
+    let ttl = std::time::Duration::from_secs(kbs.config.mesh_cert_ttl_secs);
+    let (certificate, serial, not_after) = kbs
+        .mesh
+        .issue(&req.csr, &mesh.identity, ttl)
+        .map_err(|e| KbsError::new(ErrorKind::InvalidRequest, e.to_string()))?;
+    let record = Issued {
+        serial: serial.clone(),
+        identity: mesh.identity.clone(),
+        init_data,
+        tee: claims.tee.clone(),
+        issued_at: now_secs(),
+        not_after,
+    };
+    kbs.store
+        .put_mesh_issued(&serial, &serde_json::to_vec(&record).unwrap_or_default())
+        .await?;
+    kbs.metrics.releases.with_label_values(&["released"]).inc();
+    kbs.audit.release(
+        &claims.tee,
+        &digest,
+        path,
+        "release",
+        &format!("mesh certificate {serial} for {}", mesh.identity),
+    );
+    tracing::info!(identity = %mesh.identity, serial, not_after, "mesh certificate issued");
+    Ok(Json(CertificateResponse {
+        certificate,
+        ca: kbs.mesh.certificate().to_string(),
+        identity: mesh.identity,
+        peers: mesh.peers,
+        not_after,
+    })
+    .into_response())
+}
+
+/// `GET /mesh/ca`: the mesh CA's certificate (PEM), public.
+async fn mesh_ca(State(kbs): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        kbs.mesh.certificate().to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /mesh/certificates` (admin): the mesh certificates that have not expired; expired
+/// records are forgotten.
+async fn mesh_certificates(State(kbs): Shared, headers: HeaderMap) -> Result<Response, KbsError> {
+    admin(&kbs, &headers)?;
+    let now = now_secs();
+    let mut live = Vec::new();
+    for (serial, bytes) in kbs.store.mesh_issued().await? {
+        match serde_json::from_slice::<coffer_wire::mesh::Issued>(&bytes) {
+            Ok(r) if r.not_after > now => live.push(r),
+            _ => kbs.store.delete_mesh_issued(&serial).await?,
+        }
+    }
+    live.sort_by(|a, b| (&a.identity, a.not_after).cmp(&(&b.identity, b.not_after)));
+    Ok(Json(live).into_response())
 }
 
 fn admin(kbs: &Kbs, headers: &HeaderMap) -> Result<String, KbsError> {

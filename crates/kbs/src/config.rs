@@ -9,6 +9,8 @@ use serde::Deserialize;
 pub const DEFAULT_SESSION_TTL: u64 = 300;
 /// Default token lifetime (seconds), as upstream.
 pub const DEFAULT_TOKEN_TTL: u64 = 300;
+/// Default lifetime of a mesh workload certificate (seconds); guests renew at two thirds.
+pub const DEFAULT_MESH_CERT_TTL: u64 = 3600;
 /// Default bound on live sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 /// Default time a client has to send a request's header (seconds).
@@ -68,6 +70,8 @@ pub struct Config {
     pub session_ttl_secs: u64,
     /// Token lifetime in seconds.
     pub token_ttl_secs: u64,
+    /// Lifetime of a mesh workload certificate in seconds (at least 10).
+    pub mesh_cert_ttl_secs: u64,
     /// Bound on live sessions.
     pub max_sessions: usize,
     /// Audit log file (default: `<data-dir>/audit.jsonl`).
@@ -110,6 +114,7 @@ impl Default for Config {
             snp_vcek_dir: None,
             session_ttl_secs: DEFAULT_SESSION_TTL,
             token_ttl_secs: DEFAULT_TOKEN_TTL,
+            mesh_cert_ttl_secs: DEFAULT_MESH_CERT_TTL,
             max_sessions: DEFAULT_MAX_SESSIONS,
             audit_log: None,
             header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT,
@@ -153,6 +158,12 @@ impl Config {
                 "--emulated-root is only used with --allow-emulated; refusing to trust an emulated root silently"
             ),
             _ => {}
+        }
+        if self.mesh_cert_ttl_secs < 10 {
+            anyhow::bail!(
+                "mesh-cert-ttl-secs {} is too short: guests renew at two thirds of it; use 10 or more",
+                self.mesh_cert_ttl_secs
+            );
         }
         if self.session_ttl_secs == 0 || self.token_ttl_secs == 0 {
             anyhow::bail!("session and token lifetimes must be positive");

@@ -13,6 +13,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod error;
+pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod server;
@@ -44,6 +45,8 @@ pub struct Kbs {
     pub audit: audit::AuditLog,
     /// Metrics.
     pub metrics: metrics::Metrics,
+    /// The mesh CA.
+    pub mesh: mesh::MeshCa,
 }
 
 impl Kbs {
@@ -119,7 +122,11 @@ impl Kbs {
                     .context("invalid --pccs-url")?,
             );
         }
+        let mesh = mesh::MeshCa::load(&store)
+            .await
+            .context("cannot load the mesh CA")?;
         let kbs = Arc::new(Self {
+            mesh,
             verifiers,
             policies: policy::PolicyCache::new(policy::PolicyLimits::of(&config)),
             metrics: metrics::Metrics::new(),

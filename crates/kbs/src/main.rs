@@ -89,6 +89,9 @@ struct ServeArgs {
     /// Token lifetime in seconds [default: 300].
     #[arg(long)]
     token_ttl_secs: Option<u64>,
+    /// Lifetime of a mesh workload certificate in seconds [default: 3600].
+    #[arg(long)]
+    mesh_cert_ttl_secs: Option<u64>,
     /// Bound on live sessions [default: 100000].
     #[arg(long)]
     max_sessions: Option<usize>,
@@ -106,7 +109,13 @@ impl ServeArgs {
         macro_rules! take {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        take!(listen, session_ttl_secs, token_ttl_secs, max_sessions);
+        take!(
+            listen,
+            session_ttl_secs,
+            token_ttl_secs,
+            mesh_cert_ttl_secs,
+            max_sessions
+        );
         macro_rules! take_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }

@@ -155,6 +155,19 @@ async fn two_replicas_share_one_database() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
+    // One mesh CA, whichever replica made it first (they started together).
+    let ca = |url: String| async move {
+        reqwest::get(format!("{url}/kbs/v0/mesh/ca"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let (ca_a, ca_b) = (ca(a.url.clone()).await, ca(b.url.clone()).await);
+    assert!(ca_a.contains("BEGIN CERTIFICATE"), "{ca_a}");
+    assert_eq!(ca_a, ca_b, "the replicas sign with different mesh CAs");
+
     // A session begun on A completes on B, and its cookie works on both.
     let http = reqwest::Client::new();
     let resp = http

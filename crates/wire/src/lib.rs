@@ -15,6 +15,7 @@ pub mod ear;
 pub mod error;
 pub mod hcl;
 pub mod initdata;
+pub mod mesh;
 pub mod reference;
 pub mod rego;
 pub mod sample;

@@ -148,7 +148,30 @@ impl Store {
         &self,
         generate: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        dispatch!(self, s => s.token_key(generate).await)
+        dispatch!(self, s => s.meta_or_insert("token-key", generate).await)
+    }
+    /// The mesh CA (its key and certificate, [`crate::mesh`]), created with `generate` on first
+    /// use. All replicas of a shared store end up with the same CA.
+    pub async fn mesh_ca(&self, generate: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        dispatch!(self, s => s.meta_or_insert("mesh-ca", generate).await)
+    }
+    /// Records an issued mesh certificate under its serial (hex).
+    pub async fn put_mesh_issued(&self, serial: &str, record: &[u8]) -> Result<(), StoreError> {
+        let key = format!("mesh-cert/{serial}");
+        dispatch!(self, s => s.put_meta(&key, record).await)
+    }
+    /// Every recorded mesh certificate: (serial, record).
+    pub async fn mesh_issued(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = dispatch!(self, s => s.list_meta("mesh-cert/").await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("mesh-cert/").to_string(), v))
+            .collect())
+    }
+    /// Forgets a recorded mesh certificate (expired).
+    pub async fn delete_mesh_issued(&self, serial: &str) -> Result<(), StoreError> {
+        let key = format!("mesh-cert/{serial}");
+        dispatch!(self, s => s.delete_meta(&key).await)
     }
     /// A counter that changes whenever a policy or reference value changes.
     pub async fn generation(&self) -> Result<u64, StoreError> {

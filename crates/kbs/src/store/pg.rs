@@ -160,21 +160,65 @@ impl PgStore {
             .map(|n| n > 0)
     }
 
-    pub(super) async fn token_key(
+    pub(super) async fn meta_or_insert(
         &self,
+        name: &str,
         generate: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        // Insert-if-absent, then read back: whichever replica wins, all use its key.
-        sqlx::query(
-            "INSERT INTO coffer_meta (key, value) VALUES ('token-key', $1) ON CONFLICT DO NOTHING",
-        )
-        .bind(generate())
-        .execute(&self.pool)
-        .await?;
-        let row = sqlx::query("SELECT value FROM coffer_meta WHERE key = 'token-key'")
+        // Insert-if-absent, then read back: whichever replica wins, all use its value.
+        if let Some(row) = sqlx::query("SELECT value FROM coffer_meta WHERE key = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            return Ok(row.get::<Vec<u8>, _>(0));
+        }
+        sqlx::query("INSERT INTO coffer_meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .bind(generate())
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT value FROM coffer_meta WHERE key = $1")
+            .bind(name)
             .fetch_one(&self.pool)
             .await?;
         Ok(row.get::<Vec<u8>, _>(0))
+    }
+
+    pub(super) async fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO coffer_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn list_meta(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // A prefix match on the key without LIKE's wildcards.
+        let rows = sqlx::query(
+            "SELECT key, value FROM coffer_meta WHERE left(key, length($1)) = $1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<Vec<u8>, _>(1)))
+            .collect())
+    }
+
+    pub(super) async fn delete_meta(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM coffer_meta WHERE key = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn generation(&self) -> Result<u64, StoreError> {

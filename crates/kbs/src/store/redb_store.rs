@@ -16,7 +16,6 @@ const POLICIES: TableDefinition<&str, &str> = TableDefinition::new("policies");
 const REFERENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("reference_values");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-const TOKEN_KEY: &str = "token-key";
 const GENERATION: &str = "generation";
 
 fn e(err: impl std::fmt::Display) -> StoreError {
@@ -166,28 +165,61 @@ impl RedbStore {
         })
     }
 
-    pub(super) async fn token_key(
+    pub(super) async fn meta_or_insert(
         &self,
+        name: &str,
         generate: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        if let Some(k) = self.read_meta(TOKEN_KEY)? {
+        if let Some(k) = self.read_meta(name)? {
             return Ok(k);
         }
         let txn = self.db.begin_write().map_err(e)?;
         let key = {
             let mut meta = txn.open_table(META).map_err(e)?;
-            let existing = meta.get(TOKEN_KEY).map_err(e)?.map(|v| v.value().to_vec());
+            let existing = meta.get(name).map_err(e)?.map(|v| v.value().to_vec());
             match existing {
                 Some(k) => k,
                 None => {
                     let k = generate();
-                    meta.insert(TOKEN_KEY, k.as_slice()).map_err(e)?;
+                    meta.insert(name, k.as_slice()).map_err(e)?;
                     k
                 }
             }
         };
         txn.commit().map_err(e)?;
         Ok(key)
+    }
+
+    pub(super) async fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        txn.open_table(META)
+            .map_err(e)?
+            .insert(name, value)
+            .map_err(e)?;
+        txn.commit().map_err(e)
+    }
+
+    pub(super) async fn list_meta(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let table = txn.open_table(META).map_err(e)?;
+        let mut out = Vec::new();
+        for row in table.range(prefix..).map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn delete_meta(&self, name: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        txn.open_table(META).map_err(e)?.remove(name).map_err(e)?;
+        txn.commit().map_err(e)
     }
 
     pub(super) async fn generation(&self) -> Result<u64, StoreError> {

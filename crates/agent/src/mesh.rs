@@ -1,0 +1,730 @@
+//! The attested mesh in the sandbox: every TCP connection between Coffer pods is mutual TLS 1.3
+//! between the pods' sandboxes, with certificates only an attested sandbox obtains
+//! ([`coffer_wire::mesh`]; docs/mesh.md).
+//!
+//! When the initdata carries `mesh.toml`, before the pod's first container is created the agent
+//!
+//! 1. makes an ECDSA P-256 key (it never leaves the sandbox) and a certificate request, and has
+//!    the KBS's mesh CA sign it after attestation: the certificate names the identity of the
+//!    attested `mesh.toml`; it is renewed (new key, new certificate) at two thirds of its life,
+//!    and new handshakes take the new one while established connections go on;
+//! 2. listens in the pod's network namespace: on [`MESH_PORT`] for mutual TLS from peer
+//!    sandboxes, on [`OUTBOUND_PORT`] for the containers' redirected connections, and on
+//!    [`REFUSE_PORT`] for redirected plaintext from outside the mesh, which is logged and
+//!    closed;
+//! 3. redirects in that namespace (iptables `nat`): the containers' TCP to the mesh's networks
+//!    (`cidrs`) to the outbound listener, every inbound TCP but the mesh port and the open ports
+//!    (`open_ports`) to the refusing listener. The proxy's own connections carry the firewall
+//!    mark [`MARK`], which the rules pass.
+//!
+//! An outbound connection: its original destination (`SO_ORIGINAL_DST`) is dialled on the mesh
+//! port, the TLS handshake proves both sides (the peer's certificate chains to the mesh CA, is
+//! valid now, and names an identity `peers` allows), the original port goes first (two bytes,
+//! big-endian), then the bytes flow both ways. Inbound, the peer's identity is checked the same
+//! way and the bytes go to `127.0.0.1:PORT` in the pod's namespace.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use coffer_wire::mesh::{peer_matches, CertificateResponse, MeshConfig, MESH_PORT};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// Where the containers' redirected outbound connections arrive.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Where redirected inbound plaintext arrives, to be logged and closed.
+pub const REFUSE_PORT: u16 = 15006;
+/// The firewall mark of the proxy's own connections (passed by the redirect rules).
+pub const MARK: u32 = 0xc0ff;
+
+/// A mesh failure.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The KBS issued no certificate.
+    #[error("mesh certificate: {0}")]
+    Certificate(String),
+    /// The pod's namespace could not be set up.
+    #[error("mesh: {0}")]
+    Setup(String),
+}
+
+/// What the mesh needs of the KBS: a certificate for a request.
+pub trait CertificateSource: Send + Sync + 'static {
+    /// Sends `csr_pem` to the KBS's mesh CA.
+    fn certificate(
+        &self,
+        csr_pem: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + '_>,
+    >;
+}
+
+impl CertificateSource for coffer_kbs_client::KbsClient {
+    fn certificate(
+        &self,
+        csr_pem: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            self.mesh_certificate(&csr_pem)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// The current credentials: replaced whole at each renewal.
+struct Credentials {
+    key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    peers: Vec<String>,
+    not_after: u64,
+}
+
+/// The sandbox's mesh identity, renewed in place.
+pub struct Identity {
+    config: MeshConfig,
+    current: RwLock<Arc<Credentials>>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("identity", &self.config.identity)
+            .finish()
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// A new key and a certificate for it from `source`.
+async fn obtain(source: &dyn CertificateSource) -> Result<Credentials, MeshError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| MeshError::Certificate(format!("cannot make a key: {e}")))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| MeshError::Certificate(format!("cannot make the request: {e}")))?;
+    let resp = source
+        .certificate(csr)
+        .await
+        .map_err(MeshError::Certificate)?;
+    let certs: Vec<CertificateDer<'static>> = pem_certs(&resp.certificate)?;
+    let mut roots = RootCertStore::empty();
+    for c in pem_certs(&resp.ca)? {
+        roots
+            .add(c)
+            .map_err(|e| MeshError::Certificate(format!("the mesh CA: {e}")))?;
+    }
+    let der = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| MeshError::Certificate(e.to_string()))?;
+    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der)
+        .map_err(|e| MeshError::Certificate(format!("the key: {e}")))?;
+    Ok(Credentials {
+        key: Arc::new(CertifiedKey::new(certs, signing)),
+        roots: Arc::new(roots),
+        peers: resp.peers,
+        not_after: resp.not_after,
+    })
+}
+
+fn pem_certs(text: &str) -> Result<Vec<CertificateDer<'static>>, MeshError> {
+    let certs: Vec<CertificateDer<'static>> = ::pem::parse_many(text)
+        .map_err(|e| MeshError::Certificate(format!("not PEM: {e}")))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    if certs.is_empty() {
+        return Err(MeshError::Certificate(
+            "no certificate in the answer".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The identity URI a certificate names (its one URI subject alternative name).
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = c.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+        _ => None,
+    });
+    let first = uris.next()?;
+    uris.next().is_none().then_some(first)
+}
+
+impl Identity {
+    /// Obtains the first certificate.
+    pub async fn new(
+        config: MeshConfig,
+        source: &dyn CertificateSource,
+    ) -> Result<Arc<Self>, MeshError> {
+        let creds = obtain(source).await?;
+        tracing::info!(identity = %config.identity, not_after = creds.not_after, "mesh certificate obtained");
+        Ok(Arc::new(Self {
+            config,
+            current: RwLock::new(Arc::new(creds)),
+        }))
+    }
+
+    fn current(&self) -> Arc<Credentials> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// When the current certificate expires (seconds since the epoch).
+    pub fn not_after(&self) -> u64 {
+        self.current().not_after
+    }
+
+    /// Renews at two thirds of each certificate's remaining life, for ever; a failed renewal
+    /// is retried every 5 s (logged) until the certificate expires, after which handshakes
+    /// fail.
+    pub async fn renew_forever(self: Arc<Self>, source: Arc<dyn CertificateSource>) {
+        loop {
+            let left = self.not_after().saturating_sub(now_secs());
+            tokio::time::sleep(Duration::from_secs((left * 2 / 3).max(1))).await;
+            loop {
+                match obtain(source.as_ref()).await {
+                    Ok(c) => {
+                        tracing::info!(identity = %self.config.identity, not_after = c.not_after, "mesh certificate renewed");
+                        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mesh certificate renewal failed; retrying in 5 s");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `id` is a peer this workload may talk to, as the KBS answered.
+    fn allows(&self, id: &str) -> bool {
+        self.current().peers.iter().any(|p| peer_matches(p, id))
+    }
+
+    fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, MeshError> {
+        let roots = self.current().roots.clone();
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .map_err(|e| MeshError::Setup(e.to_string()))?;
+        let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| MeshError::Setup(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Ok(Arc::new(c))
+    }
+
+    fn client_config(self: &Arc<Self>) -> Result<Arc<rustls::ClientConfig>, MeshError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| MeshError::Setup(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerVerifier {
+                identity: self.clone(),
+                provider,
+            }))
+            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
+        c.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(c))
+    }
+}
+
+/// Hands out the current certificate (both sides).
+#[derive(Debug)]
+struct Resolver(Arc<Identity>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().key.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The client side's check of a peer: its chain to the mesh CA, valid now, for server
+/// authentication (no host name: peers are dialled by address), naming an allowed identity.
+#[derive(Debug)]
+struct PeerVerifier {
+    identity: Arc<Identity>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let roots = self.identity.current().roots.clone();
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let id = identity_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        if !self.identity.allows(&id) {
+            return Err(rustls::Error::General(format!(
+                "peer {id} is not one this workload may talk to"
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Makes sockets inside the pod's network namespace (a socket stays in the namespace it was
+/// made in): one thread that entered the namespace serves every request.
+#[derive(Clone)]
+pub struct NetnsSockets {
+    tx: std::sync::mpsc::Sender<(
+        SocketKind,
+        std::sync::mpsc::Sender<std::io::Result<socket2::Socket>>,
+    )>,
+}
+
+/// What kind of socket to make.
+enum SocketKind {
+    /// A listener on this address.
+    Listener(SocketAddr),
+    /// A marked TCP socket to connect from.
+    Dialer,
+}
+
+impl NetnsSockets {
+    /// Starts the thread for the namespace bound at `netns`.
+    pub fn new(netns: PathBuf) -> Result<Self, MeshError> {
+        let (tx, rx) = std::sync::mpsc::channel::<(
+            SocketKind,
+            std::sync::mpsc::Sender<std::io::Result<socket2::Socket>>,
+        )>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("mesh-netns".into())
+            .spawn(move || {
+                let entered = std::fs::File::open(&netns).and_then(|f| {
+                    rustix::thread::move_into_link_name_space(
+                        std::os::fd::AsFd::as_fd(&f),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )
+                    .map_err(std::io::Error::from)
+                });
+                let failed = entered.is_err();
+                let _ = ready_tx.send(entered.map_err(|e| format!("{}: {e}", netns.display())));
+                if failed {
+                    return;
+                }
+                for (kind, reply) in rx {
+                    let _ = reply.send(make_socket(kind));
+                }
+            })
+            .map_err(|e| MeshError::Setup(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|e| MeshError::Setup(e.to_string()))?
+            .map_err(|e| {
+                MeshError::Setup(format!("cannot enter the pod's network namespace {e}"))
+            })?;
+        Ok(Self { tx })
+    }
+
+    fn make(&self, kind: SocketKind) -> std::io::Result<socket2::Socket> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send((kind, reply))
+            .map_err(|_| std::io::Error::other("the namespace thread is gone"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("the namespace thread is gone"))?
+    }
+
+    /// A listener in the namespace.
+    pub fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let s = self.make(SocketKind::Listener(addr))?;
+        TcpListener::from_std(s.into())
+    }
+
+    /// A marked connection from the namespace to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = self.make(SocketKind::Dialer)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(s.into());
+        tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+    }
+}
+
+fn make_socket(kind: SocketKind) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    match kind {
+        SocketKind::Listener(addr) => {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+        }
+        SocketKind::Dialer => s.set_mark(MARK)?,
+    }
+    Ok(s)
+}
+
+/// The iptables commands that redirect the pod's TCP through the proxy (run in the pod's
+/// namespace, `nat` table).
+pub fn redirect_rules(config: &MeshConfig) -> Vec<Vec<String>> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mark = format!("{MARK:#x}");
+    let mut out = vec![
+        s(&["-t", "nat", "-N", "COFFER_MESH_OUT"]),
+        s(&["-t", "nat", "-N", "COFFER_MESH_IN"]),
+        s(&[
+            "-t",
+            "nat",
+            "-A",
+            "COFFER_MESH_OUT",
+            "-m",
+            "mark",
+            "--mark",
+            &mark,
+            "-j",
+            "RETURN",
+        ]),
+    ];
+    for cidr in &config.cidrs {
+        out.push(s(&[
+            "-t",
+            "nat",
+            "-A",
+            "COFFER_MESH_OUT",
+            "-p",
+            "tcp",
+            "-d",
+            cidr,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &OUTBOUND_PORT.to_string(),
+        ]));
+    }
+    out.push(s(&[
+        "-t",
+        "nat",
+        "-A",
+        "COFFER_MESH_IN",
+        "-p",
+        "tcp",
+        "--dport",
+        &MESH_PORT.to_string(),
+        "-j",
+        "RETURN",
+    ]));
+    for p in &config.open_ports {
+        out.push(s(&[
+            "-t",
+            "nat",
+            "-A",
+            "COFFER_MESH_IN",
+            "-p",
+            "tcp",
+            "--dport",
+            &p.to_string(),
+            "-j",
+            "RETURN",
+        ]));
+    }
+    out.push(s(&[
+        "-t",
+        "nat",
+        "-A",
+        "COFFER_MESH_IN",
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &REFUSE_PORT.to_string(),
+    ]));
+    out.push(s(&[
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        "COFFER_MESH_OUT",
+    ]));
+    out.push(s(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-j",
+        "COFFER_MESH_IN",
+    ]));
+    out
+}
+
+/// Runs the proxy in the namespace `sockets` serves: listeners first, then the redirect rules
+/// (`iptables` in that namespace, through `nsenter`); returns once both are in place.
+pub async fn start(
+    identity: Arc<Identity>,
+    sockets: NetnsSockets,
+    netns: &std::path::Path,
+) -> Result<(), MeshError> {
+    let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    let listen = |port| {
+        sockets
+            .listen(any(port))
+            .map_err(|e| MeshError::Setup(format!("cannot listen on port {port}: {e}")))
+    };
+    let inbound = listen(MESH_PORT)?;
+    let outbound = listen(OUTBOUND_PORT)?;
+    let refuse = listen(REFUSE_PORT)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
+    let connector = tokio_rustls::TlsConnector::from(identity.client_config()?);
+    tokio::spawn(serve_inbound(
+        inbound,
+        acceptor,
+        identity.clone(),
+        sockets.clone(),
+    ));
+    tokio::spawn(serve_outbound(outbound, connector, sockets.clone()));
+    tokio::spawn(serve_refused(refuse));
+    for rule in redirect_rules(&identity.config) {
+        let out = tokio::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .arg("iptables")
+            .args(&rule)
+            .output()
+            .await
+            .map_err(|e| MeshError::Setup(format!("cannot run iptables: {e}")))?;
+        if !out.status.success() {
+            return Err(MeshError::Setup(format!(
+                "iptables {}: {}",
+                rule.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    tracing::info!(identity = %identity.config.identity, cidrs = ?identity.config.cidrs, open_ports = ?identity.config.open_ports, "mesh proxy up: the pod's TCP goes through mutual TLS");
+    Ok(())
+}
+
+async fn serve_inbound(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    identity: Arc<Identity>,
+    sockets: NetnsSockets,
+) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, identity, sockets) = (acceptor.clone(), identity.clone(), sockets.clone());
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%from, error = %e, "mesh: refused a connection (TLS)");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(identity_of);
+            let Some(peer) = peer.filter(|p| identity.allows(p)) else {
+                tracing::warn!(%from, "mesh: refused a peer this workload may not talk to");
+                return;
+            };
+            let mut tls = tls;
+            let mut port = [0u8; 2];
+            if tls.read_exact(&mut port).await.is_err() {
+                return;
+            }
+            let port = u16::from_be_bytes(port);
+            let local = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+            match sockets.connect(local).await {
+                Ok(mut app) => {
+                    tracing::debug!(%from, %peer, port, "mesh: inbound");
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+                }
+                Err(e) => tracing::info!(%peer, port, error = %e, "mesh: nothing serves the port"),
+            }
+        });
+    }
+}
+
+async fn serve_outbound(
+    listener: TcpListener,
+    connector: tokio_rustls::TlsConnector,
+    sockets: NetnsSockets,
+) {
+    loop {
+        let Ok((mut app, _)) = listener.accept().await else {
+            continue;
+        };
+        let (connector, sockets) = (connector.clone(), sockets.clone());
+        tokio::spawn(async move {
+            let dst = match rustix::net::sockopt::ip_original_dst(&app) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh: no original destination");
+                    return;
+                }
+            };
+            let peer = SocketAddr::V4(SocketAddrV4::new(*dst.ip(), MESH_PORT));
+            let tcp = match sockets.connect(peer).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::info!(%dst, error = %e, "mesh: the peer's sandbox does not answer on the mesh port");
+                    return;
+                }
+            };
+            let name = ServerName::IpAddress((*dst.ip()).into());
+            let mut tls =
+                match tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%dst, error = %e, "mesh: refused to talk to the peer");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            if tls.write_all(&dst.port().to_be_bytes()).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+        });
+    }
+}
+
+async fn serve_refused(listener: TcpListener) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            continue;
+        };
+        let port = rustix::net::sockopt::ip_original_dst(&tcp)
+            .map(|d| d.port())
+            .unwrap_or_default();
+        tracing::warn!(%from, port, "mesh: refused plaintext from outside the mesh");
+        drop(tcp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rules_pass_the_mesh_port_the_open_ports_and_the_proxys_own_connections() {
+        let c = MeshConfig::parse(
+            "identity = \"spiffe://c/ns/a/sa/web\"\ncidrs = [\"10.88.0.0/16\"]\nopen_ports = [8081]\n",
+        )
+        .unwrap();
+        let rules: Vec<String> = redirect_rules(&c).iter().map(|r| r.join(" ")).collect();
+        let at = |needle: &str| {
+            rules
+                .iter()
+                .position(|r| r.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} in {rules:#?}"))
+        };
+        assert!(at("--mark 0xc0ff -j RETURN") < at("-d 10.88.0.0/16 -j REDIRECT --to-ports 15001"));
+        assert!(at("--dport 15443 -j RETURN") < at("-j REDIRECT --to-ports 15006"));
+        assert!(at("--dport 8081 -j RETURN") < at("-j REDIRECT --to-ports 15006"));
+        // The chains are filled before traffic is sent through them.
+        assert!(at("-A OUTPUT") > at("-d 10.88.0.0/16"));
+        assert!(at("-A PREROUTING") > at("--to-ports 15006"));
+    }
+}
