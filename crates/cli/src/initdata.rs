@@ -78,6 +78,10 @@ struct NewArgs {
     /// at and the KBS resource holding its key (at least 32 random bytes); repeatable.
     #[arg(long = "block-volume", value_name = "PATH=kbs:///…")]
     block_volumes: Vec<String>,
+    /// Put the workload in the attested mesh: its mesh.toml (identity, peers, cidrs,
+    /// open_ports; docs/mesh.md).
+    #[arg(long, value_name = "mesh.toml")]
+    mesh: Option<PathBuf>,
 }
 
 fn read(p: &PathBuf) -> anyhow::Result<String> {
@@ -127,7 +131,17 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                 plain_http,
                 command,
                 block_volumes,
+                mesh,
             } = *new;
+            let mesh = match &mesh {
+                Some(p) => {
+                    let text = read(p)?;
+                    coffer_wire::mesh::MeshConfig::parse(&text)
+                        .with_context(|| format!("--mesh {}", p.display()))?;
+                    Some(text)
+                }
+                None => None,
+            };
             if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
                 bail!("--kbs-url {kbs_url}: use http(s)://HOST:PORT");
             }
@@ -212,6 +226,7 @@ pub fn run(args: InitdataArgs) -> anyhow::Result<()> {
                 signature_policy,
                 algorithm,
                 block_volumes,
+                mesh,
             })?;
             print!("{text}");
             Ok(())

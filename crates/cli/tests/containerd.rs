@@ -1531,3 +1531,286 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
     let after = std::fs::read(&backing).unwrap();
     assert!(!after.windows(marker.len()).any(|w| w == marker.as_bytes()));
 }
+
+/// A packet capture on the test's bridge (`tcpdump`), stopped when dropped.
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(file: std::path::PathBuf) -> Self {
+        let child = Command::new("tcpdump")
+            .args(["-i", "cfr0", "-U", "-n", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        // tcpdump opens its file once it is capturing.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(
+                std::time::Instant::now() < until,
+                "tcpdump does not capture"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, file }
+    }
+
+    /// Stops the capture; the captured bytes.
+    fn stop(mut self) -> Vec<u8> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.15.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.15.0/24");
+    // Short-lived certificates, so that renewals happen while the test runs.
+    let n = common::containerd::node_with(d, None, "10.88.15.1", |c| c.mesh_cert_ttl_secs = 12);
+    let ids = ["web", "client", "intruder"];
+    let mut refs: Option<serde_json::Value> = None;
+    let mut annotations = std::collections::BTreeMap::new();
+    for (name, initdata) in ids
+        .iter()
+        .map(|id| {
+            let mesh = d.join(format!("{id}-mesh.toml"));
+            std::fs::write(
+                &mesh,
+                format!(
+                    "identity = \"spiffe://coffer.test/ns/default/sa/{id}\"\npeers = [\"spiffe://coffer.test/ns/default/sa/*\"]\ncidrs = [\"10.88.15.0/24\"]\nopen_ports = [8081]\n"
+                ),
+            )
+            .unwrap();
+            let (ok, text, err) = common::coffer(&[
+                "initdata",
+                "new",
+                "--kbs-url",
+                &n.world.kbs.url,
+                "--image-key",
+                "kbs:///default/image-keys/app",
+                "--mesh",
+                mesh.to_str().unwrap(),
+            ]);
+            assert!(ok, "{err}");
+            (id.to_string(), text)
+        })
+        .chain(std::iter::once((
+            "plain".to_string(),
+            std::fs::read_to_string(&n.world.initdata).unwrap(),
+        )))
+    {
+        let file = d.join(format!("{name}-initdata.toml"));
+        std::fs::write(&file, &initdata).unwrap();
+        annotations.insert(name, coffer_shim::annotations::encode_initdata(&initdata));
+        let r: serde_json::Value = serde_json::from_str(&common::run_ok(
+            Command::new(common::coffer_bin())
+                .args(["measure", "--sandbox", "process", "--agent"])
+                .arg(common::agent_binary())
+                .arg("--psp-dir")
+                .arg(&n.world.psp_dir)
+                .arg("--initdata")
+                .arg(&file),
+        ))
+        .unwrap();
+        match &mut refs {
+            None => refs = Some(r),
+            Some(a) => {
+                let more = r["init_data"].as_array().unwrap().clone();
+                a["init_data"].as_array_mut().unwrap().extend(more);
+            }
+        }
+    }
+    let admin = &n.world.kbs.admin;
+    n.rt.block_on(admin.set_reference_values(refs.unwrap().to_string().as_bytes()))
+        .unwrap();
+    // The operator's resource policy: everything to affirming TEEs, but no mesh certificate to
+    // the intruder's identity.
+    let policy = |denied: &str| {
+        format!(
+            "package policy\nimport rego.v1\ndefault allow := false\nallow if {{\n\tcount(input.submods) > 0\n\tevery _, a in input.submods {{\n\t\ta[\"ear.status\"] == \"affirming\"\n\t}}\n\tnot input.mesh.identity in {denied}\n}}\n"
+        )
+    };
+    n.rt.block_on(
+        admin.set_resource_policy(&policy("{\"spiffe://coffer.test/ns/default/sa/intruder\"}")),
+    )
+    .unwrap();
+    let capture = Capture::start(d.join("bridge.pcap"));
+    let marker = "coffer-mesh-marker-5d2e";
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        let pod_with = |p: &Pods, name: &str, who: &str| {
+            let mut c = p.sandbox_config(name, &[(INITDATA, &annotations[who])]);
+            p.on_pod_network(&mut c);
+            c
+        };
+        // The server: a page on 8080 (meshed), a probe page on 8081 (open), an echo on 9000.
+        let web = pod_with(&p, "web", "web");
+        let web_pod = p.run_pod(&web).await.expect("RunPodSandbox");
+        let (ip, _) = p.address(&web_pod).await;
+        let serve = format!(
+            "mkdir -p /www /probe && echo {marker} > /www/index.html && echo probe-ok > /probe/index.html && httpd -p 8081 -h /probe && exec httpd -f -p 8080 -h /www"
+        );
+        p.start_container(&web_pod, &web, "web", &n.app, &["/bin/sh", "-c", &serve])
+            .await
+            .expect("a container of a mesh pod");
+        let echo_server = ["/bin/sh", "-c", "nc -l -p 9000 -e /bin/busybox head -n 20"];
+        p.start_container(&web_pod, &web, "echo", &n.app, &echo_server)
+            .await
+            .unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        // The node (outside the mesh) gets the open probe port, and nothing from a mesh port.
+        let probe = common::http_get(&ip, 8081, until);
+        assert!(probe.contains("probe-ok"), "{probe}");
+        let plain = {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect((ip.as_str(), 8080)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).to_string()
+        };
+        assert!(!plain.contains(marker), "plaintext from the node was served: {plain}");
+
+        // A mesh pod fetches the page; a long connection (20 lines, one a second) outlives
+        // the certificates it was made with.
+        let client = pod_with(&p, "client", "client");
+        let client_pod = p.run_pod(&client).await.expect("RunPodSandbox");
+        let fetch = format!(
+            "for i in $(seq 1 50); do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.2; done; exit 1"
+        );
+        let id = p
+            .start_container(&client_pod, &client, "fetch", &n.app, &["/bin/sh", "-c", &fetch])
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&id, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("client/fetch.log")).unwrap();
+        assert!(log.contains(marker), "{log}");
+        let before: Vec<String> = admin
+            .mesh_certificates()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.serial)
+            .collect();
+        let echo = format!("(for i in $(seq 1 20); do echo tick-$i; sleep 1; done) | nc {ip} 9000");
+        let id = p
+            .start_container(&client_pod, &client, "long", &n.app, &["/bin/sh", "-c", &echo])
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&id, Duration::from_secs(90)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("client/long.log")).unwrap();
+        let agent_logs = |pod: &str| {
+            std::fs::read_to_string(
+                n.containerd
+                    .dir
+                    .join("node/run/coffer/pods")
+                    .join(coffer_shim::sandbox::name_for(pod))
+                    .join("agent.log"),
+            )
+            .unwrap_or_default()
+        };
+        assert!(
+            log.contains("tick-20"),
+            "the long connection broke: {log}\nserver: {}\nserver agent: {}\nclient agent: {}",
+            std::fs::read_to_string(p.log_dir.join("web/echo.log")).unwrap_or_default(),
+            agent_logs(&web_pod),
+            agent_logs(&client_pod)
+        );
+        let issued = admin.mesh_certificates().await.unwrap();
+        let renewed: Vec<_> = issued
+            .iter()
+            .filter(|c| !before.contains(&c.serial))
+            .map(|c| c.identity.clone())
+            .collect();
+        assert!(
+            renewed.iter().any(|i| i.ends_with("/sa/web")) && renewed.iter().any(|i| i.ends_with("/sa/client")),
+            "no renewal during the connection: {issued:#?}"
+        );
+
+        // A pod outside the mesh cannot reach the mesh port's service.
+        let plain_pod_config = pod_with(&p, "plain", "plain");
+        let plain_pod = p.run_pod(&plain_pod_config).await.unwrap();
+        let id = p
+            .start_container(
+                &plain_pod,
+                &plain_pod_config,
+                "fetch",
+                &n.app,
+                &["/bin/sh", "-c", &format!("wget -q -T 5 -O - http://{ip}:8080/")],
+            )
+            .await
+            .unwrap();
+        assert_ne!(p.wait_exited(&id, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("plain/fetch.log")).unwrap();
+        assert!(!log.contains(marker), "{log}");
+
+        // The intruder's attestation passes, but the policy gives it no certificate: its
+        // containers do not start, and the reason says why.
+        let intruder = pod_with(&p, "intruder", "intruder");
+        let intruder_pod = p.run_pod(&intruder).await.unwrap();
+        let e = p
+            .start_container(&intruder_pod, &intruder, "fetch", &n.app, &["/bin/sh", "-c", &fetch])
+            .await
+            .expect_err("a pod without a mesh certificate");
+        assert!(
+            e.message().contains("denies a mesh certificate to spiffe://coffer.test/ns/default/sa/intruder"),
+            "{e:?}"
+        );
+
+        // Revoked: the policy now denies the client; once its certificate has expired, new
+        // connections fail.
+        n.world
+            .kbs
+            .admin
+            .set_resource_policy(&policy("{\"spiffe://coffer.test/ns/default/sa/client\"}"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(13)).await;
+        let id = p
+            .start_container(
+                &client_pod,
+                &client,
+                "revoked",
+                &n.app,
+                &["/bin/sh", "-c", &format!("wget -q -T 5 -O - http://{ip}:8080/")],
+            )
+            .await
+            .unwrap();
+        assert_ne!(p.wait_exited(&id, Duration::from_secs(60)).await, 0);
+        for pod in [&web_pod, &client_pod, &plain_pod, &intruder_pod] {
+            p.remove_pod(pod).await.unwrap();
+        }
+    });
+    // What crossed the bridge: TLS records, never the page.
+    let bytes = capture.stop();
+    assert!(bytes.len() > 1000, "nothing captured");
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the page crossed the bridge in plaintext"
+    );
+    assert!(
+        bytes.windows(3).any(|w| w == [0x17, 0x03, 0x03]),
+        "no TLS application data records on the bridge"
+    );
+}

@@ -102,6 +102,9 @@ pub struct InitdataSpec {
     /// The KBS resource keying each encrypted block volume, by the container path it is given
     /// at (`cdh.toml` `[block_volumes]`).
     pub block_volumes: BTreeMap<String, String>,
+    /// The attested mesh's settings (`mesh.toml`, [`crate::mesh::MeshConfig`]), when the
+    /// workload is in the mesh.
+    pub mesh: Option<String>,
 }
 
 /// Writes the initdata document for `spec` (version [`INITDATA_VERSION`]): `aa.toml` with the
@@ -170,6 +173,9 @@ pub fn build(spec: &InitdataSpec) -> Result<String, InitdataError> {
     }
     if let Some(k) = &spec.log_recipient {
         data.insert("log-recipient.pem".into(), Value::String(k.clone()));
+    }
+    if let Some(m) = &spec.mesh {
+        data.insert(crate::mesh::MESH_TOML.into(), Value::String(m.clone()));
     }
     let mut doc = Table::new();
     doc.insert("version".into(), Value::String(INITDATA_VERSION.into()));

@@ -296,8 +296,18 @@ pub fn node(d: &Path, podvm: Option<&Path>) -> Node {
 /// A [`node`] whose KBS and registry listen on `ip` (an address of the test's network
 /// namespace that the pods' network reaches, e.g. its CNI bridge's).
 pub fn node_at(d: &Path, podvm: Option<&Path>, ip: &str) -> Node {
+    node_with(d, podvm, ip, |_| {})
+}
+
+/// [`node_at`] whose KBS's configuration `tweak` changes.
+pub fn node_with(
+    d: &Path,
+    podvm: Option<&Path>,
+    ip: &str,
+    tweak: impl FnOnce(&mut coffer_kbs::Config),
+) -> Node {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let world = super::bench_world_at(&rt, d, ip);
+    let world = super::bench_world_with(&rt, d, ip, tweak);
     // A second initdata: the default policy, plus one exec.
     let policy = d.join("exec.rego");
     fs::write(

@@ -445,11 +445,22 @@ pub fn bench_world(rt: &tokio::runtime::Runtime, d: &Path) -> BenchWorld {
 /// A [`BenchWorld`] whose KBS and registry listen on `ip` (loopback, or an address of a
 /// network namespace that the test made, for pods on its pod network).
 pub fn bench_world_at(rt: &tokio::runtime::Runtime, d: &Path, ip: &str) -> BenchWorld {
+    bench_world_with(rt, d, ip, |_| {})
+}
+
+/// [`bench_world_at`] with the KBS's configuration changed by `tweak`.
+pub fn bench_world_with(
+    rt: &tokio::runtime::Runtime,
+    d: &Path,
+    ip: &str,
+    tweak: impl FnOnce(&mut coffer_kbs::Config),
+) -> BenchWorld {
     let psp_dir = d.join("psp");
     coffer_psp::EmulatedPsp::load_or_generate(&psp_dir).unwrap();
     let kbs = rt.block_on(coffer_testkit::start_kbs_at(d, ip.parse().unwrap(), |c| {
         c.allow_emulated = true;
         c.emulated_root = Some(psp_dir.join("roots.pem"));
+        tweak(c);
     }));
     let registry = Registry::start_at(ip, None);
     let image = push_encrypted_busybox(d, &registry.addr, None);
