@@ -1586,62 +1586,14 @@ fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
     common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.15.0/24");
     // Short-lived certificates, so that renewals happen while the test runs.
     let n = common::containerd::node_with(d, None, "10.88.15.1", |c| c.mesh_cert_ttl_secs = 12);
-    let ids = ["web", "client", "intruder"];
-    let mut refs: Option<serde_json::Value> = None;
-    let mut annotations = std::collections::BTreeMap::new();
-    for (name, initdata) in ids
-        .iter()
-        .map(|id| {
-            let mesh = d.join(format!("{id}-mesh.toml"));
-            std::fs::write(
-                &mesh,
-                format!(
-                    "identity = \"spiffe://coffer.test/ns/default/sa/{id}\"\npeers = [\"spiffe://coffer.test/ns/default/sa/*\"]\ncidrs = [\"10.88.15.0/24\"]\nopen_ports = [8081]\n"
-                ),
-            )
-            .unwrap();
-            let (ok, text, err) = common::coffer(&[
-                "initdata",
-                "new",
-                "--kbs-url",
-                &n.world.kbs.url,
-                "--image-key",
-                "kbs:///default/image-keys/app",
-                "--mesh",
-                mesh.to_str().unwrap(),
-            ]);
-            assert!(ok, "{err}");
-            (id.to_string(), text)
-        })
-        .chain(std::iter::once((
-            "plain".to_string(),
-            std::fs::read_to_string(&n.world.initdata).unwrap(),
-        )))
-    {
-        let file = d.join(format!("{name}-initdata.toml"));
-        std::fs::write(&file, &initdata).unwrap();
-        annotations.insert(name, coffer_shim::annotations::encode_initdata(&initdata));
-        let r: serde_json::Value = serde_json::from_str(&common::run_ok(
-            Command::new(common::coffer_bin())
-                .args(["measure", "--sandbox", "process", "--agent"])
-                .arg(common::agent_binary())
-                .arg("--psp-dir")
-                .arg(&n.world.psp_dir)
-                .arg("--initdata")
-                .arg(&file),
-        ))
-        .unwrap();
-        match &mut refs {
-            None => refs = Some(r),
-            Some(a) => {
-                let more = r["init_data"].as_array().unwrap().clone();
-                a["init_data"].as_array_mut().unwrap().extend(more);
-            }
-        }
-    }
+    let annotations = common::containerd::mesh_initdata(
+        &n,
+        d,
+        &["web", "client", "intruder"],
+        "10.88.15.0/24",
+        &[8081],
+    );
     let admin = &n.world.kbs.admin;
-    n.rt.block_on(admin.set_reference_values(refs.unwrap().to_string().as_bytes()))
-        .unwrap();
     // The operator's resource policy: everything to affirming TEEs, but no mesh certificate to
     // the intruder's identity.
     let policy = |denied: &str| {

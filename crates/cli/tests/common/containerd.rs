@@ -390,6 +390,80 @@ pub fn node_with(
     }
 }
 
+/// Initdata putting each of `ids` in the attested mesh (`spiffe://coffer.test/ns/default/sa/ID`,
+/// peers: every identity of that namespace, the mesh's network `cidr`, `open_ports` open) with
+/// the node's image key, plus `plain` (the node's initdata, outside the mesh): the pod
+/// annotation of each, by name. Their process-sandbox reference values are what the KBS then
+/// holds.
+pub fn mesh_initdata(
+    n: &Node,
+    d: &Path,
+    ids: &[&str],
+    cidr: &str,
+    open_ports: &[u16],
+) -> std::collections::BTreeMap<String, String> {
+    let mut refs: Option<serde_json::Value> = None;
+    let mut annotations = std::collections::BTreeMap::new();
+    let open: Vec<String> = open_ports.iter().map(u16::to_string).collect();
+    let texts = ids.iter().map(|id| {
+        let mesh = d.join(format!("{id}-mesh.toml"));
+        fs::write(
+            &mesh,
+            format!(
+                "identity = \"spiffe://coffer.test/ns/default/sa/{id}\"\npeers = [\"spiffe://coffer.test/ns/default/sa/*\"]\ncidrs = [\"{cidr}\"]\nopen_ports = [{}]\n",
+                open.join(", ")
+            ),
+        )
+        .unwrap();
+        let (ok, text, err) = super::coffer(&[
+            "initdata",
+            "new",
+            "--kbs-url",
+            &n.world.kbs.url,
+            "--image-key",
+            "kbs:///default/image-keys/app",
+            "--mesh",
+            mesh.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        (id.to_string(), text)
+    });
+    let plain = (
+        "plain".to_string(),
+        fs::read_to_string(&n.world.initdata).unwrap(),
+    );
+    for (name, initdata) in texts.collect::<Vec<_>>().into_iter().chain([plain]) {
+        let file = d.join(format!("{name}-initdata.toml"));
+        fs::write(&file, &initdata).unwrap();
+        annotations.insert(name, coffer_shim::annotations::encode_initdata(&initdata));
+        let r: serde_json::Value = serde_json::from_str(&super::run_ok(
+            Command::new(super::coffer_bin())
+                .args(["measure", "--sandbox", "process", "--agent"])
+                .arg(super::agent_binary())
+                .arg("--psp-dir")
+                .arg(&n.world.psp_dir)
+                .arg("--initdata")
+                .arg(&file),
+        ))
+        .unwrap();
+        match &mut refs {
+            None => refs = Some(r),
+            Some(a) => {
+                let more = r["init_data"].as_array().unwrap().clone();
+                a["init_data"].as_array_mut().unwrap().extend(more);
+            }
+        }
+    }
+    n.rt.block_on(
+        n.world
+            .kbs
+            .admin
+            .set_reference_values(refs.unwrap().to_string().as_bytes()),
+    )
+    .unwrap();
+    annotations
+}
+
 /// The CRI calls a kubelet makes for one pod, with the test's choices: host network (no CNI
 /// here), logs under `log_dir`, the initdata in the pod's annotation.
 pub struct Pods {
