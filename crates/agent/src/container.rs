@@ -503,11 +503,6 @@ impl Containers {
         };
         self.mesh
             .get_or_try_init(|| async {
-                if crate::vm::booted() {
-                    return Err(ContainerError::Invalid(
-                        "the initdata puts the pod in the mesh (mesh.toml), which pod VMs do not offer yet: run it in a process sandbox".into(),
-                    ));
-                }
                 let fail = |e: crate::mesh::MeshError| {
                     tracing::warn!(error = %e, "the pod cannot join the mesh");
                     ContainerError::Keys(e.to_string())
@@ -516,7 +511,7 @@ impl Containers {
                     .await
                     .map_err(fail)?;
                 let sockets = crate::mesh::NetnsSockets::new(netns.to_path_buf()).map_err(fail)?;
-                crate::mesh::start(identity.clone(), sockets, netns)
+                crate::mesh::start(identity.clone(), sockets, netns, &self.cgroup_parent)
                     .await
                     .map_err(fail)?;
                 let source: Arc<dyn crate::mesh::CertificateSource> = kbs.client.clone();

@@ -452,8 +452,10 @@ fn make_socket(kind: SocketKind) -> std::io::Result<socket2::Socket> {
 }
 
 /// The iptables commands that redirect the pod's TCP through the proxy (run in the pod's
-/// namespace, `nat` table).
-pub fn redirect_rules(config: &MeshConfig) -> Vec<Vec<String>> {
+/// namespace, `nat` table). With `containers` (a cgroup), only the outbound connections of
+/// processes in it are redirected: a pod VM's agent shares the guest's namespace with the
+/// containers, and its own connections (the KBS, the registry) stay its own.
+pub fn redirect_rules(config: &MeshConfig, containers: Option<&str>) -> Vec<Vec<String>> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let mark = format!("{MARK:#x}");
     let mut out = vec![
@@ -473,7 +475,7 @@ pub fn redirect_rules(config: &MeshConfig) -> Vec<Vec<String>> {
         ]),
     ];
     for cidr in &config.cidrs {
-        out.push(s(&[
+        let mut rule = s(&[
             "-t",
             "nat",
             "-A",
@@ -482,11 +484,17 @@ pub fn redirect_rules(config: &MeshConfig) -> Vec<Vec<String>> {
             "tcp",
             "-d",
             cidr,
+        ]);
+        if let Some(cg) = containers {
+            rule.extend(s(&["-m", "cgroup", "--path", cg]));
+        }
+        rule.extend(s(&[
             "-j",
             "REDIRECT",
             "--to-ports",
             &OUTBOUND_PORT.to_string(),
         ]));
+        out.push(rule);
     }
     out.push(s(&[
         "-t",
@@ -555,6 +563,7 @@ pub async fn start(
     identity: Arc<Identity>,
     sockets: NetnsSockets,
     netns: &std::path::Path,
+    containers_cgroup: &str,
 ) -> Result<(), MeshError> {
     let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
     let listen = |port| {
@@ -575,10 +584,22 @@ pub async fn start(
     ));
     tokio::spawn(serve_outbound(outbound, connector, sockets.clone()));
     tokio::spawn(serve_refused(refuse));
-    for rule in redirect_rules(&identity.config) {
-        let out = tokio::process::Command::new("nsenter")
+    // The node's iptables for a process sandbox; in a pod VM, the image's (busybox's nsenter,
+    // iptables-nft through its multi-call binary).
+    let (nsenter, iptables): (&[&str], &[&str]) = if crate::vm::booted() {
+        (
+            &["/bin/busybox", "nsenter"],
+            &["/usr/sbin/xtables-nft-multi", "iptables"],
+        )
+    } else {
+        (&["nsenter"], &["iptables"])
+    };
+    let containers = crate::vm::booted().then_some(containers_cgroup);
+    for rule in redirect_rules(&identity.config, containers) {
+        let out = tokio::process::Command::new(nsenter[0])
+            .args(&nsenter[1..])
             .arg(format!("--net={}", netns.display()))
-            .arg("iptables")
+            .args(iptables)
             .args(&rule)
             .output()
             .await
@@ -713,7 +734,10 @@ mod tests {
             "identity = \"spiffe://c/ns/a/sa/web\"\ncidrs = [\"10.88.0.0/16\"]\nopen_ports = [8081]\n",
         )
         .unwrap();
-        let rules: Vec<String> = redirect_rules(&c).iter().map(|r| r.join(" ")).collect();
+        let rules: Vec<String> = redirect_rules(&c, None)
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
         let at = |needle: &str| {
             rules
                 .iter()
@@ -726,5 +750,15 @@ mod tests {
         // The chains are filled before traffic is sent through them.
         assert!(at("-A OUTPUT") > at("-d 10.88.0.0/16"));
         assert!(at("-A PREROUTING") > at("--to-ports 15006"));
+        // In a pod VM only the containers' connections are redirected, not the agent's.
+        let vm: Vec<String> = redirect_rules(&c, Some("/coffer"))
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert!(
+            vm.iter()
+                .any(|r| r.contains("-d 10.88.0.0/16 -m cgroup --path /coffer -j REDIRECT")),
+            "{vm:#?}"
+        );
     }
 }

@@ -112,7 +112,8 @@ fn main() {
     let d = dir.path();
     TestNetns::cni_config(&d.join("node"), SUBNET);
     let n = node_with(d, None, BRIDGE, |c| c.allow_sample = true);
-    let annotations = common::containerd::mesh_initdata(&n, d, &["server", "client"], SUBNET, &[]);
+    let annotations =
+        common::containerd::mesh_initdata(&n, d, &["server", "client"], SUBNET, &[], None);
     let serve = "mkdir -p /www && echo hello > /www/index.html && dd if=/dev/zero of=/www/big bs=1M count=64 2>/dev/null && exec httpd -f -p 8080 -h /www";
     let (mesh_server, mesh_client, plain_server, plain_client) = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;

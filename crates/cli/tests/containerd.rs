@@ -1592,6 +1592,7 @@ fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
         &["web", "client", "intruder"],
         "10.88.15.0/24",
         &[8081],
+        None,
     );
     let admin = &n.world.kbs.admin;
     // The operator's resource policy: everything to affirming TEEs, but no mesh certificate to
@@ -1765,4 +1766,134 @@ fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
         bytes.windows(3).any(|w| w == [0x17, 0x03, 0x03]),
         "no TLS application data records on the bridge"
     );
+}
+
+#[test]
+fn a_pod_vm_and_a_process_sandbox_pod_talk_through_the_mesh_both_ways() {
+    // The pod VM is built first: its packages may have to be downloaded, which the test's
+    // namespace cannot reach.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let podvm = d.join("podvm");
+    common::build_podvm(&podvm);
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.17.1/24");
+    common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.17.0/24");
+    let n = common::containerd::node_at(d, Some(&podvm), "10.88.17.1");
+    // A second containerd on the same bridge, pool and KBS (one mesh CA) runs process
+    // sandboxes (one containerd configuration runs one sandbox kind).
+    let pn_dir = d.join("process-node");
+    std::fs::create_dir_all(&pn_dir).unwrap();
+    common::containerd::TestNetns::cni_config_with(
+        &pn_dir.join("node"),
+        "10.88.17.0/24",
+        &d.join("node/var/lib/cni"),
+    );
+    let pcd = common::containerd::Containerd::start(
+        &pn_dir,
+        &common::containerd::ShimSetup {
+            sandbox: "process",
+            podvm: None,
+            psp_dir: &n.world.psp_dir,
+            registry: &n.world.registry.addr,
+        },
+    );
+    let vm_annotations =
+        common::containerd::mesh_initdata(&n, d, &["vm-web"], "10.88.17.0/24", &[], Some(&podvm));
+    let p_annotations =
+        common::containerd::mesh_initdata(&n, &pn_dir, &["proc-web"], "10.88.17.0/24", &[], None);
+    let capture = Capture::start(d.join("bridge.pcap"));
+    let (vm_marker, proc_marker) = ("coffer-vm-page-31c7", "coffer-process-page-8a0e");
+    let serve = |m: &str| {
+        format!("mkdir -p /www && echo {m} > /www/index.html && exec httpd -f -p 8080 -h /www")
+    };
+    let fetch = |ip: &str| {
+        format!(
+            "for i in $(seq 1 100); do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.3; done; exit 1"
+        )
+    };
+    n.rt.block_on(async {
+        let mut v = Pods::new(&n.containerd).await;
+        v.pull(&n.app).await.unwrap();
+        let mut vc = v.sandbox_config("vm-web", &[(INITDATA, &vm_annotations["vm-web"])]);
+        v.on_pod_network(&mut vc);
+        let vm_pod = v.run_pod(&vc).await.expect("RunPodSandbox (pod VM)");
+        let (vm_ip, _) = v.address(&vm_pod).await;
+        v.start_container(
+            &vm_pod,
+            &vc,
+            "web",
+            &n.app,
+            &["/bin/sh", "-c", &serve(vm_marker)],
+        )
+        .await
+        .expect("a mesh container in a pod VM");
+
+        let mut q = Pods::new(&pcd).await;
+        q.pull(&n.app).await.unwrap();
+        let mut pc = q.sandbox_config("proc-web", &[(INITDATA, &p_annotations["proc-web"])]);
+        q.on_pod_network(&mut pc);
+        let p_pod = q
+            .run_pod(&pc)
+            .await
+            .expect("RunPodSandbox (process sandbox)");
+        let (p_ip, _) = q.address(&p_pod).await;
+        q.start_container(
+            &p_pod,
+            &pc,
+            "web",
+            &n.app,
+            &["/bin/sh", "-c", &serve(proc_marker)],
+        )
+        .await
+        .unwrap();
+        // Process sandbox → pod VM, and pod VM → process sandbox.
+        let to_vm = q
+            .start_container(
+                &p_pod,
+                &pc,
+                "client",
+                &n.app,
+                &["/bin/sh", "-c", &fetch(&vm_ip)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(q.wait_exited(&to_vm, Duration::from_secs(120)).await, 0);
+        let log = std::fs::read_to_string(q.log_dir.join("proc-web/client.log")).unwrap();
+        assert!(log.contains(vm_marker), "{log}");
+        let to_p = v
+            .start_container(
+                &vm_pod,
+                &vc,
+                "client",
+                &n.app,
+                &["/bin/sh", "-c", &fetch(&p_ip)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(v.wait_exited(&to_p, Duration::from_secs(120)).await, 0);
+        let log = std::fs::read_to_string(v.log_dir.join("vm-web/client.log")).unwrap();
+        assert!(log.contains(proc_marker), "{log}");
+        // The node's plaintext to the pod VM's server gets nothing.
+        let plain = {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect((vm_ip.as_str(), 8080)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).to_string()
+        };
+        assert!(!plain.contains(vm_marker), "{plain}");
+        q.remove_pod(&p_pod).await.unwrap();
+        v.remove_pod(&vm_pod).await.unwrap();
+    });
+    let bytes = capture.stop();
+    for m in [vm_marker, proc_marker] {
+        assert!(
+            !bytes.windows(m.len()).any(|w| w == m.as_bytes()),
+            "{m} crossed the bridge in plaintext"
+        );
+    }
+    assert!(bytes.windows(3).any(|w| w == [0x17, 0x03, 0x03]));
 }

@@ -10,7 +10,8 @@
 //!   listed in load order in `/etc/coffer/modules`.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
 //!   `libseccomp2`, `libc6`, `busybox-static`, `cryptsetup` (for encrypted block volumes: LUKS2
-//!   with dm-integrity) with the libraries it links, and the CA bundle of `ca-certificates` (the
+//!   with dm-integrity) and `xtables-nft-multi` (iptables, for the attested mesh) with the
+//!   libraries they link and the iptables extensions the mesh uses, and the CA bundle of `ca-certificates` (the
 //!   Mozilla roots, concatenated in name order), followed by its dm-verity hash tree.
 //! * `cmdline` — the kernel command line; `coffer.verity=` carries the root hash.
 //! * `measurements.json` — the inputs (package files and their SHA-256), the outputs' SHA-256,
@@ -63,6 +64,20 @@ pub const PACKAGES: &[&str] = &[
     "libselinux1",
     "libpcre2-8-0",
     "libudev1",
+    // iptables (nft back end) for the attested mesh's redirect rules, and its extensions.
+    "iptables",
+    "libxtables12",
+    "libnftnl11",
+    "libmnl0",
+];
+
+/// The iptables extensions the mesh's rules use (`dlopen`ed from the xtables directory).
+const XTABLES: &[&str] = &[
+    "libxt_mark.so",
+    "libxt_REDIRECT.so",
+    "libxt_tcp.so",
+    "libxt_standard.so",
+    "libxt_cgroup.so",
 ];
 
 /// The C runtime, each library from its package: in the initrd for the agent, in the root for
@@ -121,6 +136,15 @@ pub const MODULES: &[&str] = &[
     "af_alg",
     "algif_skcipher",
     "algif_hash",
+    // The attested mesh: iptables-nft's nat table with REDIRECT, mark and tcp matches, and the
+    // connection tracking SO_ORIGINAL_DST reads.
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "xt_mark",
+    "xt_REDIRECT",
+    "xt_tcpudp",
+    "xt_cgroup",
     "tsm",
     "sev_guest",
     "tdx_guest",
@@ -599,6 +623,16 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         &resolve_in(&trees["cryptsetup-bin"], "sbin/cryptsetup")?,
         "usr/sbin/cryptsetup",
     )?;
+    stage_elf(
+        &root,
+        &trees,
+        &resolve_in(&trees["iptables"], "usr/sbin/xtables-nft-multi")?,
+        "usr/sbin/xtables-nft-multi",
+    )?;
+    for ext in XTABLES {
+        let rel = format!("usr/lib/x86_64-linux-gnu/xtables/{ext}");
+        stage_elf(&root, &trees, &resolve_in(&trees["iptables"], &rel)?, &rel)?;
+    }
     let seccomp_dir = trees["libseccomp2"].join("usr/lib/x86_64-linux-gnu");
     let seccomp = std::fs::read_dir(&seccomp_dir)
         .map_err(io(format!("{}", seccomp_dir.display())))?

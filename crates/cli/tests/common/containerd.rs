@@ -393,14 +393,15 @@ pub fn node_with(
 /// Initdata putting each of `ids` in the attested mesh (`spiffe://coffer.test/ns/default/sa/ID`,
 /// peers: every identity of that namespace, the mesh's network `cidr`, `open_ports` open) with
 /// the node's image key, plus `plain` (the node's initdata, outside the mesh): the pod
-/// annotation of each, by name. Their process-sandbox reference values are what the KBS then
-/// holds.
+/// annotation of each, by name. Their reference values (for the pod VM `podvm`, else for
+/// process sandboxes) are added to what the KBS holds.
 pub fn mesh_initdata(
     n: &Node,
     d: &Path,
     ids: &[&str],
     cidr: &str,
     open_ports: &[u16],
+    podvm: Option<&Path>,
 ) -> std::collections::BTreeMap<String, String> {
     let mut refs: Option<serde_json::Value> = None;
     let mut annotations = std::collections::BTreeMap::new();
@@ -436,16 +437,17 @@ pub fn mesh_initdata(
         let file = d.join(format!("{name}-initdata.toml"));
         fs::write(&file, &initdata).unwrap();
         annotations.insert(name, coffer_shim::annotations::encode_initdata(&initdata));
-        let r: serde_json::Value = serde_json::from_str(&super::run_ok(
-            Command::new(super::coffer_bin())
-                .args(["measure", "--sandbox", "process", "--agent"])
+        let mut measure = Command::new(super::coffer_bin());
+        measure.arg("measure").arg("--initdata").arg(&file);
+        match podvm {
+            Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
+            None => measure
+                .args(["--sandbox", "process", "--agent"])
                 .arg(super::agent_binary())
                 .arg("--psp-dir")
-                .arg(&n.world.psp_dir)
-                .arg("--initdata")
-                .arg(&file),
-        ))
-        .unwrap();
+                .arg(&n.world.psp_dir),
+        };
+        let r: serde_json::Value = serde_json::from_str(&super::run_ok(&mut measure)).unwrap();
         match &mut refs {
             None => refs = Some(r),
             Some(a) => {
@@ -454,13 +456,24 @@ pub fn mesh_initdata(
             }
         }
     }
-    n.rt.block_on(
-        n.world
-            .kbs
-            .admin
-            .set_reference_values(refs.unwrap().to_string().as_bytes()),
-    )
-    .unwrap();
+    // Added to what is registered.
+    let admin = &n.world.kbs.admin;
+    let mut all =
+        serde_json::to_value(n.rt.block_on(admin.get_reference_values()).unwrap()).unwrap();
+    for (k, v) in refs.unwrap().as_object().unwrap() {
+        let list = all
+            .as_object_mut()
+            .unwrap()
+            .entry(k.clone())
+            .or_insert_with(|| serde_json::json!([]));
+        for x in v.as_array().unwrap() {
+            if !list.as_array().unwrap().contains(x) {
+                list.as_array_mut().unwrap().push(x.clone());
+            }
+        }
+    }
+    n.rt.block_on(admin.set_reference_values(all.to_string().as_bytes()))
+        .unwrap();
     annotations
 }
 
