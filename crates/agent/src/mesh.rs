@@ -595,6 +595,13 @@ pub async fn start(
         (&["nsenter"], &["iptables"])
     };
     let containers = crate::vm::booted().then_some(containers_cgroup);
+    if let Some(cg) = containers {
+        // The cgroup match resolves its path when the rule is added: the containers' parent
+        // cgroup must exist by then (runc would make it with the first container).
+        let dir = format!("/sys/fs/cgroup/{}", cg.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| MeshError::Setup(format!("cannot make the cgroup {dir}: {e}")))?;
+    }
     for rule in redirect_rules(&identity.config, containers) {
         let out = tokio::process::Command::new(nsenter[0])
             .args(&nsenter[1..])

@@ -1769,7 +1769,7 @@ fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
 }
 
 #[test]
-fn a_pod_vm_and_a_process_sandbox_pod_talk_through_the_mesh_both_ways() {
+fn pod_vms_and_process_sandbox_pods_talk_through_the_mesh_every_way() {
     // The pod VM is built first: its packages may have to be downloaded, which the test's
     // namespace cannot reach.
     let dir = tempfile::tempdir().unwrap();
@@ -1798,8 +1798,14 @@ fn a_pod_vm_and_a_process_sandbox_pod_talk_through_the_mesh_both_ways() {
             registry: &n.world.registry.addr,
         },
     );
-    let vm_annotations =
-        common::containerd::mesh_initdata(&n, d, &["vm-web"], "10.88.17.0/24", &[], Some(&podvm));
+    let vm_annotations = common::containerd::mesh_initdata(
+        &n,
+        d,
+        &["vm-web", "vm-client"],
+        "10.88.17.0/24",
+        &[],
+        Some(&podvm),
+    );
     let p_annotations =
         common::containerd::mesh_initdata(&n, &pn_dir, &["proc-web"], "10.88.17.0/24", &[], None);
     let capture = Capture::start(d.join("bridge.pcap"));
@@ -1885,6 +1891,27 @@ fn a_pod_vm_and_a_process_sandbox_pod_talk_through_the_mesh_both_ways() {
             String::from_utf8_lossy(&got).to_string()
         };
         assert!(!plain.contains(vm_marker), "{plain}");
+        // Pod VM → pod VM.
+        let mut vc2 = v.sandbox_config("vm-client", &[(INITDATA, &vm_annotations["vm-client"])]);
+        v.on_pod_network(&mut vc2);
+        let vm2 = v
+            .run_pod(&vc2)
+            .await
+            .expect("RunPodSandbox (second pod VM)");
+        let id = v
+            .start_container(
+                &vm2,
+                &vc2,
+                "client",
+                &n.app,
+                &["/bin/sh", "-c", &fetch(&vm_ip)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(v.wait_exited(&id, Duration::from_secs(120)).await, 0);
+        let log = std::fs::read_to_string(v.log_dir.join("vm-client/client.log")).unwrap();
+        assert!(log.contains(vm_marker), "{log}");
+        v.remove_pod(&vm2).await.unwrap();
         q.remove_pod(&p_pod).await.unwrap();
         v.remove_pod(&vm_pod).await.unwrap();
     });
