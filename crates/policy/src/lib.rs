@@ -65,6 +65,49 @@ pub enum PolicyGenError {
     Initdata(String),
 }
 
+/// The attested mesh for every generated workload (`mesh` in the settings): each workload's
+/// identity is `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`, as the pod spec names them.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSettings {
+    /// The trust domain of the identities (e.g. `cluster.local`).
+    pub trust_domain: String,
+    /// Whom the workloads may talk to (identities, or prefixes ending in `*`); default: every
+    /// identity of the workload's own namespace.
+    #[serde(default)]
+    pub peers: Option<Vec<String>>,
+    /// The pod network's ranges (`ADDR/LEN`).
+    pub cidrs: Vec<String>,
+    /// Ports that take plaintext from outside the mesh (kubelet probes).
+    #[serde(default)]
+    pub open_ports: Vec<u16>,
+}
+
+impl MeshSettings {
+    /// The `mesh.toml` of a workload in `namespace` running as `service_account`.
+    pub fn mesh_toml(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<String, PolicyGenError> {
+        let base = format!("spiffe://{}/ns/{namespace}", self.trust_domain);
+        let config = coffer_wire::mesh::MeshConfig {
+            identity: format!("{base}/sa/{service_account}"),
+            peers: self
+                .peers
+                .clone()
+                .unwrap_or_else(|| vec![format!("{base}/*")]),
+            cidrs: self.cidrs.clone(),
+            open_ports: self.open_ports.clone(),
+        };
+        let text = toml::to_string(&config)
+            .map_err(|e| PolicyGenError::Input(format!("settings: mesh: {e}")))?;
+        coffer_wire::mesh::MeshConfig::parse(&text)
+            .map_err(|e| PolicyGenError::Input(format!("settings: mesh: {e}")))?;
+        Ok(text)
+    }
+}
+
 /// A mount the settings allow in every container.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +141,8 @@ pub struct Settings {
     /// The KBS resource keying each encrypted block volume (`volumeDevices`), by the name of
     /// its PersistentVolumeClaim (or of the pod's volume).
     pub volume_keys: BTreeMap<String, String>,
+    /// Put every workload in the attested mesh (docs/mesh.md).
+    pub mesh: Option<MeshSettings>,
 }
 
 impl Settings {
@@ -127,6 +172,9 @@ impl Settings {
             coffer_cdh::ResourceUri::parse(uri).map_err(|e| {
                 PolicyGenError::Input(format!("settings: volume_keys: {name}: {e}"))
             })?;
+        }
+        if let Some(m) = &self.mesh {
+            m.mesh_toml("default", "default")?;
         }
         for m in &self.extra_mounts {
             if !m.destination.starts_with('/') {
@@ -454,6 +502,19 @@ pub async fn generate(
             policy: policy.clone(),
             algorithm: opts.algorithm.clone(),
             block_volumes,
+            mesh: match &settings.mesh {
+                Some(m) => Some(
+                    m.mesh_toml(
+                        &namespace,
+                        &w.spec
+                            .service_account_name
+                            .clone()
+                            .or_else(|| w.spec.service_account.clone())
+                            .unwrap_or_else(|| "default".into()),
+                    )?,
+                ),
+                None => None,
+            },
             ..Default::default()
         })
         .map_err(|e| PolicyGenError::Initdata(e.to_string()))?;

@@ -473,6 +473,29 @@ async fn mounts_per_volume_type() {
 }
 
 #[tokio::test]
+async fn the_mesh_identity_is_the_workloads_namespace_and_service_account() {
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: c\n    image: busybox\n";
+    let settings = Settings::parse(
+        "mesh: {trust_domain: cluster.local, cidrs: [10.244.0.0/16], open_ports: [8081]}\n",
+    )
+    .unwrap();
+    let g = gen_with(yaml, settings).await.unwrap();
+    let initdata = coffer_wire::initdata::Initdata::parse(&g.pods[0].initdata).unwrap();
+    let mesh = coffer_wire::mesh::MeshConfig::parse(&initdata.data["mesh.toml"]).unwrap();
+    assert_eq!(mesh.identity, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(mesh.peers, ["spiffe://cluster.local/ns/shop/*"]);
+    assert_eq!(mesh.cidrs, ["10.244.0.0/16"]);
+    assert_eq!(mesh.open_ports, [8081]);
+    // Without the setting, no mesh; a bad range is refused at once.
+    let g = gen(yaml).await;
+    assert!(!g.pods[0].initdata.contains("mesh.toml"));
+    let e = Settings::parse("mesh: {trust_domain: cluster.local, cidrs: [nonsense]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cidr \"nonsense\""), "{e}");
+}
+
+#[tokio::test]
 async fn block_volume_claims_are_pinned_by_path_and_keyed_in_the_initdata() {
     let yaml = pod(
         "  - name: db\n    image: busybox\n    volumeDevices: [{name: data, devicePath: /dev/xvda}]\n",
