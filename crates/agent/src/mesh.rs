@@ -49,6 +49,8 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const REFUSE_PORT: u16 = 15006;
 /// The firewall mark of the proxy's own connections (passed by the redirect rules).
 pub const MARK: u32 = 0xc0ff;
+/// The copy buffer of each direction of a proxied connection (one TLS record's worth and more).
+const COPY: usize = 64 << 10;
 
 /// A mesh failure.
 #[derive(Debug, thiserror::Error)]
@@ -446,7 +448,12 @@ fn make_socket(kind: SocketKind) -> std::io::Result<socket2::Socket> {
             s.bind(&addr.into())?;
             s.listen(1024)?;
         }
-        SocketKind::Dialer => s.set_mark(MARK)?,
+        SocketKind::Dialer => {
+            s.set_mark(MARK)?;
+            // The proxy writes what it has as soon as it has it: no Nagle delay behind the
+            // peer's delayed acknowledgement (each connection starts with a 2-byte header).
+            s.set_tcp_nodelay(true)?;
+        }
     }
     Ok(s)
 }
@@ -633,6 +640,7 @@ async fn serve_inbound(
         let Ok((tcp, from)) = listener.accept().await else {
             continue;
         };
+        let _ = tcp.set_nodelay(true);
         let (acceptor, identity, sockets) = (acceptor.clone(), identity.clone(), sockets.clone());
         tokio::spawn(async move {
             let tls =
@@ -664,7 +672,9 @@ async fn serve_inbound(
             match sockets.connect(local).await {
                 Ok(mut app) => {
                     tracing::debug!(%from, %peer, port, "mesh: inbound");
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+                    let _ =
+                        tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, COPY, COPY)
+                            .await;
                 }
                 Err(e) => tracing::info!(%peer, port, error = %e, "mesh: nothing serves the port"),
             }
@@ -681,6 +691,7 @@ async fn serve_outbound(
         let Ok((mut app, _)) = listener.accept().await else {
             continue;
         };
+        let _ = app.set_nodelay(true);
         let (connector, sockets) = (connector.clone(), sockets.clone());
         tokio::spawn(async move {
             let dst = match rustix::net::sockopt::ip_original_dst(&app) {
@@ -713,7 +724,7 @@ async fn serve_outbound(
             if tls.write_all(&dst.port().to_be_bytes()).await.is_err() {
                 return;
             }
-            let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut tls, COPY, COPY).await;
         });
     }
 }
