@@ -246,7 +246,7 @@ fn main() {
             .set_resource_policy("package policy\nimport rego.v1\ndefault allow := true\n")
             .await
             .unwrap();
-        let mesh_toml = std::fs::read_to_string(d.join("client-mesh.toml")).unwrap();
+        let mesh_toml = std::fs::read_to_string(cd.join("client-mesh.toml")).unwrap();
         let initdata = format!(
             "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"mesh.toml\" = '''{mesh_toml}'''\n"
         );
