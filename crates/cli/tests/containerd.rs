@@ -1532,6 +1532,18 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
     assert!(!after.windows(marker.len()).any(|w| w == marker.as_bytes()));
 }
 
+/// What a plain HTTP GET of `/` from the node (outside the mesh) gets from `ip:port`, however
+/// the connection ends.
+fn plaintext_get(ip: &str, port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((ip, port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).to_string()
+}
+
 /// A packet capture on the test's bridge (`tcpdump`), stopped when dropped.
 struct Capture {
     child: std::process::Child,
@@ -1634,15 +1646,7 @@ fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
         // The node (outside the mesh) gets the open probe port, and nothing from a mesh port.
         let probe = common::http_get(&ip, 8081, until);
         assert!(probe.contains("probe-ok"), "{probe}");
-        let plain = {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect((ip.as_str(), 8080)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            String::from_utf8_lossy(&got).to_string()
-        };
+        let plain = plaintext_get(&ip, 8080);
         assert!(!plain.contains(marker), "plaintext from the node was served: {plain}");
 
         // A mesh pod fetches the page; a long connection (20 lines, one a second) outlives
@@ -1881,15 +1885,7 @@ fn pod_vms_and_process_sandbox_pods_talk_through_the_mesh_every_way() {
         let log = std::fs::read_to_string(v.log_dir.join("vm-web/client.log")).unwrap();
         assert!(log.contains(proc_marker), "{log}");
         // The node's plaintext to the pod VM's server gets nothing.
-        let plain = {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect((vm_ip.as_str(), 8080)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            String::from_utf8_lossy(&got).to_string()
-        };
+        let plain = plaintext_get(&vm_ip, 8080);
         assert!(!plain.contains(vm_marker), "{plain}");
         // Pod VM → pod VM.
         let mut vc2 = v.sandbox_config("vm-client", &[(INITDATA, &vm_annotations["vm-client"])]);
