@@ -20,7 +20,8 @@ use coffer_agent::proto::{Mount, SetVolumeRequest, VolumeFile};
 
 use crate::{sandbox::Sandbox, ShimError};
 
-/// How often a file volume's node directory is checked for changes.
+/// How often a file volume's node directory is checked for changes at the latest (inotify
+/// reports most changes at once).
 pub const POLL: Duration = Duration::from_secs(1);
 
 /// A file volume a mount names: its kind (the kubelet plugin) and name, and the node directory.
@@ -334,10 +335,71 @@ fn fingerprint(files: &[VolumeFile]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Resends `v` whenever its node directory changes, until the sandbox is gone.
+/// Watches `dir` with inotify (its entries created, moved in or out, deleted or written: the
+/// kubelet's `..data` swap is a rename into it) on a thread of its own, which sends one message
+/// per batch of events. None when inotify is unavailable. The thread ends when the directory
+/// goes (the kubelet removes it with the pod) or the receiver is dropped.
+fn watch(dir: &Path) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let fd = inotify::init(CreateFlags::CLOEXEC).ok()?;
+    inotify::add_watch(
+        &fd,
+        dir,
+        WatchFlags::CREATE
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::DELETE
+            | WatchFlags::CLOSE_WRITE
+            | WatchFlags::ATTRIB,
+    )
+    .ok()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("volume-watch".into())
+        .spawn(move || {
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            loop {
+                match events.next() {
+                    Ok(e) => {
+                        // The watch is gone with the directory.
+                        let gone = e.events().contains(inotify::ReadFlags::IGNORED);
+                        if tx.send(()).is_err() || gone {
+                            return;
+                        }
+                    }
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .ok()?;
+    Some(rx)
+}
+
+/// Waits until `watch` reports a change or `POLL` has passed.
+async fn changed(watch: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>>) {
+    match watch {
+        Some(rx) => {
+            if let Ok(None) = tokio::time::timeout(POLL, rx.recv()).await {
+                // The watcher ended: poll from now on.
+                *watch = None;
+            }
+            // Whatever else arrived meanwhile belongs to the same change.
+            if let Some(rx) = watch {
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        None => tokio::time::sleep(POLL).await,
+    }
+}
+
+/// Resends `v` whenever its node directory changes, until the sandbox is gone: at once when
+/// inotify reports a change there, and at least every [`POLL`].
 async fn follow(sandbox: Arc<Sandbox>, v: FileVolume, mut last: [u8; 32]) {
+    let mut watcher = watch(&v.dir);
     while sandbox.alive() {
-        tokio::time::sleep(POLL).await;
+        changed(&mut watcher).await;
         let files = match tokio::task::spawn_blocking({
             let v = v.clone();
             move || read(&v)
@@ -369,6 +431,28 @@ async fn follow(sandbox: Arc<Sandbox>, v: FileVolume, mut last: [u8; 32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_kubelet_style_swap_is_seen_before_the_next_poll() {
+        let d = tempfile::tempdir().unwrap();
+        kubelet_volume(d.path(), &[("key", "one")]);
+        let mut w = watch(d.path());
+        assert!(w.is_some(), "inotify is available here");
+        let dir = d.path().to_path_buf();
+        let t = std::time::Instant::now();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            // A new generation and the atomic ..data swap, as the kubelet edits a ConfigMap.
+            let gen = dir.join("..2");
+            std::fs::create_dir(&gen).unwrap();
+            std::fs::write(gen.join("key"), "two").unwrap();
+            std::os::unix::fs::symlink("..2", dir.join("..data_tmp")).unwrap();
+            std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        });
+        changed(&mut w).await;
+        assert!(t.elapsed() < POLL / 2, "woken after {:?}", t.elapsed());
+        writer.join().unwrap();
+    }
 
     fn mount(source: &str) -> Mount {
         Mount {
