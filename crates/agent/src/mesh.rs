@@ -21,7 +21,8 @@
 //! port, the TLS handshake proves both sides (the peer's certificate chains to the mesh CA, is
 //! valid now, and names an identity `peers` allows), the original port goes first (two bytes,
 //! big-endian), then the bytes flow both ways. Inbound, the peer's identity is checked the same
-//! way and the bytes go to `127.0.0.1:PORT` in the pod's namespace.
+//! way and the bytes go to that port of the pod's own address (the one the peer dialled) in the
+//! pod's namespace.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -668,7 +669,15 @@ async fn serve_inbound(
                 return;
             }
             let port = u16::from_be_bytes(port);
-            let local = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+            // The pod's own address the peer dialled (the connection's local end), so that a
+            // server bound to it, or to every address, is reached as without the mesh.
+            let ip = tls
+                .get_ref()
+                .0
+                .local_addr()
+                .map(|a| a.ip())
+                .unwrap_or(Ipv4Addr::LOCALHOST.into());
+            let local = SocketAddr::new(ip, port);
             match sockets.connect(local).await {
                 Ok(mut app) => {
                     tracing::debug!(%from, %peer, port, "mesh: inbound");

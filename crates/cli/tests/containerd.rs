@@ -1633,7 +1633,7 @@ fn pods_in_the_mesh_talk_only_through_attested_mutual_tls() {
         let web_pod = p.run_pod(&web).await.expect("RunPodSandbox");
         let (ip, _) = p.address(&web_pod).await;
         let serve = format!(
-            "mkdir -p /www /probe && echo {marker} > /www/index.html && echo probe-ok > /probe/index.html && httpd -p 8081 -h /probe && exec httpd -f -p 8080 -h /www"
+            "mkdir -p /www /probe && echo {marker} > /www/index.html && echo probe-ok > /probe/index.html && httpd -p 8081 -h /probe && exec httpd -f -p {ip}:8080 -h /www"
         );
         p.start_container(&web_pod, &web, "web", &n.app, &["/bin/sh", "-c", &serve])
             .await
