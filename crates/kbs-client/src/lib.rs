@@ -380,6 +380,17 @@ impl KbsClient {
     /// token is held. A token the KBS no longer accepts is replaced once.
     pub async fn get_resource(&self, path: &str) -> Result<Zeroizing<Vec<u8>>> {
         let path = path.strip_prefix("kbs:///").unwrap_or(path);
+        self.with_token(|token| async move { self.fetch(path, &token).await })
+            .await
+    }
+
+    /// Runs `call` with the held token, attesting first when no valid token is held; a held
+    /// token the KBS no longer accepts (401) is replaced once and `call` run again.
+    async fn with_token<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(CachedToken) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut fresh = false;
         let token = match self.cached_token() {
             Some(t) => t,
@@ -388,10 +399,9 @@ impl KbsClient {
                 self.attest_session().await?
             }
         };
-        match self.fetch(path, &token).await {
+        match call(token).await {
             Err(e) if !fresh && e.status() == Some(StatusCode::UNAUTHORIZED.as_u16()) => {
-                let token = self.attest_session().await?;
-                self.fetch(path, &token).await
+                call(self.attest_session().await?).await
             }
             other => other,
         }
@@ -426,21 +436,8 @@ impl KbsClient {
         &self,
         csr_pem: &str,
     ) -> Result<coffer_wire::mesh::CertificateResponse> {
-        let mut fresh = false;
-        let token = match self.cached_token() {
-            Some(t) => t,
-            None => {
-                fresh = true;
-                self.attest_session().await?
-            }
-        };
-        match self.post_csr(csr_pem, &token).await {
-            Err(e) if !fresh && e.status() == Some(StatusCode::UNAUTHORIZED.as_u16()) => {
-                let token = self.attest_session().await?;
-                self.post_csr(csr_pem, &token).await
-            }
-            other => other,
-        }
+        self.with_token(|token| async move { self.post_csr(csr_pem, &token).await })
+            .await
     }
 
     async fn post_csr(
