@@ -24,8 +24,6 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -37,29 +35,6 @@ use common::containerd::{node_with, Pods, TestNetns};
 const BRIDGE: &str = "10.88.16.1";
 const SUBNET: &str = "10.88.16.0/24";
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// GET `path` from `addr:8080` over HTTP/1.0; the bytes read.
-fn get(addr: &str, path: &str) -> std::io::Result<usize> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("{addr}:8080").parse().unwrap(),
-        Duration::from_secs(5),
-    )?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0;
-    loop {
-        match s.read(&mut buf)? {
-            0 => return Ok(n),
-            k => n += k,
-        }
-    }
-}
-
 #[derive(Clone, Copy)]
 struct Figures {
     mib_s: f64,
@@ -70,14 +45,14 @@ struct Figures {
 /// One round against `addr`: throughput, then up to 300 sequential requests (30 s at most).
 fn measure(addr: &str) -> Figures {
     let t = Instant::now();
-    let n = get(addr, "/big").expect("GET /big");
+    let n = common::http_get_len(addr, 8080, "/big").expect("GET /big");
     assert!(n >= 64 << 20, "short read: {n} bytes");
     let mib_s = n as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
     let mut lat = Vec::new();
     let stop = Instant::now() + Duration::from_secs(30);
     for _ in 0..300 {
         let t = Instant::now();
-        let got = get(addr, "/index.html").expect("GET /index.html");
+        let got = common::http_get_len(addr, 8080, "/index.html").expect("GET /index.html");
         assert!(got > 0);
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         if Instant::now() > stop {
@@ -86,8 +61,8 @@ fn measure(addr: &str) -> Figures {
     }
     Figures {
         mib_s,
-        p50_ms: percentile(&mut lat, 0.5),
-        p99_ms: percentile(&mut lat, 0.99),
+        p50_ms: common::percentile(&mut lat, 0.5),
+        p99_ms: common::percentile(&mut lat, 0.99),
     }
 }
 
@@ -189,7 +164,10 @@ fn main() {
         let server = server.clone();
         in_netns(client_ns, move || {
             let until = Instant::now() + Duration::from_secs(120);
-            while get(&server, "/index.html").map(|n| n == 0).unwrap_or(true) {
+            while common::http_get_len(&server, 8080, "/index.html")
+                .map(|n| n == 0)
+                .unwrap_or(true)
+            {
                 assert!(Instant::now() < until, "{server} does not serve");
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -207,9 +185,9 @@ fn main() {
         let mut l: Vec<f64> = v.iter().map(|f| f.p50_ms).collect();
         let mut h: Vec<f64> = v.iter().map(|f| f.p99_ms).collect();
         Figures {
-            mib_s: percentile(&mut t, 0.5),
-            p50_ms: percentile(&mut l, 0.5),
-            p99_ms: percentile(&mut h, 0.5),
+            mib_s: common::percentile(&mut t, 0.5),
+            p50_ms: common::percentile(&mut l, 0.5),
+            p99_ms: common::percentile(&mut h, 0.5),
         }
     };
     let (b, m) = (median(&plain), median(&mesh));

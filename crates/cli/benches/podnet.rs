@@ -24,8 +24,6 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -36,33 +34,10 @@ use common::containerd::{node_at, Pods, TestNetns};
 const BRIDGE: &str = "10.88.11.1";
 const BASELINE: &str = "10.88.11.250";
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// GET `path` from `addr:port` over HTTP/1.0; the bytes read.
-fn get(addr: &str, port: u16, path: &str) -> std::io::Result<usize> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("{addr}:{port}").parse().unwrap(),
-        Duration::from_secs(5),
-    )?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0;
-    loop {
-        match s.read(&mut buf)? {
-            0 => return Ok(n),
-            k => n += k,
-        }
-    }
-}
-
 /// Waits until the server answers (bounded).
 fn wait_serving(addr: &str, port: u16) {
     let until = Instant::now() + Duration::from_secs(120);
-    while get(addr, port, "/index.html")
+    while common::http_get_len(addr, port, "/index.html")
         .map(|n| n == 0)
         .unwrap_or(true)
     {
@@ -81,14 +56,14 @@ struct Figures {
 /// stopped after 30 s).
 fn measure(addr: &str, mib: usize, requests: usize) -> Figures {
     let t = Instant::now();
-    let n = get(addr, 8080, &format!("/big{mib}")).expect("GET /big");
+    let n = common::http_get_len(addr, 8080, &format!("/big{mib}")).expect("GET /big");
     assert!(n >= mib << 20, "short read: {n} bytes");
     let mib_s = n as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
     let mut lat = Vec::new();
     let stop = Instant::now() + Duration::from_secs(30);
     for _ in 0..requests {
         let t = Instant::now();
-        get(addr, 8080, "/index.html").expect("GET /index.html");
+        common::http_get_len(addr, 8080, "/index.html").expect("GET /index.html");
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         if Instant::now() > stop {
             break;
@@ -96,8 +71,8 @@ fn measure(addr: &str, mib: usize, requests: usize) -> Figures {
     }
     Figures {
         mib_s,
-        p50_ms: percentile(&mut lat, 0.5),
-        p99_ms: percentile(&mut lat, 0.99),
+        p50_ms: common::percentile(&mut lat, 0.5),
+        p99_ms: common::percentile(&mut lat, 0.99),
     }
 }
 
@@ -115,9 +90,9 @@ fn interleaved(pod: &str, mib: usize, requests: usize) -> (Figures, Figures) {
         let mut l: Vec<f64> = v.iter().map(|f| f.p50_ms).collect();
         let mut h: Vec<f64> = v.iter().map(|f| f.p99_ms).collect();
         Figures {
-            mib_s: percentile(&mut t, 0.5),
-            p50_ms: percentile(&mut l, 0.5),
-            p99_ms: percentile(&mut h, 0.5),
+            mib_s: common::percentile(&mut t, 0.5),
+            p50_ms: common::percentile(&mut l, 0.5),
+            p99_ms: common::percentile(&mut h, 0.5),
         }
     };
     (median(&b), median(&p))
@@ -297,7 +272,10 @@ fn main() {
     let mut r = coffer_pod(&dir.path().join("process"), None, 64, 300, 5);
     print("veth (baseline)", &r.base, None);
     print("process sandbox", &r.pod, Some(&r.base));
-    let (a, b) = (percentile(&mut r.on, 0.5), percentile(&mut r.off, 0.5));
+    let (a, b) = (
+        common::percentile(&mut r.on, 0.5),
+        common::percentile(&mut r.off, 0.5),
+    );
     println!(
         "process sandbox RunPodSandbox: {a:.0} ms on the pod network, {b:.0} ms on the node's (median of {}): networking adds {:.0} ms (containerd's CNI call included)",
         r.on.len(),

@@ -356,6 +356,31 @@ pub fn push_encrypted_busybox(dir: &Path, registry: &str, creds: Option<&str>) -
     image
 }
 
+/// The `p` quantile (0..=1) of `v` (sorted in place; nearest rank).
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// GET `path` from `addr:port` over HTTP/1.0 (benchmarks): the bytes read, none kept.
+pub fn http_get_len(addr: &str, port: u16, path: &str) -> std::io::Result<usize> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("{addr}:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf)? {
+            0 => return Ok(n),
+            k => n += k,
+        }
+    }
+}
+
 /// Reads `http://addr:port/` over HTTP/1.0 (busybox httpd), retrying until `until`.
 pub fn http_get(addr: &str, port: u16, until: std::time::Instant) -> String {
     use std::io::{Read, Write};
