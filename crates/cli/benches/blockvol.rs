@@ -65,25 +65,7 @@ fn main() {
     let podvm = d.join("podvm");
     common::build_podvm(&podvm);
     let n = node(d, Some(&podvm));
-    let backing = d.join("pv.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(160 << 20)
-        .unwrap();
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let lo = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(lo.clone());
+    let lo = coffer_testkit::loopdev::LoopDevice::on_new_file(&d.join("pv.img"), 160 << 20);
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
@@ -132,7 +114,7 @@ fn main() {
         devices: if volume {
             vec![coffer_shim::cri::Device {
                 container_path: "/dev/xvda".into(),
-                host_path: lo.clone(),
+                host_path: lo.dev.clone(),
                 permissions: "mrw".into(),
             }]
         } else {
@@ -211,8 +193,8 @@ fn main() {
         (create_plain, create_format, write, create_open, read)
     });
     let count = format!("count={MIB}");
-    let of = format!("of={lo}");
-    let iff = format!("if={lo}");
+    let of = format!("of={}", lo.dev);
+    let iff = format!("if={}", lo.dev);
     let node_write = node_dd(&[
         "if=/dev/zero",
         &of,

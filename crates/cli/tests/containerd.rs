@@ -1297,35 +1297,6 @@ fn a_process_sandbox_pod_is_on_the_pod_network_the_cni_made() {
     assert!(!links.contains("veth"), "{links}");
 }
 
-/// A loop device on a file, detached when dropped.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn on(file: &std::path::Path) -> Self {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self {
-            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
 /// Initdata with the default policy whose block volume at `/dev/xvda` is keyed by each `key`
 /// (none: no block volume), as the pod annotation carries it; their reference values are what
 /// the KBS then holds.
@@ -1390,11 +1361,7 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
     let n = node(d, Some(&podvm));
     // The volume: a blank 64 MiB file on a loop device, as a local block PV would be.
     let backing = d.join("pv.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let lo = Loop::on(&backing);
+    let lo = coffer_testkit::loopdev::LoopDevice::on_new_file(&backing, 64 << 20);
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))

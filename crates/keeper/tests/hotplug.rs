@@ -4,40 +4,17 @@
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use coffer_keeper::hotplug::{attach_block, HotplugError};
 use coffer_podvm::launch::{hotplug_port, HOTPLUG_PORTS};
 
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 #[tokio::test]
 async fn a_node_block_device_is_plugged_into_a_free_port_and_bad_devices_are_named() {
     let d = tempfile::tempdir().unwrap();
-    let backing = d.path().join("disk.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lo = Loop(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    let lo = coffer_testkit::loopdev::LoopDevice::on_new_file(&d.path().join("disk.img"), 8 << 20);
     let qmp = d.path().join(coffer_keeper::dir::QMP_SOCK);
     let mut args: Vec<String> = [
         "-machine",
@@ -72,11 +49,11 @@ async fn a_node_block_device_is_plugged_into_a_free_port_and_bad_devices_are_nam
         assert!(Instant::now() < until, "QEMU made no monitor socket");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let serial = attach_block(d.path(), Path::new(&lo.0), 0).await.unwrap();
+    let serial = attach_block(d.path(), Path::new(&lo.dev), 0).await.unwrap();
     assert_eq!(serial, "coffer-vol0");
     // The same slot twice, and a device that is not there: QEMU's refusal, naming the device.
-    match attach_block(d.path(), Path::new(&lo.0), 0).await {
-        Err(HotplugError::Refused { device, .. }) => assert_eq!(device, lo.0),
+    match attach_block(d.path(), Path::new(&lo.dev), 0).await {
+        Err(HotplugError::Refused { device, .. }) => assert_eq!(device, lo.dev),
         other => panic!("{other:?}"),
     }
     let e = attach_block(d.path(), Path::new("/dev/coffer-no-such-disk"), 1)

@@ -7,6 +7,7 @@
 
 use std::{io::Write, path::Path};
 
+pub mod loopdev;
 pub mod ovmf;
 pub mod tsm;
 pub mod vtpm;
