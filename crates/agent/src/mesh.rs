@@ -246,7 +246,10 @@ impl Identity {
         .map_err(|e| MeshError::Setup(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        // No resumption (every connection proves a current certificate), so no tickets to make
+        // and send on each handshake either.
         c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        c.send_tls13_tickets = 0;
         Ok(Arc::new(c))
     }
 
