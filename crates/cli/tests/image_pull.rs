@@ -305,6 +305,80 @@ fn a_failed_pull_leaves_no_rootfs() {
 }
 
 #[test]
+fn a_layer_altered_in_the_registry_is_refused_when_its_stream_ends_and_leaves_nothing() {
+    // Layers are unpacked while they download, so their digest is known only at the end: an
+    // altered blob must still fail the pull, name the digest, and leave no rootfs and nothing in
+    // the cache.
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    // 4 MiB of hex text (about 2 MiB gzip): several download steps, so unpacking has begun when
+    // the altered byte arrives.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let text: String = (0..(4 << 20) / 16)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            format!("{x:016x}")
+        })
+        .collect();
+    let img = layout.image(&[tar(&[("data", &text, 'f')])], "amd64", None);
+    layout.tag(img, "v1");
+    let image = format!("docker://{}/test/big:v1", reg.addr);
+    skopeo_push(&format!("oci:{}:v1", layout.dir.display()), &image, false);
+    let cache = work.path().join("cache");
+    let pull = |rootfs: &Path| {
+        coffer(&[
+            "image",
+            "pull",
+            "--quiet",
+            "--plain-http",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            &image,
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+        ])
+    };
+    // Intact, it pulls.
+    let out = work.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let (ok, _, stderr) = pull(&out.join("good"));
+    assert!(ok, "{stderr}");
+    assert_eq!(fs::read_to_string(out.join("good/data")).unwrap(), text);
+    fs::remove_dir_all(&cache).unwrap();
+
+    // The layer is the largest blob in the registry's storage; one byte in its middle changes.
+    let blobs = reg.storage().join("docker/registry/v2/blobs/sha256");
+    let layer = fs::read_dir(&blobs)
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|d| d.unwrap().path().join("data"))
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&layer).unwrap();
+    assert!(bytes.len() > 3 << 20, "{} bytes", bytes.len());
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&layer, bytes).unwrap();
+
+    let (ok, _, stderr) = pull(&out.join("bad"));
+    assert!(!ok, "an altered layer was accepted");
+    assert!(stderr.contains("content hashes to"), "{stderr}");
+    assert!(!out.join("bad").exists(), "a rootfs was left behind");
+    assert_eq!(
+        fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing but the good rootfs in the target's directory"
+    );
+    for sub in ["blobs/sha256", "tmp"] {
+        let left: Vec<_> = fs::read_dir(cache.join(sub)).unwrap().collect();
+        assert!(left.is_empty(), "cache {sub} holds {left:?}");
+    }
+}
+
+#[test]
 fn encrypted_images_from_skopeo_and_coffer_decrypt_with_the_right_key_only() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();

@@ -43,7 +43,7 @@ pub fn verify(what: &'static str, expected: &str, bytes: &[u8]) -> Result<(), Er
 /// A reader that hashes everything read through it.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
 }
 
@@ -52,22 +52,34 @@ impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
         Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
+            count: 0,
+        }
+    }
+
+    /// Wraps `inner`, counting bytes but not hashing them (a stream something else verifies).
+    pub fn counting(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: None,
             count: 0,
         }
     }
 
     /// Reads what is left (so that the digest covers the whole stream), then returns
-    /// `sha256:<hex>` and the byte count.
+    /// `sha256:<hex>` (empty for a [`HashingReader::counting`] reader) and the byte count.
     pub fn finish(self) -> io::Result<(String, u64)> {
-        self.finish_into_inner().map(|(d, n, _)| (d, n))
+        self.finish_into_inner()
+            .map(|(d, n, _)| (d.unwrap_or_default(), n))
     }
 
-    /// [`HashingReader::finish`], also giving back the inner reader.
-    pub fn finish_into_inner(mut self) -> io::Result<(String, u64, R)> {
+    /// [`HashingReader::finish`], also giving back the inner reader; the digest is `None` for a
+    /// [`HashingReader::counting`] reader.
+    pub fn finish_into_inner(mut self) -> io::Result<(Option<String>, u64, R)> {
         io::copy(&mut self, &mut io::sink())?;
         Ok((
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.hasher
+                .map(|h| format!("sha256:{}", hex::encode(h.finalize()))),
             self.count,
             self.inner,
         ))
@@ -77,7 +89,9 @@ impl<R: Read> HashingReader<R> {
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }

@@ -98,6 +98,7 @@ pub mod reference;
 pub mod sign;
 pub mod signature;
 pub mod source;
+mod stream;
 pub mod unpack;
 
 pub use pull::{inspect, pull, PullOptions, PullReport};

@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    io::{BufReader, Read},
+    io::{BufReader, Read, Write},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -19,6 +19,7 @@ use crate::{
     crypt::{DecryptReader, Keyring, LayerKey},
     digest::{self, HashingReader, LimitedReader},
     source::{Fetched, Source, SourceOptions},
+    stream::{self, ChunkReader, ChunkWriter, EndGuard, FollowReader, Growing},
     unpack::{LayerUnpacker, Limits, Totals},
     Error, ImageRef,
 };
@@ -287,74 +288,237 @@ pub async fn inspect(
     Ok((index_digest.unwrap_or(fetched.digest), config))
 }
 
-/// A layer blob on local disk, with what to do with it once applied.
-struct LocalBlob {
-    path: PathBuf,
-    /// A downloaded temporary file to move into the cache after it verified.
-    commit: Option<tempfile::TempPath>,
-    from_cache: bool,
+/// A download of one layer blob into a file that its layer's reader follows.
+struct Download {
+    /// The file, opened for reading behind the writer.
+    reader: fs::File,
+    growing: Arc<Growing>,
+    /// Ends with the cache's temporary file to commit once the layer verified (`None` without
+    /// a cache: the scratch file is unlinked and vanishes with its handles).
+    task: tokio::task::JoinHandle<Result<Option<tempfile::TempPath>, Error>>,
 }
 
-async fn fetch_layer(
-    source: &Source,
+/// Where a layer's blob comes from.
+enum LayerBlob {
+    /// A whole local file (an image layout's blob, or the cache's), hashed as it is read.
+    File { path: PathBuf, from_cache: bool },
+    /// A registry download under way; its stream is checked against the digest as it ends.
+    Download(Download),
+}
+
+/// Starts the download of a layer blob (or finds it locally).
+fn start_layer(
+    source: &Arc<Source>,
     cache: Option<&BlobCache>,
     scratch: &Path,
+    permits: &Arc<tokio::sync::Semaphore>,
+    progress: Option<Arc<dyn Progress>>,
     index: usize,
     desc: &OciDescriptor,
-) -> Result<LocalBlob, Error> {
+) -> Result<LayerBlob, Error> {
     if let Some(path) = source.local_blob(&desc.digest) {
-        return Ok(LocalBlob {
+        return Ok(LayerBlob::File {
             path,
-            commit: None,
             from_cache: false,
         });
     }
-    if let Some(cache) = cache {
-        if cache.has(&desc.digest) {
-            return Ok(LocalBlob {
+    let (writer, reader, commit) = match cache {
+        Some(cache) if cache.has(&desc.digest) => {
+            return Ok(LayerBlob::File {
                 path: cache.path(&desc.digest)?,
-                commit: None,
                 from_cache: true,
-            });
+            })
         }
-        let tmp = cache.temp_file()?;
-        source.blob_to_file(desc, &tmp).await?;
-        return Ok(LocalBlob {
-            path: tmp.to_path_buf(),
-            commit: Some(tmp),
-            from_cache: false,
+        Some(cache) => {
+            let tmp = cache.temp_file()?;
+            let writer = fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(Error::io("cannot open a file in the cache"))?;
+            let reader =
+                fs::File::open(&tmp).map_err(Error::io("cannot open a file in the cache"))?;
+            (writer, reader, Some(tmp))
+        }
+        None => {
+            let writer = tempfile::tempfile_in(scratch)
+                .map_err(Error::io("cannot create a scratch file for a layer"))?;
+            let reader = writer
+                .try_clone()
+                .map_err(Error::io("cannot open a scratch file for a layer"))?;
+            (writer, reader, None)
+        }
+    };
+    let growing = Arc::new(Growing::default());
+    let (source, permits, desc, g) = (
+        source.clone(),
+        permits.clone(),
+        desc.clone(),
+        growing.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let guard = EndGuard(g);
+        let _permit = permits.acquire_owned().await;
+        let r = source.blob_into(&desc, writer, &guard.0).await;
+        if let Err(e) = &r {
+            guard.0.end(Err(e.to_string()));
+        }
+        r?;
+        if let Some(p) = &progress {
+            p.fetched(index, false);
+        }
+        Ok(commit)
+    });
+    Ok(LayerBlob::Download(Download {
+        reader,
+        growing,
+        task,
+    }))
+}
+
+/// A layer blob's bytes as the reading side gets them.
+struct BlobBytes {
+    src: Box<dyn Read + Send>,
+    /// Hash them (a local file) or only count them (a download checks its own digest).
+    hash: bool,
+}
+
+/// What the reading side of a layer found.
+struct ReadDone {
+    /// `sha256:` of the blob (`None` when its download checked it).
+    blob: Option<String>,
+    size: u64,
+    /// `sha256:` of the decrypted blob, for an encrypted layer.
+    plain: Option<String>,
+}
+
+/// Copies `from` into `to`; once `to` is gone (the unpacker stopped), reads the rest only when
+/// `drain` (so that an encrypted layer's HMAC still gives its verdict).
+fn pump(from: &mut impl Read, to: &mut ChunkWriter, drain: bool) -> std::io::Result<()> {
+    let mut buf = vec![0u8; stream::CHUNK];
+    let mut sending = true;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if sending {
+            if let Err(e) = to.write_all(&buf[..n]) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e);
+                }
+                if !drain {
+                    return Ok(());
+                }
+                sending = false;
+            }
+        }
+    }
+    if sending {
+        // The unpacker may be gone already; it has its own error then.
+        let _ = to.flush();
+    }
+    Ok(())
+}
+
+/// The reading side of a layer: the blob (hashed unless its download checks it), decrypted
+/// (and hashed) when a key is given, into `to`.
+fn read_layer(
+    blob: BlobBytes,
+    key: Option<&LayerKey>,
+    digest: &str,
+    mut to: ChunkWriter,
+) -> Result<ReadDone, Error> {
+    let read_err = |e: std::io::Error| {
+        if e.to_string().contains("HMAC") {
+            Error::Decrypt(format!("layer {digest}: {e}"))
+        } else {
+            Error::Registry(format!("layer {digest}: {e}"))
+        }
+    };
+    let src = BufReader::with_capacity(stream::CHUNK, blob.src);
+    let stored = if blob.hash {
+        HashingReader::new(src)
+    } else {
+        HashingReader::counting(src)
+    };
+    match key {
+        None => {
+            let mut stored = stored;
+            pump(&mut stored, &mut to, false).map_err(read_err)?;
+            drop(to);
+            let (blob, size, _) = stored.finish_into_inner().map_err(read_err)?;
+            Ok(ReadDone {
+                blob,
+                size,
+                plain: None,
+            })
+        }
+        Some(k) => {
+            let mut plain = HashingReader::new(DecryptReader::new(stored, k)?);
+            pump(&mut plain, &mut to, true).map_err(read_err)?;
+            drop(to);
+            let (plain, _, decrypt) = plain.finish_into_inner().map_err(read_err)?;
+            let (blob, size, _) = decrypt.into_inner().finish_into_inner().map_err(read_err)?;
+            Ok(ReadDone { blob, size, plain })
+        }
+    }
+}
+
+/// The inflating side of a layer (a thread of its own for compressed layers): `from` inflated
+/// into `to`.
+fn inflate_layer(
+    from: ChunkReader,
+    compression: Compression,
+    digest: &str,
+    mut to: ChunkWriter,
+) -> Result<(), Error> {
+    let err = |e: std::io::Error| Error::Unpack {
+        path: digest.to_string(),
+        reason: format!("cannot decompress: {e}"),
+    };
+    let mut decoder: Box<dyn Read> = match compression {
+        Compression::None => Box::new(from),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(from)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(from).map_err(err)?),
+    };
+    pump(&mut decoder, &mut to, false).map_err(err)
+}
+
+/// The unpacking side of a layer: the tar stream's `diff_id`, unpacked onto `root`.
+fn unpack_layer(
+    tar: ChunkReader,
+    desc: &OciDescriptor,
+    diff_id: &str,
+    root: &Path,
+    limits: Limits,
+    totals: &mut Totals,
+) -> Result<(), Error> {
+    // The whole layer may expand to the byte limit plus tar's per-entry overhead.
+    let expand_limit = limits
+        .max_bytes
+        .saturating_add(limits.max_entries.saturating_mul(1536));
+    let mut tar = HashingReader::new(LimitedReader::new(tar, expand_limit));
+    LayerUnpacker::new(root, limits, totals).apply(&mut tar)?;
+    let (actual, _) = tar.finish().map_err(|e| Error::Unpack {
+        path: desc.digest.clone(),
+        reason: format!("cannot decompress: {e}"),
+    })?;
+    if actual != diff_id {
+        return Err(Error::Digest {
+            what: "layer diff_id",
+            expected: diff_id.to_string(),
+            actual,
         });
     }
-    let path = scratch.join(format!("layer-{index}"));
-    source.blob_to_file(desc, &path).await?;
-    Ok(LocalBlob {
-        path,
-        commit: None,
-        from_cache: false,
-    })
-}
-
-type Stored = HashingReader<BufReader<fs::File>>;
-
-/// A layer blob as read: plain, or decrypted (with the digest of the plaintext).
-enum Layer {
-    Plain(Stored),
-    Encrypted(Box<HashingReader<DecryptReader<Stored>>>),
-}
-
-impl Read for Layer {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Self::Plain(r) => r.read(buf),
-            Self::Encrypted(r) => r.read(buf),
-        }
-    }
+    Ok(())
 }
 
 /// Applies one layer blob: digest of the blob, decryption, decompression, `diff_id`, unpack —
-/// one pass.
+/// one pass, on three threads joined by bounded channels: reading and decrypting, inflating
+/// (compressed layers), hashing and unpacking.
 fn apply_layer(
-    blob: &Path,
+    blob: BlobBytes,
     desc: &OciDescriptor,
     key: Option<&LayerKey>,
     diff_id: &str,
@@ -363,90 +527,72 @@ fn apply_layer(
     totals: &mut Totals,
 ) -> Result<(), Error> {
     let compression = layer_compression(&desc.media_type)?;
-    let file =
-        fs::File::open(blob).map_err(Error::io(format!("cannot open {}", blob.display())))?;
-    let stored = HashingReader::new(BufReader::with_capacity(1 << 20, file));
-    let mut compressed = match key {
-        Some(k) => Layer::Encrypted(Box::new(HashingReader::new(DecryptReader::new(stored, k)?))),
-        None => Layer::Plain(stored),
-    };
-    // The whole layer may expand to the byte limit plus tar's per-entry overhead.
-    let expand_limit = limits
-        .max_bytes
-        .saturating_add(limits.max_entries.saturating_mul(1536));
-    let unpacked = (|| -> Result<(), Error> {
-        let decoder: Box<dyn Read> = match compression {
-            Compression::None => Box::new(&mut compressed),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
-            Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::new(&mut compressed)
-                    .map_err(Error::io("cannot start zstd decompression"))?,
-            ),
+    let (to, from) = stream::chunks(4);
+    let digest = desc.digest.as_str();
+    let (read, inflated, unpacked) = std::thread::scope(|s| {
+        let spawn_err = Error::io("cannot start a layer thread");
+        let reading = std::thread::Builder::new()
+            .name("coffer-layer-read".into())
+            .spawn_scoped(s, || read_layer(blob, key, digest, to))
+            .map_err(spawn_err)?;
+        let (inflating, tar) = if compression == Compression::None {
+            (None, from)
+        } else {
+            let (to_tar, tar) = stream::chunks(4);
+            let t = std::thread::Builder::new()
+                .name("coffer-layer-gunzip".into())
+                .spawn_scoped(s, move || inflate_layer(from, compression, digest, to_tar))
+                .map_err(Error::io("cannot start a layer thread"))?;
+            (Some(t), tar)
         };
-        let mut tar = HashingReader::new(LimitedReader::new(decoder, expand_limit));
-        LayerUnpacker::new(root, limits, totals).apply(&mut tar)?;
-        let (actual, _) = tar.finish().map_err(|e| Error::Unpack {
-            path: desc.digest.clone(),
-            reason: format!("cannot decompress: {e}"),
-        })?;
-        if actual != diff_id {
+        let unpacked = unpack_layer(tar, desc, diff_id, root, limits, totals);
+        let panicked = |_| Error::Unpack {
+            path: digest.to_string(),
+            reason: "a layer thread panicked".into(),
+        };
+        let inflated = match inflating {
+            Some(t) => t.join().map_err(panicked)?,
+            None => Ok(()),
+        };
+        let read = reading.join().map_err(panicked)?;
+        Ok::<_, Error>((read, inflated, unpacked))
+    })?;
+    // A reading failure (download, HMAC: tampering) explains whatever the later stages made of
+    // the stream, and a decompression failure what the unpacker made of it: the first comes
+    // first.
+    let read = read?;
+    inflated?;
+    unpacked?;
+    if let Some(plain) = read.plain {
+        let expected = key.map(|k| k.plain_digest.as_str()).unwrap_or_default();
+        if plain != expected {
             return Err(Error::Digest {
-                what: "layer diff_id",
-                expected: diff_id.to_string(),
+                what: "decrypted layer",
+                expected: expected.to_string(),
+                actual: plain,
+            });
+        }
+    }
+    if let Some(actual) = read.blob {
+        if actual != desc.digest {
+            return Err(Error::Digest {
+                what: "blob",
+                expected: desc.digest.clone(),
                 actual,
             });
         }
-        Ok(())
-    })();
-    if let Err(e) = unpacked {
-        // In an encrypted layer, garbage usually means tampering: say so when the HMAC agrees.
-        if let Layer::Encrypted(_) = compressed {
-            if let Err(io) = std::io::copy(&mut compressed, &mut std::io::sink()) {
-                if io.to_string().contains("HMAC") {
-                    return Err(Error::Decrypt(format!("layer {}: {io}", desc.digest)));
-                }
-            }
-        }
-        return Err(e);
     }
-    let stored = match compressed {
-        Layer::Plain(s) => s,
-        Layer::Encrypted(d) => {
-            let (plain, _, inner) = d
-                .finish_into_inner()
-                .map_err(|e| Error::Decrypt(format!("layer {}: {e}", desc.digest)))?;
-            let expected = key.map(|k| k.plain_digest.as_str()).unwrap_or_default();
-            if plain != expected {
-                return Err(Error::Digest {
-                    what: "decrypted layer",
-                    expected: expected.to_string(),
-                    actual: plain,
-                });
-            }
-            inner.into_inner()
-        }
-    };
-    let (actual, size) = stored
-        .finish()
-        .map_err(Error::io(format!("cannot read {}", blob.display())))?;
-    if actual != desc.digest {
-        return Err(Error::Digest {
-            what: "blob",
-            expected: desc.digest.clone(),
-            actual,
-        });
-    }
-    if desc.size >= 0 && size != desc.size as u64 {
+    if desc.size >= 0 && read.size != desc.size as u64 {
         return Err(Error::Manifest(format!(
-            "blob {} is {size} bytes, the manifest says {}",
-            desc.digest, desc.size
+            "blob {} is {} bytes, the manifest says {}",
+            desc.digest, read.size, desc.size
         )));
     }
     Ok(())
 }
 
 /// Aborts the spawned downloads when a pull ends early.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<Result<LocalBlob, Error>>>);
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -579,40 +725,57 @@ pub async fn pull(
         opts.concurrency
     }));
     let mut downloads = AbortOnDrop(Vec::new());
+    let mut blobs = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
-        let (source, cache, scratch, layer, permits, progress) = (
-            source.clone(),
-            cache.clone(),
-            scratch.clone(),
-            layer.clone(),
-            permits.clone(),
+        let blob = start_layer(
+            &source,
+            cache.as_ref(),
+            &scratch,
+            &permits,
             opts.progress.clone(),
-        );
-        downloads.0.push(tokio::spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let blob = fetch_layer(&source, cache.as_ref(), &scratch, i, &layer).await?;
-            if let Some(p) = &progress {
-                p.fetched(i, blob.from_cache);
-            }
-            Ok(blob)
-        }));
+            i,
+            layer,
+        )?;
+        if let LayerBlob::Download(d) = &blob {
+            downloads.0.push(d.task.abort_handle());
+        }
+        blobs.push(blob);
     }
 
     let mut totals = Totals::default();
     let mut cached_layers = 0;
-    #[allow(clippy::needless_range_loop)] // the downloads are awaited by index, in order
-    for i in 0..manifest.layers.len() {
-        let blob = (&mut downloads.0[i])
-            .await
-            .map_err(|e| Error::Registry(format!("layer download task failed: {e}")))??;
-        cached_layers += usize::from(blob.from_cache);
-        let (desc, diff_id) = (manifest.layers[i].clone(), diff_ids[i].clone());
-        let (root, limits, path) = (staged.clone(), opts.limits, blob.path.clone());
-        let key = layer_keys[i].clone();
+    for (i, blob) in blobs.into_iter().enumerate() {
+        let desc = manifest.layers[i].clone();
+        let (bytes, from_cache, download) = match blob {
+            LayerBlob::File { path, from_cache } => {
+                let f = fs::File::open(&path)
+                    .map_err(Error::io(format!("cannot open {}", path.display())))?;
+                if let Some(p) = &opts.progress {
+                    p.fetched(i, from_cache);
+                }
+                let src = Box::new(f);
+                (BlobBytes { src, hash: true }, from_cache, None)
+            }
+            LayerBlob::Download(d) => (
+                BlobBytes {
+                    src: Box::new(FollowReader::new(d.reader, d.growing)),
+                    hash: false,
+                },
+                false,
+                Some(d.task),
+            ),
+        };
+        cached_layers += usize::from(from_cache);
+        let (root, limits, diff_id, key) = (
+            staged.clone(),
+            opts.limits,
+            diff_ids[i].clone(),
+            layer_keys[i].clone(),
+        );
         let (result, t) = tokio::task::spawn_blocking(move || {
             let mut t = totals;
             let r = apply_layer(
-                &path,
+                bytes,
                 &desc,
                 key.as_deref(),
                 &diff_id,
@@ -627,16 +790,31 @@ pub async fn pull(
             path: manifest.layers[i].digest.clone(),
             reason: format!("unpack task failed: {e}"),
         })?;
-        if let Err(e) = result {
-            if blob.from_cache {
-                if let (Some(c), Error::Digest { .. }) = (&cache, &e) {
-                    c.remove(&manifest.layers[i].digest);
+        let commit = match (result, download) {
+            (Ok(()), Some(task)) => task
+                .await
+                .map_err(|e| Error::Registry(format!("layer download task failed: {e}")))??,
+            (Ok(()), None) => None,
+            // The layer was unpacked from a stream whose digest is only known at its end: a
+            // download that fails its digest (or fails at all) explains the failed layer, so it
+            // is awaited and its own error, when it has one, is the one reported.
+            (Err(e), Some(task)) => {
+                if let Ok(Err(download)) = task.await {
+                    return Err(download);
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+            (Err(e), None) => {
+                if from_cache {
+                    if let (Some(c), Error::Digest { .. }) = (&cache, &e) {
+                        c.remove(&manifest.layers[i].digest);
+                    }
+                }
+                return Err(e);
+            }
+        };
         totals = t;
-        if let (Some(c), Some(tmp)) = (&cache, blob.commit) {
+        if let (Some(c), Some(tmp)) = (&cache, commit) {
             c.commit(tmp, &manifest.layers[i].digest)?;
         }
         if let Some(p) = &opts.progress {

@@ -358,6 +358,88 @@ impl Source {
         Ok(())
     }
 
+    /// Downloads a registry blob into `file` (empty, opened for writing), publishing each
+    /// megabyte to `growing` as it lands so that a reader can follow, ending `growing` once the
+    /// last byte is in, then syncing the file. The stream is checked against the blob's digest
+    /// as it ends (a mismatch is an error, reported to `growing` by the caller).
+    pub(crate) async fn blob_into(
+        &self,
+        desc: &OciDescriptor,
+        file: std::fs::File,
+        growing: &crate::stream::Growing,
+    ) -> Result<(), Error> {
+        use futures_util::StreamExt;
+        let Self::Registry {
+            client, reference, ..
+        } = self
+        else {
+            return Err(Error::Registry(
+                "an image layout's blobs are read in place, not downloaded".into(),
+            ));
+        };
+        let mut stream = client
+            .pull_blob_stream(reference, desc)
+            .await
+            .map_err(registry_err)?;
+        const STEP: usize = 1 << 20;
+        let mut file = Some(file);
+        let mut buf = Vec::with_capacity(STEP);
+        // Writes go to a blocking thread a megabyte at a time; the buffer comes back with the file.
+        async fn write_out(
+            file: &mut Option<std::fs::File>,
+            buf: Vec<u8>,
+        ) -> Result<Vec<u8>, Error> {
+            let mut f = file.take().expect("the file is back after each write");
+            let (f, buf, r) = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let r = f.write_all(&buf);
+                (f, buf, r)
+            })
+            .await
+            .map_err(|e| Error::Registry(format!("blob write task failed: {e}")))?;
+            *file = Some(f);
+            r.map_err(Error::io("cannot write a downloaded blob"))?;
+            Ok(buf)
+        }
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                // The stream checks the blob's digest as it ends.
+                use oci_client::errors::DigestError;
+                match e.get_ref().and_then(|i| i.downcast_ref::<DigestError>()) {
+                    Some(DigestError::VerificationError { expected, actual }) => Error::Digest {
+                        what: "blob",
+                        expected: expected.clone(),
+                        actual: actual.clone(),
+                    },
+                    _ => Error::Registry(format!("blob {}: {e}", desc.digest)),
+                }
+            })?;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let n = rest.len().min(STEP - buf.len());
+                buf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if buf.len() == STEP {
+                    let len = buf.len() as u64;
+                    buf = write_out(&mut file, buf).await?;
+                    buf.clear();
+                    growing.advance(len);
+                }
+            }
+        }
+        if !buf.is_empty() {
+            let len = buf.len() as u64;
+            write_out(&mut file, buf).await?;
+            growing.advance(len);
+        }
+        growing.end(Ok(()));
+        let f = file.take().expect("the file is back after each write");
+        tokio::task::spawn_blocking(move || f.sync_all())
+            .await
+            .map_err(|e| Error::Registry(format!("blob sync task failed: {e}")))?
+            .map_err(Error::io("cannot sync a downloaded blob"))
+    }
+
     /// The manifest at `tag` of the same repository (cosign's `sha256-<hex>.sig`), or `None`
     /// when the tag does not exist. Layouts have none.
     pub async fn tag_manifest(&self, tag: &str) -> Result<Option<Vec<u8>>, Error> {

@@ -16,7 +16,7 @@ use std::{
     collections::{HashSet, VecDeque},
     ffi::OsStr,
     fs,
-    io::{self, Read},
+    io::{self, Read, Write},
     os::unix::{ffi::OsStrExt, fs::PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -192,6 +192,8 @@ pub struct LayerUnpacker<'a> {
     created: HashSet<PathBuf>,
     /// Directories whose times are set once the layer is done (children change them).
     dir_times: Vec<(PathBuf, SystemTime)>,
+    /// File contents pass through here: large writes, one allocation per layer.
+    buf: Vec<u8>,
 }
 
 impl<'a> LayerUnpacker<'a> {
@@ -205,6 +207,7 @@ impl<'a> LayerUnpacker<'a> {
             as_root: rustix::process::geteuid().is_root(),
             created: HashSet::new(),
             dir_times: Vec::new(),
+            buf: Vec::new(),
         }
     }
 
@@ -231,6 +234,43 @@ impl<'a> LayerUnpacker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Copies up to `size` bytes of an entry into `f` in writes of up to 256 KiB; returns the
+    /// count copied.
+    fn copy_contents(
+        &mut self,
+        from: &mut impl Read,
+        size: u64,
+        f: &mut fs::File,
+    ) -> io::Result<u64> {
+        const STEP: usize = 256 << 10;
+        if self.buf.is_empty() && size > 0 {
+            self.buf = vec![0; STEP];
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = (left.min(STEP as u64)) as usize;
+            // Fill the buffer as far as the stream allows before writing it.
+            let mut got = 0;
+            while got < want {
+                match from.read(&mut self.buf[got..want]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            f.write_all(&self.buf[..got])?;
+            left -= got as u64;
+            if got < want {
+                break;
+            }
+        }
+        Ok(size - left)
     }
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), Error> {
@@ -302,7 +342,8 @@ impl<'a> LayerUnpacker<'a> {
                     .create_new(true)
                     .open(&path)
                     .map_err(io_err(&path, "cannot create file"))?;
-                let n = io::copy(&mut (&mut entry).take(size), &mut f)
+                let n = self
+                    .copy_contents(&mut entry, size, &mut f)
                     .map_err(io_err(&path, "cannot write file"))?;
                 self.totals.bytes += n;
                 if let Some(t) = mtime {

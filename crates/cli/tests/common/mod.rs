@@ -122,6 +122,11 @@ impl Registry {
         }
     }
 
+    /// The registry's storage: `docker/registry/v2/blobs/sha256/<xx>/<hex>/data` holds each blob.
+    pub fn storage(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// Blob requests (GET) the registry served, from its access log.
     pub fn blob_gets(&self) -> Vec<String> {
         fs::read_to_string(&self.log)
