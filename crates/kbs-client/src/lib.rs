@@ -286,18 +286,10 @@ impl KbsClient {
             .await
             .map_err(http_err(&url))?;
         let resp = check("auth", resp).await?;
-        let cookie = resp
-            .headers()
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .filter_map(|v| v.split(';').next())
-            .find(|kv| kv.trim_start().starts_with(&format!("{SESSION_COOKIE}=")))
-            .map(|s| s.trim().to_string())
-            .ok_or_else(|| ClientError::Protocol {
-                op: "auth".into(),
-                detail: format!("no {SESSION_COOKIE} cookie"),
-            })?;
+        let cookie = session_cookie(&resp).ok_or_else(|| ClientError::Protocol {
+            op: "auth".into(),
+            detail: format!("no {SESSION_COOKIE} cookie"),
+        })?;
         let challenge: Challenge = resp.json().await.map_err(|e| ClientError::Protocol {
             op: "auth".into(),
             detail: e.to_string(),
@@ -354,6 +346,8 @@ impl KbsClient {
             .await
             .map_err(http_err(&url))?;
         let resp = check("attest", resp).await?;
+        // The KBS may replace the session cookie once attested (it seals the token into it).
+        let cookie = session_cookie(&resp).unwrap_or(cookie);
         let TokenResponse { token } = resp.json().await.map_err(|e| ClientError::Protocol {
             op: "attest".into(),
             detail: e.to_string(),
@@ -471,4 +465,15 @@ impl KbsClient {
         self.fetch(path.strip_prefix("kbs:///").unwrap_or(path), &token)
             .await
     }
+}
+
+/// The `kbs-session-id=…` pair a response sets, if it sets one.
+fn session_cookie(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find(|kv| kv.trim_start().starts_with(&format!("{SESSION_COOKIE}=")))
+        .map(|s| s.trim().to_string())
 }

@@ -195,6 +195,10 @@ fn attestation_error(detail: impl Into<String>) -> KbsError {
     KbsError::new(ErrorKind::AttestationError, detail)
 }
 
+/// The largest token sealed into a session cookie (base64 makes the cookie about 4/3 of it);
+/// a larger one is kept in the session store instead.
+const MAX_SEALED_TOKEN: usize = 2800;
+
 fn set_cookie(id: &str, ttl: u64) -> HeaderValue {
     HeaderValue::from_str(&format!(
         "{SESSION_COOKIE}={id}; Path={BASE_PATH}; Max-Age={ttl}; HttpOnly"
@@ -422,7 +426,19 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         .tokens
         .issue(&claims)
         .map_err(|e| KbsError::new(ErrorKind::AttestationError, e.to_string()))?;
+    // The token is kept with the session, for clients that go on sending the cookie of
+    // `/auth`; the response's cookie carries it too, sealed with the session id. A client that
+    // comes back with the sealed cookie shows that it keeps cookies, and its session drops the
+    // token: attested sessions then cost this KBS no memory. A token too large for a cookie
+    // stays with the session only.
     kbs.store.set_session_token(&id, &token).await?;
+    let cookie = if token.len() <= MAX_SEALED_TOKEN {
+        kbs.tokens
+            .seal_cookie(&format!("{id}.{token}"))
+            .map_err(|e| KbsError::new(ErrorKind::AttestationError, e.to_string()))?
+    } else {
+        id.clone()
+    };
     kbs.metrics
         .attestations
         .with_label_values(&[tee_name.as_str(), appraisal.status.as_str()])
@@ -442,7 +458,7 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
     let mut resp = Json(json!({ "token": token })).into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(&id, kbs.config.session_ttl_secs),
+        set_cookie(&cookie, kbs.config.session_ttl_secs),
     );
     Ok(resp)
 }
@@ -483,7 +499,23 @@ pub fn resource_path(raw: &str) -> Result<(String, [String; 3]), KbsError> {
 /// The caller's attestation token (its session's, or a bearer token) and its verified claims.
 async fn attested(kbs: &Kbs, headers: &HeaderMap) -> Result<(EarClaims, String), KbsError> {
     let stored = match session_cookie(headers) {
-        Some(id) => kbs.store.get_session(id).await?.and_then(|s| s.token),
+        Some(cookie) => match cookie.strip_prefix(crate::token::SEALED_COOKIE_PREFIX) {
+            Some(sealed) => {
+                let opened = kbs
+                    .tokens
+                    .open_cookie(sealed)
+                    .map_err(|e| KbsError::new(ErrorKind::TokenVerifierError, e.to_string()))?;
+                let (id, token) = opened.split_once('.').ok_or_else(|| {
+                    KbsError::new(
+                        ErrorKind::TokenVerifierError,
+                        "sealed session cookie is malformed",
+                    )
+                })?;
+                kbs.store.forget_session_token(id).await?;
+                Some(token.to_string())
+            }
+            None => kbs.store.get_session(cookie).await?.and_then(|s| s.token),
+        },
         None => None,
     };
     let (claims, token) =

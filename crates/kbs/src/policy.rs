@@ -23,6 +23,12 @@ use tokio::sync::RwLock;
 
 use crate::store::{PolicyKind, Store, StoreError};
 
+/// The rule a resource policy decides with.
+const RESOURCE_RULE: &str = "data.policy.allow";
+
+/// How many resources' prepared resource-policy engines are kept.
+const RESOURCE_ENGINES: usize = 64;
+
 /// The default attestation policy.
 pub const DEFAULT_ATTESTATION_POLICY: &str = include_str!("../policies/attestation.rego");
 /// The default resource policy: release only when every submodule is affirming.
@@ -148,6 +154,9 @@ pub async fn compile(
 /// A compiled policy with its data, ready to evaluate.
 pub struct Compiled {
     engine: Mutex<Engine>,
+    /// Resource policies: prepared engines with each recently asked resource's `data` added,
+    /// so that a decision is one rule evaluation (no query to parse, no `with` to apply).
+    by_resource: Mutex<HashMap<String, Engine>>,
     /// Optional attestation rules (`reason`, `trust_vector`) the policy defines.
     optional_rules: Vec<&'static str>,
     /// The rule evaluated for an appraisal (see [`APPRAISAL_PACKAGE`]).
@@ -228,6 +237,7 @@ impl Compiled {
         }
         let compiled = Self {
             engine: Mutex::new(engine),
+            by_resource: Mutex::new(HashMap::new()),
             optional_rules,
             appraisal_rule,
             id: format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))),
@@ -253,32 +263,58 @@ impl Compiled {
 
     /// Evaluates the resource policy's `allow` for a resource, with `data` carrying the
     /// resource: `plugin`, `resource-path` (`/<repo>/<type>/<tag>`), `repository`, `type` and
-    /// `tag`. The values are bound with `with` modifiers on the query, which keeps the
-    /// compiled engine prepared (adding data would force a full re-analysis per request).
-    /// `parts` must be validated resource-path components (ASCII letters, digits, `._-`).
+    /// `tag`. Each resource's data is added once to a prepared copy of the policy, kept for the
+    /// most recently asked resources (adding data per request would force a full re-analysis);
+    /// a decision is then one evaluation of `allow`. `parts` must be validated resource-path
+    /// components (ASCII letters, digits, `._-`).
     pub fn allow_resource(&self, input: &Value, parts: [&str; 3]) -> Result<bool, PolicyError> {
         debug_assert!(parts.iter().all(|p| p
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))));
         let [repo, ty, tag] = parts;
-        let query = format!(
-            "data.policy.allow with data.plugin as \"resource\" \
-             with data[\"resource-path\"] as \"/{repo}/{ty}/{tag}\" \
-             with data.repository as \"{repo}\" with data.type as \"{ty}\" \
-             with data.tag as \"{tag}\""
-        );
-        let results = self
-            .engine_with(input)
-            .eval_query(query, false)
-            .map_err(|e| PolicyError::Eval {
-                kind: "resource",
-                detail: e.to_string(),
-            })?;
-        Ok(results
-            .result
-            .first()
-            .and_then(|r| r.expressions.first())
-            .is_some_and(|e| e.value == RegoValue::from(true)))
+        let path = format!("/{repo}/{ty}/{tag}");
+        let eval_err = |detail: String| PolicyError::Eval {
+            kind: "resource",
+            detail,
+        };
+        let cached = self
+            .by_resource
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&path)
+            .cloned();
+        let mut engine = match cached {
+            Some(e) => e,
+            None => {
+                let mut e = self
+                    .engine
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                e.add_data(RegoValue::from(json!({
+                    "plugin": "resource",
+                    "resource-path": path,
+                    "repository": repo,
+                    "type": ty,
+                    "tag": tag,
+                })))
+                .map_err(|e| eval_err(e.to_string()))?;
+                // Prepared here, once, rather than by the first decision.
+                e.eval_rule(RESOURCE_RULE.to_string())
+                    .map_err(|e| eval_err(e.to_string()))?;
+                let mut map = self.by_resource.lock().unwrap_or_else(|p| p.into_inner());
+                if map.len() >= RESOURCE_ENGINES {
+                    map.clear();
+                }
+                map.insert(path, e.clone());
+                e
+            }
+        };
+        engine.set_input(RegoValue::from(input.clone()));
+        let allow = engine
+            .eval_rule(RESOURCE_RULE.to_string())
+            .map_err(|e| eval_err(e.to_string()))?;
+        Ok(allow == RegoValue::from(true))
     }
 
     /// Evaluates the attestation policy: `status`, then the optional `reason` and

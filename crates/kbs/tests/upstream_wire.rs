@@ -463,3 +463,61 @@ async fn device_evidence_is_verified_and_bound_or_refused() {
     let (_, _, d) = attest_with("[1,2]".into()).await;
     assert!(d.contains("JSON object"), "{d}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_attest_cookie_carries_the_sealed_token_and_frees_the_session() {
+    let kbs = start().await;
+    let http = Client::new();
+    let key = TeeKeyPair::generate(TeeKeyAlgorithm::EcP256).unwrap();
+    let (auth_cookie, nonce) = auth(&http, &kbs.url).await;
+    let body = attest_body(
+        key.public_jwk(),
+        &nonce,
+        sample_evidence(key.public_jwk(), &nonce),
+    );
+    let resp = post_attest(&http, &kbs.url, Some(&auth_cookie), &body).await;
+    assert_eq!(resp.status(), 200);
+    // A client that keeps cookies (reqwest's cookie store, as upstream's) gets a new one: the
+    // token sealed for this KBS, not readable by the client or the network.
+    let sealed = cookie_of(&resp);
+    let token = resp.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(sealed, auth_cookie);
+    assert!(sealed.starts_with("kbs-session-id=v1."), "{sealed}");
+    assert!(!sealed.contains(token.split('.').nth(1).unwrap()));
+    let get = |cookie: String| {
+        let http = http.clone();
+        let url = format!("{}/kbs/v0/resource/default/test/key", kbs.url);
+        async move {
+            http.get(url)
+                .header(header::COOKIE, cookie)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Until the sealed cookie comes back, the cookie of /auth works too.
+    assert_eq!(get(auth_cookie.clone()).await.status(), 200);
+    let resp = get(sealed.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let jwe: JweResponse = resp.json().await.unwrap();
+    assert_eq!(key.decrypt(&jwe).unwrap().as_slice(), SECRET);
+    // Once it has, the session no longer holds the token: the old cookie gets nothing, the
+    // sealed one goes on working.
+    let (status, ty, _) = error_of(get(auth_cookie).await).await;
+    assert_eq!((status, ty.as_str()), (401, "TokenNotFound"));
+    assert_eq!(get(sealed.clone()).await.status(), 200);
+    // An altered sealed cookie is refused, naming the cookie.
+    let mut altered = sealed.into_bytes();
+    let i = altered.len() - 10;
+    altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+    let (status, ty, detail) = error_of(get(String::from_utf8(altered).unwrap()).await).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (401, "TokenVerifierError"),
+        "{detail}"
+    );
+    assert!(detail.contains("session cookie"), "{detail}");
+}

@@ -189,6 +189,18 @@ impl Store {
     pub async fn set_session_token(&self, id: &str, token: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.set_session_token(id, token).await)
     }
+    /// Drops a session's token from memory once its client shows that it keeps the sealed
+    /// cookie that carries it (the embedded store; a PostgreSQL session is a row, not memory,
+    /// and stays as it is).
+    pub async fn forget_session_token(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Redb(s) => {
+                s.sessions.forget_token(id);
+                Ok(())
+            }
+            Self::Postgres(_) => Ok(()),
+        }
+    }
     /// An unexpired session.
     pub async fn get_session(&self, id: &str) -> Result<Option<Session>, StoreError> {
         dispatch!(self, s => s.get_session(id).await)
@@ -258,6 +270,12 @@ impl MemorySessions {
     pub(crate) fn set_token(&self, id: &str, token: &str) {
         if let Some(s) = self.lock().get_mut(id) {
             s.token = Some(token.to_string());
+        }
+    }
+
+    pub(crate) fn forget_token(&self, id: &str) {
+        if let Some(s) = self.lock().get_mut(id) {
+            s.token = None;
         }
     }
 

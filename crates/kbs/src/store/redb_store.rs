@@ -26,7 +26,7 @@ fn e(err: impl std::fmt::Display) -> StoreError {
 pub struct RedbStore {
     db: Database,
     generation: AtomicU64,
-    sessions: MemorySessions,
+    pub(super) sessions: MemorySessions,
 }
 
 impl RedbStore {
