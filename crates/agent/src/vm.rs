@@ -91,9 +91,55 @@ fn mount(src: &str, target: &str, fs: &str, flags: MountFlags) -> Result<(), Boo
         .map_err(|e| fail(format!("cannot mount {fs} on {target}: {e}")))
 }
 
-fn load_modules() -> Result<(), BootError> {
-    let list = std::fs::read_to_string("/etc/coffer/modules")
-        .map_err(|e| fail(format!("/etc/coffer/modules: {e}")))?;
+/// The modules loaded once the agent serves ([`wait_later_modules`]): unset outside a pod VM,
+/// then `None` while they load and the outcome once they are.
+static LATER_MODULES: std::sync::OnceLock<LaterModules> = std::sync::OnceLock::new();
+
+/// The outcome of loading the later modules (`None` while they load) and its signal.
+type LaterModules = (
+    std::sync::Mutex<Option<Result<(), String>>>,
+    std::sync::Condvar,
+);
+
+/// Starts loading `/etc/coffer/modules.later` (the LUKS2 and mesh modules) on a thread of its
+/// own, so that the agent serves without waiting for them.
+fn load_later_modules() {
+    let state = LATER_MODULES.get_or_init(Default::default);
+    let spawned = std::thread::Builder::new()
+        .name("coffer-modules".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let r = load_modules("/etc/coffer/modules.later").map_err(|e| e.to_string());
+            match &r {
+                Ok(()) => {
+                    tracing::info!(ms = t0.elapsed().as_millis() as u64, "later modules loaded")
+                }
+                Err(e) => tracing::error!(error = %e, "later modules not loaded"),
+            }
+            *state.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            state.1.notify_all();
+        });
+    if let Err(e) = spawned {
+        *state.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Err(format!("cannot start the module loading thread: {e}")));
+    }
+}
+
+/// Waits until the modules loaded after boot are in (at once outside a pod VM): the encrypted
+/// block volumes and the mesh call it before they use the kernel features these modules bring.
+pub fn wait_later_modules() -> Result<(), String> {
+    let Some((lock, cond)) = LATER_MODULES.get() else {
+        return Ok(());
+    };
+    let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+    while done.is_none() {
+        done = cond.wait(done).unwrap_or_else(|p| p.into_inner());
+    }
+    done.clone().expect("set")
+}
+
+fn load_modules(listing: &str) -> Result<(), BootError> {
+    let list = std::fs::read_to_string(listing).map_err(|e| fail(format!("{listing}: {e}")))?;
     for name in list.lines().filter(|l| !l.is_empty()) {
         let path = format!("/lib/modules/{name}.ko");
         let f = std::fs::File::open(&path).map_err(|e| fail(format!("{path}: {e}")))?;
@@ -107,6 +153,15 @@ fn load_modules() -> Result<(), BootError> {
             // The SEV-SNP and TDX guest drivers refuse to load (ENODEV) outside such a guest.
             Err(e) if coffer_podvm::build::TEE_MODULES.contains(&name) => {
                 tracing::info!(module = name, error = %e, "TEE guest driver not loaded (not this TEE)")
+            }
+            // The image's modules carry no signature (the measured initramfs vouches for them):
+            // a kernel in lockdown, as under UEFI Secure Boot, refuses them.
+            Err(e @ (rustix::io::Errno::KEYREJECTED | rustix::io::Errno::PERM)) => {
+                return Err(fail(format!(
+                    "cannot load module {name}: {e}; the kernel refuses unsigned modules \
+                     (lockdown, e.g. UEFI Secure Boot): boot the pod VM without Secure Boot, \
+                     as coffer's launches do"
+                )))
             }
             Err(e) => return Err(fail(format!("cannot load module {name}: {e}"))),
         }
@@ -306,8 +361,9 @@ pub fn boot() -> Result<Boot, BootError> {
         "sysfs",
         MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
     )?;
-    load_modules()?;
+    load_modules("/etc/coffer/modules")?;
     tracing::info!(ms = t0.elapsed().as_millis() as u64, "modules loaded");
+    load_later_modules();
 
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| fail(format!("/proc/cmdline: {e}")))?;

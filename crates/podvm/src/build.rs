@@ -117,7 +117,8 @@ pub const KERNEL_SUITE: &str = "bookworm-backports";
 /// The TEE guest drivers: loaded at boot where the hardware is, refused (ENODEV) elsewhere.
 pub const TEE_MODULES: &[&str] = &["tsm", "sev_guest", "tdx_guest"];
 
-/// Kernel modules the agent loads at boot (their dependencies are added, in order).
+/// Kernel modules the agent loads at boot, before it serves (their dependencies are added, in
+/// order): what the guest's disks, console channels, network and attestation need.
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -130,6 +131,14 @@ pub const MODULES: &[&str] = &[
     "dm_crypt",
     "xts",
     "aesni_intel",
+    "tsm",
+    "sev_guest",
+    "tdx_guest",
+];
+
+/// Kernel modules the agent loads once it serves, on a thread of their own, and waits for only
+/// where a feature needs them (their dependencies not loaded at boot are added, in order).
+pub const LATER_MODULES: &[&str] = &[
     // LUKS2 with integrity: dm-crypt's AEAD (authenc of HMAC and XTS) and the kernel crypto
     // API's socket interface, which cryptsetup uses for its key slots.
     "authenc",
@@ -145,9 +154,6 @@ pub const MODULES: &[&str] = &[
     "xt_REDIRECT",
     "xt_tcpudp",
     "xt_cgroup",
-    "tsm",
-    "sev_guest",
-    "tdx_guest",
 ];
 
 /// The kernel command line, without the verity parameters.
@@ -384,8 +390,37 @@ fn modinfo_field(ko: &[u8], field: &str) -> Vec<String> {
         .collect()
 }
 
-/// The modules to load, dependencies first: (name, file content).
-fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+/// A module to load: its name and its file.
+type Module = (String, Vec<u8>);
+
+/// What ends a module that carries a signature (`scripts/sign-file` in the kernel's tree).
+const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// A module without its appended signature: `struct module_signature` (12 bytes, the
+/// signature's length big-endian in its last four) and the signature precede the magic.
+/// The initramfs that holds the modules is measured as a whole at launch (the SEV hashes
+/// table, TDX's RTMRs, the emulated PSP's measurement), so the kernel's per-module RSA check
+/// would verify again what the measurement covers, at about 0.8 s of a TCG boot. An unsigned
+/// module comes back as it is; a malformed trailer is an error.
+pub fn strip_module_signature(mut ko: Vec<u8>) -> Result<Vec<u8>, BuildError> {
+    let Some(body) = ko.len().checked_sub(MODULE_SIG_MAGIC.len()) else {
+        return Ok(ko);
+    };
+    if &ko[body..] != MODULE_SIG_MAGIC {
+        return Ok(ko);
+    }
+    let malformed =
+        || BuildError::Missing("a kernel module's signature trailer is malformed".into());
+    let info = body.checked_sub(12).ok_or_else(malformed)?;
+    let sig_len = u32::from_be_bytes(ko[info + 8..info + 12].try_into().expect("4 bytes")) as usize;
+    let start = info.checked_sub(sig_len).ok_or_else(malformed)?;
+    ko.truncate(start);
+    Ok(ko)
+}
+
+/// The modules to load, dependencies first, one list per list of names (a module already in
+/// an earlier list is not repeated): (name, file content).
+fn modules(moddir: &Path, lists: &[&[&str]]) -> Result<Vec<Vec<Module>>, BuildError> {
     fn walk(d: &Path, into: &mut BTreeMap<String, PathBuf>) -> std::io::Result<()> {
         for e in std::fs::read_dir(d)? {
             let e = e?;
@@ -402,7 +437,6 @@ fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
     }
     let mut files = BTreeMap::new();
     walk(moddir, &mut files).map_err(io(format!("cannot list {}", moddir.display())))?;
-    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
     let mut done = BTreeSet::new();
     fn visit(
         name: &str,
@@ -419,11 +453,11 @@ fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
             return Ok(());
         };
         // Compressed modules are stored decompressed: the agent loads plain ELF objects.
-        let ko = if path.extension().is_some_and(|x| x == "xz") {
+        let ko = strip_module_signature(if path.extension().is_some_and(|x| x == "xz") {
             run(Command::new("xz").arg("-dc").arg(path))?
         } else {
             std::fs::read(path).map_err(io(path.display().to_string()))?
-        };
+        })?;
         for dep in modinfo_field(&ko, "depends")
             .into_iter()
             .chain(modinfo_field(&ko, "softdep"))
@@ -443,18 +477,23 @@ fn modules(moddir: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
         .filter_map(|n| n.strip_suffix(".ko"))
         .map(|n| n.replace('-', "_"))
         .collect();
-    for m in MODULES {
-        if !files.contains_key(*m) {
-            if builtin.contains(*m) {
-                continue;
+    let mut orders = Vec::new();
+    for list in lists {
+        let mut order = Vec::new();
+        for m in *list {
+            if !files.contains_key(*m) {
+                if builtin.contains(*m) {
+                    continue;
+                }
+                return Err(BuildError::Missing(format!(
+                    "the kernel package has no module {m}, and does not build it in"
+                )));
             }
-            return Err(BuildError::Missing(format!(
-                "the kernel package has no module {m}, and does not build it in"
-            )));
+            visit(m, &files, &mut done, &mut order, 0)?;
         }
-        visit(m, &files, &mut done, &mut order, 0)?;
+        orders.push(order);
     }
-    Ok(order)
+    Ok(orders)
 }
 
 /// Builds the pod VM into `o.out`; returns the content of `measurements.json`.
@@ -571,22 +610,29 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         "lib64/ld-linux-x86-64.so.2",
         Node::Symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".into()),
     );
-    let mods = modules(
+    let lists = modules(
         &kernel_tree
             .join("lib/modules")
             .join(&release)
             .join("kernel"),
+        &[MODULES, LATER_MODULES],
     )?;
-    let mut list = String::new();
-    for (name, ko) in &mods {
-        list.push_str(name);
-        list.push('\n');
-        initrd.add(
-            &format!("lib/modules/{name}.ko"),
-            Node::File(ko.clone(), 0o644),
-        );
+    for (listing, mods) in ["etc/coffer/modules", "etc/coffer/modules.later"]
+        .iter()
+        .zip(&lists)
+    {
+        let mut list = String::new();
+        for (name, ko) in mods {
+            list.push_str(name);
+            list.push('\n');
+            initrd.add(
+                &format!("lib/modules/{name}.ko"),
+                Node::File(ko.clone(), 0o644),
+            );
+        }
+        initrd.add(listing, Node::File(list.into_bytes(), 0o644));
     }
-    initrd.add("etc/coffer/modules", Node::File(list.into_bytes(), 0o644));
+    let mods: Vec<&(String, Vec<u8>)> = lists.iter().flatten().collect();
     for d in ["dev", "proc", "sys", "sysroot", "run", "tmp"] {
         initrd.add(d, Node::Dir);
     }
@@ -733,4 +779,32 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     }
     std::fs::rename(&stage, &o.out).map_err(io(format!("cannot create {}", o.out.display())))?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_signatures_are_cut_at_their_trailer_and_unsigned_modules_kept() {
+        let elf = b"\x7fELF module body".to_vec();
+        let sig = vec![0xabu8; 300];
+        // struct module_signature: algo, hash, id_type, signer_len, key_id_len, pad[3], sig_len.
+        let mut info = vec![0u8, 0, 2, 0, 0, 0, 0, 0];
+        info.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        let signed = [elf.clone(), sig, info, MODULE_SIG_MAGIC.to_vec()].concat();
+        assert_eq!(strip_module_signature(signed).unwrap(), elf);
+        assert_eq!(strip_module_signature(elf.clone()).unwrap(), elf);
+        assert!(strip_module_signature(Vec::new()).unwrap().is_empty());
+        // A signature length pointing before the file's start is refused.
+        let mut bad = vec![0u8; 8];
+        bad.extend_from_slice(&1_000_000u32.to_be_bytes());
+        bad.extend_from_slice(MODULE_SIG_MAGIC);
+        assert!(strip_module_signature(bad).is_err());
+    }
+
+    #[test]
+    fn no_module_is_loaded_both_at_boot_and_later() {
+        assert!(LATER_MODULES.iter().all(|m| !MODULES.contains(m)));
+    }
 }
