@@ -598,10 +598,8 @@ pub async fn start(
     // The node's iptables for a process sandbox; in a pod VM, the image's (busybox's nsenter,
     // iptables-nft through its multi-call binary).
     // The netfilter modules load after the agent serves; wait for them.
-    tokio::task::spawn_blocking(crate::vm::wait_later_modules)
+    crate::vm::later_modules()
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
         .map_err(|e| MeshError::Setup(format!("the kernel's netfilter modules: {e}")))?;
     let (nsenter, iptables): (&[&str], &[&str]) = if crate::vm::booted() {
         (

@@ -91,7 +91,7 @@ fn mount(src: &str, target: &str, fs: &str, flags: MountFlags) -> Result<(), Boo
         .map_err(|e| fail(format!("cannot mount {fs} on {target}: {e}")))
 }
 
-/// The modules loaded once the agent serves ([`wait_later_modules`]): unset outside a pod VM,
+/// The modules loaded once the agent serves ([`later_modules`]): unset outside a pod VM,
 /// then `None` while they load and the outcome once they are.
 static LATER_MODULES: std::sync::OnceLock<LaterModules> = std::sync::OnceLock::new();
 
@@ -127,7 +127,15 @@ fn load_later_modules() {
 
 /// Waits until the modules loaded after boot are in (at once outside a pod VM): the encrypted
 /// block volumes and the mesh call it before they use the kernel features these modules bring.
-pub fn wait_later_modules() -> Result<(), String> {
+pub async fn later_modules() -> Result<(), String> {
+    tokio::task::spawn_blocking(wait_later_modules)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+}
+
+/// [`later_modules`], blocking this thread.
+fn wait_later_modules() -> Result<(), String> {
     let Some((lock, cond)) = LATER_MODULES.get() else {
         return Ok(());
     };

@@ -392,37 +392,31 @@ struct ReadDone {
     plain: Option<String>,
 }
 
-/// Copies `from` into `to`; once `to` is gone (the unpacker stopped), reads the rest only when
-/// `drain` (so that an encrypted layer's HMAC still gives its verdict).
-fn pump(from: &mut impl Read, to: &mut ChunkWriter, drain: bool) -> std::io::Result<()> {
+/// Copies `from` into `to` until `from` ends or `to` is gone (the next stage stopped, with its
+/// own error).
+fn pump(from: &mut impl Read, to: &mut ChunkWriter) -> std::io::Result<()> {
     let mut buf = vec![0u8; stream::CHUNK];
-    let mut sending = true;
     loop {
         let n = from.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        if sending {
-            if let Err(e) = to.write_all(&buf[..n]) {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    return Err(e);
-                }
-                if !drain {
-                    return Ok(());
-                }
-                sending = false;
-            }
+        match to.write_all(&buf[..n]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
-    if sending {
-        // The unpacker may be gone already; it has its own error then.
-        let _ = to.flush();
+    match to.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The reading side of a layer: the blob (hashed unless its download checks it), decrypted
-/// (and hashed) when a key is given, into `to`.
+/// (and hashed) when a key is given, into `to`. Whatever the next stages leave unread is read
+/// to its end all the same, for the digests and, in an encrypted layer, the HMAC's verdict
+/// (garbage there usually means tampering).
 fn read_layer(
     blob: BlobBytes,
     key: Option<&LayerKey>,
@@ -433,7 +427,7 @@ fn read_layer(
         if e.to_string().contains("HMAC") {
             Error::Decrypt(format!("layer {digest}: {e}"))
         } else {
-            Error::Registry(format!("layer {digest}: {e}"))
+            Error::io(format!("cannot read layer {digest}"))(e)
         }
     };
     let src = BufReader::with_capacity(stream::CHUNK, blob.src);
@@ -445,7 +439,7 @@ fn read_layer(
     match key {
         None => {
             let mut stored = stored;
-            pump(&mut stored, &mut to, false).map_err(read_err)?;
+            pump(&mut stored, &mut to).map_err(read_err)?;
             drop(to);
             let (blob, size, _) = stored.finish_into_inner().map_err(read_err)?;
             Ok(ReadDone {
@@ -456,7 +450,7 @@ fn read_layer(
         }
         Some(k) => {
             let mut plain = HashingReader::new(DecryptReader::new(stored, k)?);
-            pump(&mut plain, &mut to, true).map_err(read_err)?;
+            pump(&mut plain, &mut to).map_err(read_err)?;
             drop(to);
             let (plain, _, decrypt) = plain.finish_into_inner().map_err(read_err)?;
             let (blob, size, _) = decrypt.into_inner().finish_into_inner().map_err(read_err)?;
@@ -482,7 +476,7 @@ fn inflate_layer(
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(from)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(from).map_err(err)?),
     };
-    pump(&mut decoder, &mut to, false).map_err(err)
+    pump(&mut decoder, &mut to).map_err(err)
 }
 
 /// The unpacking side of a layer: the tar stream's `diff_id`, unpacked onto `root`.
@@ -530,11 +524,10 @@ fn apply_layer(
     let (to, from) = stream::chunks(4);
     let digest = desc.digest.as_str();
     let (read, inflated, unpacked) = std::thread::scope(|s| {
-        let spawn_err = Error::io("cannot start a layer thread");
         let reading = std::thread::Builder::new()
             .name("coffer-layer-read".into())
             .spawn_scoped(s, || read_layer(blob, key, digest, to))
-            .map_err(spawn_err)?;
+            .map_err(Error::io("cannot start a layer thread"))?;
         let (inflating, tar) = if compression == Compression::None {
             (None, from)
         } else {

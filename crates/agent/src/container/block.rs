@@ -138,10 +138,8 @@ impl BlockVolumes {
             ));
         }
         // dm-crypt's AEAD and the crypto API's sockets load after the agent serves.
-        tokio::task::spawn_blocking(crate::vm::wait_later_modules)
+        crate::vm::later_modules()
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
             .map_err(|e| refused(serial, format!("the kernel's LUKS2 modules: {e}")))?;
         if key.len() < MIN_KEY_BYTES {
             return Err(refused(
