@@ -193,13 +193,7 @@ impl Store {
     /// cookie that carries it (the embedded store; a PostgreSQL session is a row, not memory,
     /// and stays as it is).
     pub async fn forget_session_token(&self, id: &str) -> Result<(), StoreError> {
-        match self {
-            Self::Redb(s) => {
-                s.sessions.forget_token(id);
-                Ok(())
-            }
-            Self::Postgres(_) => Ok(()),
-        }
+        dispatch!(self, s => s.forget_session_token(id).await)
     }
     /// An unexpired session.
     pub async fn get_session(&self, id: &str) -> Result<Option<Session>, StoreError> {

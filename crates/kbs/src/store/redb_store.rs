@@ -26,7 +26,7 @@ fn e(err: impl std::fmt::Display) -> StoreError {
 pub struct RedbStore {
     db: Database,
     generation: AtomicU64,
-    pub(super) sessions: MemorySessions,
+    sessions: MemorySessions,
 }
 
 impl RedbStore {
@@ -236,6 +236,11 @@ impl RedbStore {
 
     pub(super) async fn set_session_token(&self, id: &str, token: &str) -> Result<(), StoreError> {
         self.sessions.set_token(id, token);
+        Ok(())
+    }
+
+    pub(super) async fn forget_session_token(&self, id: &str) -> Result<(), StoreError> {
+        self.sessions.forget_token(id);
         Ok(())
     }
 
