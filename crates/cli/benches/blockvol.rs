@@ -124,27 +124,13 @@ fn main() {
     n.rt.block_on(n.world.kbs.admin.set_reference_values(refs.as_bytes()))
         .unwrap();
     let annotation = coffer_shim::annotations::encode_initdata(&text);
-    let container = |name: &str, command: &str, volume: bool| coffer_shim::cri::ContainerConfig {
-        metadata: Some(coffer_shim::cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(coffer_shim::cri::ImageSpec {
-            image: n.app.clone(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
-        log_path: format!("{name}.log"),
-        devices: if volume {
-            vec![coffer_shim::cri::Device {
-                container_path: "/dev/xvda".into(),
-                host_path: lo.dev.clone(),
-                permissions: "mrw".into(),
-            }]
-        } else {
-            Vec::new()
-        },
-        ..Default::default()
+    let container = |name: &str, command: &str, volume: bool| {
+        common::containerd::shell_container(
+            &n.app,
+            name,
+            command,
+            volume.then_some(lo.dev.as_str()),
+        )
     };
     let (start_plain, start_format, write, start_open, read) = n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;

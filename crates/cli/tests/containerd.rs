@@ -6,7 +6,9 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use coffer_shim::annotations::INITDATA;
-use common::containerd::{mounts_under, node, processes_mentioning, Node, Pods, EXEC_ALLOWED};
+use common::containerd::{
+    mounts_under, node, processes_mentioning, shell_container, Node, Pods, EXEC_ALLOWED,
+};
 
 /// The layer digests of `image`'s manifest (skopeo reads it from the registry).
 fn layers(image: &str) -> Vec<String> {
@@ -1391,25 +1393,9 @@ fn an_encrypted_block_volume_keeps_its_data_across_pods_and_the_node_sees_only_c
         ],
     );
     let marker = "coffer-block-volume-marker-8c1f";
-    let container = |name: &str, command: &str| coffer_shim::cri::ContainerConfig {
-        metadata: Some(coffer_shim::cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(coffer_shim::cri::ImageSpec {
-            image: n.app.clone(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
-        log_path: format!("{name}.log"),
-        // What the kubelet sends for `volumeDevices: [{name: data, devicePath: /dev/xvda}]`.
-        devices: vec![coffer_shim::cri::Device {
-            container_path: "/dev/xvda".into(),
-            host_path: lo.dev.clone(),
-            permissions: "mrw".into(),
-        }],
-        ..Default::default()
-    };
+    // What the kubelet sends for `volumeDevices: [{name: data, devicePath: /dev/xvda}]`.
+    let container =
+        |name: &str, command: &str| shell_container(&n.app, name, command, Some(&lo.dev));
     n.rt.block_on(async {
         let mut p = Pods::new(&n.containerd).await;
         p.pull(&n.app).await.unwrap();

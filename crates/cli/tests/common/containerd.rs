@@ -837,3 +837,36 @@ impl Drop for TestNetns {
             .status();
     }
 }
+
+/// A container of `image` running `sh -c command`, logging to `<name>.log`; with `block`, the
+/// node's block device at that path is given at `/dev/xvda`, as the kubelet sends
+/// `volumeDevices: [{name: data, devicePath: /dev/xvda}]`.
+pub fn shell_container(
+    image: &str,
+    name: &str,
+    command: &str,
+    block: Option<&str>,
+) -> coffer_shim::cri::ContainerConfig {
+    use coffer_shim::cri::*;
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
+        log_path: format!("{name}.log"),
+        devices: block
+            .map(|host| Device {
+                container_path: "/dev/xvda".into(),
+                host_path: host.into(),
+                permissions: "mrw".into(),
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
