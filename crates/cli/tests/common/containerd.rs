@@ -333,32 +333,12 @@ pub fn node_with(
     let exec_initdata = d.join("exec-initdata.toml");
     fs::write(&exec_initdata, &text).unwrap();
     // Reference values for both.
-    let mut all: Option<serde_json::Value> = None;
-    for initdata in [&world.initdata, &exec_initdata] {
-        let mut measure = Command::new(super::coffer_bin());
-        measure.arg("measure").arg("--initdata").arg(initdata);
-        match podvm {
-            Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
-            None => measure
-                .args(["--sandbox", "process", "--agent"])
-                .arg(super::agent_binary())
-                .arg("--psp-dir")
-                .arg(&world.psp_dir),
-        };
-        let refs: serde_json::Value = serde_json::from_str(&super::run_ok(&mut measure)).unwrap();
-        match &mut all {
-            None => all = Some(refs),
-            Some(a) => {
-                let more = refs["init_data"].as_array().unwrap().clone();
-                a["init_data"].as_array_mut().unwrap().extend(more);
-            }
-        }
-    }
+    let all = measured_refs(podvm, &world.psp_dir, &[&world.initdata, &exec_initdata]);
     rt.block_on(
         world
             .kbs
             .admin
-            .set_reference_values(all.unwrap().to_string().as_bytes()),
+            .set_reference_values(all.to_string().as_bytes()),
     )
     .unwrap();
     let reg = world.registry.addr.clone();
@@ -403,7 +383,7 @@ pub fn mesh_initdata(
     open_ports: &[u16],
     podvm: Option<&Path>,
 ) -> std::collections::BTreeMap<String, String> {
-    let mut refs: Option<serde_json::Value> = None;
+    let mut files = Vec::new();
     let mut annotations = std::collections::BTreeMap::new();
     let open: Vec<String> = open_ports.iter().map(u16::to_string).collect();
     let texts = ids.iter().map(|id| {
@@ -437,30 +417,18 @@ pub fn mesh_initdata(
         let file = d.join(format!("{name}-initdata.toml"));
         fs::write(&file, &initdata).unwrap();
         annotations.insert(name, coffer_shim::annotations::encode_initdata(&initdata));
-        let mut measure = Command::new(super::coffer_bin());
-        measure.arg("measure").arg("--initdata").arg(&file);
-        match podvm {
-            Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
-            None => measure
-                .args(["--sandbox", "process", "--agent"])
-                .arg(super::agent_binary())
-                .arg("--psp-dir")
-                .arg(&n.world.psp_dir),
-        };
-        let r: serde_json::Value = serde_json::from_str(&super::run_ok(&mut measure)).unwrap();
-        match &mut refs {
-            None => refs = Some(r),
-            Some(a) => {
-                let more = r["init_data"].as_array().unwrap().clone();
-                a["init_data"].as_array_mut().unwrap().extend(more);
-            }
-        }
+        files.push(file);
     }
+    let refs = measured_refs(
+        podvm,
+        &n.world.psp_dir,
+        &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
     // Added to what is registered.
     let admin = &n.world.kbs.admin;
     let mut all =
         serde_json::to_value(n.rt.block_on(admin.get_reference_values()).unwrap()).unwrap();
-    for (k, v) in refs.unwrap().as_object().unwrap() {
+    for (k, v) in refs.as_object().unwrap() {
         let list = all
             .as_object_mut()
             .unwrap()
@@ -869,4 +837,31 @@ pub fn shell_container(
             .collect(),
         ..Default::default()
     }
+}
+
+/// The reference values `coffer measure` prints for each initdata file (the same launch), the
+/// `init_data` lists joined.
+fn measured_refs(podvm: Option<&Path>, psp_dir: &Path, initdata: &[&Path]) -> serde_json::Value {
+    let mut all: Option<serde_json::Value> = None;
+    for file in initdata {
+        let mut measure = Command::new(super::coffer_bin());
+        measure.arg("measure").arg("--initdata").arg(file);
+        match podvm {
+            Some(p) => measure.args(["--sandbox", "vm", "--podvm"]).arg(p),
+            None => measure
+                .args(["--sandbox", "process", "--agent"])
+                .arg(super::agent_binary())
+                .arg("--psp-dir")
+                .arg(psp_dir),
+        };
+        let refs: serde_json::Value = serde_json::from_str(&super::run_ok(&mut measure)).unwrap();
+        match &mut all {
+            None => all = Some(refs),
+            Some(a) => {
+                let more = refs["init_data"].as_array().unwrap().clone();
+                a["init_data"].as_array_mut().unwrap().extend(more);
+            }
+        }
+    }
+    all.expect("at least one initdata file")
 }
