@@ -1052,6 +1052,7 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
             "initrd.img",
             "measurements.json",
             "root.img",
+            "vmlinux",
             "vmlinuz"
         ]
     );

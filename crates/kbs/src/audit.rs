@@ -25,18 +25,19 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens `path` for appending (creating it with mode 0600), or logs to tracing only.
     pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
-        let file = match path {
-            Some(p) => {
-                let mut opts = OpenOptions::new();
-                opts.create(true).append(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                Some(opts.open(p).map_err(|e| {
-                    anyhow::anyhow!("cannot open audit log {}: {e}", p.display())
-                })?)
-            }
-            None => None,
-        };
+        let file =
+            match path {
+                Some(p) => {
+                    let mut opts = OpenOptions::new();
+                    opts.create(true).append(true);
+                    #[cfg(unix)]
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                    Some(opts.open(p).map_err(|e| {
+                        anyhow::anyhow!("cannot open audit log {}: {e}", p.display())
+                    })?)
+                }
+                None => None,
+            };
         Ok(Self { file })
     }
 

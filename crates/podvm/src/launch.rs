@@ -19,8 +19,11 @@ use sha2::{Digest, Sha256, Sha384};
 /// A built pod VM (the output of `coffer podvm build`).
 #[derive(Clone, Debug)]
 pub struct PodVm {
-    /// The kernel (`vmlinuz`).
+    /// The kernel (`vmlinuz`): what TEE firmware boots.
     pub kernel: PathBuf,
+    /// The same kernel uncompressed ([`crate::PVH_KERNEL`]): what QEMU boots directly when
+    /// there is no TEE firmware (the emulated TEE).
+    pub pvh_kernel: PathBuf,
     /// The initramfs (`initrd.img`): the agent, its libraries and the kernel modules it loads.
     pub initrd: PathBuf,
     /// The read-only root image with its dm-verity hash tree (`root.img`).
@@ -56,19 +59,21 @@ impl PodVm {
         let cmdline = std::fs::read_to_string(&cmdline_path).map_err(read_err(&cmdline_path))?;
         let vm = Self {
             kernel: dir.join("vmlinuz"),
+            pvh_kernel: dir.join(crate::PVH_KERNEL),
             initrd: dir.join("initrd.img"),
             root: dir.join("root.img"),
             cmdline: cmdline.trim_end_matches('\n').to_string(),
         };
-        for p in [&vm.kernel, &vm.initrd, &vm.root] {
+        for p in [&vm.kernel, &vm.pvh_kernel, &vm.initrd, &vm.root] {
             std::fs::metadata(p).map_err(read_err(p))?;
         }
         Ok(vm)
     }
 
-    /// The launch measurement of this kernel, initrd and command line.
+    /// The emulated TEE's launch measurement of the kernel it boots (the uncompressed one), the
+    /// initrd and the command line.
     pub fn measurement(&self) -> Result<[u8; 48], LaunchError> {
-        let k = sha256_file(&self.kernel).map_err(read_err(&self.kernel))?;
+        let k = sha256_file(&self.pvh_kernel).map_err(read_err(&self.pvh_kernel))?;
         let i = sha256_file(&self.initrd).map_err(read_err(&self.initrd))?;
         Ok(launch_digest(&k, &i, &self.cmdline))
     }
@@ -273,7 +278,13 @@ impl Launch {
             }
         }
         push("-kernel");
-        push(&p(&self.vm.kernel));
+        // TEE firmware boots the bzImage (its EFI stub; SEV-SNP's kernel hashes are of it);
+        // without one, QEMU boots the uncompressed kernel at its PVH entry: no real-mode setup,
+        // no decompressor (a second of a TCG boot).
+        push(&p(match self.tee {
+            Tee::Emulated => &self.vm.pvh_kernel,
+            Tee::SevSnp { .. } | Tee::Tdx { .. } => &self.vm.kernel,
+        }));
         push("-initrd");
         push(&p(&self.vm.initrd));
         push("-append");
@@ -352,6 +363,7 @@ mod tests {
     fn launch_with(tee: Tee, accel: Accel, nics: Vec<Nic>) -> Vec<String> {
         let vm = PodVm {
             kernel: "/p/vmlinuz".into(),
+            pvh_kernel: "/p/vmlinux".into(),
             initrd: "/p/initrd.img".into(),
             root: "/p/root.img".into(),
             cmdline: "console=ttyS0 coffer.verity=2,aa,bb".into(),
@@ -384,7 +396,8 @@ mod tests {
             "-device pcie-root-port,id=coffer-hp0,chassis=1",
             "-device pcie-root-port,id=coffer-hp3,chassis=4",
             "-accel tcg -cpu max",
-            "-kernel /p/vmlinuz -initrd /p/initrd.img -append console=ttyS0 coffer.verity=2,aa,bb",
+            // The uncompressed kernel, at its PVH entry.
+            "-kernel /p/vmlinux -initrd /p/initrd.img -append console=ttyS0 coffer.verity=2,aa,bb",
             "file=/p/root.img,if=none,id=root,format=raw,readonly=on",
             "name=coffer.agent",
             "name=coffer.psp",
@@ -420,6 +433,8 @@ mod tests {
             snp.contains("-bios /fw/OVMF.amdsev.fd") && snp.contains("-accel kvm -cpu EPYC-Genoa")
         );
         assert!(!snp.contains("coffer.psp"), "{snp}");
+        // The firmware boots the bzImage, whose hashes it measures.
+        assert!(snp.contains("-kernel /p/vmlinuz "), "{snp}");
         let tdx = launch(
             Tee::Tdx {
                 firmware: "/fw/OVMF.fd".into(),
@@ -430,6 +445,7 @@ mod tests {
         .join(" ");
         assert!(tdx.contains("tdx-guest,id=tdx0,mrconfigid=AQEB"), "{tdx}");
         assert!(tdx.contains("confidential-guest-support=tdx0") && !tdx.contains("coffer.psp"));
+        assert!(tdx.contains("-kernel /p/vmlinuz "), "{tdx}");
     }
 
     #[test]

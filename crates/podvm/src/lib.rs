@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod build;
+pub mod bzimage;
 pub mod initrd;
 pub mod launch;
 pub mod mux;
@@ -14,6 +15,11 @@ pub mod snp;
 pub mod verity;
 
 pub use launch::{Accel, Launch, Nic, PodVm, Tee};
+
+/// The kernel uncompressed (`vmlinux`, the ELF in `vmlinuz`), in the pod VM directory: launches
+/// without TEE firmware boot it directly through its PVH entry, with no decompressor (see
+/// [`bzimage`]). SEV-SNP and TDX launches boot `vmlinuz` through their firmware.
+pub const PVH_KERNEL: &str = "vmlinux";
 
 /// The firmware an SEV-SNP launch of a pod VM boots (OVMF's AmdSev build, which carries the
 /// kernel-hashes table), in the pod VM directory.

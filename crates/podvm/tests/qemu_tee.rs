@@ -60,6 +60,7 @@ fn launch(dir: &Path, tee: Tee) -> (Launch, std::os::unix::net::UnixListener) {
     let chan = std::os::unix::net::UnixListener::bind(dir.join("agent-chan.sock")).unwrap();
     for f in [
         "vmlinuz",
+        "vmlinux",
         "initrd.img",
         "root.img",
         "scratch.img",
@@ -70,6 +71,7 @@ fn launch(dir: &Path, tee: Tee) -> (Launch, std::os::unix::net::UnixListener) {
     let l = Launch {
         vm: PodVm {
             kernel: dir.join("vmlinuz"),
+            pvh_kernel: dir.join("vmlinux"),
             initrd: dir.join("initrd.img"),
             root: dir.join("root.img"),
             cmdline: "console=ttyS0 coffer.verity=2,aa,bb".into(),
