@@ -201,6 +201,14 @@ fn main() {
             worst(&running_ms)
         );
     }
+    // Phases of the last run: the kernel's boot by the guest's clock, the agent's steps, and what
+    // remains of the host's agent-ready time (keeper and QEMU start, firmware, the host seeing
+    // the agent ready).
+    let kernel = common::log_field(&console, "the agent starts as init", "uptime_ms");
+    let booted = common::log_field(&console, "booted", "ms");
+    if let (Some(k), Some(b), Some(r)) = (kernel, booted, ready_ms.last()) {
+        println!("phases of the last run (ms): kernel boot until init {k:.0}, agent as init until serving {b:.0}, the rest (keeper and QEMU start, firmware, ready seen by the host) {:.0}", r - k - b);
+    }
     println!("guest boot steps (ms since the agent started as init, last run):");
     for step in [
         "modules loaded",

@@ -242,3 +242,56 @@ async fn two_replicas_share_one_database() {
         vec![json!("7")]
     );
 }
+
+/// `/auth` on one replica, returning the HTTP status and the body.
+async fn auth(url: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/kbs/v0/auth"))
+        .json(&json!({"version": "0.4.0", "tee": "sample", "extra-params": {}}))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_bound_holds_on_postgresql_and_lifts_as_sessions_expire() {
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, admin_pub) = common::admin_keypair(dir.path(), "admin");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let kbs = common::spawn_kbs(&[
+        "--listen".as_ref(),
+        listen.as_ref(),
+        "--insecure-http".as_ref(),
+        "--allow-sample".as_ref(),
+        "--database-url".as_ref(),
+        db.as_ref(),
+        "--max-sessions".as_ref(),
+        "3".as_ref(),
+        "--session-ttl-secs".as_ref(),
+        "2".as_ref(),
+        "--audit-log".as_ref(),
+        dir.path().join("audit.jsonl").as_os_str(),
+        "--admin-public-key".as_ref(),
+        admin_pub.as_os_str(),
+    ]);
+    let _kbs = Replica {
+        url: format!("http://{listen}"),
+        child: kbs,
+        admin_private: Vec::new(),
+    };
+    let url = format!("http://{listen}");
+    common::wait_ready(&url).await;
+    for _ in 0..3 {
+        assert_eq!(auth(&url).await.0, 200);
+    }
+    // The fourth live session is refused, also within the second after the last count.
+    let (status, body) = auth(&url).await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("too many open sessions"), "{body}");
+    // Once those expire, the next count finds room.
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    let (status, body) = auth(&url).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,6 +1,15 @@
 //! PostgreSQL store, shared by several KBS replicas: resources, policies, reference values,
 //! sessions and the token key all live in the database, so a session begun on one replica
 //! completes on another.
+//!
+//! A handshake costs the database one statement per step it needs: `/auth` inserts the
+//! session; `/attest` claims the nonce and records the token (its own column, one `UPDATE`).
+//! Expired sessions are deleted, and the live ones counted against `max-sessions`, at most
+//! once a second per replica rather than at every `/auth` (a count is a scan of the table):
+//! between two counts a replica adds its own inserts to the last count, so the bound holds to
+//! within what the other replicas inserted in that second.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use coffer_wire::reference::ReferenceValues;
 use sqlx::{postgres::PgPoolOptions, PgPool, Row};
@@ -17,6 +26,9 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS coffer_sessions (id TEXT PRIMARY KEY, session BYTEA NOT NULL, \
      nonce_used BOOLEAN NOT NULL, expires_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS coffer_sessions_expiry ON coffer_sessions (expires_at)",
+    // The token of an attested session: its own column, so that recording it is one UPDATE
+    // (sessions written before it keep theirs in the session JSON).
+    "ALTER TABLE coffer_sessions ADD COLUMN IF NOT EXISTS token TEXT",
 ];
 
 /// Arbitrary key of the advisory lock that serializes schema creation among replicas.
@@ -26,6 +38,13 @@ const SCHEMA_LOCK: i64 = 0x636f_6666_6572;
 pub struct PgStore {
     pool: PgPool,
     session_limit: i64,
+    /// When (seconds since the epoch) expired sessions are next deleted and the live ones
+    /// counted.
+    next_sweep: AtomicU64,
+    /// The live sessions at the last count, plus this replica's inserts since.
+    live: AtomicI64,
+    /// Held by the one request that sweeps, so that others do not sweep at the same time.
+    sweeping: tokio::sync::Mutex<()>,
 }
 
 fn corrupt(err: impl std::fmt::Display) -> StoreError {
@@ -51,6 +70,9 @@ impl PgStore {
         Ok(Self {
             pool,
             session_limit: i64::try_from(session_limit).unwrap_or(i64::MAX),
+            next_sweep: AtomicU64::new(0),
+            live: AtomicI64::new(0),
+            sweeping: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -228,17 +250,33 @@ impl PgStore {
         Ok(row.get::<i64, _>(0) as u64)
     }
 
-    pub(super) async fn insert_session(&self, id: &str, s: &Session) -> Result<(), StoreError> {
-        let now = now_secs() as i64;
+    /// Deletes expired sessions and counts the live ones, when the last count is a second old
+    /// (or older) and no other request of this replica is doing it.
+    async fn sweep_if_due(&self) -> Result<(), StoreError> {
+        let now = now_secs();
+        if now < self.next_sweep.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Ok(_turn) = self.sweeping.try_lock() else {
+            return Ok(());
+        };
         sqlx::query("DELETE FROM coffer_sessions WHERE expires_at <= $1")
-            .bind(now)
+            .bind(now as i64)
             .execute(&self.pool)
             .await?;
         let live: i64 = sqlx::query("SELECT count(*) FROM coffer_sessions")
             .fetch_one(&self.pool)
             .await?
             .get(0);
-        if live >= self.session_limit {
+        self.live.store(live, Ordering::Release);
+        self.next_sweep.store(now + 1, Ordering::Release);
+        Ok(())
+    }
+
+    pub(super) async fn insert_session(&self, id: &str, s: &Session) -> Result<(), StoreError> {
+        self.sweep_if_due().await?;
+        if self.live.load(Ordering::Acquire) >= self.session_limit {
+            // Counted again at the next sweep: the bound lifts as sessions expire.
             return Err(StoreError::Full);
         }
         sqlx::query(
@@ -250,6 +288,7 @@ impl PgStore {
         .bind(s.expires_at as i64)
         .execute(&self.pool)
         .await?;
+        self.live.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -290,29 +329,29 @@ impl PgStore {
     }
 
     pub(super) async fn set_session_token(&self, id: &str, token: &str) -> Result<(), StoreError> {
-        let row = sqlx::query("SELECT session FROM coffer_sessions WHERE id = $1")
+        sqlx::query("UPDATE coffer_sessions SET token = $2, nonce_used = TRUE WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(()) };
-        let mut s = Self::decode(row.get(0))?;
-        s.token = Some(token.to_string());
-        s.nonce_used = true;
-        sqlx::query("UPDATE coffer_sessions SET session = $2 WHERE id = $1")
-            .bind(id)
-            .bind(serde_json::to_vec(&s).map_err(corrupt)?)
+            .bind(token)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
     pub(super) async fn get_session(&self, id: &str) -> Result<Option<Session>, StoreError> {
-        let row =
-            sqlx::query("SELECT session FROM coffer_sessions WHERE id = $1 AND expires_at > $2")
-                .bind(id)
-                .bind(now_secs() as i64)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| Self::decode(r.get(0))).transpose()
+        let row = sqlx::query(
+            "SELECT session, nonce_used, token FROM coffer_sessions WHERE id = $1 AND expires_at > $2",
+        )
+        .bind(id)
+        .bind(now_secs() as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut s = Self::decode(row.get(0))?;
+        // The columns are the truth: the JSON is the session as `/auth` made it.
+        s.nonce_used = row.get(1);
+        if let Some(token) = row.get::<Option<String>, _>(2) {
+            s.token = Some(token);
+        }
+        Ok(Some(s))
     }
 }
