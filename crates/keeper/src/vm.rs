@@ -157,25 +157,39 @@ pub(crate) async fn serve(
     digest: &[u8],
 ) -> anyhow::Result<()> {
     let vm = PodVm::open(podvm)?;
-    let measured = {
-        let vm = vm.clone();
-        tokio::task::spawn_blocking(move || vm.measurement()).await??
-    };
     let mut host_data = [0u8; 32];
     host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
     let tee = launch_tee(a, podvm, digest)?;
     let psp_chan = a.dir.join("psp-chan.sock");
     if matches!(tee, Tee::Emulated) {
         let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
-        psp.set_launch(coffer_psp::Launch {
-            measurement: measured,
-            host_data,
-            ..coffer_psp::Launch::default()
-        });
         let psp_listener = std::os::unix::net::UnixListener::bind(&psp_chan)
             .with_context(|| format!("cannot listen on {}", psp_chan.display()))?;
-        let psp = Arc::new(psp);
-        std::thread::spawn(move || coffer_psp::channel::serve(psp, psp_listener));
+        // The launch measurement hashes the kernel and the initramfs (about 100 MB): it is
+        // computed while QEMU starts, and the emulated PSP answers nothing before it has it
+        // (the guest asks for its first report seconds later).
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name("coffer-psp".into())
+            .spawn(move || {
+                let measured = match vm.measurement() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // The files were there a moment ago: without a measurement the guest
+                        // could never attest, so the sandbox ends now, saying why.
+                        tracing::error!(error = %e, "cannot measure the pod VM; stopping it");
+                        std::process::exit(1);
+                    }
+                };
+                tracing::info!(measurement = %hex::encode(measured), "emulated launch measurement");
+                psp.set_launch(coffer_psp::Launch {
+                    measurement: measured,
+                    host_data,
+                    ..coffer_psp::Launch::default()
+                });
+                coffer_psp::channel::serve(Arc::new(psp), psp_listener)
+            })
+            .context("cannot start the emulated PSP")?;
     }
 
     let agent_chan = a.dir.join("agent-chan.sock");
@@ -242,7 +256,7 @@ pub(crate) async fn serve(
             a.tee
         );
     }
-    tracing::info!(?accel, measurement = %hex::encode(measured), "starting the pod VM");
+    tracing::info!(?accel, "starting the pod VM");
     let launch = Launch {
         vm,
         scratch,
