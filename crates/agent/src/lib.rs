@@ -27,6 +27,7 @@ pub mod port;
 /// Generated protobuf types and service traits.
 #[allow(missing_docs, clippy::all)]
 pub mod proto;
+pub mod remote;
 pub mod sandbox;
 pub mod sealed;
 pub mod startup;

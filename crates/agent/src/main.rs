@@ -72,6 +72,9 @@ struct Args {
     /// network namespace the containers share (pod VM on a pod network).
     #[arg(long, hide = true)]
     pod_network: bool,
+    /// A peer pod's agent channel (`--listen tls`): set by the pod VM's boot, never a flag.
+    #[arg(skip)]
+    remote: Option<coffer_podvm::remote::RemoteAgent>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -117,8 +120,13 @@ fn vm_main() -> anyhow::Result<()> {
     let initdata = PathBuf::from("/run/initdata.toml");
     std::fs::write(&initdata, &boot.initdata).context("cannot keep the initdata")?;
     let scratch = PathBuf::from(coffer_agent::vm::SCRATCH);
+    let (listen, remote) = match boot.channel {
+        coffer_agent::vm::Channel::Serial(p) => (format!("serial:{}", p.display()), None),
+        coffer_agent::vm::Channel::Tls(r) => ("tls".to_string(), Some(*r)),
+    };
     run(Args {
-        listen: format!("serial:{}", boot.agent_port.display()),
+        listen,
+        remote,
         initdata,
         psp_socket: boot.psp_port,
         tsm_root: coffer_attester::TSM_REPORT_ROOT.into(),
@@ -160,11 +168,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     enum Listen {
         Unix(PathBuf),
         Serial(PathBuf),
+        /// A peer pod: mutual TLS on TCP, the multiplexer over it.
+        Tls(coffer_podvm::remote::RemoteAgent),
     }
     let listen = if let Some(p) = args.listen.strip_prefix("unix:") {
         Listen::Unix(p.into())
     } else if let Some(p) = args.listen.strip_prefix("serial:") {
         Listen::Serial(p.into())
+    } else if let (Some(r), "tls") = (&args.remote, args.listen.as_str()) {
+        Listen::Tls(r.clone())
     } else {
         anyhow::bail!("--listen: use unix:PATH or serial:PATH");
     };
@@ -194,13 +206,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // A serial port carries the API and (with --egress port) the network, multiplexed.
+    // A serial port (or a peer pod's TLS connection) carries the API and (with --egress port)
+    // the network, multiplexed.
     let port = match &listen {
         Listen::Serial(p) => {
             let _guard = runtime.enter();
             let io = coffer_agent::port::open(p)
                 .with_context(|| format!("cannot open {}", p.display()))?;
             Some(coffer_podvm::mux::start(io, coffer_podvm::mux::Side::Guest))
+        }
+        Listen::Tls(remote) => {
+            let tls = runtime.block_on(coffer_agent::remote::accept(remote))?;
+            let _guard = runtime.enter();
+            Some(coffer_podvm::mux::start(
+                tls,
+                coffer_podvm::mux::Side::Guest,
+            ))
         }
         Listen::Unix(_) => None,
     };
@@ -210,6 +231,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             coffer_agent::egress::start(coffer_agent::egress::Channel::Mux(opener.clone())),
         )?),
         (Some("port"), None) => anyhow::bail!("--egress port needs --listen serial:PATH"),
+
         (Some(e), _) => {
             let channel = e
                 .strip_prefix("unix:")
@@ -278,26 +300,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         (Listen::Unix(path), _) => runtime
             .block_on(serve_unix(&path, service))
             .with_context(|| format!("cannot serve on {}", path.display())),
-        (Listen::Serial(path), Some((opener, streams))) => runtime.block_on(async move {
-            // Tell the host the API is served; its connections wait until then.
-            let ready = async {
-                let mut s = opener.open().await?;
-                tokio::io::AsyncWriteExt::write_all(&mut s, &[coffer_podvm::mux::GUEST_READY])
-                    .await?;
-                tokio::io::AsyncWriteExt::shutdown(&mut s).await?;
-                if coffer_agent::vm::booted() {
-                    coffer_agent::vm::log_memory("agent ready");
-                }
-                Ok::<(), std::io::Error>(())
-            };
-            let (served, _) = tokio::join!(serve_streams(streams, service), async {
-                if let Err(e) = ready.await {
-                    tracing::warn!(error = %e, "cannot tell the host the agent is ready");
-                }
-            });
-            served.with_context(|| format!("cannot serve on {}", path.display()))
-        }),
-        (Listen::Serial(_), None) => anyhow::bail!("the serial port is not open"),
+        (Listen::Serial(_) | Listen::Tls(_), Some((opener, streams))) => {
+            runtime.block_on(async move {
+                // Tell the host the API is served; its connections wait until then.
+                let ready = async {
+                    let mut s = opener.open().await?;
+                    tokio::io::AsyncWriteExt::write_all(&mut s, &[coffer_podvm::mux::GUEST_READY])
+                        .await?;
+                    tokio::io::AsyncWriteExt::shutdown(&mut s).await?;
+                    if coffer_agent::vm::booted() {
+                        coffer_agent::vm::log_memory("agent ready");
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
+                let (served, _) = tokio::join!(serve_streams(streams, service), async {
+                    if let Err(e) = ready.await {
+                        tracing::warn!(error = %e, "cannot tell the host the agent is ready");
+                    }
+                });
+                served.context("cannot serve on the host's channel")
+            })
+        }
+        (Listen::Serial(_) | Listen::Tls(_), None) => {
+            anyhow::bail!("the host's channel is not open")
+        }
     }
 }
 

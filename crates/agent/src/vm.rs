@@ -52,11 +52,20 @@ fn fail(what: impl std::fmt::Display) -> BootError {
     BootError(what.to_string())
 }
 
+/// How the host reaches the agent.
+#[derive(Debug)]
+pub enum Channel {
+    /// The agent's virtio-serial port (a local pod VM).
+    Serial(PathBuf),
+    /// Mutual TLS on TCP (a peer pod, `coffer_podvm::remote`).
+    Tls(Box<coffer_podvm::remote::RemoteAgent>),
+}
+
 /// What the boot found for the agent.
 #[derive(Debug)]
 pub struct Boot {
-    /// The agent's virtio-serial port.
-    pub agent_port: PathBuf,
+    /// How the host reaches the agent.
+    pub channel: Channel,
     /// The emulated PSP's virtio-serial port, when the launch is emulated; `None` when the
     /// launcher asked for a hardware TEE, whose interfaces the agent probes for.
     pub psp_port: Option<PathBuf>,
@@ -66,23 +75,6 @@ pub struct Boot {
     pub plain_http: bool,
     /// The VM has the pod's network interfaces, which the host configures with SetNetwork.
     pub pod_network: bool,
-}
-
-#[derive(serde::Deserialize)]
-struct LaunchConfig {
-    initdata: String,
-    #[serde(default)]
-    plain_http: bool,
-    /// `emulated` (the default), `snp` or `tdx`.
-    #[serde(default = "emulated")]
-    tee: String,
-    /// `pod`: the pod network's interfaces are plugged in; else there is no network device.
-    #[serde(default)]
-    network: String,
-}
-
-fn emulated() -> String {
-    "emulated".into()
 }
 
 fn mount(src: &str, target: &str, fs: &str, flags: MountFlags) -> Result<(), BootError> {
@@ -427,9 +419,14 @@ pub fn boot() -> Result<Boot, BootError> {
         coffer_podvm::launch::CONFIG_FW_CFG
     ))
     .map_err(|e| fail(format!("the launch configuration (fw_cfg): {e}")))?;
-    let config: LaunchConfig =
+    let config: coffer_podvm::remote::LaunchConfig =
         serde_json::from_slice(&raw).map_err(|e| fail(format!("the launch configuration: {e}")))?;
-    let agent_port = port(coffer_podvm::launch::AGENT_PORT)?;
+    drop(zeroize::Zeroizing::new(raw));
+    let channel = match config.remote {
+        // A peer pod: its own interface first (the host reaches the agent through it).
+        Some(remote) => Channel::Tls(Box::new(remote)),
+        None => Channel::Serial(port(coffer_podvm::launch::AGENT_PORT)?),
+    };
     let psp_port = match config.tee.as_str() {
         "emulated" => Some(port(coffer_podvm::launch::PSP_PORT)?),
         _ => {
@@ -464,6 +461,13 @@ pub fn boot() -> Result<Boot, BootError> {
     )?;
     // The agent's HTTP clients reach the host's forwarder through a loopback listener.
     run_tool("/bin/busybox", &["ip", "link", "set", "lo", "up"])?;
+    // A peer pod's own interface: the host reaches the agent through it.
+    if let Channel::Tls(remote) = &channel {
+        if let Some(i) = &remote.interface {
+            static_interface(i)?;
+            tracing::info!(ms = t0.elapsed().as_millis() as u64, address = %i.address, "interface configured");
+        }
+    }
     // Where the programs the agent starts (runc) are found.
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     tracing::info!(
@@ -473,12 +477,36 @@ pub fn boot() -> Result<Boot, BootError> {
     );
     BOOTED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Boot {
-        agent_port,
+        channel,
         psp_port,
         initdata: config.initdata,
         plain_http: config.plain_http,
         pod_network: config.network == "pod",
     })
+}
+
+/// Brings up the interface with `i.mac`: its address, and the default route through the gateway.
+fn static_interface(i: &coffer_podvm::remote::StaticInterface) -> Result<(), BootError> {
+    let want = i.mac.to_ascii_lowercase();
+    let name = wait_for(&format!("network interface {}", i.mac), || {
+        std::fs::read_dir("/sys/class/net")
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let mac = std::fs::read_to_string(e.path().join("address")).ok()?;
+                (mac.trim() == want).then(|| PathBuf::from(e.file_name()))
+            })
+    })?;
+    let name = name.display().to_string();
+    run_tool("/bin/busybox", &["ip", "link", "set", &name, "up"])?;
+    run_tool(
+        "/bin/busybox",
+        &["ip", "addr", "add", &i.address, "dev", &name],
+    )?;
+    if let Some(g) = &i.gateway {
+        run_tool("/bin/busybox", &["ip", "route", "add", "default", "via", g])?;
+    }
+    Ok(())
 }
 
 /// The kernel's uptime in ms (`/proc/uptime`), 0 when unreadable.

@@ -21,12 +21,17 @@ use crate::ctl::{attach, OwnerKeys};
 /// `coffer run` arguments.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The sandbox: `vm` (a pod VM, with --podvm) or `process` (development).
+    /// The sandbox: `vm` (a pod VM, with --podvm), `remote` (a peer pod: a pod VM that the
+    /// `coffer-cloud` daemon at --cloud creates through its provider, with --podvm) or
+    /// `process` (development).
     #[arg(long)]
     sandbox: String,
-    /// The pod VM (`coffer podvm build --out DIR`), for `--sandbox vm`.
+    /// The pod VM (`coffer podvm build --out DIR`), for `--sandbox vm` and `remote`.
     #[arg(long)]
     podvm: Option<PathBuf>,
+    /// The `coffer-cloud` daemon's socket, for `--sandbox remote`.
+    #[arg(long, default_value = coffer_cloud::DEFAULT_SOCKET)]
+    cloud: PathBuf,
     /// The pod VM's accelerator: kvm, tcg, or auto (KVM when a guest runs under it here).
     #[arg(long, default_value = "auto")]
     accel: String,
@@ -112,15 +117,18 @@ pub struct RunArgs {
 /// Runs `coffer run`; returns the container's exit status (0 once started with `-d`).
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     let podvm = match (a.sandbox.as_str(), &a.podvm) {
-        ("vm", Some(dir)) => {
+        ("vm" | "remote", Some(dir)) => {
             // Fails early, naming what is missing.
             coffer_podvm::PodVm::open(dir)?;
             Some(std::fs::canonicalize(dir)?)
         }
-        ("vm", None) => bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)"),
+        ("vm" | "remote", None) => bail!(
+            "--sandbox {} needs --podvm DIR (coffer podvm build --out DIR)",
+            a.sandbox
+        ),
         ("process", None) => None,
-        ("process", Some(_)) => bail!("--podvm belongs to --sandbox vm"),
-        (other, _) => bail!("--sandbox {other}: use `vm` or `process`"),
+        ("process", Some(_)) => bail!("--podvm belongs to --sandbox vm or remote"),
+        (other, _) => bail!("--sandbox {other}: use `vm`, `remote` or `process`"),
     };
     let text = std::fs::read_to_string(&a.initdata)
         .with_context(|| format!("cannot read {}", a.initdata.display()))?;
@@ -152,6 +160,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         ("snp" | "tdx", true) => {}
         ("snp" | "tdx", false) => bail!("--tee {} needs --sandbox vm: a process sandbox has no TEE", a.tee),
         (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
+    }
+    let remote = a.sandbox == "remote";
+    if remote && (a.network != "none" || a.tee != "emulated") {
+        bail!("--sandbox remote: a peer pod has --network none and the emulated TEE for now (its provider's confidential VM options and the pod network's tunnel are not built yet)");
     }
     match (a.network.as_str(), podvm.is_some()) {
         ("none" | "cni", _) | ("host", false) => {}
@@ -203,6 +215,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         args.memory = a.memory;
         args.ready_timeout = a.ready_timeout;
         args.cpus = a.cpus;
+        if remote {
+            args.cloud = Some(std::path::absolute(&a.cloud)?);
+        }
     }
     // Its own process group: a terminal's ^C reaches this process, whose exit closes the
     // keeper's stdin, and the keeper tears down.

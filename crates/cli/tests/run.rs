@@ -209,6 +209,14 @@ impl World {
         assert_eq!(stdout, format!("{name}\n"));
     }
 
+    /// [`World::detached`] in the sandbox `sandbox` (`--sandbox …` and its flags).
+    async fn detached_in(&self, sandbox: &[&str], initdata: &Path, name: &str, script: &str) {
+        let (code, stdout, stderr) =
+            cli(self.run_in(sandbox, initdata, name, &["-d"], &["/bin/sh", "-c", script])).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(stdout, format!("{name}\n"));
+    }
+
     /// Where this test keeps its PSP, agent and sandboxes.
     fn local(&self) -> Vec<String> {
         vec![
@@ -1666,4 +1674,127 @@ async fn a_pod_vm_on_a_cni_network_attests_and_pulls_over_it() {
     assert!(!root.join("var/lib/cni/coffer-test").join(&ip).exists());
     let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
     assert!(!links.contains("veth"), "{links}");
+}
+
+/// The test's bridge `name` with the gateway address `cidr`, in the test's namespace.
+fn bridge(name: &str, cidr: &str) {
+    common::run_ok(Command::new("ip").args(["link", "add", name, "type", "bridge"]));
+    common::run_ok(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
+    common::run_ok(Command::new("ip").args(["link", "set", name, "up"]));
+}
+
+/// The names of `pool`'s volumes that belong to one VM (not the shared pod VM image).
+fn vm_volumes(libvirtd: &common::libvirt::Libvirtd, pool: &str) -> Vec<String> {
+    let _ = Command::new("virsh")
+        .args(["-c", &libvirtd.uri, "pool-refresh", pool])
+        .output();
+    libvirtd
+        .virsh(&["vol-list", pool])
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|v| !v.starts_with("coffer-podvm-"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
+    // Debian's libvirtd in this test's network and mount namespaces creates the pod VM (TCG,
+    // emulated TEE) on the test's bridge; the keeper reaches its agent over mutual TLS on the
+    // VM's address, and the guest's own traffic (the KBS, the registry on this namespace's
+    // loopback) goes through the keeper's logged forwarder. The pod VM is built first: its
+    // packages may have to be downloaded, which the namespace cannot reach.
+    let built = tempfile::tempdir().unwrap();
+    let podvm = built.path().join("podvm");
+    common::build_podvm(&podvm);
+    let _netns = common::containerd::TestNetns::enter();
+    bridge("cfrpp0", "10.99.7.1/24");
+    let w = world().await;
+    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
+    let cloud = common::libvirt::Cloud::start(
+        w.d(),
+        &libvirtd,
+        &podvm,
+        "cfrpp0",
+        "10.99.7.0/24",
+        "10.99.7.1",
+    );
+    let pool = std::fs::read_to_string(&cloud.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("pool = \"")
+                .map(|p| p.trim_end_matches('"').to_string())
+        })
+        .unwrap();
+    let vm = vm_args(&podvm);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    let init = w.initdata("initdata.toml", &[]).await;
+    // A peer pod boots the same measured image as a local pod VM: the same reference values.
+    w.register_for(&vm, &[&init]).await;
+    let remote = [
+        "--sandbox",
+        "remote",
+        "--podvm",
+        podvm.to_str().unwrap(),
+        "--cloud",
+        cloud.socket.to_str().unwrap(),
+        "--ready-timeout",
+        "60",
+    ];
+
+    // Bad input is refused before anything is made.
+    let (code, _, stderr) =
+        cli(w.run_in(&remote, &init, "pp-bad", &["--network", "cni"], &["true"])).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("--sandbox remote"), "{stderr}");
+
+    let script = "echo hello from the peer pod; ip -o -4 addr show; cat /proc/cmdline";
+    let name = "pp-one";
+    let (code, stdout, stderr) =
+        cli(w.run_in(&remote, &init, name, &[], &["/bin/sh", "-c", script])).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "{stderr}\ncoffer-cloud: {}\nlibvirtd: {}",
+        cloud.log(),
+        std::fs::read_to_string(&libvirtd.log).unwrap_or_default()
+    );
+    assert!(stdout.contains("hello from the peer pod"), "{stdout}");
+    // The container shares nothing of the VM's interface: its own namespace has loopback only.
+    assert!(!stdout.contains("10.99.7."), "{stdout}");
+    let log = cloud.log();
+    assert!(
+        log.contains("VM created") && log.contains("VM deleted"),
+        "{log}"
+    );
+    // The VM and its disks went with the sandbox; the shared image stays for the next pod.
+    nothing_left(&w, name, "hello from the peer pod").await;
+    let domains = libvirtd.virsh(&["list", "--all", "--name"]);
+    assert!(domains.trim().is_empty(), "domains left: {domains}");
+    assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
+
+    // A keeper killed outright: the reconciler deletes its VM (its keeper.lock is free).
+    let name = "pp-killed";
+    w.detached_in(&remote, &init, name, "sleep 600").await;
+    let domains = libvirtd.virsh(&["list", "--name"]);
+    assert!(
+        domains.contains(&format!("coffer-node-1-{name}")),
+        "{domains}"
+    );
+    let pid = std::fs::read_to_string(w.state.join(name).join("keeper.pid")).unwrap();
+    kill9(pid.trim());
+    eventually("the reconciler deletes the orphan VM", || {
+        let d = libvirtd.virsh(&["list", "--all", "--name"]);
+        d.trim().is_empty()
+    })
+    .await;
+    assert!(
+        cloud.log().contains("deleting a VM whose sandbox is gone"),
+        "{}",
+        cloud.log()
+    );
+    assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
+    let (code, _, stderr) = w.ctl(&["rm", name]).await;
+    assert_eq!(code, Some(0), "{stderr}");
 }

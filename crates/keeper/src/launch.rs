@@ -136,6 +136,11 @@ pub struct KeeperArgs {
     /// records why (0: [`READY_KVM`] under KVM, [`READY_TCG`] under TCG).
     #[arg(long, default_value_t = 0)]
     pub ready_timeout: u64,
+    /// Run the pod VM as a peer pod: created by the `coffer-cloud` daemon on this unix socket
+    /// through its provider (libvirt, a cloud) instead of by this keeper, its agent reached over
+    /// mutual TLS (docs/peer-pods.md). Needs --podvm: the image the emulated PSP measures.
+    #[arg(long)]
+    pub cloud: Option<PathBuf>,
 }
 
 /// How long a pod VM's agent has to become ready under KVM (it takes about a second).
@@ -229,6 +234,7 @@ impl KeeperArgs {
             scratch_mib: 2048,
             cpus: 0,
             ready_timeout: 0,
+            cloud: None,
         }
     }
 
@@ -249,6 +255,9 @@ impl KeeperArgs {
         }
         if let Some(p) = &self.podvm {
             opt("podvm", p.clone().into());
+        }
+        if let Some(c) = &self.cloud {
+            opt("cloud", c.clone().into());
         }
         if let Some(p) = &self.pod_netns {
             opt("pod-netns", p.clone().into());

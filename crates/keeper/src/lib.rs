@@ -4,7 +4,8 @@
 //!
 //! - [`launch`]: starting a keeper (`coffer __sandbox`) and waiting for its agent — the one
 //!   launch path `coffer run` and the containerd shim share ([`KeeperArgs`], [`Keeper`]).
-//! - [`run`]: the keeper itself ([`keep`]), which runs a [`process`] sandbox or a pod [`vm`],
+//! - [`run`]: the keeper itself ([`keep`]), which runs a [`process`] sandbox, a pod [`vm`] or a
+//!   peer pod ([`remote`]: a VM `coffer-cloud` creates),
 //!   serves the emulated PSP to it alone and forwards its outbound connections ([`egress`]).
 //! - [`dir`]: a sandbox's directory ([`SandboxDir`]): alive or failed, reaping what a killed
 //!   keeper left, reaching its agent and stopping it; [`cgroup`]: the cgroups of its
@@ -23,6 +24,7 @@ pub mod launch;
 mod lifetime;
 pub mod podnet;
 pub mod process;
+pub mod remote;
 pub mod run;
 pub mod vm;
 

@@ -59,9 +59,13 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", a.initdata.display()))?;
     let digest = coffer_wire::initdata::digest(&text)?;
     let a = &with_network(a)?;
-    match &a.podvm {
-        Some(podvm) => crate::vm::serve(a, podvm, &text, &digest).await,
-        None => crate::process::serve(a, &digest).await,
+    match (&a.podvm, &a.cloud) {
+        (Some(podvm), Some(cloud)) => crate::remote::serve(a, podvm, cloud, &text, &digest).await,
+        (Some(podvm), None) => crate::vm::serve(a, podvm, &text, &digest).await,
+        (None, Some(_)) => anyhow::bail!(
+            "--cloud needs --podvm: the pod VM image the peer pod boots (and the emulated PSP measures)"
+        ),
+        (None, None) => crate::process::serve(a, &digest).await,
     }
 }
 
@@ -70,6 +74,11 @@ async fn serve(a: &KeeperArgs) -> anyhow::Result<()> {
 fn with_network(a: &KeeperArgs) -> anyhow::Result<KeeperArgs> {
     let mut a = a.clone();
     match (a.network.as_str(), &a.pod_netns, &a.podvm) {
+        ("none", None, _) => {}
+        (_, _, Some(_)) if a.cloud.is_some() => anyhow::bail!(
+            "--network {} / --pod-netns: a peer pod has no pod network yet; use --network none (its own traffic goes through the keeper's logged forwarder)",
+            a.network
+        ),
         ("none", _, _) => {}
         (_, Some(_), _) => anyhow::bail!(
             "--network {} and --pod-netns: the pod's network is already given",

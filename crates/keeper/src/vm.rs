@@ -149,6 +149,75 @@ fn launch_tee(a: &KeeperArgs, podvm: &Path, digest: &[u8]) -> anyhow::Result<Tee
     })
 }
 
+/// Serves the emulated PSP to this VM alone on the unix socket `psp_chan` (QEMU connects), with
+/// the launch measurement of `vm` and HOST_DATA.
+pub(crate) fn start_emulated_psp(
+    a: &KeeperArgs,
+    vm: &PodVm,
+    host_data: [u8; 32],
+    psp_chan: &Path,
+) -> anyhow::Result<()> {
+    let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
+    let psp_listener = std::os::unix::net::UnixListener::bind(psp_chan)
+        .with_context(|| format!("cannot listen on {}", psp_chan.display()))?;
+    // The launch measurement hashes the kernel and the initramfs (about 100 MB): it is
+    // computed while the VM starts, and the emulated PSP answers nothing before it has it
+    // (the guest asks for its first report seconds later).
+    let vm = vm.clone();
+    std::thread::Builder::new()
+        .name("coffer-psp".into())
+        .spawn(move || {
+            let measured = match vm.measurement() {
+                Ok(m) => m,
+                Err(e) => {
+                    // The files were there a moment ago: without a measurement the guest
+                    // could never attest, so the sandbox ends now, saying why.
+                    tracing::error!(error = %e, "cannot measure the pod VM; stopping it");
+                    std::process::exit(1);
+                }
+            };
+            tracing::info!(measurement = %hex::encode(measured), "emulated launch measurement");
+            psp.set_launch(coffer_psp::Launch {
+                measurement: measured,
+                host_data,
+                ..coffer_psp::Launch::default()
+            });
+            coffer_psp::channel::serve(Arc::new(psp), psp_listener)
+        })
+        .context("cannot start the emulated PSP")?;
+    Ok(())
+}
+
+/// Serves the agent API on `agent.sock` in `dir` (renamed into place once it listens), each
+/// connection a new stream of the host–guest channel.
+pub(crate) fn serve_agent_sock(dir: &Path, opener: mux::Opener) -> anyhow::Result<()> {
+    let sock = dir.join("agent.sock");
+    let tmp = dir.join("agent.sock.tmp");
+    let api = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, &sock)?;
+    tokio::spawn(async move {
+        loop {
+            let mut c = match api.accept().await {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    coffer_agent::egress::after_accept_error(&e).await;
+                    continue;
+                }
+            };
+            let opener = opener.clone();
+            tokio::spawn(async move {
+                match opener.open().await {
+                    Ok(mut s) => {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                    Err(e) => tracing::info!(error = %e, "the agent channel is gone"),
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
 /// Runs the pod VM until it ends (or the keeper is asked to stop).
 pub(crate) async fn serve(
     a: &KeeperArgs,
@@ -162,34 +231,7 @@ pub(crate) async fn serve(
     let tee = launch_tee(a, podvm, digest)?;
     let psp_chan = a.dir.join("psp-chan.sock");
     if matches!(tee, Tee::Emulated) {
-        let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&a.psp_dir)?;
-        let psp_listener = std::os::unix::net::UnixListener::bind(&psp_chan)
-            .with_context(|| format!("cannot listen on {}", psp_chan.display()))?;
-        // The launch measurement hashes the kernel and the initramfs (about 100 MB): it is
-        // computed while QEMU starts, and the emulated PSP answers nothing before it has it
-        // (the guest asks for its first report seconds later).
-        let vm = vm.clone();
-        std::thread::Builder::new()
-            .name("coffer-psp".into())
-            .spawn(move || {
-                let measured = match vm.measurement() {
-                    Ok(m) => m,
-                    Err(e) => {
-                        // The files were there a moment ago: without a measurement the guest
-                        // could never attest, so the sandbox ends now, saying why.
-                        tracing::error!(error = %e, "cannot measure the pod VM; stopping it");
-                        std::process::exit(1);
-                    }
-                };
-                tracing::info!(measurement = %hex::encode(measured), "emulated launch measurement");
-                psp.set_launch(coffer_psp::Launch {
-                    measurement: measured,
-                    host_data,
-                    ..coffer_psp::Launch::default()
-                });
-                coffer_psp::channel::serve(Arc::new(psp), psp_listener)
-            })
-            .context("cannot start the emulated PSP")?;
+        start_emulated_psp(a, &vm, host_data, &psp_chan)?;
     }
 
     let agent_chan = a.dir.join("agent-chan.sock");
@@ -220,13 +262,13 @@ pub(crate) async fn serve(
     let config = a.dir.join("launch.json");
     std::fs::write(
         &config,
-        serde_json::json!({
-            "initdata": text,
-            "plain_http": a.plain_http,
-            "tee": a.tee,
-            "network": if podnet.is_some() { "pod" } else { "none" },
-        })
-        .to_string(),
+        serde_json::to_vec(&coffer_podvm::remote::LaunchConfig {
+            initdata: text.to_string(),
+            plain_http: a.plain_http,
+            tee: a.tee.clone(),
+            network: if podnet.is_some() { "pod" } else { "none" }.into(),
+            remote: None,
+        })?,
     )?;
     let accel = match a.accel.as_str() {
         "kvm" if kvm_is_pvm(Path::new("/sys/module")) => bail!(
@@ -383,36 +425,13 @@ pub(crate) async fn serve(
             "the pod VM is on the pod network"
         );
     }
-    let sock = a.dir.join("agent.sock");
-    let tmp = a.dir.join("agent.sock.tmp");
-    let api = tokio::net::UnixListener::bind(&tmp)?;
-    std::fs::rename(&tmp, &sock)?;
+    serve_agent_sock(&a.dir, opener)?;
     // With the guest's own marks (the kernel's uptime when the agent started and when it had
     // booted), the phases of a start: QEMU and firmware, kernel and initramfs, the agent's boot.
     tracing::info!(
         ms = spawned.elapsed().as_millis() as u64,
         "the agent serves"
     );
-    tokio::spawn(async move {
-        loop {
-            let mut c = match api.accept().await {
-                Ok((c, _)) => c,
-                Err(e) => {
-                    coffer_agent::egress::after_accept_error(&e).await;
-                    continue;
-                }
-            };
-            let opener = opener.clone();
-            tokio::spawn(async move {
-                match opener.open().await {
-                    Ok(mut s) => {
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
-                    }
-                    Err(e) => tracing::info!(error = %e, "the agent channel is gone"),
-                }
-            });
-        }
-    });
     tokio::select! {
         s = qemu.wait() => {
             tracing::info!(status = ?s, last = %guest_error(&a.dir), "the pod VM stopped");
@@ -436,7 +455,7 @@ impl Drop for Plugged {
 
 /// Serves the streams the guest opens: egress (SOCKS5, logged to `log`; refused without one)
 /// and the ready notice.
-async fn guest_streams(
+pub(crate) async fn guest_streams(
     mut inbound: tokio::sync::mpsc::UnboundedReceiver<mux::MuxStream>,
     log: Option<std::path::PathBuf>,
     ready: tokio::sync::mpsc::Sender<()>,
@@ -469,7 +488,7 @@ async fn guest_streams(
     }
 }
 
-async fn stop(qemu: &mut tokio::process::Child) -> anyhow::Result<()> {
+pub(crate) async fn stop(qemu: &mut tokio::process::Child) -> anyhow::Result<()> {
     let _ = qemu.start_kill();
     let _ = qemu.wait().await;
     Ok(())

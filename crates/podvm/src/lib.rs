@@ -11,6 +11,7 @@ pub mod bzimage;
 pub mod initrd;
 pub mod launch;
 pub mod mux;
+pub mod remote;
 pub mod snp;
 pub mod verity;
 

@@ -13,6 +13,7 @@ use std::{
 };
 
 pub mod containerd;
+pub mod libvirt;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

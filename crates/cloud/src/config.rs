@@ -1,0 +1,278 @@
+//! The daemon's configuration (TOML).
+//!
+//! ```toml
+//! cluster = "prod-1"            # tagged on every VM, with the node
+//! node = "worker-3"             # default: the host name
+//! provider = "libvirt"
+//! reconcile_secs = 30
+//!
+//! [[instance_types]]            # the allowed list, smallest first
+//! name = "small"
+//! vcpus = 1
+//! memory_mib = 1024
+//!
+//! [libvirt]
+//! uri = "qemu:///system"
+//! # ...
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The daemon's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The cluster's id, tagged on every VM.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// This node's name, tagged on every VM [default: the host name].
+    #[serde(default)]
+    pub node: String,
+    /// Which provider creates the VMs: `libvirt`.
+    pub provider: String,
+    /// How often VMs without a live sandbox are looked for (seconds).
+    #[serde(default = "default_reconcile")]
+    pub reconcile_secs: u64,
+    /// The instance types pods may get, smallest first; a pod's request or annotation chooses
+    /// only among them.
+    pub instance_types: Vec<InstanceType>,
+    /// The libvirt provider's settings.
+    #[serde(default)]
+    pub libvirt: Option<LibvirtConfig>,
+}
+
+fn default_cluster() -> String {
+    "coffer".into()
+}
+
+fn default_reconcile() -> u64 {
+    30
+}
+
+/// An instance type: a provider's name for a VM size.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceType {
+    /// The provider's name for it (libvirt: a name of this configuration's own).
+    pub name: String,
+    /// Its vCPUs.
+    pub vcpus: u32,
+    /// Its memory (MiB).
+    pub memory_mib: u32,
+}
+
+/// The libvirt provider: VMs on a libvirt host, local or remote (`qemu+ssh://`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// The connection URI.
+    #[serde(default = "default_uri")]
+    pub uri: String,
+    /// The storage pool for the pod VM image and each VM's disks (a directory pool, made at
+    /// `pool_dir` when it does not exist).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// Where a pool this daemon makes keeps its files (on the libvirt host).
+    #[serde(default = "default_pool_dir")]
+    pub pool_dir: PathBuf,
+    /// The pod VM (`coffer podvm build --out DIR`), uploaded to the pool as volumes.
+    pub podvm: PathBuf,
+    /// The bridge on the libvirt host the VMs' interface joins.
+    pub bridge: String,
+    /// The VMs' subnet on that bridge (`10.99.0.0/24`); addresses are given out from it.
+    pub subnet: String,
+    /// The bridge's address in that subnet (the VMs' gateway, and never given out).
+    pub gateway: String,
+    /// `kvm` or `tcg` (software emulation, where the libvirt host has no usable KVM).
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// The scratch disk of each VM (MiB).
+    #[serde(default = "default_scratch")]
+    pub scratch_mib: u64,
+}
+
+fn default_uri() -> String {
+    "qemu:///system".into()
+}
+fn default_pool() -> String {
+    "coffer".into()
+}
+fn default_pool_dir() -> PathBuf {
+    "/var/lib/coffer-cloud/pool".into()
+}
+fn default_accel() -> String {
+    "kvm".into()
+}
+fn default_scratch() -> u64 {
+    2048
+}
+
+/// The configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("coffer-cloud configuration {path}: {why}")]
+pub struct ConfigError {
+    path: String,
+    why: String,
+}
+
+impl Config {
+    /// Reads and checks the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let e = |why: String| ConfigError {
+            path: path.display().to_string(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|x| e(x.to_string()))?;
+        let mut c: Self = toml::from_str(&text).map_err(|x| e(x.to_string()))?;
+        if c.node.is_empty() {
+            c.node = rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned();
+        }
+        c.check().map_err(e)?;
+        Ok(c)
+    }
+
+    /// Checks what can be checked without calling the provider.
+    pub fn check(&self) -> Result<(), String> {
+        for (what, v) in [("cluster", &self.cluster), ("node", &self.node)] {
+            if v.is_empty()
+                || v.len() > 63
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(format!(
+                    "{what} {v:?}: use 1 to 63 letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        if self.instance_types.is_empty() {
+            return Err("no instance_types: list the ones pods may get".into());
+        }
+        if self.reconcile_secs == 0 {
+            return Err("reconcile_secs must be at least 1".into());
+        }
+        match self.provider.as_str() {
+            "libvirt" => {
+                let l = self.libvirt.as_ref().ok_or(
+                    "provider libvirt needs a [libvirt] section (uri, podvm, bridge, subnet, gateway)",
+                )?;
+                crate::provider::Subnet::parse(&l.subnet, &l.gateway)?;
+                if !matches!(l.accel.as_str(), "kvm" | "tcg") {
+                    return Err(format!("libvirt.accel {:?}: use kvm or tcg", l.accel));
+                }
+                Ok(())
+            }
+            other => Err(format!(
+                "unknown provider {other:?}: this build has libvirt"
+            )),
+        }
+    }
+
+    /// The instance type for a pod: the one it names (it must be allowed), else the smallest
+    /// that holds its request.
+    pub fn instance_type(
+        &self,
+        named: &str,
+        memory_mib: u32,
+        vcpus: u32,
+    ) -> Result<&InstanceType, String> {
+        let allowed = || {
+            self.instance_types
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let t = if named.is_empty() {
+            self.instance_types
+                .iter()
+                .find(|t| t.memory_mib >= memory_mib && t.vcpus >= vcpus)
+                .ok_or_else(|| {
+                    format!(
+                        "no allowed instance type holds {memory_mib} MiB and {vcpus} vCPUs (allowed: {})",
+                        allowed()
+                    )
+                })?
+        } else {
+            self.instance_types
+                .iter()
+                .find(|t| t.name == named)
+                .ok_or_else(|| {
+                    format!(
+                        "instance type {named:?} is not allowed on this node (allowed: {})",
+                        allowed()
+                    )
+                })?
+        };
+        if t.memory_mib < memory_mib || t.vcpus < vcpus {
+            return Err(format!(
+                "instance type {} ({} MiB, {} vCPUs) is smaller than the pod's request ({memory_mib} MiB, {vcpus} vCPUs)",
+                t.name, t.memory_mib, t.vcpus
+            ));
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<Config, String> {
+        let text = format!(
+            "cluster = \"c1\"\nnode = \"n1\"\nprovider = \"libvirt\"\n{extra}\n\
+             [[instance_types]]\nname = \"small\"\nvcpus = 1\nmemory_mib = 512\n\
+             [[instance_types]]\nname = \"large\"\nvcpus = 4\nmemory_mib = 4096\n\
+             [libvirt]\npodvm = \"/p\"\nbridge = \"br0\"\nsubnet = \"10.99.0.0/24\"\ngateway = \"10.99.0.1\"\n"
+        );
+        let c: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn a_pod_gets_an_allowed_type_that_holds_it_or_a_reason() {
+        let c = config("").unwrap();
+        assert_eq!(c.instance_type("", 0, 0).unwrap().name, "small");
+        assert_eq!(c.instance_type("", 1024, 1).unwrap().name, "large");
+        assert_eq!(c.instance_type("large", 0, 0).unwrap().name, "large");
+        let e = c.instance_type("huge", 0, 0).unwrap_err();
+        assert!(
+            e.contains("\"huge\" is not allowed") && e.contains("small, large"),
+            "{e}"
+        );
+        let e = c.instance_type("small", 1024, 1).unwrap_err();
+        assert!(e.contains("smaller than the pod's request"), "{e}");
+        let e = c.instance_type("", 8192, 1).unwrap_err();
+        assert!(e.contains("no allowed instance type holds 8192 MiB"), "{e}");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = toml::from_str::<Config>("provider = \"gce\"\ninstance_types = []\n")
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(
+            e.contains("cluster") || e.contains("node") || e.contains("gce"),
+            "{e}"
+        );
+        let mut c = config("").unwrap();
+        c.provider = "gce".into();
+        assert!(c.check().unwrap_err().contains("unknown provider \"gce\""));
+        let mut c = config("").unwrap();
+        c.libvirt.as_mut().unwrap().gateway = "10.98.0.1".into();
+        assert!(
+            c.check().unwrap_err().contains("10.98.0.1"),
+            "gateway outside the subnet"
+        );
+        let mut c = config("").unwrap();
+        c.node = "a b".into();
+        assert!(c.check().unwrap_err().contains("node \"a b\""));
+    }
+}

@@ -1,0 +1,512 @@
+//! The libvirt provider: pod VMs as libvirt domains, on a local or remote libvirt host (the
+//! seed product's path on IBM Z KVM hosts), through the libvirt C library (`virt`).
+//!
+//! Everything goes through libvirt's API, so a `qemu+ssh://` host works as a local one:
+//!
+//! - **The pod VM image** is uploaded once into the storage pool as volumes named by its content
+//!   (`coffer-podvm-<digest>-vmlinux|-initrd|-root`), then a `-ready` marker volume: an upload cut
+//!   short leaves no marker and is redone.
+//! - **A VM** is a persistent domain `coffer-<node>-<pod>`, *defined first*, with its tags
+//!   (cluster, node, pod, sandbox directory, address, instance type) as JSON in its
+//!   `<description>`; then its volumes are made (`<domain>-scratch`, `<domain>-launch.json`) and
+//!   it is started. A create cut short at any point leaves a tagged domain, which the
+//!   reconciler deletes with every volume of its name once its sandbox is gone.
+//! - **Boot**: direct kernel boot of the image's kernel, initramfs and measured command line;
+//!   the root volume read-only (serial `coffer-root`), the scratch volume (`coffer-scratch`),
+//!   the launch configuration as the fw_cfg entry the agent reads, one virtio NIC on the
+//!   configured bridge with an address from the configured subnet (handed to the agent in that
+//!   configuration), the serial console in a file of the pool, and, for the emulated TEE, a
+//!   virtio-serial channel to the keeper's emulated PSP (a local libvirt host only).
+
+use std::{io::Read, net::Ipv4Addr, path::PathBuf, sync::Mutex};
+
+use coffer_podvm::{
+    launch::{CONFIG_FW_CFG, PSP_PORT},
+    remote::StaticInterface,
+    PodVm,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use virt::{
+    connect::Connect, domain::Domain, storage_pool::StoragePool, storage_vol::StorageVol,
+    stream::Stream,
+};
+
+use crate::{
+    config::LibvirtConfig,
+    provider::{CloudError, Subnet},
+    Config, Provider, Vm, VmSpec,
+};
+
+const NAME: &str = "libvirt";
+/// The largest launch configuration handed to a VM (fw_cfg has no small limit; this matches the
+/// clouds' user-data limits).
+const LAUNCH_LIMIT: usize = 64 << 10;
+
+fn fail(why: impl std::fmt::Display) -> CloudError {
+    CloudError::Provider {
+        provider: NAME,
+        why: why.to_string(),
+    }
+}
+
+/// The tags of a domain (its `<description>`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Tags {
+    coffer_cloud: u32,
+    cluster: String,
+    node: String,
+    pod: String,
+    sandbox_dir: PathBuf,
+    address: Ipv4Addr,
+    instance_type: String,
+}
+
+/// What a domain's XML is made of, besides the request.
+#[derive(Clone, Copy)]
+struct DomainParts<'a> {
+    name: &'a str,
+    tags: &'a Tags,
+    /// The image volumes' paths: kernel, initrd, root.
+    image: &'a [String; 3],
+    launch_path: &'a str,
+    mac: &'a str,
+    console: &'a str,
+}
+
+/// The libvirt provider.
+pub struct Libvirt {
+    conn: Connect,
+    cluster: String,
+    node: String,
+    c: LibvirtConfig,
+    subnet: Subnet,
+    podvm: PodVm,
+    /// Address allocation and image upload happen one at a time.
+    lock: Mutex<()>,
+}
+
+impl Libvirt {
+    /// Connects to the configured libvirt host and checks the pod VM.
+    pub fn open(config: &Config) -> Result<Self, CloudError> {
+        let c = config
+            .libvirt
+            .clone()
+            .ok_or_else(|| CloudError::Invalid("no [libvirt] section".into()))?;
+        let subnet = Subnet::parse(&c.subnet, &c.gateway).map_err(CloudError::Invalid)?;
+        let podvm = PodVm::open(&c.podvm).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        // Errors come back as values with their message; the library's default handler would
+        // also print every one (a volume looked up and not found is routine here).
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&c.uri))
+            .map_err(|e| fail(format!("cannot connect to {}: {e}", c.uri)))?;
+        Ok(Self {
+            conn,
+            cluster: config.cluster.clone(),
+            node: config.node.clone(),
+            c,
+            subnet,
+            podvm,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn domain_name(&self, pod: &str) -> String {
+        format!("coffer-{}-{}", self.node, pod)
+    }
+
+    /// The storage pool, defined (a directory pool) and started if need be.
+    fn pool(&self) -> Result<StoragePool, CloudError> {
+        let pool = match self.conn.lookup_storage_pool_by_name(&self.c.pool) {
+            Ok(p) => p,
+            Err(_) => {
+                let xml = format!(
+                    "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
+                    esc(&self.c.pool),
+                    esc(&self.c.pool_dir.display().to_string())
+                );
+                let p = self.conn.define_storage_pool_xml(&xml, 0).map_err(|e| {
+                    fail(format!("cannot define storage pool {}: {e}", self.c.pool))
+                })?;
+                p.build(0)
+                    .map_err(|e| fail(format!("cannot build storage pool {}: {e}", self.c.pool)))?;
+                p
+            }
+        };
+        if !pool.is_active().map_err(fail)? {
+            pool.create(0)
+                .map_err(|e| fail(format!("cannot start storage pool {}: {e}", self.c.pool)))?;
+        }
+        Ok(pool)
+    }
+
+    /// Uploads `data` (read from `from`, `len` bytes) as a new raw volume `name`.
+    fn upload(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        len: u64,
+        from: &mut dyn Read,
+    ) -> Result<StorageVol, CloudError> {
+        if let Ok(old) = pool.lookup_storage_vol_by_name(name) {
+            old.delete(0)
+                .map_err(|e| fail(format!("cannot replace volume {name}: {e}")))?;
+        }
+        let vol = StorageVol::create_xml(pool, &volume_xml(name, len, len), 0)
+            .map_err(|e| fail(format!("cannot create volume {name}: {e}")))?;
+        let stream = Stream::new(&self.conn, 0).map_err(fail)?;
+        vol.upload(&stream, 0, len, 0)
+            .map_err(|e| fail(format!("cannot upload volume {name}: {e}")))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0u64;
+        while sent < len {
+            let n = from
+                .read(&mut buf)
+                .map_err(|e| fail(format!("reading what goes into volume {name}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            let mut off = 0;
+            while off < n {
+                let w = stream
+                    .send(&buf[off..n])
+                    .map_err(|e| fail(format!("uploading volume {name}: {e}")))?;
+                if w <= 0 {
+                    return Err(fail(format!("uploading volume {name}: the stream closed")));
+                }
+                off += w as usize;
+            }
+            sent += n as u64;
+        }
+        stream
+            .finish()
+            .map_err(|e| fail(format!("uploading volume {name}: {e}")))?;
+        if sent != len {
+            return Err(fail(format!(
+                "volume {name}: {sent} of {len} bytes uploaded"
+            )));
+        }
+        Ok(vol)
+    }
+
+    /// The pod VM image's volumes (kernel, initrd, root) in the pool, uploaded if need be;
+    /// returns their paths on the libvirt host.
+    fn image(&self, pool: &StoragePool) -> Result<[String; 3], CloudError> {
+        let files = [
+            ("vmlinux", &self.podvm.pvh_kernel),
+            ("initrd", &self.podvm.initrd),
+            ("root", &self.podvm.root),
+        ];
+        let mut h = Sha256::new();
+        for (_, p) in &files {
+            let mut f = std::fs::File::open(p)
+                .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
+            std::io::copy(&mut f, &mut h)
+                .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
+        }
+        h.update(self.podvm.cmdline.as_bytes());
+        let id = hex::encode(&h.finalize()[..8]);
+        let name = |part: &str| format!("coffer-podvm-{id}-{part}");
+        let ready = name("ready");
+        if pool.lookup_storage_vol_by_name(&ready).is_err() {
+            tracing::info!(image = %id, pool = %self.c.pool, "uploading the pod VM image");
+            for (part, path) in &files {
+                let mut f = std::fs::File::open(path).map_err(fail)?;
+                let len = f.metadata().map_err(fail)?.len();
+                self.upload(pool, &name(part), len, &mut f)?;
+            }
+            StorageVol::create_xml(pool, &volume_xml(&ready, 0, 0), 0)
+                .map_err(|e| fail(format!("cannot mark the image uploaded: {e}")))?;
+        }
+        let path = |part: &str| -> Result<String, CloudError> {
+            pool.lookup_storage_vol_by_name(&name(part))
+                .and_then(|v| v.path())
+                .map_err(|e| fail(format!("volume {}: {e}", name(part))))
+        };
+        Ok([path("vmlinux")?, path("initrd")?, path("root")?])
+    }
+
+    fn tags(&self, d: &Domain) -> Option<Tags> {
+        let text = d
+            .metadata(virt::sys::VIR_DOMAIN_METADATA_DESCRIPTION as i32, None, 0)
+            .ok()?;
+        let t: Tags = serde_json::from_str(&text).ok()?;
+        (t.coffer_cloud == 1 && t.cluster == self.cluster && t.node == self.node).then_some(t)
+    }
+
+    fn ours(&self) -> Result<Vec<(Domain, Tags)>, CloudError> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| fail(format!("cannot list domains: {e}")))?;
+        Ok(domains
+            .into_iter()
+            .filter_map(|d| self.tags(&d).map(|t| (d, t)))
+            .collect())
+    }
+
+    fn vm(&self, d: &Domain, t: Tags, pool_dir: &str) -> Vm {
+        let name = d.name().unwrap_or_default();
+        Vm {
+            id: name.clone(),
+            pod: t.pod,
+            sandbox_dir: t.sandbox_dir,
+            address: Some(t.address),
+            instance_type: t.instance_type,
+            console: Some(format!("{pool_dir}/{name}.console")),
+            running: d.is_active().unwrap_or(false),
+        }
+    }
+
+    fn pool_dir(&self, pool: &StoragePool) -> String {
+        pool.xml_desc(0)
+            .ok()
+            .and_then(|x| {
+                let (_, rest) = x.split_once("<target>")?;
+                let (_, rest) = rest.split_once("<path>")?;
+                Some(rest.split_once("</path>")?.0.to_string())
+            })
+            .unwrap_or_else(|| self.c.pool_dir.display().to_string())
+    }
+
+    fn domain_xml(&self, d: &DomainParts<'_>, spec: &VmSpec) -> String {
+        let DomainParts {
+            name,
+            tags,
+            image,
+            launch_path,
+            mac,
+            console,
+        } = *d;
+        let (kind, cpu) = match self.c.accel.as_str() {
+            "tcg" => ("qemu", "<cpu mode='maximum' check='none'/>"),
+            _ => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
+        };
+        let description = serde_json::to_string(tags).unwrap_or_default();
+        let psp = spec
+            .psp_socket
+            .as_ref()
+            .map(|p| {
+                format!(
+                    "<channel type='unix'><source mode='connect' path='{}'/><target type='virtio' name='{PSP_PORT}'/></channel>",
+                    esc(&p.display().to_string())
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "<domain type='{kind}'>\
+<name>{name}</name>\
+<description>{description}</description>\
+<memory unit='MiB'>{mem}</memory>\
+<vcpu>{vcpus}</vcpu>\
+<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>\
+<sysinfo type='fwcfg'><entry name='{CONFIG_FW_CFG}' file='{launch}'/></sysinfo>\
+<features><acpi/></features>\
+{cpu}\
+<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\
+<devices>\
+<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{root_vol}'/><target dev='vda' bus='virtio'/><serial>coffer-root</serial><readonly/></disk>\
+<disk type='volume' device='disk'><driver name='qemu' type='raw' cache='directsync'/><source pool='{pool}' volume='{name}-scratch'/><target dev='vdb' bus='virtio'/><serial>coffer-scratch</serial></disk>\
+<interface type='bridge'><source bridge='{bridge}'/><mac address='{mac}'/><model type='virtio'/><rom enabled='no'/></interface>\
+<serial type='file'><source path='{console}'/><target port='0'/></serial>\
+{psp}\
+<memballoon model='none'/>\
+</devices>\
+</domain>",
+            name = esc(name),
+            description = esc(&description),
+            mem = spec.instance.memory_mib,
+            vcpus = spec.instance.vcpus,
+            kernel = esc(&image[0]),
+            initrd = esc(&image[1]),
+            cmdline = esc(&self.podvm.cmdline),
+            launch = esc(launch_path),
+            pool = esc(&self.c.pool),
+            root_vol = esc(image[2].rsplit('/').next().unwrap_or_default()),
+            bridge = esc(&self.c.bridge),
+            console = esc(console),
+        )
+    }
+
+    /// Deletes the domain `name` (stopped first) and every volume of its name.
+    fn remove(&self, name: &str) -> Result<bool, CloudError> {
+        let existed = match self.conn.lookup_domain_by_name(name) {
+            Ok(d) => {
+                if d.is_active().unwrap_or(false) {
+                    d.destroy()
+                        .map_err(|e| fail(format!("cannot stop domain {name}: {e}")))?;
+                }
+                d.undefine()
+                    .map_err(|e| fail(format!("cannot undefine domain {name}: {e}")))?;
+                true
+            }
+            Err(_) => false,
+        };
+        let pool = self.pool()?;
+        // The console file is a file of the pool's directory: a refresh shows it as a volume.
+        let _ = pool.refresh(0);
+        for v in pool.list_volumes().map_err(fail)? {
+            if v.starts_with(&format!("{name}-")) || v.starts_with(&format!("{name}.")) {
+                if let Ok(vol) = &pool.lookup_storage_vol_by_name(&v) {
+                    vol.delete(0)
+                        .map_err(|e| fail(format!("cannot delete volume {v}: {e}")))?;
+                }
+            }
+        }
+        Ok(existed)
+    }
+}
+
+impl Provider for Libvirt {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn launch_limit(&self) -> usize {
+        LAUNCH_LIMIT
+    }
+
+    fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
+        if spec.launch.tee != "emulated" {
+            return Err(CloudError::Invalid(format!(
+                "tee {}: the libvirt provider launches the emulated TEE only (launchSecurity is not built yet)",
+                spec.launch.tee
+            )));
+        }
+        let name = self.domain_name(&spec.pod);
+        let pool = self.pool()?;
+        let pool_dir = self.pool_dir(&pool);
+        if let Ok(d) = self.conn.lookup_domain_by_name(&name) {
+            // Idempotent: the VM this pod already has (a keeper asking again).
+            if let Some(t) = self.tags(&d) {
+                if t.sandbox_dir == spec.sandbox_dir {
+                    if !d.is_active().unwrap_or(false) {
+                        d.create()
+                            .map_err(|e| fail(format!("cannot start domain {name}: {e}")))?;
+                    }
+                    return Ok(self.vm(&d, t, &pool_dir));
+                }
+            }
+            return Err(CloudError::Invalid(format!(
+                "domain {name} exists and is not this sandbox's"
+            )));
+        }
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let image = self.image(&pool)?;
+        let used: Vec<Ipv4Addr> = self.ours()?.into_iter().map(|(_, t)| t.address).collect();
+        let address = self
+            .subnet
+            .free(&used)
+            .ok_or_else(|| CloudError::Capacity {
+                provider: NAME,
+                instance_type: spec.instance.name.clone(),
+                why: format!("no free address left in subnet {}", self.c.subnet),
+            })?;
+        let o = address.octets();
+        let mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3]);
+        let tags = Tags {
+            coffer_cloud: 1,
+            cluster: self.cluster.clone(),
+            node: self.node.clone(),
+            pod: spec.pod.clone(),
+            sandbox_dir: spec.sandbox_dir.clone(),
+            address,
+            instance_type: spec.instance.name.clone(),
+        };
+        let launch_name = format!("{name}-launch.json");
+        let launch_path = format!("{pool_dir}/{launch_name}");
+        let console = format!("{pool_dir}/{name}.console");
+        // Tagged first: from here on, whatever happens, the reconciler finds this VM.
+        let xml = self.domain_xml(
+            &DomainParts {
+                name: &name,
+                tags: &tags,
+                image: &image,
+                launch_path: &launch_path,
+                mac: &mac,
+                console: &console,
+            },
+            spec,
+        );
+        let domain = self
+            .conn
+            .define_domain_xml(&xml)
+            .map_err(|e| fail(format!("cannot define domain {name}: {e}")))?;
+        drop(guard);
+        let made = (|| {
+            let mut launch = spec.launch.clone();
+            if let Some(r) = launch.remote.as_mut() {
+                r.interface = Some(StaticInterface {
+                    mac: mac.clone(),
+                    address: format!("{address}/{}", self.subnet.prefix),
+                    gateway: Some(self.subnet.gateway.to_string()),
+                });
+            }
+            let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&launch).map_err(fail)?);
+            self.upload(&pool, &launch_name, bytes.len() as u64, &mut &bytes[..])?;
+            let scratch = format!("{name}-scratch");
+            StorageVol::create_xml(&pool, &volume_xml(&scratch, self.c.scratch_mib << 20, 0), 0)
+                .map_err(|e| fail(format!("cannot create volume {scratch}: {e}")))?;
+            domain
+                .create()
+                .map_err(|e| fail(format!("cannot start domain {name}: {e}")))
+        })();
+        if let Err(e) = made {
+            // Nothing half-made stays behind.
+            if let Err(r) = self.remove(&name) {
+                tracing::warn!(domain = %name, error = %r, "cannot remove a failed create; the reconciler will");
+            }
+            return Err(e);
+        }
+        Ok(self.vm(&domain, tags, &pool_dir))
+    }
+
+    fn delete(&self, pod: &str) -> Result<bool, CloudError> {
+        self.remove(&self.domain_name(pod))
+    }
+
+    fn list(&self) -> Result<Vec<Vm>, CloudError> {
+        let pool = self.pool()?;
+        let dir = self.pool_dir(&pool);
+        Ok(self
+            .ours()?
+            .into_iter()
+            .map(|(d, t)| self.vm(&d, t, &dir))
+            .collect())
+    }
+}
+
+fn volume_xml(name: &str, capacity: u64, allocation: u64) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity><allocation unit='bytes'>{allocation}</allocation><target><format type='raw'/></target></volume>",
+        esc(name)
+    )
+}
+
+/// Escapes text for XML content and single- or double-quoted attributes.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_text_is_escaped() {
+        assert_eq!(esc("a<b>&'\""), "a&lt;b&gt;&amp;&apos;&quot;");
+        let x = volume_xml("v'<", 10, 0);
+        assert!(x.contains("<name>v&apos;&lt;</name>"), "{x}");
+    }
+}

@@ -1,0 +1,244 @@
+//! What a provider does, and what every request is checked against before any provider call.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use coffer_podvm::remote::LaunchConfig;
+
+use crate::config::InstanceType;
+
+/// A provider failed, or a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// The request is wrong; nothing was asked of the provider.
+    #[error("{0}")]
+    Invalid(String),
+    /// The provider is out of quota or capacity for the instance type, or throttles; retried
+    /// with back-off by the caller.
+    #[error("{provider}: no {instance_type} now: {why}")]
+    Capacity {
+        /// The provider.
+        provider: &'static str,
+        /// The instance type asked for.
+        instance_type: String,
+        /// What the provider said.
+        why: String,
+    },
+    /// The provider's API failed.
+    #[error("{provider}: {why}")]
+    Provider {
+        /// The provider.
+        provider: &'static str,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// What a VM is created for.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// The sandbox's id (tagged).
+    pub pod: String,
+    /// The keeper's sandbox directory (tagged; [`crate::lease`]).
+    pub sandbox_dir: PathBuf,
+    /// Its size.
+    pub instance: InstanceType,
+    /// Its launch configuration (the provider adds the VM's interface where it assigns it).
+    pub launch: LaunchConfig,
+    /// The keeper's emulated PSP socket (emulated TEE, local libvirt only).
+    pub psp_socket: Option<PathBuf>,
+}
+
+/// A VM as the provider lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vm {
+    /// The provider's id.
+    pub id: String,
+    /// The sandbox it was made for (its tag).
+    pub pod: String,
+    /// The sandbox's directory (its tag).
+    pub sandbox_dir: PathBuf,
+    /// Its address, once known.
+    pub address: Option<Ipv4Addr>,
+    /// Its instance type.
+    pub instance_type: String,
+    /// Where its console is readable, if anywhere.
+    pub console: Option<String>,
+    /// Whether it runs.
+    pub running: bool,
+}
+
+/// An infrastructure API that makes VMs. Calls block (they are made on the blocking pool) and
+/// must be idempotent: `create` for a pod that has a VM returns that VM, `delete` of what is
+/// gone succeeds.
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's name, in messages.
+    fn name(&self) -> &'static str;
+    /// The largest launch configuration the provider can hand a VM (bytes).
+    fn launch_limit(&self) -> usize;
+    /// Creates and starts the VM for `spec.pod` (or finds it), tagged with this cluster, node,
+    /// pod and sandbox directory before it runs; returns it once its address is known.
+    fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError>;
+    /// Deletes the VM of `pod` and everything made for it; `false` when there was none.
+    fn delete(&self, pod: &str) -> Result<bool, CloudError>;
+    /// The VMs tagged with this cluster and node.
+    fn list(&self) -> Result<Vec<Vm>, CloudError>;
+}
+
+/// The checks a create request passes before any provider call; names what is wrong.
+pub fn check_spec(
+    spec: &VmSpec,
+    launch_bytes: usize,
+    limit: usize,
+    provider: &str,
+) -> Result<(), CloudError> {
+    if spec.pod.is_empty()
+        || spec.pod.len() > 128
+        || !spec
+            .pod
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(CloudError::Invalid(format!(
+            "pod id {:?}: use 1 to 128 letters, digits, '-', '_' or '.'",
+            spec.pod
+        )));
+    }
+    if !spec.sandbox_dir.is_absolute() {
+        return Err(CloudError::Invalid(format!(
+            "sandbox directory {}: must be absolute",
+            spec.sandbox_dir.display()
+        )));
+    }
+    if launch_bytes > limit {
+        return Err(CloudError::Invalid(format!(
+            "the launch configuration (user data) is {launch_bytes} bytes, over the {provider} provider's limit of {limit}"
+        )));
+    }
+    if spec.launch.remote.is_none() {
+        return Err(CloudError::Invalid(
+            "the launch configuration has no agent channel (remote): the VM's agent could not be reached".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// An IPv4 subnet that VM addresses are given out from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length.
+    pub prefix: u8,
+    /// The gateway (never given out).
+    pub gateway: Ipv4Addr,
+}
+
+impl Subnet {
+    /// `10.99.0.0/24` with gateway `10.99.0.1`.
+    pub fn parse(cidr: &str, gateway: &str) -> Result<Self, String> {
+        let (net, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| format!("subnet {cidr:?}: use ADDRESS/PREFIX"))?;
+        let network: Ipv4Addr = net
+            .parse()
+            .map_err(|_| format!("subnet {cidr:?}: not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("subnet {cidr:?}: the prefix must be 8 to 30"))?;
+        let gateway: Ipv4Addr = gateway
+            .parse()
+            .map_err(|_| format!("gateway {gateway:?}: not an IPv4 address"))?;
+        let s = Self {
+            network,
+            prefix,
+            gateway,
+        };
+        if u32::from(network) & !s.mask() != 0 {
+            return Err(format!("subnet {cidr:?}: host bits are set"));
+        }
+        if !s.contains(gateway) {
+            return Err(format!("gateway {gateway} is not in subnet {cidr}"));
+        }
+        Ok(s)
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX << (32 - self.prefix)
+    }
+
+    /// Whether `a` is a host address of the subnet.
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let a = u32::from(a);
+        let n = u32::from(self.network);
+        a & self.mask() == n && a != n && a != n | !self.mask()
+    }
+
+    /// The lowest host address that is neither the gateway nor in `used`.
+    pub fn free(&self, used: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+        let n = u32::from(self.network);
+        (n + 1..n | !self.mask())
+            .map(Ipv4Addr::from)
+            .find(|a| *a != self.gateway && !used.contains(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_given_out_below_the_broadcast_never_the_gateway_or_twice() {
+        let s = Subnet::parse("10.99.0.0/30", "10.99.0.1").unwrap();
+        let a = s.free(&[]).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 99, 0, 2));
+        assert_eq!(s.free(&[a]), None, "a /30 has two host addresses");
+        assert!(Subnet::parse("10.99.0.1/24", "10.99.0.1")
+            .unwrap_err()
+            .contains("host bits"));
+        assert!(Subnet::parse("10.99.0.0/24", "10.99.0.255")
+            .unwrap_err()
+            .contains("not in subnet"));
+    }
+
+    #[test]
+    fn a_request_is_refused_before_any_call_naming_what_is_wrong() {
+        let spec = |pod: &str| VmSpec {
+            pod: pod.into(),
+            sandbox_dir: "/run/coffer/s".into(),
+            instance: InstanceType {
+                name: "small".into(),
+                vcpus: 1,
+                memory_mib: 512,
+            },
+            launch: LaunchConfig {
+                initdata: String::new(),
+                plain_http: false,
+                tee: "emulated".into(),
+                network: String::new(),
+                remote: Some(
+                    coffer_podvm::remote::Credentials::generate("t")
+                        .unwrap()
+                        .remote_agent(),
+                ),
+            },
+            psp_socket: None,
+        };
+        assert!(check_spec(&spec("p1"), 100, 1000, "libvirt").is_ok());
+        let e = check_spec(&spec("p1"), 2000, 1000, "libvirt").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("2000 bytes, over the libvirt provider's limit of 1000"),
+            "{e}"
+        );
+        let e = check_spec(&spec("../x"), 1, 1000, "libvirt").unwrap_err();
+        assert!(e.to_string().contains("pod id \"../x\""), "{e}");
+        let mut s = spec("p1");
+        s.launch.remote = None;
+        assert!(check_spec(&s, 1, 1000, "libvirt")
+            .unwrap_err()
+            .to_string()
+            .contains("no agent channel"));
+    }
+}
