@@ -290,14 +290,16 @@ agent_impl! {
             ));
         };
         let req = r.into_inner();
+        let status = |e: crate::net::NetError| match e {
+            crate::net::NetError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            crate::net::NetError::Unavailable(_) => Status::failed_precondition(e.to_string()),
+            crate::net::NetError::Apply(_) => Status::internal(e.to_string()),
+        };
+        net.tunnels(&req).await.map_err(status)?;
         tokio::task::spawn_blocking(move || net.configure(&req))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| match e {
-                crate::net::NetError::Invalid(_) => Status::invalid_argument(e.to_string()),
-                crate::net::NetError::Unavailable(_) => Status::failed_precondition(e.to_string()),
-                crate::net::NetError::Apply(_) => Status::internal(e.to_string()),
-            })?;
+            .map_err(status)?;
         Ok(Response::new(Empty {}))
     }
 

@@ -399,6 +399,96 @@ impl Network {
         }
     }
 
+    /// A peer pod's tunnels (`req.tunnels`): each checked (a known interface's MAC, a VNI, a
+    /// usable remote address, a port), then made as a VXLAN device with that MAC, so that
+    /// [`Network::configure`] finds it as the interface. Nothing is made once the network was
+    /// configured.
+    pub async fn tunnels(&self, req: &SetNetworkRequest) -> Result<(), NetError> {
+        if req.tunnels.is_empty() {
+            return Ok(());
+        }
+        if *self.done.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(NetError::Unavailable(
+                "the sandbox's network is already configured (once per sandbox)".into(),
+            ));
+        }
+        let mut checked: Vec<(String, u32, std::net::Ipv4Addr, u16)> = Vec::new();
+        for t in &req.tunnels {
+            let mac = parse_mac(&t.mac)?;
+            if !req
+                .interfaces
+                .iter()
+                .any(|i| parse_mac(&i.mac).is_ok_and(|m| m == mac))
+            {
+                return Err(invalid(format!(
+                    "tunnel for {mac}: no interface of the request has that MAC"
+                )));
+            }
+            if !(1..=0xff_ffff).contains(&t.vni) {
+                return Err(invalid(format!(
+                    "tunnel for {mac}: VNI {} (1 to 16777215)",
+                    t.vni
+                )));
+            }
+            let remote: std::net::Ipv4Addr = t.remote.parse().map_err(|_| {
+                invalid(format!(
+                    "tunnel for {mac}: remote {:?} is not an IPv4 address",
+                    t.remote
+                ))
+            })?;
+            if !usable(IpAddr::V4(remote)) {
+                return Err(invalid(format!(
+                    "tunnel for {mac}: remote {remote} is not a host address"
+                )));
+            }
+            let port = u16::try_from(t.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| invalid(format!("tunnel for {mac}: port {}", t.port)))?;
+            if checked.iter().any(|(m, ..)| *m == mac) {
+                return Err(invalid(format!("tunnel for {mac}: named twice")));
+            }
+            checked.push((mac, t.vni, remote, port));
+        }
+        // The vxlan module loads after the agent serves.
+        crate::vm::later_modules()
+            .await
+            .map_err(|e| NetError::Apply(format!("the kernel's vxlan module: {e}")))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::Apply(format!("netlink: {e}")))?;
+        let conn = tokio::spawn(conn);
+        let made = async {
+            for (i, (mac, vni, remote, port)) in checked.iter().enumerate() {
+                let bytes: Vec<u8> = mac
+                    .split(':')
+                    .filter_map(|b| u8::from_str_radix(b, 16).ok())
+                    .collect();
+                handle
+                    .link()
+                    .add(
+                        rtnetlink::LinkVxlan::new(&format!("cfrvx{i}"), *vni)
+                            .remote(*remote)
+                            .port(*port)
+                            .learning(false)
+                            .address(bytes)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        NetError::Apply(format!(
+                            "cannot make the tunnel for {mac} (VNI {vni} to {remote}): {e}"
+                        ))
+                    })?;
+                tracing::info!(%mac, vni, %remote, port, "tunnel made");
+            }
+            Ok(())
+        }
+        .await;
+        conn.abort();
+        made
+    }
+
     /// Checks `req` and applies it; refused after a first configuration was applied.
     pub fn configure(&self, req: &SetNetworkRequest) -> Result<Plan, NetError> {
         let plan = plan(req, self.kbs)?;

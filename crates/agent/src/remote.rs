@@ -17,7 +17,13 @@ pub async fn accept(
     remote: &RemoteAgent,
 ) -> anyhow::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(server_config(remote)?);
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, AGENT_TCP_PORT));
+    // On the VM's own address where the provider gave one: never on the pod's addresses.
+    let ip = remote
+        .interface
+        .as_ref()
+        .and_then(|i| i.address.split('/').next()?.parse::<Ipv4Addr>().ok())
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let addr = SocketAddr::from((ip, AGENT_TCP_PORT));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

@@ -485,7 +485,12 @@ pub fn boot() -> Result<Boot, BootError> {
     })
 }
 
-/// Brings up the interface with `i.mac`: its address, and the default route through the gateway.
+/// A peer pod's own interface in the guest: the node reaches the agent, and the pod network's
+/// tunnels, through it; no route but its subnet's (the guest's and its containers' traffic goes
+/// through the node: the keeper's forwarder, or the pod network).
+pub const UNDERLAY: &str = "coffer0";
+
+/// Brings up the interface with `i.mac` as [`UNDERLAY`], with its address.
 fn static_interface(i: &coffer_podvm::remote::StaticInterface) -> Result<(), BootError> {
     let want = i.mac.to_ascii_lowercase();
     let name = wait_for(&format!("network interface {}", i.mac), || {
@@ -498,14 +503,16 @@ fn static_interface(i: &coffer_podvm::remote::StaticInterface) -> Result<(), Boo
             })
     })?;
     let name = name.display().to_string();
-    run_tool("/bin/busybox", &["ip", "link", "set", &name, "up"])?;
+    // Named apart from the pod's interfaces (eth0, …), which come later over VXLAN.
     run_tool(
         "/bin/busybox",
-        &["ip", "addr", "add", &i.address, "dev", &name],
+        &["ip", "link", "set", &name, "name", UNDERLAY],
     )?;
-    if let Some(g) = &i.gateway {
-        run_tool("/bin/busybox", &["ip", "route", "add", "default", "via", g])?;
-    }
+    run_tool("/bin/busybox", &["ip", "link", "set", UNDERLAY, "up"])?;
+    run_tool(
+        "/bin/busybox",
+        &["ip", "addr", "add", &i.address, "dev", UNDERLAY],
+    )?;
     Ok(())
 }
 

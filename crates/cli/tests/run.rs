@@ -1745,7 +1745,7 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
 
     // Bad input is refused before anything is made.
     let (code, _, stderr) =
-        cli(w.run_in(&remote, &init, "pp-bad", &["--network", "cni"], &["true"])).await;
+        cli(w.run_in(&remote, &init, "pp-bad", &["--tee", "snp"], &["true"])).await;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("--sandbox remote"), "{stderr}");
 
@@ -1797,4 +1797,96 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
     let (code, _, stderr) = w.ctl(&["rm", name]).await;
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_peer_pod_on_the_pod_network_serves_at_its_pod_address() {
+    // The peer pod keeps the address the CNI gave its namespace on the node: the keeper carries
+    // the pod's interface to the libvirt VM over VXLAN (the VM's own interface is on another
+    // bridge), the guest attests and pulls over it, and a process-sandbox pod on the same CNI
+    // bridge fetches the page the peer pod's container serves.
+    let built = tempfile::tempdir().unwrap();
+    let podvm = built.path().join("podvm");
+    common::build_podvm(&podvm);
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.15.1/24");
+    bridge("cfrpp1", "10.99.8.1/24");
+    let w = world_at("10.88.15.1", None).await;
+    let root = w.d().join("cni");
+    common::containerd::TestNetns::cni_config(&root, "10.88.15.0/24");
+    let conf = root.join("etc/cni/net.d").display().to_string();
+    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
+    let cloud = common::libvirt::Cloud::start(
+        w.d(),
+        &libvirtd,
+        &podvm,
+        "cfrpp1",
+        "10.99.8.0/24",
+        "10.99.8.1",
+    );
+    let vm = vm_args(&podvm);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register_for(&vm, &[&init]).await;
+    let remote = [
+        "--sandbox",
+        "remote",
+        "--podvm",
+        podvm.to_str().unwrap(),
+        "--cloud",
+        cloud.socket.to_str().unwrap(),
+        "--ready-timeout",
+        "90",
+    ];
+    let name = "pp-net";
+    let serve = "mkdir -p /www && echo served by the peer pod > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let (code, stdout, stderr) = cli(w.run_in(
+        &remote,
+        &init,
+        name,
+        &["-d", "--network", "cni", "--cni-conf-dir", &conf],
+        &["/bin/sh", "-c", serve],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}\ncoffer-cloud: {}", cloud.log());
+    assert_eq!(stdout, format!("{name}\n"));
+    let address = stderr
+        .lines()
+        .find_map(|l| l.split("on the CNI network at ").nth(1))
+        .unwrap_or_else(|| panic!("no address in {stderr}"))
+        .to_string();
+    let ip = address.split('/').next().unwrap().to_string();
+    assert!(ip.starts_with("10.88.15."), "{address}");
+    // The guest pulled its image itself, from its pod address, through the tunnel.
+    let gets = w.registry.blob_gets();
+    assert!(
+        gets.iter().any(|l| l.starts_with(&format!("{ip} "))),
+        "no blob request from {ip}: {gets:#?}"
+    );
+    // Another pod on the bridge reaches it at that address (a process sandbox: its own
+    // measurement, registered beside the VM's).
+    w.register_for(&["--sandbox", "process"], &[&init]).await;
+    let fetch = format!("wget -q -O - http://{ip}:8080/index.html");
+    let (code, stdout, stderr) = cli(w.run_in(
+        &["--sandbox", "process"],
+        &init,
+        "pp-client",
+        &["--network", "cni", "--cni-conf-dir", &conf],
+        &["/bin/sh", "-c", &fetch],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("served by the peer pod"), "{stdout}");
+    let (code, _, stderr) = w.ctl(&["rm", "-f", name]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    nothing_left(&w, name, "served by the peer pod").await;
+    eventually("the VM is deleted", || {
+        libvirtd
+            .virsh(&["list", "--all", "--name"])
+            .trim()
+            .is_empty()
+    })
+    .await;
+    let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
+    assert!(!links.contains("cfrvx"), "a tunnel is left: {links}");
 }

@@ -439,7 +439,6 @@ impl Provider for Libvirt {
                 r.interface = Some(StaticInterface {
                     mac: mac.clone(),
                     address: format!("{address}/{}", self.subnet.prefix),
-                    gateway: Some(self.subnet.gateway.to_string()),
                 });
             }
             let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&launch).map_err(fail)?);

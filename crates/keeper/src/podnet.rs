@@ -16,14 +16,14 @@
 //! namespace and goes with it.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
-use coffer_agent::proto::{NetworkInterface, NetworkRoute, SetNetworkRequest};
+use coffer_agent::proto::{NetworkInterface, NetworkRoute, SetNetworkRequest, VxlanTunnel};
 
 /// One interface of the pod's namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +183,76 @@ impl PodNetwork {
                 None,
             ) {
                 tracing::debug!(error = %e, "no redirection to remove");
+            }
+        }
+    }
+
+    /// A peer pod: the pod's one interface is carried to the VM at `remote` over VXLAN (UDP
+    /// 4789, VNI `vni`). The VXLAN device is made in this process's network namespace (the
+    /// node's, so its encapsulated traffic takes the node's network) and then moved into the
+    /// pod's, where traffic control redirects the interface's frames to it and back, as for a
+    /// local VM's tap. Returns the tunnel as the guest makes its end.
+    pub fn tunnel(&mut self, vni: u32, remote: Ipv4Addr) -> anyhow::Result<VxlanTunnel> {
+        if self.links.len() != 1 {
+            bail!(
+                "a peer pod carries one pod interface; the pod's namespace {} has {}",
+                self.netns.display(),
+                self.links.len()
+            );
+        }
+        let dev = format!("cfrvx{vni}");
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .context("cannot run ip (iproute2)")?;
+            if !out.status.success() {
+                bail!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        let (v, r) = (vni.to_string(), remote.to_string());
+        // One left by a keeper killed before goes first.
+        let _ = Command::new("ip").args(["link", "del", &dev]).output();
+        run(&[
+            "link",
+            "add",
+            &dev,
+            "type",
+            "vxlan",
+            "id",
+            &v,
+            "remote",
+            &r,
+            "dstport",
+            "4789",
+            "nolearning",
+        ])?;
+        let netns = self.netns.display().to_string();
+        if let Err(e) = run(&["link", "set", "dev", &dev, "netns", &netns]) {
+            let _ = Command::new("ip").args(["link", "del", &dev]).output();
+            return Err(e);
+        }
+        self.links[0].tap = dev;
+        self.connect(Duration::from_secs(5))?;
+        Ok(VxlanTunnel {
+            mac: self.links[0].mac.clone(),
+            vni,
+            remote: String::new(),
+            port: 4789,
+        })
+    }
+
+    /// Removes a peer pod's tunnel (and its redirection) from the pod's namespace.
+    pub fn untunnel(&self) {
+        self.disconnect();
+        for l in &self.links {
+            if l.tap.starts_with("cfrvx") {
+                let _ = in_netns(&self.netns, "ip", &["link", "del", &l.tap], None);
             }
         }
     }

@@ -31,6 +31,7 @@ use rustls::pki_types::ServerName;
 
 use crate::{
     lifetime::owner_gone,
+    podnet::PodNetwork,
     vm::{guest_streams, serve_agent_sock, start_emulated_psp},
     KeeperArgs,
 };
@@ -84,12 +85,29 @@ async fn run(
     psp_chan: &Path,
     text: &str,
 ) -> anyhow::Result<()> {
+    // The pod network, as the CNI configured it in the pod's namespace (read first: a bad one
+    // fails before a VM is made).
+    let podnet = match &a.pod_netns {
+        Some(ns) => {
+            let ns = ns.clone();
+            Some(tokio::task::spawn_blocking(move || PodNetwork::read(&ns)).await??)
+        }
+        None => None,
+    };
+    let resolv = match (&podnet, &a.resolv_conf) {
+        (Some(_), Some(p)) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the pod's resolver {}", p.display()))?,
+        ),
+        _ => None,
+    };
     let creds = Credentials::generate(&a.name)?;
     let launch = serde_json::to_vec(&LaunchConfig {
         initdata: text.to_string(),
         plain_http: a.plain_http,
         tee: a.tee.clone(),
-        network: "none".into(),
+        // The pod network comes over a tunnel the agent makes when the keeper says so.
+        network: if podnet.is_some() { "pod" } else { "none" }.into(),
         remote: Some(creds.remote_agent()),
     })?;
     let dir = std::path::absolute(&a.dir)?;
@@ -168,6 +186,27 @@ async fn run(
         _ = int.recv() => return Ok(()),
     };
     tracing::info!(%addr, ms = t.elapsed().as_millis() as u64, "connected to the agent (mutual TLS)");
+    // The pod's interface goes to the VM over VXLAN, from this end of the connection (the
+    // node's address the VM reaches) to the VM's; one VNI per VM address.
+    let mut tunnel = None;
+    let _tunnelled = match podnet {
+        Some(mut net) => {
+            let (IpAddr::V4(node), IpAddr::V4(vm_ip)) = (tls.get_ref().0.local_addr()?.ip(), ip)
+            else {
+                bail!("a peer pod's pod network needs IPv4 between the node and the VM ({ip})");
+            };
+            let vni = (u32::from(vm_ip) & 0xff_ffff).max(1);
+            let made =
+                tokio::task::spawn_blocking(move || net.tunnel(vni, vm_ip).map(|t| (net, t)))
+                    .await?;
+            let (net, mut t) = made.context("cannot carry the pod network to the VM")?;
+            t.remote = node.to_string();
+            tracing::info!(vni, %node, vm = %vm_ip, "the pod network is tunnelled to the VM");
+            tunnel = Some((net.request(resolv.as_deref()), t));
+            Some(Tunnelled(net))
+        }
+        None => None,
+    };
     let (opener, inbound) = mux::start(tls, mux::Side::Host);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(1);
     let ended = tokio::spawn(guest_streams(
@@ -185,6 +224,26 @@ async fn run(
         _ = term.recv() => return Ok(()),
         _ = int.recv() => return Ok(()),
     }
+    if let Some((mut request, vxlan)) = tunnel {
+        // The guest makes its end of the tunnel and takes the pod's addresses, routes and
+        // resolver before anything else may ask it for work.
+        request.tunnels = vec![vxlan];
+        coffer_agent::api::connect_mux(opener.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the agent: {e}"))?
+            .set_network(request)
+            .await
+            .map_err(|s| {
+                anyhow::anyhow!(
+                    "the peer pod's agent did not take the pod network: {}",
+                    s.message()
+                )
+            })?;
+        tracing::info!(
+            ms = t.elapsed().as_millis() as u64,
+            "the peer pod is on the pod network"
+        );
+    }
     serve_agent_sock(&a.dir, opener)?;
     tracing::info!(ms = t.elapsed().as_millis() as u64, "the agent serves");
     tokio::select! {
@@ -194,6 +253,15 @@ async fn run(
         _ = int.recv() => tracing::info!("interrupted"),
     }
     Ok(())
+}
+
+/// A pod network tunnelled to the VM; the tunnel and its redirection are removed when dropped.
+struct Tunnelled(PodNetwork);
+
+impl Drop for Tunnelled {
+    fn drop(&mut self) {
+        self.0.untunnel();
+    }
 }
 
 /// The VM's console as the provider keeps it: its last lines where this host can read it (a

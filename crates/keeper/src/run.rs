@@ -75,10 +75,6 @@ fn with_network(a: &KeeperArgs) -> anyhow::Result<KeeperArgs> {
     let mut a = a.clone();
     match (a.network.as_str(), &a.pod_netns, &a.podvm) {
         ("none", None, _) => {}
-        (_, _, Some(_)) if a.cloud.is_some() => anyhow::bail!(
-            "--network {} / --pod-netns: a peer pod has no pod network yet; use --network none (its own traffic goes through the keeper's logged forwarder)",
-            a.network
-        ),
         ("none", _, _) => {}
         (_, Some(_), _) => anyhow::bail!(
             "--network {} and --pod-netns: the pod's network is already given",

@@ -157,6 +157,8 @@ pub const LATER_MODULES: &[&str] = &[
     "xt_REDIRECT",
     "xt_tcpudp",
     "xt_cgroup",
+    // A peer pod's pod interfaces, carried over VXLAN from the node.
+    "vxlan",
 ];
 
 /// The kernel command line, without the verity parameters. `cryptomgr.notests` skips the

@@ -78,11 +78,8 @@ impl std::fmt::Debug for RemoteAgent {
 pub struct StaticInterface {
     /// The interface's MAC address (`52:54:00:…`), which finds it in the guest.
     pub mac: String,
-    /// Its address with prefix length (`10.99.0.5/24`).
+    /// Its address with prefix length (`10.99.0.5/24`): the node is on that subnet.
     pub address: String,
-    /// The default route's gateway, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
 }
 
 /// A remote channel's TLS set-up failed.

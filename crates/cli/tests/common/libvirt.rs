@@ -73,8 +73,9 @@ impl Libvirtd {
         let log = dir.join("libvirtd.log");
         let script = format!(
             "set -e; for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt; do mkdir -p $d; mount -t tmpfs tmpfs $d; done; \
-             mkdir -p /etc/libvirt; mount --bind {etc} /etc/libvirt; exec libvirtd --config {etc}/libvirtd.conf",
-            etc = etc.display()
+             mkdir -p /etc/libvirt; mount --bind {etc} /etc/libvirt; exec libvirtd --config {etc}/libvirtd.conf --pid-file {pid}",
+            etc = etc.display(),
+            pid = dir.join("libvirtd.pid").display()
         );
         let child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
