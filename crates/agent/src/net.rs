@@ -622,6 +622,7 @@ mod tests {
             dns_servers: vec!["10.96.0.10".into()],
             dns_searches: vec!["default.svc.cluster.local".into()],
             dns_options: vec!["ndots:5".into()],
+            tunnels: Vec::new(),
         }
     }
 
@@ -629,6 +630,42 @@ mod tests {
         let e = plan(req, kbs.map(|k| k.parse().unwrap())).unwrap_err();
         assert!(matches!(e, NetError::Invalid(_)), "{e}");
         e.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_is_refused_before_anything_is_made_naming_what_is_wrong() {
+        let net = Network::new(None, vec!["false".into()], "/nonexistent".into());
+        let with = |mac: &str, vni: u32, remote: &str, port: u32| {
+            let mut r = pod("10.88.7.5/24", &[]);
+            r.tunnels = vec![crate::proto::VxlanTunnel {
+                mac: mac.into(),
+                vni,
+                remote: remote.into(),
+                port,
+            }];
+            r
+        };
+        let refused = |r: SetNetworkRequest| {
+            let net = &net;
+            async move { net.tunnels(&r).await.unwrap_err().to_string() }
+        };
+        let e = refused(with("0a:58:0a:58:07:06", 5, "10.99.7.1", 4789)).await;
+        assert!(
+            e.contains("no interface of the request has that MAC"),
+            "{e}"
+        );
+        let e = refused(with("0a:58:0a:58:07:05", 0, "10.99.7.1", 4789)).await;
+        assert!(e.contains("VNI 0"), "{e}");
+        let e = refused(with("0a:58:0a:58:07:05", 1 << 24, "10.99.7.1", 4789)).await;
+        assert!(e.contains("VNI 16777216"), "{e}");
+        let e = refused(with("0a:58:0a:58:07:05", 5, "node", 4789)).await;
+        assert!(e.contains("remote \"node\" is not an IPv4 address"), "{e}");
+        let e = refused(with("0a:58:0a:58:07:05", 5, "0.0.0.0", 4789)).await;
+        assert!(e.contains("is not a host address"), "{e}");
+        let e = refused(with("0a:58:0a:58:07:05", 5, "10.99.7.1", 70000)).await;
+        assert!(e.contains("port 70000"), "{e}");
+        // None at all is nothing to do.
+        net.tunnels(&pod("10.88.7.5/24", &[])).await.unwrap();
     }
 
     #[test]
