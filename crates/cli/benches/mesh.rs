@@ -112,6 +112,7 @@ fn main() {
                 podvm: None,
                 psp_dir: &n.world.psp_dir,
                 registry: &n.world.registry.addr,
+                cloud: None,
             },
         )
     });

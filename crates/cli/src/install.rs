@@ -39,12 +39,17 @@ struct ContainerdArgs {
     /// Install under this root instead of `/` (every path, containerd's sockets included).
     #[arg(long, default_value = "/")]
     root: PathBuf,
-    /// The pods' sandbox: `vm` (a pod VM, with --podvm) or `process` (development).
+    /// The pods' sandbox: `vm` (a pod VM, with --podvm), `remote` (a peer pod: a pod VM the
+    /// `coffer-cloud` daemon at --cloud creates) or `process` (development).
     #[arg(long, default_value = "vm")]
     sandbox: String,
     /// The pod VM image (`coffer podvm build --out DIR`) [default: ROOT/opt/coffer/podvm].
     #[arg(long)]
     podvm: Option<PathBuf>,
+    /// The `coffer-cloud` daemon's socket, for `--sandbox remote` [default:
+    /// ROOT/run/coffer/cloud.sock].
+    #[arg(long)]
+    cloud: Option<PathBuf>,
     /// Where containerd-shim-coffer-v2, coffer, coffer-agent and coffer-snapshotter are.
     #[arg(long, default_value = "/usr/local/bin")]
     bin_dir: PathBuf,
@@ -95,11 +100,14 @@ fn q(s: impl AsRef<str>) -> String {
 fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
     let root = &a.root;
     let sandbox = match a.sandbox.as_str() {
-        "vm" | "process" => a.sandbox.as_str(),
-        other => bail!("--sandbox {other}: use `vm` or `process`"),
+        "vm" | "remote" | "process" => a.sandbox.as_str(),
+        other => bail!("--sandbox {other}: use `vm`, `remote` or `process`"),
     };
     if sandbox == "process" && a.podvm.is_some() {
-        bail!("--podvm belongs to --sandbox vm");
+        bail!("--podvm belongs to --sandbox vm or remote");
+    }
+    if sandbox != "remote" && a.cloud.is_some() {
+        bail!("--cloud belongs to --sandbox remote");
     }
     match (a.tee.as_str(), sandbox) {
         ("emulated", _) if !a.emulated_tee => bail!(
@@ -108,6 +116,10 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
         ),
         ("emulated", _) => {}
         ("snp" | "tdx", "vm") => {}
+        ("snp" | "tdx", "remote") => bail!(
+            "--tee {} with --sandbox remote: peer pods launch the emulated TEE only for now",
+            a.tee
+        ),
         ("snp" | "tdx", _) => bail!("--tee {} needs --sandbox vm", a.tee),
         (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
     }
@@ -131,8 +143,15 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
          sandbox = {}\n",
         q(sandbox)
     );
-    if sandbox == "vm" {
+    if sandbox != "process" {
         shim.push_str(&format!("podvm = {}\n", q(podvm.display().to_string())));
+    }
+    if sandbox == "remote" {
+        let cloud = a
+            .cloud
+            .clone()
+            .unwrap_or_else(|| under(root, coffer_cloud::DEFAULT_SOCKET));
+        shim.push_str(&format!("cloud = {}\n", q(cloud.display().to_string())));
     }
     let agent = a
         .agent
@@ -246,6 +265,7 @@ mod tests {
             root: root.to_path_buf(),
             sandbox: "process".into(),
             podvm: None,
+            cloud: None,
             bin_dir: "/opt/bin".into(),
             agent: None,
             psp_dir: None,
@@ -322,5 +342,28 @@ mod tests {
             coffer_shim::config::ShimConfig::read(&d.path().join("etc/coffer/shim.toml")).unwrap();
         assert_eq!(shim.tee, coffer_shim::config::TeeKind::Snp);
         assert!(!shim.emulated_tee);
+    }
+
+    #[test]
+    fn a_peer_pod_node_names_its_image_and_coffer_cloud() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = args(d.path());
+        a.sandbox = "remote".into();
+        containerd(a).unwrap();
+        let shim =
+            coffer_shim::config::ShimConfig::read(&d.path().join("etc/coffer/shim.toml")).unwrap();
+        assert_eq!(shim.sandbox, coffer_shim::config::SandboxKind::Remote);
+        assert_eq!(shim.podvm, Some(d.path().join("opt/coffer/podvm")));
+        assert_eq!(shim.cloud, Some(d.path().join("run/coffer/cloud.sock")));
+        // Only the emulated TEE, and --cloud only with remote.
+        let mut a = args(d.path());
+        a.sandbox = "remote".into();
+        a.tee = "snp".into();
+        let e = containerd(a).unwrap_err().to_string();
+        assert!(e.contains("peer pods launch the emulated TEE only"), "{e}");
+        let mut a = args(d.path());
+        a.cloud = Some("/run/x.sock".into());
+        let e = containerd(a).unwrap_err().to_string();
+        assert!(e.contains("--cloud belongs to --sandbox remote"), "{e}");
     }
 }

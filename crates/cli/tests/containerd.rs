@@ -1753,6 +1753,7 @@ fn pod_vms_and_process_sandbox_pods_talk_through_the_mesh_every_way() {
             podvm: None,
             psp_dir: &n.world.psp_dir,
             registry: &n.world.registry.addr,
+            cloud: None,
         },
     );
     let vm_annotations = common::containerd::mesh_initdata(
@@ -1872,4 +1873,89 @@ fn pod_vms_and_process_sandbox_pods_talk_through_the_mesh_every_way() {
         );
     }
     assert!(bytes.windows(3).any(|w| w == [0x17, 0x03, 0x03]));
+}
+
+#[test]
+fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
+    // A node configured for peer pods (`coffer install containerd --sandbox remote`): the pod's
+    // VM is made by coffer-cloud through Debian's libvirtd (TCG, emulated TEE), both started by
+    // the test in its own network namespace. The pod keeps the address the CNI gave it on the
+    // node (carried to the VM over VXLAN); the node reaches its web server there; removing the
+    // pod removes the VM.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let podvm = d.join("podvm");
+    common::build_podvm(&podvm);
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge("10.88.17.1/24");
+    for cmd in [
+        &["link", "add", "cfrpp2", "type", "bridge"][..],
+        &["addr", "add", "10.99.9.1/24", "dev", "cfrpp2"],
+        &["link", "set", "cfrpp2", "up"],
+    ] {
+        common::run_ok(std::process::Command::new("ip").args(cmd));
+    }
+    common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.17.0/24");
+    let libvirtd = common::libvirt::Libvirtd::start(&d.join("libvirt"));
+    let cloud_dir = d.join("cloud");
+    std::fs::create_dir_all(&cloud_dir).unwrap();
+    let cloud = common::libvirt::Cloud::start(
+        &cloud_dir,
+        &libvirtd,
+        &podvm,
+        "cfrpp2",
+        "10.99.9.0/24",
+        "10.99.9.1",
+    );
+    let n = common::containerd::node_remote(d, &podvm, &cloud.socket, "10.88.17.1");
+    n.rt.block_on(async {
+        let mut p = Pods::new(&n.containerd).await;
+        p.pull(&n.app).await.unwrap();
+        let mut config = p.sandbox_config("peer-pod", &[(INITDATA, &n.annotation)]);
+        p.on_pod_network(&mut config);
+        let pod = p
+            .run_pod(&config)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox (peer pod): {e}\ncoffer-cloud: {}", cloud.log()));
+        let (ip, _) = p.address(&pod).await;
+        assert!(ip.starts_with("10.88.17."), "the pod's address: {ip:?}");
+        let domains = libvirtd.virsh(&["list", "--name"]);
+        assert!(domains.contains("coffer-node-1-"), "{domains}");
+        p.start_container(
+            &pod,
+            &config,
+            "web",
+            &n.app,
+            &[
+                "/bin/sh",
+                "-c",
+                "mkdir -p /www && echo hello from the peer pod > /www/index.html && exec httpd -f -p 8080 -h /www",
+            ],
+        )
+        .await
+        .expect("CreateContainer + StartContainer in the peer pod");
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        let page = common::http_get(&ip, 8080, until);
+        assert!(page.contains("hello from the peer pod"), "{page}");
+        // The guest pulled its image over the pod network: the registry saw the pod's address.
+        let gets = n.world.registry.blob_gets();
+        assert!(
+            gets.iter().any(|l| l.starts_with(&format!("{ip} "))),
+            "no blob request from {ip}: {gets:#?}"
+        );
+        p.remove_pod(&pod).await.unwrap();
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !libvirtd
+        .virsh(&["list", "--all", "--name"])
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the peer pod's VM is still there"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(cloud.log().contains("VM deleted"), "{}", cloud.log());
 }

@@ -21,6 +21,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/coffer/shim.toml";
 pub enum SandboxKind {
     /// A pod VM (QEMU; `podvm` names the image).
     Vm,
+    /// A peer pod: the pod VM (`podvm`) created by the `coffer-cloud` daemon (`cloud`) through
+    /// its provider (docs/peer-pods.md).
+    Remote,
     /// The process sandbox (development: no isolation from the host).
     Process,
 }
@@ -53,11 +56,15 @@ impl TeeKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShimConfig {
-    /// `vm` or `process`.
+    /// `vm`, `remote` or `process`.
     pub sandbox: SandboxKind,
-    /// The pod VM image (`coffer podvm build --out DIR`), for `sandbox = "vm"`.
+    /// The pod VM image (`coffer podvm build --out DIR`), for `sandbox = "vm"` or `"remote"`.
     #[serde(default)]
     pub podvm: Option<PathBuf>,
+    /// The `coffer-cloud` daemon's socket, for `sandbox = "remote"` [default:
+    /// /run/coffer/cloud.sock].
+    #[serde(default)]
+    pub cloud: Option<PathBuf>,
     /// The pod VM's accelerator: `kvm`, `tcg` or `auto`.
     #[serde(default = "default_accel")]
     pub accel: String,
@@ -158,9 +165,23 @@ impl ShimConfig {
             }
             _ => {}
         }
+        if self.sandbox == SandboxKind::Remote && self.tee != TeeKind::Emulated {
+            return Err(format!(
+                "tee = \"{}\" with sandbox = \"remote\": peer pods launch the emulated TEE only for now",
+                self.tee.as_str()
+            ));
+        }
+        if self.cloud.is_some() && self.sandbox != SandboxKind::Remote {
+            return Err("`cloud` belongs to sandbox = \"remote\"".into());
+        }
         match (self.sandbox, &self.podvm) {
             (SandboxKind::Vm, None) => Err("sandbox = \"vm\" needs `podvm = DIR`".into()),
-            (SandboxKind::Process, Some(_)) => Err("`podvm` belongs to sandbox = \"vm\"".into()),
+            (SandboxKind::Remote, None) => {
+                Err("sandbox = \"remote\" needs `podvm = DIR` (the image its VMs boot)".into())
+            }
+            (SandboxKind::Process, Some(_)) => {
+                Err("`podvm` belongs to sandbox = \"vm\" or \"remote\"".into())
+            }
             _ => Ok(()),
         }
     }

@@ -103,12 +103,22 @@ impl Sandbox {
         args.watch_stdin = true;
         if let Some(ns) = net.netns {
             args.pod_netns = Some(ns.into());
-            if config.sandbox == SandboxKind::Vm {
+            if config.sandbox != SandboxKind::Process {
                 args.resolv_conf = net.resolv_conf.map(Path::to_path_buf);
             }
         }
-        if let (SandboxKind::Vm, Some(podvm)) = (config.sandbox, &config.podvm) {
+        if let (SandboxKind::Vm | SandboxKind::Remote, Some(podvm)) =
+            (config.sandbox, &config.podvm)
+        {
             args.podvm = Some(podvm.clone());
+            if config.sandbox == SandboxKind::Remote {
+                args.cloud = Some(
+                    config
+                        .cloud
+                        .clone()
+                        .unwrap_or_else(|| coffer_cloud::DEFAULT_SOCKET.into()),
+                );
+            }
             args.accel = config.accel.clone();
             args.tee = config.tee.as_str().into();
             args.firmware = config.firmware.clone();
@@ -126,7 +136,7 @@ impl Sandbox {
         let pid = keeper.pid().unwrap_or_default();
         let stdin = keeper.take_stdin();
         let wait = match config.sandbox {
-            SandboxKind::Vm => Duration::from_secs(600),
+            SandboxKind::Vm | SandboxKind::Remote => Duration::from_secs(600),
             SandboxKind::Process => Duration::from_secs(30),
         };
         let mut keeper = match keeper.ready(wait).await {

@@ -72,6 +72,8 @@ pub struct ShimSetup<'a> {
     pub psp_dir: &'a Path,
     /// The registry's `host:port` (plain HTTP).
     pub registry: &'a str,
+    /// The `coffer-cloud` socket, for `remote`.
+    pub cloud: Option<&'a Path>,
 }
 
 impl Containerd {
@@ -101,6 +103,9 @@ impl Containerd {
             .arg("--emulated-tee");
         if let Some(p) = setup.podvm {
             install.arg("--podvm").arg(p);
+        }
+        if let Some(c) = setup.cloud {
+            install.arg("--cloud").arg(c);
         }
         super::run_ok(&mut install);
         let config = root.join("etc/containerd/config.toml");
@@ -306,6 +311,21 @@ pub fn node_with(
     ip: &str,
     tweak: impl FnOnce(&mut coffer_kbs::Config),
 ) -> Node {
+    node_full(d, podvm, None, ip, tweak)
+}
+
+/// A node whose pods are peer pods: pod VMs that the `coffer-cloud` daemon at `cloud` creates.
+pub fn node_remote(d: &Path, podvm: &Path, cloud: &Path, ip: &str) -> Node {
+    node_full(d, Some(podvm), Some(cloud), ip, |_| {})
+}
+
+fn node_full(
+    d: &Path,
+    podvm: Option<&Path>,
+    cloud: Option<&Path>,
+    ip: &str,
+    tweak: impl FnOnce(&mut coffer_kbs::Config),
+) -> Node {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let world = super::bench_world_with(&rt, d, ip, tweak);
     // A second initdata: the default policy, plus one exec.
@@ -350,10 +370,15 @@ pub fn node_with(
     let containerd = Containerd::start(
         d,
         &ShimSetup {
-            sandbox: if podvm.is_some() { "vm" } else { "process" },
+            sandbox: match (podvm, cloud) {
+                (Some(_), Some(_)) => "remote",
+                (Some(_), None) => "vm",
+                (None, _) => "process",
+            },
             podvm,
             psp_dir: &world.psp_dir,
             registry: &reg,
+            cloud,
         },
     );
     let annotation = coffer_shim::annotations::encode_initdata(
