@@ -1797,6 +1797,38 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
     let (code, _, stderr) = w.ctl(&["rm", name]).await;
     assert_eq!(code, Some(0), "{stderr}");
+
+    // coffer-cloud and the keeper both killed outright: the next start of coffer-cloud deletes
+    // the VM at its first reconcile.
+    let name = "pp-both";
+    w.detached_in(&remote, &init, name, "sleep 600").await;
+    let mut cloud = cloud;
+    cloud.child.kill().unwrap();
+    cloud.child.wait().unwrap();
+    let pid = std::fs::read_to_string(w.state.join(name).join("keeper.pid")).unwrap();
+    kill9(pid.trim());
+    eventually("the keeper is gone", || exited(pid.trim())).await;
+    let domains = libvirtd.virsh(&["list", "--all", "--name"]);
+    assert!(
+        domains.contains(&format!("coffer-node-1-{name}")),
+        "{domains}"
+    );
+    let restarted = common::libvirt::Cloud::start_with(w.d(), cloud.config.clone());
+    eventually("the restarted coffer-cloud deletes the orphan VM", || {
+        libvirtd
+            .virsh(&["list", "--all", "--name"])
+            .trim()
+            .is_empty()
+    })
+    .await;
+    assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
+    let log = restarted.log();
+    assert!(
+        log.contains(&format!("deleting a VM whose sandbox is gone pod={name}")),
+        "{log}"
+    );
+    let (code, _, stderr) = w.ctl(&["rm", name]).await;
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[tokio::test]

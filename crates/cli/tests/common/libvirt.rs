@@ -170,6 +170,8 @@ impl Cloud {
     pub fn start_with(dir: &Path, config: PathBuf) -> Self {
         let socket = dir.join("cloud.sock");
         let log = dir.join("cloud.log");
+        // A killed daemon's socket is still there: wait for the new one.
+        let _ = std::fs::remove_file(&socket);
         let child = Command::new(super::sibling_binary("coffer-cloud", "coffer-cloud"))
             .arg("--config")
             .arg(&config)
