@@ -16,7 +16,10 @@
 //! # ...
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
@@ -161,7 +164,7 @@ impl Config {
                 let l = self.libvirt.as_ref().ok_or(
                     "provider libvirt needs a [libvirt] section (uri, podvm, bridge, subnet, gateway)",
                 )?;
-                crate::provider::Subnet::parse(&l.subnet, &l.gateway)?;
+                Subnet::parse(&l.subnet, &l.gateway)?;
                 if !matches!(l.accel.as_str(), "kvm" | "tcg") {
                     return Err(format!("libvirt.accel {:?}: use kvm or tcg", l.accel));
                 }
@@ -216,6 +219,68 @@ impl Config {
             ));
         }
         Ok(t)
+    }
+}
+
+/// An IPv4 subnet that VM addresses are given out from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length.
+    pub prefix: u8,
+    /// The gateway (never given out).
+    pub gateway: Ipv4Addr,
+}
+
+impl Subnet {
+    /// `10.99.0.0/24` with gateway `10.99.0.1`.
+    pub fn parse(cidr: &str, gateway: &str) -> Result<Self, String> {
+        let (net, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| format!("subnet {cidr:?}: use ADDRESS/PREFIX"))?;
+        let network: Ipv4Addr = net
+            .parse()
+            .map_err(|_| format!("subnet {cidr:?}: not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("subnet {cidr:?}: the prefix must be 8 to 30"))?;
+        let gateway: Ipv4Addr = gateway
+            .parse()
+            .map_err(|_| format!("gateway {gateway:?}: not an IPv4 address"))?;
+        let s = Self {
+            network,
+            prefix,
+            gateway,
+        };
+        if u32::from(network) & !s.mask() != 0 {
+            return Err(format!("subnet {cidr:?}: host bits are set"));
+        }
+        if !s.contains(gateway) {
+            return Err(format!("gateway {gateway} is not in subnet {cidr}"));
+        }
+        Ok(s)
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX << (32 - self.prefix)
+    }
+
+    /// Whether `a` is a host address of the subnet.
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let a = u32::from(a);
+        let n = u32::from(self.network);
+        a & self.mask() == n && a != n && a != n | !self.mask()
+    }
+
+    /// The lowest host address that is neither the gateway nor in `used`.
+    pub fn free(&self, used: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+        let n = u32::from(self.network);
+        (n + 1..n | !self.mask())
+            .map(Ipv4Addr::from)
+            .find(|a| *a != self.gateway && !used.contains(a))
     }
 }
 
@@ -274,5 +339,19 @@ mod tests {
         let mut c = config("").unwrap();
         c.node = "a b".into();
         assert!(c.check().unwrap_err().contains("node \"a b\""));
+    }
+
+    #[test]
+    fn addresses_are_given_out_below_the_broadcast_never_the_gateway_or_twice() {
+        let s = Subnet::parse("10.99.0.0/30", "10.99.0.1").unwrap();
+        let a = s.free(&[]).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 99, 0, 2));
+        assert_eq!(s.free(&[a]), None, "a /30 has two host addresses");
+        assert!(Subnet::parse("10.99.0.1/24", "10.99.0.1")
+            .unwrap_err()
+            .contains("host bits"));
+        assert!(Subnet::parse("10.99.0.0/24", "10.99.0.255")
+            .unwrap_err()
+            .contains("not in subnet"));
     }
 }

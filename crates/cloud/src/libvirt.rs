@@ -33,8 +33,8 @@ use virt::{
 };
 
 use crate::{
-    config::LibvirtConfig,
-    provider::{CloudError, Subnet},
+    config::{LibvirtConfig, Subnet},
+    provider::CloudError,
     Config, Provider, Vm, VmSpec,
 };
 
