@@ -44,6 +44,31 @@ pub struct Config {
     /// The libvirt provider's settings.
     #[serde(default)]
     pub libvirt: Option<LibvirtConfig>,
+    /// The AWS provider's settings.
+    #[serde(default)]
+    pub aws: Option<AwsConfig>,
+}
+
+/// The AWS provider: EC2 instances (credentials from the environment).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// The region (`us-east-2`).
+    pub region: String,
+    /// The EC2 endpoint [default: `https://ec2.REGION.amazonaws.com`].
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The pod VM's AMI.
+    pub image_id: String,
+    /// The subnet instances are placed in [default: the account's default].
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+    /// Their security groups.
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    /// Launch with AMD SEV-SNP (`CpuOptions.AmdSevSnp = enabled`; m6a, c6a and r6a types).
+    #[serde(default)]
+    pub sev_snp: bool,
 }
 
 fn default_cluster() -> String {
@@ -170,9 +195,17 @@ impl Config {
                 }
                 Ok(())
             }
-            other => Err(format!(
-                "unknown provider {other:?}: this build has libvirt"
-            )),
+            "aws" => {
+                let a = self
+                    .aws
+                    .as_ref()
+                    .ok_or("provider aws needs an [aws] section (region, image_id)")?;
+                if a.region.is_empty() || a.image_id.is_empty() {
+                    return Err("aws: region and image_id must not be empty".into());
+                }
+                Ok(())
+            }
+            other => Err(format!("unknown provider {other:?}: use libvirt or aws")),
         }
     }
 

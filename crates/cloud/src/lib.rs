@@ -11,6 +11,7 @@
 //! - [`server`]: the API service and the reconciler: a VM without a live sandbox is deleted, on
 //!   start and periodically.
 //! - `libvirt` (feature `libvirt`): the libvirt provider, local or remote URI.
+//! - `aws` (feature `aws`): the AWS provider (EC2).
 //!
 //! A VM's agent is reached over mutual TLS with keys the keeper made for it
 //! (`coffer_podvm::remote`); this daemon hands them to the VM and never uses them.
@@ -22,6 +23,8 @@ pub mod api {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("coffer.cloud.v1");
 }
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod client;
 pub mod config;
 pub mod lease;

@@ -33,6 +33,8 @@ fn main() -> anyhow::Result<()> {
         "libvirt" => {
             Arc::new(coffer_cloud::libvirt::Libvirt::open(&config).context("the libvirt provider")?)
         }
+        #[cfg(feature = "aws")]
+        "aws" => Arc::new(coffer_cloud::aws::Aws::open(&config).context("the aws provider")?),
         other => anyhow::bail!("provider {other:?} is not in this build"),
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -84,13 +84,18 @@ pub trait Provider: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<Vm>, CloudError>;
 }
 
+/// The launch configuration's size against the provider's limit (checked before it is read).
+pub fn check_size(launch_bytes: usize, limit: usize, provider: &str) -> Result<(), CloudError> {
+    if launch_bytes > limit {
+        return Err(CloudError::Invalid(format!(
+            "the launch configuration (user data) is {launch_bytes} bytes, over the {provider} provider's limit of {limit}"
+        )));
+    }
+    Ok(())
+}
+
 /// The checks a create request passes before any provider call; names what is wrong.
-pub fn check_spec(
-    spec: &VmSpec,
-    launch_bytes: usize,
-    limit: usize,
-    provider: &str,
-) -> Result<(), CloudError> {
+pub fn check_spec(spec: &VmSpec) -> Result<(), CloudError> {
     if spec.pod.is_empty()
         || spec.pod.len() > 128
         || !spec
@@ -107,11 +112,6 @@ pub fn check_spec(
         return Err(CloudError::Invalid(format!(
             "sandbox directory {}: must be absolute",
             spec.sandbox_dir.display()
-        )));
-    }
-    if launch_bytes > limit {
-        return Err(CloudError::Invalid(format!(
-            "the launch configuration (user data) is {launch_bytes} bytes, over the {provider} provider's limit of {limit}"
         )));
     }
     if spec.launch.remote.is_none() {
@@ -149,18 +149,18 @@ mod tests {
             },
             psp_socket: None,
         };
-        assert!(check_spec(&spec("p1"), 100, 1000, "libvirt").is_ok());
-        let e = check_spec(&spec("p1"), 2000, 1000, "libvirt").unwrap_err();
+        assert!(check_spec(&spec("p1")).is_ok() && check_size(1000, 1000, "libvirt").is_ok());
+        let e = check_size(2000, 1000, "libvirt").unwrap_err();
         assert!(
             e.to_string()
                 .contains("2000 bytes, over the libvirt provider's limit of 1000"),
             "{e}"
         );
-        let e = check_spec(&spec("../x"), 1, 1000, "libvirt").unwrap_err();
+        let e = check_spec(&spec("../x")).unwrap_err();
         assert!(e.to_string().contains("pod id \"../x\""), "{e}");
         let mut s = spec("p1");
         s.launch.remote = None;
-        assert!(check_spec(&s, 1, 1000, "libvirt")
+        assert!(check_spec(&s)
             .unwrap_err()
             .to_string()
             .contains("no agent channel"));

@@ -20,7 +20,7 @@ use crate::{
         cloud_server::{Cloud, CloudServer},
         CreateVmRequest, DeleteVmRequest, DeleteVmResponse, ListVmsRequest, ListVmsResponse,
     },
-    provider::check_spec,
+    provider::{check_size, check_spec},
     CloudError, Config, Provider, Vm, VmSpec,
 };
 
@@ -129,6 +129,11 @@ impl Daemon {
             .instance_type(&r.instance_type, r.memory_mib, r.vcpus)
             .map_err(CloudError::Invalid)?
             .clone();
+        check_size(
+            r.launch_config.len(),
+            self.provider.launch_limit(),
+            self.provider.name(),
+        )?;
         let launch: LaunchConfig = serde_json::from_slice(&r.launch_config).map_err(|e| {
             CloudError::Invalid(format!("the launch configuration is not valid: {e}"))
         })?;
@@ -139,12 +144,7 @@ impl Daemon {
             launch,
             psp_socket: (!r.psp_socket.is_empty()).then(|| PathBuf::from(&r.psp_socket)),
         };
-        check_spec(
-            &spec,
-            r.launch_config.len(),
-            self.provider.launch_limit(),
-            self.provider.name(),
-        )?;
+        check_spec(&spec)?;
         if !crate::lease::alive(&spec.sandbox_dir) {
             return Err(CloudError::Invalid(format!(
                 "no live sandbox at {}: a VM is made only for a sandbox whose keeper holds its keeper.lock",
