@@ -1,6 +1,12 @@
-//! `cargo bench -p coffer --bench podvm [-- RUNS] [--busy] [--cpus N] [--verbose-console]`: a
-//! pod VM's start, under the accelerator `coffer run --accel auto` picks here (TCG on this
-//! project's CI machine).
+//! `cargo bench -p coffer --bench podvm [-- RUNS] [--busy] [--cpus N] [--verbose-console]
+//! [--remote]`: a pod VM's start, under the accelerator `coffer run --accel auto` picks here (TCG
+//! on this project's CI machine).
+//!
+//! `--remote` starts a peer pod instead (`coffer run --sandbox remote`): Debian's libvirtd and
+//! coffer-cloud, started by the bench in a network namespace of its own (removed at the end),
+//! make the VM under TCG on the bench's bridge; the keeper's own marks give the breakdown (the
+//! API call that makes the VM, its boot until the agent answers over mutual TLS, the agent ready,
+//! then attestation, pull and runc until the container's first output).
 //!
 //! Each run is `coffer run --sandbox vm` of the encrypted busybox image (KBS in this process,
 //! Debian's docker-registry on loopback) with a fresh VM: QEMU start, kernel, the agent as init
@@ -49,6 +55,7 @@ fn main() {
     let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(3);
     let busy = args.iter().any(|a| a == "--busy");
     let verbose = args.iter().any(|a| a == "--verbose-console");
+    let remote = args.iter().any(|a| a == "--remote");
     let cpus: Option<String> = args
         .iter()
         .position(|a| a == "--cpus")
@@ -58,6 +65,23 @@ fn main() {
     // The agent is built (when missing) here, before the timed pod VM build.
     let _ = common::agent_binary();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // The pod VM is built first: its packages may be downloaded, which a peer pod's namespace
+    // cannot reach.
+    let podvm = d.join("podvm");
+    let t = Instant::now();
+    common::build_podvm(&podvm);
+    println!("podvm build: {:.0} ms", ms(t.elapsed()));
+    let _netns = remote.then(|| {
+        let n = common::containerd::TestNetns::enter();
+        for cmd in [
+            &["link", "add", "cfrbench0", "type", "bridge"][..],
+            &["addr", "add", "10.99.20.1/24", "dev", "cfrbench0"],
+            &["link", "set", "cfrbench0", "up"],
+        ] {
+            run_ok(Command::new("ip").args(cmd));
+        }
+        n
+    });
     let common::BenchWorld {
         kbs,
         registry: _registry,
@@ -65,10 +89,10 @@ fn main() {
         psp_dir,
         initdata,
     } = common::bench_world(&rt, d);
-    let podvm = d.join("podvm");
-    let t = Instant::now();
-    common::build_podvm(&podvm);
-    println!("podvm build: {:.0} ms", ms(t.elapsed()));
+    let libvirtd = remote.then(|| common::libvirt::Libvirtd::start(&d.join("libvirt")));
+    let cloud = libvirtd.as_ref().map(|l| {
+        common::libvirt::Cloud::start(d, l, &podvm, "cfrbench0", "10.99.20.0/24", "10.99.20.1")
+    });
     if verbose {
         let cmdline = std::fs::read_to_string(podvm.join("cmdline")).unwrap();
         let cmdline = cmdline.trim().replace(
@@ -105,13 +129,20 @@ fn main() {
 
     let state = d.join("sandboxes");
     let (mut ready_ms, mut running_ms) = (Vec::new(), Vec::new());
+    let mut keeper_log = String::new();
     let mut stalls = 0;
     let mut console = String::new();
     for i in 0..runs {
         let name = format!("b{i}");
         let t0 = Instant::now();
         let mut cmd = Command::new(coffer());
-        cmd.args(["run", "--sandbox", "vm", "--podvm"])
+        match &cloud {
+            Some(c) => cmd
+                .args(["run", "--sandbox", "remote", "--cloud"])
+                .arg(&c.socket),
+            None => cmd.args(["run", "--sandbox", "vm"]),
+        };
+        cmd.arg("--podvm")
             .arg(&podvm)
             .args(["--kbs", &kbs.url, "--initdata"])
             .arg(&initdata)
@@ -149,8 +180,14 @@ fn main() {
             let _ = out.read_to_end(&mut rest);
         });
         let got = rx.recv_timeout(RUN_BOUND).unwrap_or(0);
-        let console_now =
-            || std::fs::read_to_string(state.join(&name).join("agent.log")).unwrap_or_default();
+        let console_now = || {
+            let dir = state.join(&name);
+            // A peer pod's console is in the libvirt pool, where the keeper says.
+            let path = std::fs::read_to_string(dir.join("console.path"))
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| dir.join("agent.log"));
+            std::fs::read_to_string(path).unwrap_or_default()
+        };
         if got != 1 {
             stalls += 1;
             let c = console_now();
@@ -171,6 +208,8 @@ fn main() {
         ready_ms.push(ms(watch.join().unwrap()));
         std::thread::sleep(Duration::from_millis(300));
         console = console_now();
+        keeper_log =
+            std::fs::read_to_string(state.join(&name).join("keeper.log")).unwrap_or_default();
         assert!(child.wait().unwrap().success());
         println!(
             "run {i}: agent ready {:.0} ms, container output {:.0} ms",
@@ -208,6 +247,22 @@ fn main() {
     let booted = common::log_field(&console, "booted", "ms");
     if let (Some(k), Some(b), Some(r)) = (kernel, booted, ready_ms.last()) {
         println!("phases of the last run (ms): kernel boot until init {k:.0}, agent as init until serving {b:.0}, the rest (keeper and QEMU start, firmware, ready seen by the host) {:.0}", r - k - b);
+    }
+    if remote {
+        // The keeper's marks (ms since its start): the VM made, the agent answering, serving.
+        let created = common::log_field(&keeper_log, "the peer pod's VM is created", "ms");
+        let connected = common::log_field(&keeper_log, "connected to the agent", "ms");
+        let serves = common::log_field(&keeper_log, "the agent serves", "ms");
+        if let (Some(c), Some(n), Some(s), Some(r)) =
+            (created, connected, serves, running_ms.last())
+        {
+            println!(
+                "peer pod breakdown of the last run (ms): API call (coffer-cloud: image check, domain defined and started) {c:.0}, VM boot until the agent answers over mutual TLS {:.0}, agent ready {:.0}, attestation + pull + runc until the first output {:.0}",
+                n - c,
+                s - n,
+                r - ready_ms.last().copied().unwrap_or(s)
+            );
+        }
     }
     println!("guest boot steps (ms since the agent started as init, last run):");
     for step in [
