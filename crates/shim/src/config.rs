@@ -249,4 +249,20 @@ mod tests {
             .unwrap();
         assert_eq!((c.sandbox, c.memory_mib), (SandboxKind::Vm, 256));
     }
+
+    #[test]
+    fn a_peer_pod_node_needs_its_image_and_only_it_names_coffer_cloud() {
+        let e = parse("sandbox = \"remote\"\nemulated_tee = true").unwrap_err();
+        assert!(e.contains("needs `podvm = DIR`"), "{e}");
+        let e = parse("sandbox = \"vm\"\nemulated_tee = true\npodvm = \"/p\"\ncloud = \"/c.sock\"")
+            .unwrap_err();
+        assert!(e.contains("`cloud` belongs to sandbox = \"remote\""), "{e}");
+        let e = parse("sandbox = \"remote\"\npodvm = \"/p\"\ntee = \"tdx\"").unwrap_err();
+        assert!(e.contains("emulated TEE only"), "{e}");
+        let c =
+            parse("sandbox = \"remote\"\nemulated_tee = true\npodvm = \"/p\"\ncloud = \"/c.sock\"")
+                .unwrap();
+        assert_eq!(c.sandbox, SandboxKind::Remote);
+        assert_eq!(c.cloud, Some("/c.sock".into()));
+    }
 }

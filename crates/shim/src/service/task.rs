@@ -356,7 +356,7 @@ fn block_volumes(kind: SandboxKind, spec: &Spec) -> Result<Vec<&Device>, ShimErr
         }
         if kind != SandboxKind::Vm {
             return Err(ShimError::Refused(format!(
-                "block volume {} ({}:{}): block volumes need a local pod VM (shim.toml sandbox = \"vm\"), which encrypts them; a process sandbox would give the container the node's plaintext device, and a peer pod's VM runs elsewhere",
+                "block volume {} ({}:{}): block volumes need a pod VM on this node (shim.toml sandbox = \"vm\"), which encrypts them; a process sandbox would give the container the node's plaintext device, and a peer pod's VM runs elsewhere",
                 d.path, d.major, d.minor
             )));
         }
