@@ -137,9 +137,11 @@ fn main() {
         let t0 = Instant::now();
         let mut cmd = Command::new(coffer());
         match &cloud {
+            // The keeper's marks (its log) give the breakdown.
             Some(c) => cmd
                 .args(["run", "--sandbox", "remote", "--cloud"])
-                .arg(&c.socket),
+                .arg(&c.socket)
+                .env("RUST_LOG", "warn,coffer_keeper=info"),
             None => cmd.args(["run", "--sandbox", "vm"]),
         };
         cmd.arg("--podvm")

@@ -74,6 +74,31 @@ fn the_runtime_class_names_the_handler_coffer_install_configures() {
 }
 
 #[test]
+fn coffer_cloud_runs_its_configuration_beside_the_keepers_it_serves() {
+    let d = docs("peer-pods.yaml");
+    let cm = kind(&d, "ConfigMap");
+    // The shipped configuration is one coffer-cloud accepts.
+    let text = s(&cm["data"]["cloud.toml"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.toml");
+    std::fs::write(&path, text).unwrap();
+    let c = coffer_cloud::Config::load(&path).unwrap();
+    assert_eq!(c.provider, "libvirt");
+    let ds = kind(&d, "DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    // A keeper's lock shows in /proc/locks only in the host's PID namespace.
+    assert_eq!(spec["hostPID"], Value::Bool(true));
+    let c = serde_yaml_ng::to_string(&spec["containers"][0]).unwrap();
+    assert!(c.contains("/run/coffer/cloud.sock"), "{c}");
+    assert!(c.contains("mountPath: /run/coffer"), "{c}");
+    let containerfile = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/Containerfile"),
+    )
+    .unwrap();
+    assert!(containerfile.contains("target/release/coffer-cloud"));
+}
+
+#[test]
 fn each_kbs_variant_has_a_service_selecting_its_pods() {
     for (file, replicas) in [("kbs.yaml", 1), ("kbs-postgres.yaml", 2)] {
         let d = docs(file);

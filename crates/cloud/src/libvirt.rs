@@ -84,7 +84,12 @@ pub struct Libvirt {
     podvm: PodVm,
     /// Address allocation and image upload happen one at a time.
     lock: Mutex<()>,
+    /// The image's content id, with the sizes and modification times it was computed for.
+    image_id: Mutex<Option<(Vec<FileStamp>, String)>>,
 }
+
+/// A file's size and modification time: whether it changed since it was hashed.
+type FileStamp = (u64, Option<std::time::SystemTime>);
 
 impl Libvirt {
     /// Connects to the configured libvirt host and checks the pod VM.
@@ -108,6 +113,7 @@ impl Libvirt {
             subnet,
             podvm,
             lock: Mutex::new(()),
+            image_id: Mutex::new(None),
         })
     }
 
@@ -197,15 +203,33 @@ impl Libvirt {
             ("initrd", &self.podvm.initrd),
             ("root", &self.podvm.root),
         ];
-        let mut h = Sha256::new();
-        for (_, p) in &files {
-            let mut f = std::fs::File::open(p)
-                .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
-            std::io::copy(&mut f, &mut h)
-                .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
-        }
-        h.update(self.podvm.cmdline.as_bytes());
-        let id = hex::encode(&h.finalize()[..8]);
+        // The content id is hashed once per version of the files (about 80 MB).
+        let stamp: Vec<FileStamp> = files
+            .iter()
+            .map(|(_, p)| {
+                std::fs::metadata(p)
+                    .map(|m| (m.len(), m.modified().ok()))
+                    .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut cached = self.image_id.lock().unwrap_or_else(|p| p.into_inner());
+        let id = match cached.as_ref().filter(|(s, _)| *s == stamp) {
+            Some((_, id)) => id.clone(),
+            None => {
+                let mut h = Sha256::new();
+                for (_, p) in &files {
+                    let mut f = std::fs::File::open(p)
+                        .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
+                    std::io::copy(&mut f, &mut h)
+                        .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
+                }
+                h.update(self.podvm.cmdline.as_bytes());
+                let id = hex::encode(&h.finalize()[..8]);
+                *cached = Some((stamp, id.clone()));
+                id
+            }
+        };
+        drop(cached);
         let name = |part: &str| format!("coffer-podvm-{id}-{part}");
         let ready = name("ready");
         if pool.lookup_storage_vol_by_name(&ready).is_err() {

@@ -151,8 +151,10 @@ async fn run(
         let connector = tokio_rustls::TlsConnector::from(config);
         loop {
             let tried = async {
+                // Short: until the guest's interface has its address, nothing answers the
+                // connection (no ARP reply) and it would hang until this bound.
                 let tcp = tokio::time::timeout(
-                    Duration::from_secs(2),
+                    Duration::from_millis(500),
                     tokio::net::TcpStream::connect(addr),
                 )
                 .await
@@ -169,7 +171,7 @@ async fn run(
                 Ok(tls) => return tls,
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "the agent does not answer yet");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
