@@ -1749,6 +1749,86 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     assert_ne!(code, Some(0));
     assert!(stderr.contains("--sandbox remote"), "{stderr}");
 
+    // A VM whose agent fails as it boots (the pod VM's root hash is wrong) ends the start at once,
+    // with the end of its console, and is deleted.
+    let broken = built.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(&podvm).unwrap().flatten() {
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    let cmdline = std::fs::read_to_string(broken.join("cmdline")).unwrap();
+    let verity = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("coffer.verity="))
+        .unwrap()
+        .to_string();
+    let mut parts: Vec<String> = verity.split(',').map(str::to_string).collect();
+    parts[1] = "0".repeat(parts[1].len());
+    std::fs::write(
+        broken.join("cmdline"),
+        cmdline.replace(&verity, &parts.join(",")),
+    )
+    .unwrap();
+    // The VM boots coffer-cloud's configured image: a second daemon (another node's, sharing
+    // the libvirtd) boots the broken one.
+    let dir2 = w.d().join("node-2");
+    std::fs::create_dir_all(&dir2).unwrap();
+    let text = std::fs::read_to_string(&cloud.config)
+        .unwrap()
+        .replace("node = \"node-1\"", "node = \"node-2\"")
+        .replace(
+            &format!("pool = \"{pool}\""),
+            &format!("pool = \"{pool}-2\""),
+        )
+        .replace(
+            &format!("podvm = \"{}\"", podvm.display()),
+            &format!("podvm = \"{}\"", broken.display()),
+        )
+        .replace(
+            &format!("pool_dir = \"{}\"", w.d().join("pool").display()),
+            &format!("pool_dir = \"{}\"", dir2.join("pool").display()),
+        );
+    assert!(text.contains("node-2") && text.contains("broken"), "{text}");
+    std::fs::write(dir2.join("cloud.toml"), text).unwrap();
+    let cloud2 = common::libvirt::Cloud::start_with(&dir2, dir2.join("cloud.toml"));
+    let t = Instant::now();
+    let (code, _, stderr) = cli(w.run_in(
+        &[
+            "--sandbox",
+            "remote",
+            "--podvm",
+            broken.to_str().unwrap(),
+            "--cloud",
+            cloud2.socket.to_str().unwrap(),
+            "--ready-timeout",
+            "170",
+        ],
+        &init,
+        "pp-broken",
+        &[],
+        &["true"],
+    ))
+    .await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("VM stopped before its agent answered") && stderr.contains("coffer-agent:"),
+        "{stderr}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        t.elapsed()
+    );
+    eventually("the broken VM is deleted", || {
+        libvirtd
+            .virsh(&["list", "--all", "--name"])
+            .trim()
+            .is_empty()
+    })
+    .await;
+    nothing_left(&w, "pp-broken", "pp-broken/psp-chan.sock").await;
+    drop(cloud2);
+
     let script = "echo hello from the peer pod; ip -o -4 addr show; cat /proc/cmdline";
     let name = "pp-one";
     let (code, stdout, stderr) =

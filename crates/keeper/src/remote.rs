@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use coffer_cloud::api::{CreateVmRequest, DeleteVmRequest};
+use coffer_cloud::api::{CreateVmRequest, DeleteVmRequest, ListVmsRequest};
 use coffer_podvm::{
     mux,
     remote::{client_config, Credentials, LaunchConfig, AGENT_TCP_PORT},
@@ -176,8 +176,29 @@ async fn run(
             }
         }
     };
+    // A VM that stops while it boots (its agent failed) ends the wait at once, with its console.
+    let mut watcher = client.clone();
+    let vm_id = created.id.clone();
+    let stopped = async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let Ok(list) = watcher.list_vms(ListVmsRequest {}).await else {
+                continue;
+            };
+            match list.into_inner().vms.iter().find(|v| v.id == vm_id) {
+                Some(v) if v.running => {}
+                Some(_) => return "stopped",
+                None => return "gone",
+            }
+        }
+    };
     let tls = tokio::select! {
         t = connect => t,
+        how = stopped => bail!(
+            "the peer pod's VM {} before its agent answered at {addr}; {}",
+            how,
+            console(&created.console)
+        ),
         _ = tokio::time::sleep(bound) => bail!(
             "the peer pod's agent did not answer at {addr} within {}s; {}",
             bound.as_secs(),
