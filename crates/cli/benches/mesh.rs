@@ -113,6 +113,7 @@ fn main() {
                 psp_dir: &n.world.psp_dir,
                 registry: &n.world.registry.addr,
                 cloud: None,
+                peer_pods: false,
             },
         )
     });

@@ -46,10 +46,15 @@ struct ContainerdArgs {
     /// The pod VM image (`coffer podvm build --out DIR`) [default: ROOT/opt/coffer/podvm].
     #[arg(long)]
     podvm: Option<PathBuf>,
-    /// The `coffer-cloud` daemon's socket, for `--sandbox remote` [default:
+    /// The `coffer-cloud` daemon's socket, for `--sandbox remote` or `--peer-pods` [default:
     /// ROOT/run/coffer/cloud.sock].
     #[arg(long)]
     cloud: Option<PathBuf>,
+    /// Also register the runtime handler `coffer-remote` (RuntimeClass `coffer-remote`): peer
+    /// pods, whatever --sandbox the handler `coffer` gets. Its shim is the link
+    /// BIN_DIR/containerd-shim-coffer-remote-v2, its configuration ROOT/etc/coffer/shim-remote.toml.
+    #[arg(long)]
+    peer_pods: bool,
     /// Where containerd-shim-coffer-v2, coffer, coffer-agent and coffer-snapshotter are.
     #[arg(long, default_value = "/usr/local/bin")]
     bin_dir: PathBuf,
@@ -103,11 +108,11 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
         "vm" | "remote" | "process" => a.sandbox.as_str(),
         other => bail!("--sandbox {other}: use `vm`, `remote` or `process`"),
     };
-    if sandbox == "process" && a.podvm.is_some() {
-        bail!("--podvm belongs to --sandbox vm or remote");
+    if sandbox == "process" && a.podvm.is_some() && !a.peer_pods {
+        bail!("--podvm belongs to --sandbox vm or remote, or --peer-pods");
     }
-    if sandbox != "remote" && a.cloud.is_some() {
-        bail!("--cloud belongs to --sandbox remote");
+    if sandbox != "remote" && !a.peer_pods && a.cloud.is_some() {
+        bail!("--cloud belongs to --sandbox remote or --peer-pods");
     }
     match (a.tee.as_str(), sandbox) {
         ("emulated", _) if !a.emulated_tee => bail!(
@@ -116,6 +121,10 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
         ),
         ("emulated", _) => {}
         ("snp" | "tdx", "vm") => {}
+        ("snp" | "tdx", _) if a.peer_pods => bail!(
+            "--tee {} with --peer-pods: peer pods launch the emulated TEE only for now",
+            a.tee
+        ),
         ("snp" | "tdx", "remote") => bail!(
             "--tee {} with --sandbox remote: peer pods launch the emulated TEE only for now",
             a.tee
@@ -138,21 +147,26 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
         .podvm
         .clone()
         .unwrap_or_else(|| under(root, "/opt/coffer/podvm"));
-    let mut shim = format!(
-        "{MARK}\n# The node's choices for containerd-shim-coffer-v2; the sandbox trusts none of them.\n\
-         sandbox = {}\n",
-        q(sandbox)
-    );
-    if sandbox != "process" {
-        shim.push_str(&format!("podvm = {}\n", q(podvm.display().to_string())));
-    }
-    if sandbox == "remote" {
-        let cloud = a
-            .cloud
-            .clone()
-            .unwrap_or_else(|| under(root, coffer_cloud::DEFAULT_SOCKET));
-        shim.push_str(&format!("cloud = {}\n", q(cloud.display().to_string())));
-    }
+    let cloud = a
+        .cloud
+        .clone()
+        .unwrap_or_else(|| under(root, coffer_cloud::DEFAULT_SOCKET));
+    // The sandbox lines of a handler's configuration.
+    let head = |sandbox: &str| {
+        let mut shim = format!(
+            "{MARK}\n# The node's choices for containerd-shim-coffer-v2; the sandbox trusts none of them.\n\
+             sandbox = {}\n",
+            q(sandbox)
+        );
+        if sandbox != "process" {
+            shim.push_str(&format!("podvm = {}\n", q(podvm.display().to_string())));
+        }
+        if sandbox == "remote" {
+            shim.push_str(&format!("cloud = {}\n", q(cloud.display().to_string())));
+        }
+        shim
+    };
+    let mut shim = String::new();
     let agent = a
         .agent
         .clone()
@@ -182,10 +196,29 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
             );
         }
     }
-    for (path, text) in [
+    let mut files = vec![
         (config_path, containerd_config),
-        (under(root, "/etc/coffer/shim.toml"), shim),
-    ] {
+        (
+            under(root, "/etc/coffer/shim.toml"),
+            format!("{}{shim}", head(sandbox)),
+        ),
+    ];
+    if a.peer_pods {
+        files.push((
+            under(root, "/etc/coffer").join(coffer_shim::config::REMOTE_CONFIG),
+            format!("{}{shim}", head("remote")),
+        ));
+        let link = a.bin_dir.join(coffer_shim::config::REMOTE_SHIM);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink("containerd-shim-coffer-v2", &link)
+                .with_context(|| format!("cannot link {}", link.display()))?;
+            eprintln!(
+                "coffer: linked {} to containerd-shim-coffer-v2",
+                link.display()
+            );
+        }
+    }
+    for (path, text) in files {
         let dir = path.parent().expect("an absolute path");
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         coffer_fsutil::write_atomic(&path, text.as_bytes(), 0o644)
@@ -234,7 +267,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       # Passed to the shim, which takes the initdata and refuses every other one.
       pod_annotations = ["io.katacontainers.*", "io.coffer.*"]
       container_annotations = ["io.katacontainers.*", "io.coffer.*"]
-  [plugins."io.containerd.grpc.v1.cri".cni]
+{remote}  [plugins."io.containerd.grpc.v1.cri".cni]
     conf_dir = {cni}
     bin_dir = "/usr/lib/cni"
 "#,
@@ -244,6 +277,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         snap = p("/run/coffer/snapshotter.sock"),
         sandbox_image = q(&a.sandbox_image),
         cni = p("/etc/cni/net.d"),
+        remote = if a.peer_pods {
+            "    # Peer pods (RuntimeClass coffer-remote): the shim's link containerd-shim-coffer-remote-v2,\n    \
+             # which reads shim-remote.toml.\n    \
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.coffer-remote]\n      \
+             runtime_type = \"io.containerd.coffer-remote.v2\"\n      \
+             pod_annotations = [\"io.katacontainers.*\", \"io.coffer.*\"]\n      \
+             container_annotations = [\"io.katacontainers.*\", \"io.coffer.*\"]\n"
+        } else {
+            ""
+        },
     );
     for r in &a.insecure_registry {
         c.push_str(&format!(
@@ -266,6 +309,7 @@ mod tests {
             sandbox: "process".into(),
             podvm: None,
             cloud: None,
+            peer_pods: false,
             bin_dir: "/opt/bin".into(),
             agent: None,
             psp_dir: None,
@@ -365,5 +409,41 @@ mod tests {
         a.cloud = Some("/run/x.sock".into());
         let e = containerd(a).unwrap_err().to_string();
         assert!(e.contains("--cloud belongs to --sandbox remote"), "{e}");
+    }
+
+    #[test]
+    fn peer_pods_add_the_coffer_remote_handler_beside_coffer() {
+        let d = tempfile::tempdir().unwrap();
+        let bin = d.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let mut a = args(d.path());
+        a.bin_dir = bin.clone();
+        a.peer_pods = true;
+        containerd(a).unwrap();
+        let read = |name: &str| {
+            coffer_shim::config::ShimConfig::read(&d.path().join("etc/coffer").join(name)).unwrap()
+        };
+        assert_eq!(
+            read("shim.toml").sandbox,
+            coffer_shim::config::SandboxKind::Process
+        );
+        let remote = read(coffer_shim::config::REMOTE_CONFIG);
+        assert_eq!(remote.sandbox, coffer_shim::config::SandboxKind::Remote);
+        assert_eq!(remote.cloud, Some(d.path().join("run/coffer/cloud.sock")));
+        let link = bin.join(coffer_shim::config::REMOTE_SHIM);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            std::path::PathBuf::from("containerd-shim-coffer-v2")
+        );
+        let config = std::fs::read_to_string(d.path().join("etc/containerd/config.toml")).unwrap();
+        assert!(
+            config.contains("runtime_type = \"io.containerd.coffer-remote.v2\""),
+            "{config}"
+        );
+        // Installing again keeps the link.
+        let mut a = args(d.path());
+        a.bin_dir = bin;
+        a.peer_pods = true;
+        containerd(a).unwrap();
     }
 }

@@ -1754,6 +1754,7 @@ fn pod_vms_and_process_sandbox_pods_talk_through_the_mesh_every_way() {
             psp_dir: &n.world.psp_dir,
             registry: &n.world.registry.addr,
             cloud: None,
+            peer_pods: false,
         },
     );
     let vm_annotations = common::containerd::mesh_initdata(
@@ -1877,11 +1878,12 @@ fn pod_vms_and_process_sandbox_pods_talk_through_the_mesh_every_way() {
 
 #[test]
 fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
-    // A node configured for peer pods (`coffer install containerd --sandbox remote`): the pod's
-    // VM is made by coffer-cloud through Debian's libvirtd (TCG, emulated TEE), both started by
-    // the test in its own network namespace. The pod keeps the address the CNI gave it on the
-    // node (carried to the VM over VXLAN); the node reaches its web server there; removing the
-    // pod removes the VM.
+    // A node with the RuntimeClass handler `coffer-remote` (`coffer install containerd
+    // --peer-pods`) beside `coffer` (process sandboxes here): the peer pod's VM is made by
+    // coffer-cloud through Debian's libvirtd (TCG, emulated TEE), both started by the test in its
+    // own network namespace. The pod keeps the address the CNI gave it on the node (carried to
+    // the VM over VXLAN); the node and a process-sandbox pod of the same node reach its web
+    // server there; removing the pod removes the VM.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let podvm = d.join("podvm");
@@ -1914,9 +1916,14 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
         let mut config = p.sandbox_config("peer-pod", &[(INITDATA, &n.annotation)]);
         p.on_pod_network(&mut config);
         let pod = p
-            .run_pod(&config)
+            .run_pod_with(&config, "coffer-remote")
             .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox (peer pod): {e}\ncoffer-cloud: {}", cloud.log()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "RunPodSandbox (peer pod): {e}\ncoffer-cloud: {}",
+                    cloud.log()
+                )
+            });
         let (ip, _) = p.address(&pod).await;
         assert!(ip.starts_with("10.88.17."), "the pod's address: {ip:?}");
         let domains = libvirtd.virsh(&["list", "--name"]);
@@ -1943,6 +1950,21 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
             gets.iter().any(|l| l.starts_with(&format!("{ip} "))),
             "no blob request from {ip}: {gets:#?}"
         );
+        // A pod of the node's other handler (a process sandbox) fetches it too.
+        let mut pc = p.sandbox_config("process-pod", &[(INITDATA, &n.annotation)]);
+        p.on_pod_network(&mut pc);
+        let ppod = p.run_pod(&pc).await.expect("RunPodSandbox (process sandbox)");
+        let fetch = format!(
+            "for i in $(seq 1 100); do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.2; done; exit 1"
+        );
+        let client = p
+            .start_container(&ppod, &pc, "client", &n.app, &["/bin/sh", "-c", &fetch])
+            .await
+            .unwrap();
+        assert_eq!(p.wait_exited(&client, Duration::from_secs(60)).await, 0);
+        let log = std::fs::read_to_string(p.log_dir.join("process-pod/client.log")).unwrap();
+        assert!(log.contains("hello from the peer pod"), "{log}");
+        p.remove_pod(&ppod).await.unwrap();
         p.remove_pod(&pod).await.unwrap();
     });
     let until = std::time::Instant::now() + Duration::from_secs(30);

@@ -76,6 +76,33 @@ fn the_runtime_class_names_the_handler_coffer_install_configures() {
 #[test]
 fn coffer_cloud_runs_its_configuration_beside_the_keepers_it_serves() {
     let d = docs("peer-pods.yaml");
+    // The RuntimeClass names the handler `coffer install containerd --peer-pods` configures.
+    let rc = kind(&d, "RuntimeClass");
+    assert_eq!(s(&rc["handler"]), "coffer-remote");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args([
+            "install",
+            "containerd",
+            "--print-config",
+            "--sandbox",
+            "process",
+            "--emulated-tee",
+            "--peer-pods",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: toml::Value = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let runtimes = &config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+    assert_eq!(
+        runtimes["coffer-remote"]["runtime_type"].as_str(),
+        Some("io.containerd.coffer-remote.v2")
+    );
+    assert!(runtimes.get("coffer").is_some());
     let cm = kind(&d, "ConfigMap");
     // The shipped configuration is one coffer-cloud accepts.
     let text = s(&cm["data"]["cloud.toml"]);

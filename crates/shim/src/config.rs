@@ -15,6 +15,30 @@ pub const CONFIG_ENV: &str = "COFFER_SHIM_CONFIG";
 /// The configuration file when [`CONFIG_ENV`] is unset.
 pub const DEFAULT_CONFIG: &str = "/etc/coffer/shim.toml";
 
+/// The shim's name for the peer-pod runtime handler (`coffer-remote`, runtime type
+/// `io.containerd.coffer-remote.v2`): a link to this program, which then reads
+/// [`REMOTE_CONFIG`] beside the configuration file.
+pub const REMOTE_SHIM: &str = "containerd-shim-coffer-remote-v2";
+
+/// The peer-pod handler's configuration file, beside `shim.toml`.
+pub const REMOTE_CONFIG: &str = "shim-remote.toml";
+
+/// The configuration this shim reads: [`CONFIG_ENV`] or [`DEFAULT_CONFIG`], and for a shim
+/// started as [`REMOTE_SHIM`] the [`REMOTE_CONFIG`] beside it.
+pub fn config_path() -> PathBuf {
+    let base = std::env::var_os(CONFIG_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let remote = std::env::args_os()
+        .next()
+        .is_some_and(|a| Path::new(&a).file_name() == Some(std::ffi::OsStr::new(REMOTE_SHIM)));
+    if remote {
+        base.with_file_name(REMOTE_CONFIG)
+    } else {
+        base
+    }
+}
+
 /// The sandbox each pod gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,12 +155,9 @@ fn default_psp_dir() -> PathBuf {
 }
 
 impl ShimConfig {
-    /// Reads the configuration file ([`CONFIG_ENV`] or [`DEFAULT_CONFIG`]).
+    /// Reads the configuration file ([`config_path`]).
     pub fn load() -> Result<Self, ShimError> {
-        let path = std::env::var_os(CONFIG_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| DEFAULT_CONFIG.into());
-        Self::read(&path)
+        Self::read(&config_path())
     }
 
     /// Reads and checks `path`.

@@ -126,7 +126,11 @@ impl containerd_shim::Shim for Shim {
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // All containers of a pod go to the shim of the pod's sandbox.
         let grouping = grouping(&opts.id);
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // The daemon is this program again (its resolved path, not the handler's link name): it is
+        // told which configuration this handler reads.
+        let config = config::config_path();
+        let config = config.to_string_lossy().into_owned();
+        let address = spawn(opts, &grouping, vec![(config::CONFIG_ENV, config.as_str())]).await?;
         std::fs::write("address", &address)
             .map_err(|e| containerd_shim::Error::Other(format!("writing address: {e}")))?;
         Ok(address)

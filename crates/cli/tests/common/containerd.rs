@@ -72,8 +72,10 @@ pub struct ShimSetup<'a> {
     pub psp_dir: &'a Path,
     /// The registry's `host:port` (plain HTTP).
     pub registry: &'a str,
-    /// The `coffer-cloud` socket, for `remote`.
+    /// The `coffer-cloud` socket, for `remote` or `peer_pods`.
     pub cloud: Option<&'a Path>,
+    /// Also the runtime handler `coffer-remote` (peer pods).
+    pub peer_pods: bool,
 }
 
 impl Containerd {
@@ -106,6 +108,9 @@ impl Containerd {
         }
         if let Some(c) = setup.cloud {
             install.arg("--cloud").arg(c);
+        }
+        if setup.peer_pods {
+            install.arg("--peer-pods");
         }
         super::run_ok(&mut install);
         let config = root.join("etc/containerd/config.toml");
@@ -314,7 +319,8 @@ pub fn node_with(
     node_full(d, podvm, None, ip, tweak)
 }
 
-/// A node whose pods are peer pods: pod VMs that the `coffer-cloud` daemon at `cloud` creates.
+/// A node with two runtime handlers: `coffer` (process sandboxes) and `coffer-remote` (peer
+/// pods: pod VMs that the `coffer-cloud` daemon at `cloud` creates).
 pub fn node_remote(d: &Path, podvm: &Path, cloud: &Path, ip: &str) -> Node {
     node_full(d, Some(podvm), Some(cloud), ip, |_| {})
 }
@@ -352,8 +358,20 @@ fn node_full(
     assert!(ok, "{err}");
     let exec_initdata = d.join("exec-initdata.toml");
     fs::write(&exec_initdata, &text).unwrap();
-    // Reference values for both.
-    let all = measured_refs(podvm, &world.psp_dir, &[&world.initdata, &exec_initdata]);
+    // Reference values for both (a peer-pod node's process sandboxes and pod VMs alike).
+    let mut all = measured_refs(podvm, &world.psp_dir, &[&world.initdata, &exec_initdata]);
+    if cloud.is_some() {
+        let process = measured_refs(None, &world.psp_dir, &[&world.initdata, &exec_initdata]);
+        for (k, v) in process.as_object().unwrap() {
+            if let (Some(a), Some(more)) = (all[k].as_array_mut(), v.as_array()) {
+                for x in more {
+                    if !a.contains(x) {
+                        a.push(x.clone());
+                    }
+                }
+            }
+        }
+    }
     rt.block_on(
         world
             .kbs
@@ -370,15 +388,16 @@ fn node_full(
     let containerd = Containerd::start(
         d,
         &ShimSetup {
-            sandbox: match (podvm, cloud) {
-                (Some(_), Some(_)) => "remote",
-                (Some(_), None) => "vm",
-                (None, _) => "process",
+            sandbox: if podvm.is_some() && cloud.is_none() {
+                "vm"
+            } else {
+                "process"
             },
             podvm,
             psp_dir: &world.psp_dir,
             registry: &reg,
             cloud,
+            peer_pods: cloud.is_some(),
         },
     );
     let annotation = coffer_shim::annotations::encode_initdata(
@@ -589,10 +608,19 @@ impl Pods {
         &mut self,
         config: &coffer_shim::cri::PodSandboxConfig,
     ) -> Result<String, tonic::Status> {
+        self.run_pod_with(config, "coffer").await
+    }
+
+    /// RunPodSandbox with the runtime handler `handler` (a RuntimeClass's).
+    pub async fn run_pod_with(
+        &mut self,
+        config: &coffer_shim::cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, tonic::Status> {
         self.rt
             .run_pod_sandbox(coffer_shim::cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: "coffer".into(),
+                runtime_handler: handler.into(),
             })
             .await
             .map(|r| r.into_inner().pod_sandbox_id)
