@@ -383,7 +383,9 @@ impl Provider for Aws {
             Some(i) => i.id,
             None => {
                 use base64::Engine;
-                let user_data = serde_json::to_vec(&spec.launch).map_err(fail)?;
+                // It holds the agent channel's key: wiped once sent.
+                let user_data =
+                    zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).map_err(fail)?);
                 let s = |v: &str| v.to_string();
                 let mut p: Vec<(String, String)> = vec![
                     (s("ImageId"), self.c.image_id.clone()),
@@ -393,7 +395,7 @@ impl Provider for Aws {
                     (s("ClientToken"), self.client_token(spec)),
                     (
                         s("UserData"),
-                        base64::engine::general_purpose::STANDARD.encode(&user_data),
+                        base64::engine::general_purpose::STANDARD.encode(&*user_data),
                     ),
                     (s("TagSpecification.1.ResourceType"), s("instance")),
                 ];
