@@ -3,7 +3,8 @@
 //! Each sandbox kind needs something else of the host: the process sandbox needs root, runc,
 //! `unshare` and `ip`; a pod VM needs QEMU (and KVM to start in about a second instead of
 //! about five under TCG), `coffer podvm build` needs squashfs-tools and binutils; a Kubernetes
-//! node needs containerd configured for Coffer with the shim on its PATH; a real TEE needs a
+//! node needs containerd configured for Coffer with the shim on its PATH (and, for peer pods, a
+//! `coffer-cloud` that answers); a real TEE needs a
 //! host that can launch SEV-SNP or TDX guests and a QEMU with their confidential-guest objects.
 //! The checks read the host through a [`Host`] — the running system, or one mounted under
 //! another root (how the tests give them a fake one) — and never fail: every check ends in a
@@ -167,6 +168,7 @@ pub async fn run(host: &Host, o: &Options) -> Vec<Check> {
     out.push(vsock(host));
     out.push(podvm_build(host));
     out.extend(containerd(host).await);
+    out.push(peer_pods(host).await);
     out.push(kbs(o.kbs.as_deref()).await);
     out.push(disk(
         "state dir",
@@ -501,6 +503,58 @@ fn containerd_config(text: &str) -> Result<(), String> {
         return Err("no proxy snapshotter `coffer`".into());
     }
     Ok(())
+}
+
+/// The node's peer-pod configuration (`shim-remote.toml`, or `shim.toml` with `sandbox =
+/// "remote"`) and whether its `coffer-cloud` answers.
+async fn peer_pods(host: &Host) -> Check {
+    let configured = ["/etc/coffer/shim-remote.toml", "/etc/coffer/shim.toml"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(host.file(p)).ok())
+        .filter_map(|t| t.parse::<toml::Table>().ok())
+        .find(|t| t.get("sandbox").and_then(|s| s.as_str()) == Some("remote"));
+    let Some(config) = configured else {
+        return fixable(
+            "peer pods",
+            Status::Info,
+            "not configured: pod VMs run on this node only",
+            "to make them through libvirt or a cloud: coffer install containerd --peer-pods, and run coffer-cloud",
+        );
+    };
+    let socket = config
+        .get("cloud")
+        .and_then(|c| c.as_str())
+        .unwrap_or("/run/coffer/cloud.sock")
+        .to_string();
+    let path = host.file(&socket);
+    let asked = async {
+        let mut c = coffer_cloud::client::connect(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.list_vms(coffer_cloud::api::ListVmsRequest {})
+            .await
+            .map(|r| r.into_inner().vms.len())
+            .map_err(|s| s.message().to_string())
+    };
+    match tokio::time::timeout(COMMAND_WAIT, asked).await {
+        Ok(Ok(n)) => check(
+            "peer pods",
+            Status::Ok,
+            format!("coffer-cloud answers at {socket}: {n} VMs of this node"),
+        ),
+        Ok(Err(e)) => fixable(
+            "peer pods",
+            Status::Missing,
+            format!("coffer-cloud does not answer at {socket} ({e}): peer pods cannot start"),
+            "start coffer-cloud --config /etc/coffer/cloud.toml (deploy/peer-pods.yaml)",
+        ),
+        Err(_) => fixable(
+            "peer pods",
+            Status::Missing,
+            format!("coffer-cloud at {socket} did not answer in time"),
+            "check coffer-cloud's log",
+        ),
+    }
 }
 
 async fn containerd(host: &Host) -> Vec<Check> {

@@ -229,3 +229,32 @@ async fn a_kvm_that_cannot_run_the_pod_vm_is_reported_as_tcg() {
         "{kbs}"
     );
 }
+
+#[tokio::test]
+async fn a_peer_pod_node_whose_coffer_cloud_is_down_is_told_so() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    // Not configured: a fact, with how to.
+    let checks = coffer_doctor::run(&Host::at(r, 0), &options(r, None)).await;
+    let c = find(&checks, "peer pods");
+    assert_eq!(c.status, Status::Info, "{c}");
+    assert!(c.fix.as_deref().unwrap().contains("--peer-pods"), "{c}");
+    // The handler coffer-remote configured, its daemon absent.
+    file(
+        r,
+        "/etc/coffer/shim-remote.toml",
+        "sandbox = \"remote\"\npodvm = \"/opt/coffer/podvm\"\ncloud = \"/run/coffer/cloud.sock\"\n",
+    );
+    let checks = coffer_doctor::run(&Host::at(r, 0), &options(r, None)).await;
+    let c = find(&checks, "peer pods");
+    assert_eq!(c.status, Status::Missing, "{c}");
+    assert!(
+        c.found
+            .contains("coffer-cloud does not answer at /run/coffer/cloud.sock"),
+        "{c}"
+    );
+    assert!(
+        c.fix.as_deref().unwrap().contains("coffer-cloud --config"),
+        "{c}"
+    );
+}
