@@ -28,26 +28,38 @@ pub async fn accept(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(%addr, "waiting for the keeper (mutual TLS)");
+    // Each handshake runs on its own: connections that never finish theirs cannot hold the
+    // keeper's back.
+    let (done, mut first) = tokio::sync::mpsc::channel(1);
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                crate::egress::after_accept_error(&e).await;
-                continue;
-            }
+        let (tcp, from) = tokio::select! {
+            tls = first.recv() => match tls {
+                Some(tls) => return Ok(tls),
+                None => unreachable!("the sender lives in this function"),
+            },
+            c = listener.accept() => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    crate::egress::after_accept_error(&e).await;
+                    continue;
+                }
+            },
         };
         let _ = tcp.set_nodelay(true);
-        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
-                tracing::info!(%from, "the keeper connected");
-                return Ok(tls);
+        let (acceptor, done) = (acceptor.clone(), done.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    tracing::info!(%from, "the keeper connected");
+                    let _ = done.try_send(tls);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%from, error = %e, "refused a connection to the agent (TLS)")
+                }
+                Err(_) => {
+                    tracing::warn!(%from, "refused a connection to the agent (no handshake in 10 s)")
+                }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(%from, error = %e, "refused a connection to the agent (TLS)")
-            }
-            Err(_) => {
-                tracing::warn!(%from, "refused a connection to the agent (no handshake in 10 s)")
-            }
-        }
+        });
     }
 }

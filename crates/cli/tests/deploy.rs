@@ -115,6 +115,8 @@ fn coffer_cloud_runs_its_configuration_beside_the_keepers_it_serves() {
     let spec = &ds["spec"]["template"]["spec"];
     // A keeper's lock shows in /proc/locks only in the host's PID namespace.
     assert_eq!(spec["hostPID"], Value::Bool(true));
+    // Its host name, the default node name its VMs are tagged with, is the node's.
+    assert_eq!(spec["hostNetwork"], Value::Bool(true));
     let c = serde_yaml_ng::to_string(&spec["containers"][0]).unwrap();
     assert!(c.contains("/run/coffer/cloud.sock"), "{c}");
     assert!(c.contains("mountPath: /run/coffer"), "{c}");

@@ -165,6 +165,8 @@ const TAG_CLUSTER: &str = "coffer:cluster";
 const TAG_NODE: &str = "coffer:node";
 const TAG_POD: &str = "coffer:pod";
 const TAG_SANDBOX: &str = "coffer:sandbox-dir";
+/// SHA-256 of the user data (the launch configuration, so the keeper's keys) it was made with.
+const TAG_LAUNCH: &str = "coffer:launch";
 
 /// The states of an instance that is (or may again be) running.
 const LIVE_STATES: [&str; 5] = ["pending", "running", "shutting-down", "stopping", "stopped"];
@@ -341,13 +343,16 @@ impl Aws {
         }
     }
 
-    fn client_token(&self, spec: &VmSpec) -> String {
+    /// The idempotence token of one create: this cluster, node, pod, sandbox and launch
+    /// configuration (a new keeper's keys make a new instance, not the old one again).
+    fn client_token(&self, spec: &VmSpec, launch: &str) -> String {
         let mut h = Sha256::new();
         for part in [
             self.cluster.as_str(),
             self.node.as_str(),
             spec.pod.as_str(),
             &spec.sandbox_dir.display().to_string(),
+            launch,
         ] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -375,24 +380,38 @@ impl Provider for Aws {
     fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
         if spec.psp_socket.is_some() {
             return Err(CloudError::Invalid(
-                "the emulated TEE's PSP is a socket on the node, which an EC2 instance cannot reach: the aws provider needs a hardware TEE (sev_snp = true)".into(),
+                "the emulated TEE's PSP is a socket on the node, which an EC2 instance cannot reach: the aws provider runs hardware-TEE VMs only, which Coffer's keeper does not launch on a provider yet".into(),
             ));
         }
-        let existing = self.describe(Some(&spec.pod))?;
-        let id = match existing.into_iter().next() {
+        // It holds the agent channel's key: wiped once sent.
+        let user_data = zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).map_err(fail)?);
+        let launch = hex::encode(Sha256::digest(&*user_data));
+        let sandbox = spec.sandbox_dir.display().to_string();
+        let (same, stale): (Vec<Instance>, Vec<Instance>) =
+            self.describe(Some(&spec.pod))?.into_iter().partition(|i| {
+                i.tag(TAG_LAUNCH) == Some(&launch) && i.tag(TAG_SANDBOX) == Some(&sandbox)
+            });
+        if !stale.is_empty() {
+            // A previous keeper's instances of this pod (other keys): they go.
+            tracing::info!(pod = %spec.pod, count = stale.len(), "terminating a previous keeper's instances of this pod");
+            let p: Vec<(String, String)> = stale
+                .iter()
+                .enumerate()
+                .map(|(i, inst)| (format!("InstanceId.{}", i + 1), inst.id.clone()))
+                .collect();
+            self.call("TerminateInstances", &p)?;
+        }
+        let id = match same.into_iter().next() {
             Some(i) => i.id,
             None => {
                 use base64::Engine;
-                // It holds the agent channel's key: wiped once sent.
-                let user_data =
-                    zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).map_err(fail)?);
                 let s = |v: &str| v.to_string();
                 let mut p: Vec<(String, String)> = vec![
                     (s("ImageId"), self.c.image_id.clone()),
                     (s("InstanceType"), spec.instance.name.clone()),
                     (s("MinCount"), s("1")),
                     (s("MaxCount"), s("1")),
-                    (s("ClientToken"), self.client_token(spec)),
+                    (s("ClientToken"), self.client_token(spec, &launch)),
                     (
                         s("UserData"),
                         base64::engine::general_purpose::STANDARD.encode(&*user_data),
@@ -400,12 +419,12 @@ impl Provider for Aws {
                     (s("TagSpecification.1.ResourceType"), s("instance")),
                 ];
                 let name = format!("coffer-{}-{}", self.node, spec.pod);
-                let sandbox = spec.sandbox_dir.display().to_string();
                 for (i, (k, v)) in [
                     (TAG_CLUSTER, self.cluster.as_str()),
                     (TAG_NODE, self.node.as_str()),
                     (TAG_POD, spec.pod.as_str()),
                     (TAG_SANDBOX, sandbox.as_str()),
+                    (TAG_LAUNCH, launch.as_str()),
                     ("Name", name.as_str()),
                 ]
                 .iter()
@@ -437,15 +456,21 @@ impl Provider for Aws {
         let until = Instant::now() + RUNNING_BOUND;
         loop {
             let p = vec![("InstanceId.1".to_string(), id.clone())];
-            let found = self.describe_pages(p)?;
-            let inst = found
-                .into_iter()
-                .find(|i| i.id == id)
-                .ok_or_else(|| fail(format!("instance {id} is gone")))?;
-            match inst.state.name.as_str() {
-                "running" if inst.private_ip.is_some() => return Ok(inst.vm()),
-                "pending" | "running" => {}
-                other => return Err(fail(format!("instance {id} is {other} instead of running"))),
+            // EC2 lists a new instance a moment after RunInstances answered (eventual
+            // consistency): not found yet is not an error.
+            let found = match self.describe_pages(p) {
+                Ok(f) => f,
+                Err(e) if e.to_string().contains("InvalidInstanceID.NotFound") => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            if let Some(inst) = found.into_iter().find(|i| i.id == id) {
+                match inst.state.name.as_str() {
+                    "running" if inst.private_ip.is_some() => return Ok(inst.vm()),
+                    "pending" | "running" => {}
+                    other => {
+                        return Err(fail(format!("instance {id} is {other} instead of running")))
+                    }
+                }
             }
             if Instant::now() > until {
                 return Err(fail(format!(

@@ -30,7 +30,8 @@ pub struct Config {
     /// The cluster's id, tagged on every VM.
     #[serde(default = "default_cluster")]
     pub cluster: String,
-    /// This node's name, tagged on every VM [default: the host name].
+    /// This node's name, tagged on every VM [default: the host name; it must stay the same
+    /// across restarts, or the VMs made before are no longer found].
     #[serde(default)]
     pub node: String,
     /// Which provider creates the VMs: `libvirt`.

@@ -9,13 +9,20 @@ use std::{os::unix::fs::MetadataExt, path::Path};
 pub const KEEPER_LOCK: &str = "keeper.lock";
 
 /// Whether a process holds a `flock` on the sandbox directory's `keeper.lock`. A directory or
-/// lock file that is gone is a sandbox that is gone.
+/// lock file that is gone is a sandbox that is gone. When `/proc/locks` cannot be read the
+/// sandbox counts as alive: nothing is deleted on a guess. (`/proc/locks` shows only the locks
+/// of this PID namespace: the daemon runs in the host's, as `deploy/peer-pods.yaml` says.)
 pub fn alive(sandbox_dir: &Path) -> bool {
     let Ok(meta) = std::fs::metadata(sandbox_dir.join(KEEPER_LOCK)) else {
         return false;
     };
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    held(&locks, meta.dev(), meta.ino())
+    match std::fs::read_to_string("/proc/locks") {
+        Ok(locks) => held(&locks, meta.dev(), meta.ino()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /proc/locks; keeping every VM");
+            true
+        }
+    }
 }
 
 /// Whether `locks` (the text of `/proc/locks`) has a FLOCK on the file `dev`/`ino`.

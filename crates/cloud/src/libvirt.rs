@@ -60,6 +60,9 @@ struct Tags {
     sandbox_dir: PathBuf,
     address: Ipv4Addr,
     instance_type: String,
+    /// SHA-256 of the launch configuration it was made with (the keeper's keys).
+    #[serde(default)]
+    launch: String,
 }
 
 /// What a domain's XML is made of, besides the request.
@@ -250,22 +253,36 @@ impl Libvirt {
         Ok([path("vmlinux")?, path("initrd")?, path("root")?])
     }
 
-    fn tags(&self, d: &Domain) -> Option<Tags> {
+    /// The tags of a domain that coffer-cloud made, of any cluster or node.
+    fn any_tags(d: &Domain) -> Option<Tags> {
         let text = d
             .metadata(virt::sys::VIR_DOMAIN_METADATA_DESCRIPTION as i32, None, 0)
             .ok()?;
         let t: Tags = serde_json::from_str(&text).ok()?;
-        (t.coffer_cloud == 1 && t.cluster == self.cluster && t.node == self.node).then_some(t)
+        (t.coffer_cloud == 1).then_some(t)
     }
 
-    fn ours(&self) -> Result<Vec<(Domain, Tags)>, CloudError> {
+    /// The tags of a domain of this cluster and node.
+    fn tags(&self, d: &Domain) -> Option<Tags> {
+        Self::any_tags(d).filter(|t| t.cluster == self.cluster && t.node == self.node)
+    }
+
+    fn all(&self) -> Result<Vec<(Domain, Tags)>, CloudError> {
         let domains = self
             .conn
             .list_all_domains(0)
             .map_err(|e| fail(format!("cannot list domains: {e}")))?;
         Ok(domains
             .into_iter()
-            .filter_map(|d| self.tags(&d).map(|t| (d, t)))
+            .filter_map(|d| Self::any_tags(&d).map(|t| (d, t)))
+            .collect())
+    }
+
+    fn ours(&self) -> Result<Vec<(Domain, Tags)>, CloudError> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|(_, t)| t.cluster == self.cluster && t.node == self.node)
             .collect())
     }
 
@@ -288,7 +305,15 @@ impl Libvirt {
             .and_then(|x| {
                 let (_, rest) = x.split_once("<target>")?;
                 let (_, rest) = rest.split_once("<path>")?;
-                Some(rest.split_once("</path>")?.0.to_string())
+                let escaped = rest.split_once("</path>")?.0;
+                Some(
+                    escaped
+                        .replace("&lt;", "<")
+                        .replace("&gt;", ">")
+                        .replace("&apos;", "'")
+                        .replace("&quot;", "\"")
+                        .replace("&amp;", "&"),
+                )
             })
             .unwrap_or_else(|| self.c.pool_dir.display().to_string())
     }
@@ -353,31 +378,30 @@ impl Libvirt {
     }
 
     /// Deletes the domain `name` (stopped first) and every volume of its name.
+    /// Deletes the domain `name` and its volumes: stopped, then its volumes, then undefined
+    /// last, so that a failure half-way leaves the tagged domain for the reconciler.
     fn remove(&self, name: &str) -> Result<bool, CloudError> {
-        let existed = match self.conn.lookup_domain_by_name(name) {
-            Ok(d) => {
-                if d.is_active().unwrap_or(false) {
-                    d.destroy()
-                        .map_err(|e| fail(format!("cannot stop domain {name}: {e}")))?;
-                }
-                d.undefine()
-                    .map_err(|e| fail(format!("cannot undefine domain {name}: {e}")))?;
-                true
+        let domain = self.conn.lookup_domain_by_name(name).ok();
+        if let Some(d) = &domain {
+            if d.is_active().unwrap_or(false) {
+                d.destroy()
+                    .map_err(|e| fail(format!("cannot stop domain {name}: {e}")))?;
             }
-            Err(_) => false,
-        };
+        }
         let pool = self.pool()?;
         // The console file is a file of the pool's directory: a refresh shows it as a volume.
         let _ = pool.refresh(0);
-        for v in pool.list_volumes().map_err(fail)? {
-            if v.starts_with(&format!("{name}-")) || v.starts_with(&format!("{name}.")) {
-                if let Ok(vol) = &pool.lookup_storage_vol_by_name(&v) {
-                    vol.delete(0)
-                        .map_err(|e| fail(format!("cannot delete volume {v}: {e}")))?;
-                }
+        for v in volume_names(name) {
+            if let Ok(vol) = pool.lookup_storage_vol_by_name(&v) {
+                vol.delete(0)
+                    .map_err(|e| fail(format!("cannot delete volume {v}: {e}")))?;
             }
         }
-        Ok(existed)
+        if let Some(d) = &domain {
+            d.undefine()
+                .map_err(|e| fail(format!("cannot undefine domain {name}: {e}")))?;
+        }
+        Ok(domain.is_some())
     }
 }
 
@@ -400,24 +424,33 @@ impl Provider for Libvirt {
         let name = self.domain_name(&spec.pod);
         let pool = self.pool()?;
         let pool_dir = self.pool_dir(&pool);
+        let launch = launch_digest(spec);
         if let Ok(d) = self.conn.lookup_domain_by_name(&name) {
-            // Idempotent: the VM this pod already has (a keeper asking again).
-            if let Some(t) = self.tags(&d) {
-                if t.sandbox_dir == spec.sandbox_dir {
+            match self.tags(&d) {
+                // Idempotent: the VM this very request made (a keeper asking again).
+                Some(t) if t.sandbox_dir == spec.sandbox_dir && t.launch == launch => {
                     if !d.is_active().unwrap_or(false) {
                         d.create()
                             .map_err(|e| fail(format!("cannot start domain {name}: {e}")))?;
                     }
                     return Ok(self.vm(&d, t, &pool_dir));
                 }
+                // A previous keeper's VM of this pod (other keys): it goes, a new one is made.
+                Some(t) if t.pod == spec.pod => {
+                    tracing::info!(domain = %name, "replacing a previous keeper's VM of this pod");
+                    self.remove(&name)?;
+                }
+                _ => {
+                    return Err(CloudError::Invalid(format!(
+                        "domain {name} exists and is not this pod's"
+                    )))
+                }
             }
-            return Err(CloudError::Invalid(format!(
-                "domain {name} exists and is not this sandbox's"
-            )));
         }
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let image = self.image(&pool)?;
-        let used: Vec<Ipv4Addr> = self.ours()?.into_iter().map(|(_, t)| t.address).collect();
+        // Every coffer domain on this libvirt host, whatever its cluster or node, holds its address.
+        let used: Vec<Ipv4Addr> = self.all()?.into_iter().map(|(_, t)| t.address).collect();
         let address = self
             .subnet
             .free(&used)
@@ -436,6 +469,7 @@ impl Provider for Libvirt {
             sandbox_dir: spec.sandbox_dir.clone(),
             address,
             instance_type: spec.instance.name.clone(),
+            launch,
         };
         let launch_name = format!("{name}-launch.json");
         let launch_path = format!("{pool_dir}/{launch_name}");
@@ -485,7 +519,16 @@ impl Provider for Libvirt {
     }
 
     fn delete(&self, pod: &str) -> Result<bool, CloudError> {
-        self.remove(&self.domain_name(pod))
+        let name = self.domain_name(pod);
+        // Only a domain whose tags name this cluster, node and pod (names alone could collide).
+        match self.conn.lookup_domain_by_name(&name) {
+            Ok(d) if self.tags(&d).is_some_and(|t| t.pod == pod) => self.remove(&name),
+            Ok(_) => Err(CloudError::Invalid(format!(
+                "domain {name} is not this node's VM of pod {pod}"
+            ))),
+            // None left, or only volumes of a create cut short.
+            Err(_) => self.remove(&name),
+        }
     }
 
     fn list(&self) -> Result<Vec<Vm>, CloudError> {
@@ -497,6 +540,21 @@ impl Provider for Libvirt {
             .map(|(d, t)| self.vm(&d, t, &dir))
             .collect())
     }
+}
+
+/// The volumes made for the domain `name` (and its console file), exactly.
+fn volume_names(name: &str) -> [String; 3] {
+    [
+        format!("{name}-scratch"),
+        format!("{name}-launch.json"),
+        format!("{name}.console"),
+    ]
+}
+
+/// The digest a VM is tagged with: which launch configuration (which keeper's keys) it runs.
+fn launch_digest(spec: &VmSpec) -> String {
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).unwrap_or_default());
+    hex::encode(Sha256::digest(&*json))
 }
 
 fn volume_xml(name: &str, capacity: u64, allocation: u64) -> String {
@@ -525,6 +583,23 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_owns_exactly_its_own_volumes() {
+        let v = volume_names("coffer-n1-web");
+        assert_eq!(
+            v,
+            [
+                "coffer-n1-web-scratch".to_string(),
+                "coffer-n1-web-launch.json".to_string(),
+                "coffer-n1-web.console".to_string()
+            ]
+        );
+        // Another pod whose name starts with this one's owns none of them.
+        assert!(volume_names("coffer-n1-web-2")
+            .iter()
+            .all(|x| !v.contains(x)));
+    }
 
     #[test]
     fn xml_text_is_escaped() {

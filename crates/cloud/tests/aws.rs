@@ -60,6 +60,20 @@ async fn ec2_instances_are_made_tagged_and_deleted_as_pods_come_and_go() {
         .into_inner();
     assert_eq!(again.id, vm.id);
     assert_eq!(instances(&endpoint).len(), 1);
+    // A new keeper of the same pod (its keys differ, after a crash): the old instance goes and
+    // a new one carries the new user data.
+    let renewed = launch("kbs = 'https://kbs.example'");
+    let fresh = client
+        .create_vm(request("p1", &s1, renewed.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(fresh.id, vm.id);
+    let all = instances(&endpoint);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0]["id"], fresh.id);
+    assert_eq!(all[0]["user_data"].as_str().unwrap().as_bytes(), &renewed[..]);
+    let vm = fresh;
 
     // Bad input is refused before any call, naming it.
     let mut r = request("p2", &s1, data.clone());

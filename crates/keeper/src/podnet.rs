@@ -142,9 +142,10 @@ impl PodNetwork {
                     None,
                 ) {
                     Ok(_) => break,
-                    Err(e) if Instant::now() >= until => {
-                        return Err(e.context(format!("QEMU did not make tap {}", l.tap)))
-                    }
+                    Err(e) if Instant::now() >= until => return Err(e.context(format!(
+                        "no device {} in the pod's namespace (QEMU's tap, or a peer pod's tunnel)",
+                        l.tap
+                    ))),
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -238,7 +239,10 @@ impl PodNetwork {
             return Err(e);
         }
         self.links[0].tap = dev;
-        self.connect(Duration::from_secs(5))?;
+        if let Err(e) = self.connect(Duration::from_secs(5)) {
+            self.untunnel();
+            return Err(e);
+        }
         Ok(VxlanTunnel {
             mac: self.links[0].mac.clone(),
             vni,
