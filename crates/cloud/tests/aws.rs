@@ -72,7 +72,10 @@ async fn ec2_instances_are_made_tagged_and_deleted_as_pods_come_and_go() {
     let all = instances(&endpoint);
     assert_eq!(all.len(), 1, "{all:#?}");
     assert_eq!(all[0]["id"], fresh.id);
-    assert_eq!(all[0]["user_data"].as_str().unwrap().as_bytes(), &renewed[..]);
+    assert_eq!(
+        all[0]["user_data"].as_str().unwrap().as_bytes(),
+        &renewed[..]
+    );
     let vm = fresh;
 
     // Bad input is refused before any call, naming it.

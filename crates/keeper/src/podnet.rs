@@ -142,10 +142,12 @@ impl PodNetwork {
                     None,
                 ) {
                     Ok(_) => break,
-                    Err(e) if Instant::now() >= until => return Err(e.context(format!(
+                    Err(e) if Instant::now() >= until => {
+                        return Err(e.context(format!(
                         "no device {} in the pod's namespace (QEMU's tap, or a peer pod's tunnel)",
                         l.tap
-                    ))),
+                    )))
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
