@@ -76,7 +76,6 @@ async fn ec2_instances_are_made_tagged_and_deleted_as_pods_come_and_go() {
         all[0]["user_data"].as_str().unwrap().as_bytes(),
         &renewed[..]
     );
-    let vm = fresh;
 
     // Bad input is refused before any call, naming it.
     let mut r = request("p2", &s1, data.clone());
