@@ -73,13 +73,7 @@ fn main() {
     println!("podvm build: {:.0} ms", ms(t.elapsed()));
     let _netns = remote.then(|| {
         let n = common::containerd::TestNetns::enter();
-        for cmd in [
-            &["link", "add", "cfrbench0", "type", "bridge"][..],
-            &["addr", "add", "10.99.20.1/24", "dev", "cfrbench0"],
-            &["link", "set", "cfrbench0", "up"],
-        ] {
-            run_ok(Command::new("ip").args(cmd));
-        }
+        common::containerd::TestNetns::bridge_named("cfrbench0", "10.99.20.1/24");
         n
     });
     let common::BenchWorld {

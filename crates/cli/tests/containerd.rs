@@ -1890,13 +1890,7 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
     common::build_podvm(&podvm);
     let _netns = common::containerd::TestNetns::enter();
     common::containerd::TestNetns::bridge("10.88.17.1/24");
-    for cmd in [
-        &["link", "add", "cfrpp2", "type", "bridge"][..],
-        &["addr", "add", "10.99.9.1/24", "dev", "cfrpp2"],
-        &["link", "set", "cfrpp2", "up"],
-    ] {
-        common::run_ok(std::process::Command::new("ip").args(cmd));
-    }
+    common::containerd::TestNetns::bridge_named("cfrpp2", "10.99.9.1/24");
     common::containerd::TestNetns::cni_config(&d.join("node"), "10.88.17.0/24");
     let libvirtd = common::libvirt::Libvirtd::start(&d.join("libvirt"));
     let cloud_dir = d.join("cloud");

@@ -1676,11 +1676,14 @@ async fn a_pod_vm_on_a_cni_network_attests_and_pulls_over_it() {
     assert!(!links.contains("veth"), "{links}");
 }
 
-/// The test's bridge `name` with the gateway address `cidr`, in the test's namespace.
-fn bridge(name: &str, cidr: &str) {
-    common::run_ok(Command::new("ip").args(["link", "add", name, "type", "bridge"]));
-    common::run_ok(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
-    common::run_ok(Command::new("ip").args(["link", "set", name, "up"]));
+/// `--sandbox remote --podvm PODVM --cloud SOCKET --ready-timeout SECS`.
+fn remote_args(podvm: &Path, cloud: &Path, secs: u32) -> Vec<String> {
+    let mut v = s(&["--sandbox", "remote", "--podvm"]);
+    v.push(podvm.display().to_string());
+    v.push("--cloud".into());
+    v.push(cloud.display().to_string());
+    v.extend(s(&["--ready-timeout", &secs.to_string()]));
+    v
 }
 
 /// The names of `pool`'s volumes that belong to one VM (not the shared pod VM image).
@@ -1708,7 +1711,7 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     let podvm = built.path().join("podvm");
     common::build_podvm(&podvm);
     let _netns = common::containerd::TestNetns::enter();
-    bridge("cfrpp0", "10.99.7.1/24");
+    common::containerd::TestNetns::bridge_named("cfrpp0", "10.99.7.1/24");
     let w = world().await;
     let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
     let cloud = common::libvirt::Cloud::start(
@@ -1719,29 +1722,14 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
         "10.99.7.0/24",
         "10.99.7.1",
     );
-    let pool = std::fs::read_to_string(&cloud.config)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("pool = \"")
-                .map(|p| p.trim_end_matches('"').to_string())
-        })
-        .unwrap();
+    let pool = cloud.pool.clone();
     let vm = vm_args(&podvm);
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     let init = w.initdata("initdata.toml", &[]).await;
     // A peer pod boots the same measured image as a local pod VM: the same reference values.
     w.register_for(&vm, &[&init]).await;
-    let remote = [
-        "--sandbox",
-        "remote",
-        "--podvm",
-        podvm.to_str().unwrap(),
-        "--cloud",
-        cloud.socket.to_str().unwrap(),
-        "--ready-timeout",
-        "60",
-    ];
+    let remote = remote_args(&podvm, &cloud.socket, 60);
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
 
     // Bad input is refused before anything is made.
     let (code, _, stderr) =
@@ -1793,16 +1781,10 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     let cloud2 = common::libvirt::Cloud::start_with(&dir2, dir2.join("cloud.toml"));
     let t = Instant::now();
     let (code, _, stderr) = cli(w.run_in(
-        &[
-            "--sandbox",
-            "remote",
-            "--podvm",
-            broken.to_str().unwrap(),
-            "--cloud",
-            cloud2.socket.to_str().unwrap(),
-            "--ready-timeout",
-            "170",
-        ],
+        &remote_args(&broken, &cloud2.socket, 170)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &init,
         "pp-broken",
         &[],
@@ -1922,7 +1904,7 @@ async fn a_peer_pod_on_the_pod_network_serves_at_its_pod_address() {
     common::build_podvm(&podvm);
     let _netns = common::containerd::TestNetns::enter();
     common::containerd::TestNetns::bridge("10.88.15.1/24");
-    bridge("cfrpp1", "10.99.8.1/24");
+    common::containerd::TestNetns::bridge_named("cfrpp1", "10.99.8.1/24");
     let w = world_at("10.88.15.1", None).await;
     let root = w.d().join("cni");
     common::containerd::TestNetns::cni_config(&root, "10.88.15.0/24");
@@ -1940,16 +1922,8 @@ async fn a_peer_pod_on_the_pod_network_serves_at_its_pod_address() {
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     let init = w.initdata("initdata.toml", &[]).await;
     w.register_for(&vm, &[&init]).await;
-    let remote = [
-        "--sandbox",
-        "remote",
-        "--podvm",
-        podvm.to_str().unwrap(),
-        "--cloud",
-        cloud.socket.to_str().unwrap(),
-        "--ready-timeout",
-        "90",
-    ];
+    let remote = remote_args(&podvm, &cloud.socket, 90);
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
     let name = "pp-net";
     let serve = "mkdir -p /www && echo served by the peer pod > /www/index.html && exec httpd -f -p 8080 -h /www";
     let (code, stdout, stderr) = cli(w.run_in(

@@ -128,7 +128,8 @@ pub fn netns_path(name: &str) -> PathBuf {
     Path::new("/run/netns").join(format!("coffer-{name}"))
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip ARGS…` (iproute2) in this process's network namespace; says what failed.
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -204,20 +204,7 @@ impl PodNetwork {
             );
         }
         let dev = format!("cfrvx{vni}");
-        let run = |args: &[&str]| -> anyhow::Result<()> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .context("cannot run ip (iproute2)")?;
-            if !out.status.success() {
-                bail!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(())
-        };
+        let run = crate::cni::ip;
         let (v, r) = (vni.to_string(), remote.to_string());
         // One left by a keeper killed before goes first.
         let _ = Command::new("ip").args(["link", "del", &dev]).output();

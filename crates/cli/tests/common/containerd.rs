@@ -817,9 +817,14 @@ impl TestNetns {
     /// (the plugin keeps both), so that the test's servers can listen on that address for the
     /// pods before the first pod exists.
     pub fn bridge(cidr: &str) {
-        super::run_ok(Command::new("ip").args(["link", "add", "cfr0", "type", "bridge"]));
-        super::run_ok(Command::new("ip").args(["addr", "add", cidr, "dev", "cfr0"]));
-        super::run_ok(Command::new("ip").args(["link", "set", "cfr0", "up"]));
+        Self::bridge_named("cfr0", cidr);
+    }
+
+    /// Makes the bridge `name` with the address `cidr` in the test's namespace.
+    pub fn bridge_named(name: &str, cidr: &str) {
+        super::run_ok(Command::new("ip").args(["link", "add", name, "type", "bridge"]));
+        super::run_ok(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
+        super::run_ok(Command::new("ip").args(["link", "set", name, "up"]));
     }
 
     /// Writes a CNI configuration for the tests' containerd under `root`

@@ -122,6 +122,8 @@ pub struct Cloud {
     pub log: PathBuf,
     /// Its configuration.
     pub config: PathBuf,
+    /// Its libvirt storage pool (set by [`Cloud::start`]).
+    pub pool: String,
 }
 
 impl Drop for Cloud {
@@ -163,7 +165,9 @@ impl Cloud {
             ),
         )
         .unwrap();
-        Self::start_with(dir, config)
+        let mut cloud = Self::start_with(dir, config);
+        cloud.pool = pool;
+        cloud
     }
 
     /// Starts the daemon with the configuration `config`.
@@ -197,6 +201,7 @@ impl Cloud {
             socket,
             log,
             config,
+            pool: String::new(),
         }
     }
 
