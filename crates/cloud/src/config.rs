@@ -34,7 +34,7 @@ pub struct Config {
     /// across restarts, or the VMs made before are no longer found].
     #[serde(default)]
     pub node: String,
-    /// Which provider creates the VMs: `libvirt`.
+    /// Which provider creates the VMs: `libvirt`, `aws`, `azure` or `ibmcloud`.
     pub provider: String,
     /// How often VMs without a live sandbox are looked for (seconds).
     #[serde(default = "default_reconcile")]
@@ -48,6 +48,120 @@ pub struct Config {
     /// The AWS provider's settings.
     #[serde(default)]
     pub aws: Option<AwsConfig>,
+    /// The Azure provider's settings.
+    #[serde(default)]
+    pub azure: Option<AzureConfig>,
+    /// The IBM Cloud VPC provider's settings.
+    #[serde(default)]
+    pub ibmcloud: Option<IbmCloudConfig>,
+}
+
+/// The Azure provider: confidential VMs through Azure Resource Manager.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// The subscription.
+    pub subscription_id: String,
+    /// The resource group the VMs (and their NICs and disks) are made in.
+    pub resource_group: String,
+    /// The region (`eastus`).
+    pub location: String,
+    /// The pod VM image: a specialized Azure Compute Gallery image version's resource id.
+    pub image_id: String,
+    /// The subnet's resource id (the VMs' NIC joins it).
+    pub subnet_id: String,
+    /// `client-secret` (a service principal: tenant and client id here or in `AZURE_TENANT_ID`
+    /// and `AZURE_CLIENT_ID`, the secret in `AZURE_CLIENT_SECRET`) or `managed-identity` (the
+    /// node's; `client_id` picks a user-assigned one).
+    #[serde(default = "default_azure_auth")]
+    pub auth: String,
+    /// The tenant (client-secret auth).
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// The client id (service principal, or user-assigned managed identity).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Confidential VMs (`securityType = ConfidentialVM`); `false` makes Trusted Launch VMs,
+    /// which are not confidential (for trying the provider where no CVM size is available).
+    #[serde(default = "yes")]
+    pub confidential: bool,
+    /// The OS disk's confidential encryption: `VMGuestStateOnly` or `DiskWithVMGuestState`.
+    #[serde(default = "default_disk_encryption")]
+    pub disk_encryption: String,
+    /// The OS disk's storage type.
+    #[serde(default = "default_disk_type")]
+    pub disk_type: String,
+    /// Azure Resource Manager.
+    #[serde(default = "default_arm")]
+    pub endpoint: String,
+    /// The identity platform (client-secret auth).
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// The managed identity token endpoint (the instance metadata service).
+    #[serde(default = "default_identity_endpoint")]
+    pub identity_endpoint: String,
+}
+
+fn default_azure_auth() -> String {
+    "client-secret".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_disk_encryption() -> String {
+    "VMGuestStateOnly".into()
+}
+fn default_disk_type() -> String {
+    "Premium_LRS".into()
+}
+fn default_arm() -> String {
+    "https://management.azure.com".into()
+}
+fn default_authority() -> String {
+    "https://login.microsoftonline.com".into()
+}
+fn default_identity_endpoint() -> String {
+    "http://169.254.169.254/metadata/identity/oauth2/token".into()
+}
+
+/// The IBM Cloud provider: VPC virtual server instances (IBM Secure Execution on s390x).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IbmCloudConfig {
+    /// The region (`us-south`); the endpoint is that region's VPC API unless set.
+    pub region: String,
+    /// The zone instances are placed in (`us-south-1`).
+    pub zone: String,
+    /// The VPC.
+    pub vpc_id: String,
+    /// The subnet (in the zone).
+    pub subnet_id: String,
+    /// The pod VM image (an SE image for the `bz2e` profiles).
+    pub image_id: String,
+    /// The resource group [default: the account's default].
+    #[serde(default)]
+    pub resource_group_id: Option<String>,
+    /// Security groups of the instances' interface [default: the VPC's default].
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    /// The VPC API [default: `https://REGION.iaas.cloud.ibm.com`].
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// IAM (the API key is exchanged here for a token; the key is `IBMCLOUD_API_KEY` in the
+    /// environment, never in this file).
+    #[serde(default = "default_iam")]
+    pub iam_endpoint: String,
+    /// Where this daemon records which sandbox each instance was made for (the VPC API has no
+    /// tags; the instance's name carries the cluster and node).
+    #[serde(default = "default_ibm_state")]
+    pub state_dir: PathBuf,
+}
+
+fn default_iam() -> String {
+    "https://iam.cloud.ibm.com".into()
+}
+fn default_ibm_state() -> PathBuf {
+    "/var/lib/coffer-cloud/ibmcloud".into()
 }
 
 /// The AWS provider: EC2 instances (credentials from the environment).
@@ -206,7 +320,52 @@ impl Config {
                 }
                 Ok(())
             }
-            other => Err(format!("unknown provider {other:?}: use libvirt or aws")),
+            "azure" => {
+                let a = self.azure.as_ref().ok_or(
+                    "provider azure needs an [azure] section (subscription_id, resource_group, location, image_id, subnet_id)",
+                )?;
+                for (k, v) in [
+                    ("subscription_id", &a.subscription_id),
+                    ("resource_group", &a.resource_group),
+                    ("location", &a.location),
+                    ("image_id", &a.image_id),
+                    ("subnet_id", &a.subnet_id),
+                ] {
+                    if v.is_empty() {
+                        return Err(format!("azure.{k} must not be empty"));
+                    }
+                }
+                if !matches!(
+                    a.disk_encryption.as_str(),
+                    "VMGuestStateOnly" | "DiskWithVMGuestState"
+                ) {
+                    return Err(format!(
+                        "azure.disk_encryption {:?}: use VMGuestStateOnly or DiskWithVMGuestState",
+                        a.disk_encryption
+                    ));
+                }
+                Ok(())
+            }
+            "ibmcloud" => {
+                let i = self.ibmcloud.as_ref().ok_or(
+                    "provider ibmcloud needs an [ibmcloud] section (region, zone, vpc_id, subnet_id, image_id)",
+                )?;
+                for (k, v) in [
+                    ("region", &i.region),
+                    ("zone", &i.zone),
+                    ("vpc_id", &i.vpc_id),
+                    ("subnet_id", &i.subnet_id),
+                    ("image_id", &i.image_id),
+                ] {
+                    if v.is_empty() {
+                        return Err(format!("ibmcloud.{k} must not be empty"));
+                    }
+                }
+                Ok(())
+            }
+            other => Err(format!(
+                "unknown provider {other:?}: use libvirt, aws, azure or ibmcloud"
+            )),
         }
     }
 

@@ -12,6 +12,9 @@
 //!   start and periodically.
 //! - `libvirt` (feature `libvirt`): the libvirt provider, local or remote URI.
 //! - `aws` (feature `aws`): the AWS provider (EC2).
+//! - `azure` (feature `azure`): the Azure provider (confidential VMs through Resource Manager).
+//! - `ibmcloud` (feature `ibmcloud`): the IBM Cloud provider (VPC instances).
+//! - `rest` (with `azure` or `ibmcloud`): the JSON REST client those two share.
 //!
 //! A VM's agent is reached over mutual TLS with keys the keeper made for it
 //! (`coffer_podvm::remote`); this daemon hands them to the VM and never uses them.
@@ -25,12 +28,16 @@ pub mod api {
 }
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod client;
 pub mod config;
 pub mod lease;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod provider;
+#[cfg(feature = "rest")]
+pub mod rest;
 pub mod server;
 
 pub use config::Config;

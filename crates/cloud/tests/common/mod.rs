@@ -16,6 +16,49 @@ use coffer_cloud::api::CreateVmRequest;
 use coffer_podvm::remote::{Credentials, LaunchConfig};
 use rustix::fs::{flock, FlockOperation};
 
+/// A local cloud API server from this directory (`azure_arm.py`, `ibm_vpc.py`) on a free
+/// loopback port, with `args`; its base URL.
+pub fn emulator(script: &str, args: &[&str]) -> (Proc, String) {
+    let port = free_port();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let child = Command::new("python3")
+        .arg(&path)
+        .arg("--port")
+        .arg(port.to_string())
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 {}: {e}", path.display()));
+    let mut child = Proc(child);
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            panic!(
+                "{script} exited ({s}); are its PyPI packages installed (scripts/test does it)?"
+            );
+        }
+        assert!(Instant::now() < until, "{script} did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// A JSON call to an emulator's own API (its state, its knobs).
+pub fn emulator_call(base: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    let url = format!("{base}{path}");
+    let text = match body {
+        Some(b) => ureq::post(&url).send(b.to_string()),
+        None => ureq::get(&url).call(),
+    }
+    .unwrap_or_else(|e| panic!("{url}: {e}"))
+    .body_mut()
+    .read_to_string()
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 /// A process killed on drop.
 pub struct Proc(pub Child);
 
@@ -107,6 +150,19 @@ pub struct Daemon {
 }
 
 pub fn daemon(dir: &Path, config: &Path, creds: bool) -> Result<Daemon, String> {
+    let aws: &[(&str, &str)] = if creds {
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ]
+    } else {
+        &[]
+    };
+    daemon_with(dir, config, aws)
+}
+
+/// coffer-cloud with `config`, no cloud credentials in its environment but `env`.
+pub fn daemon_with(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Result<Daemon, String> {
     let socket = dir.join("cloud.sock");
     let _ = std::fs::remove_file(&socket);
     let log = dir.join("cloud.log");
@@ -115,15 +171,21 @@ pub fn daemon(dir: &Path, config: &Path, creds: bool) -> Result<Daemon, String> 
         .arg(config)
         .arg("--listen")
         .arg(&socket)
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    if creds {
-        cmd.env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing");
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AZURE_TENANT_ID",
+        "AZURE_CLIENT_ID",
+        "AZURE_CLIENT_SECRET",
+        "IBMCLOUD_API_KEY",
+    ] {
+        cmd.env_remove(k);
     }
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     while !socket.exists() {
