@@ -141,6 +141,11 @@ pub struct IbmCloudConfig {
     /// The resource group [default: the account's default].
     #[serde(default)]
     pub resource_group_id: Option<String>,
+    /// `confidential_compute_mode` of the instances (`tdx` on x86 profiles that offer it);
+    /// unset: the profile's default (Secure Execution comes with the `bz2e` profile and an SE
+    /// image).
+    #[serde(default)]
+    pub confidential_compute_mode: Option<String>,
     /// Security groups of the instances' interface [default: the VPC's default].
     #[serde(default)]
     pub security_group_ids: Vec<String>,

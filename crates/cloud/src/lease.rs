@@ -13,6 +13,9 @@ pub const KEEPER_LOCK: &str = "keeper.lock";
 /// sandbox counts as alive: nothing is deleted on a guess. (`/proc/locks` shows only the locks
 /// of this PID namespace: the daemon runs in the host's, as `deploy/peer-pods.yaml` says.)
 pub fn alive(sandbox_dir: &Path) -> bool {
+    if !sandbox_dir.is_absolute() {
+        return false; // not a sandbox's (an instance with no record of one)
+    }
     let Ok(meta) = std::fs::metadata(sandbox_dir.join(KEEPER_LOCK)) else {
         return false;
     };

@@ -32,6 +32,8 @@ pub mod aws;
 pub mod azure;
 pub mod client;
 pub mod config;
+#[cfg(feature = "ibmcloud")]
+pub mod ibmcloud;
 pub mod lease;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;

@@ -35,6 +35,10 @@ fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "aws")]
         "aws" => Arc::new(coffer_cloud::aws::Aws::open(&config).context("the aws provider")?),
+        #[cfg(feature = "ibmcloud")]
+        "ibmcloud" => Arc::new(
+            coffer_cloud::ibmcloud::IbmCloud::open(&config).context("the ibmcloud provider")?,
+        ),
         #[cfg(feature = "azure")]
         "azure" => {
             Arc::new(coffer_cloud::azure::Azure::open(&config).context("the azure provider")?)

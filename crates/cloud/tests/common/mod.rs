@@ -16,7 +16,7 @@ use coffer_cloud::api::CreateVmRequest;
 use coffer_podvm::remote::{Credentials, LaunchConfig};
 use rustix::fs::{flock, FlockOperation};
 
-/// A local cloud API server from this directory (`azure_arm.py`, `ibm_vpc.py`) on a free
+/// A local cloud API server from this directory (`azure_arm.py`, `ibmcloud_vpc.py`) on a free
 /// loopback port, with `args`; its base URL.
 pub fn emulator(script: &str, args: &[&str]) -> (Proc, String) {
     let port = free_port();
