@@ -2,8 +2,9 @@
 //!
 //! 1. mounts `/dev` (devtmpfs), `/proc`, `/sys`; loads the kernel modules listed in
 //!    `/etc/coffer/modules` of the (measured) initramfs;
-//! 2. opens the root disk (virtio serial `coffer-root`) through dm-verity with the parameters
-//!    of the measured kernel command line (`coffer.verity=`) and mounts its squashfs read-only;
+//! 2. opens the root disk (virtio serial `coffer-root`, or the GPT partition of that name on a
+//!    disk-booted VM) through dm-verity with the parameters of the measured kernel command line
+//!    (`coffer.verity=`) and mounts its squashfs read-only;
 //! 3. sets up the scratch disk (`coffer-scratch`): dm-integrity with HMAC-SHA256 tags under a
 //!    key born here, below dm-crypt AES-XTS under a second key born here; neither key leaves the
 //!    guest (both are zeroized once in the kernel). The host sees only ciphertext and tags;
@@ -194,11 +195,35 @@ fn find_in_sys(class: &str, attr: &str, value: &str) -> Option<PathBuf> {
     })
 }
 
-/// The block device whose virtio serial is `serial`, waiting for it to appear.
-fn disk(serial: &str) -> Result<PathBuf, BootError> {
-    wait_for(&format!("disk with serial {serial}"), || {
-        find_in_sys("/sys/block", "serial", serial)
-    })
+/// The block device whose virtio serial is `name` (a kernel-booted VM's disks), or the GPT
+/// partition named `name` (a disk-booted VM's, `coffer_podvm::disk`), waiting for it to appear.
+/// Either way what is read is authenticated (verity) or sealed (the scratch's key never leaves
+/// the guest), so a look-alike device can deny service, not deceive.
+fn disk(name: &str) -> Result<PathBuf, BootError> {
+    wait_for(
+        &format!("disk with serial {name} or partition {name}"),
+        || find_in_sys("/sys/block", "serial", name).or_else(|| partition_named(name)),
+    )
+}
+
+/// The partition whose GPT name (`PARTNAME` in its uevent) is `name`.
+fn partition_named(name: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/sys/class/block")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let uevent = std::fs::read_to_string(e.path().join("uevent")).ok()?;
+            let field = |k: &str| {
+                uevent
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            };
+            let dev = Path::new("/dev").join(field("DEVNAME")?);
+            (field("DEVTYPE") == Some("partition")
+                && field("PARTNAME") == Some(name)
+                && dev.exists())
+            .then_some(dev)
+        })
 }
 
 /// The virtio-serial port named `name`, waiting for it to appear.

@@ -35,6 +35,14 @@ enum PodvmCommand {
         /// kernel-hashes table; firmware without them is refused), kept as firmware-snp.fd.
         #[arg(long, requires = "tee")]
         firmware: Option<PathBuf>,
+        /// Also make a bootable disk (GPT: an EFI system partition with a unified kernel
+        /// image, the verity root, a scratch partition) in FORMAT: `raw` (AWS), `qcow2`
+        /// (libvirt `boot = "disk"`, IBM Cloud), `vhd` (Azure, fixed); repeatable.
+        #[arg(long = "disk", value_name = "FORMAT")]
+        disks: Vec<String>,
+        /// The disk's scratch partition (MiB).
+        #[arg(long, default_value_t = 1024)]
+        disk_scratch_mib: u64,
     },
 }
 
@@ -57,7 +65,13 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
             cache,
             tee,
             firmware,
+            disks,
+            disk_scratch_mib,
         } => {
+            let disks = disks
+                .iter()
+                .map(|d| coffer_podvm::disk::DiskFormat::parse(d))
+                .collect::<Result<Vec<_>, _>>()?;
             match tee.as_deref() {
                 None | Some("snp") => {}
                 Some("tdx") => anyhow::bail!(
@@ -72,6 +86,8 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 debs,
                 cache: cache.unwrap_or_else(default_cache),
                 snp_firmware: firmware,
+                disks,
+                scratch_mib: disk_scratch_mib,
             })?;
             eprintln!(
                 "coffer: pod VM in {} (measurement {}, verity root {})",

@@ -1893,6 +1893,148 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
+#[test]
+fn a_pod_vm_disk_is_reproducible_and_the_same_in_every_format() {
+    let built = tempfile::tempdir().unwrap();
+    let args = [
+        "--disk",
+        "raw",
+        "--disk",
+        "qcow2",
+        "--disk",
+        "vhd",
+        "--disk-scratch-mib",
+        "64",
+    ];
+    let (a, b) = (built.path().join("a"), built.path().join("b"));
+    common::build_podvm_with(&a, &args);
+    common::build_podvm_with(&b, &args);
+    for f in ["disk.raw", "disk.qcow2", "disk.vhd", "measurements.json"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between two builds"
+        );
+    }
+    // QEMU reads the three as the same disk: the VHD by its footer (a fixed VHD), the qcow2 by
+    // its header.
+    let raw = a.join("disk.raw");
+    let size = std::fs::metadata(&raw).unwrap().len();
+    assert_eq!(
+        size % (1 << 20),
+        0,
+        "a whole number of MiB, as Azure requires"
+    );
+    let info = common::run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(a.join("disk.vhd")),
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["virtual-size"], size, "{info}");
+    for (fmt, file) in [("qcow2", "disk.qcow2"), ("vpc", "disk.vhd")] {
+        common::run_ok(
+            Command::new("qemu-img")
+                .args(["compare", "-q", "-f", "raw", "-F", fmt])
+                .arg(&raw)
+                .arg(a.join(file)),
+        );
+    }
+    // The root partition is root.img, byte for byte; the scratch partition is what was asked.
+    let (offset, len) = coffer_podvm::disk::partition(&raw, "coffer-root").unwrap();
+    let root = std::fs::read(a.join("root.img")).unwrap();
+    assert!(len >= root.len() as u64);
+    assert!(coffer_podvm::disk::read_at(&raw, offset, root.len()).unwrap() == root);
+    let (_, scratch) = coffer_podvm::disk::partition(&raw, "coffer-scratch").unwrap();
+    assert_eq!(scratch, 64 << 20);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("measurements.json")).unwrap()).unwrap();
+    assert!(manifest["disk"]["uki_sha256"].is_string(), "{manifest}");
+    // A format no provider imports is refused, naming it.
+    let out = Command::new(common::coffer_bin())
+        .args(["podvm", "build", "--out"])
+        .arg(built.path().join("c"))
+        .args(["--disk", "vmdk"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"vmdk\": use raw, qcow2 or vhd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_peer_pod_boots_its_disk_through_uefi_as_a_cloud_vm_does() {
+    // The pod VM as one disk (`coffer podvm build --disk qcow2`): OVMF boots the unified kernel
+    // image on its EFI system partition, the agent finds the verity root and the scratch space
+    // as GPT partitions by name. libvirt runs it as a cloud would, each VM on its own overlay.
+    let built = tempfile::tempdir().unwrap();
+    let podvm = built.path().join("podvm");
+    common::build_podvm_with(&podvm, &["--disk", "qcow2", "--disk-scratch-mib", "512"]);
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge_named("cfrpd0", "10.99.8.1/24");
+    let w = world().await;
+    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
+    let cloud = common::libvirt::Cloud::start_opts(
+        w.d(),
+        &libvirtd,
+        &podvm,
+        "cfrpd0",
+        "10.99.8.0/24",
+        "10.99.8.1",
+        "boot = \"disk\"\n",
+    );
+    let pool = cloud.pool.clone();
+    let vm = vm_args(&podvm);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register_for(&vm, &[&init]).await;
+    let remote = remote_args(&podvm, &cloud.socket, 120);
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+
+    let name = "pp-disk";
+    w.detached_in(&remote, &init, name, "echo booted from its disk; sleep 600")
+        .await;
+    let domain = format!("coffer-node-1-{name}");
+    let xml = libvirtd.virsh(&["dumpxml", &domain]);
+    assert!(
+        xml.contains("<loader") && !xml.contains("<kernel>") && xml.contains("type='qcow2'"),
+        "{xml}"
+    );
+    let mut volumes = vm_volumes(&libvirtd, &pool);
+    volumes.sort();
+    assert_eq!(
+        volumes,
+        [
+            format!("{domain}-disk"),
+            format!("{domain}-launch.json"),
+            format!("{domain}.console")
+        ]
+    );
+    // The firmware booted the disk, then the agent started from the unified kernel image.
+    let console = std::fs::read_to_string(w.d().join("pool").join(format!("{domain}.console")))
+        .unwrap_or_default();
+    assert!(
+        console.contains("BdsDxe: starting") && console.contains("coffer-agent starting"),
+        "{console}"
+    );
+    assert_eq!(
+        logs_until(&w, &["logs", name]).await,
+        "booted from its disk\n"
+    );
+    let (code, _, stderr) = w.ctl(&["rm", "-f", name]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    eventually("the VM and its overlay are deleted", || {
+        libvirtd
+            .virsh(&["list", "--all", "--name"])
+            .trim()
+            .is_empty()
+    })
+    .await;
+    assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn a_peer_pod_on_the_pod_network_serves_at_its_pod_address() {
     // The peer pod keeps the address the CNI gave its namespace on the node: the keeper carries

@@ -236,9 +236,25 @@ pub struct LibvirtConfig {
     /// `kvm` or `tcg` (software emulation, where the libvirt host has no usable KVM).
     #[serde(default = "default_accel")]
     pub accel: String,
-    /// The scratch disk of each VM (MiB).
+    /// The scratch disk of each VM (MiB; kernel boot).
     #[serde(default = "default_scratch")]
     pub scratch_mib: u64,
+    /// How the VMs boot: `kernel` (direct boot of the image's kernel, initramfs and command
+    /// line) or `disk` (UEFI firmware boots the image's `disk.qcow2`, as a cloud boots it:
+    /// `coffer podvm build --disk qcow2`; each VM writes to its own overlay of it).
+    #[serde(default = "default_boot")]
+    pub boot: String,
+    /// The UEFI firmware of `boot = "disk"` on the libvirt host (code and variables in one
+    /// file, loaded as a ROM).
+    #[serde(default = "default_uefi")]
+    pub firmware: PathBuf,
+}
+
+fn default_boot() -> String {
+    "kernel".into()
+}
+fn default_uefi() -> PathBuf {
+    "/usr/share/ovmf/OVMF.fd".into()
 }
 
 fn default_uri() -> String {
@@ -312,6 +328,9 @@ impl Config {
                 Subnet::parse(&l.subnet, &l.gateway)?;
                 if !matches!(l.accel.as_str(), "kvm" | "tcg") {
                     return Err(format!("libvirt.accel {:?}: use kvm or tcg", l.accel));
+                }
+                if !matches!(l.boot.as_str(), "kernel" | "disk") {
+                    return Err(format!("libvirt.boot {:?}: use kernel or disk", l.boot));
                 }
                 Ok(())
             }

@@ -17,10 +17,20 @@
 //!   configured bridge with an address from the configured subnet (handed to the agent in that
 //!   configuration), the serial console in a file of the pool, and, for the emulated TEE, a
 //!   virtio-serial channel to the keeper's emulated PSP (a local libvirt host only).
+//! - **Disk boot** (`boot = "disk"`): as a cloud boots it, UEFI firmware (OVMF as a ROM) boots
+//!   the image's `disk.qcow2` (`coffer_podvm::disk`: the unified kernel image on its EFI system
+//!   partition, the verity root and scratch partitions), uploaded once like the other files;
+//!   each VM runs on its own qcow2 overlay of it (`<domain>-disk`), deleted with it.
 
-use std::{io::Read, net::Ipv4Addr, path::PathBuf, sync::Mutex};
+use std::{
+    io::Read,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use coffer_podvm::{
+    disk::DiskFormat,
     launch::{CONFIG_FW_CFG, PSP_PORT},
     remote::StaticInterface,
     PodVm,
@@ -71,7 +81,7 @@ struct DomainParts<'a> {
     name: &'a str,
     tags: &'a Tags,
     /// The image volumes' paths: kernel, initrd, root.
-    image: &'a [String; 3],
+    image: &'a [String],
     launch_path: &'a str,
     mac: &'a str,
     console: &'a str,
@@ -103,6 +113,15 @@ impl Libvirt {
             .ok_or_else(|| CloudError::Invalid("no [libvirt] section".into()))?;
         let subnet = Subnet::parse(&c.subnet, &c.gateway).map_err(CloudError::Invalid)?;
         let podvm = PodVm::open(&c.podvm).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        if c.boot == "disk" {
+            let disk = c.podvm.join(DiskFormat::Qcow2.file_name());
+            qcow2_size(&disk).map_err(|e| {
+                CloudError::Invalid(format!(
+                    "libvirt.boot = \"disk\" needs {}: {e} (build it with `coffer podvm build --disk qcow2`)",
+                    disk.display()
+                ))
+            })?;
+        }
         // Errors come back as values with their message; the library's default handler would
         // also print every one (a volume looked up and not found is routine here).
         virt::error::clear_error_callback();
@@ -200,12 +219,17 @@ impl Libvirt {
 
     /// The pod VM image's volumes (kernel, initrd, root) in the pool, uploaded if need be;
     /// returns their paths on the libvirt host.
-    fn image(&self, pool: &StoragePool) -> Result<[String; 3], CloudError> {
-        let files = [
-            ("vmlinux", &self.podvm.pvh_kernel),
-            ("initrd", &self.podvm.initrd),
-            ("root", &self.podvm.root),
-        ];
+    fn image(&self, pool: &StoragePool) -> Result<Vec<String>, CloudError> {
+        let disk = self.c.podvm.join(DiskFormat::Qcow2.file_name());
+        let files: Vec<(&str, &Path)> = if self.disk_boot() {
+            vec![("disk", &disk)]
+        } else {
+            vec![
+                ("vmlinux", &self.podvm.pvh_kernel),
+                ("initrd", &self.podvm.initrd),
+                ("root", &self.podvm.root),
+            ]
+        };
         // The content id is hashed once per version of the files (about 80 MB).
         let stamp: Vec<FileStamp> = files
             .iter()
@@ -250,7 +274,11 @@ impl Libvirt {
                 .and_then(|v| v.path())
                 .map_err(|e| fail(format!("volume {}: {e}", name(part))))
         };
-        Ok([path("vmlinux")?, path("initrd")?, path("root")?])
+        files.iter().map(|(part, _)| path(part)).collect()
+    }
+
+    fn disk_boot(&self) -> bool {
+        self.c.boot == "disk"
     }
 
     /// The tags of a domain that coffer-cloud made, of any cluster or node.
@@ -342,20 +370,48 @@ impl Libvirt {
                 )
             })
             .unwrap_or_default();
+        let pool = esc(&self.c.pool);
+        let (os, disks) = if self.disk_boot() {
+            (
+                // UEFI firmware boots the disk's EFI system partition (its unified kernel image).
+                format!(
+                    "<os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='rom'>{}</loader><boot dev='hd'/></os>",
+                    esc(&self.c.firmware.display().to_string())
+                ),
+                format!(
+                    "<disk type='volume' device='disk'><driver name='qemu' type='qcow2' cache='directsync'/><source pool='{pool}' volume='{}-disk'/><target dev='vda' bus='virtio'/></disk>",
+                    esc(name)
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os>",
+                    esc(&image[0]),
+                    esc(&image[1]),
+                    esc(&self.podvm.cmdline)
+                ),
+                format!(
+                    "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{root_vol}'/><target dev='vda' bus='virtio'/><serial>coffer-root</serial><readonly/></disk>\
+<disk type='volume' device='disk'><driver name='qemu' type='raw' cache='directsync'/><source pool='{pool}' volume='{name}-scratch'/><target dev='vdb' bus='virtio'/><serial>coffer-scratch</serial></disk>",
+                    root_vol = esc(image[2].rsplit('/').next().unwrap_or_default()),
+                    name = esc(name),
+                ),
+            )
+        };
         format!(
             "<domain type='{kind}'>\
 <name>{name}</name>\
 <description>{description}</description>\
 <memory unit='MiB'>{mem}</memory>\
 <vcpu>{vcpus}</vcpu>\
-<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>\
+{os}\
 <sysinfo type='fwcfg'><entry name='{CONFIG_FW_CFG}' file='{launch}'/></sysinfo>\
 <features><acpi/></features>\
 {cpu}\
 <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\
 <devices>\
-<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{root_vol}'/><target dev='vda' bus='virtio'/><serial>coffer-root</serial><readonly/></disk>\
-<disk type='volume' device='disk'><driver name='qemu' type='raw' cache='directsync'/><source pool='{pool}' volume='{name}-scratch'/><target dev='vdb' bus='virtio'/><serial>coffer-scratch</serial></disk>\
+{disks}\
 <interface type='bridge'><source bridge='{bridge}'/><mac address='{mac}'/><model type='virtio'/><rom enabled='no'/></interface>\
 <serial type='file'><source path='{console}'/><target port='0'/></serial>\
 {psp}\
@@ -366,12 +422,7 @@ impl Libvirt {
             description = esc(&description),
             mem = spec.instance.memory_mib,
             vcpus = spec.instance.vcpus,
-            kernel = esc(&image[0]),
-            initrd = esc(&image[1]),
-            cmdline = esc(&self.podvm.cmdline),
             launch = esc(launch_path),
-            pool = esc(&self.c.pool),
-            root_vol = esc(image[2].rsplit('/').next().unwrap_or_default()),
             bridge = esc(&self.c.bridge),
             console = esc(console),
         )
@@ -501,9 +552,22 @@ impl Provider for Libvirt {
             }
             let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&launch).map_err(fail)?);
             self.upload(&pool, &launch_name, bytes.len() as u64, &mut &bytes[..])?;
-            let scratch = format!("{name}-scratch");
-            StorageVol::create_xml(&pool, &volume_xml(&scratch, self.c.scratch_mib << 20, 0), 0)
+            if self.disk_boot() {
+                // The VM's own copy-on-write overlay of the image's disk.
+                let overlay = format!("{name}-disk");
+                let size = qcow2_size(&self.c.podvm.join(DiskFormat::Qcow2.file_name()))
+                    .map_err(|e| fail(format!("the pod VM's disk: {e}")))?;
+                StorageVol::create_xml(&pool, &overlay_xml(&overlay, size, &image[0]), 0)
+                    .map_err(|e| fail(format!("cannot create volume {overlay}: {e}")))?;
+            } else {
+                let scratch = format!("{name}-scratch");
+                StorageVol::create_xml(
+                    &pool,
+                    &volume_xml(&scratch, self.c.scratch_mib << 20, 0),
+                    0,
+                )
                 .map_err(|e| fail(format!("cannot create volume {scratch}: {e}")))?;
+            }
             domain
                 .create()
                 .map_err(|e| fail(format!("cannot start domain {name}: {e}")))
@@ -543,12 +607,33 @@ impl Provider for Libvirt {
 }
 
 /// The volumes made for the domain `name` (and its console file), exactly.
-fn volume_names(name: &str) -> [String; 3] {
+fn volume_names(name: &str) -> [String; 4] {
     [
         format!("{name}-scratch"),
+        format!("{name}-disk"),
         format!("{name}-launch.json"),
         format!("{name}.console"),
     ]
+}
+
+/// The virtual size of a qcow2 image (its header's `size`, big-endian at byte 24).
+fn qcow2_size(path: &Path) -> std::io::Result<u64> {
+    let mut h = [0u8; 32];
+    std::fs::File::open(path)?.read_exact(&mut h)?;
+    if &h[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::other("not a qcow2 image"));
+    }
+    Ok(u64::from_be_bytes(h[24..32].try_into().unwrap_or_default()))
+}
+
+/// A qcow2 volume of `size` bytes backed by the qcow2 image at `backing`.
+fn overlay_xml(name: &str, size: u64, backing: &str) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{size}</capacity><target><format type='qcow2'/></target>\
+<backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
+        esc(name),
+        esc(backing)
+    )
 }
 
 /// The digest a VM is tagged with: which launch configuration (which keeper's keys) it runs.
@@ -591,6 +676,7 @@ mod tests {
             v,
             [
                 "coffer-n1-web-scratch".to_string(),
+                "coffer-n1-web-disk".to_string(),
                 "coffer-n1-web-launch.json".to_string(),
                 "coffer-n1-web.console".to_string()
             ]

@@ -182,7 +182,15 @@ pub struct BuildOptions {
     /// must carry SEV metadata and the SNP kernel-hashes table (OVMF's AmdSev build), or
     /// measured direct boot would measure nothing of the kernel.
     pub snp_firmware: Option<PathBuf>,
+    /// Bootable disks to make besides the kernel-boot files (see [`crate::disk`]), each in its
+    /// format.
+    pub disks: Vec<crate::disk::DiskFormat>,
+    /// The disks' scratch partition (MiB).
+    pub scratch_mib: u64,
 }
+
+/// The package whose systemd-stub makes the disks' unified kernel image.
+pub const STUB_PACKAGE: &str = "systemd-boot-efi";
 
 /// A failed build.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +217,10 @@ pub enum BuildError {
         /// Why it failed.
         source: std::io::Error,
     },
+}
+
+fn disk_error(e: crate::disk::DiskError) -> BuildError {
+    BuildError::Missing(format!("the bootable disk: {e}"))
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -787,6 +799,59 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         manifest["snp"] = json!({
             "firmware": crate::FIRMWARE_SNP,
             "firmware_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fw)),
+        });
+    }
+    if !o.disks.is_empty() {
+        let stub_deb = deb(o, STUB_PACKAGE)?;
+        manifest["inputs"]["packages"][stub_deb
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string()] = json!(hex::encode(
+            sha256_file(&stub_deb).map_err(io(stub_deb.display().to_string()))?
+        ));
+        let dir = work.path().join("pkg").join(STUB_PACKAGE);
+        std::fs::create_dir_all(&dir).map_err(io("cannot create a package directory"))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&stub_deb).arg(&dir))?;
+        let stub = resolve_in(&dir, "usr/lib/systemd/boot/efi/linuxx64.efi.stub")?;
+        let disk_work = work.path().join("disk");
+        std::fs::create_dir_all(&disk_work)
+            .map_err(io("cannot create the disk's work directory"))?;
+        let uki = disk_work.join("BOOTX64.EFI");
+        // The firmware loads vmlinuz through its EFI stub: the bzImage, not the PVH ELF.
+        crate::disk::uki(
+            &stub,
+            &stage.join("vmlinuz"),
+            &stage.join("initrd.img"),
+            &cmdline,
+            &disk_work,
+            &uki,
+        )
+        .map_err(disk_error)?;
+        let raw = disk_work.join("disk.raw");
+        crate::disk::write_raw(
+            &uki,
+            &root_img,
+            o.scratch_mib,
+            &params.root_hash,
+            &disk_work,
+            &raw,
+        )
+        .map_err(disk_error)?;
+        let mut files = serde_json::Map::new();
+        for f in &o.disks {
+            let out = stage.join(f.file_name());
+            crate::disk::convert(&raw, *f, &params.root_hash, &out).map_err(disk_error)?;
+            files.insert(
+                f.file_name().into(),
+                json!(hex::encode(sha256_file(&out).map_err(io(f.file_name()))?)),
+            );
+        }
+        manifest["disk"] = json!({
+            "uki_sha256": hex::encode(sha256_file(&uki).map_err(io("the UKI"))?),
+            "scratch_mib": o.scratch_mib,
+            "partitions": [crate::disk::ROOT_PARTITION, crate::disk::SCRATCH_PARTITION],
+            "sha256": files,
         });
     }
     let mut text = serde_json::to_string_pretty(&manifest).unwrap_or_default();

@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod bzimage;
+pub mod disk;
 pub mod initrd;
 pub mod launch;
 pub mod mux;

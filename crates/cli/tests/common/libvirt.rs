@@ -144,6 +144,19 @@ impl Cloud {
         subnet: &str,
         gateway: &str,
     ) -> Self {
+        Self::start_opts(dir, libvirtd, podvm, bridge, subnet, gateway, "")
+    }
+
+    /// As [`Cloud::start`], with `extra` lines in the `[libvirt]` section.
+    pub fn start_opts(
+        dir: &Path,
+        libvirtd: &Libvirtd,
+        podvm: &Path,
+        bridge: &str,
+        subnet: &str,
+        gateway: &str,
+        extra: &str,
+    ) -> Self {
         let pool = format!(
             "coffer-t{}",
             dir.file_name()
@@ -158,7 +171,7 @@ impl Cloud {
                 "cluster = \"test\"\nnode = \"node-1\"\nprovider = \"libvirt\"\nreconcile_secs = 2\n\
                  [[instance_types]]\nname = \"small\"\nvcpus = 1\nmemory_mib = 512\n\
                  [libvirt]\nuri = \"{uri}\"\npool = \"{pool}\"\npool_dir = \"{pool_dir}\"\npodvm = \"{podvm}\"\n\
-                 bridge = \"{bridge}\"\nsubnet = \"{subnet}\"\ngateway = \"{gateway}\"\naccel = \"tcg\"\nscratch_mib = 512\n",
+                 bridge = \"{bridge}\"\nsubnet = \"{subnet}\"\ngateway = \"{gateway}\"\naccel = \"tcg\"\nscratch_mib = 512\n{extra}",
                 uri = libvirtd.uri,
                 pool_dir = dir.join("pool").display(),
                 podvm = podvm.display(),

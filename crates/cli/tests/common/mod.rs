@@ -421,12 +421,18 @@ pub fn log_field(text: &str, needle: &str, key: &str) -> Option<f64> {
 
 /// Builds a pod VM into `out` with `coffer podvm build` and this package's agent.
 pub fn build_podvm(out: &Path) {
+    build_podvm_with(out, &[]);
+}
+
+/// As [`build_podvm`], with more `coffer podvm build` arguments.
+pub fn build_podvm_with(out: &Path, args: &[&str]) {
     run_ok(
         Command::new(coffer_bin())
             .args(["podvm", "build", "--out"])
             .arg(out)
             .arg("--agent")
-            .arg(agent_binary()),
+            .arg(agent_binary())
+            .args(args),
     );
 }
 
