@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cloud;
 pub mod container;
 #[allow(unsafe_code)]
 pub mod dm;

@@ -11,9 +11,11 @@
 //!    a block the host changed fails its tag and reads as an I/O error. It is formatted (ext2,
 //!    busybox `mke2fs`) and mounted on `/run/coffer`, where image layers, bundles, container
 //!    root filesystems and their writes live;
-//! 4. reads the launch configuration (`fw_cfg` `opt/coffer/config`: the initdata, checked
-//!    against HOST_DATA like everywhere, and unmeasured options), finds the agent's and the
-//!    PSP's virtio-serial ports, moves into the verity root and mounts cgroup2.
+//! 4. moves into the verity root and mounts cgroup2, then reads the launch configuration
+//!    (the initdata, checked against HOST_DATA like everywhere, and unmeasured options): the
+//!    host's `fw_cfg` entry `opt/coffer/config`, or, with none (a disk-booted VM in a cloud),
+//!    the VM's user data from the cloud's metadata service after DHCP on its own interface
+//!    ([`crate::cloud`]); and finds the agent's and the PSP's virtio-serial ports.
 //!
 //! When the agent ends, the VM powers off.
 
@@ -49,7 +51,7 @@ pub const SCRATCH: &str = "/run/coffer";
 #[error("pod VM boot: {0}")]
 pub struct BootError(String);
 
-fn fail(what: impl std::fmt::Display) -> BootError {
+pub(crate) fn fail(what: impl std::fmt::Display) -> BootError {
     BootError(what.to_string())
 }
 
@@ -155,6 +157,9 @@ fn load_modules(listing: &str) -> Result<(), BootError> {
             Err(e) if coffer_podvm::build::TEE_MODULES.contains(&name) => {
                 tracing::info!(module = name, error = %e, "TEE guest driver not loaded (not this TEE)")
             }
+            Err(e) if coffer_podvm::build::CLOUD_MODULES.contains(&name) => {
+                tracing::debug!(module = name, error = %e, "cloud device driver not loaded (not this cloud)")
+            }
             // The image's modules carry no signature (the measured initramfs vouches for them):
             // a kernel in lockdown, as under UEFI Secure Boot, refuses them.
             Err(e @ (rustix::io::Errno::KEYREJECTED | rustix::io::Errno::PERM)) => {
@@ -172,7 +177,10 @@ fn load_modules(listing: &str) -> Result<(), BootError> {
 }
 
 /// Polls `find` until it finds something, up to 20 s; `what` names it in the error.
-fn wait_for(what: &str, find: impl Fn() -> Option<PathBuf>) -> Result<PathBuf, BootError> {
+pub(crate) fn wait_for(
+    what: &str,
+    find: impl Fn() -> Option<PathBuf>,
+) -> Result<PathBuf, BootError> {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(p) = find() {
@@ -248,7 +256,7 @@ fn random_hex(n: usize) -> Zeroizing<String> {
     Zeroizing::new(hex::encode(&*b))
 }
 
-fn run_tool(prog: &str, args: &[&str]) -> Result<(), BootError> {
+pub(crate) fn run_tool(prog: &str, args: &[&str]) -> Result<(), BootError> {
     let out = std::process::Command::new(prog)
         .args(args)
         .output()
@@ -439,16 +447,58 @@ pub fn boot() -> Result<Boot, BootError> {
         "encrypted scratch mounted"
     );
 
-    let raw = std::fs::read(format!(
+    // The launch configuration: the host's fw_cfg entry (local VMs, libvirt); without one, a
+    // cloud's user data, read once the root (busybox's DHCP client) is in place.
+    let fw_cfg = std::fs::read(format!(
         "/sys/firmware/qemu_fw_cfg/by_name/{}/raw",
         coffer_podvm::launch::CONFIG_FW_CFG
     ))
-    .map_err(|e| fail(format!("the launch configuration (fw_cfg): {e}")))?;
+    .map(zeroize::Zeroizing::new);
+
+    // Into the verity root.
+    for m in ["dev", "proc", "sys"] {
+        rustix::mount::mount_move(format!("/{m}"), format!("/sysroot/{m}"))
+            .map_err(|e| fail(format!("cannot move /{m}: {e}")))?;
+    }
+    std::env::set_current_dir("/sysroot").map_err(|e| fail(format!("chdir /sysroot: {e}")))?;
+    rustix::mount::mount_move(".", "/").map_err(|e| fail(format!("cannot move the root: {e}")))?;
+    rustix::process::chroot(".").map_err(|e| fail(format!("chroot: {e}")))?;
+    std::env::set_current_dir("/").map_err(|e| fail(format!("chdir /: {e}")))?;
+    mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+    )?;
+    // The agent's HTTP clients reach the host's forwarder through a loopback listener.
+    run_tool("/bin/busybox", &["ip", "link", "set", "lo", "up"])?;
+    let raw = match fw_cfg {
+        Ok(raw) => raw,
+        Err(fw) => {
+            let cloud = crate::cloud::Cloud::detect().map_err(|e| {
+                fail(format!(
+                    "{e} (fw_cfg {}: {fw})",
+                    coffer_podvm::launch::CONFIG_FW_CFG
+                ))
+            })?;
+            let address = crate::cloud::dhcp(UNDERLAY)?;
+            tracing::info!(ms = t0.elapsed().as_millis() as u64, %address, ?cloud, "interface configured by DHCP");
+            let data = cloud.user_data(
+                &format!("http://{}", crate::cloud::METADATA),
+                Duration::from_secs(60),
+            )?;
+            tracing::info!(
+                ms = t0.elapsed().as_millis() as u64,
+                ?cloud,
+                "launch configuration from the metadata service"
+            );
+            data
+        }
+    };
     let config: coffer_podvm::remote::LaunchConfig =
         serde_json::from_slice(&raw).map_err(|e| fail(format!("the launch configuration: {e}")))?;
-    drop(zeroize::Zeroizing::new(raw));
+    drop(raw);
     let channel = match config.remote {
-        // A peer pod: its own interface first (the host reaches the agent through it).
         Some(remote) => Channel::Tls(Box::new(remote)),
         None => Channel::Serial(port(coffer_podvm::launch::AGENT_PORT)?),
     };
@@ -468,25 +518,8 @@ pub fn boot() -> Result<Boot, BootError> {
             None
         }
     };
-
-    // Into the verity root.
-    for m in ["dev", "proc", "sys"] {
-        rustix::mount::mount_move(format!("/{m}"), format!("/sysroot/{m}"))
-            .map_err(|e| fail(format!("cannot move /{m}: {e}")))?;
-    }
-    std::env::set_current_dir("/sysroot").map_err(|e| fail(format!("chdir /sysroot: {e}")))?;
-    rustix::mount::mount_move(".", "/").map_err(|e| fail(format!("cannot move the root: {e}")))?;
-    rustix::process::chroot(".").map_err(|e| fail(format!("chroot: {e}")))?;
-    std::env::set_current_dir("/").map_err(|e| fail(format!("chdir /: {e}")))?;
-    mount(
-        "cgroup2",
-        "/sys/fs/cgroup",
-        "cgroup2",
-        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-    )?;
-    // The agent's HTTP clients reach the host's forwarder through a loopback listener.
-    run_tool("/bin/busybox", &["ip", "link", "set", "lo", "up"])?;
-    // A peer pod's own interface: the host reaches the agent through it.
+    // A peer pod's own interface where the provider assigns it (libvirt): the host reaches the
+    // agent through it. (In a cloud, DHCP configured it above.)
     if let Channel::Tls(remote) = &channel {
         if let Some(i) = &remote.interface {
             static_interface(i)?;

@@ -1964,6 +1964,242 @@ fn a_pod_vm_disk_is_reproducible_and_the_same_in_every_format() {
     );
 }
 
+/// Completes a TLS handshake with the agent at `addr` as `keeper` expecting `agent`, and checks
+/// that the agent keeps the connection (it sends an alert and closes when it refuses the client).
+fn agent_accepts(
+    addr: std::net::SocketAddr,
+    keeper: &coffer_podvm::remote::Identity,
+    agent: &rustls::pki_types::CertificateDer<'static>,
+) -> Result<(), String> {
+    use std::io::Read;
+    let config = coffer_podvm::remote::client_config(keeper, agent).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("coffer-agent").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+    }
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let mut b = [0u8; 1];
+    match tls.read(&mut b) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(())
+        }
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn a_disk_booted_pod_vm_in_a_cloud_takes_its_launch_configuration_from_the_metadata_service() {
+    // A cloud in this test's network namespace: a bridge with DHCP (busybox udhcpd) and an
+    // instance metadata service on 169.254.169.254 (tests/common/imds.py) answering as AWS
+    // (IMDSv2) or Azure; QEMU boots the pod VM's disk through OVMF with the SMBIOS vendor that
+    // cloud's firmware reports. With no fw_cfg entry, the agent takes its address by DHCP,
+    // reads its launch configuration from the metadata service, and serves mutual TLS to the
+    // keeper the user data names, and to no other.
+    let built = tempfile::tempdir().unwrap();
+    let d = built.path();
+    let podvm = d.join("podvm");
+    common::build_podvm_with(&podvm, &["--disk", "qcow2", "--disk-scratch-mib", "256"]);
+    let _netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge_named("cfrim0", "10.99.9.1/24");
+    common::run_ok(Command::new("ip").args(["addr", "add", "169.254.169.254/32", "dev", "cfrim0"]));
+    std::fs::write(
+        d.join("udhcpd.conf"),
+        format!(
+            "start 10.99.9.50\nend 10.99.9.60\ninterface cfrim0\noption subnet 255.255.255.0\noption router 10.99.9.1\noption lease 3600\nlease_file {}\npidfile {}\n",
+            d.join("udhcpd.leases").display(),
+            d.join("udhcpd.pid").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("udhcpd.leases"), "").unwrap();
+    let _dhcpd = common::Proc(
+        Command::new("busybox")
+            .args(["udhcpd", "-f"])
+            .arg(d.join("udhcpd.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("busybox udhcpd"),
+    );
+    let imds_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/imds.py");
+    for (n, (cloud, vendor)) in [("azure", "Microsoft Corporation"), ("aws", "Amazon EC2")]
+        .into_iter()
+        .enumerate()
+    {
+        let creds = coffer_podvm::remote::Credentials::generate(cloud).unwrap();
+        let initdata = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n";
+        let launch = coffer_podvm::remote::LaunchConfig {
+            initdata: initdata.into(),
+            plain_http: false,
+            tee: "emulated".into(),
+            network: String::new(),
+            remote: Some(creds.remote_agent()),
+        };
+        // The emulated TEE (the only one here): a PSP whose HOST_DATA is the initdata's digest,
+        // which the agent checks first thing, on a virtio-serial port as the keeper serves it.
+        let mut psp = coffer_psp::EmulatedPsp::load_or_generate(&d.join("psp")).unwrap();
+        let digest = coffer_wire::initdata::digest(initdata).unwrap();
+        let mut host_data = [0u8; 32];
+        host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(&digest, 32));
+        psp.set_launch(coffer_psp::Launch {
+            host_data,
+            ..coffer_psp::Launch::default()
+        });
+        let psp_sock = d.join(format!("{cloud}.psp.sock"));
+        let listener = std::os::unix::net::UnixListener::bind(&psp_sock).unwrap();
+        std::thread::spawn(move || coffer_psp::channel::serve(std::sync::Arc::new(psp), listener));
+        let user_data = d.join(format!("{cloud}.user-data"));
+        std::fs::write(&user_data, serde_json::to_vec(&launch).unwrap()).unwrap();
+        let log = d.join(format!("{cloud}.imds.log"));
+        let _imds = common::Proc(
+            Command::new("python3")
+                .arg(&imds_script)
+                .args(["--flavour", cloud, "--user-data"])
+                .arg(&user_data)
+                .arg("--log")
+                .arg(&log)
+                .spawn()
+                .unwrap(),
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("169.254.169.254", 80)).is_err() {
+            assert!(
+                Instant::now() < until,
+                "the metadata service did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let overlay = d.join(format!("{cloud}.qcow2"));
+        common::run_ok(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(podvm.join("disk.qcow2"))
+                .arg(&overlay),
+        );
+        let tap = format!("cfrimt{n}");
+        common::run_ok(Command::new("ip").args(["tuntap", "add", &tap, "mode", "tap"]));
+        common::run_ok(Command::new("ip").args(["link", "set", &tap, "master", "cfrim0", "up"]));
+        let console = d.join(format!("{cloud}.console"));
+        let mut qemu = common::Proc(
+            Command::new("qemu-system-x86_64")
+                .args([
+                    "-machine",
+                    "q35,accel=tcg",
+                    "-cpu",
+                    "max",
+                    "-m",
+                    "1024",
+                    "-smp",
+                    "1",
+                ])
+                .args([
+                    "-display",
+                    "none",
+                    "-no-reboot",
+                    "-bios",
+                    "/usr/share/ovmf/OVMF.fd",
+                ])
+                .arg("-smbios")
+                .arg(format!("type=1,manufacturer={vendor}"))
+                .arg("-drive")
+                .arg(format!("file={},if=virtio,format=qcow2", overlay.display()))
+                .args([
+                    "-netdev",
+                    &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+                ])
+                .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:99:09:0a"])
+                .args(["-device", "virtio-serial-pci"])
+                .arg("-chardev")
+                .arg(format!("socket,id=psp,path={}", psp_sock.display()))
+                .arg("-device")
+                .arg(format!(
+                    "virtserialport,chardev=psp,name={}",
+                    coffer_podvm::launch::PSP_PORT
+                ))
+                .arg("-serial")
+                .arg(format!("file:{}", console.display()))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-system-x86_64"),
+        );
+        // The agent logs the address DHCP gave it once it has its launch configuration.
+        let until = Instant::now() + Duration::from_secs(240);
+        let address = loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if let Some(a) = text
+                .lines()
+                .find(|l| l.contains("interface configured by DHCP"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("address="))
+                })
+            {
+                break a.split('/').next().unwrap().to_string();
+            }
+            if let Some(s) = qemu.0.try_wait().unwrap() {
+                panic!("the VM stopped ({s}):\n{text}");
+            }
+            assert!(
+                Instant::now() < until,
+                "no DHCP address within 240 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert!(address.starts_with("10.99.9."), "{address}");
+        let addr: std::net::SocketAddr =
+            format!("{address}:{}", coffer_podvm::remote::AGENT_TCP_PORT)
+                .parse()
+                .unwrap();
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            match agent_accepts(addr, &creds.keeper, &creds.agent.cert) {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < until,
+                        "the agent did not serve: {e}\n{}",
+                        std::fs::read_to_string(&console).unwrap_or_default()
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        // A keeper the user data does not name is refused.
+        let stranger = coffer_podvm::remote::Credentials::generate("stranger").unwrap();
+        assert!(agent_accepts(addr, &stranger.keeper, &creds.agent.cert).is_err());
+        // The guest asked as the cloud requires.
+        let log = std::fs::read_to_string(&log).unwrap();
+        match cloud {
+            "azure" => assert!(
+                log.contains(
+                    "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+                ) && log.contains("\"Metadata\": \"true\""),
+                "{log}"
+            ),
+            _ => assert!(
+                log.contains("\"PUT\"")
+                    && log.contains("/latest/api/token")
+                    && log.contains("X-aws-ec2-metadata-token\":"),
+                "{log}"
+            ),
+        }
+        drop(qemu);
+        let _ = Command::new("ip").args(["link", "del", &tap]).status();
+    }
+}
+
 #[tokio::test]
 async fn a_peer_pod_boots_its_disk_through_uefi_as_a_cloud_vm_does() {
     // The pod VM as one disk (`coffer podvm build --disk qcow2`): OVMF boots the unified kernel

@@ -117,6 +117,34 @@ pub const KERNEL_SUITE: &str = "bookworm-backports";
 /// The TEE guest drivers: loaded at boot where the hardware is, refused (ENODEV) elsewhere.
 pub const TEE_MODULES: &[&str] = &["tsm", "sev_guest", "tdx_guest"];
 
+/// The clouds' devices for a disk-booted pod VM: Azure's VMBus with its SCSI disks and network
+/// (Hyper-V), AWS's ENA network (its NVMe disks are built into the kernel). Hyper-V's drivers
+/// refuse to load (ENODEV, or their dependency missing) outside Hyper-V; the agent goes on.
+pub const CLOUD_MODULES: &[&str] = &["hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod", "ena"];
+
+/// The DHCP client's hook in the root filesystem (busybox `udhcpc -s`): a disk-booted pod VM in
+/// a cloud takes its own interface's address by DHCP, and reaches the metadata service
+/// (169.254.169.254, where its user data is) through the router the lease names. No default
+/// route: the guest's and its containers' traffic goes through the node.
+pub const UDHCPC_SCRIPT: &str = "#!/bin/sh
+# coffer-agent runs udhcpc once, for the VM's own interface ($interface).
+ip() { /bin/busybox ip \"$@\"; }
+case \"$1\" in
+deconfig)
+    ip -4 addr flush dev \"$interface\"
+    ip link set \"$interface\" up
+    ;;
+bound|renew)
+    ip -4 addr flush dev \"$interface\"
+    ip addr add \"$ip/${mask:-24}\" dev \"$interface\"
+    if [ -n \"$router\" ]; then
+        ip route replace 169.254.169.254/32 via \"${router%% *}\" dev \"$interface\"
+    fi
+    ;;
+esac
+exit 0
+";
+
 /// Kernel modules the agent loads at boot, before it serves (their dependencies are added, in
 /// order): what the guest's disks, console channels, network and attestation need.
 pub const MODULES: &[&str] = &[
@@ -137,6 +165,12 @@ pub const MODULES: &[&str] = &[
     "tsm",
     "sev_guest",
     "tdx_guest",
+    // A cloud's disks and network (see CLOUD_MODULES).
+    "hv_vmbus",
+    "hv_storvsc",
+    "hv_netvsc",
+    "sd_mod",
+    "ena",
 ];
 
 /// Kernel modules the agent loads once it serves, on a thread of their own, and waits for only
@@ -749,6 +783,17 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")
         .map_err(io("cannot stage /etc/passwd"))?;
     std::fs::write(root.join("etc/group"), "root:x:0:\n").map_err(io("cannot stage /etc/group"))?;
+    // The DHCP hook's shell (busybox's).
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh"))
+        .map_err(io("cannot stage /bin/sh"))?;
+    std::fs::create_dir_all(root.join("etc/coffer")).map_err(io("cannot stage the root"))?;
+    std::fs::write(root.join("etc/coffer/udhcpc.script"), UDHCPC_SCRIPT)
+        .map_err(io("cannot stage the DHCP hook"))?;
+    std::fs::set_permissions(
+        root.join("etc/coffer/udhcpc.script"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(io("cannot stage the DHCP hook"))?;
     // The guest's resolver, written by the agent from the pod's DNS settings (SetNetwork).
     std::os::unix::fs::symlink("/run/resolv.conf", root.join("etc/resolv.conf"))
         .map_err(io("cannot stage /etc/resolv.conf"))?;

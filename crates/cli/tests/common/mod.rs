@@ -419,6 +419,16 @@ pub fn log_field(text: &str, needle: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.trim_matches('"').parse().ok())
 }
 
+/// A process killed (and reaped) on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Builds a pod VM into `out` with `coffer podvm build` and this package's agent.
 pub fn build_podvm(out: &Path) {
     build_podvm_with(out, &[]);
