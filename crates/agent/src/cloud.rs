@@ -19,8 +19,6 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::vm::BootError;
-
 /// The instance metadata service's address in every supported cloud.
 pub const METADATA: &str = "169.254.169.254";
 
@@ -44,19 +42,19 @@ impl Cloud {
     }
 
     /// The cloud this VM runs in, from `/sys/class/dmi/id`.
-    pub fn detect() -> Result<Self, BootError> {
+    pub fn detect() -> Result<Self, String> {
         let vendor = std::fs::read_to_string("/sys/class/dmi/id/sys_vendor").unwrap_or_default();
         Self::from_smbios(&vendor).ok_or_else(|| {
-            crate::vm::fail(format!(
+            format!(
                 "no launch configuration: no fw_cfg entry, and the firmware names no supported cloud (SMBIOS vendor {:?}; AWS and Azure are)",
                 vendor.trim()
-            ))
+            )
         })
     }
 
     /// Fetches the user data from this cloud's metadata service at `base`
     /// (`http://169.254.169.254`), retrying for up to `bound` while it does not answer yet.
-    pub fn user_data(self, base: &str, bound: Duration) -> Result<Zeroizing<Vec<u8>>, BootError> {
+    pub fn user_data(self, base: &str, bound: Duration) -> Result<Zeroizing<Vec<u8>>, String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(5)))
             .http_status_as_error(false)
@@ -72,9 +70,9 @@ impl Cloud {
                     std::thread::sleep(Duration::from_millis(250));
                 }
                 Err(e) => {
-                    return Err(crate::vm::fail(format!(
+                    return Err(format!(
                         "the launch configuration from {self:?}'s metadata service: {e}"
-                    )))
+                    ))
                 }
             }
         }
@@ -136,8 +134,8 @@ impl Cloud {
 
 /// Brings the VM's own interface (the first Ethernet device) up as `name` and configures it
 /// by DHCP (busybox `udhcpc`, with the image's hook); returns the address it got.
-pub fn dhcp(name: &str) -> Result<String, BootError> {
-    let dev = crate::vm::wait_for("a network interface", || {
+pub fn dhcp(name: &str) -> Result<String, String> {
+    let dev = crate::sys::wait_for("a network interface", || {
         let mut devs: Vec<_> = std::fs::read_dir("/sys/class/net")
             .ok()?
             .flatten()
@@ -152,9 +150,9 @@ pub fn dhcp(name: &str) -> Result<String, BootError> {
         devs.into_iter().next().map(std::path::PathBuf::from)
     })?;
     let dev = dev.display().to_string();
-    crate::vm::run_tool("/bin/busybox", &["ip", "link", "set", &dev, "name", name])?;
-    crate::vm::run_tool("/bin/busybox", &["ip", "link", "set", name, "up"])?;
-    crate::vm::run_tool(
+    crate::sys::run_tool("/bin/busybox", &["ip", "link", "set", &dev, "name", name])?;
+    crate::sys::run_tool("/bin/busybox", &["ip", "link", "set", name, "up"])?;
+    crate::sys::run_tool(
         "/bin/busybox",
         &[
             "udhcpc",
@@ -176,13 +174,13 @@ pub fn dhcp(name: &str) -> Result<String, BootError> {
     let out = std::process::Command::new("/bin/busybox")
         .args(["ip", "-o", "-4", "addr", "show", "dev", name])
         .output()
-        .map_err(|e| crate::vm::fail(format!("ip addr: {e}")))?;
+        .map_err(|e| format!("ip addr: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .skip_while(|w| *w != "inet")
         .nth(1)
         .map(str::to_string)
-        .ok_or_else(|| crate::vm::fail(format!("DHCP gave {name} no address")))
+        .ok_or_else(|| format!("DHCP gave {name} no address"))
 }
 
 #[cfg(test)]

@@ -32,5 +32,6 @@ pub mod remote;
 pub mod sandbox;
 pub mod sealed;
 pub mod startup;
+pub mod sys;
 mod tty;
 pub mod vm;

@@ -51,7 +51,7 @@ pub const SCRATCH: &str = "/run/coffer";
 #[error("pod VM boot: {0}")]
 pub struct BootError(String);
 
-pub(crate) fn fail(what: impl std::fmt::Display) -> BootError {
+fn fail(what: impl std::fmt::Display) -> BootError {
     BootError(what.to_string())
 }
 
@@ -177,20 +177,8 @@ fn load_modules(listing: &str) -> Result<(), BootError> {
 }
 
 /// Polls `find` until it finds something, up to 20 s; `what` names it in the error.
-pub(crate) fn wait_for(
-    what: &str,
-    find: impl Fn() -> Option<PathBuf>,
-) -> Result<PathBuf, BootError> {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(p) = find() {
-            return Ok(p);
-        }
-        if Instant::now() > until {
-            return Err(fail(format!("no {what}")));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, find: impl Fn() -> Option<PathBuf>) -> Result<PathBuf, BootError> {
+    crate::sys::wait_for(what, find).map_err(fail)
 }
 
 /// The device node under `/dev` of the first entry of `class` (a `/sys` directory) whose
@@ -256,19 +244,8 @@ fn random_hex(n: usize) -> Zeroizing<String> {
     Zeroizing::new(hex::encode(&*b))
 }
 
-pub(crate) fn run_tool(prog: &str, args: &[&str]) -> Result<(), BootError> {
-    let out = std::process::Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| fail(format!("cannot run {prog}: {e}")))?;
-    if !out.status.success() {
-        return Err(fail(format!(
-            "{prog} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+fn run_tool(prog: &str, args: &[&str]) -> Result<(), BootError> {
+    crate::sys::run_tool(prog, args).map_err(fail)
 }
 
 /// Block groups of an ext2 filesystem with 4 KiB blocks (32768 blocks each).
@@ -481,12 +458,14 @@ pub fn boot() -> Result<Boot, BootError> {
                     coffer_podvm::launch::CONFIG_FW_CFG
                 ))
             })?;
-            let address = crate::cloud::dhcp(UNDERLAY)?;
+            let address = crate::cloud::dhcp(UNDERLAY).map_err(fail)?;
             tracing::info!(ms = t0.elapsed().as_millis() as u64, %address, ?cloud, "interface configured by DHCP");
-            let data = cloud.user_data(
-                &format!("http://{}", crate::cloud::METADATA),
-                Duration::from_secs(60),
-            )?;
+            let data = cloud
+                .user_data(
+                    &format!("http://{}", crate::cloud::METADATA),
+                    Duration::from_secs(60),
+                )
+                .map_err(fail)?;
             tracing::info!(
                 ms = t0.elapsed().as_millis() as u64,
                 ?cloud,
