@@ -121,13 +121,13 @@ fn containerd(a: ContainerdArgs) -> anyhow::Result<()> {
         ),
         ("emulated", _) => {}
         ("snp" | "tdx", "vm") => {}
-        ("snp" | "tdx", _) if a.peer_pods => bail!(
-            "--tee {} with --peer-pods: peer pods launch the emulated TEE only for now",
-            a.tee
+        ("snp", _) if a.peer_pods => {}
+        ("snp", "remote") => {}
+        ("tdx", _) if a.peer_pods => bail!(
+            "--tee tdx with --peer-pods: peer pods launch SEV-SNP or the emulated TEE; TDX is not built"
         ),
-        ("snp" | "tdx", "remote") => bail!(
-            "--tee {} with --sandbox remote: peer pods launch the emulated TEE only for now",
-            a.tee
+        ("tdx", "remote") => bail!(
+            "--tee tdx with --sandbox remote: peer pods launch SEV-SNP or the emulated TEE; TDX is not built"
         ),
         ("snp" | "tdx", _) => bail!("--tee {} needs --sandbox vm", a.tee),
         (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
@@ -399,12 +399,12 @@ mod tests {
         assert_eq!(shim.sandbox, coffer_shim::config::SandboxKind::Remote);
         assert_eq!(shim.podvm, Some(d.path().join("opt/coffer/podvm")));
         assert_eq!(shim.cloud, Some(d.path().join("run/coffer/cloud.sock")));
-        // Only the emulated TEE, and --cloud only with remote.
+        // SEV-SNP or the emulated TEE, and --cloud only with remote.
         let mut a = args(d.path());
         a.sandbox = "remote".into();
-        a.tee = "snp".into();
+        a.tee = "tdx".into();
         let e = containerd(a).unwrap_err().to_string();
-        assert!(e.contains("peer pods launch the emulated TEE only"), "{e}");
+        assert!(e.contains("TDX is not built"), "{e}");
         let mut a = args(d.path());
         a.cloud = Some("/run/x.sock".into());
         let e = containerd(a).unwrap_err().to_string();

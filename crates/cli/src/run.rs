@@ -162,8 +162,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
     }
     let remote = a.sandbox == "remote";
-    if remote && a.tee != "emulated" {
-        bail!("--sandbox remote: a peer pod has the emulated TEE for now (its providers' confidential VM options are not built yet)");
+    if remote && a.tee == "tdx" {
+        bail!("--sandbox remote --tee tdx: peer pods launch SEV-SNP (on a libvirt host that has it) or the emulated TEE; TDX is not built");
     }
     match (a.network.as_str(), podvm.is_some()) {
         ("none" | "cni", _) | ("host", false) => {}

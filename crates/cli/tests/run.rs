@@ -1731,11 +1731,18 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     let remote = remote_args(&podvm, &cloud.socket, 60);
     let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
 
-    // Bad input is refused before anything is made.
+    // Bad input is refused before anything is made: SEV-SNP on a libvirt host without KVM.
     let (code, _, stderr) =
         cli(w.run_in(&remote, &init, "pp-bad", &["--tee", "snp"], &["true"])).await;
     assert_ne!(code, Some(0));
-    assert!(stderr.contains("--sandbox remote"), "{stderr}");
+    assert!(
+        stderr.contains("tee snp: SEV-SNP needs KVM; libvirt.accel is tcg"),
+        "{stderr}"
+    );
+    assert!(libvirtd
+        .virsh(&["list", "--all", "--name"])
+        .trim()
+        .is_empty());
 
     // A VM whose agent fails as it boots (the pod VM's root hash is wrong) ends the start at once,
     // with the end of its console, and is deleted.

@@ -380,7 +380,7 @@ impl Provider for Aws {
     fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
         if spec.psp_socket.is_some() {
             return Err(CloudError::Invalid(
-                "the emulated TEE's PSP is a socket on the node, which an EC2 instance cannot reach: the aws provider runs hardware-TEE VMs only, which Coffer's keeper does not launch on a provider yet".into(),
+                "the emulated TEE's PSP is a socket on the node, which an EC2 instance cannot reach: the aws provider runs hardware-TEE VMs only".into(),
             ));
         }
         // It holds the agent channel's key: wiped once sent.

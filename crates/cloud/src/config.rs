@@ -248,6 +248,14 @@ pub struct LibvirtConfig {
     /// file, loaded as a ROM).
     #[serde(default = "default_uefi")]
     pub firmware: PathBuf,
+    /// The vCPU model of SEV-SNP guests (`tee = "snp"`): the launch digest covers it, so it is
+    /// named, not the host's (`coffer measure --tee snp --cpu` takes the same).
+    #[serde(default = "default_snp_cpu")]
+    pub snp_cpu: String,
+}
+
+fn default_snp_cpu() -> String {
+    "EPYC-Milan".into()
 }
 
 fn default_boot() -> String {

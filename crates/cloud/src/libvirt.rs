@@ -97,8 +97,9 @@ pub struct Libvirt {
     podvm: PodVm,
     /// Address allocation and image upload happen one at a time.
     lock: Mutex<()>,
-    /// The image's content id, with the sizes and modification times it was computed for.
-    image_id: Mutex<Option<(Vec<FileStamp>, String)>>,
+    /// The image's content id for each kind of boot (kernel, SEV-SNP, disk), with the sizes and
+    /// modification times it was computed for.
+    image_id: Mutex<std::collections::HashMap<&'static str, (Vec<FileStamp>, String)>>,
 }
 
 /// A file's size and modification time: whether it changed since it was hashed.
@@ -135,7 +136,7 @@ impl Libvirt {
             subnet,
             podvm,
             lock: Mutex::new(()),
-            image_id: Mutex::new(None),
+            image_id: Mutex::new(Default::default()),
         })
     }
 
@@ -219,16 +220,31 @@ impl Libvirt {
 
     /// The pod VM image's volumes (kernel, initrd, root) in the pool, uploaded if need be;
     /// returns their paths on the libvirt host.
-    fn image(&self, pool: &StoragePool) -> Result<Vec<String>, CloudError> {
+    fn image(&self, pool: &StoragePool, snp: bool) -> Result<Vec<String>, CloudError> {
         let disk = self.c.podvm.join(DiskFormat::Qcow2.file_name());
-        let files: Vec<(&str, &Path)> = if self.disk_boot() {
-            vec![("disk", &disk)]
+        let firmware = self.c.podvm.join(coffer_podvm::FIRMWARE_SNP);
+        let (kind, files): (&str, Vec<(&str, &Path)>) = if self.disk_boot() {
+            ("disk", vec![("disk", &disk)])
+        } else if snp {
+            // TEE firmware boots the bzImage through its EFI stub (the kernel hashes are of it).
+            (
+                "snp",
+                vec![
+                    ("vmlinuz", &self.podvm.kernel),
+                    ("initrd", &self.podvm.initrd),
+                    ("root", &self.podvm.root),
+                    ("firmware-snp", &firmware),
+                ],
+            )
         } else {
-            vec![
-                ("vmlinux", &self.podvm.pvh_kernel),
-                ("initrd", &self.podvm.initrd),
-                ("root", &self.podvm.root),
-            ]
+            (
+                "kernel",
+                vec![
+                    ("vmlinux", &self.podvm.pvh_kernel),
+                    ("initrd", &self.podvm.initrd),
+                    ("root", &self.podvm.root),
+                ],
+            )
         };
         // The content id is hashed once per version of the files (about 80 MB).
         let stamp: Vec<FileStamp> = files
@@ -240,11 +256,12 @@ impl Libvirt {
             })
             .collect::<Result<_, _>>()?;
         let mut cached = self.image_id.lock().unwrap_or_else(|p| p.into_inner());
-        let id = match cached.as_ref().filter(|(s, _)| *s == stamp) {
+        let id = match cached.get(kind).filter(|(s, _)| *s == stamp) {
             Some((_, id)) => id.clone(),
             None => {
                 let mut h = Sha256::new();
-                for (_, p) in &files {
+                for (part, p) in &files {
+                    h.update(part.as_bytes());
                     let mut f = std::fs::File::open(p)
                         .map_err(|e| CloudError::Invalid(format!("pod VM {}: {e}", p.display())))?;
                     std::io::copy(&mut f, &mut h)
@@ -252,7 +269,7 @@ impl Libvirt {
                 }
                 h.update(self.podvm.cmdline.as_bytes());
                 let id = hex::encode(&h.finalize()[..8]);
-                *cached = Some((stamp, id.clone()));
+                cached.insert(kind, (stamp, id.clone()));
                 id
             }
         };
@@ -346,89 +363,75 @@ impl Libvirt {
             .unwrap_or_else(|| self.c.pool_dir.display().to_string())
     }
 
-    fn domain_xml(&self, d: &DomainParts<'_>, spec: &VmSpec) -> String {
-        let DomainParts {
-            name,
-            tags,
-            image,
-            launch_path,
-            mac,
-            console,
-        } = *d;
-        let (kind, cpu) = match self.c.accel.as_str() {
-            "tcg" => ("qemu", "<cpu mode='maximum' check='none'/>"),
-            _ => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
-        };
-        let description = serde_json::to_string(tags).unwrap_or_default();
-        let psp = spec
-            .psp_socket
-            .as_ref()
-            .map(|p| {
-                format!(
-                    "<channel type='unix'><source mode='connect' path='{}'/><target type='virtio' name='{PSP_PORT}'/></channel>",
-                    esc(&p.display().to_string())
-                )
-            })
-            .unwrap_or_default();
-        let pool = esc(&self.c.pool);
-        let (os, disks) = if self.disk_boot() {
-            (
-                // UEFI firmware boots the disk's EFI system partition (its unified kernel image).
-                format!(
-                    "<os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='rom'>{}</loader><boot dev='hd'/></os>",
-                    esc(&self.c.firmware.display().to_string())
-                ),
-                format!(
-                    "<disk type='volume' device='disk'><driver name='qemu' type='qcow2' cache='directsync'/><source pool='{pool}' volume='{}-disk'/><target dev='vda' bus='virtio'/></disk>",
-                    esc(name)
-                ),
-            )
-        } else {
-            (
-                format!(
-                    "<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os>",
-                    esc(&image[0]),
-                    esc(&image[1]),
-                    esc(&self.podvm.cmdline)
-                ),
-                format!(
-                    "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{root_vol}'/><target dev='vda' bus='virtio'/><serial>coffer-root</serial><readonly/></disk>\
-<disk type='volume' device='disk'><driver name='qemu' type='raw' cache='directsync'/><source pool='{pool}' volume='{name}-scratch'/><target dev='vdb' bus='virtio'/><serial>coffer-scratch</serial></disk>",
-                    root_vol = esc(image[2].rsplit('/').next().unwrap_or_default()),
-                    name = esc(name),
-                ),
-            )
-        };
-        format!(
-            "<domain type='{kind}'>\
-<name>{name}</name>\
-<description>{description}</description>\
-<memory unit='MiB'>{mem}</memory>\
-<vcpu>{vcpus}</vcpu>\
-{os}\
-<sysinfo type='fwcfg'><entry name='{CONFIG_FW_CFG}' file='{launch}'/></sysinfo>\
-<features><acpi/></features>\
-{cpu}\
-<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\
-<devices>\
-{disks}\
-<interface type='bridge'><source bridge='{bridge}'/><mac address='{mac}'/><model type='virtio'/><rom enabled='no'/></interface>\
-<serial type='file'><source path='{console}'/><target port='0'/></serial>\
-{psp}\
-<memballoon model='none'/>\
-</devices>\
-</domain>",
-            name = esc(name),
-            description = esc(&description),
-            mem = spec.instance.memory_mib,
-            vcpus = spec.instance.vcpus,
-            launch = esc(launch_path),
-            bridge = esc(&self.c.bridge),
-            console = esc(console),
-        )
+    fn domain_xml(&self, d: &DomainParts<'_>, spec: &VmSpec, snp: Option<&SnpLaunch>) -> String {
+        let description = serde_json::to_string(d.tags).unwrap_or_default();
+        domain_xml(&DomainXml {
+            config: &self.c,
+            cmdline: &self.podvm.cmdline,
+            name: d.name,
+            description: &description,
+            memory_mib: spec.instance.memory_mib,
+            vcpus: spec.instance.vcpus,
+            image: d.image,
+            launch_path: d.launch_path,
+            mac: d.mac,
+            console: d.console,
+            psp_socket: spec.psp_socket.as_deref(),
+            snp,
+        })
     }
 
-    /// Deletes the domain `name` (stopped first) and every volume of its name.
+    /// The SEV-SNP launch of `spec`, after every check that the libvirt host and the pod VM can
+    /// make it: KVM, the kernel boot, the pod VM's SEV firmware, no emulated PSP, and the host's
+    /// domain capabilities offering `sev-snp`.
+    fn snp_launch(&self, spec: &VmSpec) -> Result<SnpLaunch, CloudError> {
+        let no = |why: String| CloudError::Invalid(format!("tee snp: {why}"));
+        if self.c.accel != "kvm" {
+            return Err(no(format!(
+                "SEV-SNP needs KVM; libvirt.accel is {}",
+                self.c.accel
+            )));
+        }
+        if self.disk_boot() {
+            return Err(no(
+                "SEV-SNP boots the measured kernel directly; libvirt.boot must be kernel".into(),
+            ));
+        }
+        if spec.psp_socket.is_some() {
+            return Err(no("an SEV-SNP launch has no emulated PSP".into()));
+        }
+        let firmware = self.c.podvm.join(coffer_podvm::FIRMWARE_SNP);
+        if !firmware.is_file() {
+            return Err(no(format!(
+                "the pod VM has no {}: build it with `coffer podvm build --tee snp --firmware OVMF-AmdSev.fd`",
+                firmware.display()
+            )));
+        }
+        let caps = self
+            .conn
+            .domain_capabilities(None, Some("x86_64"), Some("q35"), Some("kvm"), 0)
+            .map_err(|e| {
+                no(format!(
+                    "the libvirt host {} cannot launch SEV-SNP guests: it has no KVM domain capabilities ({e})",
+                    self.c.uri
+                ))
+            })?;
+        if !snp_offered(&caps) {
+            return Err(no(format!(
+                "the libvirt host {} cannot launch SEV-SNP guests: its domain capabilities offer no sev-snp launch security (it needs libvirt 10.5 or later, and a kernel and firmware with SEV-SNP on)",
+                self.c.uri
+            )));
+        }
+        let digest = coffer_wire::initdata::digest(&spec.launch.initdata)
+            .map_err(|e| no(format!("the initdata: {e}")))?;
+        let mut host_data = [0u8; 32];
+        host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(&digest, 32));
+        Ok(SnpLaunch {
+            host_data,
+            cpu: self.c.snp_cpu.clone(),
+        })
+    }
+
     /// Deletes the domain `name` and its volumes: stopped, then its volumes, then undefined
     /// last, so that a failure half-way leaves the tagged domain for the reconciler.
     fn remove(&self, name: &str) -> Result<bool, CloudError> {
@@ -466,12 +469,15 @@ impl Provider for Libvirt {
     }
 
     fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
-        if spec.launch.tee != "emulated" {
-            return Err(CloudError::Invalid(format!(
-                "tee {}: the libvirt provider launches the emulated TEE only (launchSecurity is not built yet)",
-                spec.launch.tee
-            )));
-        }
+        let snp = match spec.launch.tee.as_str() {
+            "emulated" => None,
+            "snp" => Some(self.snp_launch(spec)?),
+            other => {
+                return Err(CloudError::Invalid(format!(
+                    "tee {other}: the libvirt provider launches the emulated TEE or SEV-SNP (TDX is not built)"
+                )))
+            }
+        };
         let name = self.domain_name(&spec.pod);
         let pool = self.pool()?;
         let pool_dir = self.pool_dir(&pool);
@@ -499,7 +505,7 @@ impl Provider for Libvirt {
             }
         }
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let image = self.image(&pool)?;
+        let image = self.image(&pool, snp.is_some())?;
         // Every coffer domain on this libvirt host, whatever its cluster or node, holds its address.
         let used: Vec<Ipv4Addr> = self.all()?.into_iter().map(|(_, t)| t.address).collect();
         let address = self
@@ -536,6 +542,7 @@ impl Provider for Libvirt {
                 console: &console,
             },
             spec,
+            snp.as_ref(),
         );
         let domain = self
             .conn
@@ -616,6 +623,159 @@ fn volume_names(name: &str) -> [String; 4] {
     ]
 }
 
+/// An SEV-SNP launch (`<launchSecurity type='sev-snp'>`, libvirt 10.5 and later).
+#[derive(Clone, Debug)]
+pub struct SnpLaunch {
+    /// HOST_DATA: the initdata digest, fitted to 32 bytes (the KBS checks it).
+    pub host_data: [u8; 32],
+    /// The vCPU model (the launch digest covers each VMSA's reset state).
+    pub cpu: String,
+}
+
+/// Everything a domain's XML is made of.
+pub struct DomainXml<'a> {
+    /// The provider's settings (accel, boot, pool, bridge, firmware).
+    pub config: &'a LibvirtConfig,
+    /// The measured kernel command line.
+    pub cmdline: &'a str,
+    /// The domain's name.
+    pub name: &'a str,
+    /// Its tags (JSON), in `<description>`.
+    pub description: &'a str,
+    /// Memory (MiB).
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The image volumes' paths: kernel (`vmlinux`; `vmlinuz` for SEV-SNP), initrd, root and,
+    /// for SEV-SNP, the firmware; or the disk alone (`boot = "disk"`).
+    pub image: &'a [String],
+    /// The launch configuration's file (fw_cfg).
+    pub launch_path: &'a str,
+    /// The NIC's MAC address.
+    pub mac: &'a str,
+    /// The console file.
+    pub console: &'a str,
+    /// The emulated PSP's socket (emulated TEE, local libvirt only).
+    pub psp_socket: Option<&'a Path>,
+    /// An SEV-SNP launch.
+    pub snp: Option<&'a SnpLaunch>,
+}
+
+/// The domain XML of a VM (public so that tests validate it against libvirt's schema).
+pub fn domain_xml(x: &DomainXml<'_>) -> String {
+    let c = x.config;
+    let name = esc(x.name);
+    let (kind, cpu) = match (c.accel.as_str(), x.snp) {
+        (_, Some(s)) => (
+            "kvm",
+            format!(
+                "<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{}</model></cpu>",
+                esc(&s.cpu)
+            ),
+        ),
+        ("tcg", None) => ("qemu", "<cpu mode='maximum' check='none'/>".to_string()),
+        _ => ("kvm", "<cpu mode='host-passthrough' check='none'/>".to_string()),
+    };
+    let psp = x
+        .psp_socket
+        .map(|p| {
+            format!(
+                "<channel type='unix'><source mode='connect' path='{}'/><target type='virtio' name='{PSP_PORT}'/></channel>",
+                esc(&p.display().to_string())
+            )
+        })
+        .unwrap_or_default();
+    let pool = esc(&c.pool);
+    let kernel_disks = || {
+        format!(
+            "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{root_vol}'/><target dev='vda' bus='virtio'/><serial>coffer-root</serial><readonly/></disk>\
+<disk type='volume' device='disk'><driver name='qemu' type='raw' cache='directsync'/><source pool='{pool}' volume='{name}-scratch'/><target dev='vdb' bus='virtio'/><serial>coffer-scratch</serial></disk>",
+            root_vol = esc(x.image[2].rsplit('/').next().unwrap_or_default()),
+        )
+    };
+    let (os, disks, security) = match x.snp {
+        // Measured direct boot: the AMD SEV firmware with the kernel-hashes table, which QEMU
+        // fills with the kernel's, initrd's and command line's digests; HOST_DATA binds the
+        // initdata.
+        Some(s) => {
+            use base64::Engine;
+            (
+                format!(
+                    "<os><type arch='x86_64' machine='q35'>hvm</type><loader type='rom'>{}</loader><kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os>",
+                    esc(&x.image[3]),
+                    esc(&x.image[0]),
+                    esc(&x.image[1]),
+                    esc(x.cmdline)
+                ),
+                kernel_disks(),
+                format!(
+                    "<launchSecurity type='sev-snp' kernelHashes='yes'><policy>0x30000</policy><hostData>{}</hostData></launchSecurity>",
+                    base64::engine::general_purpose::STANDARD.encode(s.host_data)
+                ),
+            )
+        }
+        None if c.boot == "disk" => (
+            // UEFI firmware boots the disk's EFI system partition (its unified kernel image).
+            format!(
+                "<os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='rom'>{}</loader><boot dev='hd'/></os>",
+                esc(&c.firmware.display().to_string())
+            ),
+            format!(
+                "<disk type='volume' device='disk'><driver name='qemu' type='qcow2' cache='directsync'/><source pool='{pool}' volume='{name}-disk'/><target dev='vda' bus='virtio'/></disk>"
+            ),
+            String::new(),
+        ),
+        None => (
+            format!(
+                "<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os>",
+                esc(&x.image[0]),
+                esc(&x.image[1]),
+                esc(x.cmdline)
+            ),
+            kernel_disks(),
+            String::new(),
+        ),
+    };
+    format!(
+        "<domain type='{kind}'>\
+<name>{name}</name>\
+<description>{description}</description>\
+<memory unit='MiB'>{mem}</memory>\
+<vcpu>{vcpus}</vcpu>\
+{os}\
+<sysinfo type='fwcfg'><entry name='{CONFIG_FW_CFG}' file='{launch}'/></sysinfo>\
+<features><acpi/></features>\
+{cpu}\
+<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\
+<devices>\
+{disks}\
+<interface type='bridge'><source bridge='{bridge}'/><mac address='{mac}'/><model type='virtio'/><rom enabled='no'/></interface>\
+<serial type='file'><source path='{console}'/><target port='0'/></serial>\
+{psp}\
+<memballoon model='none'/>\
+</devices>\
+{security}\
+</domain>",
+        description = esc(x.description),
+        mem = x.memory_mib,
+        vcpus = x.vcpus,
+        launch = esc(x.launch_path),
+        bridge = esc(&c.bridge),
+        mac = esc(x.mac),
+        console = esc(x.console),
+    )
+}
+
+/// Whether domain capabilities (`virConnectGetDomainCapabilities`) offer SEV-SNP: a supported
+/// `<launchSecurity>` whose `sectype` values include `sev-snp` (libvirt 10.5 and later).
+fn snp_offered(caps: &str) -> bool {
+    let Some((_, rest)) = caps.split_once("<launchSecurity supported='yes'>") else {
+        return false;
+    };
+    let section = rest.split("</launchSecurity>").next().unwrap_or_default();
+    section.contains("<value>sev-snp</value>")
+}
+
 /// The virtual size of a qcow2 image (its header's `size`, big-endian at byte 24).
 fn qcow2_size(path: &Path) -> std::io::Result<u64> {
     let mut h = [0u8; 32];
@@ -685,6 +845,26 @@ mod tests {
         assert!(volume_names("coffer-n1-web-2")
             .iter()
             .all(|x| !v.contains(x)));
+    }
+
+    #[test]
+    fn sev_snp_is_offered_only_where_domain_capabilities_list_it() {
+        // libvirt 10.5+ on an SEV-SNP host, one on an SEV host, and libvirt 9 (no such element).
+        let snp = "<domainCapabilities><features><sev supported='yes'><cbitpos>51</cbitpos></sev>\
+<launchSecurity supported='yes'><enum name='sectype'><value>sev</value><value>sev-snp</value></enum></launchSecurity></features></domainCapabilities>";
+        let sev = "<domainCapabilities><features><launchSecurity supported='yes'><enum name='sectype'><value>sev</value></enum></launchSecurity>\
+<hyperv><value>sev-snp</value></hyperv></features></domainCapabilities>";
+        let old =
+            "<domainCapabilities><features><sev supported='no'/></features></domainCapabilities>";
+        assert!(snp_offered(snp));
+        assert!(
+            !snp_offered(sev),
+            "sev-snp elsewhere than launchSecurity is not an offer"
+        );
+        assert!(!snp_offered(old));
+        assert!(!snp_offered(
+            "<launchSecurity supported='no'><enum name='sectype'><value>sev-snp</value></enum></launchSecurity>"
+        ));
     }
 
     #[test]

@@ -44,21 +44,26 @@ pub(crate) async fn serve(
     text: &str,
     digest: &[u8],
 ) -> anyhow::Result<()> {
-    if a.tee != "emulated" {
-        bail!(
-            "--tee {}: peer pods launch the emulated TEE only for now (the providers' confidential VM options are not built yet)",
-            a.tee
-        );
-    }
+    // The emulated TEE's PSP is the keeper's, reached over a libvirt channel; a hardware TEE's
+    // launch (SEV-SNP: HOST_DATA, set by the provider from the initdata) has none.
     let vm = PodVm::open(podvm)?;
-    let mut host_data = [0u8; 32];
-    host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
-    let psp_chan = a.dir.join("psp-chan.sock");
-    start_emulated_psp(a, &vm, host_data, &psp_chan)?;
+    let psp_chan = match a.tee.as_str() {
+        "emulated" => {
+            let mut host_data = [0u8; 32];
+            host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
+            let psp_chan = a.dir.join("psp-chan.sock");
+            start_emulated_psp(a, &vm, host_data, &psp_chan)?;
+            Some(psp_chan)
+        }
+        "snp" => None,
+        other => bail!(
+            "--tee {other}: peer pods launch SEV-SNP (where the provider has it) or the emulated TEE"
+        ),
+    };
     let mut client = coffer_cloud::client::connect(cloud)
         .await
         .with_context(|| format!("cannot reach coffer-cloud at {}", cloud.display()))?;
-    let served = run(a, &mut client, &psp_chan, text).await;
+    let served = run(a, &mut client, psp_chan.as_deref(), text).await;
     // However the sandbox ended, its VM goes (the reconciler retries if this fails).
     let deleted = tokio::time::timeout(
         Duration::from_secs(120),
@@ -82,7 +87,7 @@ pub(crate) async fn serve(
 async fn run(
     a: &KeeperArgs,
     client: &mut coffer_cloud::client::Client,
-    psp_chan: &Path,
+    psp_chan: Option<&Path>,
     text: &str,
 ) -> anyhow::Result<()> {
     // The pod network, as the CNI configured it in the pod's namespace (read first: a bad one
@@ -120,7 +125,10 @@ async fn run(
             memory_mib: a.memory,
             vcpus: a.cpus,
             launch_config: launch,
-            psp_socket: std::path::absolute(psp_chan)?.display().to_string(),
+            psp_socket: match psp_chan {
+                Some(p) => std::path::absolute(p)?.display().to_string(),
+                None => String::new(),
+            },
             pod_namespace: String::new(),
             pod_name: String::new(),
         })

@@ -186,9 +186,11 @@ impl ShimConfig {
             }
             _ => {}
         }
-        if self.sandbox == SandboxKind::Remote && self.tee != TeeKind::Emulated {
+        if self.sandbox == SandboxKind::Remote
+            && !matches!(self.tee, TeeKind::Emulated | TeeKind::Snp)
+        {
             return Err(format!(
-                "tee = \"{}\" with sandbox = \"remote\": peer pods launch the emulated TEE only for now",
+                "tee = \"{}\" with sandbox = \"remote\": peer pods launch SEV-SNP (on a libvirt host that has it) or the emulated TEE",
                 self.tee.as_str()
             ));
         }
@@ -279,7 +281,7 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("`cloud` belongs to sandbox = \"remote\""), "{e}");
         let e = parse("sandbox = \"remote\"\npodvm = \"/p\"\ntee = \"tdx\"").unwrap_err();
-        assert!(e.contains("emulated TEE only"), "{e}");
+        assert!(e.contains("peer pods launch SEV-SNP"), "{e}");
         let c =
             parse("sandbox = \"remote\"\nemulated_tee = true\npodvm = \"/p\"\ncloud = \"/c.sock\"")
                 .unwrap();
