@@ -9,7 +9,7 @@ use coffer_agent::{
     api::{serve_streams, serve_unix, AgentService},
     container::Containers,
     policy::{AgentPolicy, FileAudit},
-    startup::check_initdata,
+    startup::{check_initdata, parse_initdata},
 };
 
 /// The Coffer guest agent.
@@ -182,11 +182,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let text = std::fs::read_to_string(&args.initdata)
         .with_context(|| format!("cannot read {}", args.initdata.display()))?;
-    let evidence = attester(&args)?
-        .evidence(&[0u8; 64], None)
+    // Asked with the initdata's digest: a vTPM attester measures it into PCR 8 now, before
+    // anything reads the initdata (SEV-SNP's HOST_DATA was set at launch).
+    let (_, digest) = parse_initdata(&text)?;
+    let tee = attester(&args)?;
+    let evidence = tee
+        .evidence(&[0u8; 64], Some(&digest))
         .map_err(|e| anyhow::anyhow!("{}", e.0))?;
     tracing::debug!("evidence from the TEE");
-    let (initdata, digest) = check_initdata(&text, &evidence)?;
+    let (initdata, digest) = check_initdata(&text, tee.tee(), &evidence)?;
+    drop(tee);
     if args.psp_socket.is_some() {
         eprintln!(
             "coffer-agent: EMULATED TEE: the emulated PSP gives no confidentiality (development only)"
@@ -198,7 +203,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         initdata.data.get("policy.rego").map(String::as_str),
         audit,
     )?);
-    tracing::info!(initdata = %hex::encode(&digest), policy = %policy.id(), "initdata matches HOST_DATA; serving");
+    tracing::info!(initdata = %hex::encode(&digest), policy = %policy.id(), "initdata bound to the attested launch; serving");
     if args.private_state {
         private_tmpfs(&args.state_dir)?;
         tracing::debug!("private state mounted");

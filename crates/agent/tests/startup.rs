@@ -1,5 +1,6 @@
-//! The agent binary refuses to start when its initdata does not match HOST_DATA in its TEE's
-//! report (the emulated PSP over the launcher's channel), and serves when it does.
+//! The agent binary refuses to start when its initdata is not the one its TEE was launched with
+//! (HOST_DATA in the emulated PSP's or configfs-tsm's report; PCR 8 of an Azure vTPM, which it
+//! binds first), and serves when it is.
 
 use std::{
     os::unix::net::UnixListener,
@@ -147,4 +148,74 @@ async fn without_a_psp_channel_the_agent_uses_its_own_tee_or_refuses_to_start() 
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("EMULATED"), "{stderr}");
+}
+
+/// An Azure confidential VM, where the platform sets no HOST_DATA: the agent asks its vTPM
+/// (swtpm provisioned as Azure's paravisor leaves it) and binds the initdata into PCR 8 before
+/// serving; a later agent with other initdata finds PCR 8 taken and refuses to start.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_an_azure_vtpm_the_agent_binds_its_initdata_into_pcr8_before_serving() {
+    use coffer_testkit::vtpm::{provision_az_snp, Imds, Swtpm};
+    const SHA256_A: &str = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault GetGuestDetailsRequest := true\\n\"\n";
+    const SHA256_B: &str = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\\ndefault ExecProcessRequest := true\\n\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psp = EmulatedPsp::generate(Tcb::default()).unwrap();
+    let tpm = Swtpm::start(d);
+    provision_az_snp(&tpm, &psp);
+    let pem = |label: &str, der: &[u8]| pem::encode(&pem::Pem::new(label, der.to_vec()));
+    let imds = Imds::start(pem("CERTIFICATE", psp.vcek_der()), psp.roots_pem(), vec![]).await;
+    std::fs::write(d.join("a.toml"), SHA256_A).unwrap();
+    std::fs::write(d.join("b.toml"), SHA256_B).unwrap();
+    let vtpm = |cmd: &mut Command| {
+        cmd.arg("--tpm-tcti")
+            .arg(&tpm.tcti)
+            .arg("--imds")
+            .arg(&imds.url);
+    };
+    // The TEE is the vTPM's (the flags below), not a PSP channel's or configfs-tsm's.
+    let no_tsm = d.join("no-tsm");
+    let none: [&std::ffi::OsStr; 2] = ["--tsm-root".as_ref(), no_tsm.as_os_str()];
+
+    let mut cmd = agent(d, "a.toml", none);
+    vtpm(&mut cmd);
+    let log = std::fs::File::create(d.join("agent-a.log")).unwrap();
+    let mut child = cmd.stderr(log).spawn().unwrap();
+    let digest = coffer_wire::initdata::digest(SHA256_A).unwrap();
+    for _ in 0..1500 {
+        if d.join("agent.sock").exists() || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        d.join("agent.sock").exists(),
+        "the agent did not serve: {}",
+        std::fs::read_to_string(d.join("agent-a.log")).unwrap()
+    );
+    assert_eq!(served_initdata(d).await, hex::encode(&digest));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // PCR 8 holds the initdata's extension, as the KBS's Azure verifier expects.
+    let ev = coffer_attester::vtpm::AzSnpVtpmAttester::new(&tpm.tcti, &imds.url)
+        .gather(&[0u8; 32], None)
+        .unwrap();
+    let pcr8 = hex::decode(ev["tpm_quote"]["pcrs"][8].as_str().unwrap()).unwrap();
+    assert_eq!(
+        pcr8,
+        coffer_attester::vtpm::extend_value(&[0u8; 32], &digest)
+    );
+
+    // Other initdata in the same VM: PCR 8 is taken, the agent refuses before serving.
+    let _ = std::fs::remove_file(d.join("agent.sock"));
+    let mut cmd = agent(d, "b.toml", none);
+    vtpm(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("PCR 8 already holds another value"),
+        "{stderr}"
+    );
+    assert!(!d.join("agent.sock").exists());
 }

@@ -405,7 +405,7 @@ impl Azure {
             "managedDisk": { "storageAccountType": self.c.disk_type },
         });
         let mut security = json!({
-            "uefiSettings": { "secureBootEnabled": true, "vTpmEnabled": true },
+            "uefiSettings": { "secureBootEnabled": self.c.secure_boot, "vTpmEnabled": true },
         });
         if self.c.confidential {
             os_disk["managedDisk"]["securityProfile"] =

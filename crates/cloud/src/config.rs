@@ -85,6 +85,10 @@ pub struct AzureConfig {
     /// which are not confidential (for trying the provider where no CVM size is available).
     #[serde(default = "yes")]
     pub confidential: bool,
+    /// UEFI secure boot. The pod VM's unified kernel image is not signed: with it on, the
+    /// gallery image's UEFI signature database must admit it.
+    #[serde(default = "yes")]
+    pub secure_boot: bool,
     /// The OS disk's confidential encryption: `VMGuestStateOnly` or `DiskWithVMGuestState`.
     #[serde(default = "default_disk_encryption")]
     pub disk_encryption: String,
