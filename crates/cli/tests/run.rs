@@ -1898,6 +1898,33 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     );
     let (code, _, stderr) = w.ctl(&["rm", name]).await;
     assert_eq!(code, Some(0), "{stderr}");
+
+    // libvirtd restarted under a running coffer-cloud: the next pod is made over a new
+    // connection (the pool's definition and the uploaded image are libvirt's, and stay).
+    drop(libvirtd);
+    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
+    let name = "pp-after-restart";
+    let (code, stdout, stderr) = cli(w.run_in(
+        &remote,
+        &init,
+        name,
+        &[],
+        &["/bin/sh", "-c", "echo made after the restart"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}\ncoffer-cloud: {}", restarted.log());
+    assert!(stdout.contains("made after the restart"), "{stdout}");
+    assert!(
+        restarted
+            .log()
+            .contains("the libvirt connection is gone; connecting again"),
+        "{}",
+        restarted.log()
+    );
+    assert!(libvirtd
+        .virsh(&["list", "--all", "--name"])
+        .trim()
+        .is_empty());
 }
 
 #[test]

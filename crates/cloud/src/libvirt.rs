@@ -89,7 +89,8 @@ struct DomainParts<'a> {
 
 /// The libvirt provider.
 pub struct Libvirt {
-    conn: Connect,
+    /// The connection, opened again when it is found gone ([`Libvirt::conn`]).
+    conn: Mutex<Connect>,
     cluster: String,
     node: String,
     c: LibvirtConfig,
@@ -129,7 +130,7 @@ impl Libvirt {
         let conn = Connect::open(Some(&c.uri))
             .map_err(|e| fail(format!("cannot connect to {}: {e}", c.uri)))?;
         Ok(Self {
-            conn,
+            conn: Mutex::new(conn),
             cluster: config.cluster.clone(),
             node: config.node.clone(),
             c,
@@ -144,9 +145,23 @@ impl Libvirt {
         format!("coffer-{}-{}", self.node, pod)
     }
 
+    /// The connection to libvirtd, opened again when the last one is gone (libvirtd restarted,
+    /// or a remote host's connection dropped). A connection learns that its peer went away only
+    /// when it next talks to it: one cheap call (the library version) asks first.
+    fn conn(&self) -> Result<Connect, CloudError> {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.is_alive().unwrap_or(false) || c.lib_version().is_err() {
+            tracing::warn!(uri = %self.c.uri, "the libvirt connection is gone; connecting again");
+            *c = Connect::open(Some(&self.c.uri))
+                .map_err(|e| fail(format!("cannot connect to {}: {e}", self.c.uri)))?;
+        }
+        Ok(c.clone())
+    }
+
     /// The storage pool, defined (a directory pool) and started if need be.
     fn pool(&self) -> Result<StoragePool, CloudError> {
-        let pool = match self.conn.lookup_storage_pool_by_name(&self.c.pool) {
+        let conn = self.conn()?;
+        let pool = match conn.lookup_storage_pool_by_name(&self.c.pool) {
             Ok(p) => p,
             Err(_) => {
                 let xml = format!(
@@ -154,7 +169,7 @@ impl Libvirt {
                     esc(&self.c.pool),
                     esc(&self.c.pool_dir.display().to_string())
                 );
-                let p = self.conn.define_storage_pool_xml(&xml, 0).map_err(|e| {
+                let p = conn.define_storage_pool_xml(&xml, 0).map_err(|e| {
                     fail(format!("cannot define storage pool {}: {e}", self.c.pool))
                 })?;
                 p.build(0)
@@ -183,7 +198,7 @@ impl Libvirt {
         }
         let vol = StorageVol::create_xml(pool, &volume_xml(name, len, len), 0)
             .map_err(|e| fail(format!("cannot create volume {name}: {e}")))?;
-        let stream = Stream::new(&self.conn, 0).map_err(fail)?;
+        let stream = Stream::new(&self.conn()?, 0).map_err(fail)?;
         vol.upload(&stream, 0, len, 0)
             .map_err(|e| fail(format!("cannot upload volume {name}: {e}")))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -314,7 +329,7 @@ impl Libvirt {
 
     fn all(&self) -> Result<Vec<(Domain, Tags)>, CloudError> {
         let domains = self
-            .conn
+            .conn()?
             .list_all_domains(0)
             .map_err(|e| fail(format!("cannot list domains: {e}")))?;
         Ok(domains
@@ -408,7 +423,7 @@ impl Libvirt {
             )));
         }
         let caps = self
-            .conn
+            .conn()?
             .domain_capabilities(None, Some("x86_64"), Some("q35"), Some("kvm"), 0)
             .map_err(|e| {
                 no(format!(
@@ -435,7 +450,7 @@ impl Libvirt {
     /// Deletes the domain `name` and its volumes: stopped, then its volumes, then undefined
     /// last, so that a failure half-way leaves the tagged domain for the reconciler.
     fn remove(&self, name: &str) -> Result<bool, CloudError> {
-        let domain = self.conn.lookup_domain_by_name(name).ok();
+        let domain = self.conn()?.lookup_domain_by_name(name).ok();
         if let Some(d) = &domain {
             if d.is_active().unwrap_or(false) {
                 d.destroy()
@@ -482,7 +497,7 @@ impl Provider for Libvirt {
         let pool = self.pool()?;
         let pool_dir = self.pool_dir(&pool);
         let launch = launch_digest(spec);
-        if let Ok(d) = self.conn.lookup_domain_by_name(&name) {
+        if let Ok(d) = self.conn()?.lookup_domain_by_name(&name) {
             match self.tags(&d) {
                 // Idempotent: the VM this very request made (a keeper asking again).
                 Some(t) if t.sandbox_dir == spec.sandbox_dir && t.launch == launch => {
@@ -545,7 +560,7 @@ impl Provider for Libvirt {
             snp.as_ref(),
         );
         let domain = self
-            .conn
+            .conn()?
             .define_domain_xml(&xml)
             .map_err(|e| fail(format!("cannot define domain {name}: {e}")))?;
         drop(guard);
@@ -592,7 +607,7 @@ impl Provider for Libvirt {
     fn delete(&self, pod: &str) -> Result<bool, CloudError> {
         let name = self.domain_name(pod);
         // Only a domain whose tags name this cluster, node and pod (names alone could collide).
-        match self.conn.lookup_domain_by_name(&name) {
+        match self.conn()?.lookup_domain_by_name(&name) {
             Ok(d) if self.tags(&d).is_some_and(|t| t.pod == pod) => self.remove(&name),
             Ok(_) => Err(CloudError::Invalid(format!(
                 "domain {name} is not this node's VM of pod {pod}"

@@ -29,7 +29,7 @@ pub struct Daemon {
     config: Config,
     provider: Arc<dyn Provider>,
     /// Pods whose create is under way (the reconciler leaves them alone).
-    creating: Mutex<HashSet<String>>,
+    creating: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -61,13 +61,14 @@ fn to_api(vm: Vm, provider: &str) -> crate::api::Vm {
     }
 }
 
-/// Removes a pod from the creating set when dropped (the create ended, however).
-struct Creating<'a>(&'a Daemon, String);
+/// Removes a pod from the creating set when dropped: it travels with the provider's call, so a
+/// caller that goes away (a cancelled request) does not release the pod while that call still
+/// runs — a second create of the pod, or the reconciler, would race it and could leave two VMs.
+struct Creating(Arc<Mutex<HashSet<String>>>, String);
 
-impl Drop for Creating<'_> {
+impl Drop for Creating {
     fn drop(&mut self) {
         self.0
-            .creating
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.1);
@@ -80,7 +81,7 @@ impl Daemon {
         Arc::new(Self {
             config,
             provider,
-            creating: Mutex::new(HashSet::new()),
+            creating: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
@@ -162,9 +163,14 @@ impl Daemon {
                 spec.pod
             )));
         }
-        let _creating = Creating(self, spec.pod.clone());
+        let creating = Creating(self.creating.clone(), spec.pod.clone());
         let t = std::time::Instant::now();
-        let vm = self.blocking(move |p| p.create(&spec)).await?;
+        let vm = self
+            .blocking(move |p| {
+                let _creating = creating;
+                p.create(&spec)
+            })
+            .await?;
         tracing::info!(pod = %vm.pod, id = %vm.id, address = ?vm.address, instance_type = %vm.instance_type, ms = t.elapsed().as_millis() as u64, "VM created");
         Ok(vm)
     }

@@ -314,3 +314,57 @@ async fn twenty_pods_at_once_and_a_daemon_killed_mid_create_leave_no_vm() {
     .await;
     all_valid(&base);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_create_holds_its_pod_until_the_provider_call_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Each operation answers InProgress four times: a create takes about five seconds.
+    let (_arm, base) = emulator("azure_arm.py", &["--polls", "4"]);
+    let cfg = config(d, &base, "managed-identity");
+    let _cloud = daemon_with(d, &cfg, &[]).unwrap();
+    let mut client = coffer_cloud::client::connect(&d.join("cloud.sock"))
+        .await
+        .unwrap();
+    let (s1, _lock1) = sandbox(d, "s1");
+
+    // The caller goes away a second into the create; the provider's call goes on.
+    let mut c = client.clone();
+    let first = launch("kbs = 'https://kbs.example'");
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        c.create_vm(request("p1", &s1, first)),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the create was cut short by its caller");
+    // A second create of the pod (a new keeper) waits for it instead of racing it to a second VM.
+    let second = launch("kbs = 'https://kbs.example'");
+    let e = client
+        .create_vm(request("p1", &s1, second.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("a create for pod p1 is under way"),
+        "{}",
+        e.message()
+    );
+    // Once the first call ended, the second create replaces its VM: one VM, the second's.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let vm = loop {
+        match client.create_vm(request("p1", &s1, second.clone())).await {
+            Ok(v) => break v.into_inner(),
+            Err(e) if e.message().contains("under way") => {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "the first create never ended"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("{}", e.message()),
+        }
+    };
+    let all = vms(&base);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0]["name"], vm.id);
+    all_valid(&base);
+}
