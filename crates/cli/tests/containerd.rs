@@ -1900,7 +1900,8 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
         &libvirtd,
         &podvm,
         "cfrpp2",
-        "10.99.9.0/24",
+        // One VM address (10.99.9.2) beside the gateway: a second peer pod finds no capacity.
+        "10.99.9.0/30",
         "10.99.9.1",
     );
     let n = common::containerd::node_remote(d, &podvm, &cloud.socket, "10.88.17.1");
@@ -1922,6 +1923,24 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
         assert!(ip.starts_with("10.88.17."), "the pod's address: {ip:?}");
         let domains = libvirtd.virsh(&["list", "--name"]);
         assert!(domains.contains("coffer-node-1-"), "{domains}");
+        // No capacity left for a second peer pod: the CRI's error, which the kubelet records in
+        // the pod's events (`kubectl describe pod`), names the provider, the instance type and
+        // why; no VM is made for it.
+        let mut second = p.sandbox_config("peer-pod-2", &[(INITDATA, &n.annotation)]);
+        p.on_pod_network(&mut second);
+        let e = p
+            .run_pod_with(&second, "coffer-remote")
+            .await
+            .expect_err("no address is left for a second VM");
+        assert!(
+            format!("{e:#}")
+                .contains("libvirt: no small now: no free address left in subnet 10.99.9.0/30"),
+            "{e:#}"
+        );
+        assert_eq!(
+            libvirtd.virsh(&["list", "--all", "--name"]).trim().lines().count(),
+            1
+        );
         p.start_container(
             &pod,
             &config,
