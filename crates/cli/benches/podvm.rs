@@ -1,12 +1,14 @@
 //! `cargo bench -p coffer --bench podvm [-- RUNS] [--busy] [--cpus N] [--verbose-console]
-//! [--remote]`: a pod VM's start, under the accelerator `coffer run --accel auto` picks here (TCG
+//! [--remote [--disk]]`: a pod VM's start, under the accelerator `coffer run --accel auto` picks here (TCG
 //! on this project's CI machine).
 //!
 //! `--remote` starts a peer pod instead (`coffer run --sandbox remote`): Debian's libvirtd and
 //! coffer-cloud, started by the bench in a network namespace of its own (removed at the end),
 //! make the VM under TCG on the bench's bridge; the keeper's own marks give the breakdown (the
 //! API call that makes the VM, its boot until the agent answers over mutual TLS, the agent ready,
-//! then attestation, pull and runc until the container's first output).
+//! then attestation, pull and runc until the container's first output). With `--disk` the VM boots
+//! the image's disk (`coffer podvm build --disk qcow2`) through UEFI firmware as a cloud VM does,
+//! instead of libvirt's direct kernel boot.
 //!
 //! Each run is `coffer run --sandbox vm` of the encrypted busybox image (KBS in this process,
 //! Debian's docker-registry on loopback) with a fresh VM: QEMU start, kernel, the agent as init
@@ -56,6 +58,7 @@ fn main() {
     let busy = args.iter().any(|a| a == "--busy");
     let verbose = args.iter().any(|a| a == "--verbose-console");
     let remote = args.iter().any(|a| a == "--remote");
+    let disk = remote && args.iter().any(|a| a == "--disk");
     let cpus: Option<String> = args
         .iter()
         .position(|a| a == "--cpus")
@@ -69,7 +72,11 @@ fn main() {
     // cannot reach.
     let podvm = d.join("podvm");
     let t = Instant::now();
-    common::build_podvm(&podvm);
+    if disk {
+        common::build_podvm_with(&podvm, &["--disk", "qcow2", "--disk-scratch-mib", "512"]);
+    } else {
+        common::build_podvm(&podvm);
+    }
     println!("podvm build: {:.0} ms", ms(t.elapsed()));
     let _netns = remote.then(|| {
         let n = common::containerd::TestNetns::enter();
@@ -85,7 +92,15 @@ fn main() {
     } = common::bench_world(&rt, d);
     let libvirtd = remote.then(|| common::libvirt::Libvirtd::start(&d.join("libvirt")));
     let cloud = libvirtd.as_ref().map(|l| {
-        common::libvirt::Cloud::start(d, l, &podvm, "cfrbench0", "10.99.20.0/24", "10.99.20.1")
+        common::libvirt::Cloud::start_opts(
+            d,
+            l,
+            &podvm,
+            "cfrbench0",
+            "10.99.20.0/24",
+            "10.99.20.1",
+            if disk { "boot = \"disk\"\n" } else { "" },
+        )
     });
     if verbose {
         let cmdline = std::fs::read_to_string(podvm.join("cmdline")).unwrap();
