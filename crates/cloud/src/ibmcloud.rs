@@ -166,6 +166,19 @@ impl IbmCloud {
         body: Option<&[u8]>,
         profile: &str,
     ) -> Result<Answer, CloudError> {
+        self.vpc_passing(what, method, url, body, profile, &[])
+    }
+
+    /// As [`Self::vpc`], with the statuses in `pass` answered as they are, not as errors.
+    fn vpc_passing(
+        &self,
+        what: &str,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+        profile: &str,
+        pass: &[u16],
+    ) -> Result<Answer, CloudError> {
         for refused in [false, true] {
             let token = self.bearer()?;
             let auth = Zeroizing::new(format!("Bearer {}", token.as_str()));
@@ -183,7 +196,7 @@ impl IbmCloud {
                 self.token.forget();
                 continue;
             }
-            if a.status < 300 || a.status == 404 {
+            if a.status < 300 || a.status == 404 || pass.contains(&a.status) {
                 return Ok(a);
             }
             let v = a.json();
@@ -264,6 +277,26 @@ impl IbmCloud {
             url = v["next"]["href"].as_str().map(str::to_string);
         }
         Ok(out)
+    }
+
+    /// The id of the instance named `name`, if there is one.
+    fn by_name(&self, name: &str) -> Result<Option<String>, CloudError> {
+        let v = self
+            .vpc(
+                "find instance",
+                "GET",
+                &self.url("/instances", &[("name", name)]),
+                None,
+                "-",
+            )?
+            .json();
+        Ok(v["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["name"].as_str() == Some(name))
+            .and_then(|i| i["id"].as_str())
+            .map(str::to_string))
     }
 
     fn delete_instance(&self, i: &Value) -> Result<(), CloudError> {
@@ -406,22 +439,32 @@ impl Provider for IbmCloud {
                     serde_json::to_vec(&self.prototype(spec, &name, &user_data))
                         .map_err(|e| self.http.fail(e))?,
                 );
-                let a = self.vpc(
+                let a = self.vpc_passing(
                     "create instance",
                     "POST",
                     &self.url("/instances", &[]),
                     Some(&body),
                     profile,
+                    &[409],
                 )?;
-                if a.status != 201 {
-                    return Err(self
-                        .http
-                        .fail(format!("create instance: HTTP {}", a.status)));
+                match a.status {
+                    201 => a.json()["id"]
+                        .as_str()
+                        .ok_or_else(|| self.http.fail("create instance answered no id"))?
+                        .to_string(),
+                    // The name is taken: an earlier try of this very POST made the instance and
+                    // its answer was lost (a retried 5xx or transport error). That one is ours.
+                    409 => self.by_name(&name)?.ok_or_else(|| {
+                        self.http.fail(format!(
+                            "create instance: the name {name} is in use, but no instance of that name is listed"
+                        ))
+                    })?,
+                    other => {
+                        return Err(self
+                            .http
+                            .fail(format!("create instance: HTTP {other}")))
+                    }
                 }
-                a.json()["id"]
-                    .as_str()
-                    .ok_or_else(|| self.http.fail("create instance answered no id"))?
-                    .to_string()
             }
         };
         let until = Instant::now() + RUNNING_BOUND;

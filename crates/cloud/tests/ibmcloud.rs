@@ -142,6 +142,30 @@ async fn vpc_instances_are_made_and_deleted_as_pods_come_and_go() {
         .unwrap();
     assert_eq!(state(&base)["throttled"], 2);
 
+    // A create whose answer is lost after the instance was made (a 500): the retried POST finds
+    // the name taken, and the instance it made is the pod's — one instance, not two.
+    emulator_call(&base, "/_emulator/lose-create", Some(json!({})));
+    let (s4, _lock4) = sandbox(d, "s4");
+    let vm4 = client
+        .create_vm(request("p4", &s4, data.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let named: Vec<Value> = instances(&base)
+        .into_iter()
+        .filter(|i| i["id"] == vm4.id.as_str())
+        .collect();
+    assert_eq!(named.len(), 1);
+    assert_eq!(instances(&base).len(), 3, "p1, p2 and p4's");
+    assert!(
+        client
+            .delete_vm(DeleteVmRequest { pod: "p4".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .deleted
+    );
+
     // No capacity for a profile: the error names the provider, the profile and IBM's reason;
     // the failed instance does not stay behind.
     let (s3, _lock3) = sandbox(d, "s3");

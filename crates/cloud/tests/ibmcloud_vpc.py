@@ -132,6 +132,7 @@ class Cloud:
         self.tokens = set()
         self.tokens_issued = 0
         self.throttle_next = 0
+        self.lose_next_create = False  # the next create is made and its answer lost (500)
         self.throttled = 0
         self.invalid = []
         self.addresses = (f"10.240.{i // 250}.{4 + i % 250}" for i in itertools.count())
@@ -198,6 +199,10 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/_emulator/throttle" and method == "POST":
             with c.lock:
                 c.throttle_next = json.loads(self.body())["count"]
+            return self.reply(200, {})
+        if path == "/_emulator/lose-create" and method == "POST":
+            with c.lock:
+                c.lose_next_create = True
             return self.reply(200, {})
         if path == "/identity/token" and method == "POST":
             return self.iam()
@@ -299,6 +304,11 @@ class Handler(BaseHTTPRequestHandler):
             c.user_data[iid] = body.get("user_data")
             c.gets[iid] = 0
             view = self.view(inst)
+            lost = c.lose_next_create
+            c.lose_next_create = False
+        if lost:
+            # Made, but the answer never arrives as such (a gateway error after the fact).
+            return self.error(500, "internal_error", "The request could not be completed.")
         self.reply(201, view)
 
     def advance(self, iid):
