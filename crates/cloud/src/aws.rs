@@ -32,7 +32,6 @@ use aws_sigv4::{
     sign::v4,
 };
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::{config::AwsConfig, provider::CloudError, Config, Provider, Vm, VmSpec};
 
@@ -346,18 +345,8 @@ impl Aws {
     /// The idempotence token of one create: this cluster, node, pod, sandbox and launch
     /// configuration (a new keeper's keys make a new instance, not the old one again).
     fn client_token(&self, spec: &VmSpec, launch: &str) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            self.cluster.as_str(),
-            self.node.as_str(),
-            spec.pod.as_str(),
-            &spec.sandbox_dir.display().to_string(),
-            launch,
-        ] {
-            h.update(part.as_bytes());
-            h.update([0]);
-        }
-        format!("coffer-{}", &hex::encode(h.finalize())[..40])
+        let id = crate::provider::identity(&self.cluster, &self.node, spec, launch);
+        format!("coffer-{}", &id[..40])
     }
 }
 
@@ -378,14 +367,12 @@ impl Provider for Aws {
     }
 
     fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
-        if spec.psp_socket.is_some() {
-            return Err(CloudError::Invalid(
-                "the emulated TEE's PSP is a socket on the node, which an EC2 instance cannot reach: the aws provider runs hardware-TEE VMs only".into(),
-            ));
-        }
-        // It holds the agent channel's key: wiped once sent.
-        let user_data = zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).map_err(fail)?);
-        let launch = hex::encode(Sha256::digest(&*user_data));
+        crate::provider::no_emulated_tee(
+            spec,
+            "an EC2 instance",
+            "the aws provider runs hardware-TEE VMs only",
+        )?;
+        let (user_data, launch) = crate::provider::user_data(spec, NAME)?;
         let sandbox = spec.sandbox_dir.display().to_string();
         let (same, stale): (Vec<Instance>, Vec<Instance>) =
             self.describe(Some(&spec.pod))?.into_iter().partition(|i| {

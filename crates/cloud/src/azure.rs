@@ -32,7 +32,6 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::{
@@ -382,18 +381,8 @@ impl Azure {
     /// The VM's name: derived from what makes it this VM, so a retried create is the same PUT
     /// (Azure: at most 64 characters).
     fn vm_name(&self, spec: &VmSpec, launch: &str) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            self.cluster.as_str(),
-            self.node.as_str(),
-            spec.pod.as_str(),
-            &spec.sandbox_dir.display().to_string(),
-            launch,
-        ] {
-            h.update(part.as_bytes());
-            h.update([0]);
-        }
-        format!("coffer-{}", &hex::encode(h.finalize())[..32])
+        let id = crate::provider::identity(&self.cluster, &self.node, spec, launch);
+        format!("coffer-{}", &id[..32])
     }
 
     /// The PUT body of a new VM.
@@ -497,16 +486,13 @@ impl Provider for Azure {
     }
 
     fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
-        if spec.psp_socket.is_some() {
-            return Err(CloudError::Invalid(
-                "the emulated TEE's PSP is a socket on the node, which an Azure VM cannot reach: the azure provider runs confidential VMs only".into(),
-            ));
-        }
+        crate::provider::no_emulated_tee(
+            spec,
+            "an Azure VM",
+            "the azure provider runs confidential VMs only",
+        )?;
         let size = spec.instance.name.as_str();
-        // It holds the agent channel's key: wiped once sent.
-        let user_data =
-            Zeroizing::new(serde_json::to_vec(&spec.launch).map_err(|e| self.http.fail(e))?);
-        let launch = hex::encode(Sha256::digest(&*user_data));
+        let (user_data, launch) = crate::provider::user_data(spec, NAME)?;
         let name = self.vm_name(spec, &launch);
         for old in self.vms(Some(&spec.pod))? {
             if old["name"].as_str() != Some(name.as_str()) {

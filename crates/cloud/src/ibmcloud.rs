@@ -321,18 +321,8 @@ impl IbmCloud {
     }
 
     fn name(&self, spec: &VmSpec, launch: &str) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            self.cluster.as_str(),
-            self.node.as_str(),
-            spec.pod.as_str(),
-            &spec.sandbox_dir.display().to_string(),
-            launch,
-        ] {
-            h.update(part.as_bytes());
-            h.update([0]);
-        }
-        format!("{}{}", self.prefix, &hex::encode(h.finalize())[..32])
+        let id = crate::provider::identity(&self.cluster, &self.node, spec, launch);
+        format!("{}{}", self.prefix, &id[..32])
     }
 
     fn to_vm(&self, i: &Value) -> Vm {
@@ -400,18 +390,16 @@ impl Provider for IbmCloud {
     }
 
     fn create(&self, spec: &VmSpec) -> Result<Vm, CloudError> {
-        if spec.psp_socket.is_some() {
-            return Err(CloudError::Invalid(
-                "the emulated TEE's PSP is a socket on the node, which an IBM Cloud instance cannot reach: the ibmcloud provider runs Secure Execution (or TDX) instances only".into(),
-            ));
-        }
+        crate::provider::no_emulated_tee(
+            spec,
+            "an IBM Cloud instance",
+            "the ibmcloud provider runs Secure Execution (or TDX) instances only",
+        )?;
         let profile = spec.instance.name.as_str();
-        // It holds the agent channel's key: wiped once sent.
-        let user_data = Zeroizing::new(
-            String::from_utf8(serde_json::to_vec(&spec.launch).map_err(|e| self.http.fail(e))?)
-                .map_err(|e| self.http.fail(e))?,
-        );
-        let launch = hex::encode(Sha256::digest(user_data.as_bytes()));
+        let (bytes, launch) = crate::provider::user_data(spec, NAME)?;
+        // JSON is UTF-8: the VPC API takes user data as a string.
+        let user_data = Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned());
+        drop(bytes);
         let name = self.name(spec, &launch);
         let mut mine = None;
         for i in self.instances()? {

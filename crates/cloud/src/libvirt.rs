@@ -813,8 +813,9 @@ fn overlay_xml(name: &str, size: u64, backing: &str) -> String {
 
 /// The digest a VM is tagged with: which launch configuration (which keeper's keys) it runs.
 fn launch_digest(spec: &VmSpec) -> String {
-    let json = zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).unwrap_or_default());
-    hex::encode(Sha256::digest(&*json))
+    crate::provider::user_data(spec, NAME)
+        .map(|(_, digest)| digest)
+        .unwrap_or_default()
 }
 
 fn volume_xml(name: &str, capacity: u64, allocation: u64) -> String {

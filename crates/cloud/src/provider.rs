@@ -84,6 +84,53 @@ pub trait Provider: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<Vm>, CloudError>;
 }
 
+/// The launch configuration as a VM gets it (its user data, which holds the agent channel's key:
+/// wiped when dropped) and its SHA-256 in hex, tagged on the VM: which keeper's keys it runs.
+pub fn user_data(
+    spec: &VmSpec,
+    provider: &'static str,
+) -> Result<(zeroize::Zeroizing<Vec<u8>>, String), CloudError> {
+    use sha2::{Digest, Sha256};
+    let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&spec.launch).map_err(|e| {
+        CloudError::Provider {
+            provider,
+            why: format!("the launch configuration: {e}"),
+        }
+    })?);
+    let digest = hex::encode(Sha256::digest(&*bytes));
+    Ok((bytes, digest))
+}
+
+/// What makes one VM that VM: SHA-256 (hex) over the cluster, node, pod, sandbox directory and
+/// launch digest. The same create asked again gives the same value (a name or idempotence
+/// token); a new keeper's keys give another.
+pub fn identity(cluster: &str, node: &str, spec: &VmSpec, launch: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        cluster,
+        node,
+        spec.pod.as_str(),
+        &spec.sandbox_dir.display().to_string(),
+        launch,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// A cloud VM cannot reach the emulated TEE's PSP, a socket on the node: refused, naming what the
+/// provider `runs` instead.
+pub fn no_emulated_tee(spec: &VmSpec, vm: &str, runs: &str) -> Result<(), CloudError> {
+    if spec.psp_socket.is_some() {
+        return Err(CloudError::Invalid(format!(
+            "the emulated TEE's PSP is a socket on the node, which {vm} cannot reach: {runs}"
+        )));
+    }
+    Ok(())
+}
+
 /// The launch configuration's size against the provider's limit (checked before it is read).
 pub fn check_size(launch_bytes: usize, limit: usize, provider: &str) -> Result<(), CloudError> {
     if launch_bytes > limit {

@@ -6,7 +6,10 @@ mod common;
 use std::net::Ipv4Addr;
 
 use coffer_cloud::api::DeleteVmRequest;
-use common::{boto, config, daemon, eventually, instances, launch, moto, request, sandbox};
+use common::{
+    boto, config, create_at_once, daemon, delete_at_once, eventually, instances, launch, moto,
+    request, retry_then_replace, sandbox,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ec2_instances_are_made_tagged_and_deleted_as_pods_come_and_go() {
@@ -52,23 +55,10 @@ async fn ec2_instances_are_made_tagged_and_deleted_as_pods_come_and_go() {
     assert_eq!(i["tags"]["coffer:pod"], "p1");
     assert_eq!(i["tags"]["coffer:sandbox-dir"], s1.display().to_string());
     assert_eq!(i["user_data"].as_str().unwrap().as_bytes(), &data[..]);
-    // Asking again (a keeper retrying) returns the same instance.
-    let again = client
-        .create_vm(request("p1", &s1, data.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.id, vm.id);
-    assert_eq!(instances(&endpoint).len(), 1);
-    // A new keeper of the same pod (its keys differ, after a crash): the old instance goes and
-    // a new one carries the new user data.
-    let renewed = launch("kbs = 'https://kbs.example'");
-    let fresh = client
-        .create_vm(request("p1", &s1, renewed.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(fresh.id, vm.id);
+    // Asking again (a keeper retrying) returns the same instance; a new keeper of the same pod
+    // (its keys differ, after a crash): the old instance goes and a new one carries the new
+    // user data.
+    let (fresh, renewed) = retry_then_replace(&mut client, "p1", &s1, &vm, &data).await;
     let all = instances(&endpoint);
     assert_eq!(all.len(), 1, "{all:#?}");
     assert_eq!(all[0]["id"], fresh.id);
@@ -119,34 +109,9 @@ async fn ec2_instances_are_made_tagged_and_deleted_as_pods_come_and_go() {
     drop(lock1);
 
     // Twenty pods at once, then deleted: none left.
-    let mut locks = Vec::new();
-    let mut tasks = Vec::new();
-    for n in 0..20 {
-        let (s, l) = sandbox(d, &format!("c{n}"));
-        locks.push(l);
-        let mut c = client.clone();
-        let data = data.clone();
-        tasks.push(tokio::spawn(async move {
-            c.create_vm(request(&format!("c{n}"), &s, data)).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
+    let (_, locks) = create_at_once(&client, d, 20, &data).await;
     assert_eq!(instances(&endpoint).len(), 20);
-    let mut tasks = Vec::new();
-    for n in 0..20 {
-        let mut c = client.clone();
-        tasks.push(tokio::spawn(async move {
-            c.delete_vm(DeleteVmRequest {
-                pod: format!("c{n}"),
-            })
-            .await
-        }));
-    }
-    for t in tasks {
-        assert!(t.await.unwrap().unwrap().into_inner().deleted);
-    }
+    delete_at_once(&client, 20).await;
     assert_eq!(instances(&endpoint).len(), 0);
     drop(locks);
 

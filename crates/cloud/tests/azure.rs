@@ -10,7 +10,10 @@ use std::{io::Write, net::Ipv4Addr, path::Path, path::PathBuf};
 
 use base64::Engine;
 use coffer_cloud::api::DeleteVmRequest;
-use common::{daemon_with, emulator, emulator_call, eventually, launch, request, sandbox};
+use common::{
+    create_at_once, daemon_with, delete_at_once, emulator, emulator_call, eventually, launch,
+    request, retry_then_replace, sandbox, wrong_secret_is_reported_not_leaked,
+};
 use serde_json::{json, Value};
 
 const SECRET: &str = "s3cret-for-tests";
@@ -78,19 +81,15 @@ async fn confidential_vms_are_made_tagged_and_deleted_as_pods_come_and_go() {
     // A wrong secret: the identity platform's reason reaches the caller, the secret does not.
     let (s1, lock1) = sandbox(d, "s1");
     let data = launch("kbs = 'https://kbs.example'");
-    {
-        let wrong = "wrong-secret-value";
-        let cloud = daemon_with(d, &cfg, &[("AZURE_CLIENT_SECRET", wrong)]).unwrap();
-        let mut client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
-        let e = client
-            .create_vm(request("p1", &s1, data.clone()))
-            .await
-            .unwrap_err();
-        assert!(e.message().contains("AADSTS7000215"), "{}", e.message());
-        assert!(!e.message().contains(wrong));
-        assert!(!std::fs::read_to_string(&cloud.log).unwrap().contains(wrong));
-        assert!(vms(&base).is_empty());
-    }
+    wrong_secret_is_reported_not_leaked(
+        d,
+        &cfg,
+        ("AZURE_CLIENT_SECRET", "wrong-secret-value"),
+        "AADSTS7000215",
+        &s1,
+    )
+    .await;
+    assert!(vms(&base).is_empty());
 
     let cloud = daemon_with(d, &cfg, &[("AZURE_CLIENT_SECRET", SECRET)]).unwrap();
     let mut client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
@@ -144,22 +143,8 @@ async fn confidential_vms_are_made_tagged_and_deleted_as_pods_come_and_go() {
     );
     assert_eq!(s["disks"].as_object().unwrap().len(), 1);
 
-    // Asking again (a keeper retrying) returns the same VM.
-    let again = client
-        .create_vm(request("p1", &s1, data.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.id, vm.id);
-    assert_eq!(vms(&base).len(), 1);
-    // A new keeper of the same pod (other keys): the old VM goes, a new one holds them.
-    let renewed = launch("kbs = 'https://kbs.example'");
-    let fresh = client
-        .create_vm(request("p1", &s1, renewed.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(fresh.id, vm.id);
+    // Asked again: the same VM; a new keeper's keys: the old VM goes, a new one holds them.
+    let (fresh, _) = retry_then_replace(&mut client, "p1", &s1, &vm, &data).await;
     let all = vms(&base);
     assert_eq!(all.len(), 1, "{all:#?}");
     assert_eq!(all[0]["name"], fresh.id);
@@ -253,21 +238,8 @@ async fn twenty_pods_at_once_and_a_daemon_killed_mid_create_leave_no_vm() {
     let mut client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
     let data = launch("kbs = 'https://kbs.example'");
 
-    let mut locks = Vec::new();
-    let mut tasks = Vec::new();
-    for n in 0..20 {
-        let (s, l) = sandbox(d, &format!("c{n}"));
-        locks.push(l);
-        let mut c = client.clone();
-        let data = data.clone();
-        tasks.push(tokio::spawn(async move {
-            c.create_vm(request(&format!("c{n}"), &s, data)).await
-        }));
-    }
-    let mut addresses = std::collections::HashSet::new();
-    for t in tasks {
-        addresses.insert(t.await.unwrap().unwrap().into_inner().address);
-    }
+    let (created, locks) = create_at_once(&client, d, 20, &data).await;
+    let addresses: std::collections::HashSet<_> = created.iter().map(|v| &v.address).collect();
     assert_eq!(addresses.len(), 20, "each VM has its own address");
     assert_eq!(vms(&base).len(), 20);
     let listed = client
@@ -278,19 +250,7 @@ async fn twenty_pods_at_once_and_a_daemon_killed_mid_create_leave_no_vm() {
         .vms;
     assert_eq!(listed.len(), 20, "all pages are listed");
     assert!(listed.iter().all(|v| v.running));
-    let mut tasks = Vec::new();
-    for n in 0..20 {
-        let mut c = client.clone();
-        tasks.push(tokio::spawn(async move {
-            c.delete_vm(DeleteVmRequest {
-                pod: format!("c{n}"),
-            })
-            .await
-        }));
-    }
-    for t in tasks {
-        assert!(t.await.unwrap().unwrap().into_inner().deleted);
-    }
+    delete_at_once(&client, 20).await;
     let s = state(&base);
     assert!(s["vms"].as_object().unwrap().is_empty());
     assert!(s["nics"].as_object().unwrap().is_empty());

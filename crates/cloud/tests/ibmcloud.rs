@@ -9,7 +9,10 @@ mod common;
 use std::{io::Write, net::Ipv4Addr, path::Path, path::PathBuf};
 
 use coffer_cloud::api::DeleteVmRequest;
-use common::{daemon_with, emulator, emulator_call, eventually, launch, request, sandbox};
+use common::{
+    create_at_once, daemon_with, delete_at_once, emulator, emulator_call, eventually, launch,
+    request, retry_then_replace, sandbox, wrong_secret_is_reported_not_leaked,
+};
 use serde_json::{json, Value};
 
 const KEY: &str = "coffer-test-api-key";
@@ -65,19 +68,15 @@ async fn vpc_instances_are_made_and_deleted_as_pods_come_and_go() {
     // A wrong key: IAM's reason reaches the caller, the key does not.
     let (s1, lock1) = sandbox(d, "s1");
     let data = launch("kbs = 'https://kbs.example'");
-    {
-        let wrong = "wrong-api-key-value";
-        let cloud = daemon_with(d, &cfg, &[("IBMCLOUD_API_KEY", wrong)]).unwrap();
-        let mut client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
-        let e = client
-            .create_vm(request("p1", &s1, data.clone()))
-            .await
-            .unwrap_err();
-        assert!(e.message().contains("BXNIM0415E"), "{}", e.message());
-        assert!(!e.message().contains(wrong));
-        assert!(!std::fs::read_to_string(&cloud.log).unwrap().contains(wrong));
-        assert!(instances(&base).is_empty());
-    }
+    wrong_secret_is_reported_not_leaked(
+        d,
+        &cfg,
+        ("IBMCLOUD_API_KEY", "wrong-api-key-value"),
+        "BXNIM0415E",
+        &s1,
+    )
+    .await;
+    assert!(instances(&base).is_empty());
 
     let cloud = daemon_with(d, &cfg, &[("IBMCLOUD_API_KEY", KEY)]).unwrap();
     let mut client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
@@ -116,19 +115,7 @@ async fn vpc_instances_are_made_and_deleted_as_pods_come_and_go() {
     assert_eq!(s["volumes"].as_object().unwrap().len(), 1);
 
     // Asking again returns the same instance; a new keeper's keys replace it.
-    let again = client
-        .create_vm(request("p1", &s1, data.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.id, vm.id);
-    let renewed = launch("kbs = 'https://kbs.example'");
-    let fresh = client
-        .create_vm(request("p1", &s1, renewed.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(fresh.id, vm.id);
+    let (fresh, _) = retry_then_replace(&mut client, "p1", &s1, &vm, &data).await;
     let all = instances(&base);
     assert_eq!(all.len(), 1, "{all:#?}");
     assert_eq!(all[0]["id"], fresh.id);
@@ -242,34 +229,9 @@ async fn twenty_instances_at_once_and_a_daemon_killed_mid_create_leave_none() {
     let client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
     let data = launch("kbs = 'https://kbs.example'");
 
-    let mut locks = Vec::new();
-    let mut tasks = Vec::new();
-    for n in 0..20 {
-        let (s, l) = sandbox(d, &format!("c{n}"));
-        locks.push(l);
-        let mut c = client.clone();
-        let data = data.clone();
-        tasks.push(tokio::spawn(async move {
-            c.create_vm(request(&format!("c{n}"), &s, data)).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
+    let (_, locks) = create_at_once(&client, d, 20, &data).await;
     assert_eq!(instances(&base).len(), 20);
-    let mut tasks = Vec::new();
-    for n in 0..20 {
-        let mut c = client.clone();
-        tasks.push(tokio::spawn(async move {
-            c.delete_vm(DeleteVmRequest {
-                pod: format!("c{n}"),
-            })
-            .await
-        }));
-    }
-    for t in tasks {
-        assert!(t.await.unwrap().unwrap().into_inner().deleted);
-    }
+    delete_at_once(&client, 20).await;
     assert!(instances(&base).is_empty());
     drop(locks);
 

@@ -251,3 +251,96 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Creates pods `c0` … `c{n-1}` at once, each in a sandbox of its own under `dir` whose keeper
+/// "lives" while the returned locks are held; every create must succeed. Returns the VMs.
+pub async fn create_at_once(
+    client: &coffer_cloud::client::Client,
+    dir: &Path,
+    n: usize,
+    launch: &[u8],
+) -> (Vec<coffer_cloud::api::Vm>, Vec<std::fs::File>) {
+    let mut locks = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (s, l) = sandbox(dir, &format!("c{i}"));
+        locks.push(l);
+        let mut c = client.clone();
+        let data = launch.to_vec();
+        tasks.push(tokio::spawn(async move {
+            c.create_vm(request(&format!("c{i}"), &s, data)).await
+        }));
+    }
+    let mut vms = Vec::new();
+    for t in tasks {
+        vms.push(t.await.unwrap().unwrap().into_inner());
+    }
+    (vms, locks)
+}
+
+/// Deletes pods `c0` … `c{n-1}` at once; each must have had a VM.
+pub async fn delete_at_once(client: &coffer_cloud::client::Client, n: usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.delete_vm(coffer_cloud::api::DeleteVmRequest {
+                pod: format!("c{i}"),
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap().into_inner().deleted);
+    }
+}
+
+/// What every provider does when a pod's create is asked again: the same request (a keeper
+/// retrying) returns the same VM `vm`; a new keeper's keys (another launch configuration, after
+/// a crash) make a new VM in place of the old. Returns the new VM and its launch configuration.
+pub async fn retry_then_replace(
+    client: &mut coffer_cloud::client::Client,
+    pod: &str,
+    dir: &Path,
+    vm: &coffer_cloud::api::Vm,
+    data: &[u8],
+) -> (coffer_cloud::api::Vm, Vec<u8>) {
+    let again = client
+        .create_vm(request(pod, dir, data.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, vm.id, "a retried create returns the same VM");
+    let renewed = launch("kbs = 'https://kbs.example'");
+    let fresh = client
+        .create_vm(request(pod, dir, renewed.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(fresh.id, vm.id, "a new keeper's keys make a new VM");
+    (fresh, renewed)
+}
+
+/// With a wrong secret in `env` the daemon starts, but a create fails with the cloud's `reason`;
+/// the secret appears in neither the error nor the daemon's log.
+pub async fn wrong_secret_is_reported_not_leaked(
+    dir: &Path,
+    config: &Path,
+    env: (&str, &str),
+    reason: &str,
+    sandbox_dir: &Path,
+) {
+    let cloud = daemon_with(dir, config, &[env]).unwrap();
+    let mut client = coffer_cloud::client::connect(&cloud.socket).await.unwrap();
+    let e = client
+        .create_vm(request(
+            "p1",
+            sandbox_dir,
+            launch("kbs = 'https://kbs.example'"),
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains(reason), "{}", e.message());
+    assert!(!e.message().contains(env.1));
+    assert!(!std::fs::read_to_string(&cloud.log).unwrap().contains(env.1));
+}
