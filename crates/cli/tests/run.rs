@@ -1700,6 +1700,53 @@ fn vm_volumes(libvirtd: &common::libvirt::Libvirtd, pool: &str) -> Vec<String> {
         .collect()
 }
 
+/// A peer pods test's world: the pod VM built (with `build_args`) before the test enters a
+/// network namespace of its own (its packages may have to be downloaded, which the namespace
+/// cannot reach), a bridge `bridge` at `NET.1/24` there, Debian's libvirtd and coffer-cloud on it
+/// (`extra` in its `[libvirt]` section), and an initdata registered for the image's reference
+/// values (a peer pod boots the same measured image as a local pod VM).
+struct PeerPods {
+    _built: tempfile::TempDir,
+    podvm: PathBuf,
+    _netns: common::containerd::TestNetns,
+    w: World,
+    libvirtd: common::libvirt::Libvirtd,
+    cloud: common::libvirt::Cloud,
+    init: PathBuf,
+}
+
+async fn peer_pods(build_args: &[&str], bridge: &str, net: &str, extra: &str) -> PeerPods {
+    let built = tempfile::tempdir().unwrap();
+    let podvm = built.path().join("podvm");
+    common::build_podvm_with(&podvm, build_args);
+    let netns = common::containerd::TestNetns::enter();
+    common::containerd::TestNetns::bridge_named(bridge, &format!("{net}.1/24"));
+    let w = world().await;
+    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
+    let cloud = common::libvirt::Cloud::start_opts(
+        w.d(),
+        &libvirtd,
+        &podvm,
+        bridge,
+        &format!("{net}.0/24"),
+        &format!("{net}.1"),
+        extra,
+    );
+    let vm = vm_args(&podvm);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    let init = w.initdata("initdata.toml", &[]).await;
+    w.register_for(&vm, &[&init]).await;
+    PeerPods {
+        _built: built,
+        podvm,
+        _netns: netns,
+        w,
+        libvirtd,
+        cloud,
+        init,
+    }
+}
+
 #[tokio::test]
 async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     // Debian's libvirtd in this test's network and mount namespaces creates the pod VM (TCG,
@@ -1707,27 +1754,16 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     // VM's address, and the guest's own traffic (the KBS, the registry on this namespace's
     // loopback) goes through the keeper's logged forwarder. The pod VM is built first: its
     // packages may have to be downloaded, which the namespace cannot reach.
-    let built = tempfile::tempdir().unwrap();
-    let podvm = built.path().join("podvm");
-    common::build_podvm(&podvm);
-    let _netns = common::containerd::TestNetns::enter();
-    common::containerd::TestNetns::bridge_named("cfrpp0", "10.99.7.1/24");
-    let w = world().await;
-    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
-    let cloud = common::libvirt::Cloud::start(
-        w.d(),
-        &libvirtd,
-        &podvm,
-        "cfrpp0",
-        "10.99.7.0/24",
-        "10.99.7.1",
-    );
+    let PeerPods {
+        _built: built,
+        podvm,
+        _netns,
+        w,
+        libvirtd,
+        cloud,
+        init,
+    } = peer_pods(&[], "cfrpp0", "10.99.7", "").await;
     let pool = cloud.pool.clone();
-    let vm = vm_args(&podvm);
-    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
-    let init = w.initdata("initdata.toml", &[]).await;
-    // A peer pod boots the same measured image as a local pod VM: the same reference values.
-    w.register_for(&vm, &[&init]).await;
     let remote = remote_args(&podvm, &cloud.socket, 60);
     let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
 
@@ -2239,27 +2275,22 @@ async fn a_peer_pod_boots_its_disk_through_uefi_as_a_cloud_vm_does() {
     // The pod VM as one disk (`coffer podvm build --disk qcow2`): OVMF boots the unified kernel
     // image on its EFI system partition, the agent finds the verity root and the scratch space
     // as GPT partitions by name. libvirt runs it as a cloud would, each VM on its own overlay.
-    let built = tempfile::tempdir().unwrap();
-    let podvm = built.path().join("podvm");
-    common::build_podvm_with(&podvm, &["--disk", "qcow2", "--disk-scratch-mib", "512"]);
-    let _netns = common::containerd::TestNetns::enter();
-    common::containerd::TestNetns::bridge_named("cfrpd0", "10.99.8.1/24");
-    let w = world().await;
-    let libvirtd = common::libvirt::Libvirtd::start(&w.d().join("libvirt"));
-    let cloud = common::libvirt::Cloud::start_opts(
-        w.d(),
-        &libvirtd,
-        &podvm,
+    let PeerPods {
+        _built,
+        podvm,
+        _netns,
+        w,
+        libvirtd,
+        cloud,
+        init,
+    } = peer_pods(
+        &["--disk", "qcow2", "--disk-scratch-mib", "512"],
         "cfrpd0",
-        "10.99.8.0/24",
-        "10.99.8.1",
+        "10.99.8",
         "boot = \"disk\"\n",
-    );
+    )
+    .await;
     let pool = cloud.pool.clone();
-    let vm = vm_args(&podvm);
-    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
-    let init = w.initdata("initdata.toml", &[]).await;
-    w.register_for(&vm, &[&init]).await;
     let remote = remote_args(&podvm, &cloud.socket, 120);
     let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
 
