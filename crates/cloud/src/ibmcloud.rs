@@ -555,3 +555,35 @@ fn forget_stale(dir: &Path, instances: &[Value], age: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_goes_once_its_instance_is_gone_and_no_create_can_still_be_making_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for n in ["old-gone", "old-listed", "new-gone"] {
+            std::fs::write(d.join(format!("{n}.json")), "{}").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        for n in ["old-gone", "old-listed"] {
+            std::fs::File::options()
+                .write(true)
+                .open(d.join(format!("{n}.json")))
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        let listed = vec![json!({"name": "old-listed", "id": "0717_1"})];
+        forget_stale(d, &listed, Duration::from_secs(3600));
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        // The listed instance's record stays; so does one a create may still be making.
+        assert_eq!(left, ["new-gone.json", "old-listed.json"]);
+    }
+}
