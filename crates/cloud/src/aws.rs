@@ -215,7 +215,8 @@ impl Aws {
         for (k, v) in params {
             body.append_pair(k, v);
         }
-        let body = body.finish();
+        // A create's body holds the user data: wiped once sent.
+        let body = zeroize::Zeroizing::new(body.finish());
         let url = format!("{}/", self.endpoint);
         let mut delay = Duration::from_millis(200);
         for attempt in 0.. {
@@ -248,7 +249,7 @@ impl Aws {
             for (k, v) in instructions.headers() {
                 req = req.header(k, v);
             }
-            let (status, text) = match req.send(&body) {
+            let (status, text) = match req.send(body.as_str()) {
                 Ok(mut r) => (
                     r.status().as_u16(),
                     r.body_mut().read_to_string().map_err(fail)?,
@@ -393,18 +394,20 @@ impl Provider for Aws {
             None => {
                 use base64::Engine;
                 let s = |v: &str| v.to_string();
-                let mut p: Vec<(String, String)> = vec![
-                    (s("ImageId"), self.c.image_id.clone()),
-                    (s("InstanceType"), spec.instance.name.clone()),
-                    (s("MinCount"), s("1")),
-                    (s("MaxCount"), s("1")),
-                    (s("ClientToken"), self.client_token(spec, &launch)),
-                    (
-                        s("UserData"),
-                        base64::engine::general_purpose::STANDARD.encode(&*user_data),
-                    ),
-                    (s("TagSpecification.1.ResourceType"), s("instance")),
-                ];
+                // It holds the user data (the agent channel's key): wiped once sent.
+                let mut p: zeroize::Zeroizing<Vec<(String, String)>> =
+                    zeroize::Zeroizing::new(vec![
+                        (s("ImageId"), self.c.image_id.clone()),
+                        (s("InstanceType"), spec.instance.name.clone()),
+                        (s("MinCount"), s("1")),
+                        (s("MaxCount"), s("1")),
+                        (s("ClientToken"), self.client_token(spec, &launch)),
+                        (
+                            s("UserData"),
+                            base64::engine::general_purpose::STANDARD.encode(&*user_data),
+                        ),
+                        (s("TagSpecification.1.ResourceType"), s("instance")),
+                    ]);
                 let name = format!("coffer-{}-{}", self.node, spec.pod);
                 for (i, (k, v)) in [
                     (TAG_CLUSTER, self.cluster.as_str()),

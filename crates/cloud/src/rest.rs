@@ -116,9 +116,11 @@ impl Http {
                 } else {
                     "application/json"
                 };
+                // Borrowed, not copied: the body may hold a secret (a client secret, the agent
+                // channel's key), which only its zeroized owner keeps.
                 let req = req
                     .header("content-type", ct)
-                    .body(b.to_vec())
+                    .body(b)
                     .map_err(|e| ureq::Error::BadUri(e.to_string()))?;
                 self.agent.run(req)?
             }
