@@ -1938,7 +1938,7 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
             "{e:#}"
         );
         assert_eq!(
-            libvirtd.virsh(&["list", "--all", "--name"]).trim().lines().count(),
+            libvirtd.domains().len(),
             1
         );
         p.start_container(
@@ -1981,11 +1981,7 @@ fn a_peer_pod_runs_through_the_cri_at_its_pod_address() {
         p.remove_pod(&pod).await.unwrap();
     });
     let until = std::time::Instant::now() + Duration::from_secs(30);
-    while !libvirtd
-        .virsh(&["list", "--all", "--name"])
-        .trim()
-        .is_empty()
-    {
+    while !libvirtd.domains().is_empty() {
         assert!(
             std::time::Instant::now() < until,
             "the peer pod's VM is still there"

@@ -27,6 +27,29 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_default()
 }
 
+/// The containerd configuration `coffer install containerd --print-config` writes for a node of
+/// process sandboxes (emulated TEE), with `extra` arguments.
+fn print_config(extra: &[&str]) -> toml::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coffer"))
+        .args([
+            "install",
+            "containerd",
+            "--print-config",
+            "--sandbox",
+            "process",
+            "--emulated-tee",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap()
+}
+
 #[test]
 fn the_runtime_class_names_the_handler_coffer_install_configures() {
     let rc = docs("runtimeclass.yaml");
@@ -35,26 +58,7 @@ fn the_runtime_class_names_the_handler_coffer_install_configures() {
     assert_eq!(s(&rc["handler"]), "coffer");
     let node_label = &rc["scheduling"]["nodeSelector"];
 
-    let (ok, config, err) = {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_coffer"))
-            .args([
-                "install",
-                "containerd",
-                "--print-config",
-                "--sandbox",
-                "process",
-                "--emulated-tee",
-            ])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    };
-    assert!(ok, "{err}");
-    let config: toml::Value = toml::from_str(&config).unwrap();
+    let config = print_config(&[]);
     assert!(
         config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
             .get(s(&rc["handler"]))
@@ -79,24 +83,7 @@ fn coffer_cloud_runs_its_configuration_beside_the_keepers_it_serves() {
     // The RuntimeClass names the handler `coffer install containerd --peer-pods` configures.
     let rc = kind(&d, "RuntimeClass");
     assert_eq!(s(&rc["handler"]), "coffer-remote");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coffer"))
-        .args([
-            "install",
-            "containerd",
-            "--print-config",
-            "--sandbox",
-            "process",
-            "--emulated-tee",
-            "--peer-pods",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config: toml::Value = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let config = print_config(&["--peer-pods"]);
     let runtimes = &config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
     assert_eq!(
         runtimes["coffer-remote"]["runtime_type"].as_str(),

@@ -1775,10 +1775,7 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
         stderr.contains("tee snp: SEV-SNP needs KVM; libvirt.accel is tcg"),
         "{stderr}"
     );
-    assert!(libvirtd
-        .virsh(&["list", "--all", "--name"])
-        .trim()
-        .is_empty());
+    assert!(libvirtd.domains().is_empty());
 
     // A VM whose agent fails as it boots (the pod VM's root hash is wrong) ends the start at once,
     // with the end of its console, and is deleted.
@@ -1844,13 +1841,7 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
         "took {:?}",
         t.elapsed()
     );
-    eventually("the broken VM is deleted", || {
-        libvirtd
-            .virsh(&["list", "--all", "--name"])
-            .trim()
-            .is_empty()
-    })
-    .await;
+    eventually("the broken VM is deleted", || libvirtd.domains().is_empty()).await;
     nothing_left(&w, "pp-broken", "pp-broken/psp-chan.sock").await;
     drop(cloud2);
 
@@ -1875,8 +1866,8 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     );
     // The VM and its disks went with the sandbox; the shared image stays for the next pod.
     nothing_left(&w, name, "hello from the peer pod").await;
-    let domains = libvirtd.virsh(&["list", "--all", "--name"]);
-    assert!(domains.trim().is_empty(), "domains left: {domains}");
+    let domains = libvirtd.domains();
+    assert!(domains.is_empty(), "domains left: {domains:?}");
     assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
 
     // A keeper killed outright: the reconciler deletes its VM (its keeper.lock is free).
@@ -1890,8 +1881,7 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     let pid = std::fs::read_to_string(w.state.join(name).join("keeper.pid")).unwrap();
     kill9(pid.trim());
     eventually("the reconciler deletes the orphan VM", || {
-        let d = libvirtd.virsh(&["list", "--all", "--name"]);
-        d.trim().is_empty()
+        libvirtd.domains().is_empty()
     })
     .await;
     assert!(
@@ -1913,17 +1903,14 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
     let pid = std::fs::read_to_string(w.state.join(name).join("keeper.pid")).unwrap();
     kill9(pid.trim());
     eventually("the keeper is gone", || exited(pid.trim())).await;
-    let domains = libvirtd.virsh(&["list", "--all", "--name"]);
+    let domains = libvirtd.domains();
     assert!(
         domains.contains(&format!("coffer-node-1-{name}")),
-        "{domains}"
+        "{domains:?}"
     );
     let restarted = common::libvirt::Cloud::start_with(w.d(), cloud.config.clone());
     eventually("the restarted coffer-cloud deletes the orphan VM", || {
-        libvirtd
-            .virsh(&["list", "--all", "--name"])
-            .trim()
-            .is_empty()
+        libvirtd.domains().is_empty()
     })
     .await;
     assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
@@ -1957,10 +1944,7 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
         "{}",
         restarted.log()
     );
-    assert!(libvirtd
-        .virsh(&["list", "--all", "--name"])
-        .trim()
-        .is_empty());
+    assert!(libvirtd.domains().is_empty());
 }
 
 #[test]
@@ -2327,10 +2311,7 @@ async fn a_peer_pod_boots_its_disk_through_uefi_as_a_cloud_vm_does() {
     let (code, _, stderr) = w.ctl(&["rm", "-f", name]).await;
     assert_eq!(code, Some(0), "{stderr}");
     eventually("the VM and its overlay are deleted", || {
-        libvirtd
-            .virsh(&["list", "--all", "--name"])
-            .trim()
-            .is_empty()
+        libvirtd.domains().is_empty()
     })
     .await;
     assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
@@ -2409,13 +2390,7 @@ async fn a_peer_pod_on_the_pod_network_serves_at_its_pod_address() {
     let (code, _, stderr) = w.ctl(&["rm", "-f", name]).await;
     assert_eq!(code, Some(0), "{stderr}");
     nothing_left(&w, name, "served by the peer pod").await;
-    eventually("the VM is deleted", || {
-        libvirtd
-            .virsh(&["list", "--all", "--name"])
-            .trim()
-            .is_empty()
-    })
-    .await;
+    eventually("the VM is deleted", || libvirtd.domains().is_empty()).await;
     let links = common::run_ok(Command::new("ip").args(["-o", "link"]));
     assert!(!links.contains("cfrvx"), "a tunnel is left: {links}");
 }

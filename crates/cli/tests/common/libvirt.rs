@@ -107,6 +107,16 @@ impl Libvirtd {
         Self { child, uri, log }
     }
 
+    /// The names of every domain, running or not.
+    pub fn domains(&self) -> Vec<String> {
+        self.virsh(&["list", "--all", "--name"])
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
     /// `virsh -c URI ARGS…`'s output (it must succeed).
     pub fn virsh(&self, args: &[&str]) -> String {
         super::run_ok(Command::new("virsh").arg("-c").arg(&self.uri).args(args))
