@@ -1908,9 +1908,49 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
         domains.contains(&format!("coffer-node-1-{name}")),
         "{domains:?}"
     );
+    // Images of earlier pod VM builds, uploaded two days ago: one that nothing names goes at
+    // that first reconcile, one that a domain (not coffer's) boots from stays; so does the
+    // current image, though no VM runs it after this pod's (it is newer than the grace period).
+    let images = || -> Vec<String> {
+        let _ = libvirtd.virsh(&["pool-refresh", &pool]);
+        libvirtd
+            .virsh(&["vol-list", &pool])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .filter(|v| v.starts_with("coffer-podvm-") && v.ends_with("-ready"))
+            .collect()
+    };
+    let current = images();
+    assert_eq!(current.len(), 1, "{current:?}");
+    let pool_dir = w.d().join("pool");
+    for old in ["00000000000000aa", "00000000000000bb"] {
+        for part in ["vmlinux", "root", "ready"] {
+            let vol = format!("coffer-podvm-{old}-{part}");
+            libvirtd.virsh(&["vol-create-as", &pool, &vol, "1M"]);
+            common::run_ok(
+                Command::new("touch")
+                    .args(["-d", "2 days ago"])
+                    .arg(pool_dir.join(&vol)),
+            );
+        }
+    }
+    let keeps = w.d().join("keeps-old-image.xml");
+    std::fs::write(
+        &keeps,
+        format!(
+            "<domain type='qemu'><name>keeps-old-image</name><memory unit='MiB'>64</memory>\
+             <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+            pool_dir
+                .join("coffer-podvm-00000000000000bb-root")
+                .display()
+        ),
+    )
+    .unwrap();
+    libvirtd.virsh(&["define", &keeps.display().to_string()]);
     let restarted = common::libvirt::Cloud::start_with(w.d(), cloud.config.clone());
     eventually("the restarted coffer-cloud deletes the orphan VM", || {
-        libvirtd.domains().is_empty()
+        libvirtd.domains() == ["keeps-old-image"]
     })
     .await;
     assert_eq!(vm_volumes(&libvirtd, &pool), Vec::<String>::new());
@@ -1919,6 +1959,22 @@ async fn a_peer_pod_runs_in_a_libvirt_vm_that_goes_with_its_sandbox() {
         log.contains(&format!("deleting a VM whose sandbox is gone pod={name}")),
         "{log}"
     );
+    eventually("the unused old image is removed", || {
+        restarted
+            .log()
+            .contains("removed a pod VM image that no VM uses image=00000000000000aa")
+    })
+    .await;
+    let mut left = images();
+    left.sort();
+    let mut want = vec!["coffer-podvm-00000000000000bb-ready".to_string()];
+    want.extend(current);
+    want.sort();
+    assert_eq!(left, want);
+    let all = libvirtd.virsh(&["vol-list", &pool]);
+    assert!(!all.contains("00000000000000aa"), "{all}");
+    assert!(all.contains("coffer-podvm-00000000000000bb-root"), "{all}");
+    libvirtd.virsh(&["undefine", "keeps-old-image"]);
     let (code, _, stderr) = w.ctl(&["rm", name]).await;
     assert_eq!(code, Some(0), "{stderr}");
 

@@ -21,6 +21,11 @@
 //!   the image's `disk.qcow2` (`coffer_podvm::disk`: the unified kernel image on its EFI system
 //!   partition, the verity root and scratch partitions), uploaded once like the other files;
 //!   each VM runs on its own qcow2 overlay of it (`<domain>-disk`), deleted with it.
+//! - **Old images** go at a reconcile: the volumes of an image that is not this daemon's
+//!   current one, that no domain on the host and no other volume of the pool (an overlay's
+//!   backing file) names, and whose upload is more than [`IMAGE_GRACE`] old (another node's
+//!   daemon sharing the pool may have just uploaded it and not yet defined its domain). An image
+//!   whose age the pool does not report stays.
 
 use std::{
     io::Read,
@@ -52,6 +57,10 @@ const NAME: &str = "libvirt";
 /// The largest launch configuration handed to a VM (fw_cfg has no small limit; this matches the
 /// clouds' user-data limits).
 const LAUNCH_LIMIT: usize = 64 << 10;
+/// How long an image's volumes stay after their upload even when nothing names them.
+pub const IMAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// The prefix of an image volume's name: `coffer-podvm-<16 hex digits>-<part>`.
+const IMAGE_PREFIX: &str = "coffer-podvm-";
 
 fn fail(why: impl std::fmt::Display) -> CloudError {
     CloudError::Provider {
@@ -289,7 +298,7 @@ impl Libvirt {
             }
         };
         drop(cached);
-        let name = |part: &str| format!("coffer-podvm-{id}-{part}");
+        let name = |part: &str| format!("{IMAGE_PREFIX}{id}-{part}");
         let ready = name("ready");
         if pool.lookup_storage_vol_by_name(&ready).is_err() {
             tracing::info!(image = %id, pool = %self.c.pool, "uploading the pod VM image");
@@ -307,6 +316,82 @@ impl Libvirt {
                 .map_err(|e| fail(format!("volume {}: {e}", name(part))))
         };
         files.iter().map(|(part, _)| path(part)).collect()
+    }
+
+    /// Removes the volumes of images nothing uses (see the module's documentation); returns how
+    /// many images went.
+    fn tidy_images(&self) -> Result<usize, CloudError> {
+        // No create of this daemon is between its upload and its domain's definition.
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = self.pool()?;
+        let _ = pool.refresh(0);
+        let volumes = pool.list_all_volumes(0).map_err(|e| {
+            fail(format!(
+                "cannot list the volumes of pool {}: {e}",
+                self.c.pool
+            ))
+        })?;
+        let mut images: std::collections::BTreeMap<String, Vec<StorageVol>> = Default::default();
+        let mut named = std::collections::HashSet::new();
+        for v in volumes {
+            let Ok(name) = v.name() else { continue };
+            match image_id_of(&name) {
+                Some(id) => images.entry(id.to_string()).or_default().push(v),
+                // An overlay names its backing image volume.
+                None => named.extend(image_ids_in(&v.xml_desc(0).unwrap_or_default())),
+            }
+        }
+        if images.is_empty() {
+            return Ok(0);
+        }
+        let domains = self
+            .conn()?
+            .list_all_domains(0)
+            .map_err(|e| fail(format!("cannot list domains: {e}")))?;
+        for d in domains {
+            let xml = d
+                .xml_desc(0)
+                .map_err(|e| fail(format!("cannot read a domain's definition: {e}")))?;
+            named.extend(image_ids_in(&xml));
+        }
+        let current: Vec<String> = self
+            .image_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(_, id)| id.clone())
+            .collect();
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for (id, mut vols) in images {
+            if current.contains(&id) || named.contains(&id) {
+                continue;
+            }
+            // The upload's age: its ready marker's, else its newest part's.
+            let ready = format!("{IMAGE_PREFIX}{id}-ready");
+            let is_ready = |v: &StorageVol| v.name().is_ok_and(|n| n == ready);
+            let dated: Vec<&StorageVol> = match vols.iter().find(|v| is_ready(v)) {
+                Some(r) => vec![r],
+                None => vols.iter().collect(),
+            };
+            let old = dated.iter().all(|v| {
+                mtime(&v.xml_desc(0).unwrap_or_default())
+                    .is_some_and(|t| now.duration_since(t).is_ok_and(|age| age > IMAGE_GRACE))
+            });
+            if !old {
+                continue;
+            }
+            // The ready marker first: a create that looks now uploads the image again.
+            vols.sort_by_key(|v| !is_ready(v));
+            for v in vols {
+                let name = v.name().unwrap_or_default();
+                v.delete(0)
+                    .map_err(|e| fail(format!("cannot delete volume {name}: {e}")))?;
+            }
+            tracing::info!(image = %id, pool = %self.c.pool, "removed a pod VM image that no VM uses");
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     fn disk_boot(&self) -> bool {
@@ -626,6 +711,39 @@ impl Provider for Libvirt {
             .map(|(d, t)| self.vm(&d, t, &dir))
             .collect())
     }
+
+    fn tidy(&self) -> Result<usize, CloudError> {
+        self.tidy_images()
+    }
+}
+
+/// The image id in an image volume's name (`coffer-podvm-<16 hex>-<part>`).
+fn image_id_of(volume: &str) -> Option<&str> {
+    let rest = volume.strip_prefix(IMAGE_PREFIX)?;
+    let (id, part) = rest.split_once('-')?;
+    (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) && !part.is_empty()).then_some(id)
+}
+
+/// Every image id that `text` (a domain's or a volume's XML) names through an image volume.
+fn image_ids_in(text: &str) -> Vec<String> {
+    text.match_indices(IMAGE_PREFIX)
+        .filter_map(|(at, _)| {
+            let end = text[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+                .map_or(text.len(), |n| at + n);
+            image_id_of(&text[at..end]).map(str::to_string)
+        })
+        .collect()
+}
+
+/// A volume's modification time from its XML (`<target><timestamps><mtime>SECS.NANOS`), where
+/// the pool reports one.
+fn mtime(xml: &str) -> Option<std::time::SystemTime> {
+    let (_, rest) = xml.split_once("<timestamps>")?;
+    let (_, rest) = rest.split_once("<mtime>")?;
+    let text = rest.split_once("</mtime>")?.0.trim();
+    let secs: u64 = text.split('.').next()?.parse().ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 /// The volumes made for the domain `name` (and its console file), exactly.
@@ -881,6 +999,32 @@ mod tests {
         assert!(!snp_offered(
             "<launchSecurity supported='no'><enum name='sectype'><value>sev-snp</value></enum></launchSecurity>"
         ));
+    }
+
+    #[test]
+    fn image_volumes_are_known_by_their_names_and_by_what_names_them() {
+        assert_eq!(
+            image_id_of("coffer-podvm-0123456789abcdef-vmlinux"),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(image_id_of("coffer-podvm-0123456789abcdef-"), None);
+        assert_eq!(image_id_of("coffer-podvm-0123456789abcdeg-root"), None);
+        assert_eq!(image_id_of("coffer-podvm-0123-root"), None);
+        assert_eq!(image_id_of("coffer-node-1-pod-disk"), None);
+        let domain = "<disk><source file='/p/coffer-podvm-0123456789abcdef-root'/></disk>\
+                      <kernel>/p/coffer-podvm-fedcba9876543210-vmlinux</kernel>\
+                      <source file='/p/coffer-podvm-xyz'/>";
+        assert_eq!(
+            image_ids_in(domain),
+            ["0123456789abcdef", "fedcba9876543210"]
+        );
+        let vol = "<volume><target><timestamps><atime>1.5</atime>\
+                   <mtime>1700000000.123456789</mtime></timestamps></target></volume>";
+        assert_eq!(
+            mtime(vol),
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(mtime("<volume><target/></volume>"), None);
     }
 
     #[test]

@@ -82,6 +82,12 @@ pub trait Provider: Send + Sync + 'static {
     fn delete(&self, pod: &str) -> Result<bool, CloudError>;
     /// The VMs tagged with this cluster and node.
     fn list(&self) -> Result<Vec<Vm>, CloudError>;
+    /// Removes what the provider keeps for VMs and no VM uses any more (libvirt: the volumes
+    /// of pod VM images that were replaced); returns how many things went. The reconciler
+    /// calls it after deleting orphan VMs. Providers that keep nothing of their own do nothing.
+    fn tidy(&self) -> Result<usize, CloudError> {
+        Ok(0)
+    }
 }
 
 /// The launch configuration as a VM gets it (its user data, which holds the agent channel's key:

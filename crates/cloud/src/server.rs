@@ -120,6 +120,13 @@ impl Daemon {
                 }
             }
         }
+        match self.blocking(|p| p.tidy()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed what no VM uses any more"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tidy the provider's leftovers; retrying at the next reconcile")
+            }
+        }
         Ok(deleted)
     }
 
