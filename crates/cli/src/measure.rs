@@ -3,7 +3,9 @@
 //!
 //! The raw form, `coffer measure --tee snp --firmware OVMF.fd [--kernel K --initrd I --append S]
 //! --vcpus N --cpu TYPE --guest-features F`, prints just the SEV-SNP launch digest (hex) of a QEMU
-//! launch of those inputs, as AMD's `sev-snp-measure --mode snp` does ([`coffer_podvm::snp`]).
+//! launch of those inputs, as AMD's `sev-snp-measure --mode snp` does ([`coffer_podvm::snp`]);
+//! `--tee tdx --firmware TDVF --kernel K [--initrd I] [--append S]` prints the MRTD (for both
+//! host page orders) and RTMR1/RTMR2 of a TDX direct boot ([`coffer_podvm::tdx`]).
 
 use std::path::{Path, PathBuf};
 
@@ -30,12 +32,12 @@ pub struct MeasureArgs {
     #[arg(long, default_value = "coffer-psp")]
     psp_dir: PathBuf,
     /// The TEE: with `--sandbox vm`, `snp` gives the SEV-SNP launch digest of the pod VM's
-    /// launch (`emulated`, the default, the emulated PSP's measurement); in the raw form, the
-    /// TEE whose launch digest to print (`snp`).
+    /// launch, `tdx` its MRTD, RTMR1 and RTMR2 (`emulated`, the default, the emulated PSP's
+    /// measurement); in the raw form, the TEE whose values to print (`snp`, `tdx`).
     #[arg(long)]
     tee: Option<String>,
-    /// The firmware image (OVMF with SEV metadata) QEMU is given with `-bios` [with `--sandbox
-    /// vm --tee snp`: the pod VM's firmware-snp.fd].
+    /// The firmware image QEMU is given with `-bios`: OVMF with SEV metadata for `snp`, a TDVF
+    /// for `tdx` [with `--sandbox vm`: the pod VM's firmware-snp.fd or firmware-tdx.fd].
     #[arg(long)]
     firmware: Option<PathBuf>,
     /// Raw form: the kernel of a measured direct boot (QEMU `-kernel`, `kernel-hashes=on`).
@@ -71,20 +73,60 @@ fn parse_features(s: &str) -> Result<u64, String> {
     parsed.map_err(|e| format!("{s:?}: {e} (give 0x-prefixed hex, e.g. 0x1, or decimal)"))
 }
 
-/// The raw form: prints the SEV-SNP launch digest of `a`'s launch inputs.
+/// The TDX values of a direct boot: MRTD (both host page orders), RTMR1, RTMR2.
+fn tdx_values(
+    firmware: &Path,
+    kernel: &[u8],
+    initrd: &[u8],
+    append: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let fw =
+        std::fs::read(firmware).with_context(|| format!("cannot read {}", firmware.display()))?;
+    let m = coffer_podvm::tdx::measure(&coffer_podvm::tdx::LaunchInputs {
+        firmware: &fw,
+        kernel,
+        initrd,
+        append,
+        memory_mib: coffer_podvm::tdx::DEFAULT_MEMORY_MIB,
+    })
+    .with_context(|| firmware.display().to_string())?;
+    Ok(json!({
+        "mr_td": m.mrtd.map(hex::encode),
+        "rtmr1": [hex::encode(m.rtmr1)],
+        "rtmr2": [hex::encode(m.rtmr2)],
+    }))
+}
+
+/// The raw form: prints the SEV-SNP launch digest (or the TDX values) of `a`'s launch inputs.
 fn run_raw(a: &MeasureArgs, firmware: &Path) -> anyhow::Result<()> {
     match a.tee.as_deref() {
-        Some("snp") => {}
-        Some(other) => bail!("--tee {other}: the raw form computes `snp` launch digests only"),
-        None => bail!("--firmware needs --tee snp"),
+        Some("snp" | "tdx") => {}
+        Some(other) => bail!("--tee {other}: the raw form computes `snp` and `tdx` values"),
+        None => bail!("--firmware needs --tee snp or --tee tdx"),
     }
     if a.podvm.is_some() || a.sandbox.is_some() || a.initdata.is_some() {
-        bail!("--tee snp --firmware prints a launch digest only; --podvm, --sandbox and --initdata belong to the reference-values form");
+        bail!("--tee {} --firmware prints launch values only; --podvm, --sandbox and --initdata belong to the reference-values form", a.tee.as_deref().unwrap_or_default());
     }
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let fw = read(firmware)?;
     let kernel = a.kernel.as_deref().map(read).transpose()?;
     let initrd = a.initrd.as_deref().map(read).transpose()?;
+    if a.tee.as_deref() == Some("tdx") {
+        if a.vcpus.is_some() || a.guest_features.is_some() {
+            bail!("--vcpus and --guest-features describe an SEV-SNP launch; TDX's MRTD and RTMR1/2 do not depend on them");
+        }
+        let Some(kernel) = kernel else {
+            bail!("--tee tdx needs --kernel: Coffer's TDX launch is a measured direct boot");
+        };
+        let values = tdx_values(
+            firmware,
+            &kernel,
+            initrd.as_deref().unwrap_or_default(),
+            a.append.as_deref().unwrap_or_default(),
+        )?;
+        println!("{}", serde_json::to_string_pretty(&values)?);
+        return Ok(());
+    }
+    let fw = read(firmware)?;
     let digest = coffer_podvm::snp::launch_digest(&coffer_podvm::snp::LaunchInputs {
         firmware: &fw,
         kernel: kernel.as_deref(),
@@ -149,7 +191,7 @@ pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
         return run_raw(&a, firmware);
     }
     if a.kernel.is_some() || a.initrd.is_some() || a.append.is_some() {
-        bail!("--kernel, --initrd and --append belong to the raw form (--tee snp --firmware F without --sandbox); a pod VM's come from --podvm");
+        bail!("--kernel, --initrd and --append belong to the raw form (--tee snp|tdx --firmware F without --sandbox); a pod VM's come from --podvm");
     }
     let (Some(sandbox), Some(initdata)) = (&a.sandbox, &a.initdata) else {
         bail!("give --sandbox and --initdata (or --tee snp --firmware F for a launch digest)");
@@ -160,9 +202,39 @@ pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
         coffer_wire::initdata::digest(&text).with_context(|| initdata.display().to_string())?;
     let tee = a.tee.as_deref().unwrap_or("emulated");
     match (sandbox.as_str(), tee) {
-        (_, "emulated") | ("vm", "snp") => {}
-        ("vm", other) => bail!("--tee {other}: pod VM reference values are computed for emulated and snp (TDX's MRTD/RTMRs are not built yet)"),
+        (_, "emulated") | ("vm", "snp" | "tdx") => {}
+        ("vm", other) => {
+            bail!("--tee {other}: pod VM reference values are computed for emulated, snp and tdx")
+        }
         (_, other) => bail!("--tee {other}: a process sandbox has only the emulated TEE"),
+    }
+    if tee == "tdx" {
+        let Some(dir) = &a.podvm else {
+            bail!("--sandbox vm needs --podvm DIR (coffer podvm build --out DIR)");
+        };
+        if a.vcpus.is_some() || a.guest_features.is_some() {
+            bail!("--vcpus and --guest-features describe an SEV-SNP launch; TDX's MRTD and RTMR1/2 do not depend on them");
+        }
+        let vm = coffer_podvm::PodVm::open(dir)?;
+        let firmware = a
+            .firmware
+            .clone()
+            .unwrap_or_else(|| dir.join(coffer_podvm::FIRMWARE_TDX));
+        if !firmware.exists() {
+            bail!("the pod VM has no TDX firmware ({}): build it with `coffer podvm build --tee tdx` or give --firmware", firmware.display());
+        }
+        let read =
+            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut values = tdx_values(
+            &firmware,
+            &read(&vm.kernel)?,
+            &read(&vm.initrd)?,
+            &vm.cmdline,
+        )?;
+        values["init_data"] = json!([hex::encode(digest)]);
+        eprintln!("coffer: TDX reference values: mr_td lists the MRTD for both host page orders (see docs/attestation.md); RTMR0 (QEMU's machine and memory) is not computed: add rtmr0 from a known-good TD's event log if you pin it");
+        println!("{}", serde_json::to_string_pretty(&values)?);
+        return Ok(());
     }
     if tee == "snp" {
         let Some(dir) = &a.podvm else {

@@ -1397,54 +1397,82 @@ async fn a_test_killed_with_sigkill_leaves_no_process_and_no_files() {
     .await;
 }
 
+/// The raw `coffer measure --tee tdx` values for the pod VM in `dir` with `append`.
+async fn tdx_raw(dir: &Path, firmware: &Path, append: &str) -> serde_json::Value {
+    let (code, out, err) = cli(vec![
+        "measure".to_string(),
+        "--tee".into(),
+        "tdx".into(),
+        "--firmware".into(),
+        firmware.display().to_string(),
+        "--kernel".into(),
+        dir.join("vmlinuz").display().to_string(),
+        "--initrd".into(),
+        dir.join("initrd.img").display().to_string(),
+        "--append".into(),
+        append.into(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_vm_built_for_sev_snp_measures_as_amds_reference_tool_does() {
+    // The firmware is built from Debian's edk2 source package (the first time, in the cache of
+    // downloaded packages; about a minute per firmware on two cores).
     let w = world().await;
     let debian = std::fs::read("/usr/share/ovmf/OVMF.fd")
         .expect("Debian's OVMF (apt-get install -y ovmf; .ci/run and scripts/test do)");
     let plain = w.d().join("OVMF.fd");
     std::fs::write(&plain, &debian).unwrap();
-    let hashes = w.d().join("OVMF-hashes.fd");
-    std::fs::write(&hashes, coffer_testkit::ovmf::with_hashes_page(&debian)).unwrap();
-    let build = |firmware: &Path, out: &str| {
+    let build = |tee: &str, firmware: Option<&Path>, out: &str| {
         let out = w.d().join(out);
-        let args = vec![
-            "podvm".to_string(),
-            "build".into(),
-            "--out".into(),
-            out.display().to_string(),
-            "--agent".into(),
-            w.agent.display().to_string(),
-            "--tee".into(),
-            "snp".into(),
-            "--firmware".into(),
-            firmware.display().to_string(),
-        ];
+        let mut args = s(&["podvm", "build", "--out"]);
+        args.push(out.display().to_string());
+        args.push("--agent".into());
+        args.push(w.agent.display().to_string());
+        args.extend(s(&["--tee", tee]));
+        if let Some(f) = firmware {
+            args.push("--firmware".into());
+            args.push(f.display().to_string());
+        }
         async move { (cli(args).await, out) }
     };
 
     // Firmware without the kernel-hashes table would measure nothing of the kernel: refused
     // before anything is built.
-    let ((code, _, stderr), out) = build(&plain, "podvm-plain").await;
+    let ((code, _, stderr), out) = build("snp", Some(&plain), "podvm-plain").await;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("kernel-hashes table"), "{stderr}");
     assert!(!out.exists());
 
-    let ((code, _, stderr), dir) = build(&hashes, "podvm-snp").await;
+    // OVMF's AmdSev build, made from Debian's edk2 source; `coffer podvm firmware` finds the
+    // same image in the cache.
+    let ((code, _, stderr), dir) = build("snp", None, "podvm-snp").await;
     assert_eq!(code, Some(0), "{stderr}");
+    let (code, out, err) = cli(s(&["podvm", "firmware", "--tee", "snp"])).await;
+    assert_eq!(code, Some(0), "{err}");
+    let built: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let firmware = std::fs::read(dir.join("firmware-snp.fd")).unwrap();
     assert_eq!(
-        std::fs::read(dir.join("firmware-snp.fd")).unwrap(),
-        std::fs::read(&hashes).unwrap()
+        firmware,
+        std::fs::read(built["path"].as_str().unwrap()).unwrap()
     );
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("measurements.json")).unwrap()).unwrap();
     assert_eq!(manifest["snp"]["firmware"], "firmware-snp.fd");
+    assert_eq!(manifest["snp"]["firmware_sha256"], built["sha256"]);
+    assert_eq!(manifest["snp"]["edk2_source"], built["edk2_source"]);
 
     // The reference values' measurement is the launch digest AMD's sev-snp-measure computes for
     // the same firmware, kernel, initrd, command line, vCPUs and model.
     let init = w.initdata("initdata.toml", &[]).await;
+    let init_digest = hex::encode(
+        coffer_wire::initdata::digest(&std::fs::read_to_string(&init).unwrap()).unwrap(),
+    );
     let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap();
-    for (vcpus, cpu) in [("2", "EPYC-Milan"), ("4", "EPYC-Genoa")] {
+    for (vcpus, cpu) in [("2", "EPYC-Milan"), ("4", "EPYC-Genoa"), ("1", "EPYC-Rome")] {
         let (code, out, err) = cli(s(&[
             "measure",
             "--sandbox",
@@ -1494,14 +1522,58 @@ async fn a_pod_vm_built_for_sev_snp_measures_as_amds_reference_tool_does() {
             String::from_utf8_lossy(&reference.stdout).trim(),
             "{vcpus} vCPUs, {cpu}"
         );
-        assert_eq!(
-            refs["init_data"][0].as_str().unwrap(),
-            hex::encode(
-                coffer_wire::initdata::digest(&std::fs::read_to_string(&init).unwrap()).unwrap()
-            )
-        );
+        assert_eq!(refs["init_data"][0].as_str().unwrap(), init_digest);
         assert!(refs.get("snp_tcb_min").is_none(), "{refs}");
     }
+
+    // TDX: a file that is no TDVF is refused before anything is built.
+    let ((code, _, stderr), out) = build("tdx", Some(&dir.join("vmlinuz")), "podvm-not-tdvf").await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("no TDX metadata"), "{stderr}");
+    assert!(!out.exists());
+    // A TDVF built from Debian's edk2 source; measurements.json and `coffer measure` give the
+    // same MRTD (both host page orders), RTMR1 and RTMR2, with the initdata digest.
+    let ((code, _, stderr), tdx) = build("tdx", None, "podvm-tdx").await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tdx.join("measurements.json")).unwrap()).unwrap();
+    let (code, out, err) = cli(s(&[
+        "measure",
+        "--sandbox",
+        "vm",
+        "--tee",
+        "tdx",
+        "--podvm",
+        &tdx.display().to_string(),
+        "--initdata",
+        &init.display().to_string(),
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("RTMR0"), "{err}");
+    let refs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(refs["mr_td"], manifest["tdx"]["mr_td"]);
+    assert_eq!(refs["rtmr1"][0], manifest["tdx"]["rtmr1"]);
+    assert_eq!(refs["rtmr2"][0], manifest["tdx"]["rtmr2"]);
+    assert_eq!(refs["init_data"][0].as_str().unwrap(), init_digest);
+    let mrtd = refs["mr_td"].as_array().unwrap();
+    assert_eq!(mrtd.len(), 2);
+    assert_ne!(mrtd[0], mrtd[1]);
+    assert!(
+        mrtd.iter().all(|m| m.as_str().unwrap().len() == 96),
+        "{refs}"
+    );
+    // The raw form gives the same; the command line moves RTMR2 only.
+    let fw = tdx.join("firmware-tdx.fd");
+    let tdx_cmdline = std::fs::read_to_string(tdx.join("cmdline")).unwrap();
+    let raw = tdx_raw(&tdx, &fw, tdx_cmdline.trim()).await;
+    assert_eq!(raw["mr_td"], refs["mr_td"]);
+    assert_eq!(raw["rtmr1"], refs["rtmr1"]);
+    assert_eq!(raw["rtmr2"], refs["rtmr2"]);
+    let other = tdx_raw(&tdx, &fw, &format!("{} quiet", tdx_cmdline.trim())).await;
+    assert_eq!(other["mr_td"], refs["mr_td"]);
+    assert_eq!(other["rtmr1"], refs["rtmr1"]);
+    assert_ne!(other["rtmr2"], refs["rtmr2"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -212,15 +212,60 @@ pub struct BuildOptions {
     pub debs: Option<PathBuf>,
     /// Where downloaded package files are kept.
     pub cache: PathBuf,
-    /// Firmware for SEV-SNP launches, copied into the pod VM as [`crate::FIRMWARE_SNP`]: it
-    /// must carry SEV metadata and the SNP kernel-hashes table (OVMF's AmdSev build), or
-    /// measured direct boot would measure nothing of the kernel.
-    pub snp_firmware: Option<PathBuf>,
+    /// Firmware for SEV-SNP launches, kept in the pod VM as [`crate::FIRMWARE_SNP`]: it must
+    /// carry SEV metadata and the SNP kernel-hashes table (OVMF's AmdSev build), or measured
+    /// direct boot would measure nothing of the kernel.
+    pub snp_firmware: Option<FirmwareFrom>,
+    /// Firmware for TDX launches (a TDVF), kept in the pod VM as [`crate::FIRMWARE_TDX`].
+    pub tdx_firmware: Option<FirmwareFrom>,
     /// Bootable disks to make besides the kernel-boot files (see [`crate::disk`]), each in its
     /// format.
     pub disks: Vec<crate::disk::DiskFormat>,
     /// The disks' scratch partition (MiB).
     pub scratch_mib: u64,
+}
+
+/// Where a TEE's firmware comes from.
+#[derive(Clone, Debug)]
+pub enum FirmwareFrom {
+    /// This file (checked before anything is built).
+    File(PathBuf),
+    /// Built from Debian's edk2 source package ([`crate::firmware`]), kept in the cache.
+    DebianSource,
+}
+
+impl FirmwareFrom {
+    /// The image and, when built here, the edk2 source version it was built from.
+    fn load(
+        &self,
+        kind: crate::firmware::Kind,
+        cache: &Path,
+    ) -> Result<(Vec<u8>, Option<String>), BuildError> {
+        let what = match kind {
+            crate::firmware::Kind::AmdSev => "SEV-SNP",
+            crate::firmware::Kind::IntelTdx => "TDX",
+        };
+        match self {
+            FirmwareFrom::File(f) => {
+                let fw =
+                    std::fs::read(f).map_err(io(format!("the {what} firmware {}", f.display())))?;
+                crate::firmware::check(kind, &fw).map_err(|e| {
+                    BuildError::Missing(format!(
+                        "{} cannot be the {what} firmware: {e}",
+                        f.display()
+                    ))
+                })?;
+                Ok((fw, None))
+            }
+            FirmwareFrom::DebianSource => {
+                let built = crate::firmware::build(kind, &crate::firmware::Source::debian(cache))
+                    .map_err(|e| BuildError::Missing(e.to_string()))?;
+                let fw =
+                    std::fs::read(&built.path).map_err(io(built.path.display().to_string()))?;
+                Ok((fw, Some(built.version)))
+            }
+        }
+    }
 }
 
 /// The package whose systemd-stub makes the disks' unified kernel image.
@@ -571,30 +616,17 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let stage = work.path().join("out");
     std::fs::create_dir(&stage).map_err(io("cannot create the staging directory"))?;
 
-    // SEV-SNP firmware: checked before anything is built.
-    let snp_firmware = match &o.snp_firmware {
-        Some(f) => {
-            let fw =
-                std::fs::read(f).map_err(io(format!("the SEV-SNP firmware {}", f.display())))?;
-            crate::snp::launch_digest(&crate::snp::LaunchInputs {
-                firmware: &fw,
-                kernel: Some(&[]),
-                initrd: None,
-                append: None,
-                vcpus: 1,
-                cpu: crate::snp::CpuType::EpycMilan,
-                guest_features: crate::snp::DEFAULT_GUEST_FEATURES,
-            })
-            .map_err(|e| {
-                BuildError::Missing(format!(
-                    "{} cannot be the SEV-SNP firmware: {e}",
-                    f.display()
-                ))
-            })?;
-            Some(fw)
-        }
-        None => None,
-    };
+    // TEE firmware: checked (or built) before anything else is.
+    let snp_firmware = o
+        .snp_firmware
+        .as_ref()
+        .map(|f| f.load(crate::firmware::Kind::AmdSev, &o.cache))
+        .transpose()?;
+    let tdx_firmware = o
+        .tdx_firmware
+        .as_ref()
+        .map(|f| f.load(crate::firmware::Kind::IntelTdx, &o.cache))
+        .transpose()?;
 
     // Packages: resolve, record, extract.
     let meta = deb_from(o, PACKAGES[0], Some(KERNEL_SUITE))?;
@@ -836,7 +868,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         "verity": { "data_blocks": params.data_blocks, "root_hash": hex::encode(params.root_hash), "salt": hex::encode(params.salt) },
         "measurement": { "emulated": hex::encode(measurement) },
     });
-    if let Some(fw) = &snp_firmware {
+    if let Some((fw, built_from)) = &snp_firmware {
         std::fs::write(stage.join(crate::FIRMWARE_SNP), fw)
             .map_err(io("cannot write the SEV-SNP firmware"))?;
         // The launch digest also depends on the vCPU count and model chosen at launch:
@@ -844,6 +876,29 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         manifest["snp"] = json!({
             "firmware": crate::FIRMWARE_SNP,
             "firmware_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fw)),
+            "edk2_source": built_from,
+        });
+    }
+    if let Some((fw, built_from)) = &tdx_firmware {
+        std::fs::write(stage.join(crate::FIRMWARE_TDX), fw)
+            .map_err(io("cannot write the TDX firmware"))?;
+        let kernel = std::fs::read(stage.join("vmlinuz")).map_err(io("the kernel"))?;
+        let initrd = std::fs::read(stage.join("initrd.img")).map_err(io("the initrd"))?;
+        let m = crate::tdx::measure(&crate::tdx::LaunchInputs {
+            firmware: fw,
+            kernel: &kernel,
+            initrd: &initrd,
+            append: &cmdline,
+            memory_mib: crate::tdx::DEFAULT_MEMORY_MIB,
+        })
+        .map_err(|e| BuildError::Missing(format!("the TDX reference values: {e}")))?;
+        manifest["tdx"] = json!({
+            "firmware": crate::FIRMWARE_TDX,
+            "firmware_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fw)),
+            "edk2_source": built_from,
+            "mr_td": m.mrtd.map(hex::encode),
+            "rtmr1": hex::encode(m.rtmr1),
+            "rtmr2": hex::encode(m.rtmr2),
         });
     }
     if !o.disks.is_empty() {

@@ -9,11 +9,13 @@
 pub mod build;
 pub mod bzimage;
 pub mod disk;
+pub mod firmware;
 pub mod initrd;
 pub mod launch;
 pub mod mux;
 pub mod remote;
 pub mod snp;
+pub mod tdx;
 pub mod verity;
 
 pub use launch::{Accel, Launch, Nic, PodVm, Tee};

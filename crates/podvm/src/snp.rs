@@ -23,6 +23,7 @@ mod vmsa;
 
 use std::{fmt, str::FromStr};
 
+pub(crate) use ovmf::{footer_entry, guid};
 use ovmf::{Firmware, SectionKind};
 
 /// A QEMU vCPU model, as given to `-cpu`, which fixes the CPUID signature the VMSA carries.

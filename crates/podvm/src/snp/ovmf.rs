@@ -11,7 +11,7 @@
 use super::SnpError;
 
 /// A GUID in its in-memory (mixed-endian) byte order, as OVMF stores it.
-pub(super) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
+pub(crate) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     let a = d1.to_le_bytes();
     let b = d2.to_le_bytes();
     let c = d3.to_le_bytes();
@@ -168,6 +168,17 @@ impl<'a> Firmware<'a> {
     pub fn hashes_table_gpa(&self) -> Option<u32> {
         self.address(&SEV_HASH_TABLE_RV_GUID).filter(|&a| a != 0)
     }
+}
+
+/// The data of the entry `guid` of `data`'s footer GUID table (TDX's metadata offset, for one).
+pub(crate) fn footer_entry<'a>(
+    data: &'a [u8],
+    guid: &[u8; 16],
+) -> Result<Option<&'a [u8]>, SnpError> {
+    Ok(footer_table(data)?
+        .into_iter()
+        .find(|(g, _)| g == guid)
+        .map(|(_, d)| d))
 }
 
 /// The entries (GUID, data) of the footer GUID table of `data`; none when it has no table.
