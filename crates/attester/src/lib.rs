@@ -11,6 +11,9 @@
 #![warn(missing_docs)]
 
 pub mod certs;
+// The uvdevice's ioctls pass raw pointers to the kernel.
+#[allow(unsafe_code)]
+pub mod se;
 // The one ioctl of `/dev/sev-guest` passes raw pointers to the kernel.
 #[allow(unsafe_code)]
 pub mod sevguest;

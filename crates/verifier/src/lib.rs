@@ -71,6 +71,8 @@ pub mod eventlog;
 pub mod nvidia;
 pub mod pccs;
 mod sample;
+#[cfg(feature = "se")]
+pub mod se;
 pub mod snp;
 pub mod tpm;
 
