@@ -254,6 +254,53 @@ impl SeAttester {
     }
 }
 
+/// The user data an SE guest hands the Ultravisor, which the measurement covers: the
+/// runtime-data digest (binding the KBS's nonce and the guest's key), then the initdata digest
+/// when the guest was launched with initdata (the measured guest reports what it was given).
+pub fn user_data(report_data: &[u8], init_data_digest: Option<&[u8]>) -> Vec<u8> {
+    let mut u = report_data.to_vec();
+    if let Some(d) = init_data_digest {
+        u.extend_from_slice(d);
+    }
+    u
+}
+
+impl coffer_kbs_client::Attester for SeAttester {
+    fn tee(&self) -> kbs_types::Tee {
+        kbs_types::Tee::Se
+    }
+
+    fn evidence(
+        &self,
+        _report_data: &[u8],
+        _init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, coffer_kbs_client::AttesterError> {
+        Err(coffer_kbs_client::AttesterError(
+            "IBM SE evidence answers the KBS's attestation request, which this challenge does not carry".into(),
+        ))
+    }
+
+    fn evidence_for_challenge(
+        &self,
+        extra_params: &Value,
+        report_data: &[u8],
+        init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, coffer_kbs_client::AttesterError> {
+        use base64::Engine;
+        let arcb = extra_params
+            .get("arcb")
+            .and_then(Value::as_str)
+            .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a).ok())
+            .ok_or_else(|| {
+                coffer_kbs_client::AttesterError(
+                    "the KBS's challenge carries no SE attestation request (extra-params.arcb)"
+                        .into(),
+                )
+            })?;
+        Ok(self.attest(&arcb, &user_data(report_data, init_data_digest))?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::mem::{offset_of, size_of};

@@ -21,6 +21,18 @@ pub trait Attester: Send + Sync {
         report_data: &[u8],
         init_data_digest: Option<&[u8]>,
     ) -> Result<Value, AttesterError>;
+
+    /// Evidence for a challenge whose `extra-params` carry what the TEE needs (IBM SE: the
+    /// attestation request, `arcb`). The default ignores them.
+    fn evidence_for_challenge(
+        &self,
+        extra_params: &Value,
+        report_data: &[u8],
+        init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, AttesterError> {
+        let _ = extra_params;
+        self.evidence(report_data, init_data_digest)
+    }
 }
 
 /// The upstream `sample` attester: unsigned evidence for testing a KBS. The KBS accepts it only

@@ -320,7 +320,11 @@ impl KbsClient {
             None => None,
         };
         tracing::debug!("KBS challenge received");
-        let evidence = self.attester.evidence(&digest, init_digest.as_deref())?;
+        let evidence = self.attester.evidence_for_challenge(
+            &challenge.extra_params,
+            &digest,
+            init_digest.as_deref(),
+        )?;
         tracing::debug!("evidence from the attester");
         let body = Attestation {
             init_data: self.initdata.as_ref().map(|t| InitData {

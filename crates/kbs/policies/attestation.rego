@@ -142,6 +142,44 @@ tdx_failures contains sprintf("%s is not in reference value %s", [upper(r), r]) 
 	not input.tdx[r] in accepted
 }
 
+# IBM Secure Execution: the Ultravisor's HMAC-SHA512 measurement, under this session's key,
+# matched a registered image's SE header tags, the session's user data (runtime data, then the
+# initdata digest) and a configured host.
+#   data.reference.se_image_tags        accepted SE images: their header tags (hex)
+#   data.reference.init_data            accepted initdata digests (hex)
+#   data.reference.se_attestation_phkh  accepted attesting host-key hashes (hex), checked only
+#                                       when registered
+status := "affirming" if {
+	input.tee == "se"
+	count(se_failures) == 0
+}
+
+reason := "all IBM SE checks passed" if {
+	input.tee == "se"
+	count(se_failures) == 0
+}
+
+reason := concat("; ", sort(se_failures)) if {
+	input.tee == "se"
+	count(se_failures) > 0
+}
+
+se_failures contains "SE image is not in reference value se_image_tags" if {
+	input.tee == "se"
+	not input.se.image_tags in object.get(data.reference, "se_image_tags", [])
+}
+
+se_failures contains "initdata digest is not in reference value init_data" if {
+	input.tee == "se"
+	not input.init_data in object.get(data.reference, "init_data", [])
+}
+
+se_failures contains "attesting host is not in reference value se_attestation_phkh" if {
+	input.tee == "se"
+	accepted := data.reference.se_attestation_phkh
+	not input.se.attestation_phkh in accepted
+}
+
 # Azure confidential VMs on SEV-SNP with a vTPM: the SNP report (bound to the vTPM key) is judged
 # like bare SNP, and initdata is bound through PCR8.
 status := "affirming" if {

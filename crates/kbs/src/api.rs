@@ -228,9 +228,27 @@ async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Resp
             ),
         ));
     }
-    kbs.verifiers
-        .check_enabled(req.tee)
-        .map_err(|e| attestation_error(e.to_string()))?;
+    if req.tee == Tee::Se {
+        if kbs.se.is_none() {
+            return Err(attestation_error(
+                "IBM Secure Execution is not configured on this KBS (--se-host-key-document)",
+            ));
+        }
+    } else {
+        kbs.verifiers
+            .check_enabled(req.tee)
+            .map_err(|e| attestation_error(e.to_string()))?;
+    }
+    // IBM SE: the challenge is an attestation request only the configured hosts can open; its
+    // measurement key and nonce stay in the session.
+    let se = match (&kbs.se, req.tee) {
+        (Some(hosts), Tee::Se) => {
+            let (arcb, secret) = coffer_verifier::se::challenge(hosts)
+                .map_err(|e| attestation_error(e.to_string()))?;
+            Some((STANDARD.encode(arcb), STANDARD.encode(secret.as_bytes())))
+        }
+        _ => None,
+    };
     let rng = SystemRandom::new();
     let mut nonce = [0u8; NONCE_LEN];
     let mut id = [0u8; 16];
@@ -249,13 +267,13 @@ async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Resp
                 nonce_used: false,
                 expires_at: now_secs() + ttl,
                 token: None,
+                se_secret: se.as_ref().map(|(_, secret)| secret.clone()),
             },
         )
         .await?;
-    let extra = if req.tee == Tee::Se {
-        json!({"selected-hash-algorithm": "sha512"})
-    } else {
-        json!("")
+    let extra = match &se {
+        Some((arcb, _)) => json!({"selected-hash-algorithm": "sha512", "arcb": arcb}),
+        None => json!(""),
     };
     let mut resp = Json(Challenge {
         nonce,
@@ -265,6 +283,63 @@ async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Resp
     resp.headers_mut()
         .insert(header::SET_COOKIE, set_cookie(&id, ttl));
     Ok(resp)
+}
+
+/// IBM SE evidence: the Ultravisor's answer to this session's request, checked against the
+/// registered images (reference value `se_image_tags`), the session's user data (the
+/// runtime-data digest, then the initdata digest when the guest presented initdata) and the
+/// configured hosts. The initdata is bound by the measured guest reporting it in the user data.
+async fn verify_se(
+    kbs: &Kbs,
+    session: &Session,
+    att: &Attestation,
+    report_data: &[u8],
+    init_data_digest: Option<&[u8]>,
+) -> Result<coffer_verifier::Claims, String> {
+    use coffer_verifier::se;
+    let hosts = kbs
+        .se
+        .as_ref()
+        .ok_or("IBM Secure Execution is not configured on this KBS")?;
+    let secret = session
+        .se_secret
+        .as_deref()
+        .and_then(|s| STANDARD.decode(s).ok())
+        .ok_or("the session has no SE challenge; call /auth again")?;
+    let secret = se::ChallengeSecret::from_bytes(&secret).map_err(|e| e.to_string())?;
+    let evidence: se::Evidence = serde_json::from_value(att.tee_evidence.primary_evidence.clone())
+        .map_err(|e| format!("SE evidence: {e}"))?;
+    let refs = kbs
+        .store
+        .reference_values()
+        .await
+        .map_err(|e| e.to_string())?;
+    let images = refs
+        .get("se_image_tags")
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str())
+                .map(se::ImageTags::from_hex)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()
+        .map_err(|e| format!("reference value se_image_tags: {e}"))?
+        .unwrap_or_default();
+    if images.is_empty() {
+        return Err("no SE image is registered (reference value se_image_tags)".into());
+    }
+    let mut user_data = report_data.to_vec();
+    if let Some(d) = init_data_digest {
+        user_data.extend_from_slice(d);
+    }
+    let claims =
+        se::verify(&evidence, &secret, &images, &user_data, hosts).map_err(|e| e.to_string())?;
+    let mut out = coffer_verifier::Claims::new();
+    out.insert("image_tags".into(), json!(claims.image.to_hex()));
+    out.insert("cuid".into(), json!(claims.cuid));
+    out.insert("image_phkh".into(), json!(claims.image_phkh));
+    out.insert("attestation_phkh".into(), json!(claims.attestation_phkh));
+    Ok(out)
 }
 
 async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Response, KbsError> {
@@ -349,25 +424,36 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         Ok(d) => d,
         Err(e) => return Err(fail(&kbs, e)),
     };
-    if let Err(e) = kbs
-        .verifiers
-        .prepare(tee, &att.tee_evidence.primary_evidence)
-        .await
-    {
-        return Err(fail(&kbs, e.to_string()));
-    }
-    let claims = kbs
-        .verifiers
-        .verify(
-            tee,
-            &att.tee_evidence.primary_evidence,
-            &Expected {
-                report_data: Some(&report_data),
-                init_data_digest: init.as_ref().map(|(d, _)| d.as_slice()),
-                now: std::time::SystemTime::now(),
-            },
+    let claims = if tee == Tee::Se {
+        verify_se(
+            &kbs,
+            &session,
+            &att,
+            &report_data,
+            init.as_ref().map(|(d, _)| d.as_slice()),
         )
-        .map_err(|e| fail(&kbs, e.to_string()))?;
+        .await
+        .map_err(|e| fail(&kbs, e))?
+    } else {
+        if let Err(e) = kbs
+            .verifiers
+            .prepare(tee, &att.tee_evidence.primary_evidence)
+            .await
+        {
+            return Err(fail(&kbs, e.to_string()));
+        }
+        kbs.verifiers
+            .verify(
+                tee,
+                &att.tee_evidence.primary_evidence,
+                &Expected {
+                    report_data: Some(&report_data),
+                    init_data_digest: init.as_ref().map(|(d, _)| d.as_slice()),
+                    now: std::time::SystemTime::now(),
+                },
+            )
+            .map_err(|e| fail(&kbs, e.to_string()))?
+    };
 
     let mut evidence = json!({
         tee_name.clone(): claims,

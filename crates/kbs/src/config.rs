@@ -94,6 +94,20 @@ pub struct Config {
     pub max_policy_nesting: usize,
     /// Time budget of one policy compilation in milliseconds.
     pub policy_compile_timeout_ms: u64,
+    /// IBM Secure Execution: the host-key documents of the IBM Z / LinuxONE hosts whose SE
+    /// guests may attest (PEM or DER); none turns SE off.
+    pub se_host_key_document: Vec<PathBuf>,
+    /// IBM SE: IBM's host-key signing certificate and its intermediate CA (PEM), which every
+    /// host-key document must chain to.
+    pub se_signing_cert: Vec<PathBuf>,
+    /// IBM SE: the root CA those chain to [default: the system's trust store].
+    pub se_root_ca: Option<PathBuf>,
+    /// IBM SE: CRLs (PEM or DER) of the signing chain and the host-key documents; a revoked
+    /// document is refused.
+    pub se_crl: Vec<PathBuf>,
+    /// IBM SE: use the host-key documents WITHOUT checking them against IBM's signing keys
+    /// (tests and development only; logged loudly).
+    pub se_unverified_host_keys: bool,
 }
 
 impl Default for Config {
@@ -125,6 +139,11 @@ impl Default for Config {
             max_policy_bytes: DEFAULT_MAX_POLICY_BYTES,
             max_policy_nesting: DEFAULT_MAX_POLICY_NESTING,
             policy_compile_timeout_ms: DEFAULT_POLICY_COMPILE_TIMEOUT_MS,
+            se_host_key_document: Vec::new(),
+            se_signing_cert: Vec::new(),
+            se_root_ca: None,
+            se_crl: Vec::new(),
+            se_unverified_host_keys: false,
         }
     }
 }
@@ -158,6 +177,21 @@ impl Config {
                 "--emulated-root is only used with --allow-emulated; refusing to trust an emulated root silently"
             ),
             _ => {}
+        }
+        if !self.se_host_key_document.is_empty()
+            && self.se_signing_cert.is_empty()
+            && !self.se_unverified_host_keys
+        {
+            anyhow::bail!(
+                "--se-host-key-document needs --se-signing-cert (IBM's host-key signing certificate and its intermediate CA) to verify the documents; --se-unverified-host-keys skips that for tests only"
+            );
+        }
+        if self.se_host_key_document.is_empty()
+            && (!self.se_signing_cert.is_empty()
+                || !self.se_crl.is_empty()
+                || self.se_root_ca.is_some())
+        {
+            anyhow::bail!("--se-signing-cert, --se-crl and --se-root-ca are used only with --se-host-key-document");
         }
         if self.mesh_cert_ttl_secs < 10 {
             anyhow::bail!(

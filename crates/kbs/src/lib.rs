@@ -47,6 +47,8 @@ pub struct Kbs {
     pub metrics: metrics::Metrics,
     /// The mesh CA.
     pub mesh: mesh::MeshCa,
+    /// IBM Secure Execution: the hosts whose SE guests may attest (none: SE is off).
+    pub se: Option<coffer_verifier::se::HostKeys>,
 }
 
 impl Kbs {
@@ -122,10 +124,12 @@ impl Kbs {
                     .context("invalid --pccs-url")?,
             );
         }
+        let se = se_hosts(&config)?;
         let mesh = mesh::MeshCa::load(&store)
             .await
             .context("cannot load the mesh CA")?;
         let kbs = Arc::new(Self {
+            se,
             mesh,
             verifiers,
             policies: policy::PolicyCache::new(policy::PolicyLimits::of(&config)),
@@ -143,4 +147,37 @@ impl Kbs {
             .context("stored policies do not compile")?;
         Ok(kbs)
     }
+}
+
+/// The configured IBM SE hosts: each host-key document read and, unless
+/// `se-unverified-host-keys`, verified against IBM's signing chain and the CRLs.
+fn se_hosts(config: &Config) -> anyhow::Result<Option<coffer_verifier::se::HostKeys>> {
+    if config.se_host_key_document.is_empty() {
+        return Ok(None);
+    }
+    let mut documents = Vec::new();
+    for p in &config.se_host_key_document {
+        let bytes = std::fs::read(p)
+            .with_context(|| format!("cannot read SE host-key document {}", p.display()))?;
+        documents.push((p.display().to_string(), bytes));
+    }
+    let verifier = if config.se_unverified_host_keys {
+        tracing::warn!("--se-unverified-host-keys: IBM SE host-key documents are NOT checked against IBM's signing keys (tests only)");
+        None
+    } else {
+        Some(
+            coffer_verifier::se::signing_chain(
+                &config.se_signing_cert,
+                &config.se_crl,
+                config.se_root_ca.as_deref(),
+            )
+            .context("cannot set up the IBM SE signing-key chain (--se-signing-cert, --se-crl, --se-root-ca)")?,
+        )
+    };
+    let hosts = coffer_verifier::se::HostKeys::load(&documents, verifier.as_ref())?;
+    tracing::info!(
+        hosts = documents.len(),
+        "IBM Secure Execution attestation enabled"
+    );
+    Ok(Some(hosts))
 }

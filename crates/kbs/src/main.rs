@@ -98,6 +98,21 @@ struct ServeArgs {
     /// Audit log file [default: <data-dir>/audit.jsonl].
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// IBM Secure Execution: a host's host-key document (PEM or DER); repeat for several hosts.
+    #[arg(long)]
+    se_host_key_document: Vec<PathBuf>,
+    /// IBM SE: IBM's host-key signing certificate or its intermediate CA (PEM); repeatable.
+    #[arg(long)]
+    se_signing_cert: Vec<PathBuf>,
+    /// IBM SE: the root CA of the signing chain [default: the system's trust store].
+    #[arg(long)]
+    se_root_ca: Option<PathBuf>,
+    /// IBM SE: a CRL of the signing chain or the host-key documents; repeatable.
+    #[arg(long)]
+    se_crl: Vec<PathBuf>,
+    /// IBM SE: use host-key documents WITHOUT checking them against IBM's signing keys (tests).
+    #[arg(long)]
+    se_unverified_host_keys: bool,
 }
 
 impl ServeArgs {
@@ -127,13 +142,18 @@ impl ServeArgs {
             audit_log,
             emulated_root,
             snp_vcek_dir,
-            pccs_url
+            pccs_url,
+            se_root_ca
         );
         c.insecure_http |= self.insecure_http;
         c.allow_sample |= self.allow_sample;
         c.allow_emulated |= self.allow_emulated;
         c.admin_public_key.extend(self.admin_public_key);
         c.dcap_collateral.extend(self.dcap_collateral);
+        c.se_host_key_document.extend(self.se_host_key_document);
+        c.se_signing_cert.extend(self.se_signing_cert);
+        c.se_crl.extend(self.se_crl);
+        c.se_unverified_host_keys |= self.se_unverified_host_keys;
         Ok(c)
     }
 }

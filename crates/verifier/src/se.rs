@@ -36,7 +36,7 @@ use s390_pv::{
             pkey::{PKey, Public},
             x509::X509,
         },
-        BootHdrTags, CertVerifier, EcPubKeyCoord, HkdVerifier, ReqEncrCtx, Request, SymKeyType,
+        BootHdrTags, EcPubKeyCoord, HkdVerifier, ReqEncrCtx, Request, SymKeyType,
     },
 };
 use zeroize::Zeroizing;
@@ -87,6 +87,22 @@ pub enum SeError {
 
 fn pv(e: impl fmt::Display) -> SeError {
     SeError::Request(e.to_string())
+}
+
+pub use s390_pv::request::CertVerifier;
+
+/// IBM's host-key signing chain: the signing certificate and its intermediate CA (`certs`),
+/// CRLs, and the root CA (`None`: the system's trust store). Offline: CRLs come from the files
+/// given, never from the network, and a document whose CRL is missing is refused.
+pub fn signing_chain(
+    certs: &[std::path::PathBuf],
+    crls: &[std::path::PathBuf],
+    root_ca: Option<&std::path::Path>,
+) -> Result<CertVerifier, SeError> {
+    CertVerifier::new(certs, crls, root_ca, true).map_err(|e| SeError::HostKey {
+        name: "IBM signing chain".into(),
+        why: e.to_string(),
+    })
 }
 
 /// The public host-key hash of a host key: SHA-256 of its P-521 coordinates, as the Ultravisor
@@ -365,4 +381,242 @@ pub fn verify(
         image_phkh,
         attestation_phkh,
     })
+}
+
+/// An Ultravisor stand-in for tests: hosts (P-521 keys and host-key documents) that answer an
+/// attestation request as the Ultravisor does, using only the host key's private half: find
+/// its key slot (SHA-256 of the host key's coordinates), unwrap the request key (ECDH with the
+/// request's customer key, AES-256-GCM), open the request (IBM's `s390_pv`), and compute the
+/// HMAC-SHA512 measurement over the image's tags, the configuration id, the user data, the
+/// nonce and the additional data (the image's and this host's key hashes).
+#[cfg(any(test, feature = "se-testing"))]
+pub mod testing {
+    use openssl::{
+        asn1::Asn1Time,
+        bn::BigNum,
+        ec::{EcGroup, EcKey},
+        hash::MessageDigest,
+        nid::Nid,
+        pkey::{PKey, Private, Public},
+        x509::{X509NameBuilder, X509},
+    };
+    use s390_pv::{
+        attest::{
+            AttestationItems, AttestationMeasAlg, AttestationMeasurement, AttestationRequest,
+        },
+        request::{decrypt_aead, derive_aes256_gcm_key, BootHdrTags, SymKey},
+    };
+
+    use super::{host_key_hash, Evidence, ImageTags};
+
+    /// The request header's size, the authenticated attestation header's, the customer key's
+    /// coordinates' and a key slot's (big-endian fields, as the Ultravisor reads them).
+    pub const HDR: usize = 48;
+    const AUTH: usize = 16;
+    const COORDS: usize = 160;
+    const SLOT: usize = 80;
+
+    /// A host: its P-521 key and its host-key document (a certificate of the public key).
+    pub struct Host {
+        key: PKey<Private>,
+        /// The host-key document (PEM).
+        pub document: Vec<u8>,
+    }
+
+    impl Host {
+        /// A new host named `name`.
+        pub fn new(name: &str) -> Self {
+            let group = EcGroup::from_curve_name(Nid::SECP521R1).expect("P-521");
+            let key = PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("key");
+            let mut subject = X509NameBuilder::new().expect("name");
+            subject.append_entry_by_text("CN", name).expect("name");
+            let subject = subject.build();
+            let mut b = X509::builder().expect("builder");
+            b.set_version(2).expect("version");
+            b.set_subject_name(&subject).expect("subject");
+            b.set_issuer_name(&subject).expect("issuer");
+            b.set_pubkey(&key).expect("key");
+            b.set_not_before(&Asn1Time::days_from_now(0).expect("time"))
+                .expect("time");
+            b.set_not_after(&Asn1Time::days_from_now(30).expect("time"))
+                .expect("time");
+            b.sign(&key, MessageDigest::sha512()).expect("sign");
+            Self {
+                key,
+                document: b.build().to_pem().expect("pem"),
+            }
+        }
+
+        /// The host's public key.
+        pub fn public(&self) -> PKey<Public> {
+            PKey::public_key_from_pem(&self.key.public_key_to_pem().expect("pem")).expect("pem")
+        }
+
+        /// Its public host-key hash.
+        pub fn hash(&self) -> [u8; 32] {
+            host_key_hash(&self.public()).expect("hash")
+        }
+
+        /// Whether `arcb` has a key slot for this host.
+        pub fn has_slot(&self, arcb: &[u8]) -> bool {
+            let nks = arcb[0x27] as usize;
+            let slots = &arcb[HDR + AUTH + COORDS..HDR + AUTH + COORDS + nks * SLOT];
+            slots.chunks(SLOT).any(|s| s[..32] == self.hash())
+        }
+
+        /// The Ultravisor's answer to `arcb` for a guest with `cuid` running `image`, with
+        /// `user` data. Panics when the request has no slot for this host.
+        pub fn answer(
+            &self,
+            arcb: &[u8],
+            image: &ImageTags,
+            cuid: [u8; 16],
+            user: &[u8],
+        ) -> Evidence {
+            let nks = arcb[0x27] as usize;
+            let coords = &arcb[HDR + AUTH..HDR + AUTH + COORDS];
+            let group = EcGroup::from_curve_name(Nid::SECP521R1).expect("P-521");
+            let x = BigNum::from_slice(&coords[..80]).expect("x");
+            let y = BigNum::from_slice(&coords[80..]).expect("y");
+            let customer = PKey::from_ec_key(
+                EcKey::from_public_key_affine_coordinates(&group, &x, &y).expect("point"),
+            )
+            .expect("key");
+            let mine = self.hash();
+            let slots = &arcb[HDR + AUTH + COORDS..HDR + AUTH + COORDS + nks * SLOT];
+            let slot = slots
+                .chunks(SLOT)
+                .find(|s| s[..32] == mine)
+                .expect("a key slot for this host");
+            let kek = derive_aes256_gcm_key(&self.key, &customer).expect("ECDH");
+            let arpk = decrypt_aead(
+                &SymKey::Aes256(kek),
+                &[0; 12],
+                &[],
+                &slot[32..64],
+                &slot[64..80],
+            )
+            .expect("the key slot opens");
+            // The result is additional data (none), plaintext, tag.
+            let arpk: [u8; 32] = arpk.into_buf().value()[..32].try_into().expect("32 bytes");
+            let (auth, conf) = AttestationRequest::decrypt_bin(arcb, &SymKey::Aes256(arpk.into()))
+                .expect("the request opens");
+            assert!(auth.flags().image_phkh() && auth.flags().attest_phkh());
+            let mut additional = mine.to_vec();
+            additional.extend_from_slice(&mine);
+            let tags =
+                BootHdrTags::try_from(hex::decode(image.to_hex()).expect("hex")).expect("tags");
+            let nonce = conf.nonce().as_ref().map(|n| *n.value());
+            let items =
+                AttestationItems::new(&tags, &cuid, Some(user), nonce.as_ref(), Some(&additional));
+            let key = PKey::hmac(conf.measurement_key()).expect("key");
+            let m = AttestationMeasurement::calculate(items, AttestationMeasAlg::HmacSha512, &key)
+                .expect("HMAC");
+            Evidence {
+                cuid: hex::encode(cuid),
+                user_data: hex::encode(user),
+                measurement: hex::encode(m.as_ref()),
+                additional_data: hex::encode(&additional),
+            }
+        }
+    }
+
+    /// A made-up image's tags (`seed` varies them).
+    pub fn image(seed: u8) -> ImageTags {
+        let b: Vec<u8> = (0..super::IMAGE_TAGS_LEN)
+            .map(|i| (i as u8) ^ seed)
+            .collect();
+        ImageTags::from_bytes(&b).expect("208 bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::*, *};
+
+    fn hosts(of: &[&Host]) -> HostKeys {
+        let docs: Vec<(String, Vec<u8>)> = of
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (format!("host-{i}.crt"), h.document.clone()))
+            .collect();
+        HostKeys::load(&docs, None).unwrap()
+    }
+
+    #[test]
+    fn a_challenge_answered_by_the_configured_host_verifies_and_names_the_image() {
+        let (a, b) = (Host::new("host-a"), Host::new("host-b"));
+        let both = hosts(&[&a, &b]);
+        let (arcb, secret) = challenge(&both).unwrap();
+        let runtime = [7u8; 64];
+        let (good, other) = (image(1), image(2));
+        // Either host can answer; the measurement names the image the guest runs.
+        let evidence = b.answer(&arcb, &good, [9; 16], &runtime);
+        let claims = verify(&evidence, &secret, &[other, good], &runtime, &both).unwrap();
+        assert_eq!(claims.image, good);
+        assert_eq!(claims.cuid, hex::encode([9u8; 16]));
+        assert_eq!(claims.attestation_phkh, hex::encode(b.hash()));
+
+        // Another image's tags, another session's secret, other user data, or any altered
+        // field: refused.
+        assert!(matches!(
+            verify(&evidence, &secret, &[other], &runtime, &both),
+            Err(SeError::Measurement(1))
+        ));
+        let (_, another) = challenge(&both).unwrap();
+        assert!(matches!(
+            verify(&evidence, &another, &[good], &runtime, &both),
+            Err(SeError::Measurement(_))
+        ));
+        assert!(matches!(
+            verify(&evidence, &secret, &[good], &[8u8; 64], &both),
+            Err(SeError::UserData)
+        ));
+        for field in 0..4 {
+            let mut e = evidence.clone();
+            let f = match field {
+                0 => &mut e.cuid,
+                1 => &mut e.user_data,
+                2 => &mut e.measurement,
+                _ => &mut e.additional_data,
+            };
+            let mut bytes = hex::decode(&*f).unwrap();
+            bytes[0] ^= 1;
+            *f = hex::encode(bytes);
+            assert!(
+                verify(&e, &secret, &[good], &runtime, &both).is_err(),
+                "altered field {field} passed"
+            );
+        }
+        // A KBS that knows only host a refuses b's answer.
+        assert!(matches!(
+            verify(&evidence, &secret, &[good], &runtime, &hosts(&[&a])),
+            Err(SeError::UnknownHost(_))
+        ));
+        // The secret survives the KBS's sealing round trip.
+        let again = ChallengeSecret::from_bytes(secret.as_bytes()).unwrap();
+        assert!(verify(&evidence, &again, &[good], &runtime, &both).is_ok());
+    }
+
+    #[test]
+    fn a_host_whose_key_is_not_in_the_request_has_no_slot() {
+        let (a, stranger) = (Host::new("host-a"), Host::new("stranger"));
+        let (arcb, _) = challenge(&hosts(&[&a])).unwrap();
+        assert!(a.has_slot(&arcb));
+        assert!(!stranger.has_slot(&arcb));
+    }
+
+    #[test]
+    fn bad_host_key_documents_and_tags_are_refused_naming_them() {
+        assert!(matches!(
+            HostKeys::load(&[], None),
+            Err(SeError::NoHostKeys)
+        ));
+        let e = HostKeys::load(&[("junk.crt".into(), b"junk".to_vec())], None).unwrap_err();
+        assert!(e.to_string().contains("junk.crt"), "{e}");
+        let e = ImageTags::from_hex("abcd").unwrap_err();
+        assert!(e.to_string().contains("208 bytes"), "{e}");
+        let e = ImageTags::from_se_image(&[0u8; 4096]).unwrap_err();
+        assert!(e.to_string().contains("not an SE image"), "{e}");
+    }
 }

@@ -71,6 +71,9 @@ pub struct Session {
     pub expires_at: u64,
     /// The token issued when attestation succeeded.
     pub token: Option<String>,
+    /// IBM SE: the challenge's measurement key and nonce (base64), to check the answer with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub se_secret: Option<String>,
 }
 
 /// Seconds since the epoch.
@@ -300,6 +303,7 @@ mod tests {
             nonce_used: false,
             expires_at,
             token: None,
+            se_secret: None,
         }
     }
 

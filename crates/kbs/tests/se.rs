@@ -1,0 +1,219 @@
+//! IBM Secure Execution through the KBS protocol: `/auth` answers an SE client with an
+//! attestation request only the configured hosts can open, the guest hands it to the
+//! Ultravisor (here the verifier's stand-in, holding a host key), and `/attest` releases
+//! secrets only for a registered image, this session's runtime data and initdata, and an
+//! accepted host.
+
+mod common;
+
+use coffer_jose::TeeKeyAlgorithm;
+use coffer_kbs_client::{http_client, Attester, AttesterError, KbsClient};
+use coffer_verifier::se::{
+    testing::{image, Host},
+    ImageTags,
+};
+use coffer_wire::{error::ErrorKind, Tee};
+use common::TestKbs;
+use serde_json::{json, Value};
+
+const INITDATA: &str = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
+
+/// An SE guest on `host` running `image`: the Ultravisor answers the KBS's request.
+struct SeGuest<'a> {
+    host: &'a Host,
+    image: ImageTags,
+}
+
+impl Attester for SeGuest<'_> {
+    fn tee(&self) -> Tee {
+        Tee::Se
+    }
+
+    fn evidence(&self, _: &[u8], _: Option<&[u8]>) -> Result<Value, AttesterError> {
+        Err(AttesterError("SE answers the KBS's request".into()))
+    }
+
+    fn evidence_for_challenge(
+        &self,
+        extra: &Value,
+        report_data: &[u8],
+        init: Option<&[u8]>,
+    ) -> Result<Value, AttesterError> {
+        use base64::Engine;
+        let arcb = base64::engine::general_purpose::STANDARD
+            .decode(
+                extra["arcb"]
+                    .as_str()
+                    .expect("an SE challenge carries arcb"),
+            )
+            .unwrap();
+        let user = coffer_attester::se::user_data(report_data, init);
+        Ok(serde_json::to_value(self.host.answer(&arcb, &self.image, [3; 16], &user)).unwrap())
+    }
+}
+
+fn client(kbs: &TestKbs, guest: SeGuest<'static>) -> KbsClient {
+    KbsClient::new(
+        &kbs.url,
+        http_client(None).unwrap(),
+        Box::new(guest),
+        TeeKeyAlgorithm::EcP256,
+    )
+    .unwrap()
+    .with_initdata(INITDATA.to_string())
+}
+
+fn leak(h: Host) -> &'static Host {
+    Box::leak(Box::new(h))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_se_guest_gets_secrets_only_for_a_registered_image_initdata_and_host() {
+    let (a, b) = (leak(Host::new("host-a")), leak(Host::new("host-b")));
+    let docs = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (name, h) in [("a.crt", a), ("b.crt", b)] {
+        let p = docs.path().join(name);
+        std::fs::write(&p, &h.document).unwrap();
+        paths.push(p);
+    }
+    let kbs = TestKbs::start_with(|c| {
+        c.allow_sample = false;
+        c.se_host_key_document = paths.clone();
+        c.se_unverified_host_keys = true;
+    })
+    .await;
+    let admin = kbs.admin();
+    admin
+        .set_resource("default/image/key", b"image key".to_vec())
+        .await
+        .unwrap();
+    let (good, other) = (image(1), image(2));
+    let init = hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap());
+
+    // No image registered: refused, naming it.
+    let err = client(
+        &kbs,
+        SeGuest {
+            host: a,
+            image: good,
+        },
+    )
+    .get_resource("default/image/key")
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::AttestationError), "{err}");
+    assert!(
+        err.to_string().contains("no SE image is registered"),
+        "{err}"
+    );
+
+    admin
+        .set_reference_values(
+            json!({"se_image_tags": [good.to_hex()], "init_data": [init]})
+                .to_string()
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The registered image on either configured host: released.
+    for host in [a, b] {
+        let got = client(&kbs, SeGuest { host, image: good })
+            .get_resource("default/image/key")
+            .await
+            .unwrap();
+        assert_eq!(got.as_slice(), b"image key");
+    }
+    // Another image: its measurement matches nothing registered.
+    let err = client(
+        &kbs,
+        SeGuest {
+            host: a,
+            image: other,
+        },
+    )
+    .get_resource("default/image/key")
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::AttestationError), "{err}");
+    assert!(
+        err.to_string()
+            .contains("matches none of the 1 registered image"),
+        "{err}"
+    );
+
+    // Other initdata: the measured user data carries its digest, the policy refuses it.
+    let err = client(
+        &kbs,
+        SeGuest {
+            host: a,
+            image: good,
+        },
+    )
+    .with_initdata(INITDATA.replace("agent_policy", "other"))
+    .get_resource("default/image/key")
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny), "{err}");
+
+    // Only host a accepted: host b's guest is refused by the policy.
+    admin
+        .set_reference_values(
+            json!({"se_attestation_phkh": [hex::encode(a.hash())]})
+                .to_string()
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let err = client(
+        &kbs,
+        SeGuest {
+            host: b,
+            image: good,
+        },
+    )
+    .get_resource("default/image/key")
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny), "{err}");
+    assert!(kbs
+        .audit()
+        .contains("attesting host is not in reference value se_attestation_phkh"));
+    assert!(client(
+        &kbs,
+        SeGuest {
+            host: a,
+            image: good
+        }
+    )
+    .get_resource("default/image/key")
+    .await
+    .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn se_is_off_unless_host_keys_are_configured_and_checked() {
+    let a = leak(Host::new("host-a"));
+    let kbs = TestKbs::start().await;
+    let err = client(
+        &kbs,
+        SeGuest {
+            host: a,
+            image: image(1),
+        },
+    )
+    .get_resource("default/image/key")
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("not configured"), "{err}");
+
+    // A host-key document without IBM's signing chain is refused at start, unless the test
+    // switch says otherwise.
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("a.crt");
+    std::fs::write(&doc, &a.document).unwrap();
+    let mut cfg = common::config(dir.path(), None);
+    cfg.se_host_key_document = vec![doc];
+    let err = coffer_kbs::Kbs::new(cfg).await.err().unwrap();
+    assert!(err.to_string().contains("--se-signing-cert"), "{err}");
+}
