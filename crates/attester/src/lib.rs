@@ -78,6 +78,8 @@ pub struct Guest {
     pub tsm_root: PathBuf,
     /// The SEV guest device ([`SEV_GUEST_DEVICE`]).
     pub sev_guest: PathBuf,
+    /// IBM Z's Ultravisor device ([`se::UV_DEVICE`]).
+    pub uv: PathBuf,
     /// The TDX firmware's CC event log ([`CCEL_TABLE`]).
     pub ccel: PathBuf,
     /// The vTPM's TCTI ([`TPM_DEVICE_TCTI`]); `None`: do not look for a vTPM.
@@ -91,6 +93,7 @@ impl Default for Guest {
         Self {
             tsm_root: TSM_REPORT_ROOT.into(),
             sev_guest: SEV_GUEST_DEVICE.into(),
+            uv: se::UV_DEVICE.into(),
             ccel: CCEL_TABLE.into(),
             tpm: Path::new("/dev/tpmrm0")
                 .exists()
@@ -114,7 +117,8 @@ impl Guest {
 /// 1. configfs-tsm: provider `sev_guest` gives SEV-SNP evidence, `tdx_guest` TDX evidence (with
 ///    the CCEL event log when present);
 /// 2. `/dev/sev-guest` (SEV-SNP on kernels without configfs-tsm);
-/// 3. a vTPM holding an Azure HCL report: `az-snp-vtpm` or `az-tdx-vtpm` by the report's type.
+/// 3. `/dev/uv` whose device and Ultravisor support attestation (IBM Secure Execution);
+/// 4. a vTPM holding an Azure HCL report: `az-snp-vtpm` or `az-tdx-vtpm` by the report's type.
 ///
 /// Anything else is an error naming what was looked for; the emulated TEE is never chosen here.
 pub fn probe(guest: &Guest) -> Result<Box<dyn coffer_kbs_client::Attester>, AttesterError> {
@@ -135,6 +139,20 @@ pub fn probe(guest: &Guest) -> Result<Box<dyn coffer_kbs_client::Attester>, Atte
     if guest.sev_guest.exists() {
         return Ok(Box::new(SevGuestAttester::new(&guest.sev_guest)));
     }
+    let mut uv = String::new();
+    if guest.uv.exists() {
+        let se = se::SeAttester::new(&guest.uv);
+        match se.supports_attestation() {
+            Ok(true) => return Ok(Box::new(se)),
+            Ok(false) => {
+                uv = format!(
+                    "; {} does not offer attestation (not an SE guest)",
+                    guest.uv.display()
+                )
+            }
+            Err(e) => uv = format!("; {e}"),
+        }
+    }
     let vtpm = match &guest.tpm {
         Some(tcti) => match vtpm::probe(tcti, &guest.imds) {
             Ok(a) => return Ok(a),
@@ -143,7 +161,7 @@ pub fn probe(guest: &Guest) -> Result<Box<dyn coffer_kbs_client::Attester>, Atte
         None => String::new(),
     };
     Err(AttesterError::NoTee(format!(
-        "no configfs-tsm report interface at {} (Linux 6.7 or later with the sev-guest or tdx-guest driver, and configfs mounted), no {}{vtpm}",
+        "no configfs-tsm report interface at {} (Linux 6.7 or later with the sev-guest or tdx-guest driver, and configfs mounted), no {}{uv}{vtpm}",
         tsm_root.display(),
         guest.sev_guest.display()
     )))

@@ -20,6 +20,7 @@ fn guest(root: &Path) -> coffer_attester::Guest {
     coffer_attester::Guest {
         tsm_root: root.to_path_buf(),
         sev_guest: root.join("no-sev-guest"),
+        uv: root.join("no-uv"),
         ccel: root.join("no-ccel"),
         tpm: None,
         imds: "http://127.0.0.1:9".into(),
@@ -112,6 +113,19 @@ fn a_concurrent_writer_another_provider_or_no_interface_is_refused() {
         e.contains("no TEE found in this guest: no configfs-tsm report interface"),
         "{e}"
     );
+
+    // A `/dev/uv` that is no Ultravisor device (here a plain file) is not taken for SE: the
+    // probe names it and why.
+    let uv = d.path().join("not-a-uv-device");
+    std::fs::write(&uv, b"").unwrap();
+    let e = coffer_attester::probe(&coffer_attester::Guest {
+        uv,
+        ..guest(&d.path().join("absent"))
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("not-a-uv-device") && e.contains("ioctl"), "{e}");
 }
 
 /// A TD quote through configfs-tsm (`tdx_guest`): here a real quote captured from TDX hardware,

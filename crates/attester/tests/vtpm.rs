@@ -37,6 +37,7 @@ fn guest(dir: &Path, tpm: &Swtpm, imds: &str) -> Guest {
     Guest {
         tsm_root: dir.join("no-tsm"),
         sev_guest: dir.join("no-sev-guest"),
+        uv: dir.join("no-uv"),
         ccel: dir.join("no-ccel"),
         tpm: Some(tpm.tcti.clone()),
         imds: imds.into(),

@@ -217,3 +217,77 @@ async fn se_is_off_unless_host_keys_are_configured_and_checked() {
     let err = coffer_kbs::Kbs::new(cfg).await.err().unwrap();
     assert!(err.to_string().contains("--se-signing-cert"), "{err}");
 }
+
+/// The production path: host-key documents checked against a signing chain shaped like IBM's
+/// (root, intermediate, the signing certificate with IBM's subject, CRLs of all three), made
+/// by `data/ibm-test-chain.sh` with OpenSSL. A good document starts the KBS and its host's
+/// guest attests; a revoked or expired one stops the KBS at start, naming the document.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_key_documents_are_checked_against_the_signing_chain_and_crls() {
+    let chain = tempfile::tempdir().unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ibm-test-chain.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(chain.path())
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = |name: &str| chain.path().join(name);
+    let configure = |c: &mut coffer_kbs::Config, hkd: &str| {
+        c.se_host_key_document = vec![f(hkd)];
+        c.se_signing_cert = vec![f("inter.crt"), f("sign.crt")];
+        c.se_crl = vec![f("root.crl"), f("inter.crl"), f("sign.crl")];
+        c.se_root_ca = Some(f("root.crt"));
+    };
+    for (hkd, why) in [
+        ("revoked.crt", "revoked"),
+        ("expired.crt", "validity period"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = common::config(dir.path(), None);
+        configure(&mut cfg, hkd);
+        let err = format!("{:#}", coffer_kbs::Kbs::new(cfg).await.err().unwrap());
+        assert!(err.contains(hkd) && err.contains(why), "{err}");
+    }
+    // A CRL missing from the chain: nothing verifies (fail closed).
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path(), None);
+    configure(&mut cfg, "good.crt");
+    cfg.se_crl.pop();
+    assert!(coffer_kbs::Kbs::new(cfg).await.is_err());
+
+    let host = leak(Host::from_pem(
+        &std::fs::read(f("good.key")).unwrap(),
+        &std::fs::read(f("good.crt")).unwrap(),
+    ));
+    let kbs = TestKbs::start_with(|c| {
+        c.allow_sample = false;
+        configure(c, "good.crt");
+    })
+    .await;
+    let admin = kbs.admin();
+    admin
+        .set_resource("default/image/key", b"image key".to_vec())
+        .await
+        .unwrap();
+    let good = image(7);
+    let init = hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap());
+    admin
+        .set_reference_values(
+            json!({"se_image_tags": [good.to_hex()], "init_data": [init]})
+                .to_string()
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let got = client(&kbs, SeGuest { host, image: good })
+        .get_resource("default/image/key")
+        .await
+        .unwrap();
+    assert_eq!(got.as_slice(), b"image key");
+}

@@ -447,6 +447,14 @@ pub mod testing {
             }
         }
 
+        /// A host with an existing key (PEM) and host-key document.
+        pub fn from_pem(key: &[u8], document: &[u8]) -> Self {
+            Self {
+                key: PKey::private_key_from_pem(key).expect("a PEM private key"),
+                document: document.to_vec(),
+            }
+        }
+
         /// The host's public key.
         pub fn public(&self) -> PKey<Public> {
             PKey::public_key_from_pem(&self.key.public_key_to_pem().expect("pem")).expect("pem")
