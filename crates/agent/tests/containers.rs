@@ -2,6 +2,8 @@
 //! the agent from an OCI layout, run with the default spec; output, exit status, removal, and
 //! what the spec forbids (mounts, writes to a read-only rootfs).
 
+#![cfg(target_arch = "x86_64")]
+
 use coffer_agent::{api::proto::CreateContainerRequest, container::Containers};
 use coffer_testkit::busybox_layout;
 

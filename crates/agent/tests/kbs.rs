@@ -3,6 +3,8 @@
 //! names, gets the key of an encrypted image only when the KBS holds reference values for that
 //! launch, and runs the container on runc.
 
+#![cfg(target_arch = "x86_64")]
+
 use std::{
     os::unix::net::UnixListener,
     path::{Path, PathBuf},

@@ -2,6 +2,8 @@
 //! (HOST_DATA in the emulated PSP's or configfs-tsm's report; PCR 8 of an Azure vTPM, which it
 //! binds first), and serves when it is.
 
+#![cfg(target_arch = "x86_64")]
+
 use std::{
     os::unix::net::UnixListener,
     path::Path,

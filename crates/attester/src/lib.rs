@@ -18,13 +18,21 @@ pub mod se;
 #[allow(unsafe_code)]
 pub mod sevguest;
 pub mod tsm;
+#[cfg(target_arch = "x86_64")]
 pub mod vtpm;
 
 use std::path::{Path, PathBuf};
 
 pub use sevguest::{SevGuestAttester, SEV_GUEST_DEVICE};
 pub use tsm::{TsmReport, TsmSnpAttester, TsmTdxAttester, CCEL_TABLE, TSM_REPORT_ROOT};
+#[cfg(target_arch = "x86_64")]
 pub use vtpm::{AzSnpVtpmAttester, AzTdxVtpmAttester, Vtpm, AZURE_IMDS, TPM_DEVICE_TCTI};
+/// The vTPM's TCTI (the Azure vTPM attesters exist on x86_64 only).
+#[cfg(not(target_arch = "x86_64"))]
+pub const TPM_DEVICE_TCTI: &str = "device:/dev/tpmrm0";
+/// Azure's instance metadata service (the Azure vTPM attesters exist on x86_64 only).
+#[cfg(not(target_arch = "x86_64"))]
+pub const AZURE_IMDS: &str = "http://169.254.169.254";
 
 /// Why evidence could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -153,11 +161,18 @@ pub fn probe(guest: &Guest) -> Result<Box<dyn coffer_kbs_client::Attester>, Atte
             Err(e) => uv = format!("; {e}"),
         }
     }
+    #[cfg(target_arch = "x86_64")]
     let vtpm = match &guest.tpm {
         Some(tcti) => match vtpm::probe(tcti, &guest.imds) {
             Ok(a) => return Ok(a),
             Err(e) => format!("; the vTPM: {e}"),
         },
+        None => String::new(),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let vtpm = match &guest.tpm {
+        Some(_) => "; a vTPM (Azure's confidential VMs are x86_64: no vTPM attester in this build)"
+            .to_string(),
         None => String::new(),
     };
     Err(AttesterError::NoTee(format!(

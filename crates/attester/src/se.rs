@@ -357,6 +357,7 @@ mod tests {
     }
 
     /// A real request, made by IBM's `s390_pv` as the KBS makes it, is sized the same.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn a_request_made_by_ibms_crate_is_sized_from_its_header() {
         use s390_pv::{

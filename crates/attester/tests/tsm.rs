@@ -4,6 +4,8 @@
 //! verifies it and releases a resource; a concurrent writer (`generation` moved twice), another
 //! provider and a missing interface are each refused, naming what was wrong.
 
+#![cfg(target_arch = "x86_64")]
+
 mod common;
 
 use std::path::{Path, PathBuf};

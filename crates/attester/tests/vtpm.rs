@@ -6,6 +6,8 @@
 //! of the other TEE are refused. TDX: the evidence carries the TD quote IMDS made from the HCL
 //! report's TDREPORT, and its TPM quote verifies with the AK the HCL report binds.
 
+#![cfg(target_arch = "x86_64")]
+
 mod common;
 
 use std::path::Path;

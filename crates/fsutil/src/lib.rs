@@ -54,9 +54,14 @@ pub fn last_line_of(f: &fs::File) -> String {
 /// The size in bytes of the tmpfs that `path` is on, or `None` when it is on another file
 /// system (or cannot be examined).
 pub fn tmpfs_size(path: &Path) -> Option<u64> {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
     let st = rustix::fs::statfs(path).ok()?;
-    (st.f_type == TMPFS_MAGIC).then(|| st.f_blocks * st.f_bsize as u64)
+    // `f_type` is a signed 64-bit field on x86_64 and an unsigned 32-bit one on s390x.
+    #[allow(clippy::unnecessary_cast)]
+    let fs_type = st.f_type as u64;
+    #[allow(clippy::unnecessary_cast)]
+    let block = st.f_bsize as u64;
+    (fs_type == u64::from(TMPFS_MAGIC)).then(|| st.f_blocks * block)
 }
 
 #[cfg(test)]
