@@ -184,13 +184,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", args.initdata.display()))?;
     // Asked with the initdata's digest: a vTPM attester measures it into PCR 8 now, before
     // anything reads the initdata (SEV-SNP's HOST_DATA was set at launch).
-    let (_, digest) = parse_initdata(&text)?;
+    let (parsed, digest) = parse_initdata(&text)?;
     let tee = attester(&args)?;
-    let evidence = tee
-        .evidence(&[0u8; 64], Some(&digest))
-        .map_err(|e| anyhow::anyhow!("{}", e.0))?;
-    tracing::debug!("evidence from the TEE");
-    let (initdata, digest) = check_initdata(&text, tee.tee(), &evidence)?;
+    let (initdata, digest) = if tee.tee() == coffer_wire::Tee::Se {
+        // IBM SE sets nothing at launch that could carry the initdata: every attestation's user
+        // data, which the Ultravisor's measurement covers, carries its digest instead, and the
+        // KBS checks it (coffer_attester::se::user_data).
+        tracing::info!("IBM SE: the initdata digest is bound into each attestation's user data");
+        (parsed, digest)
+    } else {
+        let evidence = tee
+            .evidence(&[0u8; 64], Some(&digest))
+            .map_err(|e| anyhow::anyhow!("{}", e.0))?;
+        tracing::debug!("evidence from the TEE");
+        check_initdata(&text, tee.tee(), &evidence)?
+    };
     drop(tee);
     if args.psp_socket.is_some() {
         eprintln!(

@@ -8,6 +8,9 @@
 //!   HOST_DATA: the guest measures the initdata itself, before anything reads it — the attester
 //!   extends PCR 8 with the digest when it is still zero, and refuses when it holds anything
 //!   else — and the KBS checks PCR 8 in the TPM quote.
+//! - IBM Secure Execution, which sets nothing at launch for it: no check here; every
+//!   attestation's user data (covered by the Ultravisor's measurement) carries the digest, and
+//!   the KBS checks it against the initdata presented.
 
 use coffer_wire::{binding::fit_report_data, initdata::Initdata, Tee};
 use serde_json::Value;
