@@ -6,6 +6,8 @@
 //! launch of those inputs, as AMD's `sev-snp-measure --mode snp` does ([`coffer_podvm::snp`]);
 //! `--tee tdx --firmware TDVF --kernel K [--initrd I] [--append S]` prints the MRTD (for both
 //! host page orders) and RTMR1/RTMR2 of a TDX direct boot ([`coffer_podvm::tdx`]).
+//! `--tee se --se-image F [--initdata F]` prints an IBM Secure Execution image's header tags
+//! (reference value `se_image_tags`).
 
 use std::path::{Path, PathBuf};
 
@@ -17,13 +19,13 @@ use serde_json::json;
 #[derive(Args)]
 pub struct MeasureArgs {
     /// The sandbox: `vm` (a pod VM) or `process` (development).
-    #[arg(long, required_unless_present = "firmware")]
+    #[arg(long, required_unless_present_any = ["firmware", "se_image", "tee"])]
     sandbox: Option<String>,
     /// The pod VM (`coffer podvm build --out DIR`), for `--sandbox vm`.
     #[arg(long)]
     podvm: Option<PathBuf>,
     /// The initdata the sandbox is launched with.
-    #[arg(long, required_unless_present = "firmware")]
+    #[arg(long, required_unless_present_any = ["firmware", "se_image", "tee"])]
     initdata: Option<PathBuf>,
     /// The agent binary [default: coffer-agent beside this program].
     #[arg(long)]
@@ -33,7 +35,8 @@ pub struct MeasureArgs {
     psp_dir: PathBuf,
     /// The TEE: with `--sandbox vm`, `snp` gives the SEV-SNP launch digest of the pod VM's
     /// launch, `tdx` its MRTD, RTMR1 and RTMR2 (`emulated`, the default, the emulated PSP's
-    /// measurement); in the raw form, the TEE whose values to print (`snp`, `tdx`).
+    /// measurement); in the raw form, the TEE whose values to print (`snp`, `tdx`); `se` with
+    /// `--se-image`: an IBM Secure Execution image's header tags.
     #[arg(long)]
     tee: Option<String>,
     /// The firmware image QEMU is given with `-bios`: OVMF with SEV metadata for `snp`, a TDVF
@@ -62,6 +65,34 @@ pub struct MeasureArgs {
     /// [default: 0x1, SNPActive, as sev-snp-measure and QEMU].
     #[arg(long, value_parser = parse_features)]
     guest_features: Option<u64>,
+    /// IBM SE (`--tee se`): the Secure Execution image (`pvimg create` output) whose header's
+    /// tags become reference value `se_image_tags`.
+    #[arg(long)]
+    se_image: Option<PathBuf>,
+}
+
+/// `--tee se --se-image F [--initdata F]`: the SE image's header tags (and the initdata
+/// digest) as reference values.
+fn run_se(a: &MeasureArgs) -> anyhow::Result<()> {
+    let Some(image) = &a.se_image else {
+        bail!("--tee se needs --se-image FILE (the Secure Execution image made by pvimg create)");
+    };
+    if a.sandbox.is_some() || a.podvm.is_some() || a.firmware.is_some() || a.kernel.is_some() {
+        bail!("--tee se measures an SE image (--se-image); --sandbox, --podvm, --firmware and --kernel do not apply");
+    }
+    let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+    let tags = coffer_verifier::se::ImageTags::from_se_image(&bytes)
+        .with_context(|| image.display().to_string())?;
+    let mut out = json!({ "se_image_tags": [tags.to_hex()] });
+    if let Some(initdata) = &a.initdata {
+        let text = std::fs::read_to_string(initdata)
+            .with_context(|| format!("cannot read {}", initdata.display()))?;
+        let digest =
+            coffer_wire::initdata::digest(&text).with_context(|| initdata.display().to_string())?;
+        out["init_data"] = json!([hex::encode(digest)]);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 /// A `--guest-features` value: `0x`-prefixed hex or decimal (as `sev-snp-measure` reads it).
@@ -187,6 +218,9 @@ pub fn agent_path(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Runs `coffer measure`.
 pub fn run(a: MeasureArgs) -> anyhow::Result<()> {
+    if a.tee.as_deref() == Some("se") || a.se_image.is_some() {
+        return run_se(&a);
+    }
     if let (None, Some(firmware)) = (&a.sandbox, &a.firmware) {
         return run_raw(&a, firmware);
     }

@@ -111,3 +111,43 @@ async fn measured_reference_values_release_to_the_launched_sandbox_only() {
         .await
         .is_err());
 }
+
+/// `coffer measure --tee se --se-image F --initdata F`: the reference values of an IBM Secure
+/// Execution image (made by IBM's `pvimg`, see the verifier's testdata) are its header's tags as
+/// `pvimg info` reports them, and the initdata digest; what is not an SE image is refused.
+#[test]
+fn an_se_images_reference_values_are_its_header_tags() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../verifier/testdata/se");
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("initdata.toml");
+    std::fs::write(&init, INITDATA).unwrap();
+    let (ok, out, stderr) = coffer(&[
+        "measure",
+        "--tee",
+        "se",
+        "--se-image",
+        data.join("test-se.img").to_str().unwrap(),
+        "--initdata",
+        init.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let refs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want = std::fs::read_to_string(data.join("test-se.img.tags")).unwrap();
+    assert_eq!(refs["se_image_tags"][0], want.trim());
+    assert_eq!(
+        refs["init_data"][0],
+        hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap())
+    );
+    let (ok, _, stderr) = coffer(&[
+        "measure",
+        "--tee",
+        "se",
+        "--se-image",
+        init.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("not an SE image"), "{stderr}");
+    let (ok, _, stderr) = coffer(&["measure", "--tee", "se"]);
+    assert!(!ok);
+    assert!(stderr.contains("--se-image"), "{stderr}");
+}

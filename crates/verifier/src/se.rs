@@ -614,6 +614,27 @@ mod tests {
         assert!(!stranger.has_slot(&arcb));
     }
 
+    /// An SE image made by IBM's `pvimg`: its header's tags are what `pvimg info` printed.
+    #[test]
+    fn an_se_images_tags_are_read_as_ibms_pvimg_reports_them() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/se/");
+        let image = std::fs::read(format!("{dir}test-se.img")).unwrap();
+        let want = std::fs::read_to_string(format!("{dir}test-se.img.tags")).unwrap();
+        let tags = ImageTags::from_se_image(&image).unwrap();
+        assert_eq!(tags.to_hex(), want.trim());
+        // A changed header byte (inside the page-list digest) changes the tags.
+        let at = image.windows(8).position(|w| w == b"IBMSecEx").unwrap();
+        let mut other = image.clone();
+        let pld = hex::decode(&want.trim()[..128]).unwrap();
+        let p = at
+            + other[at..]
+                .windows(64)
+                .position(|w| w == pld.as_slice())
+                .unwrap();
+        other[p] ^= 1;
+        assert_ne!(ImageTags::from_se_image(&other).unwrap(), tags);
+    }
+
     #[test]
     fn bad_host_key_documents_and_tags_are_refused_naming_them() {
         assert!(matches!(
