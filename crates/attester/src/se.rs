@@ -192,14 +192,24 @@ impl SeAttester {
         Ok(cb)
     }
 
-    /// Whether the device and the Ultravisor support attestation.
+    /// Whether the device and the Ultravisor support attestation. Kernels older than the
+    /// information ioctl (it answers `ENOTTY` from a real uvdevice) are taken to support it:
+    /// a guest that is not an SE guest then fails at attestation, saying so.
     pub fn supports_attestation(&self) -> Result<bool, AttesterError> {
         let mut info = UvioUvdevInfo::default();
-        self.ioctl(
+        let asked = self.ioctl(
             UVIO_IOCTL_UVDEV_INFO,
             &mut info as *mut UvioUvdevInfo as *mut u8,
             std::mem::size_of::<UvioUvdevInfo>(),
-        )?;
+        );
+        if let Err(AttesterError::Io { source, .. }) = &asked {
+            let char_device = std::fs::metadata(&self.device)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
+            if source.raw_os_error() == Some(libc::ENOTTY) && char_device {
+                return Ok(true);
+            }
+        }
+        asked?;
         let bit = 1u64 << ATT_NR;
         Ok(info.supp_uvio_cmds & bit != 0 && info.supp_uv_cmds & bit != 0)
     }
@@ -245,11 +255,13 @@ impl SeAttester {
                 cb.uv_rc, cb.uv_rrc
             )));
         }
+        // The kernel writes back how much additional data the Ultravisor returned.
+        let add_len = (att.add_data_len as usize).min(add.len());
         Ok(json!({
             "cuid": hex::encode(att.config_uid),
             "user_data": hex::encode(user_data),
             "measurement": hex::encode(&meas),
-            "additional_data": hex::encode(&add[..add_len.min(add.len())]),
+            "additional_data": hex::encode(&add[..add_len]),
         }))
     }
 }

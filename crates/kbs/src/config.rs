@@ -186,11 +186,13 @@ impl Config {
                 "--se-host-key-document needs --se-signing-cert (IBM's host-key signing certificate and its intermediate CA) to verify the documents; --se-unverified-host-keys skips that for tests only"
             );
         }
-        if self.se_host_key_document.is_empty()
-            && (!self.se_signing_cert.is_empty()
-                || !self.se_crl.is_empty()
-                || self.se_root_ca.is_some())
-        {
+        let se_chain = !self.se_signing_cert.is_empty()
+            || !self.se_crl.is_empty()
+            || self.se_root_ca.is_some();
+        if self.se_unverified_host_keys && se_chain {
+            anyhow::bail!("--se-unverified-host-keys would ignore --se-signing-cert, --se-crl and --se-root-ca; drop the test switch to verify the host-key documents");
+        }
+        if self.se_host_key_document.is_empty() && se_chain {
             anyhow::bail!("--se-signing-cert, --se-crl and --se-root-ca are used only with --se-host-key-document");
         }
         if self.mesh_cert_ttl_secs < 10 {

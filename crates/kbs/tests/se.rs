@@ -216,6 +216,17 @@ async fn se_is_off_unless_host_keys_are_configured_and_checked() {
     cfg.se_host_key_document = vec![doc];
     let err = coffer_kbs::Kbs::new(cfg).await.err().unwrap();
     assert!(err.to_string().contains("--se-signing-cert"), "{err}");
+    // The test switch never silently overrides a configured signing chain.
+    let mut cfg = common::config(dir.path(), None);
+    cfg.se_host_key_document = vec![dir.path().join("a.crt")];
+    cfg.se_signing_cert = vec![dir.path().join("sign.crt")];
+    cfg.se_unverified_host_keys = true;
+    let err = coffer_kbs::Kbs::new(cfg).await.err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("--se-unverified-host-keys would ignore"),
+        "{err}"
+    );
 }
 
 /// The production path: host-key documents checked against a signing chain shaped like IBM's

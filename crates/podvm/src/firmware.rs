@@ -261,6 +261,13 @@ fn sha256_hex(path: &Path) -> Result<String, FirmwareError> {
 pub fn build(kind: Kind, src: &Source) -> Result<Built, FirmwareError> {
     let root = src.cache.join("edk2-source");
     std::fs::create_dir_all(&root).map_err(io(format!("cannot create {}", root.display())))?;
+    // One firmware fetch and build at a time per cache (the source files and apt's state are
+    // shared); a build that waited finds the image made.
+    let lock_path = root.join("lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(io(format!("cannot create {}", lock_path.display())))?;
+    lock.lock()
+        .map_err(io(format!("cannot lock {}", lock_path.display())))?;
     // The source: the archive's current version, else (offline) the one fetched before.
     let downloads = root.join("files");
     let version = match fetch_source(kind, src, &root, &downloads) {
@@ -278,19 +285,21 @@ pub fn build(kind: Kind, src: &Source) -> Result<Built, FirmwareError> {
         .join("firmware")
         .join(format!("{}-{version}-r{RECIPE}", kind.name()));
     let image = entry.join("OVMF.fd");
-    // One build of a kind at a time per cache; a build that waited finds the image made.
-    let lock_path = root.join(format!("build-{}.lock", kind.name()));
-    let lock = std::fs::File::create(&lock_path)
-        .map_err(io(format!("cannot create {}", lock_path.display())))?;
-    lock.lock()
-        .map_err(io(format!("cannot lock {}", lock_path.display())))?;
     if image.is_file() {
-        let sha256 = sha256_hex(&image)?;
-        return Ok(Built {
-            path: image,
-            version,
-            sha256,
-        });
+        match cached(kind, &entry) {
+            Ok(sha256) => {
+                return Ok(Built {
+                    path: image,
+                    version,
+                    sha256,
+                })
+            }
+            Err(why) => {
+                tracing::warn!(entry = %entry.display(), %why, "the cached firmware is damaged; building it again");
+                std::fs::remove_dir_all(&entry)
+                    .map_err(io(format!("cannot remove {}", entry.display())))?;
+            }
+        }
     }
     check_tools(kind)?;
     let started = Instant::now();
@@ -346,7 +355,7 @@ pub fn build(kind: Kind, src: &Source) -> Result<Built, FirmwareError> {
         .prefix(".firmware-")
         .tempdir_in(&parent)
         .map_err(io(format!("cannot stage in {}", parent.display())))?;
-    std::fs::write(staged.path().join("OVMF.fd"), &bytes)
+    write_synced(&staged.path().join("OVMF.fd"), &bytes)
         .map_err(io("cannot stage the firmware"))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let mut sources = serde_json::Map::new();
@@ -369,11 +378,14 @@ pub fn build(kind: Kind, src: &Source) -> Result<Built, FirmwareError> {
         "sha256": sha256,
         "build_seconds": started.elapsed().as_secs(),
     });
-    std::fs::write(
-        staged.path().join("build.json"),
-        serde_json::to_vec_pretty(&record).unwrap_or_default(),
+    write_synced(
+        &staged.path().join("build.json"),
+        &serde_json::to_vec_pretty(&record).unwrap_or_default(),
     )
     .map_err(io("cannot stage the build record"))?;
+    std::fs::File::open(staged.path())
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot flush the staged firmware"))?;
     let staged = staged.keep();
     if let Err(e) = std::fs::rename(&staged, &entry) {
         // Another build finished first: its firmware stays.
@@ -473,26 +485,27 @@ fn fetch_source(
         .map_err(io("cannot list the source files"))?
         .flatten()
     {
-        if !files
-            .iter()
-            .any(|f| *f.name == *e.file_name().to_string_lossy())
-        {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != VERSION_FILE && !files.iter().any(|f| f.name == name) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+    // What an offline build falls back to: the last version fetched whole.
+    write_synced(&downloads.join(VERSION_FILE), version.as_bytes())
+        .map_err(io("cannot record the fetched source version"))?;
     Ok(version)
 }
 
-/// The version whose Debian tarball is in `dir`, from an earlier fetch.
+/// The file naming the last edk2 source version fetched whole.
+const VERSION_FILE: &str = "VERSION";
+
+/// The last version fetched whole into `dir`, from an earlier fetch.
 fn fetched_version(dir: &Path) -> Option<String> {
-    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
-        let name = e.file_name().to_string_lossy().to_string();
-        Some(
-            name.strip_prefix("edk2_")?
-                .strip_suffix(".debian.tar.xz")?
-                .to_string(),
-        )
-    })
+    let v = std::fs::read_to_string(dir.join(VERSION_FILE)).ok()?;
+    let v = v.trim().to_string();
+    dir.join(format!("edk2_{v}.debian.tar.xz"))
+        .is_file()
+        .then_some(v)
 }
 
 /// Unpacks the source into `tree` as `dpkg-source -x` does for a `3.0 (quilt)` package: the
@@ -546,6 +559,29 @@ fn unpack(kind: Kind, downloads: &Path, version: &str, tree: &Path) -> Result<()
         )?;
     }
     Ok(())
+}
+
+/// A cached firmware's SHA-256, once it is checked: the image's hash must be the one its
+/// `build.json` recorded, and the image must still pass [`check`].
+fn cached(kind: Kind, entry: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(entry.join("OVMF.fd")).map_err(|e| e.to_string())?;
+    let record: serde_json::Value = std::fs::read(entry.join("build.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    if record["sha256"].as_str() != Some(sha256.as_str()) {
+        return Err(format!("its SHA-256 {sha256} is not the recorded one"));
+    }
+    check(kind, &bytes)?;
+    Ok(sha256)
+}
+
+/// Writes `data` to `path` and flushes it to disk.
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 /// Whether `image` is firmware the TEE of `kind` can launch a measured pod VM with.

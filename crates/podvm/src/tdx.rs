@@ -17,8 +17,10 @@
 //! prints both: the TD's content is the same, only the host's order differs.
 //!
 //! **RTMR1** (the firmware's PCR 4 and 5 events, mapped by TDVF): the kernel's PE Authenticode
-//! SHA-384 (`EV_EFI_BOOT_SERVICES_APPLICATION`; QEMU hands a confidential guest's firmware the
-//! kernel file unpatched), then the actions "Calling EFI Application from Boot Option", "Exit
+//! SHA-384 (`EV_EFI_BOOT_SERVICES_APPLICATION`; QEMU's `x86_load_linux` skips its setup-header
+//! patches when a confidential-guest object is set, in QEMU's current source, so the firmware
+//! measures the kernel file unpatched; QEMU builds that still patch a TD's kernel — older
+//! versions, TDX forks — give another RTMR1), then the actions "Calling EFI Application from Boot Option", "Exit
 //! Boot Services Invocation" and "Exit Boot Services Returned with Success".
 //!
 //! **RTMR2** (PCR 9, from the kernel's EFI stub): the load options as OVMF's loader passes them
@@ -65,7 +67,8 @@ pub const EXIT_BOOT_SERVICES: [&str; 2] = [
 ];
 /// What OVMF's kernel loader appends to the command line when there is an initrd.
 const INITRD_OPTION: &str = " initrd=initrd";
-/// The guest memory the launcher gives a pod VM (MiB); RTMRs 1 and 2 do not depend on it.
+/// The guest memory the launcher gives a pod VM (MiB); RTMRs 1 and 2 do not depend on it where
+/// QEMU leaves the kernel's setup header unpatched (see the module's documentation).
 pub const DEFAULT_MEMORY_MIB: u64 = 2048;
 
 /// Why TDX values cannot be computed.

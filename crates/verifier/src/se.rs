@@ -9,7 +9,8 @@
 //!    document, for that host's ECDH P-521 key. Only an Ultravisor holding one of those host
 //!    keys can open it. The flags ask for the image's and the attesting host's public host-key
 //!    hashes as additional data. The measurement key and nonce ([`ChallengeSecret`]) stay with
-//!    the KBS (sealed into its stateless session), never in the clear on the wire.
+//!    the KBS (in its session record, in the store, until the session expires), never on the
+//!    wire.
 //! 2. **The guest** (`coffer-attester`'s `se`) hands the ARCB and its user data (the
 //!    runtime-data digest that binds the KBS's nonce and the guest's ephemeral key) to the
 //!    Ultravisor through `/dev/uv`, and returns the measurement, the configuration unique id
