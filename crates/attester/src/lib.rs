@@ -26,12 +26,11 @@ use std::path::{Path, PathBuf};
 pub use sevguest::{SevGuestAttester, SEV_GUEST_DEVICE};
 pub use tsm::{TsmReport, TsmSnpAttester, TsmTdxAttester, CCEL_TABLE, TSM_REPORT_ROOT};
 #[cfg(target_arch = "x86_64")]
-pub use vtpm::{AzSnpVtpmAttester, AzTdxVtpmAttester, Vtpm, AZURE_IMDS, TPM_DEVICE_TCTI};
-/// The vTPM's TCTI (the Azure vTPM attesters exist on x86_64 only).
-#[cfg(not(target_arch = "x86_64"))]
+pub use vtpm::{AzSnpVtpmAttester, AzTdxVtpmAttester, Vtpm};
+
+/// The vTPM as a Linux guest sees it: the kernel's resource manager device.
 pub const TPM_DEVICE_TCTI: &str = "device:/dev/tpmrm0";
-/// Azure's instance metadata service (the Azure vTPM attesters exist on x86_64 only).
-#[cfg(not(target_arch = "x86_64"))]
+/// Azure's instance metadata service, reachable from inside the VM only.
 pub const AZURE_IMDS: &str = "http://169.254.169.254";
 
 /// Why evidence could not be gathered.

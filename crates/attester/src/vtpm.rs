@@ -35,11 +35,8 @@ use tss_esapi::{
 };
 
 use crate::AttesterError;
-
-/// The vTPM as a Linux guest sees it: the kernel's resource manager device.
-pub const TPM_DEVICE_TCTI: &str = "device:/dev/tpmrm0";
-/// Azure's instance metadata service, reachable from inside the VM only.
-pub const AZURE_IMDS: &str = "http://169.254.169.254";
+#[cfg(doc)]
+use crate::{AZURE_IMDS, TPM_DEVICE_TCTI};
 /// The PCR initdata is extended into.
 pub const INITDATA_PCR: u8 = 8;
 /// How long an IMDS request may take.

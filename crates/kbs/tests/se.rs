@@ -52,15 +52,24 @@ impl Attester for SeGuest<'_> {
     }
 }
 
-fn client(kbs: &TestKbs, guest: SeGuest<'static>) -> KbsClient {
+/// A client for a guest on `host` running `image`, launched with [`INITDATA`].
+fn guest(kbs: &TestKbs, host: &'static Host, image: ImageTags) -> KbsClient {
     KbsClient::new(
         &kbs.url,
         http_client(None).unwrap(),
-        Box::new(guest),
+        Box::new(SeGuest { host, image }),
         TeeKeyAlgorithm::EcP256,
     )
     .unwrap()
     .with_initdata(INITDATA.to_string())
+}
+
+/// Registers `refs` as the KBS's reference values.
+async fn register(kbs: &TestKbs, refs: Value) {
+    kbs.admin()
+        .set_reference_values(refs.to_string().as_bytes())
+        .await
+        .unwrap();
 }
 
 fn leak(h: Host) -> &'static Host {
@@ -92,49 +101,34 @@ async fn an_se_guest_gets_secrets_only_for_a_registered_image_initdata_and_host(
     let init = hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap());
 
     // No image registered: refused, naming it.
-    let err = client(
-        &kbs,
-        SeGuest {
-            host: a,
-            image: good,
-        },
-    )
-    .get_resource("default/image/key")
-    .await
-    .unwrap_err();
+    let err = guest(&kbs, a, good)
+        .get_resource("default/image/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::AttestationError), "{err}");
     assert!(
         err.to_string().contains("no SE image is registered"),
         "{err}"
     );
 
-    admin
-        .set_reference_values(
-            json!({"se_image_tags": [good.to_hex()], "init_data": [init]})
-                .to_string()
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+    register(
+        &kbs,
+        json!({"se_image_tags": [good.to_hex()], "init_data": [init]}),
+    )
+    .await;
     // The registered image on either configured host: released.
     for host in [a, b] {
-        let got = client(&kbs, SeGuest { host, image: good })
+        let got = guest(&kbs, host, good)
             .get_resource("default/image/key")
             .await
             .unwrap();
         assert_eq!(got.as_slice(), b"image key");
     }
     // Another image: its measurement matches nothing registered.
-    let err = client(
-        &kbs,
-        SeGuest {
-            host: a,
-            image: other,
-        },
-    )
-    .get_resource("default/image/key")
-    .await
-    .unwrap_err();
+    let err = guest(&kbs, a, other)
+        .get_resource("default/image/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::AttestationError), "{err}");
     assert!(
         err.to_string()
@@ -143,68 +137,41 @@ async fn an_se_guest_gets_secrets_only_for_a_registered_image_initdata_and_host(
     );
 
     // Other initdata: the measured user data carries its digest, the policy refuses it.
-    let err = client(
-        &kbs,
-        SeGuest {
-            host: a,
-            image: good,
-        },
-    )
-    .with_initdata(INITDATA.replace("agent_policy", "other"))
-    .get_resource("default/image/key")
-    .await
-    .unwrap_err();
+    let err = guest(&kbs, a, good)
+        .with_initdata(INITDATA.replace("agent_policy", "other"))
+        .get_resource("default/image/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny), "{err}");
 
     // Only host a accepted: host b's guest is refused by the policy.
-    admin
-        .set_reference_values(
-            json!({"se_attestation_phkh": [hex::encode(a.hash())]})
-                .to_string()
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let err = client(
+    register(
         &kbs,
-        SeGuest {
-            host: b,
-            image: good,
-        },
+        json!({"se_attestation_phkh": [hex::encode(a.hash())]}),
     )
-    .get_resource("default/image/key")
-    .await
-    .unwrap_err();
+    .await;
+    let err = guest(&kbs, b, good)
+        .get_resource("default/image/key")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::PolicyDeny), "{err}");
     assert!(kbs
         .audit()
         .contains("attesting host is not in reference value se_attestation_phkh"));
-    assert!(client(
-        &kbs,
-        SeGuest {
-            host: a,
-            image: good
-        }
-    )
-    .get_resource("default/image/key")
-    .await
-    .is_ok());
+    assert!(guest(&kbs, a, good)
+        .get_resource("default/image/key")
+        .await
+        .is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn se_is_off_unless_host_keys_are_configured_and_checked() {
     let a = leak(Host::new("host-a"));
     let kbs = TestKbs::start().await;
-    let err = client(
-        &kbs,
-        SeGuest {
-            host: a,
-            image: image(1),
-        },
-    )
-    .get_resource("default/image/key")
-    .await
-    .unwrap_err();
+    let err = guest(&kbs, a, image(1))
+        .get_resource("default/image/key")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("not configured"), "{err}");
 
     // A host-key document without IBM's signing chain is refused at start, unless the test
@@ -288,15 +255,12 @@ async fn host_key_documents_are_checked_against_the_signing_chain_and_crls() {
         .unwrap();
     let good = image(7);
     let init = hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap());
-    admin
-        .set_reference_values(
-            json!({"se_image_tags": [good.to_hex()], "init_data": [init]})
-                .to_string()
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let got = client(&kbs, SeGuest { host, image: good })
+    register(
+        &kbs,
+        json!({"se_image_tags": [good.to_hex()], "init_data": [init]}),
+    )
+    .await;
+    let got = guest(&kbs, host, good)
         .get_resource("default/image/key")
         .await
         .unwrap();

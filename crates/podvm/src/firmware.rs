@@ -250,10 +250,9 @@ fn apt(dir: &Path, src: &Source) -> Result<Command, FirmwareError> {
 }
 
 fn sha256_hex(path: &Path) -> Result<String, FirmwareError> {
-    let mut f = std::fs::File::open(path).map_err(io(format!("cannot read {}", path.display())))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(io(format!("cannot read {}", path.display())))?;
-    Ok(hex::encode(h.finalize()))
+    crate::launch::sha256_file(path)
+        .map(hex::encode)
+        .map_err(io(format!("cannot read {}", path.display())))
 }
 
 /// The firmware of `kind`, built from Debian's edk2 source (see the module's documentation),
