@@ -1,7 +1,10 @@
-//! `coffer podvm build`: builds a pod VM image (see `coffer_podvm::build`).
+//! `coffer podvm build`: builds a pod VM image (see `coffer_podvm::build`); `coffer podvm seal
+//! --tee se`: seals an s390x kernel and initrd into an IBM Secure Execution image
+//! (`coffer_podvm::se`).
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 /// `coffer podvm` arguments.
@@ -48,6 +51,42 @@ enum PodvmCommand {
         /// The disk's scratch partition (MiB).
         #[arg(long, default_value_t = 1024)]
         disk_scratch_mib: u64,
+    },
+    /// Seal an s390x kernel, initrd and command line into an IBM Secure Execution image for
+    /// the hosts whose host-key documents are given (IBM's image format, as `pvimg create`
+    /// writes it); print its reference values (`se_image_tags`) and layout as JSON.
+    Seal {
+        /// The TEE: `se` (IBM Secure Execution).
+        #[arg(long)]
+        tee: String,
+        /// The s390x kernel image (vmlinuz).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initrd.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// The kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// A host-key document (PEM or DER) of a host the image may run on; repeatable.
+        #[arg(long = "host-key-document", value_name = "HKD", required = true)]
+        host_key_documents: Vec<PathBuf>,
+        /// IBM's host-key signing certificate and its intermediate CA; repeatable.
+        #[arg(long = "se-signing-cert", value_name = "CERT")]
+        signing_certs: Vec<PathBuf>,
+        /// CRLs of the signing chain; repeatable.
+        #[arg(long = "se-crl", value_name = "CRL")]
+        crls: Vec<PathBuf>,
+        /// The root CA of the signing chain [default: the system's trust store].
+        #[arg(long = "se-root-ca", value_name = "CERT")]
+        root_ca: Option<PathBuf>,
+        /// Seal for host-key documents without checking them against IBM's signing chain
+        /// (tests only: an unchecked document may be an attacker's key).
+        #[arg(long, conflicts_with_all = ["signing_certs", "crls", "root_ca"])]
+        no_verify_host_keys: bool,
+        /// The image to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Build (or find in the cache) a TEE's firmware from Debian's edk2 source package and
     /// print its path, SHA-256 and source version: `snp` (OVMF's AmdSev build), `tdx` (TDVF).
@@ -117,6 +156,80 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 out.display(),
                 manifest["measurement"]["emulated"].as_str().unwrap_or(""),
                 manifest["verity"]["root_hash"].as_str().unwrap_or("")
+            );
+            Ok(())
+        }
+        PodvmCommand::Seal {
+            tee,
+            kernel,
+            initrd,
+            cmdline,
+            host_key_documents,
+            signing_certs,
+            crls,
+            root_ca,
+            no_verify_host_keys,
+            out,
+        } => {
+            if tee != "se" {
+                anyhow::bail!("--tee {tee}: only se (IBM Secure Execution) images are sealed");
+            }
+            let chain = if no_verify_host_keys {
+                eprintln!("coffer: WARNING: the host-key documents are NOT checked against IBM's signing chain (--no-verify-host-keys): for tests only");
+                None
+            } else {
+                if signing_certs.is_empty() || crls.is_empty() {
+                    anyhow::bail!("the host-key documents must be checked against IBM's signing chain: give --se-signing-cert (the signing certificate and its intermediate CA) and --se-crl, or --no-verify-host-keys for a test");
+                }
+                Some(coffer_verifier::se::signing_chain(
+                    &signing_certs,
+                    &crls,
+                    root_ca.as_deref(),
+                )?)
+            };
+            let documents = host_key_documents
+                .iter()
+                .map(|p| {
+                    std::fs::read(p)
+                        .map(|b| (p.display().to_string(), b))
+                        .with_context(|| format!("cannot read {}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let hosts = coffer_verifier::se::HostKeys::load(&documents, chain.as_ref())?;
+            let keys: Vec<_> = hosts.keys().cloned().collect();
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let kernel = read(&kernel)?;
+            let initrd = initrd.as_ref().map(read).transpose()?;
+            let loaders = coffer_podvm::se::Loaders::assemble()?;
+            let t = std::time::Instant::now();
+            let sealed = coffer_podvm::se::seal(
+                &coffer_podvm::se::Inputs {
+                    kernel: &kernel,
+                    initrd: initrd.as_deref(),
+                    cmdline: &cmdline,
+                    host_keys: &keys,
+                    pcf: coffer_podvm::se::DEFAULT_PCF,
+                },
+                &loaders,
+            )?;
+            let sealed_in = t.elapsed();
+            coffer_fsutil::write_atomic(&out, &sealed.image, 0o644)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "se_image_tags": [hex::encode(&sealed.tags)],
+                    "image": out,
+                    "components": sealed.components,
+                    "se_header": { "addr": sealed.header.0, "size": sealed.header.1 },
+                    "ipib": { "addr": sealed.ipib.0, "size": sealed.ipib.1 },
+                    "psw": { "mask": format!("{:#018x}", sealed.psw.0), "addr": format!("{:#x}", sealed.psw.1) },
+                    "pages": sealed.pages,
+                    "host_key_hashes": sealed.host_key_hashes.iter().map(hex::encode).collect::<Vec<_>>(),
+                    "sealed_ms": sealed_in.as_secs_f64() * 1e3,
+                }))?
             );
             Ok(())
         }

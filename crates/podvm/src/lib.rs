@@ -14,6 +14,8 @@ pub mod initrd;
 pub mod launch;
 pub mod mux;
 pub mod remote;
+#[cfg(feature = "se")]
+pub mod se;
 pub mod snp;
 pub mod tdx;
 pub mod verity;

@@ -170,6 +170,11 @@ impl HostKeys {
     pub fn hashes(&self) -> impl Iterator<Item = &[u8; PHKH_LEN]> {
         self.keys.iter().map(|(_, _, h)| h)
     }
+
+    /// The hosts' public keys, in the order their documents were given.
+    pub fn keys(&self) -> impl Iterator<Item = &PKey<Public>> {
+        self.keys.iter().map(|(_, k, _)| k)
+    }
 }
 
 /// What the KBS keeps of a challenge to verify its answer: the measurement key and the nonce.
@@ -530,6 +535,170 @@ pub mod testing {
         }
     }
 
+    /// What the Ultravisor leaves in guest memory after it unpacked an SE image.
+    #[derive(Debug)]
+    pub struct Unpacked {
+        /// Guest memory from address 0: the image file with every encrypted component
+        /// replaced by its plaintext (as unpack decrypts pages in place).
+        pub memory: Vec<u8>,
+        /// The PSW the secure guest starts with (mask, address), from the header's encrypted
+        /// area.
+        pub psw: (u64, u64),
+        /// The plaintext control flags.
+        pub pcf: u64,
+        /// The encrypted components (tweak prefix, address, size), as the IPL block lists them.
+        pub components: Vec<(u64, u64, u64)>,
+        /// The image's tags (reference values).
+        pub tags: ImageTags,
+    }
+
+    fn be64(b: &[u8], at: usize) -> Result<u64, String> {
+        b.get(at..at + 8)
+            .map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
+            .ok_or_else(|| format!("the image ends before offset {at:#x}"))
+    }
+
+    impl Host {
+        /// Unpacks `image` as the Ultravisor does for a secure IPL on this host (IBM's
+        /// Secure Execution architecture): find the SE header and IPL block (the image
+        /// metadata at 0xc000), open this host's key slot (ECDH of the host key and the
+        /// header's customer key, then AES-256-GCM), open the header's encrypted area (the
+        /// GCM tag authenticates the whole header), decrypt each listed component page by
+        /// page with AES-256-XTS (tweak: the component's prefix and the page's offset) and
+        /// check the page count and the page-, address- and tweak-list digests. Errors name
+        /// what failed, as the Ultravisor's return codes do.
+        pub fn unpack(&self, image: &[u8]) -> Result<Unpacked, String> {
+            use openssl::sha::Sha512;
+            use openssl::symm::{Cipher, Crypter, Mode};
+            if image.get(0xc000..0xc008) != Some(b"SeImgLnx") {
+                return Err("no SE image metadata at 0xc000".into());
+            }
+            let hdr_at = be64(image, 0xc008)? as usize;
+            let ipib_at = u64::from_be_bytes(
+                image
+                    .get(0xc014..0xc01c)
+                    .ok_or("truncated metadata")?
+                    .try_into()
+                    .expect("8 bytes"),
+            ) as usize;
+            let hdr = image.get(hdr_at..).ok_or("the SE header is past the end")?;
+            if hdr.get(..8) != Some(b"IBMSecEx") {
+                return Err("no SE header (magic) where the metadata points".into());
+            }
+            if hdr[8..12] != 0x100u32.to_be_bytes() {
+                return Err("SE header version mismatch".into());
+            }
+            let sehs = u32::from_be_bytes(hdr[12..16].try_into().expect("4 bytes")) as usize;
+            let nks = be64(hdr, 32)? as usize;
+            let sea = be64(hdr, 40)? as usize;
+            let nep = be64(hdr, 48)?;
+            let pcf = be64(hdr, 56)?;
+            let head = 416 + nks * SLOT;
+            if sehs > 8192 || sea != 128 || head + sea + 16 != sehs || hdr.len() < sehs {
+                return Err(format!(
+                    "SE header sizes are inconsistent (sehs {sehs}, nks {nks}, sea {sea})"
+                ));
+            }
+            let hdr = &hdr[..sehs];
+            let (pld, ald, tld) = (&hdr[224..288], &hdr[288..352], &hdr[352..416]);
+            let mine = self.hash();
+            let slot = hdr[416..head]
+                .chunks(SLOT)
+                .find(|s| s[..32] == mine)
+                .ok_or("the image has no key slot for this host's key")?;
+            let coords = &hdr[64..64 + COORDS];
+            let group = EcGroup::from_curve_name(Nid::SECP521R1).expect("P-521");
+            let x = BigNum::from_slice(&coords[..80]).map_err(|e| e.to_string())?;
+            let y = BigNum::from_slice(&coords[80..]).map_err(|e| e.to_string())?;
+            let customer = EcKey::from_public_key_affine_coordinates(&group, &x, &y)
+                .and_then(PKey::from_ec_key)
+                .map_err(|e| format!("the header's customer key is not a P-521 point: {e}"))?;
+            let kek = derive_aes256_gcm_key(&self.key, &customer).map_err(|e| e.to_string())?;
+            let key = decrypt_aead(
+                &SymKey::Aes256(kek),
+                &[0; 12],
+                &[],
+                &slot[32..64],
+                &slot[64..80],
+            )
+            .map_err(|_| "the key slot does not open with this host's key".to_string())?;
+            let key: [u8; 32] = key.into_buf().value()[..32].try_into().expect("32 bytes");
+            let secret = decrypt_aead(
+                &SymKey::Aes256(key.into()),
+                &hdr[16..28],
+                &hdr[..head],
+                &hdr[head..head + sea],
+                &hdr[head + sea..],
+            )
+            .map_err(|_| "the SE header does not authenticate (GCM tag)".to_string())?;
+            // The result is the additional data, the plaintext, the tag.
+            let secret = secret.into_buf();
+            let secret = &secret.value()[head..head + sea];
+            let xts = &secret[32..96];
+            let psw = (be64(secret, 96)?, be64(secret, 104)?);
+            let ipib = image
+                .get(ipib_at..)
+                .ok_or("the IPL block is past the end")?;
+            if ipib.get(12) != Some(&5) {
+                return Err("the IPL block is not a secure-IPL (PV) block".into());
+            }
+            let n = u32::from_be_bytes(ipib[116..120].try_into().expect("4 bytes")) as usize;
+            let mut memory = image.to_vec();
+            let mut components = Vec::new();
+            let (mut p, mut a, mut t, mut pages) =
+                (Sha512::new(), Sha512::new(), Sha512::new(), 0u64);
+            for i in 0..n {
+                let e = 136 + 24 * i;
+                let (prefix, addr, len) = (be64(ipib, e)?, be64(ipib, e + 8)?, be64(ipib, e + 16)?);
+                if addr % 4096 != 0 || len % 4096 != 0 || (addr + len) as usize > image.len() {
+                    return Err(format!("component {i} is not whole pages inside the image"));
+                }
+                for off in (0..len).step_by(4096) {
+                    let at = (addr + off) as usize;
+                    let mut tweak = [0u8; 16];
+                    tweak[..8].copy_from_slice(&prefix.to_be_bytes());
+                    tweak[8..].copy_from_slice(&off.to_be_bytes());
+                    let page = &image[at..at + 4096];
+                    let mut c =
+                        Crypter::new(Cipher::aes_256_xts(), Mode::Decrypt, xts, Some(&tweak))
+                            .map_err(|e| e.to_string())?;
+                    let mut out = vec![0u8; 4096 + 16];
+                    let k = c.update(page, &mut out).map_err(|e| e.to_string())?;
+                    let k = k + c.finalize(&mut out[k..]).map_err(|e| e.to_string())?;
+                    memory[at..at + 4096].copy_from_slice(&out[..k]);
+                    p.update(page);
+                    a.update(&(addr + off).to_be_bytes());
+                    t.update(&tweak);
+                    pages += 1;
+                }
+                components.push((prefix, addr, len));
+            }
+            if pages != nep {
+                return Err(format!(
+                    "the image lists {pages} encrypted pages, the header {nep}"
+                ));
+            }
+            for (name, want, got) in [
+                ("address-list digest (ALD)", ald, a.finish()),
+                ("page-list digest (PLD)", pld, p.finish()),
+                ("tweak-list digest (TLD)", tld, t.finish()),
+            ] {
+                if want != got {
+                    return Err(format!("{name} mismatch"));
+                }
+            }
+            let mut tags = hdr[224..416].to_vec();
+            tags.extend_from_slice(&hdr[sehs - 16..]);
+            Ok(Unpacked {
+                memory,
+                psw,
+                pcf,
+                components,
+                tags: ImageTags::from_bytes(&tags).map_err(|e| e.to_string())?,
+            })
+        }
+    }
+
     /// A made-up image's tags (`seed` varies them).
     pub fn image(seed: u8) -> ImageTags {
         let b: Vec<u8> = (0..super::IMAGE_TAGS_LEN)
@@ -634,6 +803,50 @@ mod tests {
                 .unwrap();
         other[p] ^= 1;
         assert_ne!(ImageTags::from_se_image(&other).unwrap(), tags);
+    }
+
+    /// The Ultravisor stand-in unpacks the image IBM's `pvimg` made, with the private key of
+    /// the host-key document it was sealed for: the kernel and command line come back as they
+    /// went in, and a changed byte in an encrypted page or in the header is refused.
+    #[test]
+    fn the_ultravisor_stand_in_unpacks_an_image_made_by_ibms_pvimg() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/se/");
+        let read = |f: &str| std::fs::read(format!("{dir}{f}")).unwrap();
+        let image = read("test-se.img");
+        let host = Host::from_pem(&read("test-se-host.key"), &read("test-se-host.crt"));
+        let u = host.unpack(&image).unwrap();
+        assert_eq!(u.tags, ImageTags::from_se_image(&image).unwrap());
+        assert_eq!(u.pcf, 0xe0);
+        // pvimg's components: kernel, command line, stage3b (its tweak prefixes start with
+        // the component kind: 40, 60, 70).
+        let kinds: Vec<u64> = u.components.iter().map(|c| c.0 >> 48).collect();
+        assert_eq!(kinds, [40, 60, 70]);
+        let kernel = read("test-se.kernel");
+        let (_, k, _) = u.components[0];
+        let (_, c, _) = u.components[1];
+        assert!(
+            u.memory[k as usize..k as usize + kernel.len()] == kernel[..],
+            "the kernel differs"
+        );
+        // The parameter file as pvimg read it (with its newline), NUL-terminated.
+        let cmdline = b"console=ttysclp0 coffer.test=1\n\0";
+        assert_eq!(&u.memory[c as usize..c as usize + cmdline.len()], cmdline);
+        assert_eq!(u.psw.1, u.components[2].1, "the guest starts at stage3b");
+        // Tampering: a ciphertext byte (page-list digest), the header (GCM tag), another host.
+        let mut bad = image.clone();
+        bad[k as usize + 100] ^= 1;
+        assert_eq!(
+            host.unpack(&bad).unwrap_err(),
+            "page-list digest (PLD) mismatch"
+        );
+        let at = image.windows(8).position(|w| w == b"IBMSecEx").unwrap();
+        let mut bad = image.clone();
+        bad[at + 56 + 7] ^= 0x10; // a plaintext control flag
+        assert!(host.unpack(&bad).unwrap_err().contains("GCM tag"));
+        assert!(Host::new("other")
+            .unpack(&image)
+            .unwrap_err()
+            .contains("no key slot"));
     }
 
     #[test]
