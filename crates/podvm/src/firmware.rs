@@ -46,7 +46,7 @@ pub const DEFAULT_SUITE: &str = "trixie";
 /// Where the build sees its source tree's parent (in a mount namespace of its own).
 pub const BUILD_AT: &str = "/mnt";
 /// The archive's signing keys, as Debian installs them.
-const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+pub(crate) const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Which firmware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,19 +213,24 @@ fn check_tools(kind: Kind) -> Result<(), FirmwareError> {
 
 /// apt, configured to read only `deb-src` lines of its own, with its state under `dir`.
 fn apt(dir: &Path, src: &Source) -> Result<Command, FirmwareError> {
-    for d in ["lists/partial", "cache/archives/partial", "parts"] {
-        std::fs::create_dir_all(dir.join(d))
-            .map_err(io(format!("cannot create {}", dir.display())))?;
-    }
-    let list = dir.join("sources.list");
-    std::fs::write(
-        &list,
-        format!(
+    private_apt(
+        dir,
+        &format!(
             "deb-src [signed-by={ARCHIVE_KEYRING}] {} {} main\n",
             src.mirror, src.suite
         ),
     )
-    .map_err(io(format!("cannot write {}", list.display())))?;
+    .map_err(io(format!("cannot set up apt in {}", dir.display())))
+}
+
+/// apt with a sources list of its own (`sources`, one-line format) and its state under `dir`;
+/// the system's apt configuration and state are untouched.
+pub(crate) fn private_apt(dir: &Path, sources: &str) -> std::io::Result<Command> {
+    for d in ["lists/partial", "cache/archives/partial", "parts"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let list = dir.join("sources.list");
+    std::fs::write(&list, sources)?;
     let mut cmd = Command::new("apt-get");
     cmd.arg("-q")
         .arg("-o")

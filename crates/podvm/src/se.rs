@@ -202,7 +202,7 @@ impl Loaders {
     /// Loaders from their flat binaries, checked for the room their arguments take.
     pub fn from_bytes(stage3a: Vec<u8>, stage3b: Vec<u8>) -> Result<Self, SeImageError> {
         if stage3a.len() <= (STAGE3A_ENTRY - STAGE3A_ADDRESS) as usize + STAGE3A_ARGS
-            || stage3a.len() % 8 != 0
+            || !stage3a.len().is_multiple_of(8)
             || stage3a.len() > 0x3000
         {
             return Err(SeImageError::Loader(format!(
@@ -211,7 +211,7 @@ impl Loaders {
                 stage3a.len()
             )));
         }
-        if stage3b.len() <= STAGE3B_ARGS || stage3b.len() % 8 != 0 {
+        if stage3b.len() <= STAGE3B_ARGS || !stage3b.len().is_multiple_of(8) {
             return Err(SeImageError::Loader(format!(
                 "stage3b is {} bytes: it must end on its 64 bytes of arguments (8-byte aligned)",
                 stage3b.len()
@@ -269,6 +269,152 @@ pub struct Sealed {
     pub pages: u64,
     /// The host-key hashes that have a key slot.
     pub host_key_hashes: Vec<[u8; 32]>,
+}
+
+/// The Debian package whose kernel SE images are made with: bookworm-backports' s390x kernel
+/// (6.12, as the x86 pod VM's), which has the SCLP console, the Ultravisor device (`uvdevice`)
+/// and gzip and zstd initramfs support built in.
+pub const KERNEL_PACKAGE: &str = "linux-image-s390x";
+
+/// A Debian s390x kernel in the cache.
+#[derive(Clone, Debug)]
+pub struct DebianKernel {
+    /// The kernel image (`vmlinuz`).
+    pub vmlinuz: std::path::PathBuf,
+    /// Its release (`6.12.…-s390x`).
+    pub release: String,
+    /// The package file it came from.
+    pub deb: std::path::PathBuf,
+}
+
+/// The newest s390x kernel of [`KERNEL_PACKAGE`], downloaded (with an apt of its own, for the
+/// s390x architecture, against Debian's signed index) into `cache/s390x/` and kept there. When
+/// the archive cannot be reached, the kernel fetched before is used, with a warning.
+pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageError> {
+    let dir = cache.join("s390x");
+    let fail =
+        |what: &str, e: String| SeImageError::Input(format!("the s390x kernel: {what}: {e}"));
+    let apt = |args: &[&str]| -> Result<Vec<u8>, SeImageError> {
+        let mut cmd = crate::firmware::private_apt(
+            &dir.join("apt"),
+            &format!(
+                "deb [signed-by={} arch=s390x] {} {} main\n",
+                crate::firmware::ARCHIVE_KEYRING,
+                crate::firmware::DEFAULT_MIRROR,
+                crate::build::KERNEL_SUITE
+            ),
+        )
+        .map_err(|e| fail("cannot set up apt", e.to_string()))?;
+        let out = cmd
+            .args([
+                "-o",
+                "APT::Architecture=s390x",
+                "-o",
+                "APT::Architectures::=s390x",
+            ])
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| fail("cannot run apt-get", e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(
+                &format!("apt-get {}", args.join(" ")),
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(out.stdout)
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail("cannot create the cache", e.to_string()))?;
+    let newest = |prefix: &str, suffix: &str| -> Option<std::path::PathBuf> {
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
+            })
+            .collect();
+        found.sort();
+        found.pop()
+    };
+    let fetched = (|| -> Result<std::path::PathBuf, SeImageError> {
+        apt(&["update"])?;
+        for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let n = f.file_name().to_string_lossy().to_string();
+            if n.starts_with(&format!("{KERNEL_PACKAGE}_")) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        apt(&["download", KERNEL_PACKAGE])?;
+        let meta = newest(&format!("{KERNEL_PACKAGE}_"), ".deb")
+            .ok_or_else(|| fail("apt-get download", "left no package file".into()))?;
+        let out = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&meta)
+            .arg("Depends")
+            .output()
+            .map_err(|e| fail("dpkg-deb", e.to_string()))?;
+        let depends = String::from_utf8_lossy(&out.stdout).to_string();
+        let pkg = depends
+            .split([',', ' ', '|'])
+            .find(|d| d.starts_with("linux-image-") && *d != KERNEL_PACKAGE)
+            .ok_or_else(|| fail(&meta.display().to_string(), "names no kernel".into()))?
+            .to_string();
+        if let Some(deb) = newest(&format!("{pkg}_"), ".deb") {
+            return Ok(deb);
+        }
+        apt(&["download", &pkg])?;
+        newest(&format!("{pkg}_"), ".deb")
+            .ok_or_else(|| fail("apt-get download", format!("left no {pkg} file")))
+    })();
+    let deb = match fetched {
+        Ok(deb) => deb,
+        Err(e) => match newest("linux-image-6", "_s390x.deb") {
+            Some(deb) => {
+                tracing::warn!(error = %e, deb = %deb.display(), "Debian's archive cannot be reached: the s390x kernel fetched before is used");
+                deb
+            }
+            None => return Err(e),
+        },
+    };
+    let name = deb.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let release = name
+        .strip_prefix("linux-image-")
+        .and_then(|n| n.split('_').next())
+        .unwrap_or_default()
+        .to_string();
+    let vmlinuz = dir.join(format!("vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        let x = tempfile::tempdir_in(&dir).map_err(|e| fail("a work directory", e.to_string()))?;
+        let out = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(x.path())
+            .output()
+            .map_err(|e| fail("dpkg-deb", e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(
+                &format!("dpkg-deb -x {}", deb.display()),
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        let from = x.path().join(format!("boot/vmlinuz-{release}"));
+        let tmp = dir.join(format!(".vmlinuz-{release}.tmp"));
+        std::fs::copy(&from, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &vmlinuz))
+            .map_err(|e| {
+                fail(
+                    &format!("{} in {}", from.display(), deb.display()),
+                    e.to_string(),
+                )
+            })?;
+    }
+    Ok(DebianKernel {
+        vmlinuz,
+        release,
+        deb,
+    })
 }
 
 fn round_up(v: u64) -> u64 {
@@ -504,11 +650,14 @@ pub fn seal(inputs: &Inputs, loaders: &Loaders) -> Result<Sealed, SeImageError> 
 }
 
 /// The SE header, its tags and the host-key hashes it has slots for.
+type SealedHeader = (Vec<u8>, Vec<u8>, Vec<[u8; 32]>);
+
+/// Builds the SE header for `comps` (finished here) and `psw`.
 fn header(
     inputs: &Inputs,
     comps: &mut Components,
     psw: (u64, u64),
-) -> Result<(Vec<u8>, Vec<u8>, Vec<[u8; 32]>), SeImageError> {
+) -> Result<SealedHeader, SeImageError> {
     let pld = comps.pld.finish().map_err(crypto)?;
     let ald = comps.ald.finish().map_err(crypto)?;
     let tld = comps.tld.finish().map_err(crypto)?;

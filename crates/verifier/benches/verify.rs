@@ -1,5 +1,6 @@
 //! Verifications per second on one core (this thread), endorsement certificates cached.
-//! Run: `cargo bench -p coffer-verifier`.
+//! Run: `cargo bench -p coffer-verifier`; with `--features se-testing`, IBM Secure Execution too
+//! (its evidence comes from the Ultravisor stand-in).
 
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -78,6 +79,8 @@ fn main() {
         )
         .expect("verifies");
     });
+    #[cfg(feature = "se-testing")]
+    se();
     rate(
         "snp cold (roots loaded, chain and report verified each time)",
         || {
@@ -87,4 +90,37 @@ fn main() {
                 .expect("verifies");
         },
     );
+}
+
+/// IBM SE: the KBS's two steps. The challenge (`/auth`): a request whose key is wrapped for each
+/// configured host (a P-521 key pair and one ECDH per host). The verification (`/attest`): the
+/// HMAC-SHA512 measurement recomputed for each registered image until one matches, the user
+/// data and the attesting host checked; host-key documents were verified once, at load.
+#[cfg(feature = "se-testing")]
+fn se() {
+    use coffer_verifier::se::{challenge, testing, verify, HostKeys};
+    let hosts: Vec<testing::Host> = (0..2)
+        .map(|i| testing::Host::new(&format!("h{i}")))
+        .collect();
+    let docs: Vec<(String, Vec<u8>)> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (format!("h{i}"), h.document.clone()))
+        .collect();
+    let keys = HostKeys::load(&docs, None).unwrap();
+    rate("se challenge (attestation request for 2 hosts)", || {
+        challenge(&keys).expect("a request");
+    });
+    let (arcb, secret) = challenge(&keys).unwrap();
+    let runtime = [7u8; 64];
+    let images: Vec<_> = (0..10).map(testing::image).collect();
+    for (n, which) in [(1, 0), (10, 9)] {
+        let evidence = hosts[1].answer(&arcb, &images[which], [3; 16], &runtime);
+        rate(
+            &format!("se evidence ({n} registered image(s), the last one matching)"),
+            || {
+                verify(&evidence, &secret, &images[..n], &runtime, &keys).expect("verifies");
+            },
+        );
+    }
 }

@@ -1,0 +1,173 @@
+//! IBM Secure Execution images under QEMU's s390x emulation (TCG: Debian bookworm-backports'
+//! `qemu-system-s390x`), with Debian's s390x kernel. There is no Ultravisor here, so the boot is
+//! checked in its two halves:
+//!
+//! 1. **Before unpack.** The sealed image is IPLed as a hypervisor IPLs it (`-kernel`, the IPL
+//!    PSW at 0): stage3a runs, finds no Secure Execution unpack facility (161) on this machine
+//!    and stops in its disabled wait 0x5e0a0100, which QEMU reports.
+//! 2. **After unpack.** Guest memory as the Ultravisor stand-in (`coffer_verifier::se::testing`)
+//!    leaves it, having checked the image's digests and decrypted every component in place, is
+//!    started at the PSW sealed in the header (stage3b). stage3b moves the kernel and the command
+//!    line into place and records the initrd; Linux boots, and the initrd's `/init` prints the
+//!    command line it was given and powers the machine off.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coffer_podvm::se::{self, Inputs, Loaders, DEFAULT_PCF};
+use coffer_verifier::se::testing::Host;
+
+fn cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME")
+        .join("coffer/debs")
+}
+
+/// A static s390x `/init` (Debian's s390x cross compiler) that prints its command line and
+/// powers off.
+fn init(work: &Path) -> Vec<u8> {
+    let src = work.join("init.c");
+    std::fs::write(
+        &src,
+        r#"#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <unistd.h>
+int main(void) {
+    char buf[1024] = {0};
+    mount("proc", "/proc", "proc", 0, 0);
+    int fd = open("/proc/cmdline", O_RDONLY);
+    if (fd >= 0) { read(fd, buf, sizeof buf - 1); close(fd); }
+    printf("COFFER-SE-INIT cmdline=%s", buf);
+    fflush(stdout);
+    reboot(RB_POWER_OFF);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let bin = work.join("init");
+    let out = Command::new("s390x-linux-gnu-gcc")
+        .args(["-static", "-Os", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("s390x-linux-gnu-gcc (Debian gcc-s390x-linux-gnu, libc6-dev-s390x-cross)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(bin).unwrap()
+}
+
+/// Runs `image` in QEMU (TCG) until it powers off or stops; returns the console output and
+/// QEMU's guest-error log.
+fn boot(image: &Path, work: &Path, limit: Duration) -> (String, String) {
+    let console = work.join("console.log");
+    let log = work.join("qemu.log");
+    let _ = std::fs::remove_file(&console);
+    let _ = std::fs::remove_file(&log);
+    let mut child = Command::new("qemu-system-s390x")
+        .args(["-M", "s390-ccw-virtio", "-accel", "tcg", "-m", "512"])
+        .args(["-nographic", "-nodefaults", "-no-reboot"])
+        .args(["-action", "panic=exit-failure"])
+        .arg("-chardev")
+        .arg(format!("file,id=con,path={}", console.display()))
+        .args(["-device", "sclpconsole,chardev=con"])
+        .args(["-d", "guest_errors", "-D"])
+        .arg(&log)
+        .arg("-kernel")
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-s390x (Debian bookworm-backports' qemu-system-s390x)");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (
+        std::fs::read_to_string(&console).unwrap_or_default(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_sealed_image_ipls_into_stage3a_and_once_unpacked_stage3b_boots_linux_with_its_initrd() {
+    let work = tempfile::tempdir().unwrap();
+    let kernel = se::debian_kernel(&cache()).expect("Debian's s390x kernel");
+    let kernel_bytes = std::fs::read(&kernel.vmlinuz).unwrap();
+    let mut initrd = coffer_podvm::initrd::Initrd::default();
+    initrd.add(
+        "init",
+        coffer_podvm::initrd::Node::File(init(work.path()), 0o755),
+    );
+    for d in ["proc", "dev"] {
+        initrd.add(d, coffer_podvm::initrd::Node::Dir);
+    }
+    let initrd = initrd.write(Vec::new()).unwrap();
+    let cmdline = "console=ttysclp0 panic=-1 quiet coffer.marker=se-42";
+    let host = Host::new("test host");
+    let loaders = Loaders::assemble().unwrap();
+    let sealed = se::seal(
+        &Inputs {
+            kernel: &kernel_bytes,
+            initrd: Some(&initrd),
+            cmdline,
+            host_keys: &[host.public()],
+            pcf: DEFAULT_PCF,
+        },
+        &loaders,
+    )
+    .unwrap();
+
+    // 1. The sealed image: stage3a stops where the unpack facility is missing.
+    let image = work.path().join("se.img");
+    std::fs::write(&image, &sealed.image).unwrap();
+    let (_, log) = boot(&image, work.path(), Duration::from_secs(60));
+    assert!(
+        log.contains("disabled-wait") && log.contains("0x000000005e0a0100"),
+        "stage3a did not report the missing unpack facility: {log}"
+    );
+
+    // 2. Unpacked by the Ultravisor stand-in, started at the sealed PSW.
+    let unpacked = host.unpack(&sealed.image).unwrap();
+    assert_eq!(unpacked.psw, sealed.psw);
+    let mut memory = unpacked.memory;
+    let (mask, addr) = unpacked.psw;
+    assert!(addr < 1 << 31, "a short PSW holds a 31-bit address");
+    let short = mask | 0x0008_0000_0000_0000 | addr;
+    memory[..8].copy_from_slice(&short.to_be_bytes());
+    let unpacked_image = work.path().join("unpacked.img");
+    std::fs::write(&unpacked_image, &memory).unwrap();
+    let (console, log) = boot(&unpacked_image, work.path(), Duration::from_secs(240));
+    assert!(
+        console.contains(&format!("COFFER-SE-INIT cmdline={cmdline}")),
+        "Linux did not reach the initrd's init with the sealed command line.\nconsole:\n{console}\nqemu:\n{log}"
+    );
+    assert!(!log.contains("disabled-wait"), "a loader stopped: {log}");
+
+    // 3. stage3b refuses a command line longer than the kernel takes (its arguments altered
+    //    after sealing, which the Ultravisor's digests would catch; here stage3b's own check).
+    let stage3b = sealed.components.last().unwrap();
+    let args = (stage3b.addr + stage3b.original_size) as usize - 64;
+    memory[args + 24..args + 32].copy_from_slice(&5000u64.to_be_bytes());
+    std::fs::write(&unpacked_image, &memory).unwrap();
+    let (console, log) = boot(&unpacked_image, work.path(), Duration::from_secs(60));
+    assert!(
+        log.contains("disabled-wait") && log.contains("0x000000005e0b0002"),
+        "stage3b did not refuse the command line: {log}"
+    );
+    assert!(!console.contains("COFFER-SE-INIT"));
+}
