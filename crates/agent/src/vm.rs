@@ -100,11 +100,20 @@ type LaterModules = (
 /// own, so that the agent serves without waiting for them.
 fn load_later_modules() {
     let state = LATER_MODULES.get_or_init(Default::default);
+    // Opened now, in the initramfs: the boot moves into the verity root while they load.
+    let opened = match open_modules("/etc/coffer/modules.later") {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "later modules not loaded");
+            *state.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("coffer-modules".into())
         .spawn(move || {
             let t0 = Instant::now();
-            let r = load_modules("/etc/coffer/modules.later").map_err(|e| e.to_string());
+            let r = load_opened(opened).map_err(|e| e.to_string());
             match &r {
                 Ok(()) => {
                     tracing::info!(ms = t0.elapsed().as_millis() as u64, "later modules loaded")
@@ -142,16 +151,34 @@ fn wait_later_modules() -> Result<(), String> {
 }
 
 fn load_modules(listing: &str) -> Result<(), BootError> {
+    load_opened(open_modules(listing)?)
+}
+
+/// Opens the modules `listing` names, in order, and unlinks their files (the open files keep
+/// them until loaded; the initramfs's memory is freed once they are).
+fn open_modules(listing: &str) -> Result<Vec<(String, std::fs::File)>, BootError> {
     let list = std::fs::read_to_string(listing).map_err(|e| fail(format!("{listing}: {e}")))?;
+    let mut opened = Vec::new();
     for name in list.lines().filter(|l| !l.is_empty()) {
         let path = format!("/lib/modules/{name}.ko");
         let f = std::fs::File::open(&path).map_err(|e| fail(format!("{path}: {e}")))?;
+        let _ = std::fs::remove_file(&path);
+        opened.push((name.to_string(), f));
+    }
+    Ok(opened)
+}
+
+/// Loads opened modules in order.
+fn load_opened(modules: Vec<(String, std::fs::File)>) -> Result<(), BootError> {
+    for (name, f) in modules {
+        let name = name.as_str();
         match rustix::system::finit_module(&f, c"", 0) {
             Ok(()) => {}
             Err(rustix::io::Errno::EXIST) => {}
-            // A CPU without AES-NI: the generic AES serves.
-            Err(e) if name == "aesni_intel" => {
-                tracing::info!(error = %e, "aesni_intel not loaded; generic AES")
+            // A CPU without AES-NI, or an IBM Z without the CPACF functions (e.g. under
+            // emulation): the generic implementations serve.
+            Err(e) if coffer_podvm::build::CPU_CRYPTO_MODULES.contains(&name) => {
+                tracing::info!(module = name, error = %e, "CPU crypto module not loaded; the generic implementation serves")
             }
             // The SEV-SNP and TDX guest drivers refuse to load (ENODEV) outside such a guest.
             Err(e) if coffer_podvm::build::TEE_MODULES.contains(&name) => {
@@ -171,7 +198,6 @@ fn load_modules(listing: &str) -> Result<(), BootError> {
             }
             Err(e) => return Err(fail(format!("cannot load module {name}: {e}"))),
         }
-        let _ = std::fs::remove_file(&path);
     }
     Ok(())
 }
@@ -426,11 +452,33 @@ pub fn boot() -> Result<Boot, BootError> {
 
     // The launch configuration: the host's fw_cfg entry (local VMs, libvirt); without one, a
     // cloud's user data, read once the root (busybox's DHCP client) is in place.
-    let fw_cfg = std::fs::read(format!(
+    let fw_cfg = match std::fs::read(format!(
         "/sys/firmware/qemu_fw_cfg/by_name/{}/raw",
         coffer_podvm::launch::CONFIG_FW_CFG
-    ))
-    .map(zeroize::Zeroizing::new);
+    )) {
+        Ok(raw) => Ok(zeroize::Zeroizing::new(raw)),
+        // Machines without fw_cfg (s390x): the configuration disk.
+        Err(fw) => match find_in_sys("/sys/block", "serial", coffer_podvm::launch::CONFIG_DISK) {
+            Some(dev) => {
+                let disk =
+                    zeroize::Zeroizing::new(std::fs::read(&dev).map_err(|e| {
+                        fail(format!("the configuration disk {}: {e}", dev.display()))
+                    })?);
+                let config = coffer_podvm::launch::read_config_disk(&disk).ok_or_else(|| {
+                    fail(format!(
+                        "the configuration disk {} is malformed",
+                        dev.display()
+                    ))
+                })?;
+                tracing::info!(
+                    ms = t0.elapsed().as_millis() as u64,
+                    "launch configuration from the configuration disk"
+                );
+                Ok(zeroize::Zeroizing::new(config.to_vec()))
+            }
+            None => Err(fw),
+        },
+    };
 
     // Into the verity root.
     for m in ["dev", "proc", "sys"] {

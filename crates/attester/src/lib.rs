@@ -146,7 +146,10 @@ pub fn probe(guest: &Guest) -> Result<Box<dyn coffer_kbs_client::Attester>, Atte
     if guest.sev_guest.exists() {
         return Ok(Box::new(SevGuestAttester::new(&guest.sev_guest)));
     }
-    let mut uv = String::new();
+    let mut uv = format!(
+        ", no {} (IBM Secure Execution's Ultravisor device)",
+        guest.uv.display()
+    );
     if guest.uv.exists() {
         let se = se::SeAttester::new(&guest.uv);
         match se.supports_attestation() {

@@ -7,6 +7,62 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+/// The hosts an IBM Secure Execution image is sealed for, and how their host-key documents are
+/// checked.
+#[derive(Args, Default)]
+struct HostKeyArgs {
+    /// A host-key document (PEM or DER) of a host the image may run on; repeatable.
+    #[arg(long = "host-key-document", value_name = "HKD")]
+    host_key_documents: Vec<PathBuf>,
+    /// IBM's host-key signing certificate and its intermediate CA; repeatable.
+    #[arg(long = "se-signing-cert", value_name = "CERT")]
+    signing_certs: Vec<PathBuf>,
+    /// CRLs of the signing chain; repeatable.
+    #[arg(long = "se-crl", value_name = "CRL")]
+    crls: Vec<PathBuf>,
+    /// The root CA of the signing chain [default: the system's trust store].
+    #[arg(long = "se-root-ca", value_name = "CERT")]
+    root_ca: Option<PathBuf>,
+    /// Seal for host-key documents without checking them against IBM's signing chain
+    /// (tests only: an unchecked document may be an attacker's key).
+    #[arg(long, conflicts_with_all = ["signing_certs", "crls", "root_ca"])]
+    no_verify_host_keys: bool,
+}
+
+impl HostKeyArgs {
+    /// The hosts' public keys, each document checked against IBM's signing chain (unless
+    /// `--no-verify-host-keys`, said loudly).
+    fn load(&self) -> anyhow::Result<Vec<coffer_verifier::se::PublicKey>> {
+        if self.host_key_documents.is_empty() {
+            anyhow::bail!("an SE image is sealed for hosts: give at least one --host-key-document");
+        }
+        let chain = if self.no_verify_host_keys {
+            eprintln!("coffer: WARNING: the host-key documents are NOT checked against IBM's signing chain (--no-verify-host-keys): for tests only");
+            None
+        } else {
+            if self.signing_certs.is_empty() || self.crls.is_empty() {
+                anyhow::bail!("the host-key documents must be checked against IBM's signing chain: give --se-signing-cert (the signing certificate and its intermediate CA) and --se-crl, or --no-verify-host-keys for a test");
+            }
+            Some(coffer_verifier::se::signing_chain(
+                &self.signing_certs,
+                &self.crls,
+                self.root_ca.as_deref(),
+            )?)
+        };
+        let documents = self
+            .host_key_documents
+            .iter()
+            .map(|p| {
+                std::fs::read(p)
+                    .map(|b| (p.display().to_string(), b))
+                    .with_context(|| format!("cannot read {}", p.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let hosts = coffer_verifier::se::HostKeys::load(&documents, chain.as_ref())?;
+        Ok(hosts.keys().cloned().collect())
+    }
+}
+
 /// `coffer podvm` arguments.
 #[derive(Args)]
 pub struct PodvmArgs {
@@ -51,6 +107,13 @@ enum PodvmCommand {
         /// The disk's scratch partition (MiB).
         #[arg(long, default_value_t = 1024)]
         disk_scratch_mib: u64,
+        /// The machine: `x86_64` or `s390x` (IBM Z; give `--agent` built for it, and `--tee se`
+        /// with the hosts' host-key documents for the Secure Execution image).
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+        /// With `--tee se`: the hosts the SE image is sealed for.
+        #[command(flatten)]
+        hosts: HostKeyArgs,
     },
     /// Seal an s390x kernel, initrd and command line into an IBM Secure Execution image for
     /// the hosts whose host-key documents are given (IBM's image format, as `pvimg create`
@@ -68,22 +131,9 @@ enum PodvmCommand {
         /// The kernel command line.
         #[arg(long, default_value = "")]
         cmdline: String,
-        /// A host-key document (PEM or DER) of a host the image may run on; repeatable.
-        #[arg(long = "host-key-document", value_name = "HKD", required = true)]
-        host_key_documents: Vec<PathBuf>,
-        /// IBM's host-key signing certificate and its intermediate CA; repeatable.
-        #[arg(long = "se-signing-cert", value_name = "CERT")]
-        signing_certs: Vec<PathBuf>,
-        /// CRLs of the signing chain; repeatable.
-        #[arg(long = "se-crl", value_name = "CRL")]
-        crls: Vec<PathBuf>,
-        /// The root CA of the signing chain [default: the system's trust store].
-        #[arg(long = "se-root-ca", value_name = "CERT")]
-        root_ca: Option<PathBuf>,
-        /// Seal for host-key documents without checking them against IBM's signing chain
-        /// (tests only: an unchecked document may be an attacker's key).
-        #[arg(long, conflicts_with_all = ["signing_certs", "crls", "root_ca"])]
-        no_verify_host_keys: bool,
+        /// The hosts it is sealed for.
+        #[command(flatten)]
+        hosts: HostKeyArgs,
         /// The image to write (atomically).
         #[arg(long)]
         out: PathBuf,
@@ -121,7 +171,10 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
             firmware,
             disks,
             disk_scratch_mib,
+            arch,
+            hosts,
         } => {
+            let arch = coffer_podvm::build::Arch::parse(&arch)?;
             let disks = disks
                 .iter()
                 .map(|d| coffer_podvm::disk::DiskFormat::parse(d))
@@ -132,12 +185,35 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 None => FirmwareFrom::DebianSource,
             };
             let (snp_firmware, tdx_firmware) = match tee.as_deref() {
-                None => (None, None),
+                None | Some("se") => (None, None),
                 Some("snp") => (Some(from()), None),
                 Some("tdx") => (None, Some(from())),
-                Some(other) => anyhow::bail!("--tee {other}: use snp or tdx"),
+                Some(other) => anyhow::bail!("--tee {other}: use snp, tdx or se"),
             };
-            if tee.is_some() && firmware.is_none() {
+            let se_host_keys = if tee.as_deref() == Some("se") {
+                if arch != coffer_podvm::build::Arch::S390x {
+                    anyhow::bail!(
+                        "--tee se (IBM Secure Execution) builds an s390x pod VM: add --arch s390x"
+                    );
+                }
+                if firmware.is_some() {
+                    anyhow::bail!("--tee se has no firmware: --firmware does not apply");
+                }
+                hosts
+                    .load()?
+                    .iter()
+                    .map(|k| k.public_key_to_pem())
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                if !hosts.host_key_documents.is_empty() {
+                    anyhow::bail!("--host-key-document belongs to --tee se");
+                }
+                Vec::new()
+            };
+            if arch == coffer_podvm::build::Arch::S390x && agent.is_none() {
+                anyhow::bail!("an s390x pod VM needs the agent built for s390x: give --agent (cargo build --target s390x-unknown-linux-gnu -p coffer-agent)");
+            }
+            if matches!(tee.as_deref(), Some("snp" | "tdx")) && firmware.is_none() {
                 eprintln!("coffer: the {} firmware comes from Debian's edk2 source package: built once (about two minutes), then kept in the cache", tee.as_deref().unwrap_or_default());
             }
             let agent = crate::measure::agent_path(&agent)?;
@@ -150,13 +226,23 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 tdx_firmware,
                 disks,
                 scratch_mib: disk_scratch_mib,
+                arch,
+                se_host_keys,
             })?;
-            eprintln!(
-                "coffer: pod VM in {} (measurement {}, verity root {})",
-                out.display(),
-                manifest["measurement"]["emulated"].as_str().unwrap_or(""),
-                manifest["verity"]["root_hash"].as_str().unwrap_or("")
-            );
+            match manifest["se"]["se_image_tags"][0].as_str() {
+                Some(tags) => eprintln!(
+                    "coffer: s390x pod VM in {} with its Secure Execution image {} (se_image_tags {tags}, verity root {})",
+                    out.display(),
+                    coffer_podvm::SE_IMAGE,
+                    manifest["verity"]["root_hash"].as_str().unwrap_or("")
+                ),
+                None => eprintln!(
+                    "coffer: pod VM in {} (measurement {}, verity root {})",
+                    out.display(),
+                    manifest["measurement"]["emulated"].as_str().unwrap_or("-"),
+                    manifest["verity"]["root_hash"].as_str().unwrap_or("")
+                ),
+            }
             Ok(())
         }
         PodvmCommand::Seal {
@@ -164,39 +250,13 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
             kernel,
             initrd,
             cmdline,
-            host_key_documents,
-            signing_certs,
-            crls,
-            root_ca,
-            no_verify_host_keys,
+            hosts,
             out,
         } => {
             if tee != "se" {
                 anyhow::bail!("--tee {tee}: only se (IBM Secure Execution) images are sealed");
             }
-            let chain = if no_verify_host_keys {
-                eprintln!("coffer: WARNING: the host-key documents are NOT checked against IBM's signing chain (--no-verify-host-keys): for tests only");
-                None
-            } else {
-                if signing_certs.is_empty() || crls.is_empty() {
-                    anyhow::bail!("the host-key documents must be checked against IBM's signing chain: give --se-signing-cert (the signing certificate and its intermediate CA) and --se-crl, or --no-verify-host-keys for a test");
-                }
-                Some(coffer_verifier::se::signing_chain(
-                    &signing_certs,
-                    &crls,
-                    root_ca.as_deref(),
-                )?)
-            };
-            let documents = host_key_documents
-                .iter()
-                .map(|p| {
-                    std::fs::read(p)
-                        .map(|b| (p.display().to_string(), b))
-                        .with_context(|| format!("cannot read {}", p.display()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let hosts = coffer_verifier::se::HostKeys::load(&documents, chain.as_ref())?;
-            let keys: Vec<_> = hosts.keys().cloned().collect();
+            let keys = hosts.load()?;
             let read = |p: &PathBuf| {
                 std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
             };

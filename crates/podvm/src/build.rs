@@ -82,12 +82,111 @@ const XTABLES: &[&str] = &[
 
 /// The C runtime, each library from its package: in the initrd for the agent, in the root for
 /// runc.
-const C_LIBS: &[(&str, &str)] = &[
-    ("libc6", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
-    ("libc6", "lib/x86_64-linux-gnu/libc.so.6"),
-    ("libc6", "lib/x86_64-linux-gnu/libm.so.6"),
-    ("libgcc-s1", "lib/x86_64-linux-gnu/libgcc_s.so.1"),
+fn c_libs(arch: Arch) -> Vec<(&'static str, String)> {
+    let t = arch.triplet();
+    vec![
+        ("libc6", format!("lib/{t}/{}", arch.loader().0)),
+        ("libc6", format!("lib/{t}/libc.so.6")),
+        ("libc6", format!("lib/{t}/libm.so.6")),
+        ("libgcc-s1", format!("lib/{t}/libgcc_s.so.1")),
+    ]
+}
+
+/// The packages of the TPM 2.0 stack ([`TSS_LIBS`]): x86 only, where the Azure vTPM attesters run.
+const TSS_PACKAGES: &[&str] = &[
+    "libtss2-esys-3.0.2-0",
+    "libtss2-sys1",
+    "libtss2-mu0",
+    "libtss2-tctildr0",
+    "libtss2-tcti-device0",
 ];
+
+/// The machine a pod VM is built for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arch {
+    /// x86-64: SEV-SNP, TDX, the emulated TEE, the clouds' x86 machines.
+    #[default]
+    X86_64,
+    /// IBM Z and LinuxONE (s390x, big-endian): IBM Secure Execution.
+    S390x,
+}
+
+impl Arch {
+    /// `x86_64` (or `amd64`) or `s390x`.
+    pub fn parse(s: &str) -> Result<Self, BuildError> {
+        match s {
+            "x86_64" | "amd64" => Ok(Self::X86_64),
+            "s390x" => Ok(Self::S390x),
+            other => Err(BuildError::Missing(format!(
+                "--arch {other}: use x86_64 or s390x"
+            ))),
+        }
+    }
+
+    /// The name `measurements.json` records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64",
+            Self::S390x => "s390x",
+        }
+    }
+
+    /// Debian's multiarch triplet (the library directory).
+    pub fn triplet(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64-linux-gnu",
+            Self::S390x => "s390x-linux-gnu",
+        }
+    }
+
+    /// Debian's architecture name.
+    pub fn deb_arch(self) -> &'static str {
+        match self {
+            Self::X86_64 => "amd64",
+            Self::S390x => "s390x",
+        }
+    }
+
+    /// The kernel's meta package (in [`KERNEL_SUITE`]).
+    pub fn kernel_package(self) -> &'static str {
+        match self {
+            Self::X86_64 => PACKAGES[0],
+            Self::S390x => "linux-image-s390x",
+        }
+    }
+
+    /// The dynamic loader: its file in the library directory, and the path ELF binaries name.
+    pub fn loader(self) -> (&'static str, &'static str) {
+        match self {
+            Self::X86_64 => ("ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+            Self::S390x => ("ld64.so.1", "lib/ld64.so.1"),
+        }
+    }
+
+    /// The ELF machine of its binaries (`e_machine`).
+    pub fn elf_machine(self) -> u16 {
+        match self {
+            Self::X86_64 => 62,
+            Self::S390x => 22,
+        }
+    }
+
+    /// The kernel modules the agent loads at boot ([`MODULES`], [`S390X_MODULES`]).
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            Self::X86_64 => MODULES,
+            Self::S390x => S390X_MODULES,
+        }
+    }
+
+    /// The kernel command line without the verity parameters ([`CMDLINE`], [`S390X_CMDLINE`]).
+    pub fn cmdline(self) -> &'static str {
+        match self {
+            Self::X86_64 => CMDLINE,
+            Self::S390x => S390X_CMDLINE,
+        }
+    }
+}
 
 /// The TPM 2.0 stack the agent links (`DT_NEEDED`, transitively) and the TCTI the TSS loader
 /// opens at run time for `/dev/tpmrm0`: initrd only.
@@ -114,8 +213,13 @@ const TSS_LIBS: &[(&str, &str)] = &[
 /// `CONFIG_TSM_REPORTS`), which bookworm's 6.1 lacks; one image serves every launch.
 pub const KERNEL_SUITE: &str = "bookworm-backports";
 
-/// The TEE guest drivers: loaded at boot where the hardware is, refused (ENODEV) elsewhere.
-pub const TEE_MODULES: &[&str] = &["tsm", "sev_guest", "tdx_guest"];
+/// CPU-accelerated crypto: refused (ENODEV) by a CPU without the instructions (AES-NI; IBM Z's
+/// CPACF functions, which QEMU's emulation lacks), where the generic code serves.
+pub const CPU_CRYPTO_MODULES: &[&str] = &["aesni_intel", "aes_s390", "sha256_s390"];
+
+/// The TEE guest drivers: loaded at boot where the hardware is, refused (ENODEV) elsewhere
+/// (`uvdevice`: IBM Z's Ultravisor device, on s390x).
+pub const TEE_MODULES: &[&str] = &["tsm", "sev_guest", "tdx_guest", "uvdevice"];
 
 /// The clouds' devices for a disk-booted pod VM: Azure's VMBus with its SCSI disks and network
 /// (Hyper-V), AWS's ENA network (its NVMe disks are built into the kernel). Hyper-V's drivers
@@ -195,6 +299,32 @@ pub const LATER_MODULES: &[&str] = &[
     "vxlan",
 ];
 
+/// The kernel modules an s390x pod VM's agent loads at boot (virtio-ccw and the SCLP console are
+/// built into Debian's s390x kernel): its disks and network, the verity root, the scratch
+/// disk's integrity and encryption with the CPACF-backed AES and SHA-256, its ext4, and the
+/// Ultravisor's device for Secure Execution attestation.
+pub const S390X_MODULES: &[&str] = &[
+    "virtio_blk",
+    "virtio_net",
+    "squashfs",
+    "sha256_s390",
+    "dm_verity",
+    "dm_integrity",
+    "dm_crypt",
+    "xts",
+    "aes_s390",
+    "uvdevice",
+    // The scratch filesystem and the CRC32C its metadata checksums (and libcrc32c, for the mesh's
+    // netfilter modules) use: built into the x86 kernel; the softdep names an alias, which the
+    // agent cannot resolve (no modprobe).
+    "crc32c_generic",
+    "ext4",
+];
+
+/// The s390x kernel command line (the SCLP console), without the verity parameters.
+pub const S390X_CMDLINE: &str =
+    "console=ttysclp0 panic=-1 quiet loglevel=4 rdinit=/init cryptomgr.notests";
+
 /// The kernel command line, without the verity parameters. `cryptomgr.notests` skips the
 /// kernel's crypto self-tests (known-answer tests each algorithm runs when first instantiated):
 /// 0.4 s of a TCG boot. They catch a broken implementation, as FIPS mode requires, and defend
@@ -223,6 +353,11 @@ pub struct BuildOptions {
     pub disks: Vec<crate::disk::DiskFormat>,
     /// The disks' scratch partition (MiB).
     pub scratch_mib: u64,
+    /// The machine it is for.
+    pub arch: Arch,
+    /// IBM Secure Execution (s390x): the public keys (PEM) of the hosts the SE image
+    /// (`se.img`) is sealed for, from host-key documents the caller verified. Empty: no SE image.
+    pub se_host_keys: Vec<Vec<u8>>,
 }
 
 /// Where a TEE's firmware comes from.
@@ -322,16 +457,19 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, BuildError> {
     Ok(out.stdout)
 }
 
-/// The package file of `name` in `dir` (`NAME_VERSION_ARCH.deb`), if any; the newest by name
-/// when several are there.
-fn find_deb(dir: &Path, name: &str, backports: bool) -> Option<PathBuf> {
+/// The package file of `name` for `arch` in `dir` (`NAME_VERSION_ARCH.deb`, or `_all`), if any;
+/// the newest by name when several are there.
+fn find_deb(dir: &Path, name: &str, backports: bool, arch: Arch) -> Option<PathBuf> {
     let prefix = format!("{name}_");
+    let ours = format!("_{}.deb", arch.deb_arch());
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&prefix) && n.ends_with(".deb") && (!backports || n.contains("~bpo"))
+                n.starts_with(&prefix)
+                    && (n.ends_with(&ours) || n.ends_with("_all.deb"))
+                    && (!backports || n.contains("~bpo"))
             })
         })
         .collect();
@@ -343,11 +481,44 @@ fn deb(o: &BuildOptions, name: &str) -> Result<PathBuf, BuildError> {
     deb_from(o, name, None)
 }
 
+/// Where downloaded package files of `o.arch` are kept: the cache (x86), its `s390x/`.
+fn download_dir(o: &BuildOptions) -> PathBuf {
+    match o.arch {
+        Arch::X86_64 => o.cache.clone(),
+        Arch::S390x => o.cache.join("s390x"),
+    }
+}
+
+/// apt for s390x packages: a sources list and state of its own under `cache/s390x/apt`
+/// (bookworm with its updates and security updates, and bookworm-backports for the kernel), for
+/// the s390x architecture only; the system's apt is untouched.
+pub fn s390x_apt(cache: &Path) -> Result<Command, BuildError> {
+    let dir = cache.join("s390x/apt");
+    let k = crate::firmware::ARCHIVE_KEYRING;
+    let m = crate::firmware::DEFAULT_MIRROR;
+    let sources = format!(
+        "deb [signed-by={k} arch=s390x] {m} bookworm main\n\
+         deb [signed-by={k} arch=s390x] {m} bookworm-updates main\n\
+         deb [signed-by={k} arch=s390x] {m}-security bookworm-security main\n\
+         deb [signed-by={k} arch=s390x] {m} {KERNEL_SUITE} main\n"
+    );
+    let mut cmd = crate::firmware::private_apt(&dir, &sources)
+        .map_err(io(format!("cannot set up apt in {}", dir.display())))?;
+    cmd.args([
+        "-o",
+        "APT::Architecture=s390x",
+        "-o",
+        "APT::Architectures::=s390x",
+    ]);
+    Ok(cmd)
+}
+
 /// A package file of `name`, from `suite` (its version then carries `~bpo`) when given.
 fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf, BuildError> {
-    let dir = o.debs.as_ref().unwrap_or(&o.cache);
+    let cached = download_dir(o);
+    let dir = o.debs.as_ref().unwrap_or(&cached);
     let backports = suite.is_some();
-    if let Some(p) = find_deb(dir, name, backports) {
+    if let Some(p) = find_deb(dir, name, backports, o.arch) {
         return Ok(p);
     }
     if o.debs.is_some() {
@@ -362,13 +533,15 @@ fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf
         Some(suite) => format!("{name}/{suite}"),
         None => name.to_string(),
     };
-    let downloaded = run(Command::new("apt-get")
-        .args(["download", "-q", &what])
-        .current_dir(dir));
+    let mut apt = match o.arch {
+        Arch::X86_64 => Command::new("apt-get"),
+        Arch::S390x => s390x_apt(&o.cache)?,
+    };
+    let downloaded = run(apt.args(["download", "-q", &what]).current_dir(dir));
     // The installed version (e.g. a security update) may be one the mirror does not serve:
     // then the newest version the sources list.
     let downloaded = match (downloaded, suite) {
-        (Err(e), None) => match mirror_version(name) {
+        (Err(e), None) if o.arch == Arch::X86_64 => match mirror_version(name) {
             Some(v) => run(Command::new("apt-get")
                 .args(["download", "-q", &format!("{name}={v}")])
                 .current_dir(dir))
@@ -383,7 +556,7 @@ fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf
         )),
         None => e,
     })?;
-    find_deb(dir, name, backports)
+    find_deb(dir, name, backports, o.arch)
         .ok_or_else(|| BuildError::Missing(format!("apt-get download {name} left no package file")))
 }
 
@@ -409,14 +582,15 @@ fn needed(elf: &Path) -> Result<Vec<String>, BuildError> {
 }
 
 /// Copies `elf` to `to` in `root` and every library it needs, transitively, into `root`'s
-/// `lib/x86_64-linux-gnu` (found in the extracted package `trees`; what is already there is
-/// kept).
+/// `lib/TRIPLET` (found in the extracted package `trees`; what is already there is kept).
 fn stage_elf(
     root: &Path,
     trees: &BTreeMap<String, PathBuf>,
     elf: &Path,
     to: &str,
+    arch: Arch,
 ) -> Result<(), BuildError> {
+    let triplet = arch.triplet();
     let dest = root.join(to);
     if let Some(p) = dest.parent() {
         std::fs::create_dir_all(p).map_err(io("cannot stage the root"))?;
@@ -428,14 +602,14 @@ fn stage_elf(
         if !seen.insert(lib.clone()) {
             continue;
         }
-        let into = root.join("lib/x86_64-linux-gnu").join(&lib);
+        let into = root.join(format!("lib/{triplet}")).join(&lib);
         if into.exists() {
             continue;
         }
         let from = trees
             .values()
             .flat_map(|t| {
-                ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
+                [format!("lib/{triplet}"), format!("usr/lib/{triplet}")]
                     .map(|d| format!("{d}/{lib}"))
                     .into_iter()
                     .filter_map(|rel| resolve_in(t, &rel).ok())
@@ -598,6 +772,73 @@ fn modules(moddir: &Path, lists: &[&[&str]]) -> Result<Vec<Vec<Module>>, BuildEr
     Ok(orders)
 }
 
+/// Seals the staged kernel, initrd and command line into [`crate::SE_IMAGE`] for the hosts whose
+/// public keys (PEM) are given; returns the manifest's `se` entry.
+#[cfg(feature = "se")]
+fn seal_se(stage: &Path, cmdline: &str, keys: &[Vec<u8>]) -> Result<serde_json::Value, BuildError> {
+    let keys = keys
+        .iter()
+        .map(|k| openssl::pkey::PKey::public_key_from_pem(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BuildError::Missing(format!("a host key: {e}")))?;
+    let kernel = std::fs::read(stage.join("vmlinuz")).map_err(io("the kernel"))?;
+    let initrd = std::fs::read(stage.join("initrd.img")).map_err(io("the initrd"))?;
+    let se_error = |e: crate::se::SeImageError| BuildError::Missing(format!("the SE image: {e}"));
+    let loaders = crate::se::Loaders::assemble().map_err(se_error)?;
+    let sealed = crate::se::seal(
+        &crate::se::Inputs {
+            kernel: &kernel,
+            initrd: Some(&initrd),
+            cmdline,
+            host_keys: &keys,
+            pcf: crate::se::DEFAULT_PCF,
+        },
+        &loaders,
+    )
+    .map_err(se_error)?;
+    std::fs::write(stage.join(crate::SE_IMAGE), &sealed.image)
+        .map_err(io("cannot write the SE image"))?;
+    Ok(json!({
+        "image": crate::SE_IMAGE,
+        "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&sealed.image)),
+        "se_image_tags": [hex::encode(&sealed.tags)],
+        "host_key_hashes": sealed.host_key_hashes.iter().map(hex::encode).collect::<Vec<_>>(),
+        "psw": format!("{:#x}", sealed.psw.1),
+    }))
+}
+
+#[cfg(not(feature = "se"))]
+fn seal_se(_: &Path, _: &str, _: &[Vec<u8>]) -> Result<serde_json::Value, BuildError> {
+    Err(BuildError::Missing(
+        "this build of coffer-podvm has no IBM Secure Execution support (feature se)".into(),
+    ))
+}
+
+/// Checks that `agent` is an ELF executable for `arch`.
+fn check_agent(agent: &Path, arch: Arch) -> Result<(), BuildError> {
+    let mut head = [0u8; 20];
+    let ok = std::fs::File::open(agent)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .map_err(io(format!("the agent {}", agent.display())))
+        .map(|()| {
+            let machine = if head[5] == 2 {
+                u16::from_be_bytes([head[18], head[19]])
+            } else {
+                u16::from_le_bytes([head[18], head[19]])
+            };
+            &head[..4] == b"\x7fELF" && machine == arch.elf_machine()
+        })?;
+    if !ok {
+        return Err(BuildError::Missing(format!(
+            "{} is not an {} ELF executable: give the agent built for the pod VM's machine \
+             (for s390x: cargo build --target s390x-unknown-linux-gnu -p coffer-agent)",
+            agent.display(),
+            arch.name()
+        )));
+    }
+    Ok(())
+}
+
 /// Builds the pod VM into `o.out`; returns the content of `measurements.json`.
 pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let parent = o
@@ -616,6 +857,29 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let stage = work.path().join("out");
     std::fs::create_dir(&stage).map_err(io("cannot create the staging directory"))?;
 
+    if o.arch == Arch::S390x
+        && (o.snp_firmware.is_some() || o.tdx_firmware.is_some() || !o.disks.is_empty())
+    {
+        return Err(BuildError::Missing(
+            "an s390x pod VM has no SEV-SNP or TDX firmware and no UEFI disk: build it with --tee se"
+                .into(),
+        ));
+    }
+    if !o.se_host_keys.is_empty() && o.arch != Arch::S390x {
+        return Err(BuildError::Missing(
+            "IBM Secure Execution images are for s390x: build with --arch s390x".into(),
+        ));
+    }
+    check_agent(&o.agent, o.arch)?;
+    if o.arch == Arch::S390x && o.debs.is_none() {
+        // Refresh the s390x index; offline, the package files fetched before are used.
+        let dir = download_dir(o);
+        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        if let Err(e) = run(s390x_apt(&o.cache)?.arg("update")) {
+            tracing::warn!(error = %e, "the s390x package index cannot be refreshed: using the package files fetched before");
+        }
+    }
+
     // TEE firmware: checked (or built) before anything else is.
     let snp_firmware = o
         .snp_firmware
@@ -629,7 +893,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .transpose()?;
 
     // Packages: resolve, record, extract.
-    let meta = deb_from(o, PACKAGES[0], Some(KERNEL_SUITE))?;
+    let meta = deb_from(o, o.arch.kernel_package(), Some(KERNEL_SUITE))?;
     let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
         .arg("-f")
         .arg(&meta)
@@ -642,7 +906,11 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .to_string();
     let mut inputs = BTreeMap::new();
     let mut trees = BTreeMap::new();
-    for name in std::iter::once(kernel_pkg.as_str()).chain(PACKAGES[1..].iter().copied()) {
+    let packages = PACKAGES[1..]
+        .iter()
+        .copied()
+        .filter(|p| o.arch == Arch::X86_64 || !TSS_PACKAGES.contains(p));
+    for name in std::iter::once(kernel_pkg.as_str()).chain(packages) {
         let file = deb(o, name)?;
         let digest = sha256_file(&file).map_err(io(file.display().to_string()))?;
         inputs.insert(
@@ -675,44 +943,56 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .unwrap_or_default()
         .to_string();
     std::fs::copy(&vmlinuz, stage.join("vmlinuz")).map_err(io("cannot copy the kernel"))?;
-    // The same kernel uncompressed, for the direct PVH boot of launches without a TEE firmware.
-    let bzimage = std::fs::read(&vmlinuz).map_err(io("cannot read the kernel"))?;
-    std::fs::write(
-        stage.join(crate::PVH_KERNEL),
-        crate::bzimage::pvh_kernel(&bzimage)?,
-    )
-    .map_err(io("cannot write the uncompressed kernel"))?;
-    drop(bzimage);
+    if o.arch == Arch::X86_64 {
+        // The same kernel uncompressed, for the direct PVH boot of launches without a TEE
+        // firmware.
+        let bzimage = std::fs::read(&vmlinuz).map_err(io("cannot read the kernel"))?;
+        std::fs::write(
+            stage.join(crate::PVH_KERNEL),
+            crate::bzimage::pvh_kernel(&bzimage)?,
+        )
+        .map_err(io("cannot write the uncompressed kernel"))?;
+    }
+    let t = o.arch.triplet();
 
     // The initramfs: the agent as /init, its libraries, the modules.
     let mut initrd = Initrd::default();
     let stripped = work.path().join("coffer-agent");
-    run(Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&o.agent)
-        .arg(&stripped))?;
+    run(Command::new(match o.arch {
+        Arch::X86_64 => "objcopy",
+        Arch::S390x => "s390x-linux-gnu-objcopy",
+    })
+    .arg("--strip-debug")
+    .arg(&o.agent)
+    .arg(&stripped))?;
     let agent = std::fs::read(&stripped).map_err(io("the stripped agent"))?;
     initrd.add("init", Node::File(agent, 0o755));
-    for (pkg, path) in C_LIBS.iter().chain(TSS_LIBS) {
+    let tss: &[(&str, &str)] = match o.arch {
+        Arch::X86_64 => TSS_LIBS,
+        Arch::S390x => &[],
+    };
+    let libs: Vec<(&str, String)> = c_libs(o.arch)
+        .into_iter()
+        .chain(tss.iter().map(|(p, f)| (*p, f.to_string())))
+        .collect();
+    for (pkg, path) in &libs {
         let file = resolve_in(&trees[*pkg], path)?;
         let bytes = std::fs::read(&file).map_err(io(file.display().to_string()))?;
         // One library directory in the initrd, where the loader's default path looks.
         let name = Path::new(path).file_name().expect("a file name");
         initrd.add(
-            &format!("lib/x86_64-linux-gnu/{}", name.to_string_lossy()),
+            &format!("lib/{t}/{}", name.to_string_lossy()),
             Node::File(bytes, 0o755),
         );
     }
-    initrd.add(
-        "lib64/ld-linux-x86-64.so.2",
-        Node::Symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".into()),
-    );
+    let (loader, loader_at) = o.arch.loader();
+    initrd.add(loader_at, Node::Symlink(format!("/lib/{t}/{loader}")));
     let lists = modules(
         &kernel_tree
             .join("lib/modules")
             .join(&release)
             .join("kernel"),
-        &[MODULES, LATER_MODULES],
+        &[o.arch.modules(), LATER_MODULES],
     )?;
     for (listing, mods) in ["etc/coffer/modules", "etc/coffer/modules.later"]
         .iter()
@@ -741,9 +1021,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
 
     // The root filesystem.
     let root = work.path().join("root");
-    for d in [
-        "dev", "proc", "sys", "run", "tmp", "etc", "usr/sbin", "bin", "lib64",
-    ] {
+    for d in ["dev", "proc", "sys", "run", "tmp", "etc", "usr/sbin", "bin"] {
         std::fs::create_dir_all(root.join(d)).map_err(io("cannot stage the root"))?;
     }
     let copy = |pkg: &str, rel: &str| -> Result<(), BuildError> {
@@ -757,43 +1035,49 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     };
     copy("runc", "usr/sbin/runc")?;
     copy("busybox-static", "bin/busybox")?;
-    for (pkg, path) in C_LIBS {
-        copy(pkg, path)?;
+    for (pkg, path) in c_libs(o.arch) {
+        copy(pkg, &path)?;
     }
     stage_elf(
         &root,
         &trees,
         &resolve_in(&trees["cryptsetup-bin"], "sbin/cryptsetup")?,
         "usr/sbin/cryptsetup",
+        o.arch,
     )?;
     stage_elf(
         &root,
         &trees,
         &resolve_in(&trees["iptables"], "usr/sbin/xtables-nft-multi")?,
         "usr/sbin/xtables-nft-multi",
+        o.arch,
     )?;
     for ext in XTABLES {
-        let rel = format!("usr/lib/x86_64-linux-gnu/xtables/{ext}");
-        stage_elf(&root, &trees, &resolve_in(&trees["iptables"], &rel)?, &rel)?;
+        let rel = format!("usr/lib/{t}/xtables/{ext}");
+        stage_elf(
+            &root,
+            &trees,
+            &resolve_in(&trees["iptables"], &rel)?,
+            &rel,
+            o.arch,
+        )?;
     }
-    let seccomp_dir = trees["libseccomp2"].join("usr/lib/x86_64-linux-gnu");
+    let seccomp_dir = trees["libseccomp2"].join(format!("usr/lib/{t}"));
     let seccomp = std::fs::read_dir(&seccomp_dir)
         .map_err(io(format!("{}", seccomp_dir.display())))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().to_string())
         .find(|n| n.starts_with("libseccomp.so.2"))
         .ok_or_else(|| BuildError::Missing("libseccomp2 has no libseccomp.so.2".into()))?;
-    let from = resolve_in(
-        &trees["libseccomp2"],
-        &format!("usr/lib/x86_64-linux-gnu/{seccomp}"),
-    )?;
-    std::fs::copy(&from, root.join("lib/x86_64-linux-gnu/libseccomp.so.2"))
+    let from = resolve_in(&trees["libseccomp2"], &format!("usr/lib/{t}/{seccomp}"))?;
+    std::fs::copy(&from, root.join(format!("lib/{t}/libseccomp.so.2")))
         .map_err(io("cannot stage libseccomp"))?;
-    std::os::unix::fs::symlink(
-        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-        root.join("lib64/ld-linux-x86-64.so.2"),
-    )
-    .map_err(io("cannot stage the loader link"))?;
+    let link = root.join(loader_at);
+    if let Some(p) = link.parent() {
+        std::fs::create_dir_all(p).map_err(io("cannot stage the root"))?;
+    }
+    std::os::unix::fs::symlink(format!("/lib/{t}/{loader}"), link)
+        .map_err(io("cannot stage the loader link"))?;
     // The CA bundle update-ca-certificates would make: every Mozilla root, in name order.
     let mozilla = trees["ca-certificates"].join("usr/share/ca-certificates/mozilla");
     let mut certs: Vec<PathBuf> = std::fs::read_dir(&mozilla)
@@ -851,23 +1135,30 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let params = verity::append_hash_tree(&mut img).map_err(io("cannot write the hash tree"))?;
     drop(img);
 
-    let cmdline = format!("{CMDLINE} coffer.verity={params}");
+    let cmdline = format!("{} coffer.verity={params}", o.arch.cmdline());
     std::fs::write(stage.join("cmdline"), format!("{cmdline}\n")).map_err(io("cmdline"))?;
     let k = sha256_file(&stage.join("vmlinuz")).map_err(io("vmlinuz"))?;
-    let x = sha256_file(&stage.join(crate::PVH_KERNEL)).map_err(io(crate::PVH_KERNEL))?;
     let i = sha256_file(&stage.join("initrd.img")).map_err(io("initrd.img"))?;
     let r = sha256_file(&root_img).map_err(io("root.img"))?;
-    // The emulated TEE's launch boots the uncompressed kernel.
-    let measurement = launch_digest(&x, &i, &cmdline);
     let mut manifest = json!({
+        "arch": o.arch.name(),
         "inputs": { "packages": inputs, "agent": hex::encode(sha256_file(&o.agent).map_err(io("the agent"))?) },
         "kernel_release": release,
         "modules": mods.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
-        "sha256": { "vmlinuz": hex::encode(k), "vmlinux": hex::encode(x), "initrd.img": hex::encode(i), "root.img": hex::encode(r) },
+        "sha256": { "vmlinuz": hex::encode(k), "initrd.img": hex::encode(i), "root.img": hex::encode(r) },
         "cmdline": cmdline,
         "verity": { "data_blocks": params.data_blocks, "root_hash": hex::encode(params.root_hash), "salt": hex::encode(params.salt) },
-        "measurement": { "emulated": hex::encode(measurement) },
     });
+    if o.arch == Arch::X86_64 {
+        let x = sha256_file(&stage.join(crate::PVH_KERNEL)).map_err(io(crate::PVH_KERNEL))?;
+        manifest["sha256"]["vmlinux"] = json!(hex::encode(x));
+        // The emulated TEE's launch boots the uncompressed kernel.
+        manifest["measurement"] =
+            json!({ "emulated": hex::encode(launch_digest(&x, &i, &cmdline)) });
+    }
+    if !o.se_host_keys.is_empty() {
+        manifest["se"] = seal_se(&stage, &cmdline, &o.se_host_keys)?;
+    }
     if let Some((fw, built_from)) = &snp_firmware {
         std::fs::write(stage.join(crate::FIRMWARE_SNP), fw)
             .map_err(io("cannot write the SEV-SNP firmware"))?;

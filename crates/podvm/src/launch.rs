@@ -202,6 +202,24 @@ pub const PSP_PORT: &str = "coffer.psp";
 /// The `fw_cfg` file carrying the launch configuration (initdata and options; not measured,
 /// the initdata is checked against HOST_DATA).
 pub const CONFIG_FW_CFG: &str = "opt/coffer/config";
+/// Where machines without `fw_cfg` (s390x) take the launch configuration from: a virtio disk
+/// with this serial holding the configuration's length (u32, big-endian) and then the
+/// configuration (see [`config_disk`]). Not measured, like the `fw_cfg` entry.
+pub const CONFIG_DISK: &str = "coffer-config";
+
+/// The content of a [`CONFIG_DISK`] for `config` (padded to 512-byte sectors).
+pub fn config_disk(config: &[u8]) -> Vec<u8> {
+    let mut d = (config.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(config);
+    d.resize(d.len().div_ceil(512) * 512, 0);
+    d
+}
+
+/// The configuration a [`CONFIG_DISK`] holds, if it is well formed.
+pub fn read_config_disk(disk: &[u8]) -> Option<&[u8]> {
+    let n = u32::from_be_bytes(disk.get(..4)?.try_into().ok()?) as usize;
+    disk.get(4..4 + n)
+}
 
 impl Launch {
     /// The arguments of `qemu-system-x86_64`.

@@ -32,3 +32,6 @@ pub const PVH_KERNEL: &str = "vmlinux";
 pub const FIRMWARE_SNP: &str = "firmware-snp.fd";
 /// The firmware a TDX launch of a pod VM boots (TDVF), in the pod VM directory.
 pub const FIRMWARE_TDX: &str = "firmware-tdx.fd";
+/// The IBM Secure Execution image of an s390x pod VM (its kernel, initrd and command line
+/// sealed for the chosen hosts; see [`se`]), in the pod VM directory.
+pub const SE_IMAGE: &str = "se.img";

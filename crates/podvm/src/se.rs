@@ -287,31 +287,18 @@ pub struct DebianKernel {
     pub deb: std::path::PathBuf,
 }
 
-/// The newest s390x kernel of [`KERNEL_PACKAGE`], downloaded (with an apt of its own, for the
-/// s390x architecture, against Debian's signed index) into `cache/s390x/` and kept there. When
+/// The newest s390x kernel of [`KERNEL_PACKAGE`], downloaded (with the s390x apt of
+/// [`crate::build::s390x_apt`], against Debian's signed index) into `cache/s390x/` and kept
+/// there. When
 /// the archive cannot be reached, the kernel fetched before is used, with a warning.
 pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageError> {
     let dir = cache.join("s390x");
     let fail =
         |what: &str, e: String| SeImageError::Input(format!("the s390x kernel: {what}: {e}"));
     let apt = |args: &[&str]| -> Result<Vec<u8>, SeImageError> {
-        let mut cmd = crate::firmware::private_apt(
-            &dir.join("apt"),
-            &format!(
-                "deb [signed-by={} arch=s390x] {} {} main\n",
-                crate::firmware::ARCHIVE_KEYRING,
-                crate::firmware::DEFAULT_MIRROR,
-                crate::build::KERNEL_SUITE
-            ),
-        )
-        .map_err(|e| fail("cannot set up apt", e.to_string()))?;
+        let mut cmd =
+            crate::build::s390x_apt(cache).map_err(|e| fail("cannot set up apt", e.to_string()))?;
         let out = cmd
-            .args([
-                "-o",
-                "APT::Architecture=s390x",
-                "-o",
-                "APT::Architectures::=s390x",
-            ])
             .args(args)
             .current_dir(&dir)
             .output()
@@ -346,7 +333,10 @@ pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageErr
                 let _ = std::fs::remove_file(f.path());
             }
         }
-        apt(&["download", KERNEL_PACKAGE])?;
+        apt(&[
+            "download",
+            &format!("{KERNEL_PACKAGE}/{}", crate::build::KERNEL_SUITE),
+        ])?;
         let meta = newest(&format!("{KERNEL_PACKAGE}_"), ".deb")
             .ok_or_else(|| fail("apt-get download", "left no package file".into()))?;
         let out = Command::new("dpkg-deb")

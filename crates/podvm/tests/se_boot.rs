@@ -10,6 +10,9 @@
 //!    started at the PSW sealed in the header (stage3b). stage3b moves the kernel and the command
 //!    line into place and records the initrd; Linux boots, and the initrd's `/init` prints the
 //!    command line it was given and powers the machine off.
+//!
+//! And a whole s390x pod VM built with `--tee se`, booted the same way after unpack, up to its
+//! agent.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -170,4 +173,166 @@ fn a_sealed_image_ipls_into_stage3a_and_once_unpacked_stage3b_boots_linux_with_i
         "stage3b did not refuse the command line: {log}"
     );
     assert!(!console.contains("COFFER-SE-INIT"));
+}
+
+/// The agent built for s390x (Debian's cross toolchain; the target directory `scripts/test-s390x`
+/// uses, so that the two share their build).
+fn s390x_agent() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target_dir = std::env::var_os("COFFER_S390X_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            PathBuf::from(format!("{}-s390x", base.display()))
+        });
+    let target = "s390x-unknown-linux-gnu";
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--target",
+            target,
+            "-p",
+            "coffer-agent",
+            "--bin",
+            "coffer-agent",
+        ])
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env(
+            "CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_LINKER",
+            "s390x-linux-gnu-gcc",
+        )
+        .env("CC_s390x_unknown_linux_gnu", "s390x-linux-gnu-gcc")
+        .env("CXX_s390x_unknown_linux_gnu", "s390x-linux-gnu-g++")
+        .env("AR_s390x_unknown_linux_gnu", "s390x-linux-gnu-ar")
+        .output()
+        .expect("cargo");
+    assert!(
+        out.status.success(),
+        "building the s390x agent (needs `rustup target add {target}` and Debian's \
+         gcc-s390x-linux-gnu; scripts/test sets both up): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join(target).join("debug/coffer-agent")
+}
+
+/// An s390x pod VM built with `--tee se` (Debian's s390x packages, the agent built for s390x,
+/// sealed for a test host): the Ultravisor stand-in unpacks its SE image, and started at the
+/// sealed PSW it boots under QEMU's s390x emulation with its verity root, its encrypted scratch
+/// disk and the launch configuration on its configuration disk, up to the agent's "booted".
+/// Asked for SE attestation where there is no Ultravisor, the agent then stops, naming the
+/// missing device: it never runs without the TEE the launch asked for.
+#[test]
+fn an_s390x_pod_vm_sealed_for_se_boots_its_agent_once_unpacked() {
+    let work = tempfile::tempdir().unwrap();
+    let host = Host::new("test host");
+    let out = work.path().join("podvm");
+    let manifest = coffer_podvm::build::build(&coffer_podvm::build::BuildOptions {
+        out: out.clone(),
+        agent: s390x_agent(),
+        debs: None,
+        cache: cache(),
+        snp_firmware: None,
+        tdx_firmware: None,
+        disks: Vec::new(),
+        scratch_mib: 0,
+        arch: coffer_podvm::build::Arch::S390x,
+        se_host_keys: vec![host.public().public_key_to_pem().unwrap()],
+    })
+    .unwrap();
+    assert_eq!(manifest["arch"], "s390x");
+    assert!(manifest.get("measurement").is_none() && !out.join("vmlinux").exists());
+    let image = std::fs::read(out.join(coffer_podvm::SE_IMAGE)).unwrap();
+    // The reference value in measurements.json is the image's, as the KBS reads it.
+    let tags = coffer_verifier::se::ImageTags::from_se_image(&image).unwrap();
+    assert_eq!(manifest["se"]["se_image_tags"][0], tags.to_hex());
+
+    let unpacked = host.unpack(&image).unwrap();
+    let mut memory = unpacked.memory;
+    let short = unpacked.psw.0 | 0x0008_0000_0000_0000 | unpacked.psw.1;
+    memory[..8].copy_from_slice(&short.to_be_bytes());
+    let unpacked_image = work.path().join("unpacked.img");
+    std::fs::write(&unpacked_image, &memory).unwrap();
+    drop(memory);
+
+    let config = serde_json::to_vec(&serde_json::json!({
+        "initdata": "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n",
+        "tee": "se",
+    }))
+    .unwrap();
+    let config_disk = work.path().join("config.img");
+    std::fs::write(&config_disk, coffer_podvm::launch::config_disk(&config)).unwrap();
+    let scratch = work.path().join("scratch.img");
+    std::fs::File::create(&scratch)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let console = work.path().join("console.log");
+    let disk = |file: &Path, serial: &str, ro: bool| {
+        [
+            "-drive".to_string(),
+            format!(
+                "file={},if=none,id={serial},format=raw{}",
+                file.display(),
+                if ro { ",readonly=on" } else { "" }
+            ),
+            "-device".to_string(),
+            format!("virtio-blk-ccw,drive={serial},serial={serial}"),
+        ]
+    };
+    let mut child = Command::new("qemu-system-s390x")
+        .args(["-M", "s390-ccw-virtio", "-accel", "tcg", "-m", "1024"])
+        .args(["-nographic", "-nodefaults", "-no-reboot"])
+        .arg("-chardev")
+        .arg(format!("file,id=con,path={}", console.display()))
+        .args(["-device", "sclpconsole,chardev=con"])
+        .arg("-kernel")
+        .arg(&unpacked_image)
+        .args(disk(&out.join("root.img"), "coffer-root", true))
+        .args(disk(&scratch, "coffer-scratch", false))
+        .args(disk(&config_disk, coffer_podvm::launch::CONFIG_DISK, true))
+        .args(["-device", "virtio-serial-ccw,id=ports"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            work.path().join("agent.sock").display()
+        ))
+        .arg("-device")
+        .arg(format!(
+            "virtserialport,bus=ports.0,chardev=agent,name={}",
+            coffer_podvm::launch::AGENT_PORT
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-s390x");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut log = String::new();
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        log = std::fs::read_to_string(&console).unwrap_or_default();
+        if log.contains("no TEE found") || log.contains("pod VM boot:") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // What the console got after the last look.
+    let log = std::fs::read_to_string(&console).unwrap_or(log);
+    for step in [
+        "modules loaded",
+        "verity root mounted",
+        "encrypted scratch mounted",
+        "launch configuration from the configuration disk",
+        "booted",
+    ] {
+        assert!(log.contains(step), "no {step:?} on the console:\n{log}");
+    }
+    assert!(
+        log.contains("no TEE found") && log.contains("/dev/uv (IBM Secure Execution"),
+        "the agent did not stop for the missing Ultravisor:\n{log}"
+    );
 }

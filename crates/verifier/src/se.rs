@@ -92,6 +92,9 @@ fn pv(e: impl fmt::Display) -> SeError {
 
 pub use s390_pv::request::CertVerifier;
 
+/// A host's public key (P-521), as [`HostKeys::keys`] gives it.
+pub type PublicKey = PKey<Public>;
+
 /// IBM's host-key signing chain: the signing certificate and its intermediate CA (`certs`),
 /// CRLs, and the root CA (`None`: the system's trust store). Offline: CRLs come from the files
 /// given, never from the network, and a document whose CRL is missing is refused.
