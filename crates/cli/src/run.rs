@@ -36,7 +36,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     accel: String,
     /// The TEE: `emulated` (the emulated PSP: no confidentiality, development only), or for a
-    /// pod VM on such a host under KVM `snp` (AMD SEV-SNP) or `tdx` (Intel TDX).
+    /// pod VM on such a host under KVM `snp` (AMD SEV-SNP), `tdx` (Intel TDX) or, for an s390x
+    /// pod VM built with its SE image, `se` (IBM Secure Execution).
     #[arg(long, default_value = "emulated")]
     tee: String,
     /// The firmware a hardware TEE boots [default: the pod VM's firmware-snp.fd or
@@ -157,13 +158,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     match (a.tee.as_str(), podvm.is_some()) {
         ("emulated", true) => eprintln!("coffer: EMULATED TEE (pod VM without TEE hardware): no confidentiality from this host, development only"),
         ("emulated", false) => eprintln!("coffer: EMULATED TEE (process sandbox): no confidentiality, development only"),
-        ("snp" | "tdx", true) => {}
-        ("snp" | "tdx", false) => bail!("--tee {} needs --sandbox vm: a process sandbox has no TEE", a.tee),
-        (other, _) => bail!("--tee {other}: use emulated, snp or tdx"),
+        ("snp" | "tdx" | "se", true) => {}
+        ("snp" | "tdx" | "se", false) => bail!("--tee {} needs --sandbox vm: a process sandbox has no TEE", a.tee),
+        (other, _) => bail!("--tee {other}: use emulated, snp, tdx or se"),
     }
     let remote = a.sandbox == "remote";
-    if remote && a.tee == "tdx" {
-        bail!("--sandbox remote --tee tdx: peer pods launch SEV-SNP (on a libvirt host that has it) or the emulated TEE; TDX is not built");
+    if remote && matches!(a.tee.as_str(), "tdx" | "se") {
+        bail!("--sandbox remote --tee {}: peer pods launch SEV-SNP (on a libvirt host that has it) or the emulated TEE; TDX and SE peer pods are not built", a.tee);
     }
     match (a.network.as_str(), podvm.is_some()) {
         ("none" | "cni", _) | ("host", false) => {}

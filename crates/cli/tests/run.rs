@@ -60,6 +60,11 @@ async fn world_with(creds: Option<&str>) -> World {
 /// A world whose KBS and registry listen on `ip` (loopback, or an address of the test's own
 /// network namespace that a sandbox on its CNI network reaches).
 async fn world_at(ip: &str, creds: Option<&str>) -> World {
+    world_of(ip, creds, None).await
+}
+
+/// A world whose image holds `busybox` (a static busybox and its OCI architecture).
+async fn world_of(ip: &str, creds: Option<&str>, busybox: Option<(&[u8], &str)>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = common::agent_binary();
@@ -80,7 +85,7 @@ async fn world_at(ip: &str, creds: Option<&str>) -> World {
             common::Registry::start_at(ip, Some(&format!("{user}:{hash}")))
         }
     };
-    let image = common::push_encrypted_busybox(d, &registry.addr, creds);
+    let image = common::push_encrypted_busybox_of(d, &registry.addr, creds, busybox);
     kbs.admin
         .set_resource(
             "default/image-keys/app",
@@ -1152,6 +1157,75 @@ async fn a_pod_vm_is_reproducible_measured_and_runs_only_as_built() {
         "{stderr}"
     );
     nothing_left(&w, "v2", "hello from the pod VM").await;
+}
+
+/// An IBM Z pod VM (s390x, big-endian) under QEMU's s390x emulation on this x86 host: built from
+/// Debian's s390x packages with the agent built for s390x, it boots with its launch
+/// configuration on a disk (s390x has no fw_cfg), attests with the emulated TEE to the KBS,
+/// which releases the image key only to its registered measurement, and runs an s390x
+/// container. The measurement is the one `coffer measure --sandbox vm` computes over the s390x
+/// kernel, initrd and command line; a pod VM for s390x is refused KVM here, and a
+/// hardware TEE of the other machine is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s390x_pod_vm_attests_and_runs_an_s390x_container_under_emulation() {
+    let scratch = tempfile::tempdir().unwrap();
+    let podvm = scratch.path().join("podvm-s390x");
+    let agent = coffer_testkit::s390x_agent();
+    let (code, _, stderr) = cli(s(&[
+        "podvm",
+        "build",
+        "--arch",
+        "s390x",
+        "--agent",
+        &agent.display().to_string(),
+        "--out",
+        &podvm.display().to_string(),
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap()
+        .join("coffer/debs");
+    let busybox = coffer_testkit::s390x_busybox(&cache, scratch.path());
+    let w = world_of("127.0.0.1", None, Some((&busybox, "s390x"))).await;
+    let init = w.initdata("initdata.toml", &[]).await;
+    let mut vm = vm_args(&podvm);
+    let measured: Vec<&str> = vm.iter().map(String::as_str).collect();
+    w.register_for(&measured, &[&init]).await;
+    vm.extend(s(&["--accel", "tcg"]));
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = cli(w.run_in(
+        &vm,
+        &init,
+        "z1",
+        &[],
+        &["/bin/sh", "-c", "echo hello from IBM Z; uname -m"],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "hello from IBM Z\ns390x\n", "{stderr}");
+    assert!(stderr.contains("EMULATED TEE"), "{stderr}");
+    nothing_left(&w, "z1", "hello from IBM Z").await;
+
+    // KVM cannot run an s390x guest on this host; SEV-SNP is an x86 TEE.
+    let mut kvm = vm.clone();
+    *kvm.last_mut().unwrap() = "kvm";
+    let (code, _, stderr) = cli(w.run_in(&kvm, &init, "z2", &[], &["true"])).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("is for s390x, which this host's KVM cannot run"),
+        "{stderr}"
+    );
+    let mut snp = vm.clone();
+    snp.extend(["--tee", "snp"]);
+    let (code, _, stderr) = cli(w.run_in(&snp, &init, "z3", &[], &["true"])).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("an x86-64 TEE; this pod VM is for s390x"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

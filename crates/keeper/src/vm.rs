@@ -110,7 +110,14 @@ fn kvm_is_pvm(modules: &Path) -> bool {
 /// The TEE of this launch from `--tee`: the emulated PSP, or SEV-SNP / TDX with the firmware
 /// (`--firmware`, else the pod VM's `firmware-snp.fd` / `firmware-tdx.fd`) and the initdata
 /// digest as HOST_DATA / MRCONFIGID.
-fn launch_tee(a: &KeeperArgs, podvm: &Path, digest: &[u8]) -> anyhow::Result<Tee> {
+fn launch_tee(a: &KeeperArgs, podvm: &Path, vm: &PodVm, digest: &[u8]) -> anyhow::Result<Tee> {
+    if matches!(a.tee.as_str(), "snp" | "tdx") && vm.arch != coffer_podvm::build::Arch::X86_64 {
+        bail!(
+            "--tee {}: an x86-64 TEE; this pod VM is for {}",
+            a.tee,
+            vm.arch.name()
+        );
+    }
     let firmware = |name: &str| -> anyhow::Result<PathBuf> {
         let f = a.firmware.clone().unwrap_or_else(|| podvm.join(name));
         if !f.is_file() {
@@ -145,7 +152,16 @@ fn launch_tee(a: &KeeperArgs, podvm: &Path, digest: &[u8]) -> anyhow::Result<Tee
                 mrconfigid,
             }
         }
-        other => bail!("--tee {other}: use emulated, snp or tdx"),
+        "se" => {
+            match (vm.arch, vm.se_image.clone()) {
+                (coffer_podvm::build::Arch::S390x, Some(image)) => Tee::Se { image },
+                (coffer_podvm::build::Arch::S390x, None) => bail!(
+                    "--tee se: the pod VM has no Secure Execution image (build it with `coffer podvm build --arch s390x --tee se --host-key-document …`)"
+                ),
+                _ => bail!("--tee se (IBM Secure Execution) runs an s390x pod VM; this one is for x86-64"),
+            }
+        }
+        other => bail!("--tee {other}: use emulated, snp, tdx or se"),
     })
 }
 
@@ -228,7 +244,7 @@ pub(crate) async fn serve(
     let vm = PodVm::open(podvm)?;
     let mut host_data = [0u8; 32];
     host_data.copy_from_slice(&coffer_wire::binding::fit_report_data(digest, 32));
-    let tee = launch_tee(a, podvm, digest)?;
+    let tee = launch_tee(a, podvm, &vm, digest)?;
     let psp_chan = a.dir.join("psp-chan.sock");
     if matches!(tee, Tee::Emulated) {
         start_emulated_psp(a, &vm, host_data, &psp_chan)?;
@@ -260,22 +276,39 @@ pub(crate) async fn serve(
         _ => None,
     };
     let config = a.dir.join("launch.json");
+    let json = serde_json::to_vec(&coffer_podvm::remote::LaunchConfig {
+        initdata: text.to_string(),
+        plain_http: a.plain_http,
+        tee: a.tee.clone(),
+        network: if podnet.is_some() { "pod" } else { "none" }.into(),
+        remote: None,
+    })?;
+    // An s390x machine has no fw_cfg: the configuration travels on a disk of its own.
     std::fs::write(
         &config,
-        serde_json::to_vec(&coffer_podvm::remote::LaunchConfig {
-            initdata: text.to_string(),
-            plain_http: a.plain_http,
-            tee: a.tee.clone(),
-            network: if podnet.is_some() { "pod" } else { "none" }.into(),
-            remote: None,
-        })?,
+        match vm.arch {
+            coffer_podvm::build::Arch::X86_64 => json,
+            coffer_podvm::build::Arch::S390x => coffer_podvm::launch::config_disk(&json),
+        },
     )?;
+    let native = match vm.arch {
+        coffer_podvm::build::Arch::X86_64 => cfg!(target_arch = "x86_64"),
+        coffer_podvm::build::Arch::S390x => cfg!(target_arch = "s390x"),
+    };
     let accel = match a.accel.as_str() {
+        "kvm" if !native => bail!(
+            "--accel kvm: this pod VM is for {}, which this host's KVM cannot run; use --accel tcg or auto",
+            vm.arch.name()
+        ),
         "kvm" if kvm_is_pvm(Path::new("/sys/module")) => bail!(
             "--accel kvm: this host's KVM is PVM (kvm_pvm), which cannot run the pod VM's kernel; use --accel tcg or auto"
         ),
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,
+        "auto" if !native => {
+            tracing::info!(arch = vm.arch.name(), "a pod VM for another machine: it runs under TCG");
+            Accel::Tcg
+        }
         "auto" => match kvm_probe(
             Path::new(QEMU),
             Path::new("/dev/kvm"),
@@ -314,16 +347,17 @@ pub(crate) async fn serve(
         qmp: Some(a.dir.join(crate::dir::QMP_SOCK)),
     };
     let spawned = std::time::Instant::now();
+    let qemu_bin = launch.qemu_binary();
     // On a pod network QEMU runs in the pod's namespace, where it makes its taps.
     let mut cmd = match &podnet {
         Some(net) => {
             let mut c = tokio::process::Command::new("nsenter");
             c.arg(format!("--net={}", net.netns.display()))
                 .arg("--")
-                .arg(QEMU);
+                .arg(qemu_bin);
             c
         }
-        None => tokio::process::Command::new(QEMU),
+        None => tokio::process::Command::new(qemu_bin),
     };
     cmd.args(launch.qemu_args())
         .stdin(Stdio::null())
@@ -331,9 +365,12 @@ pub(crate) async fn serve(
         .stderr(std::fs::File::create(a.dir.join("qemu.log"))?)
         .kill_on_drop(true);
     die_with_keeper(&mut cmd);
-    let mut qemu = cmd
-        .spawn()
-        .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    let mut qemu = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start {qemu_bin} (Debian: apt-get install {})",
+            qemu_bin.trim_end_matches("_64")
+        )
+    })?;
     // The taps take the pod's traffic once QEMU made them; the redirection is removed when
     // the keeper ends (and goes with the pod's namespace if the keeper is killed).
     let t = std::time::Instant::now();

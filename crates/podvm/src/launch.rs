@@ -22,7 +22,8 @@ pub struct PodVm {
     /// The kernel (`vmlinuz`): what TEE firmware boots.
     pub kernel: PathBuf,
     /// The same kernel uncompressed ([`crate::PVH_KERNEL`]): what QEMU boots directly when
-    /// there is no TEE firmware (the emulated TEE).
+    /// there is no TEE firmware (the emulated TEE). On s390x, the kernel itself (QEMU boots
+    /// it as it is).
     pub pvh_kernel: PathBuf,
     /// The initramfs (`initrd.img`): the agent, its libraries and the kernel modules it loads.
     pub initrd: PathBuf,
@@ -30,6 +31,10 @@ pub struct PodVm {
     pub root: PathBuf,
     /// The kernel command line (`cmdline`), carrying the verity root hash.
     pub cmdline: String,
+    /// The machine it was built for (`measurements.json`'s `arch`; x86-64 when absent).
+    pub arch: crate::build::Arch,
+    /// An s390x pod VM's IBM Secure Execution image ([`crate::SE_IMAGE`]), if it has one.
+    pub se_image: Option<PathBuf>,
 }
 
 /// A pod VM directory that cannot be used.
@@ -57,12 +62,36 @@ impl PodVm {
     pub fn open(dir: &Path) -> Result<Self, LaunchError> {
         let cmdline_path = dir.join("cmdline");
         let cmdline = std::fs::read_to_string(&cmdline_path).map_err(read_err(&cmdline_path))?;
+        let manifest = dir.join("measurements.json");
+        let arch = match std::fs::read(&manifest) {
+            Ok(m) => {
+                let m: serde_json::Value =
+                    serde_json::from_slice(&m).map_err(|e| LaunchError::Read {
+                        path: manifest.display().to_string(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                    })?;
+                match m["arch"].as_str() {
+                    None => crate::build::Arch::X86_64,
+                    Some(a) => crate::build::Arch::parse(a).map_err(|e| LaunchError::Read {
+                        path: manifest.display().to_string(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+                    })?,
+                }
+            }
+            Err(_) => crate::build::Arch::X86_64,
+        };
+        let se_image = dir.join(crate::SE_IMAGE);
         let vm = Self {
             kernel: dir.join("vmlinuz"),
-            pvh_kernel: dir.join(crate::PVH_KERNEL),
+            pvh_kernel: match arch {
+                crate::build::Arch::X86_64 => dir.join(crate::PVH_KERNEL),
+                crate::build::Arch::S390x => dir.join("vmlinuz"),
+            },
             initrd: dir.join("initrd.img"),
             root: dir.join("root.img"),
             cmdline: cmdline.trim_end_matches('\n').to_string(),
+            arch,
+            se_image: se_image.is_file().then_some(se_image),
         };
         for p in [&vm.kernel, &vm.pvh_kernel, &vm.initrd, &vm.root] {
             std::fs::metadata(p).map_err(read_err(p))?;
@@ -144,6 +173,13 @@ pub enum Tee {
         /// MRCONFIGID.
         mrconfigid: [u8; 48],
     },
+    /// IBM Secure Execution (s390x, KVM on IBM Z with SE): QEMU's `s390-pv-guest` IPLs the pod
+    /// VM's sealed image ([`PodVm::se_image`]). Nothing of the initdata is set at launch: the
+    /// guest binds its digest into each attestation's user data.
+    Se {
+        /// The SE image.
+        image: PathBuf,
+    },
 }
 
 /// Everything one pod VM launch needs.
@@ -222,8 +258,19 @@ pub fn read_config_disk(disk: &[u8]) -> Option<&[u8]> {
 }
 
 impl Launch {
-    /// The arguments of `qemu-system-x86_64`.
+    /// The QEMU that runs this pod VM.
+    pub fn qemu_binary(&self) -> &'static str {
+        match self.vm.arch {
+            crate::build::Arch::X86_64 => "qemu-system-x86_64",
+            crate::build::Arch::S390x => "qemu-system-s390x",
+        }
+    }
+
+    /// The arguments of [`Launch::qemu_binary`].
     pub fn qemu_args(&self) -> Vec<OsString> {
+        if self.vm.arch == crate::build::Arch::S390x {
+            return self.s390x_args();
+        }
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         let p = |p: &Path| p.display().to_string();
@@ -260,6 +307,12 @@ impl Launch {
                 ));
                 push("-bios");
                 push(&p(firmware));
+            }
+            Tee::Se { .. } => {
+                // Not an x86 TEE: the keeper refuses it before (an s390x pod VM has its own
+                // arguments).
+                push("-machine");
+                push("q35");
             }
             Tee::Tdx {
                 firmware,
@@ -300,7 +353,7 @@ impl Launch {
         // without one, QEMU boots the uncompressed kernel at its PVH entry: no real-mode setup,
         // no decompressor (a second of a TCG boot).
         push(&p(match self.tee {
-            Tee::Emulated => &self.vm.pvh_kernel,
+            Tee::Emulated | Tee::Se { .. } => &self.vm.pvh_kernel,
             Tee::SevSnp { .. } | Tee::Tdx { .. } => &self.vm.kernel,
         }));
         push("-initrd");
@@ -368,6 +421,104 @@ impl Launch {
         push(&format!("name={CONFIG_FW_CFG},file={}", p(&self.config)));
         a
     }
+
+    /// `qemu-system-s390x`'s arguments: the s390-ccw-virtio machine with virtio-ccw devices,
+    /// the SCLP console, and the launch configuration on a disk ([`CONFIG_DISK`]: `config`
+    /// holds [`config_disk`]'s bytes), there being no `fw_cfg`. Under the emulated TEE QEMU
+    /// boots the kernel, initrd and command line; under Secure Execution it IPLs the sealed
+    /// image, which carries all three. Block volumes are not hot-plugged (no PCIe root ports).
+    fn s390x_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        let p = |p: &Path| p.display().to_string();
+        for s in ["-nodefaults", "-nographic", "-no-user-config", "-no-reboot"] {
+            push(s);
+        }
+        push("-m");
+        push(&format!("{}M", self.memory_mib));
+        push("-smp");
+        push(&self.cpus.to_string());
+        push("-machine");
+        match &self.tee {
+            Tee::Se { .. } => {
+                push("s390-ccw-virtio,confidential-guest-support=pv0");
+                push("-object");
+                push("s390-pv-guest,id=pv0");
+            }
+            _ => push("s390-ccw-virtio"),
+        }
+        push("-accel");
+        match self.accel {
+            Accel::Kvm => {
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accel::Tcg => {
+                push("tcg");
+                push("-cpu");
+                push("max");
+            }
+        }
+        push("-kernel");
+        match &self.tee {
+            Tee::Se { image } => push(&p(image)),
+            _ => {
+                push(&p(&self.vm.kernel));
+                push("-initrd");
+                push(&p(&self.vm.initrd));
+                push("-append");
+                push(&self.vm.cmdline);
+            }
+        }
+        push("-chardev");
+        push(&format!("file,id=console,path={}", p(&self.console)));
+        push("-device");
+        push("sclpconsole,chardev=console");
+        for (file, id, extra) in [
+            (&self.vm.root, "coffer-root", ",readonly=on"),
+            (&self.scratch, "coffer-scratch", ",cache=directsync"),
+            (&self.config, CONFIG_DISK, ",readonly=on"),
+        ] {
+            push("-drive");
+            push(&format!(
+                "file={},if=none,id={id},format=raw{extra}",
+                p(file)
+            ));
+            push("-device");
+            push(&format!("virtio-blk-ccw,drive={id},serial={id}"));
+        }
+        push("-device");
+        push("virtio-serial-ccw,id=ports");
+        push("-chardev");
+        push(&format!("socket,id=agent,path={}", p(&self.agent_channel)));
+        push("-device");
+        push(&format!(
+            "virtserialport,bus=ports.0,chardev=agent,name={AGENT_PORT}"
+        ));
+        if matches!(self.tee, Tee::Emulated) {
+            push("-chardev");
+            push(&format!("socket,id=psp,path={}", p(&self.psp_channel)));
+            push("-device");
+            push(&format!(
+                "virtserialport,bus=ports.0,chardev=psp,name={PSP_PORT}"
+            ));
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            push("-netdev");
+            push(&format!(
+                "tap,id=pod{i},ifname={},script=no,downscript=no",
+                n.tap
+            ));
+            push("-device");
+            push(&format!("virtio-net-ccw,netdev=pod{i},mac={}", n.mac));
+        }
+        if let Some(qmp) = &self.qmp {
+            push("-qmp");
+            push(&format!("unix:{},server=on,wait=off", p(qmp)));
+        }
+        a
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +536,8 @@ mod tests {
             initrd: "/p/initrd.img".into(),
             root: "/p/root.img".into(),
             cmdline: "console=ttyS0 coffer.verity=2,aa,bb".into(),
+            arch: crate::build::Arch::X86_64,
+            se_image: None,
         };
         Launch {
             vm,
@@ -464,6 +617,78 @@ mod tests {
         assert!(tdx.contains("tdx-guest,id=tdx0,mrconfigid=AQEB"), "{tdx}");
         assert!(tdx.contains("confidential-guest-support=tdx0") && !tdx.contains("coffer.psp"));
         assert!(tdx.contains("-kernel /p/vmlinuz "), "{tdx}");
+    }
+
+    /// An s390x pod VM: the s390-ccw-virtio machine, virtio-ccw disks and ports, the SCLP
+    /// console, the configuration on its disk (no fw_cfg, no PCIe hotplug ports); under SE the
+    /// sealed image is IPLed with QEMU's s390-pv-guest, and nothing else is booted beside it.
+    #[test]
+    fn an_s390x_pod_vm_has_its_own_machine_devices_and_configuration_disk() {
+        let launch = |tee: Tee, accel: Accel| -> String {
+            Launch {
+                vm: PodVm {
+                    kernel: "/p/vmlinuz".into(),
+                    pvh_kernel: "/p/vmlinuz".into(),
+                    initrd: "/p/initrd.img".into(),
+                    root: "/p/root.img".into(),
+                    cmdline: "console=ttysclp0 coffer.verity=2,aa,bb".into(),
+                    arch: crate::build::Arch::S390x,
+                    se_image: Some("/p/se.img".into()),
+                },
+                scratch: "/s/scratch.img".into(),
+                agent_channel: "/s/agent-chan.sock".into(),
+                psp_channel: "/s/psp-chan.sock".into(),
+                console: "/s/agent.log".into(),
+                config: "/s/launch.json".into(),
+                memory_mib: 512,
+                cpus: 1,
+                accel,
+                tee,
+                nics: vec![Nic {
+                    tap: "coffertap0".into(),
+                    mac: "0a:58:0a:58:07:05".into(),
+                }],
+                qmp: Some("/s/qmp.sock".into()),
+            }
+            .qemu_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+        };
+        let emulated = launch(Tee::Emulated, Accel::Tcg);
+        for want in [
+            "-machine s390-ccw-virtio -accel tcg -cpu max",
+            "-kernel /p/vmlinuz -initrd /p/initrd.img -append console=ttysclp0 coffer.verity=2,aa,bb",
+            "-chardev file,id=console,path=/s/agent.log -device sclpconsole,chardev=console",
+            "-drive file=/p/root.img,if=none,id=coffer-root,format=raw,readonly=on -device virtio-blk-ccw,drive=coffer-root,serial=coffer-root",
+            "-device virtio-blk-ccw,drive=coffer-scratch,serial=coffer-scratch",
+            "-drive file=/s/launch.json,if=none,id=coffer-config,format=raw,readonly=on -device virtio-blk-ccw,drive=coffer-config,serial=coffer-config",
+            "-device virtio-serial-ccw,id=ports",
+            "name=coffer.agent",
+            "name=coffer.psp",
+            "-device virtio-net-ccw,netdev=pod0,mac=0a:58:0a:58:07:05",
+            "-qmp unix:/s/qmp.sock,server=on,wait=off",
+        ] {
+            assert!(emulated.contains(want), "{want} missing in {emulated}");
+        }
+        for never in ["fw_cfg", "-pci", "pcie-root-port", " -serial ", "q35"] {
+            assert!(!emulated.contains(never), "{never} in {emulated}");
+        }
+        let se = launch(
+            Tee::Se {
+                image: "/p/se.img".into(),
+            },
+            Accel::Kvm,
+        );
+        assert!(
+            se.contains("-machine s390-ccw-virtio,confidential-guest-support=pv0 -object s390-pv-guest,id=pv0 -accel kvm -cpu host -kernel /p/se.img -chardev"),
+            "{se}"
+        );
+        assert!(
+            !se.contains("-initrd") && !se.contains("-append") && !se.contains("coffer.psp"),
+            "{se}"
+        );
     }
 
     #[test]

@@ -75,6 +75,8 @@ fn launch(dir: &Path, tee: Tee) -> (Launch, std::os::unix::net::UnixListener) {
             initrd: dir.join("initrd.img"),
             root: dir.join("root.img"),
             cmdline: "console=ttyS0 coffer.verity=2,aa,bb".into(),
+            arch: coffer_podvm::build::Arch::X86_64,
+            se_image: None,
         },
         scratch: dir.join("scratch.img"),
         agent_channel: dir.join("agent-chan.sock"),

@@ -175,49 +175,6 @@ fn a_sealed_image_ipls_into_stage3a_and_once_unpacked_stage3b_boots_linux_with_i
     assert!(!console.contains("COFFER-SE-INIT"));
 }
 
-/// The agent built for s390x (Debian's cross toolchain; the target directory `scripts/test-s390x`
-/// uses, so that the two share their build).
-fn s390x_agent() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target_dir = std::env::var_os("COFFER_S390X_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            PathBuf::from(format!("{}-s390x", base.display()))
-        });
-    let target = "s390x-unknown-linux-gnu";
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--target",
-            target,
-            "-p",
-            "coffer-agent",
-            "--bin",
-            "coffer-agent",
-        ])
-        .current_dir(&root)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env(
-            "CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_LINKER",
-            "s390x-linux-gnu-gcc",
-        )
-        .env("CC_s390x_unknown_linux_gnu", "s390x-linux-gnu-gcc")
-        .env("CXX_s390x_unknown_linux_gnu", "s390x-linux-gnu-g++")
-        .env("AR_s390x_unknown_linux_gnu", "s390x-linux-gnu-ar")
-        .output()
-        .expect("cargo");
-    assert!(
-        out.status.success(),
-        "building the s390x agent (needs `rustup target add {target}` and Debian's \
-         gcc-s390x-linux-gnu; scripts/test sets both up): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target_dir.join(target).join("debug/coffer-agent")
-}
-
 /// An s390x pod VM built with `--tee se` (Debian's s390x packages, the agent built for s390x,
 /// sealed for a test host): the Ultravisor stand-in unpacks its SE image, and started at the
 /// sealed PSW it boots under QEMU's s390x emulation with its verity root, its encrypted scratch
@@ -231,7 +188,7 @@ fn an_s390x_pod_vm_sealed_for_se_boots_its_agent_once_unpacked() {
     let out = work.path().join("podvm");
     let manifest = coffer_podvm::build::build(&coffer_podvm::build::BuildOptions {
         out: out.clone(),
-        agent: s390x_agent(),
+        agent: coffer_testkit::s390x_agent(),
         debs: None,
         cache: cache(),
         snp_firmware: None,

@@ -78,12 +78,18 @@ pub fn busybox_layout(dir: &Path) {
     let busybox = std::fs::read("/usr/bin/busybox")
         .or_else(|_| std::fs::read("/bin/busybox"))
         .expect("busybox-static must be installed (scripts/test installs it)");
+    busybox_layout_of(dir, &busybox, "amd64");
+}
+
+/// [`busybox_layout`] with `busybox` (a static busybox for `architecture`, the OCI name:
+/// `amd64`, `s390x`).
+pub fn busybox_layout_of(dir: &Path, busybox: &[u8], architecture: &str) {
     let mut t = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(busybox.len() as u64);
     h.set_mode(0o755);
     h.set_entry_type(tar::EntryType::Regular);
-    t.append_data(&mut h, "bin/busybox", &busybox[..]).unwrap();
+    t.append_data(&mut h, "bin/busybox", busybox).unwrap();
     for name in ["bin/sh", "bin/mount", "bin/touch"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
@@ -107,7 +113,7 @@ pub fn busybox_layout(dir: &Path) {
         std::fs::write(dir.join("blobs/sha256").join(&d[7..]), b).unwrap();
         d
     };
-    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux",
+    let config = serde_json::to_vec(&json!({"architecture": architecture, "os": "linux",
         "config": {"Cmd": ["/bin/sh", "-c", "echo default"], "Env": ["GREETING=hi"]},
         "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]}}))
     .unwrap();
@@ -125,4 +131,74 @@ pub fn busybox_layout(dir: &Path) {
         .unwrap(),
     )
     .unwrap();
+}
+
+/// The agent built for s390x (`cargo build --target s390x-unknown-linux-gnu`, with Debian's cross
+/// compiler), in the target directory `scripts/test-s390x` uses (`COFFER_S390X_TARGET_DIR`, else
+/// `$CARGO_TARGET_DIR-s390x`, else `target-s390x`), so that the two share their build.
+pub fn s390x_agent() -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target_dir = std::env::var_os("COFFER_S390X_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            std::path::PathBuf::from(format!("{}-s390x", base.display()))
+        });
+    let target = "s390x-unknown-linux-gnu";
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--target",
+            target,
+            "-p",
+            "coffer-agent",
+            "--bin",
+            "coffer-agent",
+        ])
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env(
+            "CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_LINKER",
+            "s390x-linux-gnu-gcc",
+        )
+        .env("CC_s390x_unknown_linux_gnu", "s390x-linux-gnu-gcc")
+        .env("CXX_s390x_unknown_linux_gnu", "s390x-linux-gnu-g++")
+        .env("AR_s390x_unknown_linux_gnu", "s390x-linux-gnu-ar")
+        .output()
+        .expect("cargo");
+    assert!(
+        out.status.success(),
+        "building the s390x agent (needs `rustup target add {target}` and Debian's \
+         gcc-s390x-linux-gnu; scripts/test sets both up): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join(target).join("debug/coffer-agent")
+}
+
+/// The static busybox of Debian's s390x `busybox-static` in `cache/s390x/` (where
+/// `coffer podvm build --arch s390x` keeps its package files), extracted into `work`.
+pub fn s390x_busybox(cache: &Path, work: &Path) -> Vec<u8> {
+    let dir = cache.join("s390x");
+    let deb = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (build an s390x pod VM first)", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("busybox-static_") && n.ends_with("_s390x.deb"))
+        })
+        .max()
+        .expect("busybox-static for s390x in the package cache");
+    let x = work.join("busybox-s390x");
+    let ok = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&x)
+        .status()
+        .expect("dpkg-deb");
+    assert!(ok.success());
+    std::fs::read(x.join("bin/busybox")).unwrap()
 }

@@ -916,9 +916,7 @@ mod tests {
         let mut der = X509::from_pem(&pem).unwrap().to_der().unwrap();
         let last = der.len() - 1;
         der[last] ^= 1;
-        let e = load("tampered.crt", der)
-            .err()
-            .expect("a tampered signature is refused");
+        let e = load("tampered.crt", der).expect_err("a tampered signature is refused");
         assert!(e.to_string().contains("tampered.crt"), "{e}");
         assert!(
             e.to_string().contains("Signature verification failed"),

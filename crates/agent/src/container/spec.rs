@@ -20,6 +20,16 @@ pub use coffer_wire::capabilities::DEFAULT as DEFAULT_CAPABILITIES;
 /// Every Linux capability, the set a privileged container gets.
 pub use coffer_wire::capabilities::ALL as ALL_CAPABILITIES;
 
+/// The seccomp filter's architectures: the machine the agent runs on, with its compatibility
+/// ABIs (libseccomp refuses an architecture the kernel does not have).
+const SECCOMP_ARCHITECTURES: &[&str] = if cfg!(target_arch = "s390x") {
+    &["SCMP_ARCH_S390X", "SCMP_ARCH_S390"]
+} else if cfg!(target_arch = "aarch64") {
+    &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
+} else {
+    &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+};
+
 /// System calls the default seccomp profile refuses (EPERM).
 pub const DENIED_SYSCALLS: [&str; 38] = [
     "acct",
@@ -267,7 +277,7 @@ pub fn spec(
                 "/proc/sysrq-trigger"],
             "seccomp": {
                 "defaultAction": "SCMP_ACT_ALLOW",
-                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "architectures": SECCOMP_ARCHITECTURES,
                 "syscalls": [{"names": DENIED_SYSCALLS.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
             },
         },

@@ -326,7 +326,21 @@ pub fn openssl(dir: &Path, args: &[&str]) {
 /// to a fresh RSA JWE key written to `dir/img.pem` (its public half `img.pub`); `creds`
 /// ("user:password") when the registry wants them. Returns the image reference.
 pub fn push_encrypted_busybox(dir: &Path, registry: &str, creds: Option<&str>) -> String {
-    coffer_testkit::busybox_layout(&dir.join("plain"));
+    push_encrypted_busybox_of(dir, registry, creds, None)
+}
+
+/// [`push_encrypted_busybox`] of `busybox` (a static busybox and its OCI architecture) instead
+/// of the host's.
+pub fn push_encrypted_busybox_of(
+    dir: &Path,
+    registry: &str,
+    creds: Option<&str>,
+    busybox: Option<(&[u8], &str)>,
+) -> String {
+    match busybox {
+        Some((b, arch)) => coffer_testkit::busybox_layout_of(&dir.join("plain"), b, arch),
+        None => coffer_testkit::busybox_layout(&dir.join("plain")),
+    }
     openssl(
         dir,
         &[
