@@ -1,6 +1,6 @@
 //! `coffer podvm build`: builds a pod VM image (see `coffer_podvm::build`); `coffer podvm seal
 //! --tee se`: seals an s390x kernel and initrd into an IBM Secure Execution image
-//! (`coffer_podvm::se`).
+//! (`coffer_se_image`).
 
 use std::path::PathBuf;
 
@@ -174,7 +174,7 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
             arch,
             hosts,
         } => {
-            let arch = coffer_podvm::build::Arch::parse(&arch)?;
+            let arch = coffer_podvm::build::Arch::parse(&arch).map_err(anyhow::Error::msg)?;
             let disks = disks
                 .iter()
                 .map(|d| coffer_podvm::disk::DiskFormat::parse(d))
@@ -190,7 +190,7 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 Some("tdx") => (None, Some(from())),
                 Some(other) => anyhow::bail!("--tee {other}: use snp, tdx or se"),
             };
-            let se_host_keys = if tee.as_deref() == Some("se") {
+            let finish = if tee.as_deref() == Some("se") {
                 if arch != coffer_podvm::build::Arch::S390x {
                     anyhow::bail!(
                         "--tee se (IBM Secure Execution) builds an s390x pod VM: add --arch s390x"
@@ -199,16 +199,12 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 if firmware.is_some() {
                     anyhow::bail!("--tee se has no firmware: --firmware does not apply");
                 }
-                hosts
-                    .load()?
-                    .iter()
-                    .map(|k| k.public_key_to_pem())
-                    .collect::<Result<Vec<_>, _>>()?
+                Some(coffer_se_image::podvm_finish(hosts.load()?))
             } else {
                 if !hosts.host_key_documents.is_empty() {
                     anyhow::bail!("--host-key-document belongs to --tee se");
                 }
-                Vec::new()
+                None
             };
             if arch == coffer_podvm::build::Arch::S390x && agent.is_none() {
                 anyhow::bail!("an s390x pod VM needs the agent built for s390x: give --agent (cargo build --target s390x-unknown-linux-gnu -p coffer-agent)");
@@ -227,7 +223,7 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
                 disks,
                 scratch_mib: disk_scratch_mib,
                 arch,
-                se_host_keys,
+                finish,
             })?;
             match manifest["se"]["se_image_tags"][0].as_str() {
                 Some(tags) => eprintln!(
@@ -262,15 +258,15 @@ pub fn run(a: PodvmArgs) -> anyhow::Result<()> {
             };
             let kernel = read(&kernel)?;
             let initrd = initrd.as_ref().map(read).transpose()?;
-            let loaders = coffer_podvm::se::Loaders::assemble()?;
+            let loaders = coffer_se_image::Loaders::assemble()?;
             let t = std::time::Instant::now();
-            let sealed = coffer_podvm::se::seal(
-                &coffer_podvm::se::Inputs {
+            let sealed = coffer_se_image::seal(
+                &coffer_se_image::Inputs {
                     kernel: &kernel,
                     initrd: initrd.as_deref(),
                     cmdline: &cmdline,
                     host_keys: &keys,
-                    pcf: coffer_podvm::se::DEFAULT_PCF,
+                    pcf: coffer_se_image::DEFAULT_PCF,
                 },
                 &loaders,
             )?;

@@ -92,6 +92,34 @@ fn c_libs(arch: Arch) -> Vec<(&'static str, String)> {
     ]
 }
 
+pub use crate::apt::{s390x_apt, KERNEL_SUITE};
+pub use crate::arch::Arch;
+
+/// The kernel's meta package for `arch` (in [`KERNEL_SUITE`]).
+pub fn kernel_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => PACKAGES[0],
+        Arch::S390x => "linux-image-s390x",
+    }
+}
+
+/// The kernel modules the agent loads at boot on `arch` ([`MODULES`], [`S390X_MODULES`]).
+pub fn modules_for(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::X86_64 => MODULES,
+        Arch::S390x => S390X_MODULES,
+    }
+}
+
+/// The kernel command line on `arch` without the verity parameters ([`CMDLINE`],
+/// [`S390X_CMDLINE`]).
+pub fn cmdline_for(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => CMDLINE,
+        Arch::S390x => S390X_CMDLINE,
+    }
+}
+
 /// The packages of the TPM 2.0 stack ([`TSS_LIBS`]): x86 only, where the Azure vTPM attesters run.
 const TSS_PACKAGES: &[&str] = &[
     "libtss2-esys-3.0.2-0",
@@ -100,93 +128,6 @@ const TSS_PACKAGES: &[&str] = &[
     "libtss2-tctildr0",
     "libtss2-tcti-device0",
 ];
-
-/// The machine a pod VM is built for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Arch {
-    /// x86-64: SEV-SNP, TDX, the emulated TEE, the clouds' x86 machines.
-    #[default]
-    X86_64,
-    /// IBM Z and LinuxONE (s390x, big-endian): IBM Secure Execution.
-    S390x,
-}
-
-impl Arch {
-    /// `x86_64` (or `amd64`) or `s390x`.
-    pub fn parse(s: &str) -> Result<Self, BuildError> {
-        match s {
-            "x86_64" | "amd64" => Ok(Self::X86_64),
-            "s390x" => Ok(Self::S390x),
-            other => Err(BuildError::Missing(format!(
-                "--arch {other}: use x86_64 or s390x"
-            ))),
-        }
-    }
-
-    /// The name `measurements.json` records.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::X86_64 => "x86_64",
-            Self::S390x => "s390x",
-        }
-    }
-
-    /// Debian's multiarch triplet (the library directory).
-    pub fn triplet(self) -> &'static str {
-        match self {
-            Self::X86_64 => "x86_64-linux-gnu",
-            Self::S390x => "s390x-linux-gnu",
-        }
-    }
-
-    /// Debian's architecture name.
-    pub fn deb_arch(self) -> &'static str {
-        match self {
-            Self::X86_64 => "amd64",
-            Self::S390x => "s390x",
-        }
-    }
-
-    /// The kernel's meta package (in [`KERNEL_SUITE`]).
-    pub fn kernel_package(self) -> &'static str {
-        match self {
-            Self::X86_64 => PACKAGES[0],
-            Self::S390x => "linux-image-s390x",
-        }
-    }
-
-    /// The dynamic loader: its file in the library directory, and the path ELF binaries name.
-    pub fn loader(self) -> (&'static str, &'static str) {
-        match self {
-            Self::X86_64 => ("ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
-            Self::S390x => ("ld64.so.1", "lib/ld64.so.1"),
-        }
-    }
-
-    /// The ELF machine of its binaries (`e_machine`).
-    pub fn elf_machine(self) -> u16 {
-        match self {
-            Self::X86_64 => 62,
-            Self::S390x => 22,
-        }
-    }
-
-    /// The kernel modules the agent loads at boot ([`MODULES`], [`S390X_MODULES`]).
-    pub fn modules(self) -> &'static [&'static str] {
-        match self {
-            Self::X86_64 => MODULES,
-            Self::S390x => S390X_MODULES,
-        }
-    }
-
-    /// The kernel command line without the verity parameters ([`CMDLINE`], [`S390X_CMDLINE`]).
-    pub fn cmdline(self) -> &'static str {
-        match self {
-            Self::X86_64 => CMDLINE,
-            Self::S390x => S390X_CMDLINE,
-        }
-    }
-}
 
 /// The TPM 2.0 stack the agent links (`DT_NEEDED`, transitively) and the TCTI the TSS loader
 /// opens at run time for `/dev/tpmrm0`: initrd only.
@@ -207,11 +148,6 @@ const TSS_LIBS: &[(&str, &str)] = &[
     ),
     ("libssl3", "usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
 ];
-
-/// The suite the kernel comes from: bookworm-backports' kernel (6.12) has the SEV-SNP and TDX
-/// guest drivers and configfs-tsm (`CONFIG_SEV_GUEST`, `CONFIG_TDX_GUEST_DRIVER`,
-/// `CONFIG_TSM_REPORTS`), which bookworm's 6.1 lacks; one image serves every launch.
-pub const KERNEL_SUITE: &str = "bookworm-backports";
 
 /// CPU-accelerated crypto: refused (ENODEV) by a CPU without the instructions (AES-NI; IBM Z's
 /// CPACF functions, which QEMU's emulation lacks), where the generic code serves.
@@ -355,9 +291,26 @@ pub struct BuildOptions {
     pub scratch_mib: u64,
     /// The machine it is for.
     pub arch: Arch,
-    /// IBM Secure Execution (s390x): the public keys (PEM) of the hosts the SE image
-    /// (`se.img`) is sealed for, from host-key documents the caller verified. Empty: no SE image.
-    pub se_host_keys: Vec<Vec<u8>>,
+    /// A last step on the staged output before it is moved into place, which may add files and
+    /// manifest entries (`coffer-se-image` seals an s390x pod VM's SE image here).
+    pub finish: Option<Finish>,
+}
+
+/// A last build step: given the staging directory and the manifest (`measurements.json`), it
+/// adds what it makes or says why it cannot.
+#[derive(Clone)]
+pub struct Finish(
+    /// The step.
+    pub std::sync::Arc<FinishFn>,
+);
+
+/// What a [`Finish`] runs: the staging directory, the manifest; `Err` says why it failed.
+pub type FinishFn = dyn Fn(&Path, &mut serde_json::Value) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for Finish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Finish(..)")
+    }
 }
 
 /// Where a TEE's firmware comes from.
@@ -489,30 +442,6 @@ fn download_dir(o: &BuildOptions) -> PathBuf {
     }
 }
 
-/// apt for s390x packages: a sources list and state of its own under `cache/s390x/apt`
-/// (bookworm with its updates and security updates, and bookworm-backports for the kernel), for
-/// the s390x architecture only; the system's apt is untouched.
-pub fn s390x_apt(cache: &Path) -> Result<Command, BuildError> {
-    let dir = cache.join("s390x/apt");
-    let k = crate::firmware::ARCHIVE_KEYRING;
-    let m = crate::firmware::DEFAULT_MIRROR;
-    let sources = format!(
-        "deb [signed-by={k} arch=s390x] {m} bookworm main\n\
-         deb [signed-by={k} arch=s390x] {m} bookworm-updates main\n\
-         deb [signed-by={k} arch=s390x] {m}-security bookworm-security main\n\
-         deb [signed-by={k} arch=s390x] {m} {KERNEL_SUITE} main\n"
-    );
-    let mut cmd = crate::firmware::private_apt(&dir, &sources)
-        .map_err(io(format!("cannot set up apt in {}", dir.display())))?;
-    cmd.args([
-        "-o",
-        "APT::Architecture=s390x",
-        "-o",
-        "APT::Architectures::=s390x",
-    ]);
-    Ok(cmd)
-}
-
 /// A package file of `name`, from `suite` (its version then carries `~bpo`) when given.
 fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf, BuildError> {
     let cached = download_dir(o);
@@ -535,7 +464,7 @@ fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf
     };
     let mut apt = match o.arch {
         Arch::X86_64 => Command::new("apt-get"),
-        Arch::S390x => s390x_apt(&o.cache)?,
+        Arch::S390x => s390x_apt(&o.cache).map_err(io("cannot set up apt for s390x"))?,
     };
     let downloaded = run(apt.args(["download", "-q", &what]).current_dir(dir));
     // The installed version (e.g. a security update) may be one the mirror does not serve:
@@ -772,48 +701,6 @@ fn modules(moddir: &Path, lists: &[&[&str]]) -> Result<Vec<Vec<Module>>, BuildEr
     Ok(orders)
 }
 
-/// Seals the staged kernel, initrd and command line into [`crate::SE_IMAGE`] for the hosts whose
-/// public keys (PEM) are given; returns the manifest's `se` entry.
-#[cfg(feature = "se")]
-fn seal_se(stage: &Path, cmdline: &str, keys: &[Vec<u8>]) -> Result<serde_json::Value, BuildError> {
-    let keys = keys
-        .iter()
-        .map(|k| openssl::pkey::PKey::public_key_from_pem(k))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| BuildError::Missing(format!("a host key: {e}")))?;
-    let kernel = std::fs::read(stage.join("vmlinuz")).map_err(io("the kernel"))?;
-    let initrd = std::fs::read(stage.join("initrd.img")).map_err(io("the initrd"))?;
-    let se_error = |e: crate::se::SeImageError| BuildError::Missing(format!("the SE image: {e}"));
-    let loaders = crate::se::Loaders::assemble().map_err(se_error)?;
-    let sealed = crate::se::seal(
-        &crate::se::Inputs {
-            kernel: &kernel,
-            initrd: Some(&initrd),
-            cmdline,
-            host_keys: &keys,
-            pcf: crate::se::DEFAULT_PCF,
-        },
-        &loaders,
-    )
-    .map_err(se_error)?;
-    std::fs::write(stage.join(crate::SE_IMAGE), &sealed.image)
-        .map_err(io("cannot write the SE image"))?;
-    Ok(json!({
-        "image": crate::SE_IMAGE,
-        "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&sealed.image)),
-        "se_image_tags": [hex::encode(&sealed.tags)],
-        "host_key_hashes": sealed.host_key_hashes.iter().map(hex::encode).collect::<Vec<_>>(),
-        "psw": format!("{:#x}", sealed.psw.1),
-    }))
-}
-
-#[cfg(not(feature = "se"))]
-fn seal_se(_: &Path, _: &str, _: &[Vec<u8>]) -> Result<serde_json::Value, BuildError> {
-    Err(BuildError::Missing(
-        "this build of coffer-podvm has no IBM Secure Execution support (feature se)".into(),
-    ))
-}
-
 /// Checks that `agent` is an ELF executable for `arch`.
 fn check_agent(agent: &Path, arch: Arch) -> Result<(), BuildError> {
     let mut head = [0u8; 20];
@@ -865,17 +752,21 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
                 .into(),
         ));
     }
-    if !o.se_host_keys.is_empty() && o.arch != Arch::S390x {
-        return Err(BuildError::Missing(
-            "IBM Secure Execution images are for s390x: build with --arch s390x".into(),
-        ));
-    }
     check_agent(&o.agent, o.arch)?;
+    let _s390x_cache = match (o.arch, &o.debs) {
+        (Arch::S390x, None) => Some(
+            crate::apt::s390x_lock(&o.cache).map_err(io("cannot lock the s390x package cache"))?,
+        ),
+        _ => None,
+    };
     if o.arch == Arch::S390x && o.debs.is_none() {
         // Refresh the s390x index; offline, the package files fetched before are used.
         let dir = download_dir(o);
         std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
-        if let Err(e) = run(s390x_apt(&o.cache)?.arg("update")) {
+        if let Err(e) = run(s390x_apt(&o.cache)
+            .map_err(io("cannot set up apt for s390x"))?
+            .arg("update"))
+        {
             tracing::warn!(error = %e, "the s390x package index cannot be refreshed: using the package files fetched before");
         }
     }
@@ -893,7 +784,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .transpose()?;
 
     // Packages: resolve, record, extract.
-    let meta = deb_from(o, o.arch.kernel_package(), Some(KERNEL_SUITE))?;
+    let meta = deb_from(o, kernel_package(o.arch), Some(KERNEL_SUITE))?;
     let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
         .arg("-f")
         .arg(&meta)
@@ -992,7 +883,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
             .join("lib/modules")
             .join(&release)
             .join("kernel"),
-        &[o.arch.modules(), LATER_MODULES],
+        &[modules_for(o.arch), LATER_MODULES],
     )?;
     for (listing, mods) in ["etc/coffer/modules", "etc/coffer/modules.later"]
         .iter()
@@ -1135,7 +1026,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let params = verity::append_hash_tree(&mut img).map_err(io("cannot write the hash tree"))?;
     drop(img);
 
-    let cmdline = format!("{} coffer.verity={params}", o.arch.cmdline());
+    let cmdline = format!("{} coffer.verity={params}", cmdline_for(o.arch));
     std::fs::write(stage.join("cmdline"), format!("{cmdline}\n")).map_err(io("cmdline"))?;
     let k = sha256_file(&stage.join("vmlinuz")).map_err(io("vmlinuz"))?;
     let i = sha256_file(&stage.join("initrd.img")).map_err(io("initrd.img"))?;
@@ -1156,8 +1047,8 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         manifest["measurement"] =
             json!({ "emulated": hex::encode(launch_digest(&x, &i, &cmdline)) });
     }
-    if !o.se_host_keys.is_empty() {
-        manifest["se"] = seal_se(&stage, &cmdline, &o.se_host_keys)?;
+    if let Some(finish) = &o.finish {
+        (finish.0)(&stage, &mut manifest).map_err(BuildError::Missing)?;
     }
     if let Some((fw, built_from)) = &snp_firmware {
         std::fs::write(stage.join(crate::FIRMWARE_SNP), fw)

@@ -37,8 +37,7 @@ use sha2::{Digest, Sha256};
 
 /// The revision of the build recipe above: a change to it gives a new cache entry.
 pub const RECIPE: u32 = 1;
-/// Debian's archive, where the source package comes from.
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+pub use crate::apt::DEFAULT_MIRROR;
 /// The Debian release whose edk2 is built: trixie's (2025.02). Bookworm's 2022.11 predates
 /// the SNP kernel-hashes section of OVMF's SEV metadata (edk2 2023), without which an SEV-SNP
 /// launch measures nothing of the kernel.
@@ -46,7 +45,7 @@ pub const DEFAULT_SUITE: &str = "trixie";
 /// Where the build sees its source tree's parent (in a mount namespace of its own).
 pub const BUILD_AT: &str = "/mnt";
 /// The archive's signing keys, as Debian installs them.
-pub(crate) const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+use crate::apt::{private_apt, ARCHIVE_KEYRING};
 
 /// Which firmware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,37 +220,6 @@ fn apt(dir: &Path, src: &Source) -> Result<Command, FirmwareError> {
         ),
     )
     .map_err(io(format!("cannot set up apt in {}", dir.display())))
-}
-
-/// apt with a sources list of its own (`sources`, one-line format) and its state under `dir`;
-/// the system's apt configuration and state are untouched.
-pub(crate) fn private_apt(dir: &Path, sources: &str) -> std::io::Result<Command> {
-    for d in ["lists/partial", "cache/archives/partial", "parts"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    let list = dir.join("sources.list");
-    std::fs::write(&list, sources)?;
-    let mut cmd = Command::new("apt-get");
-    cmd.arg("-q")
-        .arg("-o")
-        .arg(format!("Dir::Etc::SourceList={}", list.display()))
-        .arg("-o")
-        .arg(format!(
-            "Dir::Etc::SourceParts={}",
-            dir.join("parts").display()
-        ))
-        .arg("-o")
-        .arg(format!("Dir::State::Lists={}", dir.join("lists").display()))
-        .arg("-o")
-        .arg(format!("Dir::Cache={}", dir.join("cache").display()))
-        .arg("-o")
-        .arg("Debug::NoLocking=true")
-        // The downloads land in directories of the caller's; apt's unprivileged download user
-        // could not write them.
-        .arg("-o")
-        .arg("APT::Sandbox::User=")
-        .env("LC_ALL", "C");
-    Ok(cmd)
 }
 
 fn sha256_hex(path: &Path) -> Result<String, FirmwareError> {

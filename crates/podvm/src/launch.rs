@@ -32,7 +32,7 @@ pub struct PodVm {
     /// The kernel command line (`cmdline`), carrying the verity root hash.
     pub cmdline: String,
     /// The machine it was built for (`measurements.json`'s `arch`; x86-64 when absent).
-    pub arch: crate::build::Arch,
+    pub arch: crate::arch::Arch,
     /// An s390x pod VM's IBM Secure Execution image ([`crate::SE_IMAGE`]), if it has one.
     pub se_image: Option<PathBuf>,
 }
@@ -71,21 +71,21 @@ impl PodVm {
                         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
                     })?;
                 match m["arch"].as_str() {
-                    None => crate::build::Arch::X86_64,
-                    Some(a) => crate::build::Arch::parse(a).map_err(|e| LaunchError::Read {
+                    None => crate::arch::Arch::X86_64,
+                    Some(a) => crate::arch::Arch::parse(a).map_err(|e| LaunchError::Read {
                         path: manifest.display().to_string(),
                         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
                     })?,
                 }
             }
-            Err(_) => crate::build::Arch::X86_64,
+            Err(_) => crate::arch::Arch::X86_64,
         };
         let se_image = dir.join(crate::SE_IMAGE);
         let vm = Self {
             kernel: dir.join("vmlinuz"),
             pvh_kernel: match arch {
-                crate::build::Arch::X86_64 => dir.join(crate::PVH_KERNEL),
-                crate::build::Arch::S390x => dir.join("vmlinuz"),
+                crate::arch::Arch::X86_64 => dir.join(crate::PVH_KERNEL),
+                crate::arch::Arch::S390x => dir.join("vmlinuz"),
             },
             initrd: dir.join("initrd.img"),
             root: dir.join("root.img"),
@@ -261,14 +261,14 @@ impl Launch {
     /// The QEMU that runs this pod VM.
     pub fn qemu_binary(&self) -> &'static str {
         match self.vm.arch {
-            crate::build::Arch::X86_64 => "qemu-system-x86_64",
-            crate::build::Arch::S390x => "qemu-system-s390x",
+            crate::arch::Arch::X86_64 => "qemu-system-x86_64",
+            crate::arch::Arch::S390x => "qemu-system-s390x",
         }
     }
 
     /// The arguments of [`Launch::qemu_binary`].
     pub fn qemu_args(&self) -> Vec<OsString> {
-        if self.vm.arch == crate::build::Arch::S390x {
+        if self.vm.arch == crate::arch::Arch::S390x {
             return self.s390x_args();
         }
         let mut a: Vec<OsString> = Vec::new();
@@ -536,7 +536,7 @@ mod tests {
             initrd: "/p/initrd.img".into(),
             root: "/p/root.img".into(),
             cmdline: "console=ttyS0 coffer.verity=2,aa,bb".into(),
-            arch: crate::build::Arch::X86_64,
+            arch: crate::arch::Arch::X86_64,
             se_image: None,
         };
         Launch {
@@ -632,7 +632,7 @@ mod tests {
                     initrd: "/p/initrd.img".into(),
                     root: "/p/root.img".into(),
                     cmdline: "console=ttysclp0 coffer.verity=2,aa,bb".into(),
-                    arch: crate::build::Arch::S390x,
+                    arch: crate::arch::Arch::S390x,
                     se_image: Some("/p/se.img".into()),
                 },
                 scratch: "/s/scratch.img".into(),

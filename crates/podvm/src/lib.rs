@@ -6,6 +6,8 @@
 
 #![deny(missing_docs)]
 
+pub mod apt;
+pub mod arch;
 pub mod build;
 pub mod bzimage;
 pub mod disk;
@@ -14,8 +16,6 @@ pub mod initrd;
 pub mod launch;
 pub mod mux;
 pub mod remote;
-#[cfg(feature = "se")]
-pub mod se;
 pub mod snp;
 pub mod tdx;
 pub mod verity;
@@ -33,5 +33,5 @@ pub const FIRMWARE_SNP: &str = "firmware-snp.fd";
 /// The firmware a TDX launch of a pod VM boots (TDVF), in the pod VM directory.
 pub const FIRMWARE_TDX: &str = "firmware-tdx.fd";
 /// The IBM Secure Execution image of an s390x pod VM (its kernel, initrd and command line
-/// sealed for the chosen hosts; see [`se`]), in the pod VM directory.
+/// sealed for the chosen hosts by `coffer-se-image`), in the pod VM directory.
 pub const SE_IMAGE: &str = "se.img";

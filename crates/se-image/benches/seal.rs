@@ -1,11 +1,11 @@
 //! The time to seal an IBM Secure Execution image (`coffer podvm seal --tee se`): Debian's s390x
 //! kernel (downloaded into `~/.cache/coffer/debs/s390x` on first use), a 48 MiB initrd (about the
 //! size of the x86 pod VM's) and two host keys; median of 5 runs after one warm-up, plus the
-//! loaders' assembly. `cargo bench -p coffer-podvm --bench se_seal`.
+//! loaders' assembly. `cargo bench -p coffer-se-image --bench seal`.
 
 use std::time::Instant;
 
-use coffer_podvm::se::{self, Inputs, Loaders, DEFAULT_PCF};
+use coffer_se_image::{self as se, Inputs, Loaders, DEFAULT_PCF};
 
 fn main() {
     let cache = std::env::var_os("XDG_CACHE_HOME")

@@ -31,12 +31,14 @@
 //!
 //! **Loaders.** stage3a hands the IPL block to the Ultravisor (DIAG 308 subcodes 8 and 10);
 //! stage3b runs in the secure guest, moves the kernel and command line into place and starts
-//! Linux. Both are Coffer's own assembly, assembled here with Debian's s390x binutils
+//! Linux. Both are Coffer's own assembly (`src/loaders/`), assembled here with Debian's s390x binutils
 //! ([`Loaders::assemble`]). What stops a loader is a disabled-wait PSW whose address names
 //! the failure (listed in each source).
 //!
 //! The keys (XTS, header protection, customer communication and the ephemeral private key)
 //! exist only while an image is sealed, and are wiped after.
+
+#![deny(missing_docs)]
 
 use std::process::Command;
 
@@ -54,9 +56,9 @@ use s390_pv::request::{
 use zeroize::Zeroizing;
 
 /// stage3a's source: s390x assembly (GNU as).
-pub const STAGE3A_SOURCE: &str = include_str!("se/stage3a.S");
+pub const STAGE3A_SOURCE: &str = include_str!("loaders/stage3a.S");
 /// stage3b's source: s390x assembly (GNU as).
-pub const STAGE3B_SOURCE: &str = include_str!("se/stage3b.S");
+pub const STAGE3B_SOURCE: &str = include_str!("loaders/stage3b.S");
 
 /// Where stage3a is loaded (and a stage-3 IPL loader enters).
 pub const STAGE3A_ADDRESS: u64 = 0x10000;
@@ -288,7 +290,7 @@ pub struct DebianKernel {
 }
 
 /// The newest s390x kernel of [`KERNEL_PACKAGE`], downloaded (with the s390x apt of
-/// [`crate::build::s390x_apt`], against Debian's signed index) into `cache/s390x/` and kept
+/// [`coffer_podvm::apt::s390x_apt`], against Debian's signed index) into `cache/s390x/` and kept
 /// there. When
 /// the archive cannot be reached, the kernel fetched before is used, with a warning.
 pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageError> {
@@ -296,8 +298,8 @@ pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageErr
     let fail =
         |what: &str, e: String| SeImageError::Input(format!("the s390x kernel: {what}: {e}"));
     let apt = |args: &[&str]| -> Result<Vec<u8>, SeImageError> {
-        let mut cmd =
-            crate::build::s390x_apt(cache).map_err(|e| fail("cannot set up apt", e.to_string()))?;
+        let mut cmd = coffer_podvm::apt::s390x_apt(cache)
+            .map_err(|e| fail("cannot set up apt", e.to_string()))?;
         let out = cmd
             .args(args)
             .current_dir(&dir)
@@ -312,6 +314,8 @@ pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageErr
         Ok(out.stdout)
     };
     std::fs::create_dir_all(&dir).map_err(|e| fail("cannot create the cache", e.to_string()))?;
+    let _held = coffer_podvm::apt::s390x_lock(cache)
+        .map_err(|e| fail("cannot lock the s390x package cache", e.to_string()))?;
     let newest = |prefix: &str, suffix: &str| -> Option<std::path::PathBuf> {
         let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
             .ok()?
@@ -335,7 +339,7 @@ pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageErr
         }
         apt(&[
             "download",
-            &format!("{KERNEL_PACKAGE}/{}", crate::build::KERNEL_SUITE),
+            &format!("{KERNEL_PACKAGE}/{}", coffer_podvm::apt::KERNEL_SUITE),
         ])?;
         let meta = newest(&format!("{KERNEL_PACKAGE}_"), ".deb")
             .ok_or_else(|| fail("apt-get download", "left no package file".into()))?;
@@ -405,6 +409,49 @@ pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageErr
         release,
         deb,
     })
+}
+
+/// The build step that seals an s390x pod VM ([`coffer_podvm::build::Finish`]): the staged
+/// kernel, initrd and command line become [`coffer_podvm::SE_IMAGE`] for `host_keys` (from
+/// host-key documents the caller verified), and the manifest gains its `se` entry (the image's
+/// SHA-256, `se_image_tags`, the host-key hashes and the start PSW).
+pub fn podvm_finish(host_keys: Vec<PKey<Public>>) -> coffer_podvm::build::Finish {
+    coffer_podvm::build::Finish(std::sync::Arc::new(move |stage, manifest| {
+        if manifest["arch"] != "s390x" {
+            return Err(
+                "IBM Secure Execution images are for s390x: build with --arch s390x".into(),
+            );
+        }
+        let cmdline = manifest["cmdline"]
+            .as_str()
+            .ok_or("the manifest has no command line")?
+            .to_string();
+        let read = |f: &str| std::fs::read(stage.join(f)).map_err(|e| format!("{f}: {e}"));
+        let kernel = read("vmlinuz")?;
+        let initrd = read("initrd.img")?;
+        let loaders = Loaders::assemble().map_err(|e| e.to_string())?;
+        let sealed = seal(
+            &Inputs {
+                kernel: &kernel,
+                initrd: Some(&initrd),
+                cmdline: &cmdline,
+                host_keys: &host_keys,
+                pcf: DEFAULT_PCF,
+            },
+            &loaders,
+        )
+        .map_err(|e| format!("the SE image: {e}"))?;
+        std::fs::write(stage.join(coffer_podvm::SE_IMAGE), &sealed.image)
+            .map_err(|e| format!("cannot write the SE image: {e}"))?;
+        manifest["se"] = serde_json::json!({
+            "image": coffer_podvm::SE_IMAGE,
+            "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&sealed.image)),
+            "se_image_tags": [hex::encode(&sealed.tags)],
+            "host_key_hashes": sealed.host_key_hashes.iter().map(hex::encode).collect::<Vec<_>>(),
+            "psw": format!("{:#x}", sealed.psw.1),
+        });
+        Ok(())
+    }))
 }
 
 fn round_up(v: u64) -> u64 {
