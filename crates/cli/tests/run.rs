@@ -1183,11 +1183,7 @@ async fn an_s390x_pod_vm_attests_and_runs_an_s390x_container_under_emulation() {
     ]))
     .await;
     assert_eq!(code, Some(0), "{stderr}");
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap()
-        .join("coffer/debs");
+    let cache = coffer_testkit::debs_cache();
     let busybox = coffer_testkit::s390x_busybox(&cache, scratch.path());
     let w = world_of("127.0.0.1", None, Some((&busybox, "s390x"))).await;
     let init = w.initdata("initdata.toml", &[]).await;

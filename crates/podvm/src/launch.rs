@@ -376,8 +376,34 @@ impl Launch {
         ));
         push("-device");
         push("virtio-blk-pci,drive=scratch,serial=coffer-scratch");
+        for arg in self.ports_and_nics("pci") {
+            push(&arg);
+        }
+        if let Some(qmp) = &self.qmp {
+            push("-qmp");
+            push(&format!("unix:{},server=on,wait=off", p(qmp)));
+            for i in 0..HOTPLUG_PORTS {
+                push("-device");
+                push(&format!(
+                    "pcie-root-port,id={},chassis={}",
+                    hotplug_port(i),
+                    i + 1
+                ));
+            }
+        }
+        push("-fw_cfg");
+        push(&format!("name={CONFIG_FW_CFG},file={}", p(&self.config)));
+        a
+    }
+
+    /// The agent's (and the emulated PSP's) virtio-serial ports and the pod network's interfaces,
+    /// on virtio `transport` (`pci`, `ccw`).
+    fn ports_and_nics(&self, transport: &str) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        let p = |p: &Path| p.display().to_string();
         push("-device");
-        push("virtio-serial-pci,id=ports");
+        push(&format!("virtio-serial-{transport},id=ports"));
         push("-chardev");
         push(&format!("socket,id=agent,path={}", p(&self.agent_channel)));
         push("-device");
@@ -399,26 +425,13 @@ impl Launch {
                 n.tap
             ));
             push("-device");
-            // No option ROM: the guest boots its kernel directly, never from the network.
+            // No option ROM (PCI): the guest boots its kernel directly, never from the network.
             push(&format!(
-                "virtio-net-pci,netdev=pod{i},mac={},romfile=",
-                n.mac
+                "virtio-net-{transport},netdev=pod{i},mac={}{}",
+                n.mac,
+                if transport == "pci" { ",romfile=" } else { "" }
             ));
         }
-        if let Some(qmp) = &self.qmp {
-            push("-qmp");
-            push(&format!("unix:{},server=on,wait=off", p(qmp)));
-            for i in 0..HOTPLUG_PORTS {
-                push("-device");
-                push(&format!(
-                    "pcie-root-port,id={},chassis={}",
-                    hotplug_port(i),
-                    i + 1
-                ));
-            }
-        }
-        push("-fw_cfg");
-        push(&format!("name={CONFIG_FW_CFG},file={}", p(&self.config)));
         a
     }
 
@@ -488,30 +501,8 @@ impl Launch {
             push("-device");
             push(&format!("virtio-blk-ccw,drive={id},serial={id}"));
         }
-        push("-device");
-        push("virtio-serial-ccw,id=ports");
-        push("-chardev");
-        push(&format!("socket,id=agent,path={}", p(&self.agent_channel)));
-        push("-device");
-        push(&format!(
-            "virtserialport,bus=ports.0,chardev=agent,name={AGENT_PORT}"
-        ));
-        if matches!(self.tee, Tee::Emulated) {
-            push("-chardev");
-            push(&format!("socket,id=psp,path={}", p(&self.psp_channel)));
-            push("-device");
-            push(&format!(
-                "virtserialport,bus=ports.0,chardev=psp,name={PSP_PORT}"
-            ));
-        }
-        for (i, n) in self.nics.iter().enumerate() {
-            push("-netdev");
-            push(&format!(
-                "tap,id=pod{i},ifname={},script=no,downscript=no",
-                n.tap
-            ));
-            push("-device");
-            push(&format!("virtio-net-ccw,netdev=pod{i},mac={}", n.mac));
+        for arg in self.ports_and_nics("ccw") {
+            push(&arg);
         }
         if let Some(qmp) = &self.qmp {
             push("-qmp");

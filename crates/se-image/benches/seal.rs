@@ -8,11 +8,7 @@ use std::time::Instant;
 use coffer_se_image::{self as se, Inputs, Loaders, DEFAULT_PCF};
 
 fn main() {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
-        .expect("HOME")
-        .join("coffer/debs");
+    let cache = coffer_testkit::debs_cache();
     let kernel = se::debian_kernel(&cache).expect("Debian's s390x kernel");
     let kernel = std::fs::read(&kernel.vmlinuz).unwrap();
     // Incompressible bytes: the seal's cost does not depend on content.

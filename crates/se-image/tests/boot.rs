@@ -22,11 +22,7 @@ use coffer_se_image::{self as se, Inputs, Loaders, DEFAULT_PCF};
 use coffer_verifier::se::testing::Host;
 
 fn cache() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME")
-        .join("coffer/debs")
+    coffer_testkit::debs_cache()
 }
 
 /// A static s390x `/init` (Debian's s390x cross compiler) that prints its command line and

@@ -133,6 +133,16 @@ pub fn busybox_layout_of(dir: &Path, busybox: &[u8], architecture: &str) {
     .unwrap();
 }
 
+/// Where `coffer podvm build` keeps Debian's package files by default (`$XDG_CACHE_HOME`, else
+/// `~/.cache`, then `coffer/debs`), which the tests share with it.
+pub fn debs_cache() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME")
+        .join("coffer/debs")
+}
+
 /// The agent built for s390x (`cargo build --target s390x-unknown-linux-gnu`, with Debian's cross
 /// compiler), in the target directory `scripts/test-s390x` uses (`COFFER_S390X_TARGET_DIR`, else
 /// `$CARGO_TARGET_DIR-s390x`, else `target-s390x`), so that the two share their build.
