@@ -23,11 +23,20 @@
 //! big-endian), then the bytes flow both ways. Inbound, the peer's identity is checked the same
 //! way and the bytes go to that port of the pod's own address (the one the peer dialled) in the
 //! pod's namespace.
+//!
+//! **Resumption.** A peer's later connections resume the TLS session of its full handshake
+//! (TLS 1.3 PSK with a fresh ECDHE; the sessions live in each proxy's memory): no certificate
+//! signatures or chain checks, a new connection costs less. Both sides still check, on every
+//! connection, that the peer's certificate (the one the session was made with) names an allowed
+//! identity and is valid now. A session is resumed only while both certificates of its full
+//! handshake are valid (less 5 s); after that the next connection makes a full handshake with
+//! the current ones. So a workload whose certificate is not renewed (revoked in the KBS) is
+//! refused once it expires, resumed or not.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -52,6 +61,8 @@ pub const REFUSE_PORT: u16 = 15006;
 pub const MARK: u32 = 0xc0ff;
 /// The copy buffer of each direction of a proxied connection (one TLS record's worth and more).
 const COPY: usize = 64 << 10;
+/// TLS sessions a proxy keeps for resumption, each side (the oldest go first).
+const SESSIONS: usize = 1024;
 
 /// A mesh failure.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +177,105 @@ fn pem_certs(text: &str) -> Result<Vec<CertificateDer<'static>>, MeshError> {
 }
 
 /// The identity URI a certificate names (its one URI subject alternative name).
+/// The identity a peer's certificate names, if the certificate is valid at `now` (seconds since
+/// the epoch). Checked on every connection: a resumed TLS session does not run the chain check
+/// again, so a peer whose certificate expired (a revoked workload, not renewed) is refused here.
+/// Also returns when the certificate expires.
+fn current_identity_of(cert: &CertificateDer<'_>, now: u64) -> Option<(String, u64)> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let v = c.validity();
+    let (from, to) = (v.not_before.timestamp(), v.not_after.timestamp());
+    let now = i64::try_from(now).ok()?;
+    if now < from || now > to {
+        return None;
+    }
+    Some((identity_of(cert)?, u64::try_from(to).ok()?))
+}
+
+/// How long before either certificate of a session expires the client stops resuming it and
+/// makes a full handshake with the certificates of then.
+const RESUME_MARGIN_SECS: u64 = 5;
+
+/// The outbound side's TLS sessions, each resumed only while both certificates of the full
+/// handshake that made it are valid (this proxy's and the peer's, less a margin): a resumed
+/// session carries them on, and the peer would refuse an expired one. Past that, the next
+/// connection makes a full handshake with the current certificates. Delegates to rustls's
+/// in-memory cache.
+#[derive(Debug)]
+struct MeshSessions {
+    inner: rustls::client::ClientSessionMemoryCache,
+    /// Per peer address: until when its sessions may be resumed (seconds since the epoch).
+    until: Mutex<std::collections::HashMap<ServerName<'static>, u64>>,
+}
+
+impl MeshSessions {
+    fn new() -> Self {
+        Self {
+            inner: rustls::client::ClientSessionMemoryCache::new(SESSIONS),
+            until: Mutex::new(Default::default()),
+        }
+    }
+
+    /// After a full handshake with `peer`: its sessions may be resumed until `until`.
+    fn full_handshake(&self, peer: ServerName<'static>, until: u64) {
+        let mut m = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= SESSIONS && !m.contains_key(&peer) {
+            m.clear();
+        }
+        m.insert(peer, until.saturating_sub(RESUME_MARGIN_SECS));
+    }
+}
+
+impl rustls::client::ClientSessionStore for MeshSessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(server_name, group)
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+        // TLS 1.3 only.
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.inner.insert_tls13_ticket(server_name, value)
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let until = self
+            .until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server_name)
+            .copied()
+            .unwrap_or(0);
+        if now_secs() >= until {
+            return None;
+        }
+        self.inner.take_tls13_ticket(server_name)
+    }
+}
+
+/// The one SPIFFE URI a mesh certificate names.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = c.subject_alternative_name().ok()??;
@@ -246,14 +356,18 @@ impl Identity {
         .map_err(|e| MeshError::Setup(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        // No resumption (every connection proves a current certificate), so no tickets to make
-        // and send on each handshake either.
-        c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        c.send_tls13_tickets = 0;
+        // Resumption (a session ticket per handshake, the session kept in this proxy's memory):
+        // a peer's next connection skips the certificate signatures and chain checks, and each
+        // connection still checks the identity and validity of the certificate the session was
+        // made with (serve_inbound), so an expired one is refused as on a full handshake.
+        c.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSIONS);
+        c.send_tls13_tickets = 1;
         Ok(Arc::new(c))
     }
 
-    fn client_config(self: &Arc<Self>) -> Result<Arc<rustls::ClientConfig>, MeshError> {
+    fn client_config(
+        self: &Arc<Self>,
+    ) -> Result<(Arc<rustls::ClientConfig>, Arc<MeshSessions>), MeshError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -264,8 +378,11 @@ impl Identity {
                 provider,
             }))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
-        c.resumption = rustls::client::Resumption::disabled();
-        Ok(Arc::new(c))
+        // Sessions resumed per peer address while both certificates are valid (MeshSessions);
+        // serve_outbound checks the peer's certificate on every connection, resumed or not.
+        let sessions = Arc::new(MeshSessions::new());
+        c.resumption = rustls::client::Resumption::store(sessions.clone());
+        Ok((Arc::new(c), sessions))
     }
 }
 
@@ -586,14 +703,21 @@ pub async fn start(
     let outbound = listen(OUTBOUND_PORT)?;
     let refuse = listen(REFUSE_PORT)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
-    let connector = tokio_rustls::TlsConnector::from(identity.client_config()?);
+    let (client, sessions) = identity.client_config()?;
+    let connector = tokio_rustls::TlsConnector::from(client);
     tokio::spawn(serve_inbound(
         inbound,
         acceptor,
         identity.clone(),
         sockets.clone(),
     ));
-    tokio::spawn(serve_outbound(outbound, connector, sockets.clone()));
+    tokio::spawn(serve_outbound(
+        outbound,
+        connector,
+        sockets.clone(),
+        identity.clone(),
+        sessions,
+    ));
     tokio::spawn(serve_refused(refuse));
     // The node's iptables for a process sandbox; in a pod VM, the image's (busybox's nsenter,
     // iptables-nft through its multi-call binary).
@@ -665,9 +789,9 @@ async fn serve_inbound(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(identity_of);
-            let Some(peer) = peer.filter(|p| identity.allows(p)) else {
-                tracing::warn!(%from, "mesh: refused a peer this workload may not talk to");
+                .and_then(|c| current_identity_of(c, now_secs()));
+            let Some((peer, _)) = peer.filter(|(p, _)| identity.allows(p)) else {
+                tracing::warn!(%from, "mesh: refused a peer this workload may not talk to (or whose certificate is not valid now)");
                 return;
             };
             let mut tls = tls;
@@ -702,13 +826,20 @@ async fn serve_outbound(
     listener: TcpListener,
     connector: tokio_rustls::TlsConnector,
     sockets: NetnsSockets,
+    identity: Arc<Identity>,
+    sessions: Arc<MeshSessions>,
 ) {
     loop {
         let Ok((mut app, _)) = listener.accept().await else {
             continue;
         };
         let _ = app.set_nodelay(true);
-        let (connector, sockets) = (connector.clone(), sockets.clone());
+        let (connector, sockets, identity, sessions) = (
+            connector.clone(),
+            sockets.clone(),
+            identity.clone(),
+            sessions.clone(),
+        );
         tokio::spawn(async move {
             let dst = match rustix::net::sockopt::ip_original_dst(&app) {
                 Ok(d) => d,
@@ -726,17 +857,33 @@ async fn serve_outbound(
                 }
             };
             let name = ServerName::IpAddress((*dst.ip()).into());
-            let mut tls =
-                match tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
-                    .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%dst, error = %e, "mesh: refused to talk to the peer");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let mut tls = match tokio::time::timeout(
+                Duration::from_secs(10),
+                connector.connect(name.clone(), tcp),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::warn!(%dst, error = %e, "mesh: refused to talk to the peer");
+                    return;
+                }
+                Err(_) => return,
+            };
+            // A resumed session skipped the verifier: the peer's certificate is checked again.
+            let conn = tls.get_ref().1;
+            let peer = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| current_identity_of(c, now_secs()));
+            let Some((id, peer_until)) = peer.filter(|(p, _)| identity.allows(p)) else {
+                tracing::warn!(%dst, "mesh: refused to talk to the peer (identity not allowed, or its certificate not valid now)");
+                return;
+            };
+            if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+                sessions.full_handshake(name, peer_until.min(identity.not_after()));
+            }
+            tracing::debug!(%dst, peer = %id, resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed), "mesh: outbound");
             if tls.write_all(&dst.port().to_be_bytes()).await.is_err() {
                 return;
             }
@@ -761,6 +908,162 @@ async fn serve_refused(listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mesh CA of the test's own, issuing as the KBS does: the CSR's key, one SPIFFE URI.
+    struct TestCa {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        pem: String,
+        identity: String,
+    }
+
+    impl CertificateSource for TestCa {
+        fn certificate(
+            &self,
+            csr_pem: String,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + '_>,
+        > {
+            Box::pin(async move {
+                let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem)
+                    .map_err(|e| e.to_string())?;
+                let mut p = rcgen::CertificateParams::default();
+                p.subject_alt_names = vec![rcgen::SanType::URI(
+                    self.identity
+                        .clone()
+                        .try_into()
+                        .map_err(|e: rcgen::Error| e.to_string())?,
+                )];
+                p.extended_key_usages = vec![
+                    rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                    rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+                csr.params = p;
+                let cert = csr.signed_by(&self.issuer).map_err(|e| e.to_string())?;
+                Ok(CertificateResponse {
+                    certificate: cert.pem(),
+                    ca: self.pem.clone(),
+                    identity: self.identity.clone(),
+                    peers: vec!["spiffe://t/*".into()],
+                    not_after: now_secs() + 3600,
+                })
+            })
+        }
+    }
+
+    fn ca_for(identity: &str) -> TestCa {
+        static CA: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+        let (key_pem, pem) = CA.get_or_init(|| {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = rcgen::CertificateParams::default();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+            let cert = p.self_signed(&key).unwrap();
+            (key.serialize_pem(), cert.pem())
+        });
+        let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+        TestCa {
+            issuer: rcgen::Issuer::from_ca_cert_pem(pem, key).unwrap(),
+            pem: pem.clone(),
+            identity: identity.into(),
+        }
+    }
+
+    async fn identity(id: &str) -> Arc<Identity> {
+        let config = MeshConfig::parse(&format!(
+            "identity = \"{id}\"\npeers = [\"spiffe://t/*\"]\n"
+        ))
+        .unwrap();
+        Identity::new(config, &ca_for(id)).await.unwrap()
+    }
+
+    /// One connection from `client` to the server as `serve_outbound` makes it: the handshake,
+    /// the peer check, the resumption bound after a full handshake; returns the handshake's kind
+    /// and the identity the server saw.
+    async fn connect(
+        client: &Arc<Identity>,
+        connector: &tokio_rustls::TlsConnector,
+        sessions: &MeshSessions,
+        acceptor: &tokio_rustls::TlsAcceptor,
+    ) -> (rustls::HandshakeKind, String) {
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let acceptor = acceptor.clone();
+        let server = tokio::spawn(async move {
+            let mut t = acceptor.accept(s).await.unwrap();
+            let seen = t
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| current_identity_of(c, now_secs()))
+                .unwrap()
+                .0;
+            t.write_all(b"x").await.unwrap();
+            t.flush().await.unwrap();
+            let mut b = [0u8; 1];
+            t.read_exact(&mut b).await.unwrap();
+            seen
+        });
+        let name = ServerName::IpAddress(Ipv4Addr::new(10, 88, 0, 9).into());
+        let mut t = connector.connect(name.clone(), c).await.unwrap();
+        let conn = t.get_ref().1;
+        let kind = conn.handshake_kind().unwrap();
+        let (id, until) = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| current_identity_of(c, now_secs()))
+            .unwrap();
+        assert!(client.allows(&id));
+        if kind != rustls::HandshakeKind::Resumed {
+            sessions.full_handshake(name, until.min(client.not_after()));
+        }
+        // The server's session ticket comes before its first byte.
+        let mut b = [0u8; 1];
+        t.read_exact(&mut b).await.unwrap();
+        t.write_all(b"y").await.unwrap();
+        t.flush().await.unwrap();
+        (kind, server.await.unwrap())
+    }
+
+    /// A peer's second connection resumes the session of its first (no certificates sent),
+    /// and the server still knows the client's identity from it; once the session's
+    /// certificates are past their bound, the next connection makes a full handshake.
+    #[tokio::test]
+    async fn later_connections_resume_until_the_sessions_certificates_expire() {
+        let (a, b) = (
+            identity("spiffe://t/a").await,
+            identity("spiffe://t/b").await,
+        );
+        let (client, sessions) = a.client_config().unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let acceptor = tokio_rustls::TlsAcceptor::from(b.server_config().unwrap());
+        let first = connect(&a, &connector, &sessions, &acceptor).await;
+        assert_eq!(first, (rustls::HandshakeKind::Full, "spiffe://t/a".into()));
+        let second = connect(&a, &connector, &sessions, &acceptor).await;
+        assert_eq!(
+            second,
+            (rustls::HandshakeKind::Resumed, "spiffe://t/a".into())
+        );
+        // The session's certificates expire (as a bound of now): a full handshake follows.
+        let name = ServerName::IpAddress(Ipv4Addr::new(10, 88, 0, 9).into());
+        sessions.full_handshake(name, now_secs());
+        let third = connect(&a, &connector, &sessions, &acceptor).await;
+        assert_eq!(third.0, rustls::HandshakeKind::Full);
+        let fourth = connect(&a, &connector, &sessions, &acceptor).await;
+        assert_eq!(fourth.0, rustls::HandshakeKind::Resumed);
+    }
+
+    /// An expired certificate names no identity, whatever the session says.
+    #[test]
+    fn an_expired_certificate_names_no_current_identity() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI("spiffe://t/a".try_into().unwrap())];
+        let cert = p.self_signed(&key).unwrap();
+        let der = cert.der().clone();
+        let (id, until) = current_identity_of(&der, now_secs()).unwrap();
+        assert_eq!(id, "spiffe://t/a");
+        assert!(current_identity_of(&der, until + 1).is_none());
+    }
 
     #[test]
     fn the_rules_pass_the_mesh_port_the_open_ports_and_the_proxys_own_connections() {

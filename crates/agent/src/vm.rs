@@ -458,7 +458,13 @@ pub fn boot() -> Result<Boot, BootError> {
     )) {
         Ok(raw) => Ok(zeroize::Zeroizing::new(raw)),
         // Machines without fw_cfg (s390x): the configuration disk.
-        Err(fw) => match find_in_sys("/sys/block", "serial", coffer_podvm::launch::CONFIG_DISK) {
+        // (On s390x, where there is never fw_cfg, it is waited for like the other disks: virtio-ccw
+        // devices appear asynchronously.)
+        Err(fw) => match if cfg!(target_arch = "s390x") {
+            Some(disk(coffer_podvm::launch::CONFIG_DISK)?)
+        } else {
+            find_in_sys("/sys/block", "serial", coffer_podvm::launch::CONFIG_DISK)
+        } {
             Some(dev) => {
                 let disk =
                     zeroize::Zeroizing::new(std::fs::read(&dev).map_err(|e| {

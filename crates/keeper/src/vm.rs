@@ -309,6 +309,16 @@ pub(crate) async fn serve(
             tracing::info!(arch = vm.arch.name(), "a pod VM for another machine: it runs under TCG");
             Accel::Tcg
         }
+        // An IBM Z host (the probe below boots an x86 reset vector): KVM where /dev/kvm opens.
+        "auto" if vm.arch != coffer_podvm::build::Arch::X86_64 => {
+            match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+                Ok(_) => Accel::Kvm,
+                Err(why) => {
+                    tracing::info!(%why, "no usable KVM here: the pod VM runs under TCG");
+                    Accel::Tcg
+                }
+            }
+        }
         "auto" => match kvm_probe(
             Path::new(QEMU),
             Path::new("/dev/kvm"),

@@ -748,7 +748,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         && (o.snp_firmware.is_some() || o.tdx_firmware.is_some() || !o.disks.is_empty())
     {
         return Err(BuildError::Missing(
-            "an s390x pod VM has no SEV-SNP or TDX firmware and no UEFI disk: build it with --tee se"
+            "--tee snp, --tee tdx and --disk are for x86-64 pod VMs: an s390x pod VM has no such firmware and no UEFI disk (its TEE is --tee se)"
                 .into(),
         ));
     }

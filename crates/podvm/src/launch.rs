@@ -309,10 +309,12 @@ impl Launch {
                 push(&p(firmware));
             }
             Tee::Se { .. } => {
-                // Not an x86 TEE: the keeper refuses it before (an s390x pod VM has its own
-                // arguments).
+                // Not an x86 TEE (the keeper refuses it before): should it get here, QEMU
+                // refuses the object rather than start a VM without its TEE.
                 push("-machine");
-                push("q35");
+                push("q35,confidential-guest-support=pv0");
+                push("-object");
+                push("s390-pv-guest,id=pv0");
             }
             Tee::Tdx {
                 firmware,

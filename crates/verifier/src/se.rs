@@ -645,6 +645,13 @@ pub mod testing {
             if ipib.get(12) != Some(&5) {
                 return Err("the IPL block is not a secure-IPL (PV) block".into());
             }
+            if ipib.len() < 136 {
+                return Err("the IPL block is truncated".into());
+            }
+            // The Ultravisor takes the header from the IPL block: it must be the one found.
+            if be64(ipib, 120)? != hdr_at as u64 || be64(ipib, 128)? != sehs as u64 {
+                return Err("the IPL block names another SE header than the image metadata".into());
+            }
             let n = u32::from_be_bytes(ipib[116..120].try_into().expect("4 bytes")) as usize;
             let mut memory = image.to_vec();
             let mut components = Vec::new();

@@ -70,7 +70,7 @@ no_unpack:
 	llill	%r1,0x0100
 	lghi	%r3,0
 stop:
-	nill	%r3,0xff
+	llgcr	%r3,%r3		# the return code's low byte only
 	ogr	%r1,%r3
 	oilh	%r1,0x5e0a
 	larl	%r2,wait_psw
