@@ -72,6 +72,21 @@ async fn register(kbs: &TestKbs, refs: Value) {
         .unwrap();
 }
 
+/// A KBS for SE guests (no sample TEE; `configure` names its host keys) holding the image key
+/// `default/image/key`.
+async fn se_kbs(configure: impl FnOnce(&mut coffer_kbs::Config)) -> TestKbs {
+    let kbs = TestKbs::start_with(|c| {
+        c.allow_sample = false;
+        configure(c);
+    })
+    .await;
+    kbs.admin()
+        .set_resource("default/image/key", b"image key".to_vec())
+        .await
+        .unwrap();
+    kbs
+}
+
 fn leak(h: Host) -> &'static Host {
     Box::leak(Box::new(h))
 }
@@ -86,17 +101,11 @@ async fn an_se_guest_gets_secrets_only_for_a_registered_image_initdata_and_host(
         std::fs::write(&p, &h.document).unwrap();
         paths.push(p);
     }
-    let kbs = TestKbs::start_with(|c| {
-        c.allow_sample = false;
+    let kbs = se_kbs(|c| {
         c.se_host_key_document = paths.clone();
         c.se_unverified_host_keys = true;
     })
     .await;
-    let admin = kbs.admin();
-    admin
-        .set_resource("default/image/key", b"image key".to_vec())
-        .await
-        .unwrap();
     let (good, other) = (image(1), image(2));
     let init = hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap());
 
@@ -243,16 +252,7 @@ async fn host_key_documents_are_checked_against_the_signing_chain_and_crls() {
         &std::fs::read(f("good.key")).unwrap(),
         &std::fs::read(f("good.crt")).unwrap(),
     ));
-    let kbs = TestKbs::start_with(|c| {
-        c.allow_sample = false;
-        configure(c, "good.crt");
-    })
-    .await;
-    let admin = kbs.admin();
-    admin
-        .set_resource("default/image/key", b"image key".to_vec())
-        .await
-        .unwrap();
+    let kbs = se_kbs(|c| configure(c, "good.crt")).await;
     let good = image(7);
     let init = hex::encode(coffer_wire::initdata::digest(INITDATA).unwrap());
     register(

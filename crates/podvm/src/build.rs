@@ -430,63 +430,124 @@ fn find_deb(dir: &Path, name: &str, backports: bool, arch: Arch) -> Option<PathB
     found.pop()
 }
 
-fn deb(o: &BuildOptions, name: &str) -> Result<PathBuf, BuildError> {
-    deb_from(o, name, None)
+/// Where a build's package files come from: `given` (`--debs`), else the cache, where they are
+/// downloaded once and then kept (which pins them for later builds).
+struct Debs<'a> {
+    given: Option<&'a Path>,
+    cache: &'a Path,
+    arch: Arch,
 }
 
-/// Where downloaded package files of `o.arch` are kept: the cache (x86), its `s390x/`.
-fn download_dir(o: &BuildOptions) -> PathBuf {
-    match o.arch {
-        Arch::X86_64 => o.cache.clone(),
-        Arch::S390x => o.cache.join("s390x"),
+impl<'a> Debs<'a> {
+    fn of(o: &'a BuildOptions) -> Self {
+        Self {
+            given: o.debs.as_deref(),
+            cache: &o.cache,
+            arch: o.arch,
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<PathBuf, BuildError> {
+        self.get_from(name, None)
+    }
+
+    /// Where downloaded package files of this machine are kept: the cache (x86), its `s390x/`.
+    fn download_dir(&self) -> PathBuf {
+        match self.arch {
+            Arch::X86_64 => self.cache.to_path_buf(),
+            Arch::S390x => self.cache.join("s390x"),
+        }
+    }
+
+    /// The kernel's package (the one [`kernel_package`] depends on) and its file.
+    fn kernel(&self) -> Result<(String, PathBuf), BuildError> {
+        let meta = self.get_from(kernel_package(self.arch), Some(KERNEL_SUITE))?;
+        let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&meta)
+            .arg("Depends"))?)
+        .to_string();
+        let name = depends
+            .split([',', ' ', '|'])
+            .find(|d| d.starts_with("linux-image-"))
+            .ok_or_else(|| BuildError::Missing(format!("{} names no kernel", meta.display())))?
+            .to_string();
+        let file = self.get(&name)?;
+        Ok((name, file))
+    }
+
+    /// A package file of `name`, from `suite` (its version then carries `~bpo`) when given.
+    fn get_from(&self, name: &str, suite: Option<&str>) -> Result<PathBuf, BuildError> {
+        let cached = self.download_dir();
+        let dir = self.given.unwrap_or(&cached);
+        let backports = suite.is_some();
+        if let Some(p) = find_deb(dir, name, backports, self.arch) {
+            return Ok(p);
+        }
+        if self.given.is_some() {
+            return Err(BuildError::Missing(format!(
+                "no {name}_*.deb in {}",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        tracing::info!(package = name, "downloading");
+        let what = match suite {
+            Some(suite) => format!("{name}/{suite}"),
+            None => name.to_string(),
+        };
+        let mut apt = match self.arch {
+            Arch::X86_64 => Command::new("apt-get"),
+            Arch::S390x => s390x_apt(self.cache).map_err(io("cannot set up apt for s390x"))?,
+        };
+        let downloaded = run(apt.args(["download", "-q", &what]).current_dir(dir));
+        // The installed version (e.g. a security update) may be one the mirror does not serve:
+        // then the newest version the sources list.
+        let downloaded = match (downloaded, suite) {
+            (Err(e), None) if self.arch == Arch::X86_64 => match mirror_version(name) {
+                Some(v) => run(Command::new("apt-get")
+                    .args(["download", "-q", &format!("{name}={v}")])
+                    .current_dir(dir))
+                .map_err(|_| e),
+                None => Err(e),
+            },
+            (r, _) => r,
+        };
+        downloaded.map_err(|e| match suite {
+            Some(suite) => BuildError::Missing(format!(
+                "{e} (the kernel comes from Debian {suite}: add `deb http://deb.debian.org/debian {suite} main` to apt's sources and run apt-get update)"
+            )),
+            None => e,
+        })?;
+        find_deb(dir, name, backports, self.arch).ok_or_else(|| {
+            BuildError::Missing(format!("apt-get download {name} left no package file"))
+        })
     }
 }
 
-/// A package file of `name`, from `suite` (its version then carries `~bpo`) when given.
-fn deb_from(o: &BuildOptions, name: &str, suite: Option<&str>) -> Result<PathBuf, BuildError> {
-    let cached = download_dir(o);
-    let dir = o.debs.as_ref().unwrap_or(&cached);
-    let backports = suite.is_some();
-    if let Some(p) = find_deb(dir, name, backports, o.arch) {
-        return Ok(p);
+/// Holds the s390x package cache ([`crate::apt::s390x_lock`]) and refreshes its index; offline,
+/// the package files fetched before serve (warned).
+fn s390x_ready(cache: &Path) -> Result<std::fs::File, BuildError> {
+    let lock = crate::apt::s390x_lock(cache).map_err(io("cannot lock the s390x package cache"))?;
+    if let Err(e) = run(s390x_apt(cache)
+        .map_err(io("cannot set up apt for s390x"))?
+        .arg("update"))
+    {
+        tracing::warn!(error = %e, "the s390x package index cannot be refreshed: using the package files fetched before");
     }
-    if o.debs.is_some() {
-        return Err(BuildError::Missing(format!(
-            "no {name}_*.deb in {}",
-            dir.display()
-        )));
+    Ok(lock)
+}
+
+/// The s390x kernel package an s390x pod VM is built with, and its file: fetched into
+/// `cache/s390x/` as [`build`] fetches it (and then kept, which pins it).
+pub fn s390x_kernel(cache: &Path) -> Result<(String, PathBuf), BuildError> {
+    let _held = s390x_ready(cache)?;
+    Debs {
+        given: None,
+        cache,
+        arch: Arch::S390x,
     }
-    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    tracing::info!(package = name, "downloading");
-    let what = match suite {
-        Some(suite) => format!("{name}/{suite}"),
-        None => name.to_string(),
-    };
-    let mut apt = match o.arch {
-        Arch::X86_64 => Command::new("apt-get"),
-        Arch::S390x => s390x_apt(&o.cache).map_err(io("cannot set up apt for s390x"))?,
-    };
-    let downloaded = run(apt.args(["download", "-q", &what]).current_dir(dir));
-    // The installed version (e.g. a security update) may be one the mirror does not serve:
-    // then the newest version the sources list.
-    let downloaded = match (downloaded, suite) {
-        (Err(e), None) if o.arch == Arch::X86_64 => match mirror_version(name) {
-            Some(v) => run(Command::new("apt-get")
-                .args(["download", "-q", &format!("{name}={v}")])
-                .current_dir(dir))
-            .map_err(|_| e),
-            None => Err(e),
-        },
-        (r, _) => r,
-    };
-    downloaded.map_err(|e| match suite {
-        Some(suite) => BuildError::Missing(format!(
-            "{e} (the kernel comes from Debian {suite}: add `deb http://deb.debian.org/debian {suite} main` to apt's sources and run apt-get update)"
-        )),
-        None => e,
-    })?;
-    find_deb(dir, name, backports, o.arch)
-        .ok_or_else(|| BuildError::Missing(format!("apt-get download {name} left no package file")))
+    .kernel()
 }
 
 /// The newest version of `name` that apt's sources serve (`apt-cache madison`), if any.
@@ -753,23 +814,11 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         ));
     }
     check_agent(&o.agent, o.arch)?;
+    let debs = Debs::of(o);
     let _s390x_cache = match (o.arch, &o.debs) {
-        (Arch::S390x, None) => Some(
-            crate::apt::s390x_lock(&o.cache).map_err(io("cannot lock the s390x package cache"))?,
-        ),
+        (Arch::S390x, None) => Some(s390x_ready(&o.cache)?),
         _ => None,
     };
-    if o.arch == Arch::S390x && o.debs.is_none() {
-        // Refresh the s390x index; offline, the package files fetched before are used.
-        let dir = download_dir(o);
-        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
-        if let Err(e) = run(s390x_apt(&o.cache)
-            .map_err(io("cannot set up apt for s390x"))?
-            .arg("update"))
-        {
-            tracing::warn!(error = %e, "the s390x package index cannot be refreshed: using the package files fetched before");
-        }
-    }
 
     // TEE firmware: checked (or built) before anything else is.
     let snp_firmware = o
@@ -784,17 +833,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .transpose()?;
 
     // Packages: resolve, record, extract.
-    let meta = deb_from(o, kernel_package(o.arch), Some(KERNEL_SUITE))?;
-    let depends = String::from_utf8_lossy(&run(Command::new("dpkg-deb")
-        .arg("-f")
-        .arg(&meta)
-        .arg("Depends"))?)
-    .to_string();
-    let kernel_pkg = depends
-        .split([',', ' ', '|'])
-        .find(|d| d.starts_with("linux-image-"))
-        .ok_or_else(|| BuildError::Missing(format!("{} names no kernel", meta.display())))?
-        .to_string();
+    let (kernel_pkg, _) = debs.kernel()?;
     let mut inputs = BTreeMap::new();
     let mut trees = BTreeMap::new();
     let packages = PACKAGES[1..]
@@ -802,7 +841,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         .copied()
         .filter(|p| o.arch == Arch::X86_64 || !TSS_PACKAGES.contains(p));
     for name in std::iter::once(kernel_pkg.as_str()).chain(packages) {
-        let file = deb(o, name)?;
+        let file = debs.get(name)?;
         let digest = sha256_file(&file).map_err(io(file.display().to_string()))?;
         inputs.insert(
             file.file_name()
@@ -1084,7 +1123,7 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         });
     }
     if !o.disks.is_empty() {
-        let stub_deb = deb(o, STUB_PACKAGE)?;
+        let stub_deb = debs.get(STUB_PACKAGE)?;
         manifest["inputs"]["packages"][stub_deb
             .file_name()
             .unwrap_or_default()

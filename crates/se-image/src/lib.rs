@@ -273,11 +273,6 @@ pub struct Sealed {
     pub host_key_hashes: Vec<[u8; 32]>,
 }
 
-/// The Debian package whose kernel SE images are made with: bookworm-backports' s390x kernel
-/// (6.12, as the x86 pod VM's), which has the SCLP console, the Ultravisor device (`uvdevice`)
-/// and gzip and zstd initramfs support built in.
-pub const KERNEL_PACKAGE: &str = "linux-image-s390x";
-
 /// A Debian s390x kernel in the cache.
 #[derive(Clone, Debug)]
 pub struct DebianKernel {
@@ -289,95 +284,17 @@ pub struct DebianKernel {
     pub deb: std::path::PathBuf,
 }
 
-/// The newest s390x kernel of [`KERNEL_PACKAGE`], downloaded (with the s390x apt of
-/// [`coffer_podvm::apt::s390x_apt`], against Debian's signed index) into `cache/s390x/` and kept
-/// there. When
-/// the archive cannot be reached, the kernel fetched before is used, with a warning.
+/// The s390x kernel an s390x pod VM is built with (bookworm-backports' `linux-image-s390x`:
+/// the SCLP console, the Ultravisor device and gzip and zstd initramfs support), its package
+/// fetched into `cache/s390x/` as `coffer podvm build --arch s390x` fetches it
+/// ([`coffer_podvm::build::s390x_kernel`]), and its `vmlinuz` extracted beside it once.
 pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageError> {
-    let dir = cache.join("s390x");
     let fail =
         |what: &str, e: String| SeImageError::Input(format!("the s390x kernel: {what}: {e}"));
-    let apt = |args: &[&str]| -> Result<Vec<u8>, SeImageError> {
-        let mut cmd = coffer_podvm::apt::s390x_apt(cache)
-            .map_err(|e| fail("cannot set up apt", e.to_string()))?;
-        let out = cmd
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .map_err(|e| fail("cannot run apt-get", e.to_string()))?;
-        if !out.status.success() {
-            return Err(fail(
-                &format!("apt-get {}", args.join(" ")),
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-        Ok(out.stdout)
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| fail("cannot create the cache", e.to_string()))?;
-    let _held = coffer_podvm::apt::s390x_lock(cache)
-        .map_err(|e| fail("cannot lock the s390x package cache", e.to_string()))?;
-    let newest = |prefix: &str, suffix: &str| -> Option<std::path::PathBuf> {
-        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
-            })
-            .collect();
-        found.sort();
-        found.pop()
-    };
-    let fetched = (|| -> Result<std::path::PathBuf, SeImageError> {
-        apt(&["update"])?;
-        for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let n = f.file_name().to_string_lossy().to_string();
-            if n.starts_with(&format!("{KERNEL_PACKAGE}_")) {
-                let _ = std::fs::remove_file(f.path());
-            }
-        }
-        apt(&[
-            "download",
-            &format!("{KERNEL_PACKAGE}/{}", coffer_podvm::apt::KERNEL_SUITE),
-        ])?;
-        let meta = newest(&format!("{KERNEL_PACKAGE}_"), ".deb")
-            .ok_or_else(|| fail("apt-get download", "left no package file".into()))?;
-        let out = Command::new("dpkg-deb")
-            .arg("-f")
-            .arg(&meta)
-            .arg("Depends")
-            .output()
-            .map_err(|e| fail("dpkg-deb", e.to_string()))?;
-        let depends = String::from_utf8_lossy(&out.stdout).to_string();
-        let pkg = depends
-            .split([',', ' ', '|'])
-            .find(|d| d.starts_with("linux-image-") && *d != KERNEL_PACKAGE)
-            .ok_or_else(|| fail(&meta.display().to_string(), "names no kernel".into()))?
-            .to_string();
-        if let Some(deb) = newest(&format!("{pkg}_"), ".deb") {
-            return Ok(deb);
-        }
-        apt(&["download", &pkg])?;
-        newest(&format!("{pkg}_"), ".deb")
-            .ok_or_else(|| fail("apt-get download", format!("left no {pkg} file")))
-    })();
-    let deb = match fetched {
-        Ok(deb) => deb,
-        Err(e) => match newest("linux-image-6", "_s390x.deb") {
-            Some(deb) => {
-                tracing::warn!(error = %e, deb = %deb.display(), "Debian's archive cannot be reached: the s390x kernel fetched before is used");
-                deb
-            }
-            None => return Err(e),
-        },
-    };
-    let name = deb.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let release = name
-        .strip_prefix("linux-image-")
-        .and_then(|n| n.split('_').next())
-        .unwrap_or_default()
-        .to_string();
+    let (name, deb) =
+        coffer_podvm::build::s390x_kernel(cache).map_err(|e| fail("its package", e.to_string()))?;
+    let release = name.trim_start_matches("linux-image-").to_string();
+    let dir = cache.join("s390x");
     let vmlinuz = dir.join(format!("vmlinuz-{release}"));
     if !vmlinuz.exists() {
         let x = tempfile::tempdir_in(&dir).map_err(|e| fail("a work directory", e.to_string()))?;
@@ -393,16 +310,14 @@ pub fn debian_kernel(cache: &std::path::Path) -> Result<DebianKernel, SeImageErr
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }
+        // Extracted beside it (same file system): moved into place whole.
         let from = x.path().join(format!("boot/vmlinuz-{release}"));
-        let tmp = dir.join(format!(".vmlinuz-{release}.tmp"));
-        std::fs::copy(&from, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &vmlinuz))
-            .map_err(|e| {
-                fail(
-                    &format!("{} in {}", from.display(), deb.display()),
-                    e.to_string(),
-                )
-            })?;
+        std::fs::rename(&from, &vmlinuz).map_err(|e| {
+            fail(
+                &format!("{} in {}", from.display(), deb.display()),
+                e.to_string(),
+            )
+        })?;
     }
     Ok(DebianKernel {
         vmlinuz,

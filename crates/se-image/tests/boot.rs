@@ -64,15 +64,15 @@ int main(void) {
     std::fs::read(bin).unwrap()
 }
 
-/// Runs `image` in QEMU (TCG) until it powers off or stops; returns the console output and
-/// QEMU's guest-error log.
-fn boot(image: &Path, work: &Path, limit: Duration) -> (String, String) {
+/// Runs `image` in QEMU (TCG), with `extra` arguments, until it powers off or stops; returns the
+/// console output and QEMU's guest-error log.
+fn boot(image: &Path, work: &Path, limit: Duration, extra: &[String]) -> (String, String) {
     let console = work.join("console.log");
     let log = work.join("qemu.log");
     let _ = std::fs::remove_file(&console);
     let _ = std::fs::remove_file(&log);
     let mut child = Command::new("qemu-system-s390x")
-        .args(["-M", "s390-ccw-virtio", "-accel", "tcg", "-m", "512"])
+        .args(["-M", "s390-ccw-virtio", "-accel", "tcg", "-m", "1024"])
         .args(["-nographic", "-nodefaults", "-no-reboot"])
         .args(["-action", "panic=exit-failure"])
         .arg("-chardev")
@@ -82,6 +82,7 @@ fn boot(image: &Path, work: &Path, limit: Duration) -> (String, String) {
         .arg(&log)
         .arg("-kernel")
         .arg(image)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -134,7 +135,7 @@ fn a_sealed_image_ipls_into_stage3a_and_once_unpacked_stage3b_boots_linux_with_i
     // 1. The sealed image: stage3a stops where the unpack facility is missing.
     let image = work.path().join("se.img");
     std::fs::write(&image, &sealed.image).unwrap();
-    let (_, log) = boot(&image, work.path(), Duration::from_secs(60));
+    let (_, log) = boot(&image, work.path(), Duration::from_secs(60), &[]);
     assert!(
         log.contains("disabled-wait") && log.contains("0x000000005e0a0100"),
         "stage3a did not report the missing unpack facility: {log}"
@@ -150,7 +151,7 @@ fn a_sealed_image_ipls_into_stage3a_and_once_unpacked_stage3b_boots_linux_with_i
     memory[..8].copy_from_slice(&short.to_be_bytes());
     let unpacked_image = work.path().join("unpacked.img");
     std::fs::write(&unpacked_image, &memory).unwrap();
-    let (console, log) = boot(&unpacked_image, work.path(), Duration::from_secs(240));
+    let (console, log) = boot(&unpacked_image, work.path(), Duration::from_secs(240), &[]);
     assert!(
         console.contains(&format!("COFFER-SE-INIT cmdline={cmdline}")),
         "Linux did not reach the initrd's init with the sealed command line.\nconsole:\n{console}\nqemu:\n{log}"
@@ -163,7 +164,7 @@ fn a_sealed_image_ipls_into_stage3a_and_once_unpacked_stage3b_boots_linux_with_i
     let args = (stage3b.addr + stage3b.original_size) as usize - 64;
     memory[args + 24..args + 32].copy_from_slice(&5000u64.to_be_bytes());
     std::fs::write(&unpacked_image, &memory).unwrap();
-    let (console, log) = boot(&unpacked_image, work.path(), Duration::from_secs(60));
+    let (console, log) = boot(&unpacked_image, work.path(), Duration::from_secs(60), &[]);
     assert!(
         log.contains("disabled-wait") && log.contains("0x000000005e0b0002"),
         "stage3b did not refuse the command line: {log}"
@@ -222,7 +223,6 @@ fn an_s390x_pod_vm_sealed_for_se_boots_its_agent_once_unpacked() {
         .unwrap()
         .set_len(256 << 20)
         .unwrap();
-    let console = work.path().join("console.log");
     let disk = |file: &Path, serial: &str, ro: bool| {
         [
             "-drive".to_string(),
@@ -235,42 +235,32 @@ fn an_s390x_pod_vm_sealed_for_se_boots_its_agent_once_unpacked() {
             format!("virtio-blk-ccw,drive={serial},serial={serial}"),
         ]
     };
-    let mut child = Command::new("qemu-system-s390x")
-        .args(["-M", "s390-ccw-virtio", "-accel", "tcg", "-m", "1024"])
-        .args(["-nographic", "-nodefaults", "-no-reboot"])
-        .arg("-chardev")
-        .arg(format!("file,id=con,path={}", console.display()))
-        .args(["-device", "sclpconsole,chardev=con"])
-        .arg("-kernel")
-        .arg(&unpacked_image)
-        .args(disk(&out.join("root.img"), "coffer-root", true))
-        .args(disk(&scratch, "coffer-scratch", false))
-        .args(disk(&config_disk, coffer_podvm::launch::CONFIG_DISK, true))
-        .args(["-device", "virtio-serial-ccw,id=ports"])
-        .arg("-chardev")
-        .arg(format!(
+    let mut extra = Vec::new();
+    extra.extend(disk(&out.join("root.img"), "coffer-root", true));
+    extra.extend(disk(&scratch, "coffer-scratch", false));
+    extra.extend(disk(&config_disk, coffer_podvm::launch::CONFIG_DISK, true));
+    extra.extend([
+        "-device".to_string(),
+        "virtio-serial-ccw,id=ports".to_string(),
+        "-chardev".to_string(),
+        format!(
             "socket,id=agent,path={},server=on,wait=off",
             work.path().join("agent.sock").display()
-        ))
-        .arg("-device")
-        .arg(format!(
+        ),
+        "-device".to_string(),
+        format!(
             "virtserialport,bus=ports.0,chardev=agent,name={}",
             coffer_podvm::launch::AGENT_PORT
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-s390x");
+        ),
+    ]);
     // The agent ends, the kernel reboots (panic=-1) and QEMU exits (-no-reboot): the console
     // is whole once QEMU is gone.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let (log, _) = boot(
+        &unpacked_image,
+        work.path(),
+        Duration::from_secs(300),
+        &extra,
+    );
     for step in [
         "modules loaded",
         "verity root mounted",
