@@ -19,10 +19,10 @@
 //!
 //! An outbound connection: its original destination (`SO_ORIGINAL_DST`) is dialled on the mesh
 //! port, the TLS handshake proves both sides (the peer's certificate chains to the mesh CA, is
-//! valid now, and names an identity `peers` allows), the original port goes first (two bytes,
-//! big-endian), then the bytes flow both ways. Inbound, the peer's identity is checked the same
-//! way and the bytes go to that port of the pod's own address (the one the peer dialled) in the
-//! pod's namespace.
+//! valid now, and names an identity `peers` allows), and the connection is a stream to the
+//! original destination in it. Inbound, the peer's identity is checked the same way and each
+//! stream goes to its port of the pod's own address (the one the peer dialled) in the pod's
+//! namespace.
 //!
 //! **Resumption.** A peer's later connections resume the TLS session of its full handshake
 //! (TLS 1.3 PSK with a fresh ECDHE; the sessions live in each proxy's memory): no certificate
@@ -32,6 +32,13 @@
 //! handshake are valid (less 5 s); after that the next connection makes a full handshake with
 //! the current ones. So a workload whose certificate is not renewed (revoked in the KBS) is
 //! refused once it expires, resumed or not.
+//!
+//! **One TLS connection per peer** ([`tunnel`]). The pod's connections to a peer are HTTP/2
+//! streams of one TLS connection between the two proxies, kept while both certificates of its
+//! handshake are valid: a new connection costs no handshake. Each stream is checked as a new
+//! connection would be: the client's side uses the connection only while the peer's identity is
+//! allowed and both certificates are valid, and the server's side refuses a stream once the
+//! peer's certificate expired or its identity stopped being allowed. Established streams go on.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -48,10 +55,7 @@ use rustls::{
     sign::CertifiedKey,
     DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Where the containers' redirected outbound connections arrive.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -59,10 +63,14 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const REFUSE_PORT: u16 = 15006;
 /// The firewall mark of the proxy's own connections (passed by the redirect rules).
 pub const MARK: u32 = 0xc0ff;
-/// The copy buffer of each direction of a proxied connection (one TLS record's worth and more).
-const COPY: usize = 64 << 10;
 /// TLS sessions a proxy keeps for resumption, each side (the oldest go first).
 const SESSIONS: usize = 1024;
+/// The most peers whose connections the outbound side keeps without looking for closed ones.
+const PEERS: usize = 256;
+/// Marked sockets each namespace keeps made ahead for the proxy's next connections.
+const SPARES: usize = 16;
+
+mod tunnel;
 
 /// A mesh failure.
 #[derive(Debug, thiserror::Error)]
@@ -362,6 +370,7 @@ impl Identity {
         // made with (serve_inbound), so an expired one is refused as on a full handshake.
         c.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSIONS);
         c.send_tls13_tickets = 1;
+        c.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(c))
     }
 
@@ -382,6 +391,7 @@ impl Identity {
         // serve_outbound checks the peer's certificate on every connection, resumed or not.
         let sessions = Arc::new(MeshSessions::new());
         c.resumption = rustls::client::Resumption::store(sessions.clone());
+        c.alpn_protocols = vec![b"h2".to_vec()];
         Ok((Arc::new(c), sessions))
     }
 }
@@ -479,13 +489,15 @@ impl ServerCertVerifier for PeerVerifier {
 }
 
 /// Makes sockets inside the pod's network namespace (a socket stays in the namespace it was
-/// made in): one thread that entered the namespace serves every request.
+/// made in): one thread that entered the namespace serves every request, and keeps [`SPARES`]
+/// marked sockets made ahead so that a connection does not wait for that thread.
 #[derive(Clone)]
 pub struct NetnsSockets {
-    tx: std::sync::mpsc::Sender<(
-        SocketKind,
-        std::sync::mpsc::Sender<std::io::Result<socket2::Socket>>,
-    )>,
+    tx: std::sync::mpsc::Sender<Request>,
+    /// Marked sockets made ahead, not yet connected.
+    spares: Arc<Mutex<Vec<socket2::Socket>>>,
+    /// Whether the thread was asked for more spares and has not made them yet.
+    refilling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What kind of socket to make.
@@ -496,14 +508,25 @@ enum SocketKind {
     Dialer,
 }
 
+/// A request to the namespace's thread.
+enum Request {
+    /// One socket, sent back.
+    Make(
+        SocketKind,
+        std::sync::mpsc::Sender<std::io::Result<socket2::Socket>>,
+    ),
+    /// Marked sockets until there are [`SPARES`].
+    Spares,
+}
+
 impl NetnsSockets {
     /// Starts the thread for the namespace bound at `netns`.
     pub fn new(netns: PathBuf) -> Result<Self, MeshError> {
-        let (tx, rx) = std::sync::mpsc::channel::<(
-            SocketKind,
-            std::sync::mpsc::Sender<std::io::Result<socket2::Socket>>,
-        )>();
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let spares = Arc::new(Mutex::new(Vec::new()));
+        let refilling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (made, flag) = (spares.clone(), refilling.clone());
         std::thread::Builder::new()
             .name("mesh-netns".into())
             .spawn(move || {
@@ -519,8 +542,20 @@ impl NetnsSockets {
                 if failed {
                     return;
                 }
-                for (kind, reply) in rx {
-                    let _ = reply.send(make_socket(kind));
+                for request in rx {
+                    match request {
+                        Request::Make(kind, reply) => {
+                            let _ = reply.send(make_socket(kind));
+                        }
+                        Request::Spares => {
+                            let have = made.lock().unwrap_or_else(|p| p.into_inner()).len();
+                            let new: Vec<_> = (have..SPARES)
+                                .map_while(|_| make_socket(SocketKind::Dialer).ok())
+                                .collect();
+                            made.lock().unwrap_or_else(|p| p.into_inner()).extend(new);
+                            flag.store(false, std::sync::atomic::Ordering::Release);
+                        }
+                    }
                 }
             })
             .map_err(|e| MeshError::Setup(e.to_string()))?;
@@ -530,13 +565,33 @@ impl NetnsSockets {
             .map_err(|e| {
                 MeshError::Setup(format!("cannot enter the pod's network namespace {e}"))
             })?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            spares,
+            refilling,
+        })
     }
 
     fn make(&self, kind: SocketKind) -> std::io::Result<socket2::Socket> {
+        if let SocketKind::Dialer = kind {
+            let (spare, left) = {
+                let mut v = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+                (v.pop(), v.len())
+            };
+            if left < SPARES / 2
+                && !self
+                    .refilling
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                let _ = self.tx.send(Request::Spares);
+            }
+            if let Some(s) = spare {
+                return Ok(s);
+            }
+        }
         let (reply, rx) = std::sync::mpsc::channel();
         self.tx
-            .send((kind, reply))
+            .send(Request::Make(kind, reply))
             .map_err(|_| std::io::Error::other("the namespace thread is gone"))?;
         rx.recv()
             .map_err(|_| std::io::Error::other("the namespace thread is gone"))?
@@ -704,20 +759,20 @@ pub async fn start(
     let refuse = listen(REFUSE_PORT)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let (client, sessions) = identity.client_config()?;
-    let connector = tokio_rustls::TlsConnector::from(client);
+    let dialer = Arc::new(Dialer {
+        connector: tokio_rustls::TlsConnector::from(client),
+        sockets: sockets.clone(),
+        identity: identity.clone(),
+        sessions,
+        peers: Mutex::new(std::collections::HashMap::new()),
+    });
     tokio::spawn(serve_inbound(
         inbound,
         acceptor,
         identity.clone(),
         sockets.clone(),
     ));
-    tokio::spawn(serve_outbound(
-        outbound,
-        connector,
-        sockets.clone(),
-        identity.clone(),
-        sessions,
-    ));
+    tokio::spawn(serve_outbound(outbound, dialer));
     tokio::spawn(serve_refused(refuse));
     // The node's iptables for a process sandbox; in a pod VM, the image's (busybox's nsenter,
     // iptables-nft through its multi-call binary).
@@ -790,16 +845,10 @@ async fn serve_inbound(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| current_identity_of(c, now_secs()));
-            let Some((peer, _)) = peer.filter(|(p, _)| identity.allows(p)) else {
+            let Some((peer, peer_until)) = peer.filter(|(p, _)| identity.allows(p)) else {
                 tracing::warn!(%from, "mesh: refused a peer this workload may not talk to (or whose certificate is not valid now)");
                 return;
             };
-            let mut tls = tls;
-            let mut port = [0u8; 2];
-            if tls.read_exact(&mut port).await.is_err() {
-                return;
-            }
-            let port = u16::from_be_bytes(port);
             // The pod's own address the peer dialled (the connection's local end), so that a
             // server bound to it, or to every address, is reached as without the mesh.
             let ip = tls
@@ -808,38 +857,135 @@ async fn serve_inbound(
                 .local_addr()
                 .map(|a| a.ip())
                 .unwrap_or(Ipv4Addr::LOCALHOST.into());
-            let local = SocketAddr::new(ip, port);
-            match sockets.connect(local).await {
-                Ok(mut app) => {
-                    tracing::debug!(%from, %peer, port, "mesh: inbound");
-                    let _ =
-                        tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, COPY, COPY)
-                            .await;
+            let accept = move |port: u16| {
+                let (identity, sockets, peer) = (identity.clone(), sockets.clone(), peer.clone());
+                async move {
+                    if now_secs() > peer_until || !identity.allows(&peer) {
+                        tracing::warn!(%from, %peer, port, "mesh: refused a connection: the peer's certificate expired, or its identity stopped being allowed");
+                        return Err(hyper::StatusCode::FORBIDDEN);
+                    }
+                    match sockets.connect(SocketAddr::new(ip, port)).await {
+                        Ok(app) => {
+                            tracing::debug!(%from, %peer, port, "mesh: inbound");
+                            Ok(app)
+                        }
+                        Err(e) => {
+                            tracing::info!(%peer, port, error = %e, "mesh: nothing serves the port");
+                            Err(hyper::StatusCode::BAD_GATEWAY)
+                        }
+                    }
                 }
-                Err(e) => tracing::info!(%peer, port, error = %e, "mesh: nothing serves the port"),
+            };
+            if let Err(e) = tunnel::serve(tls, accept).await {
+                tracing::debug!(%from, error = %e, "mesh: a peer connection ended");
             }
         });
     }
 }
 
-async fn serve_outbound(
-    listener: TcpListener,
+/// A mesh TLS connection to a peer's proxy.
+type PeerConn = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The connection to one peer's proxy that the pod's connections to it are streams of.
+#[derive(Clone)]
+struct Peer {
+    send: tunnel::Sender,
+    /// The identity its certificate names.
+    id: String,
+    /// Until when both certificates of its handshake are valid (seconds since the epoch).
+    until: u64,
+}
+
+/// What the outbound side needs to make connections to peers.
+struct Dialer {
     connector: tokio_rustls::TlsConnector,
     sockets: NetnsSockets,
     identity: Arc<Identity>,
     sessions: Arc<MeshSessions>,
-) {
+    /// Per peer address, its connection (made by one task at a time, the others wait for it).
+    peers: Mutex<std::collections::HashMap<Ipv4Addr, Arc<tokio::sync::Mutex<Option<Peer>>>>>,
+}
+
+impl Dialer {
+    /// A checked TLS connection to the proxy of the pod at `ip`: dialled on the mesh port, the
+    /// handshake done, the peer's certificate naming an identity this workload may talk to and
+    /// valid now (a resumed session skipped the verifier: it is checked here). Returns it with
+    /// that identity and until when both certificates are valid; on failure, what went wrong.
+    async fn dial(&self, ip: Ipv4Addr) -> Result<(PeerConn, String, u64), String> {
+        let tcp = self
+            .sockets
+            .connect(SocketAddr::V4(SocketAddrV4::new(ip, MESH_PORT)))
+            .await
+            .map_err(|e| format!("the peer's sandbox does not answer on the mesh port: {e}"))?;
+        let name = ServerName::IpAddress(ip.into());
+        let tls = match tokio::time::timeout(
+            Duration::from_secs(10),
+            self.connector.connect(name.clone(), tcp),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(format!("refused to talk to the peer: {e}")),
+            Err(_) => return Err("the peer's handshake timed out".into()),
+        };
+        let conn = tls.get_ref().1;
+        let peer = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| current_identity_of(c, now_secs()));
+        let Some((id, peer_until)) = peer.filter(|(p, _)| self.identity.allows(p)) else {
+            return Err("refused to talk to the peer (identity not allowed, or its certificate not valid now)".into());
+        };
+        let until = peer_until.min(self.identity.not_after());
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        if !resumed {
+            self.sessions.full_handshake(name, until);
+        }
+        tracing::debug!(%ip, peer = %id, resumed, "mesh: connected to a peer's proxy");
+        Ok((tls, id, until))
+    }
+
+    /// The slot of the peer at `ip`. Past [`PEERS`] peers, those whose connection closed are
+    /// forgotten first.
+    fn slot(&self, ip: Ipv4Addr) -> Arc<tokio::sync::Mutex<Option<Peer>>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.len() >= PEERS && !peers.contains_key(&ip) {
+            peers.retain(|_, slot| match slot.try_lock() {
+                Ok(p) => p.as_ref().is_some_and(|p| !p.send.is_closed()),
+                Err(_) => true,
+            });
+        }
+        peers.entry(ip).or_default().clone()
+    }
+
+    /// The connection to the peer at `ip` for a new stream: the one kept while it is open, its
+    /// peer still allowed and both certificates still valid; otherwise a new one.
+    async fn peer(&self, ip: Ipv4Addr) -> Result<Peer, String> {
+        let slot = self.slot(ip);
+        let mut kept = slot.lock().await;
+        if let Some(p) = kept.as_ref() {
+            if !p.send.is_closed() && p.until > now_secs() && self.identity.allows(&p.id) {
+                return Ok(p.clone());
+            }
+        }
+        *kept = None;
+        let (tls, id, until) = self.dial(ip).await?;
+        let send = tunnel::client(tls)
+            .await
+            .map_err(|e| format!("HTTP/2 with the peer's proxy: {e}"))?;
+        let p = Peer { send, id, until };
+        *kept = Some(p.clone());
+        Ok(p)
+    }
+}
+
+async fn serve_outbound(listener: TcpListener, dialer: Arc<Dialer>) {
     loop {
-        let Ok((mut app, _)) = listener.accept().await else {
+        let Ok((app, _)) = listener.accept().await else {
             continue;
         };
         let _ = app.set_nodelay(true);
-        let (connector, sockets, identity, sessions) = (
-            connector.clone(),
-            sockets.clone(),
-            identity.clone(),
-            sessions.clone(),
-        );
+        let dialer = dialer.clone();
         tokio::spawn(async move {
             let dst = match rustix::net::sockopt::ip_original_dst(&app) {
                 Ok(d) => d,
@@ -848,46 +994,24 @@ async fn serve_outbound(
                     return;
                 }
             };
-            let peer = SocketAddr::V4(SocketAddrV4::new(*dst.ip(), MESH_PORT));
-            let tcp = match sockets.connect(peer).await {
-                Ok(t) => t,
+            let peer = match dialer.peer(*dst.ip()).await {
+                Ok(p) => p,
                 Err(e) => {
-                    tracing::info!(%dst, error = %e, "mesh: the peer's sandbox does not answer on the mesh port");
+                    tracing::warn!(%dst, error = %e, "mesh: no connection to the peer");
                     return;
                 }
             };
-            let name = ServerName::IpAddress((*dst.ip()).into());
-            let mut tls = match tokio::time::timeout(
-                Duration::from_secs(10),
-                connector.connect(name.clone(), tcp),
-            )
-            .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::warn!(%dst, error = %e, "mesh: refused to talk to the peer");
-                    return;
+            tracing::debug!(%dst, peer = %peer.id, "mesh: outbound");
+            let (r, w) = app.into_split();
+            match tunnel::open(&peer.send, dst, r, w).await {
+                Ok(()) => {}
+                Err(e @ tunnel::OpenError::Refused(_)) => {
+                    tracing::warn!(%dst, peer = %peer.id, error = %e, "mesh: the peer refused the connection")
                 }
-                Err(_) => return,
-            };
-            // A resumed session skipped the verifier: the peer's certificate is checked again.
-            let conn = tls.get_ref().1;
-            let peer = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| current_identity_of(c, now_secs()));
-            let Some((id, peer_until)) = peer.filter(|(p, _)| identity.allows(p)) else {
-                tracing::warn!(%dst, "mesh: refused to talk to the peer (identity not allowed, or its certificate not valid now)");
-                return;
-            };
-            if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
-                sessions.full_handshake(name, peer_until.min(identity.not_after()));
+                Err(e) => {
+                    tracing::info!(%dst, peer = %peer.id, error = %e, "mesh: the peer connection failed; the next connection makes a new one")
+                }
             }
-            tracing::debug!(%dst, peer = %id, resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed), "mesh: outbound");
-            if tls.write_all(&dst.port().to_be_bytes()).await.is_err() {
-                return;
-            }
-            let _ = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut tls, COPY, COPY).await;
         });
     }
 }
@@ -908,6 +1032,7 @@ async fn serve_refused(listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A mesh CA of the test's own, issuing as the KBS does: the CSR's key, one SPIFFE URI.
     struct TestCa {
