@@ -627,7 +627,7 @@ fn make_socket(kind: SocketKind) -> std::io::Result<socket2::Socket> {
         SocketKind::Dialer => {
             s.set_mark(MARK)?;
             // The proxy writes what it has as soon as it has it: no Nagle delay behind the
-            // peer's delayed acknowledgement (each connection starts with a 2-byte header).
+            // peer's delayed acknowledgement (HTTP/2 frames are small writes).
             s.set_tcp_nodelay(true)?;
         }
     }

@@ -36,9 +36,9 @@ use tokio::{
 /// The most bytes one read of an application's connection takes (one DATA frame's worth).
 const CHUNK: usize = 64 << 10;
 /// What one stream may have in flight unacknowledged, each way.
-const STREAM_WINDOW: u32 = 4 << 20;
+const STREAM_WINDOW: u32 = 1 << 20;
 /// What all the streams of a connection may have in flight, each way.
-const CONNECTION_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
 /// The largest DATA frame.
 const FRAME: u32 = 64 << 10;
 /// The most streams (connections of the pods) at once in one peer connection; more wait.
@@ -134,7 +134,6 @@ where
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME)
-        .max_send_buf_size(STREAM_WINDOW as usize)
         .keep_alive_interval(PING)
         .keep_alive_timeout(PING_TIMEOUT)
         .handshake(TokioIo::new(io))
@@ -227,7 +226,6 @@ where
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME)
-        .max_send_buf_size(STREAM_WINDOW as usize)
         .max_concurrent_streams(STREAMS)
         .keep_alive_interval(PING)
         .keep_alive_timeout(PING_TIMEOUT)
