@@ -232,6 +232,17 @@ impl MeshSessions {
         }
         m.insert(peer, until.saturating_sub(RESUME_MARGIN_SECS));
     }
+
+    /// Until when a session resumed with `peer` may be used: its full handshake's bound (the
+    /// certificates of that handshake, not the current ones, are the ones it carries).
+    fn bound(&self, peer: &ServerName<'_>) -> u64 {
+        self.until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl rustls::client::ClientSessionStore for MeshSessions {
@@ -388,7 +399,7 @@ impl Identity {
             }))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
         // Sessions resumed per peer address while both certificates are valid (MeshSessions);
-        // serve_outbound checks the peer's certificate on every connection, resumed or not.
+        // Dialer::dial checks the peer's certificate on every connection, resumed or not.
         let sessions = Arc::new(MeshSessions::new());
         c.resumption = rustls::client::Resumption::store(sessions.clone());
         c.alpn_protocols = vec![b"h2".to_vec()];
@@ -489,7 +500,7 @@ impl ServerCertVerifier for PeerVerifier {
 }
 
 /// Makes sockets inside the pod's network namespace (a socket stays in the namespace it was
-/// made in): one thread that entered the namespace serves every request, and keeps [`SPARES`]
+/// made in): one thread that entered the namespace serves every request, and keeps a few
 /// marked sockets made ahead so that a connection does not wait for that thread.
 #[derive(Clone)]
 pub struct NetnsSockets {
@@ -849,6 +860,10 @@ async fn serve_inbound(
                 tracing::warn!(%from, "mesh: refused a peer this workload may not talk to (or whose certificate is not valid now)");
                 return;
             };
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                tracing::warn!(%from, %peer, "mesh: refused a peer that does not speak HTTP/2 (ALPN h2): a proxy of another version?");
+                return;
+            }
             // The pod's own address the peer dialled (the connection's local end), so that a
             // server bound to it, or to every address, is reached as without the mesh.
             let ip = tls
@@ -860,9 +875,11 @@ async fn serve_inbound(
             let accept = move |port: u16| {
                 let (identity, sockets, peer) = (identity.clone(), sockets.clone(), peer.clone());
                 async move {
-                    if now_secs() > peer_until || !identity.allows(&peer) {
-                        tracing::warn!(%from, %peer, port, "mesh: refused a connection: the peer's certificate expired, or its identity stopped being allowed");
-                        return Err(hyper::StatusCode::FORBIDDEN);
+                    if let Err((status, why)) =
+                        admit(now_secs(), peer_until, identity.allows(&peer), port)
+                    {
+                        tracing::warn!(%from, %peer, port, "mesh: refused a connection: {why}");
+                        return Err(status);
                     }
                     match sockets.connect(SocketAddr::new(ip, port)).await {
                         Ok(app) => {
@@ -883,6 +900,33 @@ async fn serve_inbound(
     }
 }
 
+/// Whether the inbound side carries a stream to `port` from a peer whose certificate is valid
+/// until `peer_until` and whose identity is `allowed`, at `now`; if not, the status and why. The
+/// proxy's own ports are refused: a stream to them would loop back into the proxy.
+fn admit(
+    now: u64,
+    peer_until: u64,
+    allowed: bool,
+    port: u16,
+) -> Result<(), (hyper::StatusCode, &'static str)> {
+    if now > peer_until {
+        return Err((
+            hyper::StatusCode::FORBIDDEN,
+            "the peer's certificate expired",
+        ));
+    }
+    if !allowed {
+        return Err((
+            hyper::StatusCode::FORBIDDEN,
+            "the peer's identity is no longer allowed",
+        ));
+    }
+    if [MESH_PORT, OUTBOUND_PORT, REFUSE_PORT].contains(&port) {
+        return Err((hyper::StatusCode::FORBIDDEN, "a port of the mesh proxy"));
+    }
+    Ok(())
+}
+
 /// A mesh TLS connection to a peer's proxy.
 type PeerConn = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -894,7 +938,51 @@ struct Peer {
     id: String,
     /// Until when both certificates of its handshake are valid (seconds since the epoch).
     until: u64,
+    /// How many of the pod's connections are streams of it now.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+impl Peer {
+    /// Whether a new stream may go in it at `now`.
+    fn usable(&self, now: u64, identity: &Identity) -> bool {
+        !self.send.is_closed()
+            && self.until > now
+            && identity.allows(&self.id)
+            && self.streams.load(std::sync::atomic::Ordering::Relaxed) < tunnel::STREAMS as usize
+    }
+}
+
+/// Counts a stream of a peer connection while it lives.
+struct Stream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Stream {
+    fn of(p: &Peer) -> Self {
+        p.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(p.streams.clone())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What the outbound side knows of one peer.
+#[derive(Default)]
+enum Slot {
+    /// Nothing yet, or its connection was dropped.
+    #[default]
+    Empty,
+    /// The connection new streams go in.
+    Kept(Peer),
+    /// The last attempt to connect failed, when and why: the connections of the next second
+    /// fail at once with the same reason instead of each trying in turn.
+    Failed(std::time::Instant, String),
+}
+
+/// How long a failure to connect to a peer is the answer for that peer.
+const FAILED_FOR: Duration = Duration::from_secs(1);
 
 /// What the outbound side needs to make connections to peers.
 struct Dialer {
@@ -902,8 +990,8 @@ struct Dialer {
     sockets: NetnsSockets,
     identity: Arc<Identity>,
     sessions: Arc<MeshSessions>,
-    /// Per peer address, its connection (made by one task at a time, the others wait for it).
-    peers: Mutex<std::collections::HashMap<Ipv4Addr, Arc<tokio::sync::Mutex<Option<Peer>>>>>,
+    /// Per peer address, what is known of it (one task at a time connects, the others wait).
+    peers: Mutex<std::collections::HashMap<Ipv4Addr, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
 impl Dialer {
@@ -936,46 +1024,76 @@ impl Dialer {
         let Some((id, peer_until)) = peer.filter(|(p, _)| self.identity.allows(p)) else {
             return Err("refused to talk to the peer (identity not allowed, or its certificate not valid now)".into());
         };
-        let until = peer_until.min(self.identity.not_after());
-        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        if !resumed {
-            self.sessions.full_handshake(name, until);
+        if conn.alpn_protocol() != Some(b"h2") {
+            return Err(
+                "the peer does not speak HTTP/2 (ALPN h2): a proxy of another version?".into(),
+            );
         }
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        // A resumed session carries the certificates of its full handshake: its bound is theirs.
+        let until = if resumed {
+            peer_until.min(self.sessions.bound(&name))
+        } else {
+            let until = peer_until.min(self.identity.not_after());
+            self.sessions.full_handshake(name, until);
+            until
+        };
         tracing::debug!(%ip, peer = %id, resumed, "mesh: connected to a peer's proxy");
         Ok((tls, id, until))
     }
 
-    /// The slot of the peer at `ip`. Past [`PEERS`] peers, those whose connection closed are
-    /// forgotten first.
-    fn slot(&self, ip: Ipv4Addr) -> Arc<tokio::sync::Mutex<Option<Peer>>> {
+    /// The slot of the peer at `ip`. Past [`PEERS`] peers, those without a connection that new
+    /// streams may go in are forgotten first.
+    fn slot(&self, ip: Ipv4Addr) -> Arc<tokio::sync::Mutex<Slot>> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if peers.len() >= PEERS && !peers.contains_key(&ip) {
+            let now = now_secs();
             peers.retain(|_, slot| match slot.try_lock() {
-                Ok(p) => p.as_ref().is_some_and(|p| !p.send.is_closed()),
+                Ok(s) => matches!(&*s, Slot::Kept(p) if p.usable(now, &self.identity)),
                 Err(_) => true,
             });
         }
         peers.entry(ip).or_default().clone()
     }
 
-    /// The connection to the peer at `ip` for a new stream: the one kept while it is open, its
-    /// peer still allowed and both certificates still valid; otherwise a new one.
+    /// The connection to the peer at `ip` for a new stream: the one kept while it is open, has
+    /// room, its peer is still allowed and both certificates are still valid; otherwise a new
+    /// one (the one it replaces goes on for its streams).
     async fn peer(&self, ip: Ipv4Addr) -> Result<Peer, String> {
         let slot = self.slot(ip);
-        let mut kept = slot.lock().await;
-        if let Some(p) = kept.as_ref() {
-            if !p.send.is_closed() && p.until > now_secs() && self.identity.allows(&p.id) {
-                return Ok(p.clone());
-            }
+        let mut slot = slot.lock().await;
+        match &*slot {
+            Slot::Kept(p) if p.usable(now_secs(), &self.identity) => return Ok(p.clone()),
+            Slot::Failed(at, why) if at.elapsed() < FAILED_FOR => return Err(why.clone()),
+            _ => {}
         }
-        *kept = None;
-        let (tls, id, until) = self.dial(ip).await?;
-        let send = tunnel::client(tls)
-            .await
-            .map_err(|e| format!("HTTP/2 with the peer's proxy: {e}"))?;
-        let p = Peer { send, id, until };
-        *kept = Some(p.clone());
-        Ok(p)
+        let made = async {
+            let (tls, id, until) = self.dial(ip).await?;
+            let send = tunnel::client(tls)
+                .await
+                .map_err(|e| format!("HTTP/2 with the peer's proxy: {e}"))?;
+            Ok::<_, String>(Peer {
+                send,
+                id,
+                until,
+                streams: Default::default(),
+            })
+        }
+        .await;
+        *slot = match &made {
+            Ok(p) => Slot::Kept(p.clone()),
+            Err(why) => Slot::Failed(std::time::Instant::now(), why.clone()),
+        };
+        made
+    }
+
+    /// Drops the connection `p` from the peer at `ip`'s slot, if it is still the one kept.
+    async fn drop_kept(&self, ip: Ipv4Addr, p: &Peer) {
+        let slot = self.slot(ip);
+        let mut slot = slot.lock().await;
+        if matches!(&*slot, Slot::Kept(k) if Arc::ptr_eq(&k.streams, &p.streams)) {
+            *slot = Slot::Empty;
+        }
     }
 }
 
@@ -1002,14 +1120,22 @@ async fn serve_outbound(listener: TcpListener, dialer: Arc<Dialer>) {
                 }
             };
             tracing::debug!(%dst, peer = %peer.id, "mesh: outbound");
+            let stream = Stream::of(&peer);
             let (r, w) = app.into_split();
-            match tunnel::open(&peer.send, dst, r, w).await {
+            let opened = tunnel::open(&peer.send, dst, r, w).await;
+            drop(stream);
+            match opened {
                 Ok(()) => {}
+                Err(e @ tunnel::OpenError::Refused(hyper::StatusCode::FORBIDDEN)) => {
+                    tracing::warn!(%dst, peer = %peer.id, error = %e, "mesh: the peer refused the connection; the next connection makes a new peer connection");
+                    dialer.drop_kept(*dst.ip(), &peer).await;
+                }
                 Err(e @ tunnel::OpenError::Refused(_)) => {
                     tracing::warn!(%dst, peer = %peer.id, error = %e, "mesh: the peer refused the connection")
                 }
                 Err(e) => {
-                    tracing::info!(%dst, peer = %peer.id, error = %e, "mesh: the peer connection failed; the next connection makes a new one")
+                    tracing::info!(%dst, peer = %peer.id, error = %e, "mesh: the peer connection failed; the next connection makes a new one");
+                    dialer.drop_kept(*dst.ip(), &peer).await;
                 }
             }
         });
@@ -1175,6 +1301,23 @@ mod tests {
         assert_eq!(third.0, rustls::HandshakeKind::Full);
         let fourth = connect(&a, &connector, &sessions, &acceptor).await;
         assert_eq!(fourth.0, rustls::HandshakeKind::Resumed);
+    }
+
+    /// A stream is refused once its peer's certificate expired or its identity stopped being
+    /// allowed, and to the proxy's own ports; carried otherwise.
+    #[test]
+    fn a_stream_is_admitted_only_for_a_current_allowed_peer_and_an_application_port() {
+        assert_eq!(admit(100, 100, true, 8080), Ok(()));
+        for (now, until, allowed, port) in [
+            (101, 100, true, 8080),
+            (100, 100, false, 8080),
+            (100, 100, true, MESH_PORT),
+            (100, 100, true, OUTBOUND_PORT),
+            (100, 100, true, REFUSE_PORT),
+        ] {
+            let refused = admit(now, until, allowed, port).unwrap_err();
+            assert_eq!(refused.0, hyper::StatusCode::FORBIDDEN, "{refused:?}");
+        }
     }
 
     /// An expired certificate names no identity, whatever the session says.

@@ -6,13 +6,16 @@
 //! (`http://10.88.0.9:8080/`); its request body carries what the client's application sends,
 //! its response body what the server's application sends, both at once, each ended (`END_STREAM`)
 //! when that side shuts its writing down. The server's proxy connects to that port of its pod
-//! and answers `200` before the first byte of the response, or refuses with a status: `403` when
-//! the peer's certificate expired or its identity is no longer allowed, `400` for a URI without a
-//! port, `502` when nothing serves the port. A reset stream resets the application's connection.
+//! and answers `200` before the first byte of the response, or refuses with a status (`403`,
+//! `400`, `405`, `502`: see `mesh::admit` and [`serve`]). A refused stream, a reset one or the end
+//! of the peer connection mid-stream resets the application's connection (`RST`), so a cut-off
+//! transfer never looks complete to it.
 //!
 //! So a new connection to a peer the proxy already talks to costs no handshake: one `HEADERS`
 //! frame each way, and the client's first bytes go with its request, not after the answer.
-//! HTTP/2's flow control (per stream and per connection) bounds what each proxy buffers.
+//! HTTP/2's flow control bounds what each proxy buffers per stream; the connection's window is
+//! as large as all its streams' windows together, so streams whose application stops reading
+//! never hold up the others.
 
 use std::{
     net::SocketAddrV4,
@@ -35,14 +38,17 @@ use tokio::{
 
 /// The most bytes one read of an application's connection takes (one DATA frame's worth).
 const CHUNK: usize = 64 << 10;
-/// What one stream may have in flight unacknowledged, each way.
+/// What one stream may have in flight unacknowledged, each way (what a proxy buffers at most for
+/// an application that does not read).
 const STREAM_WINDOW: u32 = 1 << 20;
-/// What all the streams of a connection may have in flight, each way.
-const CONNECTION_WINDOW: u32 = 4 << 20;
+/// What all the streams of a connection may have in flight, each way: every stream's window, so
+/// that no stream waits for another's application to read.
+const CONNECTION_WINDOW: u32 = STREAMS * STREAM_WINDOW;
 /// The largest DATA frame.
 const FRAME: u32 = 64 << 10;
-/// The most streams (connections of the pods) at once in one peer connection; more wait.
-pub(super) const STREAMS: u32 = 4096;
+/// The most streams (connections of the pods) at once in one peer connection; the client's side
+/// opens another connection to the peer beyond.
+pub(super) const STREAMS: u32 = 256;
 /// How often an idle peer connection is checked with a PING, and how long the answer may take:
 /// a peer that vanished without closing (a pod VM switched off) is noticed within both.
 const PING: Duration = Duration::from_secs(10);
@@ -94,7 +100,18 @@ impl Body for ReadBody {
                 this.r = None;
                 Poll::Ready(None)
             }
-            Poll::Ready(Ok(_)) => Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze())))),
+            Poll::Ready(Ok(n)) => {
+                // A short read is copied out, so that it does not hold a whole chunk's
+                // allocation while it waits to be sent; a long one is handed over as it is.
+                let data = if n < CHUNK / 16 {
+                    let d = Bytes::copy_from_slice(&this.buf);
+                    this.buf.clear();
+                    d
+                } else {
+                    this.buf.split().freeze()
+                };
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
             Poll::Pending => Poll::Pending,
         }
@@ -106,18 +123,29 @@ impl Body for ReadBody {
 }
 
 /// Writes what `body` carries to `w`, then shuts `w`'s writing down (the peer application's end
-/// of stream). A reset stream is an error, and `w`'s connection is then reset when dropped.
-pub(super) async fn write_body(
-    mut body: Incoming,
-    mut w: impl AsyncWrite + Unpin,
-) -> std::io::Result<()> {
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(std::io::Error::other)?;
-        if let Ok(data) = frame.into_data() {
-            w.write_all(&data).await?;
+/// of stream). When the stream is reset or the peer connection ends first, `w`'s connection is
+/// reset instead.
+pub(super) async fn write_body(body: Incoming, mut w: OwnedWriteHalf) {
+    async fn copy(mut body: Incoming, w: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(std::io::Error::other)?;
+            if let Ok(data) = frame.into_data() {
+                w.write_all(&data).await?;
+            }
         }
+        w.shutdown().await
     }
-    w.shutdown().await
+    if copy(body, &mut w).await.is_err() {
+        reset(w);
+    }
+}
+
+/// Resets the connection `w` is half of (`RST` instead of `FIN`), once its reading half is
+/// dropped too: what an application would see of a TCP connection cut off.
+pub(super) fn reset(w: OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(w.as_ref()).set_linger(Some(Duration::ZERO));
+    // Dropping the half would shut its writing down (a FIN) first.
+    w.forget();
 }
 
 /// The client's side of a peer connection: opens streams in it, from any task.
@@ -136,6 +164,7 @@ where
         .max_frame_size(FRAME)
         .keep_alive_interval(PING)
         .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
@@ -149,7 +178,8 @@ where
 /// Why a stream did not open.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum OpenError {
-    /// The peer connection failed (closed, reset, or gone silent): make a new one.
+    /// The peer connection failed (closed, reset, gone silent, or no stream free in time): make a
+    /// new one.
     #[error("the peer connection failed: {0}")]
     Connection(String),
     /// The peer's proxy refused this stream.
@@ -159,7 +189,8 @@ pub(super) enum OpenError {
 
 /// Opens a stream to `dst` in the peer connection `send` for the application connection whose
 /// halves are `r` and `w`, and carries the peer's answer to `w` until its end. What `r` reads
-/// goes on, in the connection's task, until its own end.
+/// goes on, in the connection's task, until its own end. A stream that does not open resets the
+/// application's connection.
 pub(super) async fn open(
     send: &Sender,
     dst: SocketAddrV4,
@@ -174,13 +205,23 @@ pub(super) async fn open(
         send.ready().await?;
         send.send_request(request).await
     })
-    .await
-    .map_err(|_| OpenError::Connection("no answer in 10 s".into()))?
-    .map_err(|e| OpenError::Connection(e.to_string()))?;
-    if response.status() != StatusCode::OK {
-        return Err(OpenError::Refused(response.status()));
-    }
-    let _ = write_body(response.into_body(), w).await;
+    .await;
+    let response = match response {
+        Ok(Ok(r)) if r.status() == StatusCode::OK => r,
+        Ok(Ok(r)) => {
+            reset(w);
+            return Err(OpenError::Refused(r.status()));
+        }
+        Ok(Err(e)) => {
+            reset(w);
+            return Err(OpenError::Connection(e.to_string()));
+        }
+        Err(_) => {
+            reset(w);
+            return Err(OpenError::Connection("no answer in 10 s".into()));
+        }
+    };
+    write_body(response.into_body(), w).await;
     Ok(())
 }
 
@@ -189,8 +230,9 @@ pub(super) async fn open(
 pub(super) type Opened = Result<tokio::net::TcpStream, StatusCode>;
 
 /// Serves the streams a peer opens in the connection `io` (the TLS connection from its proxy),
-/// each carried to the connection `accept` makes for its destination port; returns when the
-/// connection closes.
+/// each carried to the connection `accept` makes for its destination port or refused with the
+/// status it answers (`405` for a method but `POST`, `400` for a URI without a port); returns
+/// when the connection closes.
 pub(super) async fn serve<IO, F, Fut>(io: IO, accept: F) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -293,10 +335,21 @@ mod tests {
         Ok(user.await.unwrap())
     }
 
+    /// Fails a test that takes longer than a minute instead of hanging it.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("the test took more than a minute")
+    }
+
     /// Many connections at once in one peer connection, each with its own bytes both ways and
     /// its own end of stream; a large one crosses the flow-control windows.
     #[tokio::test]
     async fn connections_are_streams_of_one_peer_connection() {
+        within(streams()).await
+    }
+
+    async fn streams() {
         let port = app().await;
         let send = pair().await;
         let mut tasks = Vec::new();
@@ -316,9 +369,14 @@ mod tests {
         }
     }
 
-    /// A refused stream carries nothing and names the status; the peer connection goes on.
+    /// A refused stream carries nothing and names the status, and the application's connection
+    /// is reset, not ended; the peer connection goes on.
     #[tokio::test]
     async fn a_refused_stream_names_the_status() {
+        within(refused()).await
+    }
+
+    async fn refused() {
         let port = app().await;
         let send = pair().await;
         match through(&send, 1, b"x".to_vec()).await {
@@ -334,5 +392,58 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(through(&send, port, b"ok".to_vec()).await.unwrap(), b"OK");
+        // What the application sees of a refused stream: a reset.
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let at = l.local_addr().unwrap();
+        let user = tokio::spawn(async move {
+            let mut s = TcpStream::connect(at).await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await
+        });
+        let (app, _) = l.accept().await.unwrap();
+        let (r, w) = app.into_split();
+        let refused = open(&send, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1), r, w).await;
+        assert!(matches!(refused, Err(OpenError::Refused(_))));
+        let seen = user.await.unwrap();
+        assert_eq!(
+            seen.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    /// Streams whose application never reads (more of them than the connection's window would
+    /// hold if it were not as large as all the streams' windows) do not hold up another stream.
+    #[tokio::test]
+    async fn streams_whose_application_stops_reading_do_not_hold_up_the_others() {
+        within(stalled()).await
+    }
+
+    async fn stalled() {
+        let port = app().await;
+        // An application that accepts and never reads.
+        let sink = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let sink_port = sink.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (s, _) = sink.accept().await.unwrap();
+                held.push(s);
+            }
+        });
+        let send = pair().await;
+        for _ in 0..8 {
+            let send = send.clone();
+            tokio::spawn(async move {
+                let _ = through(&send, sink_port, vec![b'z'; 16 << 20]).await;
+            });
+        }
+        // Let the stalled streams fill what they may.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let msg = vec![b'q'; 2 << 20];
+        let got = tokio::time::timeout(Duration::from_secs(20), through(&send, port, msg.clone()))
+            .await
+            .expect("a stream was held up by the stalled ones")
+            .unwrap();
+        assert!(got == msg.to_ascii_uppercase());
     }
 }
