@@ -33,7 +33,7 @@
 //! the current ones. So a workload whose certificate is not renewed (revoked in the KBS) is
 //! refused once it expires, resumed or not.
 //!
-//! **One TLS connection per peer** ([`tunnel`]). The pod's connections to a peer are HTTP/2
+//! **One TLS connection per peer** (`mesh::tunnel`). The pod's connections to a peer are HTTP/2
 //! streams of one TLS connection between the two proxies, kept while both certificates of its
 //! handshake are valid: a new connection costs no handshake. Each stream is checked as a new
 //! connection would be: the client's side uses the connection only while the peer's identity is
