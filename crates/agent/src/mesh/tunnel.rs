@@ -44,8 +44,9 @@ const STREAM_WINDOW: u32 = 1 << 20;
 /// What all the streams of a connection may have in flight, each way: every stream's window, so
 /// that no stream waits for another's application to read.
 const CONNECTION_WINDOW: u32 = STREAMS * STREAM_WINDOW;
-/// The largest DATA frame.
-const FRAME: u32 = 64 << 10;
+/// The largest DATA frame: a TLS record's worth, so the receiving proxy passes bytes on as each
+/// record arrives (64 KiB frames made a single stream about 10 % slower).
+const FRAME: u32 = 16 << 10;
 /// The most streams (connections of the pods) at once in one peer connection; the client's side
 /// opens another connection to the peer beyond.
 pub(super) const STREAMS: u32 = 256;
