@@ -83,24 +83,19 @@ pub enum MeshError {
     Setup(String),
 }
 
+/// A certificate on its way from a [`CertificateSource`].
+pub type CertificateFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + 'a>,
+>;
+
 /// What the mesh needs of the KBS: a certificate for a request.
 pub trait CertificateSource: Send + Sync + 'static {
     /// Sends `csr_pem` to the KBS's mesh CA.
-    fn certificate(
-        &self,
-        csr_pem: String,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + '_>,
-    >;
+    fn certificate(&self, csr_pem: String) -> CertificateFuture<'_>;
 }
 
 impl CertificateSource for coffer_kbs_client::KbsClient {
-    fn certificate(
-        &self,
-        csr_pem: String,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + '_>,
-    > {
+    fn certificate(&self, csr_pem: String) -> CertificateFuture<'_> {
         Box::pin(async move {
             self.mesh_certificate(&csr_pem)
                 .await
@@ -280,14 +275,7 @@ impl rustls::client::ClientSessionStore for MeshSessions {
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<rustls::client::Tls13ClientSessionValue> {
-        let until = self
-            .until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(server_name)
-            .copied()
-            .unwrap_or(0);
-        if now_secs() >= until {
+        if now_secs() >= self.bound(server_name) {
             return None;
         }
         self.inner.take_tls13_ticket(server_name)
@@ -850,20 +838,13 @@ async fn serve_inbound(
                     }
                     Err(_) => return,
                 };
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| current_identity_of(c, now_secs()));
-            let Some((peer, peer_until)) = peer.filter(|(p, _)| identity.allows(p)) else {
-                tracing::warn!(%from, "mesh: refused a peer this workload may not talk to (or whose certificate is not valid now)");
-                return;
+            let (peer, peer_until) = match checked_peer(tls.get_ref().1, &identity) {
+                Ok(p) => p,
+                Err(why) => {
+                    tracing::warn!(%from, "mesh: refused a peer: {why}");
+                    return;
+                }
             };
-            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                tracing::warn!(%from, %peer, "mesh: refused a peer that does not speak HTTP/2 (ALPN h2): a proxy of another version?");
-                return;
-            }
             // The pod's own address the peer dialled (the connection's local end), so that a
             // server bound to it, or to every address, is reached as without the mesh.
             let ip = tls
@@ -898,6 +879,27 @@ async fn serve_inbound(
             }
         });
     }
+}
+
+/// The peer of a finished handshake, either side, as both sides check it on every connection (a
+/// resumed session skipped the certificate verifier): the identity its certificate names and
+/// when that certificate expires, if the certificate is valid now, the identity one this
+/// workload may talk to, and the peer agreed on HTTP/2. Otherwise, why not.
+fn checked_peer(
+    conn: &rustls::CommonState,
+    identity: &Identity,
+) -> Result<(String, u64), &'static str> {
+    let peer = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| current_identity_of(c, now_secs()));
+    let Some((id, until)) = peer.filter(|(p, _)| identity.allows(p)) else {
+        return Err("its identity is not one this workload may talk to, or its certificate is not valid now");
+    };
+    if conn.alpn_protocol() != Some(b"h2") {
+        return Err("it does not speak HTTP/2 (ALPN h2): a proxy of another version?");
+    }
+    Ok((id, until))
 }
 
 /// Whether the inbound side carries a stream to `port` from a peer whose certificate is valid
@@ -1017,18 +1019,8 @@ impl Dialer {
             Err(_) => return Err("the peer's handshake timed out".into()),
         };
         let conn = tls.get_ref().1;
-        let peer = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| current_identity_of(c, now_secs()));
-        let Some((id, peer_until)) = peer.filter(|(p, _)| self.identity.allows(p)) else {
-            return Err("refused to talk to the peer (identity not allowed, or its certificate not valid now)".into());
-        };
-        if conn.alpn_protocol() != Some(b"h2") {
-            return Err(
-                "the peer does not speak HTTP/2 (ALPN h2): a proxy of another version?".into(),
-            );
-        }
+        let (id, peer_until) = checked_peer(conn, &self.identity)
+            .map_err(|why| format!("refused to talk to the peer: {why}"))?;
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         // A resumed session carries the certificates of its full handshake: its bound is theirs.
         let until = if resumed {
@@ -1168,12 +1160,7 @@ mod tests {
     }
 
     impl CertificateSource for TestCa {
-        fn certificate(
-            &self,
-            csr_pem: String,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<CertificateResponse, String>> + Send + '_>,
-        > {
+        fn certificate(&self, csr_pem: String) -> CertificateFuture<'_> {
             Box::pin(async move {
                 let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem)
                     .map_err(|e| e.to_string())?;
