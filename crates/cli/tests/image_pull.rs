@@ -653,3 +653,106 @@ fn hostile_and_oversized_layers_are_refused_or_confined() {
     ]);
     assert!(!ok && stderr.contains("limit reached"), "{stderr}");
 }
+
+/// A loopback front for the registry that closes its first `drop_first` connections as soon as
+/// a request arrives (a registry restarting, a proxy cutting connections), then relays the rest.
+/// Returns its `host:port` and the count of connections it accepted.
+fn flaky_front(
+    registry: &str,
+    drop_first: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::{
+        io::Read,
+        net::{TcpListener, TcpStream},
+        sync::atomic::Ordering,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let registry = registry.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            if count.fetch_add(1, Ordering::SeqCst) < drop_first {
+                let _ = client.read(&mut [0u8; 1024]);
+                continue; // dropped: closed before any answer
+            }
+            let Ok(upstream) = TcpStream::connect(&registry) else {
+                return;
+            };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+                let _ = u2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut client, mut upstream) = (client, upstream);
+                let _ = std::io::copy(&mut upstream, &mut client);
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn a_registry_connection_cut_on_the_way_is_retried_and_a_dead_one_is_named() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let img = layout.image(&[tar(&[("etc/motd", "welcome", 'f')])], "amd64", None);
+    layout.tag(img, "v1");
+    skopeo_push(
+        &format!("oci:{}:v1", layout.dir.display()),
+        &format!("docker://{}/test/app:v1", reg.addr),
+        false,
+    );
+    let pull = |front: &str, rootfs: &Path| {
+        coffer(&[
+            "image",
+            "pull",
+            "--quiet",
+            "--plain-http",
+            &format!("docker://{front}/test/app:v1"),
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+        ])
+    };
+
+    // Two connections cut before any answer: the pull goes on and completes.
+    let (front, accepted) = flaky_front(&reg.addr, 2);
+    let rootfs = work.path().join("rootfs");
+    let (ok, _, stderr) = pull(&front, &rootfs);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("etc/motd")).unwrap(),
+        "welcome"
+    );
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) > 2,
+        "the cut connections were tried again"
+    );
+
+    // A registry that cuts every connection: the pull gives up after its retries, saying which
+    // request failed and why, and leaves nothing.
+    let (front, accepted) = flaky_front(&reg.addr, usize::MAX);
+    let rootfs = work.path().join("never");
+    let started = std::time::Instant::now();
+    let (ok, _, stderr) = pull(&front, &rootfs);
+    assert!(!ok, "a pull through a dead registry succeeded");
+    assert!(
+        stderr.contains(&format!("http://{front}/v2/")) && stderr.contains("closed"),
+        "the error names the request and its cause: {stderr}"
+    );
+    // Four tries (the request and three retries after 0.25, 1 and 3 s), each of which may
+    // first probe `/v2/` for the registry's authentication on a connection of its own.
+    let tries = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((4..=8).contains(&tries), "{tries} connections");
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(4250) && took < std::time::Duration::from_secs(30),
+        "{took:?}"
+    );
+    assert!(!rootfs.exists(), "nothing left behind");
+}

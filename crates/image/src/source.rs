@@ -4,11 +4,13 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 use oci_client::{
     client::{ClientConfig, ClientProtocol},
+    errors::OciDistributionError,
     manifest::{
         OciDescriptor, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
         OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
@@ -157,8 +159,99 @@ struct LayoutIndex {
     manifests: Vec<OciDescriptor>,
 }
 
-fn registry_err(e: oci_client::errors::OciDistributionError) -> Error {
-    Error::Registry(e.to_string())
+/// A registry failure with its causes (`error sending request …: client error (Connect): …:
+/// Connection refused`): the outermost message alone rarely says what went wrong.
+fn registry_err(e: OciDistributionError) -> Error {
+    Error::Registry(with_causes(&e))
+}
+
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    msg
+}
+
+/// The pauses before the retries of a registry request that failed on the way (a connection
+/// refused, reset or timed out, a gateway's 502/503/504). Every request retried is a `GET`,
+/// idempotent; a registry that answers is never asked again.
+const RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// How long connecting to the registry may take, and how long it may then stay silent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether `e` is a failure on the way to the registry rather than its answer.
+fn transient(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::RequestError(e) => {
+            e.is_timeout() || ((e.is_connect() || e.is_request()) && !refused_by_tls(e))
+        }
+        OciDistributionError::ServerError { code, .. } => matches!(code, 502..=504),
+        _ => false,
+    }
+}
+
+/// Whether the failure is the TLS handshake's (a certificate not trusted, a server that does not
+/// speak TLS): trying again would get the same answer.
+fn refused_by_tls(e: &reqwest::Error) -> bool {
+    // TLS failures reach here as an `io::Error` of kind `InvalidData`, which the connector may
+    // wrap in another `io::Error`; `source()` skips such a wrapped error, `get_ref()` does not.
+    fn invalid(io: &std::io::Error) -> bool {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+        ) || io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+            .is_some_and(invalid)
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>().is_some_and(invalid) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Runs `request` (an idempotent `GET`) until it succeeds, fails for good, or the retries in
+/// [`RETRY_PAUSES`] are spent; each retry is logged with its cause.
+async fn retrying<T, F, Fut>(what: &str, mut request: F) -> Result<T, OciDistributionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+{
+    let mut pauses = RETRY_PAUSES.iter();
+    loop {
+        match request().await {
+            Err(e) if transient(&e) => match pauses.next() {
+                Some(pause) => {
+                    tracing::warn!(
+                        what,
+                        error = %with_causes(&e),
+                        retry_in_ms = pause.as_millis() as u64,
+                        "registry request failed on the way; retrying"
+                    );
+                    tokio::time::sleep(*pause).await;
+                }
+                None => return Err(e),
+            },
+            done => return done,
+        }
+    }
 }
 
 impl Source {
@@ -174,6 +267,8 @@ impl Source {
                     },
                     https_proxy: opts.proxy.clone(),
                     http_proxy: opts.proxy.clone(),
+                    connect_timeout: Some(CONNECT_TIMEOUT),
+                    read_timeout: Some(READ_TIMEOUT),
                     ..Default::default()
                 };
                 Self::Registry {
@@ -203,10 +298,11 @@ impl Source {
                 auth,
                 ..
             } => {
-                let (bytes, _) = client
-                    .pull_manifest_raw(reference, auth, MANIFEST_TYPES)
-                    .await
-                    .map_err(registry_err)?;
+                let (bytes, _) = retrying("manifest", || {
+                    client.pull_manifest_raw(reference, auth, MANIFEST_TYPES)
+                })
+                .await
+                .map_err(registry_err)?;
                 let fetched = Fetched {
                     digest: digest::of(&bytes),
                     bytes: bytes.to_vec(),
@@ -270,12 +366,13 @@ impl Source {
                     reference.repository().to_string(),
                     digest_str.to_string(),
                 );
-                client
-                    .pull_manifest_raw(&r, auth, MANIFEST_TYPES)
-                    .await
-                    .map_err(registry_err)?
-                    .0
-                    .to_vec()
+                retrying("manifest", || {
+                    client.pull_manifest_raw(&r, auth, MANIFEST_TYPES)
+                })
+                .await
+                .map_err(registry_err)?
+                .0
+                .to_vec()
             }
             Self::Layout { dir, .. } => {
                 let p = Self::blob_path(dir, digest_str)?;
@@ -308,12 +405,14 @@ impl Source {
             Self::Registry {
                 client, reference, ..
             } => {
-                let mut out = Vec::new();
-                client
-                    .pull_blob(reference, desc, &mut out)
-                    .await
-                    .map_err(registry_err)?;
-                out
+                // Each try writes into a buffer of its own: a failed one leaves nothing behind.
+                retrying("blob", || async {
+                    let mut out = Vec::new();
+                    client.pull_blob(reference, desc, &mut out).await?;
+                    Ok(out)
+                })
+                .await
+                .map_err(registry_err)?
             }
             Self::Layout { dir, .. } => {
                 let p = Self::blob_path(dir, &desc.digest)?;
@@ -366,8 +465,9 @@ impl Source {
                 "an image layout's blobs are read in place, not downloaded".into(),
             ));
         };
-        let mut stream = client
-            .pull_blob_stream(reference, desc)
+        // Only the request is retried: once bytes flow, a broken stream fails the pull (the
+        // reader following `growing` has seen them).
+        let mut stream = retrying("blob", || client.pull_blob_stream(reference, desc))
             .await
             .map_err(registry_err)?;
         const STEP: usize = 1 << 20;
@@ -400,7 +500,7 @@ impl Source {
                         expected: expected.clone(),
                         actual: actual.clone(),
                     },
-                    _ => Error::Registry(format!("blob {}: {e}", desc.digest)),
+                    _ => Error::Registry(format!("blob {}: {}", desc.digest, with_causes(&e))),
                 }
             })?;
             let mut rest = &chunk[..];
@@ -446,9 +546,10 @@ impl Source {
             reference.repository().to_string(),
             tag.to_string(),
         );
-        match client
-            .pull_manifest_raw(&r, auth, &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE])
-            .await
+        match retrying("signature manifest", || {
+            client.pull_manifest_raw(&r, auth, &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE])
+        })
+        .await
         {
             Ok((bytes, _)) => {
                 if bytes.len() > MAX_JSON {
@@ -458,10 +559,8 @@ impl Source {
                 }
                 Ok(Some(bytes.to_vec()))
             }
-            Err(oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_)) => {
-                Ok(None)
-            }
-            Err(oci_client::errors::OciDistributionError::RegistryError { envelope, .. })
+            Err(OciDistributionError::ImageManifestNotFoundError(_)) => Ok(None),
+            Err(OciDistributionError::RegistryError { envelope, .. })
                 if envelope.errors.iter().any(|e| {
                     matches!(
                         e.code,
@@ -495,7 +594,7 @@ impl Source {
         );
         let resp = match reqwest::get(&url).await {
             Ok(r) => r,
-            Err(e) => return Err(Error::Registry(format!("{url}: {e}"))),
+            Err(e) => return Err(Error::Registry(format!("{url}: {}", with_causes(&e)))),
         };
         if !resp.status().is_success() {
             return Ok(Vec::new());

@@ -43,6 +43,24 @@ impl Drop for Containerd {
                 std::env::temp_dir().join("coffer-failed-containerd.log"),
                 &log,
             );
+            // And what each pod VM's guest (kernel and agent) said last.
+            for entry in fs::read_dir(self.dir.join("node/run/coffer/pods"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let console =
+                    fs::read_to_string(entry.path().join("agent.log")).unwrap_or_default();
+                if console.is_empty() {
+                    continue;
+                }
+                let lines: Vec<_> = console.lines().collect();
+                eprintln!(
+                    "--- {} (last 40 lines) ---\n{}",
+                    entry.path().join("agent.log").display(),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
         }
         // Shims outlive a killed containerd by design; a test that ends (or fails) early must
         // not leave them, and their sandboxes go with them.
