@@ -108,6 +108,13 @@ enum KbsCommand {
     },
 }
 
+impl KbsArgs {
+    /// Whether the command is `bench` (which wants a runtime thread per core).
+    pub fn is_bench(&self) -> bool {
+        matches!(self.command, KbsCommand::Bench { .. })
+    }
+}
+
 /// How the CLI acts as a TEE towards a KBS.
 #[derive(Args, Clone)]
 pub(crate) struct TeeArgs {
@@ -335,11 +342,14 @@ async fn bench(
         .handshake(resource)
         .await
         .context("first handshake failed")?;
+    // The clients are made (HTTP clients with their trust roots) before the clock starts.
+    let made = (0..clients)
+        .map(|_| args.tee_client(tee).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
     let deadline = Instant::now() + Duration::from_secs(duration);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let client = Arc::new(args.tee_client(tee)?);
+    for client in made {
         let resource = resource.to_string();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
