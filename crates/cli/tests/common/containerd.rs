@@ -839,8 +839,25 @@ impl TestNetns {
     }
 
     /// Makes the bridge `name` with the address `cidr` in the test's namespace.
+    ///
+    /// Its MAC address is set, as a node's network setup does: a Linux bridge without one takes
+    /// the lowest MAC of its ports, so it changed each time a pod's veth with a lower one came
+    /// or went, and pods (a pod VM's guest included) that had resolved the gateway kept sending
+    /// to the old address until their neighbour entry went stale: their connections to the node
+    /// timed out for 10 to 25 s after another pod was removed.
     pub fn bridge_named(name: &str, cidr: &str) {
-        super::run_ok(Command::new("ip").args(["link", "add", name, "type", "bridge"]));
+        let h = name
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let mac = format!(
+            "02:c0:ff:{:02x}:{:02x}:{:02x}",
+            (h >> 16) as u8,
+            (h >> 8) as u8,
+            h as u8
+        );
+        super::run_ok(
+            Command::new("ip").args(["link", "add", name, "address", &mac, "type", "bridge"]),
+        );
         super::run_ok(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
         super::run_ok(Command::new("ip").args(["link", "set", name, "up"]));
     }
