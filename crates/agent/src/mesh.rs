@@ -874,7 +874,11 @@ async fn serve_inbound(
                     }
                 }
             };
-            if let Err(e) = tunnel::serve(tls, accept).await {
+            // A little after the peer's certificate expires (its streams are refused from then
+            // on, and its own proxy stops opening them), the connection goes.
+            let close_at = tokio::time::Instant::now()
+                + Duration::from_secs(peer_until.saturating_sub(now_secs()) + 2);
+            if let Err(e) = tunnel::serve(tls, close_at, tunnel::IDLE, accept).await {
                 tracing::debug!(%from, error = %e, "mesh: a peer connection ended");
             }
         });
@@ -1114,8 +1118,27 @@ async fn serve_outbound(listener: TcpListener, dialer: Arc<Dialer>) {
             tracing::debug!(%dst, peer = %peer.id, "mesh: outbound");
             let stream = Stream::of(&peer);
             let (r, w) = app.into_split();
-            let opened = tunnel::open(&peer.send, dst, r, w).await;
+            let mut opened = tunnel::open(&peer.send, dst, r, w).await;
             drop(stream);
+            let mut peer = peer;
+            // A connection the peer closed (idle, or its certificate expired) before this stream
+            // went out: once more, in a new one.
+            if let Err(tunnel::OpenError::Unsent { error, app }) = opened {
+                tracing::debug!(%dst, peer = %peer.id, %error, "mesh: the peer connection closed; opening the stream in a new one");
+                dialer.drop_kept(*dst.ip(), &peer).await;
+                let (r, w) = *app;
+                peer = match dialer.peer(*dst.ip()).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(%dst, error = %e, "mesh: no connection to the peer");
+                        tunnel::reset(w);
+                        return;
+                    }
+                };
+                let stream = Stream::of(&peer);
+                opened = tunnel::open(&peer.send, dst, r, w).await;
+                drop(stream);
+            }
             match opened {
                 Ok(()) => {}
                 Err(e @ tunnel::OpenError::Refused(hyper::StatusCode::FORBIDDEN)) => {
@@ -1124,6 +1147,11 @@ async fn serve_outbound(listener: TcpListener, dialer: Arc<Dialer>) {
                 }
                 Err(e @ tunnel::OpenError::Refused(_)) => {
                     tracing::warn!(%dst, peer = %peer.id, error = %e, "mesh: the peer refused the connection")
+                }
+                Err(tunnel::OpenError::Unsent { error, app }) => {
+                    tracing::info!(%dst, peer = %peer.id, %error, "mesh: the new peer connection closed too");
+                    tunnel::reset(app.1);
+                    dialer.drop_kept(*dst.ip(), &peer).await;
                 }
                 Err(e) => {
                     tracing::info!(%dst, peer = %peer.id, error = %e, "mesh: the peer connection failed; the next connection makes a new one");

@@ -20,6 +20,10 @@
 use std::{
     net::SocketAddrV4,
     pin::Pin,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -55,12 +59,35 @@ pub(super) const STREAMS: u32 = 256;
 const PING: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a peer connection that carries no stream stays open before the serving side
+/// closes it (`GOAWAY`): between this and twice this after its last stream ended.
+pub(super) const IDLE: Duration = Duration::from_secs(300);
+
+/// Counts a served stream while either of its directions is still carried.
+#[derive(Debug)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Arc<Self> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Self(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the application on one end sends, as an HTTP/2 body: ends at its end of stream (no
 /// trailers), fails with its read error (which resets the stream).
 #[derive(Debug)]
 pub(super) struct ReadBody {
     r: Option<OwnedReadHalf>,
     buf: BytesMut,
+    /// The served stream this body is a direction of.
+    _stream: Option<Arc<InFlight>>,
 }
 
 impl ReadBody {
@@ -69,6 +96,7 @@ impl ReadBody {
         Self {
             r: Some(r),
             buf: BytesMut::new(),
+            _stream: None,
         }
     }
 
@@ -77,7 +105,13 @@ impl ReadBody {
         Self {
             r: None,
             buf: BytesMut::new(),
+            _stream: None,
         }
+    }
+
+    /// Recovers the application's reading half from a request that was never sent.
+    fn into_reader(self) -> Option<OwnedReadHalf> {
+        self.r
     }
 }
 
@@ -179,6 +213,16 @@ where
 /// Why a stream did not open.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum OpenError {
+    /// The peer connection would take no new stream (it closed, or its peer said `GOAWAY`)
+    /// before this one was sent: the application's connection is handed back, untouched, for
+    /// another peer connection.
+    #[error("the peer connection takes no new stream: {error}")]
+    Unsent {
+        /// Why.
+        error: String,
+        /// The application's connection, as it came.
+        app: Box<(OwnedReadHalf, OwnedWriteHalf)>,
+    },
     /// The peer connection failed (closed, reset, gone silent, or no stream free in time): make a
     /// new one.
     #[error("the peer connection failed: {0}")]
@@ -203,8 +247,13 @@ pub(super) async fn open(
         .map_err(|e| OpenError::Connection(e.to_string()))?;
     let mut send = send.clone();
     let response = tokio::time::timeout(Duration::from_secs(10), async move {
-        send.ready().await?;
-        send.send_request(request).await
+        if let Err(e) = send.ready().await {
+            // Not sent: the request comes back with the application's reading half.
+            return Err((e.to_string(), Some(request)));
+        }
+        send.try_send_request(request)
+            .await
+            .map_err(|mut e| (e.error().to_string(), e.take_message()))
     })
     .await;
     let response = match response {
@@ -213,9 +262,15 @@ pub(super) async fn open(
             reset(w);
             return Err(OpenError::Refused(r.status()));
         }
-        Ok(Err(e)) => {
+        Ok(Err((error, unsent))) => {
+            if let Some(r) = unsent.and_then(|req| req.into_body().into_reader()) {
+                return Err(OpenError::Unsent {
+                    error,
+                    app: Box::new((r, w)),
+                });
+            }
             reset(w);
-            return Err(OpenError::Connection(e.to_string()));
+            return Err(OpenError::Connection(error));
         }
         Err(_) => {
             reset(w);
@@ -234,14 +289,27 @@ pub(super) type Opened = Result<tokio::net::TcpStream, StatusCode>;
 /// each carried to the connection `accept` makes for its destination port or refused with the
 /// status it answers (`405` for a method but `POST`, `400` for a URI without a port); returns
 /// when the connection closes.
-pub(super) async fn serve<IO, F, Fut>(io: IO, accept: F) -> Result<(), hyper::Error>
+///
+/// The connection is closed gracefully (`GOAWAY`: streams under way go on to their end, new ones
+/// go to another connection) at `close_at` (when the peer's certificate is no longer valid), or
+/// once no stream was carried for `idle` (between `idle` and twice `idle`).
+pub(super) async fn serve<IO, F, Fut>(
+    io: IO,
+    close_at: tokio::time::Instant,
+    idle: Duration,
+    accept: F,
+) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(u16) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Opened> + Send + 'static,
 {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicU64::new(0));
+    let (count, streams) = (in_flight.clone(), opened.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let accept = accept.clone();
+        let (accept, count) = (accept.clone(), count.clone());
+        streams.fetch_add(1, Ordering::Relaxed);
         async move {
             let refuse = |status| {
                 let mut r = Response::new(ReadBody::empty());
@@ -257,14 +325,21 @@ where
             match accept(port).await {
                 Ok(app) => {
                     let (r, w) = app.into_split();
-                    tokio::spawn(write_body(req.into_body(), w));
-                    Ok(Response::new(ReadBody::new(r)))
+                    let stream = InFlight::new(&count);
+                    let held = stream.clone();
+                    tokio::spawn(async move {
+                        write_body(req.into_body(), w).await;
+                        drop(held);
+                    });
+                    let mut body = ReadBody::new(r);
+                    body._stream = Some(stream);
+                    Ok(Response::new(body))
                 }
                 Err(status) => refuse(status),
             }
         }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -272,8 +347,30 @@ where
         .max_concurrent_streams(STREAMS)
         .keep_alive_interval(PING)
         .keep_alive_timeout(PING_TIMEOUT)
-        .serve_connection(TokioIo::new(io), service)
-        .await
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+    let mut seen = 0;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done,
+            _ = tokio::time::sleep_until(close_at), if !closing => {
+                tracing::info!("mesh: the peer's certificate expired; closing its connection (streams under way go on)");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = checks.tick(), if !closing => {
+                let now = opened.load(Ordering::Relaxed);
+                if in_flight.load(Ordering::Relaxed) == 0 && now == seen {
+                    tracing::debug!("mesh: closing an idle peer connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                seen = now;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -305,8 +402,17 @@ mod tests {
     /// mesh refuses an expired peer, connects the others on loopback. Returns the client's
     /// side.
     async fn pair() -> Sender {
+        pair_closing(
+            tokio::time::Instant::now() + Duration::from_secs(3600),
+            IDLE,
+        )
+        .await
+    }
+
+    /// [`pair`] whose serving side closes the connection at `close_at` or after `idle`.
+    async fn pair_closing(close_at: tokio::time::Instant, idle: Duration) -> Sender {
         let (c, s) = tokio::io::duplex(1 << 20);
-        tokio::spawn(serve(s, |port| async move {
+        tokio::spawn(serve(s, close_at, idle, |port| async move {
             if port == 1 {
                 return Err(StatusCode::FORBIDDEN);
             }
@@ -446,5 +552,76 @@ mod tests {
             .expect("a stream was held up by the stalled ones")
             .unwrap();
         assert!(got == msg.to_ascii_uppercase());
+    }
+
+    /// The serving side closes a peer connection when the peer's certificate expires: a stream
+    /// under way goes on to its end, and a stream opened after comes back unsent, with its
+    /// application's connection, for a new peer connection.
+    #[tokio::test]
+    async fn a_closing_peer_connection_finishes_its_streams_and_hands_new_ones_back() {
+        within(closing()).await
+    }
+
+    async fn closing() {
+        let port = app().await;
+        let send = pair_closing(tokio::time::Instant::now() + Duration::from_secs(1), IDLE).await;
+        // An application that sends half, waits past the close, then sends the rest.
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let at = l.local_addr().unwrap();
+        let user = tokio::spawn(async move {
+            let mut s = TcpStream::connect(at).await.unwrap();
+            s.write_all(b"before the close, ").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            s.write_all(b"after it").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let (app, _) = l.accept().await.unwrap();
+        let (r, w) = app.into_split();
+        let under_way = {
+            let send = send.clone();
+            tokio::spawn(async move {
+                open(&send, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), r, w).await
+            })
+        };
+        under_way.await.unwrap().unwrap();
+        assert_eq!(user.await.unwrap(), b"BEFORE THE CLOSE, AFTER IT");
+        // The connection is gone once its last stream ended: a new stream is handed back.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !send.is_closed() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match through(&send, port, b"x".to_vec()).await {
+            Err(OpenError::Unsent { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A peer connection that carries nothing for the idle time is closed by its serving side;
+    /// one that carries streams is not.
+    #[tokio::test]
+    async fn an_idle_peer_connection_is_closed() {
+        within(idle()).await
+    }
+
+    async fn idle() {
+        let port = app().await;
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let send = pair_closing(far, Duration::from_millis(500)).await;
+        // Busy for two seconds (a stream every 100 ms): still open.
+        for _ in 0..20 {
+            assert_eq!(through(&send, port, b"a".to_vec()).await.unwrap(), b"A");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!send.is_closed(), "a busy connection was closed");
+        // Then idle: closed within twice the idle time (and a little).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(send.is_closed(), "an idle connection stayed open");
     }
 }
