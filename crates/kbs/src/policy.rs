@@ -201,6 +201,37 @@ impl Rvm {
         })
     }
 
+    /// `rule` of `engine` (policy `id`) compiled for the VM with `data`, if the VM compiles it
+    /// and its trial (with `trial_data`, empty input) gives what the interpreter's gave
+    /// (`interpreted`); otherwise the policy is interpreted, and the log says why.
+    fn trusted(
+        engine: &Engine,
+        rule: &str,
+        data: RegoValue,
+        trial_data: RegoValue,
+        interpreted: anyhow::Result<RegoValue>,
+        id: &str,
+    ) -> Option<Self> {
+        let rvm = match Self::compile(&mut engine.clone(), rule, data) {
+            Ok(rvm) => rvm,
+            Err(e) => {
+                tracing::info!(policy = %id, error = %e, "this policy is interpreted (the Rego VM cannot compile it)");
+                return None;
+            }
+        };
+        match (
+            rvm.eval_with(rule, trial_data, RegoValue::new_object()),
+            interpreted,
+        ) {
+            (Ok(a), Ok(b)) if a == b => Some(rvm),
+            (a, b) => {
+                tracing::warn!(policy = %id, vm = ?a, interpreter = ?b.map_err(|e| e.to_string()),
+                    "the Rego VM and the interpreter disagree on this policy's trial; it is interpreted");
+                None
+            }
+        }
+    }
+
     /// Evaluates the entry point for `input` in a VM of its own.
     fn eval(&self, rule: &str, input: RegoValue) -> Result<RegoValue, String> {
         self.eval_with(rule, self.data.clone(), input)
@@ -298,53 +329,26 @@ impl Compiled {
         // The VM is an optimisation, never the judge of what a policy means: only the default
         // policy runs on it, and only when it compiles and agrees with the interpreter's trial.
         let rvm = if kind == PolicyKind::Attestation && text == DEFAULT_ATTESTATION_POLICY {
-            let trial = || {
-                let mut e = engine.clone();
-                e.set_input(RegoValue::new_object());
-                e.eval_rule(appraisal_rule.clone())
-                    .map_err(|e| e.to_string())
-            };
-            match Rvm::compile(&mut engine.clone(), &appraisal_rule, data) {
-                Ok(rvm) => match (rvm.eval(&appraisal_rule, RegoValue::new_object()), trial()) {
-                    (Ok(a), Ok(b)) if a == b => Some(rvm),
-                    (a, b) => {
-                        tracing::warn!(policy = %id, vm = ?a, interpreter = ?b,
-                            "the Rego VM and the interpreter disagree on this policy's trial; it is interpreted");
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::info!(policy = %id, error = %e, "this policy is interpreted (the Rego VM cannot compile it)");
-                    None
-                }
-            }
+            let mut e = engine.clone();
+            e.set_input(RegoValue::new_object());
+            let interpreted = e.eval_rule(appraisal_rule.clone());
+            Rvm::trusted(
+                &engine,
+                &appraisal_rule,
+                data.clone(),
+                data,
+                interpreted,
+                &id,
+            )
         } else if kind == PolicyKind::Resource && text == DEFAULT_RESOURCE_POLICY {
             let trial = resource_data("/default/test/key", ["default", "test", "key"]);
-            let mut with_trial = engine.clone();
-            let interpreted = with_trial
-                .add_data(trial.clone())
-                .and_then(|()| {
-                    with_trial.set_input(RegoValue::new_object());
-                    with_trial.eval_rule(RESOURCE_RULE.to_string())
-                })
-                .map_err(|e| e.to_string());
-            match Rvm::compile(&mut engine.clone(), RESOURCE_RULE, RegoValue::new_object()) {
-                Ok(rvm) => match (
-                    rvm.eval_with(RESOURCE_RULE, trial, RegoValue::new_object()),
-                    interpreted,
-                ) {
-                    (Ok(a), Ok(b)) if a == b => Some(rvm),
-                    (a, b) => {
-                        tracing::warn!(policy = %id, vm = ?a, interpreter = ?b,
-                            "the Rego VM and the interpreter disagree on this policy's trial; it is interpreted");
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::info!(policy = %id, error = %e, "this policy is interpreted (the Rego VM cannot compile it)");
-                    None
-                }
-            }
+            let mut e = engine.clone();
+            let interpreted = e.add_data(trial.clone()).and_then(|()| {
+                e.set_input(RegoValue::new_object());
+                e.eval_rule(RESOURCE_RULE.to_string())
+            });
+            let data = RegoValue::new_object();
+            Rvm::trusted(&engine, RESOURCE_RULE, data, trial, interpreted, &id)
         } else {
             None
         };
