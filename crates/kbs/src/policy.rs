@@ -169,10 +169,11 @@ pub struct Compiled {
     optional_rules: Vec<&'static str>,
     /// The rule evaluated for an appraisal (see [`APPRAISAL_PACKAGE`]).
     appraisal_rule: String,
-    /// The appraisal rule compiled for regorus's register VM: for the default attestation policy
-    /// only, about six times faster than interpreting it. The VM's semantics differ from Rego's
-    /// in places (an assignment from an undefined reference succeeds), so it runs only the
-    /// policy whose every rule the tests compare with the interpreter.
+    /// The main rule (the appraisal rule, or `allow`) compiled for regorus's register VM: for the
+    /// two default policies only, about six times faster than interpreting it. The VM's
+    /// semantics differ from Rego's in places (an assignment from an undefined reference
+    /// succeeds), so it runs only the policies whose every rule the tests compare with the
+    /// interpreter.
     rvm: Option<Rvm>,
     /// `sha256:<hex>` of the policy text.
     pub id: String,
