@@ -144,6 +144,9 @@ pub enum Source {
         auth: RegistryAuth,
         /// Plain HTTP (for the requests made beside `oci-client`).
         plain_http: bool,
+        /// The client of the requests made beside `oci-client` (the signature extension API),
+        /// with the same proxy and timeouts.
+        http: reqwest::Client,
     },
     /// An OCI image layout directory.
     Layout {
@@ -271,11 +274,22 @@ impl Source {
                     read_timeout: Some(READ_TIMEOUT),
                     ..Default::default()
                 };
+                let mut http = reqwest::Client::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(READ_TIMEOUT);
+                if let Some(proxy) = &opts.proxy {
+                    http = http.proxy(reqwest::Proxy::all(proxy).map_err(|e| {
+                        Error::Registry(format!("the proxy {proxy:?} is not a valid URL: {e}"))
+                    })?);
+                }
                 Self::Registry {
                     client: Client::new(config),
                     reference: reference.clone(),
                     auth: opts.auth.auth_for(reference)?,
                     plain_http: opts.plain_http,
+                    http: http
+                        .build()
+                        .map_err(|e| Error::Registry(format!("cannot make an HTTP client: {e}")))?,
                 }
             }
             ImageRef::Layout { dir, name } => Self::Layout {
@@ -581,6 +595,7 @@ impl Source {
         let Self::Registry {
             reference,
             plain_http,
+            http,
             ..
         } = self
         else {
@@ -592,7 +607,7 @@ impl Source {
             reference.resolve_registry(),
             reference.repository()
         );
-        let resp = match reqwest::get(&url).await {
+        let resp = match http.get(&url).send().await {
             Ok(r) => r,
             Err(e) => return Err(Error::Registry(format!("{url}: {}", with_causes(&e)))),
         };

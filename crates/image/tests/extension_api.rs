@@ -54,3 +54,28 @@ async fn atomic_signatures_are_read_and_absent_ones_are_empty() {
         .unwrap()
         .is_empty());
 }
+
+/// Through the configured proxy (a guest whose registry traffic goes through the host's
+/// forwarder): the registry itself is not reachable, the proxy answers for it.
+#[tokio::test]
+async fn the_extension_api_goes_through_the_proxy() {
+    let app = Router::new().route(
+        "/extensions/v2/{ns}/{repo}/signatures/{digest}",
+        get(signatures),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // Nothing listens on loopback port 1: only the proxy can answer.
+    let source = Source::new(
+        &ImageRef::parse("docker://127.0.0.1:1/team/app:v1").unwrap(),
+        &SourceOptions {
+            plain_http: true,
+            proxy: Some(format!("http://{proxy}")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sigs = source.extension_signatures(DIGEST).await.unwrap();
+    assert_eq!(sigs, vec![b"sig-one".to_vec(), b"sig-three".to_vec()]);
+}
