@@ -949,28 +949,24 @@ struct Peer {
 }
 
 impl Peer {
+    /// Opens a stream in it for the application connection `r`/`w` to `dst`, counted among its
+    /// streams while it is open (see [`tunnel::open`]).
+    async fn open(
+        &self,
+        dst: SocketAddrV4,
+        r: tokio::net::tcp::OwnedReadHalf,
+        w: tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), tunnel::OpenError> {
+        let _stream = tunnel::Counted::new(&self.streams);
+        tunnel::open(&self.send, dst, r, w).await
+    }
+
     /// Whether a new stream may go in it at `now`.
     fn usable(&self, now: u64, identity: &Identity) -> bool {
         !self.send.is_closed()
             && self.until > now
             && identity.allows(&self.id)
             && self.streams.load(std::sync::atomic::Ordering::Relaxed) < tunnel::STREAMS as usize
-    }
-}
-
-/// Counts a stream of a peer connection while it lives.
-struct Stream(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Stream {
-    fn of(p: &Peer) -> Self {
-        p.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(p.streams.clone())
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -1116,10 +1112,8 @@ async fn serve_outbound(listener: TcpListener, dialer: Arc<Dialer>) {
                 }
             };
             tracing::debug!(%dst, peer = %peer.id, "mesh: outbound");
-            let stream = Stream::of(&peer);
             let (r, w) = app.into_split();
-            let mut opened = tunnel::open(&peer.send, dst, r, w).await;
-            drop(stream);
+            let mut opened = peer.open(dst, r, w).await;
             let mut peer = peer;
             // A connection the peer closed (idle, or its certificate expired) before this stream
             // went out: once more, in a new one.
@@ -1135,9 +1129,7 @@ async fn serve_outbound(listener: TcpListener, dialer: Arc<Dialer>) {
                         return;
                     }
                 };
-                let stream = Stream::of(&peer);
-                opened = tunnel::open(&peer.send, dst, r, w).await;
-                drop(stream);
+                opened = peer.open(dst, r, w).await;
             }
             match opened {
                 Ok(()) => {}

@@ -63,18 +63,20 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// closes it (`GOAWAY`): between this and twice this after its last stream ended.
 pub(super) const IDLE: Duration = Duration::from_secs(300);
 
-/// Counts a served stream while either of its directions is still carried.
+/// Counts one stream in `count` while it lives: the serving side's streams in flight, the
+/// client side's streams of a peer connection.
 #[derive(Debug)]
-struct InFlight(Arc<AtomicUsize>);
+pub(super) struct Counted(Arc<AtomicUsize>);
 
-impl InFlight {
-    fn new(count: &Arc<AtomicUsize>) -> Arc<Self> {
+impl Counted {
+    /// One more in `count`, until dropped.
+    pub(super) fn new(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Self(count.clone()))
+        Self(count.clone())
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -87,7 +89,7 @@ pub(super) struct ReadBody {
     r: Option<OwnedReadHalf>,
     buf: BytesMut,
     /// The served stream this body is a direction of.
-    _stream: Option<Arc<InFlight>>,
+    _stream: Option<Arc<Counted>>,
 }
 
 impl ReadBody {
@@ -325,7 +327,8 @@ where
             match accept(port).await {
                 Ok(app) => {
                     let (r, w) = app.into_split();
-                    let stream = InFlight::new(&count);
+                    // Counted while either direction is carried.
+                    let stream = Arc::new(Counted::new(&count));
                     let held = stream.clone();
                     tokio::spawn(async move {
                         write_body(req.into_body(), w).await;
