@@ -144,9 +144,8 @@ pub enum Source {
         auth: RegistryAuth,
         /// Plain HTTP (for the requests made beside `oci-client`).
         plain_http: bool,
-        /// The client of the requests made beside `oci-client` (the signature extension API),
-        /// with the same proxy and timeouts.
-        http: reqwest::Client,
+        /// The proxy (for the requests made beside `oci-client`).
+        proxy: Option<String>,
     },
     /// An OCI image layout directory.
     Layout {
@@ -274,22 +273,12 @@ impl Source {
                     read_timeout: Some(READ_TIMEOUT),
                     ..Default::default()
                 };
-                let mut http = reqwest::Client::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .read_timeout(READ_TIMEOUT);
-                if let Some(proxy) = &opts.proxy {
-                    http = http.proxy(reqwest::Proxy::all(proxy).map_err(|e| {
-                        Error::Registry(format!("the proxy {proxy:?} is not a valid URL: {e}"))
-                    })?);
-                }
                 Self::Registry {
                     client: Client::new(config),
                     reference: reference.clone(),
                     auth: opts.auth.auth_for(reference)?,
                     plain_http: opts.plain_http,
-                    http: http
-                        .build()
-                        .map_err(|e| Error::Registry(format!("cannot make an HTTP client: {e}")))?,
+                    proxy: opts.proxy.clone(),
                 }
             }
             ImageRef::Layout { dir, name } => Self::Layout {
@@ -595,7 +584,7 @@ impl Source {
         let Self::Registry {
             reference,
             plain_http,
-            http,
+            proxy,
             ..
         } = self
         else {
@@ -607,6 +596,19 @@ impl Source {
             reference.resolve_registry(),
             reference.repository()
         );
+        // Its own client, made for this one request (most pulls never make it), with the
+        // registry client's proxy and timeouts.
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT);
+        if let Some(proxy) = proxy {
+            http = http.proxy(reqwest::Proxy::all(proxy).map_err(|e| {
+                Error::Registry(format!("the proxy {proxy:?} is not a valid URL: {e}"))
+            })?);
+        }
+        let http = http
+            .build()
+            .map_err(|e| Error::Registry(format!("cannot make an HTTP client: {e}")))?;
         let resp = match http.get(&url).send().await {
             Ok(r) => r,
             Err(e) => return Err(Error::Registry(format!("{url}: {}", with_causes(&e)))),

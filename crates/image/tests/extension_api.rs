@@ -27,8 +27,8 @@ async fn signatures(
     .into_response()
 }
 
-#[tokio::test]
-async fn atomic_signatures_are_read_and_absent_ones_are_empty() {
+/// Serves [`signatures`] at the extension API's path on loopback; returns its address.
+async fn serve_signatures() -> std::net::SocketAddr {
     let app = Router::new().route(
         "/extensions/v2/{ns}/{repo}/signatures/{digest}",
         get(signatures),
@@ -36,6 +36,12 @@ async fn atomic_signatures_are_read_and_absent_ones_are_empty() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn atomic_signatures_are_read_and_absent_ones_are_empty() {
+    let addr = serve_signatures().await;
     let source = |repo: &str| {
         Source::new(
             &ImageRef::parse(&format!("docker://{addr}/team/{repo}:v1")).unwrap(),
@@ -59,13 +65,7 @@ async fn atomic_signatures_are_read_and_absent_ones_are_empty() {
 /// forwarder): the registry itself is not reachable, the proxy answers for it.
 #[tokio::test]
 async fn the_extension_api_goes_through_the_proxy() {
-    let app = Router::new().route(
-        "/extensions/v2/{ns}/{repo}/signatures/{digest}",
-        get(signatures),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let proxy = serve_signatures().await;
     // Nothing listens on loopback port 1: only the proxy can answer.
     let source = Source::new(
         &ImageRef::parse("docker://127.0.0.1:1/team/app:v1").unwrap(),
