@@ -10,7 +10,7 @@
 //!   listed in load order in `/etc/coffer/modules`.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
 //!   `libseccomp2`, `libc6`, `busybox-static`, `cryptsetup` (for encrypted block volumes: LUKS2
-//!   with dm-integrity) and `xtables-nft-multi` (iptables, for the attested mesh) with the
+//!   with dm-integrity), e2fsprogs' `mke2fs` (the scratch filesystem) and `xtables-nft-multi` (iptables, for the attested mesh) with the
 //!   libraries they link and the iptables extensions the mesh uses, and the CA bundle of `ca-certificates` (the
 //!   Mozilla roots, concatenated in name order), followed by its dm-verity hash tree.
 //! * `cmdline` — the kernel command line; `coffer.verity=` carries the root hash.
@@ -64,6 +64,11 @@ pub const PACKAGES: &[&str] = &[
     "libselinux1",
     "libpcre2-8-0",
     "libudev1",
+    // e2fsprogs' mke2fs (the scratch filesystem, with lazily initialized inode tables) and the
+    // libraries it links besides libblkid and libuuid.
+    "e2fsprogs",
+    "libext2fs2",
+    "libcom-err2",
     // iptables (nft back end) for the attested mesh's redirect rules, and its extensions.
     "iptables",
     "libxtables12",
@@ -153,13 +158,13 @@ const TSS_LIBS: &[(&str, &str)] = &[
 /// CPACF functions, which QEMU's emulation lacks), where the generic code serves.
 pub const CPU_CRYPTO_MODULES: &[&str] = &["aesni_intel", "aes_s390", "sha256_s390"];
 
-/// The TEE guest drivers: loaded at boot where the hardware is, refused (ENODEV) elsewhere
-/// (`uvdevice`: IBM Z's Ultravisor device, on s390x).
+/// The TEE guest drivers, which refuse to load (ENODEV) outside their TEE: loaded at boot only
+/// where [`Device::SevSnp`] or [`Device::Tdx`] is seen; `uvdevice` (IBM Z's Ultravisor device) at
+/// every s390x boot.
 pub const TEE_MODULES: &[&str] = &["tsm", "sev_guest", "tdx_guest", "uvdevice"];
 
-/// The clouds' devices for a disk-booted pod VM: Azure's VMBus with its SCSI disks and network
-/// (Hyper-V), AWS's ENA network (its NVMe disks are built into the kernel). Hyper-V's drivers
-/// refuse to load (ENODEV, or their dependency missing) outside Hyper-V; the agent goes on.
+/// The clouds' device drivers for a disk-booted pod VM ([`Device::HyperV`], [`Device::Nitro`]),
+/// which refuse to load (ENODEV, or their dependency missing) on other machines.
 pub const CLOUD_MODULES: &[&str] = &["hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod", "ena"];
 
 /// The DHCP client's hook in the root filesystem (busybox `udhcpc -s`): a disk-booted pod VM in
@@ -202,16 +207,55 @@ pub const MODULES: &[&str] = &[
     "dm_crypt",
     "xts",
     "aesni_intel",
-    "tsm",
-    "sev_guest",
-    "tdx_guest",
-    // A cloud's disks and network (see CLOUD_MODULES).
-    "hv_vmbus",
-    "hv_storvsc",
-    "hv_netvsc",
-    "sd_mod",
-    "ena",
 ];
+
+/// Hardware only some x86-64 pod VMs have. The agent loads its drivers ([`Device::modules`],
+/// listed in [`Device::listing`]) at boot only where the guest has it: elsewhere they would
+/// refuse to load, after the kernel had relocated and linked them (about 0.2 s of a TCG boot
+/// for all of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// An AMD SEV-SNP guest, where the kernel registers the `sev-guest` platform device.
+    SevSnp,
+    /// An Intel TDX guest: the CPU feature `tdx_guest`.
+    Tdx,
+    /// Hyper-V (Azure): the hypervisor's CPUID signature `Microsoft Hv`.
+    HyperV,
+    /// AWS Nitro: a PCI device of Amazon's (vendor 0x1d0f: ENA network, NVMe disks).
+    Nitro,
+}
+
+impl Device {
+    /// Every device, in the order the agent checks them.
+    pub const ALL: [Device; 4] = [Device::SevSnp, Device::Tdx, Device::HyperV, Device::Nitro];
+
+    /// The device's short name, as in its listing's file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::SevSnp => "sev-snp",
+            Device::Tdx => "tdx",
+            Device::HyperV => "hyperv",
+            Device::Nitro => "nitro",
+        }
+    }
+
+    /// The kernel modules its drivers are (their dependencies not loaded at boot anyway are
+    /// added, in order): the TEE guest drivers with configfs-tsm; Hyper-V's VMBus with its
+    /// SCSI disks and network; AWS's ENA network (its NVMe disks are built into the kernel).
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            Device::SevSnp => &["tsm", "sev_guest"],
+            Device::Tdx => &["tsm", "tdx_guest"],
+            Device::HyperV => &["hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod"],
+            Device::Nitro => &["ena"],
+        }
+    }
+
+    /// The initramfs file listing its modules in load order.
+    pub fn listing(self) -> String {
+        format!("/etc/coffer/modules.{}", self.name())
+    }
+}
 
 /// Kernel modules the agent loads once it serves, on a thread of their own, and waits for only
 /// where a feature needs them (their dependencies not loaded at boot are added, in order).
@@ -261,11 +305,34 @@ pub const S390X_MODULES: &[&str] = &[
 pub const S390X_CMDLINE: &str =
     "console=ttysclp0 panic=-1 quiet loglevel=4 rdinit=/init cryptomgr.notests";
 
-/// The kernel command line, without the verity parameters. `cryptomgr.notests` skips the
-/// kernel's crypto self-tests (known-answer tests each algorithm runs when first instantiated):
-/// 0.4 s of a TCG boot. They catch a broken implementation, as FIPS mode requires, and defend
-/// nothing against the host; the command line is measured, so the choice is attested.
-pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init cryptomgr.notests";
+/// The kernel command line, without the verity parameters; it is measured, so what it turns off
+/// is attested.
+///
+/// * `cryptomgr.notests` skips the kernel's crypto self-tests (known-answer tests each algorithm
+///   runs when first instantiated): 0.4 s of a TCG boot. They catch a broken implementation, as
+///   FIPS mode requires, and defend nothing against the host.
+/// * `initcall_blacklist=` skips [`SKIPPED_INITCALLS`]: 0.25 s of a TCG boot.
+pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init cryptomgr.notests \
+     initcall_blacklist=jent_mod_init,load_system_certificate_list,bpf_tcp_ca_kfunc_init,\
+     bpf_dummy_struct_ops_init,init_encrypted,snapshot_device_init,init_kprobe_trace,\
+     init_trace_printk_function_export";
+
+/// The built-in initializations of Debian's kernel that [`CMDLINE`] skips, none of which a pod
+/// VM uses: the jitter entropy source of the crypto API's DRBG (which goes on without it outside
+/// FIPS mode; the kernel's own RNG never used it); the built-in certificates of module
+/// signatures (the pod VM's modules are unsigned, vouched for by the measured initramfs); BPF's
+/// TCP congestion-control functions and its test struct_ops; the `encrypted` key type;
+/// hibernation's `/dev/snapshot`; tracefs's kprobe events and `trace_printk` export.
+pub const SKIPPED_INITCALLS: &[&str] = &[
+    "jent_mod_init",
+    "load_system_certificate_list",
+    "bpf_tcp_ca_kfunc_init",
+    "bpf_dummy_struct_ops_init",
+    "init_encrypted",
+    "snapshot_device_init",
+    "init_kprobe_trace",
+    "init_trace_printk_function_export",
+];
 
 /// What to build from.
 #[derive(Clone, Debug)]
@@ -658,6 +725,8 @@ fn modinfo_field(ko: &[u8], field: &str) -> Vec<String> {
 
 /// A module to load: its name and its file.
 type Module = (String, Vec<u8>);
+/// Modules in load order.
+type ModuleList = Vec<Module>;
 
 /// What ends a module that carries a signature (`scripts/sign-file` in the kernel's tree).
 const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
@@ -684,9 +753,15 @@ pub fn strip_module_signature(mut ko: Vec<u8>) -> Result<Vec<u8>, BuildError> {
     Ok(ko)
 }
 
-/// The modules to load, dependencies first, one list per list of names (a module already in
-/// an earlier list is not repeated): (name, file content).
-fn modules(moddir: &Path, lists: &[&[&str]]) -> Result<Vec<Vec<Module>>, BuildError> {
+/// The modules to load, dependencies first: one list per list of names in `lists` (a module
+/// already in an earlier list is not repeated), then one per list in `groups`, each without what
+/// `lists` hold but independent of the other groups (the agent loads some groups, not all):
+/// (name, file content).
+fn modules(
+    moddir: &Path,
+    lists: &[&[&str]],
+    groups: &[&[&str]],
+) -> Result<(Vec<ModuleList>, Vec<ModuleList>), BuildError> {
     fn walk(d: &Path, into: &mut BTreeMap<String, PathBuf>) -> std::io::Result<()> {
         for e in std::fs::read_dir(d)? {
             let e = e?;
@@ -743,10 +818,9 @@ fn modules(moddir: &Path, lists: &[&[&str]]) -> Result<Vec<Vec<Module>>, BuildEr
         .filter_map(|n| n.strip_suffix(".ko"))
         .map(|n| n.replace('-', "_"))
         .collect();
-    let mut orders = Vec::new();
-    for list in lists {
+    let resolve = |list: &[&str], done: &mut BTreeSet<String>| {
         let mut order = Vec::new();
-        for m in *list {
+        for m in list {
             if !files.contains_key(*m) {
                 if builtin.contains(*m) {
                     continue;
@@ -755,11 +829,19 @@ fn modules(moddir: &Path, lists: &[&[&str]]) -> Result<Vec<Vec<Module>>, BuildEr
                     "the kernel package has no module {m}, and does not build it in"
                 )));
             }
-            visit(m, &files, &mut done, &mut order, 0)?;
+            visit(m, &files, done, &mut order, 0)?;
         }
-        orders.push(order);
-    }
-    Ok(orders)
+        Ok(order)
+    };
+    let orders = lists
+        .iter()
+        .map(|list| resolve(list, &mut done))
+        .collect::<Result<Vec<_>, _>>()?;
+    let group_orders = groups
+        .iter()
+        .map(|list| resolve(list, &mut done.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((orders, group_orders))
 }
 
 /// Checks that `agent` is an ELF executable for `arch`.
@@ -917,29 +999,42 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     }
     let (loader, loader_at) = o.arch.loader();
     initrd.add(loader_at, Node::Symlink(format!("/lib/{t}/{loader}")));
-    let lists = modules(
+    // The drivers of hardware only some x86-64 pod VMs have: a listing each.
+    let devices: &[Device] = match o.arch {
+        Arch::X86_64 => &Device::ALL,
+        Arch::S390x => &[],
+    };
+    let device_lists: Vec<&[&str]> = devices.iter().map(|d| d.modules()).collect();
+    let (lists, groups) = modules(
         &kernel_tree
             .join("lib/modules")
             .join(&release)
             .join("kernel"),
         &[modules_for(o.arch), LATER_MODULES],
+        &device_lists,
     )?;
-    for (listing, mods) in ["etc/coffer/modules", "etc/coffer/modules.later"]
-        .iter()
-        .zip(&lists)
-    {
+    let listings = [
+        "/etc/coffer/modules".to_string(),
+        "/etc/coffer/modules.later".into(),
+    ]
+    .into_iter()
+    .chain(devices.iter().map(|d| d.listing()));
+    for (listing, mods) in listings.zip(lists.iter().chain(&groups)) {
         let mut list = String::new();
         for (name, ko) in mods {
             list.push_str(name);
             list.push('\n');
+            // A module of two devices' lists is stored once.
             initrd.add(
                 &format!("lib/modules/{name}.ko"),
                 Node::File(ko.clone(), 0o644),
             );
         }
-        initrd.add(listing, Node::File(list.into_bytes(), 0o644));
+        initrd.add(&listing, Node::File(list.into_bytes(), 0o644));
     }
-    let mods: Vec<&(String, Vec<u8>)> = lists.iter().flatten().collect();
+    let mut mods: Vec<&(String, Vec<u8>)> = lists.iter().chain(&groups).flatten().collect();
+    let mut seen = BTreeSet::new();
+    mods.retain(|(name, _)| seen.insert(name.clone()));
     for d in ["dev", "proc", "sys", "sysroot", "run", "tmp"] {
         initrd.add(d, Node::Dir);
     }
@@ -973,6 +1068,13 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         &trees,
         &resolve_in(&trees["cryptsetup-bin"], "sbin/cryptsetup")?,
         "usr/sbin/cryptsetup",
+        o.arch,
+    )?;
+    stage_elf(
+        &root,
+        &trees,
+        &resolve_in(&trees["e2fsprogs"], "sbin/mke2fs")?,
+        "usr/sbin/mke2fs",
         o.arch,
     )?;
     stage_elf(
@@ -1211,7 +1313,29 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_skips_exactly_the_listed_initcalls() {
+        let skipped = CMDLINE
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("initcall_blacklist="))
+            .unwrap();
+        assert_eq!(skipped.split(',').collect::<Vec<_>>(), SKIPPED_INITCALLS);
+    }
+
+    #[test]
     fn no_module_is_loaded_both_at_boot_and_later() {
         assert!(LATER_MODULES.iter().all(|m| !MODULES.contains(m)));
+        for d in Device::ALL {
+            assert!(
+                d.modules()
+                    .iter()
+                    .all(|m| !MODULES.contains(m) && !LATER_MODULES.contains(m)),
+                "{d:?}"
+            );
+            // Each device's drivers are among those that refuse other machines.
+            assert!(d
+                .modules()
+                .iter()
+                .all(|m| TEE_MODULES.contains(m) || CLOUD_MODULES.contains(m)));
+        }
     }
 }
