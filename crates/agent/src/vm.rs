@@ -357,7 +357,7 @@ fn run_tool(prog: &str, args: &[&str]) -> Result<(), BootError> {
     crate::sys::run_tool(prog, args).map_err(fail)
 }
 
-/// Block groups of an ext2 filesystem with 4 KiB blocks (32768 blocks each).
+/// Block groups of an ext2/ext4 filesystem with 4 KiB blocks (32768 blocks each).
 const GROUP: u64 = 128 << 20;
 
 /// A fresh dm-integrity device has no valid tags: reading a block never written fails. The
