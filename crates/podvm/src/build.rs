@@ -6,13 +6,15 @@
 //!   (`libc6`, `libgcc-s1`; the TPM 2.0 software stack for the Azure vTPM attesters: Debian's
 //!   `libtss2-*` ESAPI, marshalling, TCTI loader and device TCTI, and `libssl3`'s libcrypto,
 //!   which the ESAPI uses) and the kernel modules it loads (virtio, device-mapper targets,
-//!   squashfs, fw_cfg, AES-XTS, the TEE guest drivers; compressed modules stored decompressed),
-//!   listed in load order in `/etc/coffer/modules`.
+//!   squashfs, fw_cfg, AES-XTS; compressed modules stored decompressed), listed in load order in
+//!   `/etc/coffer/modules`, and those it loads only on hardware some guests have (the TEE guest
+//!   drivers, a cloud's: [`Device`]) in one listing per device.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
 //!   `libseccomp2`, `libc6`, `busybox-static`, `cryptsetup` (for encrypted block volumes: LUKS2
-//!   with dm-integrity), e2fsprogs' `mke2fs` (the scratch filesystem) and `xtables-nft-multi` (iptables, for the attested mesh) with the
-//!   libraries they link and the iptables extensions the mesh uses, and the CA bundle of `ca-certificates` (the
-//!   Mozilla roots, concatenated in name order), followed by its dm-verity hash tree.
+//!   with dm-integrity), e2fsprogs' `mke2fs` (the scratch filesystem) and `xtables-nft-multi`
+//!   (iptables, for the attested mesh) with the libraries they link and the iptables extensions
+//!   the mesh uses, and the CA bundle of `ca-certificates` (the Mozilla roots, concatenated in
+//!   name order), followed by its dm-verity hash tree.
 //! * `cmdline` — the kernel command line; `coffer.verity=` carries the root hash.
 //! * `measurements.json` — the inputs (package files and their SHA-256), the outputs' SHA-256,
 //!   the verity parameters and the emulated launch measurement.
@@ -210,9 +212,8 @@ pub const MODULES: &[&str] = &[
 ];
 
 /// Hardware only some x86-64 pod VMs have. The agent loads its drivers ([`Device::modules`],
-/// listed in [`Device::listing`]) at boot only where the guest has it: elsewhere they would
-/// refuse to load, after the kernel had relocated and linked them (about 0.2 s of a TCG boot
-/// for all of them).
+/// listed in [`Device::listing`]) at boot only where the guest has it (elsewhere they refuse to
+/// load), and removes the others' files unloaded, freeing the initramfs memory they held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     /// An AMD SEV-SNP guest, where the kernel registers the `sev-guest` platform device.
