@@ -84,8 +84,19 @@ pub struct Boot {
 }
 
 fn mount(src: &str, target: &str, fs: &str, flags: MountFlags) -> Result<(), BootError> {
+    mount_with(src, target, fs, flags, None)
+}
+
+/// [`mount`] with filesystem-specific options (`data`).
+fn mount_with(
+    src: &str,
+    target: &str,
+    fs: &str,
+    flags: MountFlags,
+    data: Option<&std::ffi::CStr>,
+) -> Result<(), BootError> {
     std::fs::create_dir_all(target).map_err(|e| fail(format!("mkdir {target}: {e}")))?;
-    rustix::mount::mount(src, target, fs, flags, None)
+    rustix::mount::mount(src, target, fs, flags, data)
         .map_err(|e| fail(format!("cannot mount {fs} on {target}: {e}")))
 }
 
@@ -483,20 +494,13 @@ fn scratch(dm: &Control, dev: &Path, target: &str) -> Result<(), BootError> {
             &o,
         ],
     )?;
-    std::fs::create_dir_all(target).map_err(|e| fail(format!("mkdir {target}: {e}")))?;
-    rustix::mount::mount(
+    mount_with(
         &o,
         target,
         "ext4",
         MountFlags::NODEV,
         Some(c"noinit_itable"),
     )
-    .map_err(|e| {
-        fail(format!(
-            "cannot mount the scratch filesystem on {target}: {e}"
-        ))
-    })?;
-    Ok(())
 }
 
 /// Runs the dynamically linked program `rel` of the verity root (mounted on `/sysroot`, not
