@@ -465,9 +465,14 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> Result<Re
         evidence["init_data_claims"] = json!(parsed.data);
     }
     let policies = kbs.policies.get(&kbs.store).await?;
-    let mut input = evidence.clone();
-    input["tee"] = json!(tee_name);
-    let appraisal = policies.attestation.appraise(&input)?;
+    // The policy's input is the evidence with the TEE's name (no copy of it is made); the EAR
+    // keeps the evidence alone.
+    evidence["tee"] = json!(tee_name);
+    let appraisal = policies.attestation.appraise(&evidence);
+    if let Some(e) = evidence.as_object_mut() {
+        e.remove("tee");
+    }
+    let appraisal = appraisal?;
 
     let now = now_secs();
     let mut submods = std::collections::BTreeMap::new();

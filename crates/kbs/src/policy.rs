@@ -21,6 +21,7 @@ use regorus::{
     rvm::{program::Program, vm::RegoVM},
     CompiledPolicy, Engine, Value as RegoValue,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::RwLock;
@@ -370,13 +371,13 @@ impl Compiled {
     }
 
     /// A clone of the prepared template with `input` set.
-    fn engine_with(&self, input: &Value) -> Engine {
+    fn engine_with(&self, input: RegoValue) -> Engine {
         let mut engine = self
             .engine
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        engine.set_input(RegoValue::from(input.clone()));
+        engine.set_input(input);
         engine
     }
 
@@ -387,6 +388,10 @@ impl Compiled {
     /// a decision is then one evaluation of `allow`. `parts` must be validated resource-path
     /// components (ASCII letters, digits, `._-`).
     pub fn allow_resource(&self, input: &Value, parts: [&str; 3]) -> Result<bool, PolicyError> {
+        let input = rego_input(input).map_err(|detail| PolicyError::Eval {
+            kind: "resource",
+            detail,
+        })?;
         debug_assert!(parts.iter().all(|p| p
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))));
@@ -397,7 +402,7 @@ impl Compiled {
     /// interpreted.
     fn allow_resource_on(
         &self,
-        input: &Value,
+        input: RegoValue,
         parts: [&str; 3],
         vm: bool,
     ) -> Result<bool, PolicyError> {
@@ -409,11 +414,7 @@ impl Compiled {
         };
         if let Some(rvm) = self.rvm.as_ref().filter(|_| vm) {
             // The default policy's data is empty: the resource's is all of it.
-            match rvm.eval_with(
-                RESOURCE_RULE,
-                resource_data(&path, parts),
-                RegoValue::from(input.clone()),
-            ) {
+            match rvm.eval_with(RESOURCE_RULE, resource_data(&path, parts), input.clone()) {
                 Ok(allow) => return Ok(allow == RegoValue::from(true)),
                 Err(e) => {
                     tracing::debug!(policy = %self.id, error = %e, "the Rego VM failed; interpreting")
@@ -447,7 +448,7 @@ impl Compiled {
                 e
             }
         };
-        engine.set_input(RegoValue::from(input.clone()));
+        engine.set_input(input);
         let allow = engine
             .eval_rule(RESOURCE_RULE.to_string())
             .map_err(|e| eval_err(e.to_string()))?;
@@ -467,10 +468,11 @@ impl Compiled {
             kind: "attestation",
             detail,
         };
+        let input = rego_input(input).map_err(eval_err)?;
         // `[status, [reason]?, [trust_vector]?]`, from the helper rule: on the VM, and by the
         // interpreter whenever the VM fails (an error, its instruction bound).
         let vm_result = self.rvm.as_ref().filter(|_| vm).map(|rvm| {
-            rvm.eval(&self.appraisal_rule, RegoValue::from(input.clone()))
+            rvm.eval(&self.appraisal_rule, input.clone())
                 .inspect_err(|e| {
                     tracing::debug!(policy = %self.id, error = %e, "the Rego VM failed; interpreting");
                 })
@@ -519,6 +521,12 @@ impl Compiled {
             trust_vector,
         })
     }
+}
+
+/// `input` as a Rego value, converted from the borrowed JSON as it is read: no copy of the JSON
+/// first (a Rego value's documents are shared, so its clones are cheap).
+fn rego_input(input: &Value) -> Result<RegoValue, String> {
+    RegoValue::deserialize(input).map_err(|e| format!("the input is not a JSON document: {e}"))
 }
 
 /// The `data` a resource policy decides a release of resource `parts` (at `path`) with.
@@ -886,8 +894,9 @@ mod tests {
                 ["default", "test", "key"],
                 ["mesh", "certificate", "workload"],
             ] {
-                let vm = policy.allow_resource_on(input, parts, true).unwrap();
-                let interpreted = policy.allow_resource_on(input, parts, false).unwrap();
+                let rego = rego_input(input).unwrap();
+                let vm = policy.allow_resource_on(rego.clone(), parts, true).unwrap();
+                let interpreted = policy.allow_resource_on(rego, parts, false).unwrap();
                 assert_eq!(
                     vm, interpreted,
                     "VM and interpreter differ for {input} on {parts:?}"
