@@ -217,6 +217,12 @@ pub struct Launch {
 /// block volumes one pod VM takes.
 pub const HOTPLUG_PORTS: u32 = 4;
 
+/// The machine of every x86-64 launch (its TEE's options follow): q35 without an HPET. The
+/// kernel keeps the TSC as its clock (checked against the ACPI PM timer) and the local APIC's
+/// timer for events; with an HPET it calibrated the TSC against it and read it through MMIO
+/// while booting, 0.25 s of a TCG boot.
+const X86_MACHINE: &str = "q35,hpet=off";
+
 /// The id of hot-plug root port `i`.
 pub fn hotplug_port(i: u32) -> String {
     format!("coffer-hp{i}")
@@ -283,13 +289,9 @@ impl Launch {
         push("-smp");
         push(&self.cpus.to_string());
         match &self.tee {
-            // Every x86 machine has no HPET: the kernel keeps the TSC as its clock (checked
-            // against the ACPI PM timer) and the local APIC's timer for events. With one, it
-            // calibrated the TSC against it and read it through MMIO while booting: 0.25 s of a
-            // TCG boot.
             Tee::Emulated => {
                 push("-machine");
-                push("q35,hpet=off");
+                push(X86_MACHINE);
             }
             Tee::SevSnp {
                 firmware,
@@ -299,7 +301,9 @@ impl Launch {
                 use base64::Engine;
                 let hd = base64::engine::general_purpose::STANDARD.encode(host_data);
                 push("-machine");
-                push("q35,hpet=off,confidential-guest-support=sev0,memory-backend=ram0");
+                push(&format!(
+                    "{X86_MACHINE},confidential-guest-support=sev0,memory-backend=ram0"
+                ));
                 push("-object");
                 push(&format!(
                     "memory-backend-memfd,id=ram0,size={}M,share=true",
@@ -327,7 +331,9 @@ impl Launch {
                 use base64::Engine;
                 let id = base64::engine::general_purpose::STANDARD.encode(mrconfigid);
                 push("-machine");
-                push("q35,hpet=off,confidential-guest-support=tdx0,kernel-irqchip=split");
+                push(&format!(
+                    "{X86_MACHINE},confidential-guest-support=tdx0,kernel-irqchip=split"
+                ));
                 push("-object");
                 push(&format!("tdx-guest,id=tdx0,mrconfigid={id}"));
                 push("-bios");
