@@ -88,7 +88,8 @@ pub struct LayerKey {
     key: Zeroizing<[u8; 32]>,
     nonce: [u8; 16],
     hmac: Vec<u8>,
-    /// The digest of the layer before encryption (checked after decryption).
+    /// The digest of the layer before encryption, as the encryptor recorded it. A pull does
+    /// not recompute it: the HMAC fixes the plaintext and the `diff_id` covers its content.
     pub plain_digest: String,
 }
 
@@ -313,7 +314,12 @@ impl<R: Read> Read for DecryptReader<R> {
             let Some(cipher) = self.cipher.as_mut() else {
                 return Ok(0);
             };
-            let n = self.inner.read(&mut self.inbuf)?;
+            // As much ciphertext as the caller's buffer takes whole (below), or a full buffer.
+            let want = match buf.len().checked_sub(16) {
+                Some(room) if room >= 4096 => room.min(self.inbuf.len()),
+                _ => self.inbuf.len(),
+            };
+            let n = self.inner.read(&mut self.inbuf[..want])?;
             if n == 0 {
                 let cipher = self.cipher.take().expect("present");
                 let rest = cipher
@@ -337,6 +343,19 @@ impl<R: Read> Read for DecryptReader<R> {
                 break;
             }
             self.mac.update(&self.inbuf[..n]);
+            // AES-CTR may write up to a block more than it reads: a caller's buffer with room
+            // for that takes the plaintext directly, without the copy through `out`.
+            if buf.len() >= n + 16 {
+                let w = cipher
+                    .update(&self.inbuf[..n], buf)
+                    .map_err(|_| std::io::Error::other("AES-CTR failed"))?
+                    .written()
+                    .len();
+                if w > 0 {
+                    return Ok(w);
+                }
+                continue;
+            }
             let w = cipher
                 .update(&self.inbuf[..n], &mut self.out)
                 .map_err(|_| std::io::Error::other("AES-CTR failed"))?

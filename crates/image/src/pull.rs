@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    io::{BufReader, Read, Write},
+    io::{Read, Write},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -349,6 +349,8 @@ fn start_layer(
             (writer, reader, None)
         }
     };
+    // A cache's blob is synced before it is committed; an unlinked scratch file needs no sync.
+    let sync = commit.is_some();
     let growing = Arc::new(Growing::default());
     let (source, permits, desc, g) = (
         source.clone(),
@@ -359,7 +361,7 @@ fn start_layer(
     let task = tokio::spawn(async move {
         let guard = EndGuard(g);
         let _permit = permits.acquire_owned().await;
-        let r = source.blob_into(&desc, writer, &guard.0).await;
+        let r = source.blob_into(&desc, writer, &guard.0, sync).await;
         if let Err(e) = &r {
             guard.0.end(Err(e.to_string()));
         }
@@ -388,22 +390,17 @@ struct ReadDone {
     /// `sha256:` of the blob (`None` when its download checked it).
     blob: Option<String>,
     size: u64,
-    /// `sha256:` of the decrypted blob, for an encrypted layer.
-    plain: Option<String>,
 }
 
 /// Copies `from` into `to` until `from` ends or `to` is gone (the next stage stopped, with its
 /// own error).
 fn pump(from: &mut impl Read, to: &mut ChunkWriter) -> std::io::Result<()> {
-    let mut buf = vec![0u8; stream::CHUNK];
     loop {
-        let n = from.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        match to.write_all(&buf[..n]) {
-            Ok(()) => {}
+        match to.fill_from(from) {
+            Ok(0) => break,
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -430,7 +427,8 @@ fn read_layer(
             Error::io(format!("cannot read layer {digest}"))(e)
         }
     };
-    let src = BufReader::with_capacity(stream::CHUNK, blob.src);
+    // Unbuffered: the decrypting reader and the chunks read whole blocks of it at a time.
+    let src = blob.src;
     let stored = if blob.hash {
         HashingReader::new(src)
     } else {
@@ -442,19 +440,20 @@ fn read_layer(
             pump(&mut stored, &mut to).map_err(read_err)?;
             drop(to);
             let (blob, size, _) = stored.finish_into_inner().map_err(read_err)?;
-            Ok(ReadDone {
-                blob,
-                size,
-                plain: None,
-            })
+            Ok(ReadDone { blob, size })
         }
+        // The plaintext's digest that ocicrypt records beside the key is not computed: the
+        // HMAC authenticates the ciphertext under the key from the same JWE, so the plaintext
+        // is fixed once the HMAC holds, and the `diff_id` check covers what it inflates to
+        // (docs/images.md).
         Some(k) => {
-            let mut plain = HashingReader::new(DecryptReader::new(stored, k)?);
+            let mut plain = DecryptReader::new(stored, k)?;
             pump(&mut plain, &mut to).map_err(read_err)?;
             drop(to);
-            let (plain, _, decrypt) = plain.finish_into_inner().map_err(read_err)?;
-            let (blob, size, _) = decrypt.into_inner().finish_into_inner().map_err(read_err)?;
-            Ok(ReadDone { blob, size, plain })
+            // What the next stages left unread still goes through the HMAC.
+            std::io::copy(&mut plain, &mut std::io::sink()).map_err(read_err)?;
+            let (blob, size, _) = plain.into_inner().finish_into_inner().map_err(read_err)?;
+            Ok(ReadDone { blob, size })
         }
     }
 }
@@ -473,8 +472,9 @@ fn inflate_layer(
     };
     let mut decoder: Box<dyn Read> = match compression {
         Compression::None => Box::new(from),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(from)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(from).map_err(err)?),
+        // The decoders read the chunks in place (`BufRead`), without a buffer of their own.
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(from)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(from).map_err(err)?),
     };
     pump(&mut decoder, &mut to).map_err(err)
 }
@@ -556,16 +556,6 @@ fn apply_layer(
     let read = read?;
     inflated?;
     unpacked?;
-    if let Some(plain) = read.plain {
-        let expected = key.map(|k| k.plain_digest.as_str()).unwrap_or_default();
-        if plain != expected {
-            return Err(Error::Digest {
-                what: "decrypted layer",
-                expected: expected.to_string(),
-                actual: plain,
-            });
-        }
-    }
     if let Some(actual) = read.blob {
         if actual != desc.digest {
             return Err(Error::Digest {
@@ -593,6 +583,22 @@ impl Drop for AbortOnDrop {
             h.abort();
         }
     }
+}
+
+/// Waits for the rest of an applied layer's download task (the sync of its file) and moves the
+/// blob into the cache, when there is one.
+async fn commit_download(
+    cache: Option<&BlobCache>,
+    digest: &str,
+    task: tokio::task::JoinHandle<Result<Option<tempfile::TempPath>, Error>>,
+) -> Result<(), Error> {
+    let commit = task
+        .await
+        .map_err(|e| Error::Registry(format!("layer download task failed: {e}")))??;
+    if let (Some(c), Some(tmp)) = (cache, commit) {
+        c.commit(tmp, digest)?;
+    }
+    Ok(())
 }
 
 /// Checks the target: absent, or an empty directory.
@@ -737,6 +743,8 @@ pub async fn pull(
 
     let mut totals = Totals::default();
     let mut cached_layers = 0;
+    // Applied layers whose download task is still syncing the blob's file.
+    let mut syncing = Vec::new();
     for (i, blob) in blobs.into_iter().enumerate() {
         let desc = manifest.layers[i].clone();
         let (bytes, from_cache, download) = match blob {
@@ -783,11 +791,12 @@ pub async fn pull(
             path: manifest.layers[i].digest.clone(),
             reason: format!("unpack task failed: {e}"),
         })?;
-        let commit = match (result, download) {
-            (Ok(()), Some(task)) => task
-                .await
-                .map_err(|e| Error::Registry(format!("layer download task failed: {e}")))??,
-            (Ok(()), None) => None,
+        match (result, download) {
+            // The layer applied, so its download ended well: the reader saw the stream's end,
+            // which comes after the digest check. What is left of the task, syncing the blob's
+            // file for the cache, goes on while the next layers apply.
+            (Ok(()), Some(task)) => syncing.push((i, task)),
+            (Ok(()), None) => {}
             // The layer was unpacked from a stream whose digest is only known at its end: a
             // download that fails its digest (or fails at all) explains the failed layer, so it
             // is awaited and its own error, when it has one, is the one reported.
@@ -805,15 +814,25 @@ pub async fn pull(
                 }
                 return Err(e);
             }
-        };
+        }
         totals = t;
-        if let (Some(c), Some(tmp)) = (&cache, commit) {
-            c.commit(tmp, &manifest.layers[i].digest)?;
+        // Downloads whose sync ended meanwhile go into the cache now, so that a later layer's
+        // failure keeps them.
+        let (done, pending): (Vec<_>, Vec<_>) = syncing
+            .into_iter()
+            .partition(|(_, task)| task.is_finished());
+        syncing = pending;
+        for (j, task) in done {
+            commit_download(cache.as_ref(), &manifest.layers[j].digest, task).await?;
         }
         if let Some(p) = &opts.progress {
             p.applied(i);
         }
         tracing::debug!(layer = %manifest.layers[i].digest, "layer applied");
+    }
+
+    for (j, task) in syncing {
+        commit_download(cache.as_ref(), &manifest.layers[j].digest, task).await?;
     }
 
     // Into place: an empty target directory is replaced.

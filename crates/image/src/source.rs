@@ -436,7 +436,7 @@ impl Source {
             Self::Registry { .. } => {
                 let out = std::fs::File::create(file).map_err(Error::io(ctx()))?;
                 // Nobody follows this download; its progress goes nowhere.
-                self.blob_into(desc, out, &crate::stream::Growing::default())
+                self.blob_into(desc, out, &crate::stream::Growing::default(), true)
                     .await?;
             }
             Self::Layout { dir, .. } => {
@@ -451,13 +451,15 @@ impl Source {
 
     /// Downloads a registry blob into `file` (empty, opened for writing), publishing each
     /// megabyte to `growing` as it lands so that a reader can follow, ending `growing` once the
-    /// last byte is in, then syncing the file. The stream is checked against the blob's digest
-    /// as it ends (a mismatch is an error, reported to `growing` by the caller).
+    /// last byte is in, then syncing the file when `sync` (a file that is kept; an unlinked
+    /// scratch file is not). The stream is checked against the blob's digest as it ends (a
+    /// mismatch is an error, reported to `growing` by the caller).
     pub(crate) async fn blob_into(
         &self,
         desc: &OciDescriptor,
         file: std::fs::File,
         growing: &crate::stream::Growing,
+        sync: bool,
     ) -> Result<(), Error> {
         use futures_util::StreamExt;
         let Self::Registry {
@@ -475,24 +477,24 @@ impl Source {
             .map_err(registry_err)?;
         const STEP: usize = 1 << 20;
         let mut file = Some(file);
-        let mut buf = Vec::with_capacity(STEP);
-        // Writes go to a blocking thread a megabyte at a time; the buffer comes back with the file.
-        async fn write_out(
+        // The stream's buffers are kept as they come and written out together, a megabyte or
+        // more at a time, by one vectored write on a blocking thread: no copy in between.
+        async fn write_out<B: AsRef<[u8]> + Send + 'static>(
             file: &mut Option<std::fs::File>,
-            buf: Vec<u8>,
-        ) -> Result<Vec<u8>, Error> {
+            parts: Vec<B>,
+        ) -> Result<(), Error> {
             let mut f = file.take().expect("the file is back after each write");
-            let (f, buf, r) = tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let r = f.write_all(&buf);
-                (f, buf, r)
+            let (f, r) = tokio::task::spawn_blocking(move || {
+                let r = write_all_vectored(&mut f, &parts);
+                (f, r)
             })
             .await
             .map_err(|e| Error::Registry(format!("blob write task failed: {e}")))?;
             *file = Some(f);
-            r.map_err(Error::io("cannot write a downloaded blob"))?;
-            Ok(buf)
+            r.map_err(Error::io("cannot write a downloaded blob"))
         }
+        let mut parts = Vec::new();
+        let mut pending = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
                 // The stream checks the blob's digest as it ends.
@@ -506,26 +508,23 @@ impl Source {
                     _ => Error::Registry(format!("blob {}: {}", desc.digest, with_causes(&e))),
                 }
             })?;
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let n = rest.len().min(STEP - buf.len());
-                buf.extend_from_slice(&rest[..n]);
-                rest = &rest[n..];
-                if buf.len() == STEP {
-                    let len = buf.len() as u64;
-                    buf = write_out(&mut file, buf).await?;
-                    buf.clear();
-                    growing.advance(len);
-                }
+            pending += chunk.len() as u64;
+            parts.push(chunk);
+            if pending >= STEP as u64 {
+                write_out(&mut file, std::mem::take(&mut parts)).await?;
+                growing.advance(pending);
+                pending = 0;
             }
         }
-        if !buf.is_empty() {
-            let len = buf.len() as u64;
-            write_out(&mut file, buf).await?;
-            growing.advance(len);
+        if pending > 0 {
+            write_out(&mut file, parts).await?;
+            growing.advance(pending);
         }
         growing.end(Ok(()));
         let f = file.take().expect("the file is back after each write");
+        if !sync {
+            return Ok(());
+        }
         tokio::task::spawn_blocking(move || f.sync_all())
             .await
             .map_err(|e| Error::Registry(format!("blob sync task failed: {e}")))?
@@ -645,6 +644,25 @@ impl Source {
             Self::Registry { .. } => None,
         }
     }
+}
+
+/// Writes all of `parts` to `file` with vectored writes.
+fn write_all_vectored<B: AsRef<[u8]>>(
+    file: &mut std::fs::File,
+    parts: &[B],
+) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

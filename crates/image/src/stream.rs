@@ -6,10 +6,12 @@
 //! instead of after its last. Later layers keep downloading into their files meanwhile (layers
 //! are applied in order, whiteouts need it).
 //!
-//! Applying one layer is then split across two threads joined by a bounded channel
-//! ([`chunks`]): the first reads the blob and decrypts it (with the blob and plaintext digests),
-//! the second inflates and unpacks it (with the `diff_id`). Memory stays bounded: the download
-//! buffer, the channel's few chunks and the decoders' windows.
+//! Applying one layer is then split across three threads joined by bounded channels
+//! ([`chunks`]): the first reads the blob (hashing it when it is local) and decrypts it (with
+//! its HMAC), the second inflates it, the third hashes the tar stream (the `diff_id`) and
+//! unpacks it. Each stage reads straight into the chunk it sends and the inflater reads the
+//! chunks in place. Memory stays bounded: the download's buffers, the channels' few chunks and
+//! the decoders' windows.
 
 use std::{
     fs::File,
@@ -123,15 +125,20 @@ impl Read for FollowReader {
 /// The size of a chunk passed between a layer's two threads.
 pub(crate) const CHUNK: usize = 256 << 10;
 
+/// Room past [`CHUNK`] that [`ChunkWriter::fill_from`] offers a reader, so that one that needs a
+/// little slack (AES-CTR wants a block more than it reads) still fills a chunk in one read.
+const SLACK: usize = 64;
+
 /// A bounded channel of chunks: the writing half is an [`io::Write`] that sends full chunks,
-/// the reading half an [`io::Read`]. `depth` chunks may wait in between.
+/// the reading half an [`io::Read`] and [`io::BufRead`]. `depth` chunks may wait in between.
 pub(crate) fn chunks(depth: usize) -> (ChunkWriter, ChunkReader) {
     let (tx, rx) = mpsc::sync_channel(depth);
     let (back_tx, back_rx) = mpsc::channel();
     (
         ChunkWriter {
             tx,
-            buf: Vec::with_capacity(CHUNK),
+            buf: vec![0; CHUNK + SLACK],
+            filled: 0,
             spare: back_rx,
         },
         ChunkReader {
@@ -146,29 +153,44 @@ pub(crate) fn chunks(depth: usize) -> (ChunkWriter, ChunkReader) {
 /// The sending half of [`chunks`].
 pub(crate) struct ChunkWriter {
     tx: mpsc::SyncSender<Vec<u8>>,
+    /// The chunk being filled: always `CHUNK + SLACK` long (initialized), `filled` of it used.
     buf: Vec<u8>,
+    filled: usize,
     /// Buffers the reader is done with, reused instead of allocating one per chunk.
     spare: mpsc::Receiver<Vec<u8>>,
 }
 
 impl ChunkWriter {
     fn send(&mut self) -> io::Result<()> {
-        let next = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        let full = std::mem::replace(&mut self.buf, next);
+        let mut next = self.spare.try_recv().unwrap_or_default();
+        // A returned buffer keeps what it held; only a new one is zeroed.
+        next.resize(CHUNK + SLACK, 0);
+        let mut full = std::mem::replace(&mut self.buf, next);
+        full.truncate(self.filled);
+        self.filled = 0;
         self.tx
             .send(full)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the unpacker stopped"))
+    }
+
+    /// Reads from `from` straight into the chunk being filled (sending it once full): the
+    /// bytes read, 0 at the end of `from`.
+    pub(crate) fn fill_from(&mut self, from: &mut impl Read) -> io::Result<usize> {
+        let n = from.read(&mut self.buf[self.filled..])?;
+        self.filled += n;
+        if self.filled >= CHUNK {
+            self.send()?;
+        }
+        Ok(n)
     }
 }
 
 impl Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
+        let n = data.len().min(CHUNK - self.filled);
+        self.buf[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+        self.filled += n;
+        if self.filled == CHUNK {
             self.send()?;
         }
         Ok(n)
@@ -176,7 +198,7 @@ impl Write for ChunkWriter {
 
     /// Sends a partly filled chunk.
     fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        if self.filled == 0 {
             Ok(())
         } else {
             self.send()
@@ -185,7 +207,7 @@ impl Write for ChunkWriter {
 }
 
 /// The receiving half of [`chunks`]: reads the chunks in order, and ends when the writer is
-/// dropped.
+/// dropped. As a [`BufRead`](io::BufRead) it lends each chunk without copying it.
 pub(crate) struct ChunkReader {
     rx: mpsc::Receiver<Vec<u8>>,
     cur: Vec<u8>,
@@ -193,20 +215,30 @@ pub(crate) struct ChunkReader {
     back: mpsc::Sender<Vec<u8>>,
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl io::BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.pos == self.cur.len() {
             let Ok(next) = self.rx.recv() else {
-                return Ok(0);
+                return Ok(&[]);
             };
-            let mut done = std::mem::replace(&mut self.cur, next);
-            done.clear();
+            let done = std::mem::replace(&mut self.cur, next);
             let _ = self.back.send(done);
             self.pos = 0;
         }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.pos = (self.pos + amt).min(self.cur.len());
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let have = io::BufRead::fill_buf(self)?;
+        let n = buf.len().min(have.len());
+        buf[..n].copy_from_slice(&have[..n]);
+        io::BufRead::consume(self, n);
         Ok(n)
     }
 }
@@ -290,5 +322,34 @@ mod tests {
         drop(r);
         let e = w.write_all(&vec![0; 2 * CHUNK]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn filling_straight_from_a_reader_and_lending_chunks_keep_the_bytes_in_order() {
+        let (mut w, mut r) = chunks(2);
+        let data: Vec<u8> = (0..(3 * CHUNK + 777)).map(|i| (i % 253) as u8).collect();
+        let sent = data.clone();
+        let t = thread::spawn(move || {
+            // Readers of odd-sized pieces, as a decoder's reads are.
+            for mut piece in sent.chunks(70_001) {
+                while !piece.is_empty() {
+                    assert!(w.fill_from(&mut piece).unwrap() > 0);
+                }
+            }
+            assert_eq!(w.fill_from(&mut &[][..]).unwrap(), 0);
+            w.flush().unwrap();
+        });
+        let mut got = Vec::new();
+        loop {
+            let have = io::BufRead::fill_buf(&mut r).unwrap();
+            if have.is_empty() {
+                break;
+            }
+            let n = have.len().min(1000);
+            got.extend_from_slice(&have[..n]);
+            io::BufRead::consume(&mut r, n);
+        }
+        t.join().unwrap();
+        assert_eq!(got, data);
     }
 }
