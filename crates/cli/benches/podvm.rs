@@ -1,6 +1,6 @@
 //! `cargo bench -p coffer --bench podvm [-- RUNS] [--busy] [--cpus N] [--verbose-console]
-//! [--remote [--disk]]`: a pod VM's start, under the accelerator `coffer run --accel auto` picks here (TCG
-//! on this project's CI machine).
+//! [--remote [--disk]] [--agent PATH]`: a pod VM's start, under the accelerator `coffer run
+//! --accel auto` picks here (TCG on this project's CI machine).
 //!
 //! `--remote` starts a peer pod instead (`coffer run --sandbox remote`): Debian's libvirtd and
 //! coffer-cloud, started by the bench in a network namespace of its own (removed at the end),
@@ -22,7 +22,8 @@
 //! `--busy` keeps both host cores busy (two spinning threads, as a parallel build would) during
 //! the runs; `--cpus N` sets the pod VM's vCPUs (default: `coffer run`'s); `--verbose-console`
 //! boots a copy of the image whose kernel logs at `loglevel=7` (lockup backtraces on the
-//! console). A run that does not finish within its bound counts as stalled and its console's
+//! console); `--agent PATH` boots that agent binary instead of this package's (to compare
+//! builds). A run that does not finish within its bound counts as stalled and its console's
 //! last lines are printed; the bench goes on.
 
 #[path = "../tests/common/mod.rs"]
@@ -30,6 +31,7 @@ mod common;
 
 use std::{
     io::Read,
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -63,19 +65,29 @@ fn main() {
         .iter()
         .position(|a| a == "--cpus")
         .and_then(|i| args.get(i + 1).cloned());
+    // Another agent binary to boot instead of this package's (an older build, to compare).
+    let agent: PathBuf = args
+        .iter()
+        .position(|a| a == "--agent")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        // The agent is built (when missing) here, before the timed pod VM build.
+        .unwrap_or_else(common::agent_binary);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // The agent is built (when missing) here, before the timed pod VM build.
-    let _ = common::agent_binary();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The pod VM is built first: its packages may be downloaded, which a peer pod's namespace
     // cannot reach.
     let podvm = d.join("podvm");
     let t = Instant::now();
     if disk {
-        common::build_podvm_with(&podvm, &["--disk", "qcow2", "--disk-scratch-mib", "512"]);
+        common::build_podvm_from(
+            &podvm,
+            &agent,
+            &["--disk", "qcow2", "--disk-scratch-mib", "512"],
+        );
     } else {
-        common::build_podvm(&podvm);
+        common::build_podvm_from(&podvm, &agent, &[]);
     }
     println!("podvm build: {:.0} ms", ms(t.elapsed()));
     let _netns = remote.then(|| {
@@ -195,7 +207,7 @@ fn main() {
             let dir = state.join(&name);
             // A peer pod's console is in the libvirt pool, where the keeper says.
             let path = std::fs::read_to_string(dir.join("console.path"))
-                .map(std::path::PathBuf::from)
+                .map(PathBuf::from)
                 .unwrap_or_else(|_| dir.join("agent.log"));
             std::fs::read_to_string(path).unwrap_or_default()
         };

@@ -450,12 +450,17 @@ pub fn build_podvm(out: &Path) {
 
 /// As [`build_podvm`], with more `coffer podvm build` arguments.
 pub fn build_podvm_with(out: &Path, args: &[&str]) {
+    build_podvm_from(out, &agent_binary(), args);
+}
+
+/// As [`build_podvm_with`], with the agent binary `agent` (a benchmark comparing agents).
+pub fn build_podvm_from(out: &Path, agent: &Path, args: &[&str]) {
     run_ok(
         Command::new(coffer_bin())
             .args(["podvm", "build", "--out"])
             .arg(out)
             .arg("--agent")
-            .arg(agent_binary())
+            .arg(agent)
             .args(args),
     );
 }
