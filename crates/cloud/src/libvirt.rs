@@ -806,7 +806,14 @@ pub fn domain_xml(x: &DomainXml<'_>) -> String {
                 esc(&s.cpu)
             ),
         ),
-        ("tcg", None) => ("qemu", "<cpu mode='maximum' check='none'/>".to_string()),
+        // Under TCG without `rep movsb` (ERMS, FSRM), which TCG runs a byte per iteration: the
+        // guest copies with wide moves instead (see coffer-podvm's launch).
+        ("tcg", None) => (
+            "qemu",
+            "<cpu mode='maximum' check='none'><feature policy='disable' name='erms'/>\
+             <feature policy='disable' name='fsrm'/></cpu>"
+                .to_string(),
+        ),
         _ => ("kvm", "<cpu mode='host-passthrough' check='none'/>".to_string()),
     };
     let psp = x
