@@ -449,8 +449,8 @@ impl Source {
         Ok(())
     }
 
-    /// Downloads a registry blob into `file` (empty, opened for writing), publishing each
-    /// megabyte to `growing` as it lands so that a reader can follow, ending `growing` once the
+    /// Downloads a registry blob into `file` (empty, opened for writing), publishing to `growing`
+    /// each megabyte or so as it lands so that a reader can follow, ending `growing` once the
     /// last byte is in, then syncing the file when `sync` (a file that is kept; an unlinked
     /// scratch file is not). The stream is checked against the blob's digest as it ends (a
     /// mismatch is an error, reported to `growing` by the caller).
