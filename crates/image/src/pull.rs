@@ -411,9 +411,9 @@ fn pump(from: &mut impl Read, to: &mut ChunkWriter) -> std::io::Result<()> {
 }
 
 /// The reading side of a layer: the blob (hashed unless its download checks it), decrypted
-/// (and hashed) when a key is given, into `to`. Whatever the next stages leave unread is read
-/// to its end all the same, for the digests and, in an encrypted layer, the HMAC's verdict
-/// (garbage there usually means tampering).
+/// (its HMAC checked) when a key is given, into `to`. Whatever the next stages leave unread is
+/// read to its end all the same, for the blob's digest and, in an encrypted layer, the HMAC's
+/// verdict (garbage there usually means tampering).
 fn read_layer(
     blob: BlobBytes,
     key: Option<&LayerKey>,
@@ -447,12 +447,15 @@ fn read_layer(
         // is fixed once the HMAC holds, and the `diff_id` check covers what it inflates to
         // (docs/images.md).
         Some(k) => {
-            let mut plain = DecryptReader::new(stored, k)?;
-            pump(&mut plain, &mut to).map_err(read_err)?;
+            let mut decrypting = DecryptReader::new(stored, k)?;
+            pump(&mut decrypting, &mut to).map_err(read_err)?;
             drop(to);
             // What the next stages left unread still goes through the HMAC.
-            std::io::copy(&mut plain, &mut std::io::sink()).map_err(read_err)?;
-            let (blob, size, _) = plain.into_inner().finish_into_inner().map_err(read_err)?;
+            std::io::copy(&mut decrypting, &mut std::io::sink()).map_err(read_err)?;
+            let (blob, size, _) = decrypting
+                .into_inner()
+                .finish_into_inner()
+                .map_err(read_err)?;
             Ok(ReadDone { blob, size })
         }
     }

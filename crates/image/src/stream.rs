@@ -122,7 +122,7 @@ impl Read for FollowReader {
     }
 }
 
-/// The size of a chunk passed between a layer's two threads.
+/// The size of a chunk passed between a layer's stages (threads).
 pub(crate) const CHUNK: usize = 256 << 10;
 
 /// Room past [`CHUNK`] that [`ChunkWriter::fill_from`] offers a reader, so that one that needs a
