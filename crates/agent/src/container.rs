@@ -270,6 +270,23 @@ impl Containers {
         self
     }
 
+    /// Makes the KBS client now, in the background, when it is made on first need
+    /// ([`KbsKeys::deferred`]): called once the agent serves. A failure is logged here and
+    /// reported again to the first request that needs the KBS.
+    pub fn warm_kbs(self: &Arc<Self>) {
+        if self.kbs.is_none() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(kbs) = &me.kbs {
+                if let Err(e) = kbs.client().await {
+                    tracing::warn!(error = %e, "the KBS client");
+                }
+            }
+        });
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -481,7 +498,7 @@ impl Containers {
                     d.container_path
                 ))
             })?;
-            let key = kbs.client.get_resource(uri).await.map_err(|e| {
+            let key = kbs.client().await?.get_resource(uri).await.map_err(|e| {
                 ContainerError::Keys(format!(
                     "the key {uri} of the block volume at {}: {e}",
                     d.container_path
@@ -507,14 +524,15 @@ impl Containers {
                     tracing::warn!(error = %e, "the pod cannot join the mesh");
                     ContainerError::Keys(e.to_string())
                 };
-                let identity = crate::mesh::Identity::new(config, kbs.client.as_ref())
+                let client = kbs.client().await?;
+                let identity = crate::mesh::Identity::new(config, client.as_ref())
                     .await
                     .map_err(fail)?;
                 let sockets = crate::mesh::NetnsSockets::new(netns.to_path_buf()).map_err(fail)?;
                 crate::mesh::start(identity.clone(), sockets, netns, &self.cgroup_parent)
                     .await
                     .map_err(fail)?;
-                let source: Arc<dyn crate::mesh::CertificateSource> = kbs.client.clone();
+                let source: Arc<dyn crate::mesh::CertificateSource> = client;
                 tokio::spawn(identity.clone().renew_forever(source));
                 Ok(identity)
             })

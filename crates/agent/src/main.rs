@@ -149,8 +149,28 @@ fn vm_main() -> anyhow::Result<()> {
     })
 }
 
+/// What the attester is made from ([`Args`]' TEE options).
+#[derive(Clone)]
+struct TeeSource {
+    psp_socket: Option<PathBuf>,
+    tsm_root: PathBuf,
+    tpm_tcti: Option<String>,
+    imds: String,
+}
+
+impl TeeSource {
+    fn of(args: &Args) -> Self {
+        Self {
+            psp_socket: args.psp_socket.clone(),
+            tsm_root: args.tsm_root.clone(),
+            tpm_tcti: args.tpm_tcti.clone(),
+            imds: args.imds.clone(),
+        }
+    }
+}
+
 /// The attester: the launcher's emulated PSP channel when given, else this guest's own TEE.
-fn attester(args: &Args) -> anyhow::Result<Box<dyn coffer_kbs_client::Attester>> {
+fn attester(args: &TeeSource) -> anyhow::Result<Box<dyn coffer_kbs_client::Attester>> {
     Ok(match &args.psp_socket {
         Some(socket) => Box::new(coffer_kbs_client::PspChannelAttester::new(socket.clone())),
         None => {
@@ -185,7 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Asked with the initdata's digest: a vTPM attester measures it into PCR 8 now, before
     // anything reads the initdata (SEV-SNP's HOST_DATA was set at launch).
     let (parsed, digest) = parse_initdata(&text)?;
-    let tee = attester(&args)?;
+    let tee = attester(&TeeSource::of(&args))?;
     let (initdata, digest) = if tee.tee() == coffer_wire::Tee::Se {
         // IBM SE sets nothing at launch that could carry the initdata: every attestation's user
         // data, which the Ultravisor's measurement covers, carries its digest instead, and the
@@ -284,17 +304,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let kbs = coffer_agent::keys::kbs_config(&initdata).map_err(anyhow::Error::msg)?;
     let kbs_address = kbs.url.as_deref().and_then(coffer_agent::net::kbs_address);
-    tracing::debug!("building the KBS client");
-    if let Some(url) = &kbs.url {
-        // Attests with this TEE (the PSP channel) and the initdata, on first need.
-        let client = coffer_kbs_client::KbsClient::new(
-            url,
-            coffer_kbs_client::http_client_via(None, proxy.as_deref())?,
-            attester(&args)?,
-            coffer_jose::TeeKeyAlgorithm::EcP256,
-        )?
-        .with_initdata(text.clone());
-        containers = containers.with_kbs(coffer_agent::container::KbsKeys::new(client, kbs));
+    if let Some(url) = kbs.url.clone() {
+        // Attests with this TEE (the PSP channel) and the initdata, on first need. The client
+        // (its trust roots: tens of milliseconds under TCG) is made once the agent serves.
+        let (tee, proxy, text) = (TeeSource::of(&args), proxy.clone(), text.clone());
+        let make = move || {
+            let client = coffer_kbs_client::KbsClient::new(
+                &url,
+                coffer_kbs_client::http_client_via(None, proxy.as_deref())
+                    .map_err(|e| e.to_string())?,
+                attester(&tee).map_err(|e| format!("{e:#}"))?,
+                coffer_jose::TeeKeyAlgorithm::EcP256,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(client.with_initdata(text.clone()))
+        };
+        containers = containers.with_kbs(coffer_agent::container::KbsKeys::deferred(make, kbs));
     }
     let containers = Arc::new(containers);
     tracing::info!(
@@ -305,13 +330,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let network = args
         .pod_network
         .then(|| coffer_agent::net::Network::pod_vm(kbs_address));
+    let warm = containers.clone();
     let service = AgentService::new(policy, hex::encode(&digest), containers)
         .with_network(network)
         .with_owner_key(owner_key)
         .with_log_recipient(log_recipient);
     match (listen, port) {
         (Listen::Unix(path), _) => runtime
-            .block_on(serve_unix(&path, service))
+            .block_on(async {
+                warm.warm_kbs();
+                serve_unix(&path, service).await
+            })
             .with_context(|| format!("cannot serve on {}", path.display())),
         (Listen::Serial(_) | Listen::Tls(_), Some((opener, streams))) => {
             runtime.block_on(async move {
@@ -324,6 +353,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     if coffer_agent::vm::booted() {
                         coffer_agent::vm::log_memory("agent ready");
                     }
+                    warm.warm_kbs();
                     Ok::<(), std::io::Error>(())
                 };
                 let (served, _) = tokio::join!(serve_streams(streams, service), async {

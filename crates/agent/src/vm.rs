@@ -772,6 +772,7 @@ pub fn log_memory(when: &str) {
         guest_used_kib = used,
         guest_total_kib = kib(&meminfo, "MemTotal:"),
         agent_rss_kib = kib(&status, "VmRSS:"),
+        uptime_ms = uptime_ms(),
         "guest memory"
     );
 }

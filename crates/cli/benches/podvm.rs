@@ -163,7 +163,10 @@ fn main() {
                 .args(["run", "--sandbox", "remote", "--cloud"])
                 .arg(&c.socket)
                 .env("RUST_LOG", "warn,coffer_keeper=info"),
-            None => cmd.args(["run", "--sandbox", "vm"]),
+            // The keeper's mark "the agent serves" splits the rest of the phases.
+            None => cmd
+                .args(["run", "--sandbox", "vm"])
+                .env("RUST_LOG", "warn,coffer_keeper=info"),
         };
         cmd.arg("--podvm")
             .arg(&podvm)
@@ -268,8 +271,21 @@ fn main() {
     // the agent ready).
     let kernel = common::log_field(&console, "the agent starts as init", "uptime_ms");
     let booted = common::log_field(&console, "booted", "ms");
-    if let (Some(k), Some(b), Some(r)) = (kernel, booted, ready_ms.last()) {
-        println!("phases of the last run (ms): kernel boot until init {k:.0}, agent as init until serving {b:.0}, the rest (keeper and QEMU start, firmware, ready seen by the host) {:.0}", r - k - b);
+    // The guest's uptime when the agent told the host it serves (its "agent ready" memory line).
+    let serving = console
+        .lines()
+        .rev()
+        .find(|l| l.contains("when=\"agent ready\""))
+        .and_then(|l| common::log_field(l, "guest memory", "uptime_ms"));
+    if let (Some(k), Some(b), Some(a), Some(r)) = (kernel, booted, serving, ready_ms.last()) {
+        println!("phases of the last run (ms): kernel boot until init {k:.0}, agent as init until booted {b:.0}, the agent from booted until it tells the host it serves (initdata check, policy, API) {:.0}, the rest (keeper and QEMU start, firmware, ready seen by the host) {:.0}", a - k - b, r - a);
+        // The keeper's mark (ms since it spawned QEMU) splits the rest.
+        if let (false, Some(s)) = (
+            remote,
+            common::log_field(&keeper_log, "the agent serves", "ms"),
+        ) {
+            println!("  of the rest: before QEMU's start (coffer run, the keeper) {:.0}, QEMU's start and firmware with the keeper seeing the agent ready {:.0}", r - s, s - a);
+        }
     }
     if remote {
         // The keeper's marks (ms since its start): the VM made, the agent answering, serving.

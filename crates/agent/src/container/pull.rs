@@ -14,11 +14,16 @@ struct PullSettings {
     policy: Option<Arc<coffer_image::signature::Policy>>,
 }
 
+/// Makes the agent's KBS client (a TEE key pair and an HTTP client with the trust roots).
+pub type MakeKbsClient =
+    dyn Fn() -> std::result::Result<coffer_kbs_client::KbsClient, String> + Send + Sync;
+
 /// The KBS the agent attests to for image keys, registry credentials and the signature policy,
 /// on first need.
 pub struct KbsKeys {
-    /// The attested client (keeps its token).
-    pub client: Arc<coffer_kbs_client::KbsClient>,
+    /// The attested client (keeps its token), made on first need.
+    client: tokio::sync::OnceCell<Arc<coffer_kbs_client::KbsClient>>,
+    make: Arc<MakeKbsClient>,
     /// What the initdata names.
     pub config: crate::keys::KbsConfig,
     settings: tokio::sync::OnceCell<PullSettings>,
@@ -29,10 +34,48 @@ impl KbsKeys {
     /// by their kid.
     pub fn new(client: coffer_kbs_client::KbsClient, config: crate::keys::KbsConfig) -> Self {
         Self {
-            client: Arc::new(client),
+            client: tokio::sync::OnceCell::new_with(Some(Arc::new(client))),
+            make: Arc::new(|| Err("the KBS client was made already".into())),
             config,
             settings: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// As [`KbsKeys::new`], with the client made by `make` on first need, on a blocking thread:
+    /// loading the trust roots takes tens of milliseconds under TCG, which a pod VM's agent
+    /// spends after it told the host it serves ([`KbsKeys::client`] early) instead of before.
+    pub fn deferred(
+        make: impl Fn() -> std::result::Result<coffer_kbs_client::KbsClient, String>
+            + Send
+            + Sync
+            + 'static,
+        config: crate::keys::KbsConfig,
+    ) -> Self {
+        Self {
+            client: tokio::sync::OnceCell::new(),
+            make: Arc::new(make),
+            config,
+            settings: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The client, made now if it is not yet.
+    pub async fn client(&self) -> Result<Arc<coffer_kbs_client::KbsClient>> {
+        self.client
+            .get_or_try_init(|| async {
+                let make = self.make.clone();
+                match tokio::task::spawn_blocking(move || make()).await {
+                    Ok(Ok(c)) => Ok(Arc::new(c)),
+                    Ok(Err(e)) => Err(ContainerError::Keys(format!(
+                        "cannot make the KBS client: {e}"
+                    ))),
+                    Err(e) => Err(ContainerError::Keys(format!(
+                        "cannot make the KBS client: {e}"
+                    ))),
+                }
+            })
+            .await
+            .cloned()
     }
 }
 
@@ -45,8 +88,9 @@ impl Containers {
             let s = kbs
                 .settings
                 .get_or_try_init(|| async {
+                    let client = kbs.client().await.map_err(|e| e.to_string())?;
                     let (keyring, auth, policy) =
-                        crate::keys::pull_settings(&kbs.client, &kbs.config).await?;
+                        crate::keys::pull_settings(&client, &kbs.config).await?;
                     tracing::info!(
                         keys = kbs.config.image_keys.len(),
                         registry_auth = auth.is_some(),
@@ -69,8 +113,47 @@ impl Containers {
             if let Some(p) = &s.policy {
                 opts.policy = Some(p.clone());
             }
-            opts.key_broker = Some(Arc::new(crate::keys::Broker(kbs.client.clone())));
+            opts.key_broker = Some(Arc::new(crate::keys::Broker(kbs.client().await?)));
         }
         Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn client() -> coffer_kbs_client::KbsClient {
+        coffer_kbs_client::KbsClient::new(
+            "http://127.0.0.1:1",
+            coffer_kbs_client::http_client_via(None, None).unwrap(),
+            Box::new(coffer_kbs_client::SampleAttester::default()),
+            coffer_jose::TeeKeyAlgorithm::EcP256,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_deferred_client_is_made_once_on_first_need_and_a_failure_is_retried() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let m = made.clone();
+        let keys = KbsKeys::deferred(
+            move || match m.fetch_add(1, Ordering::SeqCst) {
+                0 => Err("no trust roots".into()),
+                _ => Ok(client()),
+            },
+            Default::default(),
+        );
+        assert_eq!(made.load(Ordering::SeqCst), 0, "made before it was needed");
+        let Err(ContainerError::Keys(e)) = keys.client().await else {
+            panic!("a failed client was taken");
+        };
+        assert!(e.contains("no trust roots"), "{e}");
+        let a = keys.client().await.unwrap();
+        let b = keys.client().await.unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(made.load(Ordering::SeqCst), 2);
     }
 }
