@@ -353,6 +353,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     if coffer_agent::vm::booted() {
                         coffer_agent::vm::log_memory("agent ready");
                     }
+                    coffer_agent::vm::start_later_modules();
                     warm.warm_kbs();
                     Ok::<(), std::io::Error>(())
                 };

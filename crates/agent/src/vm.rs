@@ -100,26 +100,46 @@ fn mount_with(
         .map_err(|e| fail(format!("cannot mount {fs} on {target}: {e}")))
 }
 
-/// The modules loaded once the agent serves ([`later_modules`]): unset outside a pod VM,
-/// then `None` while they load and the outcome once they are.
+/// The modules loaded once the agent serves ([`later_modules`]): unset outside a pod VM.
 static LATER_MODULES: std::sync::OnceLock<LaterModules> = std::sync::OnceLock::new();
 
-/// The outcome of loading the later modules (`None` while they load) and its signal.
-type LaterModules = (
-    std::sync::Mutex<Option<Result<(), String>>>,
-    std::sync::Condvar,
-);
+/// Where the later modules are, and its signal.
+type LaterModules = (std::sync::Mutex<Later>, std::sync::Condvar);
 
-/// Starts loading `/etc/coffer/modules.later` (the LUKS2 and mesh modules) on a thread of its
-/// own, so that the agent serves without waiting for them.
-fn load_later_modules() {
-    let state = LATER_MODULES.get_or_init(Default::default);
-    // Opened now, in the initramfs: the boot moves into the verity root while they load.
+/// The later modules: opened at boot, loading, or their outcome.
+enum Later {
+    Opened(Vec<(String, std::fs::File)>),
+    Loading,
+    Done(Result<(), String>),
+}
+
+/// Opens `/etc/coffer/modules.later` (the LUKS2, mesh and VXLAN modules) at boot, in the
+/// initramfs: the boot moves into the verity root before they load.
+/// [`start_later_modules`] loads them once the agent serves.
+fn open_later_modules() {
     let opened = match open_modules("/etc/coffer/modules.later") {
-        Ok(o) => o,
+        Ok(o) => Later::Opened(o),
         Err(e) => {
             tracing::error!(error = %e, "later modules not loaded");
-            *state.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
+            Later::Done(Err(e.to_string()))
+        }
+    };
+    let _ = LATER_MODULES.set((std::sync::Mutex::new(opened), std::sync::Condvar::new()));
+}
+
+/// Starts loading the later modules on a thread of their own (once; nothing outside a pod VM).
+/// The agent calls it once it told the host it serves: on one vCPU, loading them during the
+/// boot delayed it by their CPU time.
+pub fn start_later_modules() {
+    let Some(state) = LATER_MODULES.get() else {
+        return;
+    };
+    let mut later = state.0.lock().unwrap_or_else(|p| p.into_inner());
+    let opened = match std::mem::replace(&mut *later, Later::Loading) {
+        Later::Opened(o) => o,
+        // Loading or loaded already.
+        other => {
+            *later = other;
             return;
         }
     };
@@ -134,17 +154,18 @@ fn load_later_modules() {
                 }
                 Err(e) => tracing::error!(error = %e, "later modules not loaded"),
             }
-            *state.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            *state.0.lock().unwrap_or_else(|p| p.into_inner()) = Later::Done(r);
             state.1.notify_all();
         });
     if let Err(e) = spawned {
-        *state.0.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Err(format!("cannot start the module loading thread: {e}")));
+        *later = Later::Done(Err(format!("cannot start the module loading thread: {e}")));
+        state.1.notify_all();
     }
 }
 
-/// Waits until the modules loaded after boot are in (at once outside a pod VM): the encrypted
-/// block volumes and the mesh call it before they use the kernel features these modules bring.
+/// Waits until the modules loaded after boot are in (at once outside a pod VM), starting their
+/// loading if it did not start yet: the encrypted block volumes, the mesh and the pod network's
+/// tunnels call it before they use the kernel features these modules bring.
 pub async fn later_modules() -> Result<(), String> {
     tokio::task::spawn_blocking(wait_later_modules)
         .await
@@ -157,11 +178,14 @@ fn wait_later_modules() -> Result<(), String> {
     let Some((lock, cond)) = LATER_MODULES.get() else {
         return Ok(());
     };
-    let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
-    while done.is_none() {
-        done = cond.wait(done).unwrap_or_else(|p| p.into_inner());
+    start_later_modules();
+    let mut later = lock.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        match &*later {
+            Later::Done(r) => return r.clone(),
+            _ => later = cond.wait(later).unwrap_or_else(|p| p.into_inner()),
+        }
     }
-    done.clone().expect("set")
 }
 
 fn load_modules(listing: &str) -> Result<(), BootError> {
@@ -540,7 +564,7 @@ pub fn boot() -> Result<Boot, BootError> {
     load_modules("/etc/coffer/modules")?;
     load_device_modules()?;
     tracing::info!(ms = t0.elapsed().as_millis() as u64, "modules loaded");
-    load_later_modules();
+    open_later_modules();
 
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| fail(format!("/proc/cmdline: {e}")))?;
