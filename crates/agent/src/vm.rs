@@ -10,7 +10,7 @@
 //!    key born here, below dm-crypt AES-XTS under a second key born here; neither key leaves the
 //!    guest (both are zeroized once in the kernel). The host sees only ciphertext and tags;
 //!    a block the host changed fails its tag and reads as an I/O error. It is formatted (ext4
-//!    without a journal, e2fsprogs' `mke2fs` from the verity root) and mounted on `/run/coffer`,
+//!    without a journal, e2fsprogs' `mke2fs` from the initramfs) and mounted on `/run/coffer`,
 //!    where image layers, bundles, container root filesystems and their writes live;
 //! 4. moves into the verity root and mounts cgroup2, then reads the launch configuration
 //!    (the initdata, checked against HOST_DATA like everywhere, and unmeasured options): the
@@ -498,8 +498,8 @@ fn scratch(dm: &Control, dev: &Path, target: &str) -> Result<(), BootError> {
     // kernel reads an inode table block only once it holds an inode, that is once it was
     // written (a block with no inode in use is made in memory); `noinit_itable` keeps it from
     // zeroing them in the background.
-    root_tool(
-        "usr/sbin/mke2fs",
+    run_tool(
+        &format!("/{}", coffer_podvm::build::MKE2FS),
         &[
             "-F",
             "-q",
@@ -525,22 +525,6 @@ fn scratch(dm: &Control, dev: &Path, target: &str) -> Result<(), BootError> {
         MountFlags::NODEV,
         Some(c"noinit_itable"),
     )
-}
-
-/// Runs the dynamically linked program `rel` of the verity root (mounted on `/sysroot`, not
-/// yet the root) through the root's own dynamic loader and libraries.
-fn root_tool(rel: &str, args: &[&str]) -> Result<(), BootError> {
-    const ARCH: coffer_podvm::build::Arch = if cfg!(target_arch = "s390x") {
-        coffer_podvm::build::Arch::S390x
-    } else {
-        coffer_podvm::build::Arch::X86_64
-    };
-    let lib = format!("/sysroot/lib/{}", ARCH.triplet());
-    let loader = format!("{lib}/{}", ARCH.loader().0);
-    let program = format!("/sysroot/{rel}");
-    let mut a = vec!["--library-path", &lib, &program];
-    a.extend_from_slice(args);
-    run_tool(&loader, &a)
 }
 
 /// Boots the guest (see the module documentation). Runs as PID 1 of the pod VM.

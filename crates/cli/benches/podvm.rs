@@ -304,13 +304,14 @@ fn main() {
         }
     }
     println!("guest boot steps (ms since the agent started as init, last run):");
-    for step in [
-        "modules loaded",
-        "verity root mounted",
-        "encrypted scratch mounted",
-        "booted",
+    // "vm: modules loaded", not the later modules' line, which comes after the boot.
+    for (step, needle) in [
+        ("modules loaded", "vm: modules loaded"),
+        ("verity root mounted", "verity root mounted"),
+        ("encrypted scratch mounted", "encrypted scratch mounted"),
+        ("booted", "booted"),
     ] {
-        if let Some(v) = common::log_field(&console, step, "ms") {
+        if let Some(v) = common::log_field(&console, needle, "ms") {
             println!("  {step}: {v:.0}");
         }
     }

@@ -8,10 +8,11 @@
 //!   which the ESAPI uses) and the kernel modules it loads (virtio, device-mapper targets,
 //!   squashfs, fw_cfg, AES-XTS; compressed modules stored decompressed), listed in load order in
 //!   `/etc/coffer/modules`, and those it loads only on hardware some guests have (the TEE guest
-//!   drivers, a cloud's: [`Device`]) in one listing per device.
+//!   drivers, a cloud's: [`Device`]) in one listing per device; e2fsprogs' `mke2fs` (the
+//!   scratch's filesystem, made at boot) with the libraries it links.
 //! * `root.img` — a squashfs (`mksquashfs`, all files root-owned and dated 0) holding `runc`,
 //!   `libseccomp2`, `libc6`, `busybox-static`, `cryptsetup` (for encrypted block volumes: LUKS2
-//!   with dm-integrity), e2fsprogs' `mke2fs` (the scratch filesystem) and `xtables-nft-multi`
+//!   with dm-integrity) and `xtables-nft-multi`
 //!   (iptables, for the attested mesh) with the libraries they link and the iptables extensions
 //!   the mesh uses, and the CA bundle of `ca-certificates` (the Mozilla roots, concatenated in
 //!   name order), followed by its dm-verity hash tree.
@@ -98,6 +99,10 @@ fn c_libs(arch: Arch) -> Vec<(&'static str, String)> {
         ("libgcc-s1", format!("lib/{t}/libgcc_s.so.1")),
     ]
 }
+
+/// Where the initramfs holds e2fsprogs' `mke2fs`, which the agent runs to make the scratch's
+/// filesystem.
+pub const MKE2FS: &str = "usr/sbin/mke2fs";
 
 pub use crate::apt::{s390x_apt, KERNEL_SUITE};
 pub use crate::arch::Arch;
@@ -658,24 +663,36 @@ fn stage_elf(
         if into.exists() {
             continue;
         }
-        let from = trees
-            .values()
-            .flat_map(|t| {
-                [format!("lib/{triplet}"), format!("usr/lib/{triplet}")]
-                    .map(|d| format!("{d}/{lib}"))
-                    .into_iter()
-                    .filter_map(|rel| resolve_in(t, &rel).ok())
-            })
-            .next()
-            .ok_or_else(|| {
-                BuildError::Missing(format!(
-                    "{lib}, which {to} needs, is in none of the packages"
-                ))
-            })?;
+        let from = find_lib(trees, arch, &lib, to)?;
         std::fs::copy(&from, &into).map_err(io(format!("cannot stage {lib}")))?;
         todo.extend(needed(&from)?);
     }
     Ok(())
+}
+
+/// The shared library `lib` (a `DT_NEEDED` name of `user`) in the packages' library
+/// directories.
+fn find_lib(
+    trees: &BTreeMap<String, PathBuf>,
+    arch: Arch,
+    lib: &str,
+    user: &str,
+) -> Result<PathBuf, BuildError> {
+    let triplet = arch.triplet();
+    trees
+        .values()
+        .flat_map(|t| {
+            [format!("lib/{triplet}"), format!("usr/lib/{triplet}")]
+                .map(|d| format!("{d}/{lib}"))
+                .into_iter()
+                .filter_map(|rel| resolve_in(t, &rel).ok())
+        })
+        .next()
+        .ok_or_else(|| {
+            BuildError::Missing(format!(
+                "{lib}, which {user} needs, is in none of the packages"
+            ))
+        })
 }
 
 /// Resolves a symbolic link inside an extracted tree (absolute targets stay inside `root`).
@@ -994,6 +1011,23 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     }
     let (loader, loader_at) = o.arch.loader();
     initrd.add(loader_at, Node::Symlink(format!("/lib/{t}/{loader}")));
+    // e2fsprogs' mke2fs, which makes the scratch's filesystem at boot, with the libraries it
+    // links besides the agent's: run from the initramfs, whose files are in memory, it skipped
+    // the first reads of itself and its libraries from the verity root (squashfs and dm-verity,
+    // 0.15 s of a TCG boot), and shares the agent's C library.
+    let mke2fs = resolve_in(&trees["e2fsprogs"], "sbin/mke2fs")?;
+    let read = |p: &Path| std::fs::read(p).map_err(io(p.display().to_string()));
+    initrd.add(MKE2FS, Node::File(read(&mke2fs)?, 0o755));
+    let mut todo = needed(&mke2fs)?;
+    while let Some(lib) = todo.pop() {
+        let at = format!("lib/{t}/{lib}");
+        if initrd.has(&at) {
+            continue;
+        }
+        let from = find_lib(&trees, o.arch, &lib, MKE2FS)?;
+        initrd.add(&at, Node::File(read(&from)?, 0o755));
+        todo.extend(needed(&from)?);
+    }
     // The drivers of hardware only some x86-64 pod VMs have: a listing each.
     let devices: &[Device] = match o.arch {
         Arch::X86_64 => &Device::ALL,
@@ -1063,13 +1097,6 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
         &trees,
         &resolve_in(&trees["cryptsetup-bin"], "sbin/cryptsetup")?,
         "usr/sbin/cryptsetup",
-        o.arch,
-    )?;
-    stage_elf(
-        &root,
-        &trees,
-        &resolve_in(&trees["e2fsprogs"], "sbin/mke2fs")?,
-        "usr/sbin/mke2fs",
         o.arch,
     )?;
     stage_elf(

@@ -21,6 +21,11 @@ pub struct Initrd {
 }
 
 impl Initrd {
+    /// Whether `path` is in it.
+    pub fn has(&self, path: &str) -> bool {
+        self.entries.contains_key(path.trim_start_matches('/'))
+    }
+
     /// Adds `path` (and its parent directories).
     pub fn add(&mut self, path: &str, node: Node) {
         let path = path.trim_start_matches('/').to_string();
