@@ -271,7 +271,7 @@ impl Containers {
     }
 
     /// Makes the KBS client now, in the background, when it is made on first need
-    /// ([`KbsKeys::deferred`]): called once the agent serves. A failure is logged here and
+    /// ([`KbsKeys::new`]): called once the agent serves. A failure is logged here and
     /// reported again to the first request that needs the KBS.
     pub fn warm_kbs(self: &Arc<Self>) {
         if self.kbs.is_none() {

@@ -319,7 +319,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| e.to_string())?;
             Ok(client.with_initdata(text.clone()))
         };
-        containers = containers.with_kbs(coffer_agent::container::KbsKeys::deferred(make, kbs));
+        containers = containers.with_kbs(coffer_agent::container::KbsKeys::new(make, kbs));
     }
     let containers = Arc::new(containers);
     tracing::info!(

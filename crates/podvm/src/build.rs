@@ -647,27 +647,40 @@ fn stage_elf(
     to: &str,
     arch: Arch,
 ) -> Result<(), BuildError> {
-    let triplet = arch.triplet();
     let dest = root.join(to);
     if let Some(p) = dest.parent() {
         std::fs::create_dir_all(p).map_err(io("cannot stage the root"))?;
     }
     std::fs::copy(elf, &dest).map_err(io(format!("cannot stage {to}")))?;
-    let mut todo = needed(elf)?;
-    let mut seen = BTreeSet::new();
-    while let Some(lib) = todo.pop() {
-        if !seen.insert(lib.clone()) {
-            continue;
-        }
-        let into = root.join(format!("lib/{triplet}")).join(&lib);
-        if into.exists() {
-            continue;
-        }
-        let from = find_lib(trees, arch, &lib, to)?;
-        std::fs::copy(&from, &into).map_err(io(format!("cannot stage {lib}")))?;
-        todo.extend(needed(&from)?);
+    let libs = root.join(format!("lib/{}", arch.triplet()));
+    for (lib, from) in needed_libs(trees, arch, elf, to, |lib| libs.join(lib).exists())? {
+        std::fs::copy(&from, libs.join(&lib)).map_err(io(format!("cannot stage {lib}")))?;
     }
     Ok(())
+}
+
+/// The shared libraries `elf` (`user` in errors) needs, transitively, each with its file in the
+/// packages' library directories: all but those `have` says are there already (whose own needs
+/// are theirs).
+fn needed_libs(
+    trees: &BTreeMap<String, PathBuf>,
+    arch: Arch,
+    elf: &Path,
+    user: &str,
+    have: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, PathBuf)>, BuildError> {
+    let mut todo = needed(elf)?;
+    let mut seen = BTreeSet::new();
+    let mut libs = Vec::new();
+    while let Some(lib) = todo.pop() {
+        if !seen.insert(lib.clone()) || have(&lib) {
+            continue;
+        }
+        let from = find_lib(trees, arch, &lib, user)?;
+        todo.extend(needed(&from)?);
+        libs.push((lib, from));
+    }
+    Ok(libs)
 }
 
 /// The shared library `lib` (a `DT_NEEDED` name of `user`) in the packages' library
@@ -1018,15 +1031,11 @@ pub fn build(o: &BuildOptions) -> Result<serde_json::Value, BuildError> {
     let mke2fs = resolve_in(&trees["e2fsprogs"], "sbin/mke2fs")?;
     let read = |p: &Path| std::fs::read(p).map_err(io(p.display().to_string()));
     initrd.add(MKE2FS, Node::File(read(&mke2fs)?, 0o755));
-    let mut todo = needed(&mke2fs)?;
-    while let Some(lib) = todo.pop() {
-        let at = format!("lib/{t}/{lib}");
-        if initrd.has(&at) {
-            continue;
-        }
-        let from = find_lib(&trees, o.arch, &lib, MKE2FS)?;
-        initrd.add(&at, Node::File(read(&from)?, 0o755));
-        todo.extend(needed(&from)?);
+    let libs = needed_libs(&trees, o.arch, &mke2fs, MKE2FS, |lib| {
+        initrd.has(&format!("lib/{t}/{lib}"))
+    })?;
+    for (lib, from) in libs {
+        initrd.add(&format!("lib/{t}/{lib}"), Node::File(read(&from)?, 0o755));
     }
     // The drivers of hardware only some x86-64 pod VMs have: a listing each.
     let devices: &[Device] = match o.arch {

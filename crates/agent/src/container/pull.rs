@@ -30,21 +30,12 @@ pub struct KbsKeys {
 }
 
 impl KbsKeys {
-    /// Keys from `client`'s KBS: the resources `config` names fetched on first need, layer KEKs
-    /// by their kid.
-    pub fn new(client: coffer_kbs_client::KbsClient, config: crate::keys::KbsConfig) -> Self {
-        Self {
-            client: tokio::sync::OnceCell::new_with(Some(Arc::new(client))),
-            make: Arc::new(|| Err("the KBS client was made already".into())),
-            config,
-            settings: tokio::sync::OnceCell::new(),
-        }
-    }
-
-    /// As [`KbsKeys::new`], with the client made by `make` on first need, on a blocking thread:
-    /// loading the trust roots takes tens of milliseconds under TCG, which a pod VM's agent
-    /// spends after it told the host it serves ([`KbsKeys::client`] early) instead of before.
-    pub fn deferred(
+    /// Keys from the KBS of the client `make` makes: the resources `config` names fetched on
+    /// first need, layer KEKs by their kid. The client itself is made on first need too, on a
+    /// blocking thread: loading its trust roots takes tens of milliseconds under TCG, which a
+    /// pod VM's agent spends after it told the host it serves ([`Containers::warm_kbs`])
+    /// instead of before.
+    pub fn new(
         make: impl Fn() -> std::result::Result<coffer_kbs_client::KbsClient, String>
             + Send
             + Sync
@@ -64,15 +55,12 @@ impl KbsKeys {
         self.client
             .get_or_try_init(|| async {
                 let make = self.make.clone();
-                match tokio::task::spawn_blocking(move || make()).await {
-                    Ok(Ok(c)) => Ok(Arc::new(c)),
-                    Ok(Err(e)) => Err(ContainerError::Keys(format!(
-                        "cannot make the KBS client: {e}"
-                    ))),
-                    Err(e) => Err(ContainerError::Keys(format!(
-                        "cannot make the KBS client: {e}"
-                    ))),
-                }
+                tokio::task::spawn_blocking(move || make())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|made| made)
+                    .map(Arc::new)
+                    .map_err(|e| ContainerError::Keys(format!("cannot make the KBS client: {e}")))
             })
             .await
             .cloned()
@@ -139,7 +127,7 @@ mod tests {
     async fn a_deferred_client_is_made_once_on_first_need_and_a_failure_is_retried() {
         let made = Arc::new(AtomicUsize::new(0));
         let m = made.clone();
-        let keys = KbsKeys::deferred(
+        let keys = KbsKeys::new(
             move || match m.fetch_add(1, Ordering::SeqCst) {
                 0 => Err("no trust roots".into()),
                 _ => Ok(client()),
