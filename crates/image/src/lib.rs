@@ -101,7 +101,7 @@ pub mod source;
 mod stream;
 pub mod unpack;
 
-pub use pull::{inspect, pull, PullOptions, PullReport};
+pub use pull::{inspect, pull, GzipInflater, PullOptions, PullReport};
 pub use reference::ImageRef;
 
 /// A failed image operation. Messages name the image, blob or path and what was wrong.

@@ -112,6 +112,17 @@ pub struct PullOptions {
     pub concurrency: usize,
     /// Progress reports.
     pub progress: Option<Arc<dyn Progress>>,
+    /// The gzip inflater; `None` is zlib-rs through flate2 (memory-safe Rust, which the pod VM's
+    /// agent keeps: there the host controls the bytes it inflates).
+    pub gzip: Option<Arc<dyn GzipInflater>>,
+}
+
+/// Decompresses gzip layers in place of zlib-rs (the host's `coffer image pull` plugs in ISA-L's
+/// igzip, `coffer-isal`).
+pub trait GzipInflater: Send + Sync {
+    /// A reader of what the gzip stream `compressed` inflates to: every member in turn, each
+    /// one's trailer (CRC-32, size) checked; a stream that ends inside a member is an error.
+    fn inflate(&self, compressed: Box<dyn std::io::BufRead>) -> std::io::Result<Box<dyn Read>>;
 }
 
 /// What a pull did.
@@ -466,6 +477,7 @@ fn read_layer(
 fn inflate_layer(
     from: ChunkReader,
     compression: Compression,
+    gzip: Option<&dyn GzipInflater>,
     digest: &str,
     mut to: ChunkWriter,
 ) -> Result<(), Error> {
@@ -476,7 +488,10 @@ fn inflate_layer(
     let mut decoder: Box<dyn Read> = match compression {
         Compression::None => Box::new(from),
         // The decoders read the chunks in place (`BufRead`), without a buffer of their own.
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(from)),
+        Compression::Gzip => match gzip {
+            Some(g) => g.inflate(Box::new(from)).map_err(err)?,
+            None => Box::new(flate2::bufread::MultiGzDecoder::new(from)),
+        },
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(from).map_err(err)?),
     };
     pump(&mut decoder, &mut to).map_err(err)
@@ -514,10 +529,12 @@ fn unpack_layer(
 /// Applies one layer blob: digest of the blob, decryption, decompression, `diff_id`, unpack —
 /// one pass, on three threads joined by bounded channels: reading and decrypting, inflating
 /// (compressed layers), hashing and unpacking.
+#[allow(clippy::too_many_arguments)]
 fn apply_layer(
     blob: BlobBytes,
     desc: &OciDescriptor,
     key: Option<&LayerKey>,
+    gzip: Option<&dyn GzipInflater>,
     diff_id: &str,
     root: &Path,
     limits: Limits,
@@ -537,7 +554,9 @@ fn apply_layer(
             let (to_tar, tar) = stream::chunks(4);
             let t = std::thread::Builder::new()
                 .name("coffer-layer-gunzip".into())
-                .spawn_scoped(s, move || inflate_layer(from, compression, digest, to_tar))
+                .spawn_scoped(s, move || {
+                    inflate_layer(from, compression, gzip, digest, to_tar)
+                })
                 .map_err(Error::io("cannot start a layer thread"))?;
             (Some(t), tar)
         };
@@ -770,11 +789,12 @@ pub async fn pull(
             ),
         };
         cached_layers += usize::from(from_cache);
-        let (root, limits, diff_id, key) = (
+        let (root, limits, diff_id, key, gzip) = (
             staged.clone(),
             opts.limits,
             diff_ids[i].clone(),
             layer_keys[i].clone(),
+            opts.gzip.clone(),
         );
         let (result, t) = tokio::task::spawn_blocking(move || {
             let mut t = totals;
@@ -782,6 +802,7 @@ pub async fn pull(
                 bytes,
                 &desc,
                 key.as_deref(),
+                gzip.as_deref(),
                 &diff_id,
                 &root,
                 limits,
