@@ -47,6 +47,7 @@ fn generate() {
     jwe();
     image_manifest();
     layer_tar();
+    gzip_isal();
     agent();
     kbs_policy();
 }
@@ -335,6 +336,28 @@ fn tar(entries: &[E<'_>]) -> Vec<u8> {
 }
 
 /// The cases of the unpacker's tests, aimed at the fuzz target's sentinel (`../outside/file`).
+/// Gzip streams for the inflaters' comparison: a text member, two members, a stored block, an
+/// empty member, and one with its CRC-32 altered.
+fn gzip_isal() {
+    use std::io::Write;
+    let gz = |data: &[u8], level: u32| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    };
+    let text = b"coffer layer: etc/passwd usr/bin/sh sha256:".repeat(40);
+    out("gzip_isal", "text", gz(&text, 6));
+    let mut two = gz(b"first member\n", 9);
+    two.extend(gz(&text, 1));
+    out("gzip_isal", "two-members", two);
+    out("gzip_isal", "stored", gz(&text[..300], 0));
+    out("gzip_isal", "empty", gz(b"", 6));
+    let mut bad = gz(&text, 6);
+    let n = bad.len();
+    bad[n - 8] ^= 1;
+    out("gzip_isal", "bad-crc", bad);
+}
+
 fn layer_tar() {
     use tar::EntryType::{Link, Symlink};
     let cases: Vec<(&str, Vec<E<'_>>)> = vec![
