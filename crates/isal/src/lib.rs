@@ -127,11 +127,6 @@ impl<R: BufRead> GzipDecoder<R> {
             member_done: false,
         })
     }
-
-    /// The underlying reader, positioned after what was consumed.
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
 }
 
 impl<R: BufRead> Read for GzipDecoder<R> {
