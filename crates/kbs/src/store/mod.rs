@@ -206,50 +206,104 @@ impl Store {
 
 /// In-memory sessions for the embedded store. Sessions live minutes; after a restart clients
 /// simply authenticate again, as with upstream.
+///
+/// The map is split into [`SESSION_SHARDS`] shards, each under its own lock, chosen by a keyed
+/// hash of the session id. One map under one lock stalled every handler whenever it grew: a
+/// hash map doubles by moving all its entries into a fresh table (at 28,000 sessions, a few
+/// milliseconds in which both runtime workers waited on the lock), and the sweep walked all of
+/// it. A shard holds a 64th of the sessions, so its growth and its sweep are that much shorter,
+/// and they happen at different moments.
 pub(crate) struct MemorySessions {
-    map: Mutex<HashMap<String, Session>>,
+    shards: Box<[Shard]>,
+    /// Picks a session's shard. Keyed per process: session ids come from this KBS's RNG, but
+    /// the cookies that look them up come from clients.
+    hasher: std::hash::RandomState,
+    /// Sessions held, across the shards (the bound is `limit`).
+    len: std::sync::atomic::AtomicUsize,
     limit: usize,
-    /// When expired sessions are next swept out (seconds since the epoch).
+}
+
+/// The session map's shards: enough that a shard stays small at the largest bound, few enough
+/// that a full sweep (at the bound) stays cheap.
+const SESSION_SHARDS: usize = 64;
+
+struct Shard {
+    map: Mutex<HashMap<String, Session>>,
+    /// When this shard is next swept of expired sessions (seconds since the epoch).
     next_sweep: std::sync::atomic::AtomicU64,
 }
 
 /// How often the in-memory sessions are swept of expired ones, so that memory follows the live
-/// sessions (rate × lifetime) instead of growing to `max-sessions`.
+/// sessions (rate × lifetime) instead of growing to `max-sessions`. Each shard is swept by the
+/// first insert into it that finds its sweep due.
 const SWEEP_EVERY: u64 = 10;
 
 impl MemorySessions {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            shards: (0..SESSION_SHARDS)
+                .map(|_| Shard {
+                    map: Mutex::new(HashMap::new()),
+                    next_sweep: std::sync::atomic::AtomicU64::new(0),
+                })
+                .collect(),
+            hasher: std::hash::RandomState::new(),
+            len: std::sync::atomic::AtomicUsize::new(0),
             limit,
-            next_sweep: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, id: &str) -> &Shard {
+        use std::hash::BuildHasher;
+        &self.shards[(self.hasher.hash_one(id) % SESSION_SHARDS as u64) as usize]
+    }
+
+    fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        shard.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the expired sessions of one (locked) shard and counts them out of `len`.
+    fn sweep(&self, map: &mut HashMap<String, Session>, now: u64) {
+        use std::sync::atomic::Ordering;
+        let before = map.len();
+        map.retain(|_, s| s.expires_at > now);
+        self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
     }
 
     pub(crate) fn insert(&self, id: &str, session: &Session) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
-        let mut map = self.lock();
         let now = now_secs();
-        if now >= self.next_sweep.load(Ordering::Relaxed) {
-            self.next_sweep.store(now + SWEEP_EVERY, Ordering::Relaxed);
-            map.retain(|_, s| s.expires_at > now);
-        }
-        if map.len() >= self.limit {
-            map.retain(|_, s| s.expires_at > now);
-            if map.len() >= self.limit {
-                return Err(StoreError::Full);
+        if self.len.load(Ordering::Relaxed) >= self.limit {
+            // At the bound: sweep every shard, one lock at a time, before refusing.
+            for shard in self.shards.iter() {
+                self.sweep(&mut Self::lock(shard), now);
             }
         }
-        map.insert(id.to_string(), session.clone());
+        let shard = self.shard(id);
+        let mut map = Self::lock(shard);
+        if now >= shard.next_sweep.load(Ordering::Relaxed) {
+            shard.next_sweep.store(now + SWEEP_EVERY, Ordering::Relaxed);
+            self.sweep(&mut map, now);
+        }
+        // Counted under the shard's lock, so concurrent inserts cannot overshoot the bound.
+        if self
+            .len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(StoreError::Full);
+        }
+        if map.insert(id.to_string(), session.clone()).is_some() {
+            // An id already held (the RNG repeating itself) replaces its session.
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     pub(crate) fn claim_nonce(&self, id: &str) -> NonceClaim {
-        let mut map = self.lock();
+        let mut map = Self::lock(self.shard(id));
         match map.get_mut(id) {
             Some(s) if s.expires_at > now_secs() => {
                 if s.nonce_used {
@@ -265,20 +319,26 @@ impl MemorySessions {
     }
 
     pub(crate) fn set_token(&self, id: &str, token: &str) {
-        if let Some(s) = self.lock().get_mut(id) {
+        if let Some(s) = Self::lock(self.shard(id)).get_mut(id) {
             s.token = Some(token.to_string());
         }
     }
 
     pub(crate) fn forget_token(&self, id: &str) {
-        if let Some(s) = self.lock().get_mut(id) {
+        if let Some(s) = Self::lock(self.shard(id)).get_mut(id) {
             s.token = None;
         }
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<Session> {
-        let map = self.lock();
+        let map = Self::lock(self.shard(id));
         map.get(id).filter(|s| s.expires_at > now_secs()).cloned()
+    }
+
+    /// Sessions held, expired ones not yet swept included.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -308,18 +368,85 @@ mod tests {
     }
 
     #[test]
-    fn expired_sessions_are_swept_before_the_bound_is_reached() {
+    fn expired_sessions_are_swept_out() {
         let s = MemorySessions::new(1000);
         let now = now_secs();
         for i in 0..100 {
             s.insert(&format!("old{i}"), &session(now - 1)).unwrap();
         }
-        // The first insert swept (nothing had expired then); the next sweep is due later.
-        assert_eq!(s.lock().len(), 100);
-        s.next_sweep
-            .store(now, std::sync::atomic::Ordering::Relaxed);
+        // Each shard swept at its first insert (nothing had expired then); the next sweeps are
+        // due later.
+        assert_eq!(s.len(), 100);
+        for shard in s.shards.iter() {
+            shard
+                .next_sweep
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+        // An insert sweeps its own shard: the expired sessions there go, and only there.
+        let there = MemorySessions::lock(s.shard("live")).len();
         s.insert("live", &session(now + 300)).unwrap();
-        assert_eq!(s.lock().len(), 1, "expired sessions stayed in memory");
+        let live_shard = MemorySessions::lock(s.shard("live")).len();
+        assert_eq!(live_shard, 1, "expired sessions stayed in the swept shard");
+        assert_eq!(
+            s.len(),
+            100 - there + 1,
+            "the count did not follow the sweep"
+        );
         assert!(s.get("live").is_some());
+        assert!(s.get("old0").is_none(), "an expired session was returned");
+    }
+
+    #[test]
+    fn the_bound_holds_across_shards_and_lifts_as_sessions_expire() {
+        let s = MemorySessions::new(50);
+        let now = now_secs();
+        for i in 0..40 {
+            s.insert(&format!("old{i}"), &session(now - 1)).unwrap();
+        }
+        for i in 0..10 {
+            s.insert(&format!("live{i}"), &session(now + 300)).unwrap();
+        }
+        // Full, though 40 have expired: at the bound every shard is swept before refusing.
+        assert_eq!(s.len(), 50);
+        s.insert("next", &session(now + 300)).unwrap();
+        assert_eq!(s.len(), 11);
+        for i in 0..39 {
+            s.insert(&format!("more{i}"), &session(now + 300)).unwrap();
+        }
+        assert!(matches!(
+            s.insert("one-too-many", &session(now + 300)),
+            Err(StoreError::Full)
+        ));
+        assert_eq!(s.len(), 50);
+        // Replacing a held id keeps the count.
+        let mut s2 = session(now + 300);
+        s2.nonce = "m".into();
+        assert!(matches!(s.insert("live0", &s2), Err(StoreError::Full)));
+        assert_eq!(s.get("live0").unwrap().nonce, "n");
+    }
+
+    #[test]
+    fn concurrent_inserts_never_pass_the_bound() {
+        let s = std::sync::Arc::new(MemorySessions::new(1000));
+        let now = now_secs();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    (0..500)
+                        .filter(|i| s.insert(&format!("{t}-{i}"), &session(now + 300)).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        let inserted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(inserted, 1000);
+        assert_eq!(s.len(), 1000);
+        let held: usize = s
+            .shards
+            .iter()
+            .map(|sh| MemorySessions::lock(sh).len())
+            .sum();
+        assert_eq!(held, 1000);
     }
 }
