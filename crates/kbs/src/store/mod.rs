@@ -285,7 +285,7 @@ impl MemorySessions {
             shard.next_sweep.store(now + SWEEP_EVERY, Ordering::Relaxed);
             self.sweep(&mut map, now);
         }
-        // Counted under the shard's lock, so concurrent inserts cannot overshoot the bound.
+        // The place is taken with one atomic update, so concurrent inserts cannot pass the bound.
         if self
             .len
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
