@@ -213,6 +213,9 @@ impl Store {
 /// milliseconds in which both runtime workers waited on the lock), and the sweep walked all of
 /// it. A shard holds a 64th of the sessions, so its growth and its sweep are that much shorter,
 /// and they happen at different moments.
+///
+/// A session is held as [`Held`], keyed by the 16 bytes of its id: about 80 bytes in the table
+/// and one small string beside, where a [`Session`] under its hex id took about 130 and three.
 pub(crate) struct MemorySessions {
     shards: Box<[Shard]>,
     /// Picks a session's shard. Keyed per process: session ids come from this KBS's RNG, but
@@ -228,9 +231,57 @@ pub(crate) struct MemorySessions {
 const SESSION_SHARDS: usize = 64;
 
 struct Shard {
-    map: Mutex<HashMap<String, Session>>,
+    map: Mutex<HashMap<SessionKey, Held>>,
     /// When this shard is next swept of expired sessions (seconds since the epoch).
     next_sweep: std::sync::atomic::AtomicU64,
+}
+
+/// A session id as its 16 bytes.
+type SessionKey = [u8; 16];
+
+/// The key of a session id: the id is 32 lowercase hex digits, as `/auth` makes them. Anything
+/// else is no session's id (the uppercase spelling of one included).
+fn session_key(id: &str) -> Option<SessionKey> {
+    if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut key = [0u8; 16];
+    hex::decode_to_slice(id, &mut key).ok()?;
+    Some(key)
+}
+
+/// A [`Session`] as the embedded store holds it: its strings boxed, without spare capacity.
+struct Held {
+    tee: Tee,
+    nonce_used: bool,
+    expires_at: u64,
+    nonce: Box<str>,
+    token: Option<Box<str>>,
+    se_secret: Option<Box<str>>,
+}
+
+impl Held {
+    fn new(s: &Session) -> Self {
+        Self {
+            tee: s.tee,
+            nonce_used: s.nonce_used,
+            expires_at: s.expires_at,
+            nonce: s.nonce.as_str().into(),
+            token: s.token.as_deref().map(Into::into),
+            se_secret: s.se_secret.as_deref().map(Into::into),
+        }
+    }
+
+    fn session(&self) -> Session {
+        Session {
+            tee: self.tee,
+            nonce: self.nonce.to_string(),
+            nonce_used: self.nonce_used,
+            expires_at: self.expires_at,
+            token: self.token.as_deref().map(str::to_string),
+            se_secret: self.se_secret.as_deref().map(str::to_string),
+        }
+    }
 }
 
 /// How often the in-memory sessions are swept of expired ones, so that memory follows the live
@@ -253,17 +304,30 @@ impl MemorySessions {
         }
     }
 
-    fn shard(&self, id: &str) -> &Shard {
+    fn shard(&self, key: &SessionKey) -> &Shard {
         use std::hash::BuildHasher;
-        &self.shards[(self.hasher.hash_one(id) % SESSION_SHARDS as u64) as usize]
+        &self.shards[(self.hasher.hash_one(key) % SESSION_SHARDS as u64) as usize]
     }
 
-    fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+    fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Held>> {
         shard.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The locked shard that holds (or would hold) session `id`, with its key; None for an id
+    /// that no session has.
+    fn locked(
+        &self,
+        id: &str,
+    ) -> Option<(
+        std::sync::MutexGuard<'_, HashMap<SessionKey, Held>>,
+        SessionKey,
+    )> {
+        let key = session_key(id)?;
+        Some((Self::lock(self.shard(&key)), key))
+    }
+
     /// Drops the expired sessions of one (locked) shard and counts them out of `len`.
-    fn sweep(&self, map: &mut HashMap<String, Session>, now: u64) {
+    fn sweep(&self, map: &mut HashMap<SessionKey, Held>, now: u64) {
         use std::sync::atomic::Ordering;
         let before = map.len();
         map.retain(|_, s| s.expires_at > now);
@@ -272,6 +336,8 @@ impl MemorySessions {
 
     pub(crate) fn insert(&self, id: &str, session: &Session) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
+        let key = session_key(id)
+            .ok_or_else(|| StoreError::Corrupt("a session id is 32 lowercase hex digits".into()))?;
         let now = now_secs();
         if self.len.load(Ordering::Relaxed) >= self.limit {
             // At the bound: sweep every shard, one lock at a time, before refusing.
@@ -279,7 +345,7 @@ impl MemorySessions {
                 self.sweep(&mut Self::lock(shard), now);
             }
         }
-        let shard = self.shard(id);
+        let shard = self.shard(&key);
         let mut map = Self::lock(shard);
         if now >= shard.next_sweep.load(Ordering::Relaxed) {
             shard.next_sweep.store(now + SWEEP_EVERY, Ordering::Relaxed);
@@ -295,7 +361,7 @@ impl MemorySessions {
         {
             return Err(StoreError::Full);
         }
-        if map.insert(id.to_string(), session.clone()).is_some() {
+        if map.insert(key, Held::new(session)).is_some() {
             // An id already held (the RNG repeating itself) replaces its session.
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
@@ -303,13 +369,15 @@ impl MemorySessions {
     }
 
     pub(crate) fn claim_nonce(&self, id: &str) -> NonceClaim {
-        let mut map = Self::lock(self.shard(id));
-        match map.get_mut(id) {
+        let Some((mut map, key)) = self.locked(id) else {
+            return NonceClaim::NoSession;
+        };
+        match map.get_mut(&key) {
             Some(s) if s.expires_at > now_secs() => {
                 if s.nonce_used {
                     NonceClaim::Replayed
                 } else {
-                    let before = s.clone();
+                    let before = s.session();
                     s.nonce_used = true;
                     NonceClaim::Claimed(before)
                 }
@@ -319,20 +387,26 @@ impl MemorySessions {
     }
 
     pub(crate) fn set_token(&self, id: &str, token: &str) {
-        if let Some(s) = Self::lock(self.shard(id)).get_mut(id) {
-            s.token = Some(token.to_string());
+        if let Some((mut map, key)) = self.locked(id) {
+            if let Some(s) = map.get_mut(&key) {
+                s.token = Some(token.into());
+            }
         }
     }
 
     pub(crate) fn forget_token(&self, id: &str) {
-        if let Some(s) = Self::lock(self.shard(id)).get_mut(id) {
-            s.token = None;
+        if let Some((mut map, key)) = self.locked(id) {
+            if let Some(s) = map.get_mut(&key) {
+                s.token = None;
+            }
         }
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<Session> {
-        let map = Self::lock(self.shard(id));
-        map.get(id).filter(|s| s.expires_at > now_secs()).cloned()
+        let (map, key) = self.locked(id)?;
+        map.get(&key)
+            .filter(|s| s.expires_at > now_secs())
+            .map(Held::session)
     }
 
     /// Sessions held, expired ones not yet swept included.
@@ -367,12 +441,17 @@ mod tests {
         }
     }
 
+    /// A session id as `/auth` makes them: 32 lowercase hex digits (`tag` tells them apart).
+    fn id(tag: u32, i: u32) -> String {
+        format!("{tag:08x}{i:024x}")
+    }
+
     #[test]
     fn expired_sessions_are_swept_out() {
         let s = MemorySessions::new(1000);
         let now = now_secs();
         for i in 0..100 {
-            s.insert(&format!("old{i}"), &session(now - 1)).unwrap();
+            s.insert(&id(1, i), &session(now - 1)).unwrap();
         }
         // Each shard swept at its first insert (nothing had expired then); the next sweeps are
         // due later.
@@ -383,17 +462,26 @@ mod tests {
                 .store(now, std::sync::atomic::Ordering::Relaxed);
         }
         // An insert sweeps its own shard: the expired sessions there go, and only there.
-        let there = MemorySessions::lock(s.shard("live")).len();
-        s.insert("live", &session(now + 300)).unwrap();
-        let live_shard = MemorySessions::lock(s.shard("live")).len();
-        assert_eq!(live_shard, 1, "expired sessions stayed in the swept shard");
+        let live = id(2, 0);
+        let (map, _) = s.locked(&live).unwrap();
+        let there = map.len();
+        drop(map);
+        s.insert(&live, &session(now + 300)).unwrap();
+        assert_eq!(
+            s.locked(&live).unwrap().0.len(),
+            1,
+            "expired sessions stayed in the swept shard"
+        );
         assert_eq!(
             s.len(),
             100 - there + 1,
             "the count did not follow the sweep"
         );
-        assert!(s.get("live").is_some());
-        assert!(s.get("old0").is_none(), "an expired session was returned");
+        assert!(s.get(&live).is_some());
+        assert!(
+            s.get(&id(1, 0)).is_none(),
+            "an expired session was returned"
+        );
     }
 
     #[test]
@@ -401,28 +489,28 @@ mod tests {
         let s = MemorySessions::new(50);
         let now = now_secs();
         for i in 0..40 {
-            s.insert(&format!("old{i}"), &session(now - 1)).unwrap();
+            s.insert(&id(1, i), &session(now - 1)).unwrap();
         }
         for i in 0..10 {
-            s.insert(&format!("live{i}"), &session(now + 300)).unwrap();
+            s.insert(&id(2, i), &session(now + 300)).unwrap();
         }
         // Full, though 40 have expired: at the bound every shard is swept before refusing.
         assert_eq!(s.len(), 50);
-        s.insert("next", &session(now + 300)).unwrap();
+        s.insert(&id(3, 0), &session(now + 300)).unwrap();
         assert_eq!(s.len(), 11);
         for i in 0..39 {
-            s.insert(&format!("more{i}"), &session(now + 300)).unwrap();
+            s.insert(&id(4, i), &session(now + 300)).unwrap();
         }
         assert!(matches!(
-            s.insert("one-too-many", &session(now + 300)),
+            s.insert(&id(5, 0), &session(now + 300)),
             Err(StoreError::Full)
         ));
         assert_eq!(s.len(), 50);
-        // Replacing a held id keeps the count.
-        let mut s2 = session(now + 300);
-        s2.nonce = "m".into();
-        assert!(matches!(s.insert("live0", &s2), Err(StoreError::Full)));
-        assert_eq!(s.get("live0").unwrap().nonce, "n");
+        // A refused insert leaves a held session as it was.
+        let mut other = session(now + 300);
+        other.nonce = "m".into();
+        assert!(matches!(s.insert(&id(2, 0), &other), Err(StoreError::Full)));
+        assert_eq!(s.get(&id(2, 0)).unwrap().nonce, "n");
     }
 
     #[test]
@@ -434,7 +522,7 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     (0..500)
-                        .filter(|i| s.insert(&format!("{t}-{i}"), &session(now + 300)).is_ok())
+                        .filter(|&i| s.insert(&id(t, i), &session(now + 300)).is_ok())
                         .count()
                 })
             })
@@ -448,5 +536,64 @@ mod tests {
             .map(|sh| MemorySessions::lock(sh).len())
             .sum();
         assert_eq!(held, 1000);
+    }
+
+    #[test]
+    fn a_session_reads_back_as_it_was_written_and_changed() {
+        let s = MemorySessions::new(10);
+        let now = now_secs();
+        let key = id(7, 7);
+        let mut written = session(now + 300);
+        written.tee = Tee::Snp;
+        written.nonce = "bm9uY2U=".into();
+        written.se_secret = Some("c2VjcmV0".into());
+        s.insert(&key, &written).unwrap();
+        let read = s.get(&key).unwrap();
+        assert_eq!(
+            serde_json::to_value(&read).unwrap(),
+            serde_json::to_value(&written).unwrap()
+        );
+        s.set_token(&key, "a.b.c");
+        assert_eq!(s.get(&key).unwrap().token.as_deref(), Some("a.b.c"));
+        match s.claim_nonce(&key) {
+            NonceClaim::Claimed(before) => {
+                assert!(!before.nonce_used);
+                assert_eq!(before.token.as_deref(), Some("a.b.c"));
+            }
+            _ => panic!("the nonce was not claimed"),
+        }
+        assert!(matches!(s.claim_nonce(&key), NonceClaim::Replayed));
+        assert!(s.get(&key).unwrap().nonce_used);
+        s.forget_token(&key);
+        assert_eq!(s.get(&key).unwrap().token, None);
+    }
+
+    #[test]
+    fn only_lowercase_hex_ids_of_32_digits_name_a_session() {
+        let s = MemorySessions::new(10);
+        let now = now_secs();
+        let key = id(0xabcd_ef01, 9);
+        s.insert(&key, &session(now + 300)).unwrap();
+        // The same bytes spelled in uppercase, or any other string, find nothing and change
+        // nothing.
+        let upper = key.to_uppercase();
+        assert_ne!(upper, key);
+        for other in [
+            upper.as_str(),
+            "",
+            "not-a-session",
+            &key[..31],
+            &format!("{key}0"),
+        ] {
+            assert!(s.get(other).is_none(), "{other:?} found a session");
+            assert!(matches!(s.claim_nonce(other), NonceClaim::NoSession));
+            s.set_token(other, "x.y.z");
+            assert!(matches!(
+                s.insert(other, &session(now + 300)),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+        assert_eq!(s.get(&key).unwrap().token, None);
+        assert_eq!(s.len(), 1);
     }
 }
