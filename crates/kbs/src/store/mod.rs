@@ -224,6 +224,10 @@ pub(crate) struct MemorySessions {
     /// Sessions held, across the shards (the bound is `limit`).
     len: std::sync::atomic::AtomicUsize,
     limit: usize,
+    /// The second of the last sweep of all shards (at the bound). Sessions expire by the
+    /// second, so at the bound the shards are swept at most once a second: a flood of `/auth`
+    /// against a full store is refused at the cost of a count, not of a scan each.
+    full_sweep_at: std::sync::atomic::AtomicU64,
 }
 
 /// The session map's shards: enough that a shard stays small at the largest bound, few enough
@@ -301,6 +305,7 @@ impl MemorySessions {
             hasher: std::hash::RandomState::new(),
             len: std::sync::atomic::AtomicUsize::new(0),
             limit,
+            full_sweep_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -339,8 +344,11 @@ impl MemorySessions {
         let key = session_key(id)
             .ok_or_else(|| StoreError::Corrupt("a session id is 32 lowercase hex digits".into()))?;
         let now = now_secs();
-        if self.len.load(Ordering::Relaxed) >= self.limit {
-            // At the bound: sweep every shard, one lock at a time, before refusing.
+        if self.len.load(Ordering::Relaxed) >= self.limit
+            && self.full_sweep_at.swap(now, Ordering::Relaxed) != now
+        {
+            // At the bound, and not yet swept this second: sweep every shard, one lock at a
+            // time, before refusing.
             for shard in self.shards.iter() {
                 self.sweep(&mut Self::lock(shard), now);
             }
@@ -511,6 +519,33 @@ mod tests {
         other.nonce = "m".into();
         assert!(matches!(s.insert(&id(2, 0), &other), Err(StoreError::Full)));
         assert_eq!(s.get(&id(2, 0)).unwrap().nonce, "n");
+    }
+
+    #[test]
+    fn at_the_bound_the_shards_are_swept_at_most_once_a_second() {
+        // Tried again, on a fresh map, whenever the clock's second turns during a try.
+        loop {
+            let s = MemorySessions::new(10);
+            let second = now_secs();
+            for i in 0..10 {
+                s.insert(&id(1, i), &session(second - 1)).unwrap();
+            }
+            // Swept already this second: refused on the count alone, the expired sessions kept.
+            s.full_sweep_at
+                .store(second, std::sync::atomic::Ordering::Relaxed);
+            let refused = s.insert(&id(2, 0), &session(second + 300));
+            if now_secs() != second {
+                continue;
+            }
+            assert!(matches!(refused, Err(StoreError::Full)));
+            assert_eq!(s.len(), 10);
+            // Not yet swept this second: the sweep makes room.
+            s.full_sweep_at
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            s.insert(&id(2, 0), &session(second + 300)).unwrap();
+            assert_eq!(s.len(), 1);
+            break;
+        }
     }
 
     #[test]
