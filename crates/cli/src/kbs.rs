@@ -392,7 +392,9 @@ async fn bench(
     println!("errors: {errors}");
     println!("handshakes/s: {:.0}", lat.len() as f64 / elapsed);
     println!("p50_ms: {:.2}", pct(0.50));
+    println!("p90_ms: {:.2}", pct(0.90));
     println!("p99_ms: {:.2}", pct(0.99));
+    println!("p99.9_ms: {:.2}", pct(0.999));
     if let Some(e) = last_error {
         println!("last_error: {e}");
     }

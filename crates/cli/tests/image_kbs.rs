@@ -1,7 +1,8 @@
 //! What the guest gets from the KBS after attestation: layer keys of encrypted images
 //! (`coffer image encrypt --kbs-kek`, `coffer image pull --kbs`), registry credentials
 //! (`--authfile kbs:///…` against a registry requiring basic auth) and sealed secrets
-//! (`coffer secret seal` / `unseal`). A real coffer-kbs on loopback (sample TEE).
+//! (`coffer secret seal` / `unseal`); and `coffer kbs bench`, which measures full handshakes. A
+//! real coffer-kbs on loopback (sample TEE).
 
 mod common;
 
@@ -409,4 +410,65 @@ async fn policy_keys_can_be_kbs_resources() {
         .unwrap();
     let (ok, _, stderr) = run(pull("r2")).await;
     assert!(ok, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bench_runs_full_handshakes_and_fails_loudly_when_they_cannot_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().to_path_buf();
+    let kbs = start_kbs(&w).await;
+    let (url, admin) = (kbs.url.clone(), &kbs.admin);
+    admin
+        .set_resource("default/bench/key", b"0123456789abcdef".to_vec())
+        .await
+        .unwrap();
+    let bench = |resource: &str| {
+        [
+            "kbs",
+            "--url",
+            url.as_str(),
+            "bench",
+            "--clients",
+            "2",
+            "--duration",
+            "1",
+            "--attester",
+            "sample",
+            "--resource",
+            resource,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (ok, out, err) = run(bench("default/bench/key")).await;
+    assert!(ok, "bench failed: {err}");
+    let field = |name: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in the bench's output:\n{out}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("errors"), 0.0, "{out}");
+    assert!(field("handshakes") >= 1.0, "{out}");
+    assert!(field("handshakes/s") > 0.0, "{out}");
+    let (p50, p90, p99, p999) = (
+        field("p50_ms"),
+        field("p90_ms"),
+        field("p99_ms"),
+        field("p99.9_ms"),
+    );
+    assert!(
+        0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= p999,
+        "percentiles out of order:\n{out}"
+    );
+    // The server's memory comes from its metrics.
+    assert!(field("server_rss_mib") > 0.0, "{out}");
+
+    // A resource that does not exist: the first handshake fails, and says so, before any
+    // rate is printed.
+    let (ok, out, err) = run(bench("default/bench/missing")).await;
+    assert!(!ok, "a bench whose handshakes cannot succeed passed: {out}");
+    assert!(err.contains("first handshake failed"), "{err}");
+    assert!(!out.contains("handshakes/s"), "{out}");
 }
