@@ -335,7 +335,6 @@ fn tar(entries: &[E<'_>]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// The cases of the unpacker's tests, aimed at the fuzz target's sentinel (`../outside/file`).
 /// Gzip streams for the inflaters' comparison: a text member, two members, a stored block, an
 /// empty member, and one with its CRC-32 altered.
 fn gzip_isal() {
@@ -358,6 +357,7 @@ fn gzip_isal() {
     out("gzip_isal", "bad-crc", bad);
 }
 
+/// The cases of the unpacker's tests, aimed at the fuzz target's sentinel (`../outside/file`).
 fn layer_tar() {
     use tar::EntryType::{Link, Symlink};
     let cases: Vec<(&str, Vec<E<'_>>)> = vec![
