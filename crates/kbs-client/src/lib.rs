@@ -231,6 +231,10 @@ fn now_secs() -> u64 {
 pub struct KbsClient {
     http: reqwest::Client,
     base: String,
+    /// `{base}/auth` and `{base}/attest`, parsed once when the client is made (which also
+    /// refuses a KBS URL that is not http(s) with a host, before any request).
+    auth_url: reqwest::Url,
+    attest_url: reqwest::Url,
     attester: Box<dyn Attester>,
     key: TeeKeyPair,
     initdata: Option<String>,
@@ -239,15 +243,34 @@ pub struct KbsClient {
 
 impl KbsClient {
     /// A client of the KBS at `url` (e.g. `https://kbs.example:8080`), with a fresh TEE key.
+    /// A `url` that is not `https://` or `http://` with a host is refused here
+    /// ([`ClientError::Config`], naming it), not at the first request.
     pub fn new(
         url: &str,
         http: reqwest::Client,
         attester: Box<dyn Attester>,
         key_alg: TeeKeyAlgorithm,
     ) -> Result<Self> {
+        let bad = |why: String| {
+            ClientError::Config(format!(
+                "the KBS URL `{url}` {why}; give one like https://kbs.example:8080"
+            ))
+        };
+        let given = reqwest::Url::parse(url).map_err(|e| bad(format!("is not a URL ({e})")))?;
+        if !matches!(given.scheme(), "https" | "http") || given.host_str().is_none_or(str::is_empty)
+        {
+            return Err(bad("is not an https:// or http:// URL with a host".into()));
+        }
+        let base = format!("{}{BASE_PATH}", url.trim_end_matches('/'));
+        let endpoint = |name: &str| {
+            reqwest::Url::parse(&format!("{base}/{name}"))
+                .map_err(|e| bad(format!("does not extend to /{name} ({e})")))
+        };
         Ok(Self {
             http,
-            base: format!("{}{BASE_PATH}", url.trim_end_matches('/')),
+            auth_url: endpoint("auth")?,
+            attest_url: endpoint("attest")?,
+            base,
             attester,
             key: TeeKeyPair::generate(key_alg)?,
             initdata: None,
@@ -272,11 +295,11 @@ impl KbsClient {
     }
 
     async fn attest_session(&self) -> Result<CachedToken> {
-        let url = format!("{}/auth", self.base);
+        let url = self.auth_url.as_str();
         tracing::debug!(%url, "attesting");
         let resp = self
             .http
-            .post(&url)
+            .post(self.auth_url.clone())
             .json(&Request {
                 version: PROTOCOL_VERSION.into(),
                 tee: self.attester.tee(),
@@ -284,7 +307,7 @@ impl KbsClient {
             })
             .send()
             .await
-            .map_err(http_err(&url))?;
+            .map_err(http_err(url))?;
         let resp = check("auth", resp).await?;
         let cookie = session_cookie(&resp).ok_or_else(|| ClientError::Protocol {
             op: "auth".into(),
@@ -340,15 +363,15 @@ impl KbsClient {
                 additional_evidence: additional,
             },
         };
-        let url = format!("{}/attest", self.base);
+        let url = self.attest_url.as_str();
         let resp = self
             .http
-            .post(&url)
+            .post(self.attest_url.clone())
             .header(header::COOKIE, &cookie)
             .json(&body)
             .send()
             .await
-            .map_err(http_err(&url))?;
+            .map_err(http_err(url))?;
         let resp = check("attest", resp).await?;
         // The KBS may replace the session cookie once attested (it seals the token into it).
         let cookie = session_cookie(&resp).unwrap_or(cookie);
@@ -480,4 +503,44 @@ fn session_cookie(resp: &reqwest::Response) -> Option<String> {
         .filter_map(|v| v.split(';').next())
         .find(|kv| kv.trim_start().starts_with(&format!("{SESSION_COOKIE}=")))
         .map(|s| s.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(url: &str) -> Result<KbsClient> {
+        KbsClient::new(
+            url,
+            reqwest::Client::new(),
+            Box::new(SampleAttester::default()),
+            TeeKeyAlgorithm::EcP256,
+        )
+    }
+
+    #[test]
+    fn the_endpoints_are_parsed_once_under_the_protocol_path() {
+        let c = client("http://127.0.0.1:8080/").unwrap();
+        assert_eq!(c.auth_url.as_str(), "http://127.0.0.1:8080/kbs/v0/auth");
+        assert_eq!(c.attest_url.as_str(), "http://127.0.0.1:8080/kbs/v0/attest");
+        let c = client("https://kbs.example").unwrap();
+        assert_eq!(c.auth_url.as_str(), "https://kbs.example/kbs/v0/auth");
+    }
+
+    #[test]
+    fn a_kbs_url_that_cannot_be_reached_over_http_is_refused_when_the_client_is_made() {
+        for url in [
+            "127.0.0.1:8080",
+            "kbs.example:8080",
+            "ftp://kbs.example",
+            "",
+            "http://",
+        ] {
+            let Err(ClientError::Config(msg)) = client(url) else {
+                panic!("`{url}` was accepted as a KBS URL");
+            };
+            assert!(msg.contains(&format!("`{url}`")), "{msg}");
+            assert!(msg.contains("https://kbs.example:8080"), "{msg}");
+        }
+    }
 }
