@@ -231,8 +231,7 @@ fn now_secs() -> u64 {
 pub struct KbsClient {
     http: reqwest::Client,
     base: String,
-    /// `{base}/auth` and `{base}/attest`, parsed once when the client is made (which also
-    /// refuses a KBS URL that is not http(s) with a host, before any request).
+    /// `{base}/auth` and `{base}/attest`, parsed once when the client is made.
     auth_url: reqwest::Url,
     attest_url: reqwest::Url,
     attester: Box<dyn Attester>,
@@ -243,28 +242,48 @@ pub struct KbsClient {
 
 impl KbsClient {
     /// A client of the KBS at `url` (e.g. `https://kbs.example:8080`), with a fresh TEE key.
-    /// A `url` that is not `https://` or `http://` with a host is refused here
-    /// ([`ClientError::Config`], naming it), not at the first request.
+    /// A `url` that is not `https://` or `http://` with a host, or that has a query, a fragment
+    /// or credentials, is refused here ([`ClientError::Config`], naming it unless it has an `@`),
+    /// not at the first request.
     pub fn new(
         url: &str,
         http: reqwest::Client,
         attester: Box<dyn Attester>,
         key_alg: TeeKeyAlgorithm,
     ) -> Result<Self> {
-        let bad = |why: String| {
+        // A URL with `@` may carry credentials: it is not echoed into errors.
+        let shown = if url.contains('@') {
+            "(not shown: it has an @)"
+        } else {
+            url
+        };
+        let bad = |why: &str| {
             ClientError::Config(format!(
-                "the KBS URL `{url}` {why}; give one like https://kbs.example:8080"
+                "the KBS URL `{shown}` {why}; give one like https://kbs.example:8080"
             ))
         };
-        let given = reqwest::Url::parse(url).map_err(|e| bad(format!("is not a URL ({e})")))?;
+        let given = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
         if !matches!(given.scheme(), "https" | "http") || given.host_str().is_none_or(str::is_empty)
         {
-            return Err(bad("is not an https:// or http:// URL with a host".into()));
+            return Err(bad("is not an https:// or http:// URL with a host"));
+        }
+        // The protocol's paths are appended to it: a query or fragment would swallow them.
+        if given.query().is_some() || given.fragment().is_some() {
+            return Err(bad(
+                "has a query or fragment, which the KBS paths cannot follow",
+            ));
+        }
+        // The URL is logged and named in errors; the KBS authenticates by attestation.
+        if !given.username().is_empty() || given.password().is_some() {
+            return Err(bad(
+                "carries a user name or password; remove them: the KBS authenticates a TEE by \
+                 attestation, and its URL is logged",
+            ));
         }
         let base = format!("{}{BASE_PATH}", url.trim_end_matches('/'));
         let endpoint = |name: &str| {
             reqwest::Url::parse(&format!("{base}/{name}"))
-                .map_err(|e| bad(format!("does not extend to /{name} ({e})")))
+                .map_err(|e| bad(&format!("does not extend to /{name} ({e})")))
         };
         Ok(Self {
             http,
@@ -528,19 +547,36 @@ mod tests {
     }
 
     #[test]
-    fn a_kbs_url_that_cannot_be_reached_over_http_is_refused_when_the_client_is_made() {
+    fn a_kbs_url_the_protocol_paths_cannot_follow_is_refused_when_the_client_is_made() {
         for url in [
             "127.0.0.1:8080",
             "kbs.example:8080",
             "ftp://kbs.example",
             "",
             "http://",
+            "https://kbs.example/?tenant=a",
+            "https://kbs.example#top",
         ] {
             let Err(ClientError::Config(msg)) = client(url) else {
                 panic!("`{url}` was accepted as a KBS URL");
             };
             assert!(msg.contains(&format!("`{url}`")), "{msg}");
             assert!(msg.contains("https://kbs.example:8080"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_kbs_url_with_credentials_is_refused_without_repeating_them() {
+        for url in [
+            "https://admin:hunter2@kbs.example",
+            "https://hunter2@kbs.example",
+        ] {
+            let Err(ClientError::Config(msg)) = client(url) else {
+                panic!("a KBS URL with credentials was accepted");
+            };
+            assert!(!msg.contains("hunter2"), "{msg}");
+            assert!(msg.contains("user name or password"), "{msg}");
+            assert!(msg.contains("not shown"), "{msg}");
         }
     }
 }
