@@ -6,7 +6,7 @@ use aws_lc_rs::{
     signature::{Ed25519KeyPair, KeyPair},
 };
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use coffer_wire::{reference::ReferenceValues, BASE_PATH};
+use coffer_wire::reference::ReferenceValues;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -72,7 +72,8 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// A client that signs its requests with the Ed25519 private key in `private_pem`.
+    /// A client of the KBS at `url` that signs its requests with the Ed25519 private key in
+    /// `private_pem`. The URL is checked as [`KbsClient::new`](crate::KbsClient::new) checks it.
     pub fn new(url: &str, http: reqwest::Client, private_pem: &[u8]) -> Result<Self> {
         let key = EncodingKey::from_ed_pem(private_pem).map_err(|e| {
             ClientError::Config(format!(
@@ -81,7 +82,7 @@ impl AdminClient {
         })?;
         Ok(Self {
             http,
-            base: format!("{}{BASE_PATH}", url.trim_end_matches('/')),
+            base: crate::protocol_base(url)?,
             key,
         })
     }

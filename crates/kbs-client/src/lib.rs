@@ -195,6 +195,39 @@ async fn check(op: &str, resp: reqwest::Response) -> Result<reqwest::Response> {
     })
 }
 
+/// `url` with the KBS protocol's path appended (`…/kbs/v0`), once it is checked: `https://` or
+/// `http://` with a host, no query or fragment (the protocol's paths are appended to it), no user
+/// name or password (the URL is logged and named in errors; the KBS authenticates by attestation
+/// or by the admin key). The error names `url` unless it has an `@`.
+pub(crate) fn protocol_base(url: &str) -> Result<String> {
+    let shown = if url.contains('@') {
+        "(not shown: it has an @)"
+    } else {
+        url
+    };
+    let bad = |why: &str| {
+        ClientError::Config(format!(
+            "the KBS URL `{shown}` {why}; give one like https://kbs.example:8080"
+        ))
+    };
+    let given = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(given.scheme(), "https" | "http") || given.host_str().is_none_or(str::is_empty) {
+        return Err(bad("is not an https:// or http:// URL with a host"));
+    }
+    if given.query().is_some() || given.fragment().is_some() {
+        return Err(bad(
+            "has a query or fragment, which the KBS paths cannot follow",
+        ));
+    }
+    if !given.username().is_empty() || given.password().is_some() {
+        return Err(bad(
+            "carries a user name or password; remove them: the KBS authenticates by attestation \
+             or the admin key, and its URL is logged",
+        ));
+    }
+    Ok(format!("{}{BASE_PATH}", url.trim_end_matches('/')))
+}
+
 fn http_err(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
     move |source| ClientError::Http {
         url: url.to_string(),
@@ -244,46 +277,18 @@ impl KbsClient {
     /// A client of the KBS at `url` (e.g. `https://kbs.example:8080`), with a fresh TEE key.
     /// A `url` that is not `https://` or `http://` with a host, or that has a query, a fragment
     /// or credentials, is refused here ([`ClientError::Config`], naming it unless it has an `@`),
-    /// not at the first request.
+    /// not at the first request. [`AdminClient::new`] checks its URL the same way.
     pub fn new(
         url: &str,
         http: reqwest::Client,
         attester: Box<dyn Attester>,
         key_alg: TeeKeyAlgorithm,
     ) -> Result<Self> {
-        // A URL with `@` may carry credentials: it is not echoed into errors.
-        let shown = if url.contains('@') {
-            "(not shown: it has an @)"
-        } else {
-            url
-        };
-        let bad = |why: &str| {
-            ClientError::Config(format!(
-                "the KBS URL `{shown}` {why}; give one like https://kbs.example:8080"
-            ))
-        };
-        let given = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
-        if !matches!(given.scheme(), "https" | "http") || given.host_str().is_none_or(str::is_empty)
-        {
-            return Err(bad("is not an https:// or http:// URL with a host"));
-        }
-        // The protocol's paths are appended to it: a query or fragment would swallow them.
-        if given.query().is_some() || given.fragment().is_some() {
-            return Err(bad(
-                "has a query or fragment, which the KBS paths cannot follow",
-            ));
-        }
-        // The URL is logged and named in errors; the KBS authenticates by attestation.
-        if !given.username().is_empty() || given.password().is_some() {
-            return Err(bad(
-                "carries a user name or password; remove them: the KBS authenticates a TEE by \
-                 attestation, and its URL is logged",
-            ));
-        }
-        let base = format!("{}{BASE_PATH}", url.trim_end_matches('/'));
+        let base = protocol_base(url)?;
         let endpoint = |name: &str| {
-            reqwest::Url::parse(&format!("{base}/{name}"))
-                .map_err(|e| bad(&format!("does not extend to /{name} ({e})")))
+            reqwest::Url::parse(&format!("{base}/{name}")).map_err(|e| {
+                ClientError::Config(format!("the KBS URL cannot take the path /{name}: {e}"))
+            })
         };
         Ok(Self {
             http,
@@ -577,6 +582,24 @@ mod tests {
             assert!(!msg.contains("hunter2"), "{msg}");
             assert!(msg.contains("user name or password"), "{msg}");
             assert!(msg.contains("not shown"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn the_admin_client_checks_its_url_as_the_tee_client_does() {
+        let (private, _) = generate_admin_key().unwrap();
+        let admin = |url: &str| AdminClient::new(url, reqwest::Client::new(), private.as_bytes());
+        assert!(admin("https://kbs.example:8080/").is_ok());
+        for url in [
+            "kbs.example:8080",
+            "https://admin:hunter2@kbs.example",
+            "https://kbs.example/?a=b",
+        ] {
+            let Err(ClientError::Config(msg)) = admin(url) else {
+                panic!("the admin client accepted a bad KBS URL");
+            };
+            assert!(msg.starts_with("the KBS URL"), "{msg}");
+            assert!(!msg.contains("hunter2"), "{msg}");
         }
     }
 }
