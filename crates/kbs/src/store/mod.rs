@@ -395,17 +395,18 @@ impl MemorySessions {
     }
 
     pub(crate) fn set_token(&self, id: &str, token: &str) {
-        if let Some((mut map, key)) = self.locked(id) {
-            if let Some(s) = map.get_mut(&key) {
-                s.token = Some(token.into());
-            }
-        }
+        self.replace_token(id, Some(token.into()));
     }
 
     pub(crate) fn forget_token(&self, id: &str) {
+        self.replace_token(id, None);
+    }
+
+    /// Sets the token of session `id`, if it is held.
+    fn replace_token(&self, id: &str, token: Option<Box<str>>) {
         if let Some((mut map, key)) = self.locked(id) {
             if let Some(s) = map.get_mut(&key) {
-                s.token = None;
+                s.token = token;
             }
         }
     }
